@@ -1,0 +1,1 @@
+"""The workspace cache engine: modes, locks, leases, index, safe extraction, cloning, eviction."""

@@ -1,0 +1,10 @@
+"""Command-line interface: a thin typer layer over the library."""
+
+from __future__ import annotations
+
+from forgespace.cli.app import app, main
+
+# Each module registers its commands on `app` / `cache_app` when imported.
+from forgespace.cli import store_cmds  # noqa: E402,F401  (upload)
+
+__all__ = ["app", "main"]

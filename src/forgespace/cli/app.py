@@ -1,0 +1,90 @@
+"""The typer app and the one place errors become exit codes and messages."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import typer
+from rich.console import Console
+
+from forgespace.config import Settings
+from forgespace.errors import (
+    ConfigError,
+    ForgespaceError,
+    InvalidIdError,
+    InvalidModeError,
+    LockTimeoutError,
+    TargetNotFoundError,
+    UnsafeArchiveError,
+    WorkflowMetadataError,
+)
+
+app = typer.Typer(
+    name="forgespace",
+    help="Workspaces for security-analysis workflow runs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+cache_app = typer.Typer(help="Inspect and steer the workspace cache.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+# Human output and progress go to stderr; stdout carries only machine-readable results.
+err_console = Console(stderr=True)
+out_console = Console()
+
+EXIT_CODES: list[tuple[type[BaseException], int]] = [
+    (TargetNotFoundError, 3),
+    (UnsafeArchiveError, 4),
+    (LockTimeoutError, 5),
+    (ConfigError, 2),
+    (InvalidIdError, 2),
+    (InvalidModeError, 2),
+    (WorkflowMetadataError, 2),
+    (ForgespaceError, 1),
+]
+
+
+def exit_code_for(exc: BaseException) -> int:
+    for kind, code in EXIT_CODES:
+        if isinstance(exc, kind):
+            return code
+    return 1
+
+
+def load_settings() -> Settings:
+    """Settings from the environment (the CLI's only configuration source)."""
+    return Settings.from_env()
+
+
+def setup_logging() -> None:
+    level = os.environ.get("FORGESPACE_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(
+        level=getattr(logging, level, logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: run the app, map our errors to exit codes."""
+    setup_logging()
+    try:
+        app(args=argv, standalone_mode=False)
+    except ForgespaceError as exc:
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False, markup=True)
+        sys.exit(exit_code_for(exc))
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        err_console.print("aborted")
+        sys.exit(130)
+    except Exception as exc:  # click usage errors carry their own exit code
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise

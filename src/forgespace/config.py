@@ -1,0 +1,161 @@
+"""Settings read from the environment, and the parsers for sizes and durations."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from forgespace.errors import ConfigError
+
+_SIZE_UNITS: dict[str, int] = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_DURATION_UNITS: dict[str, float] = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_NUMBER_UNIT = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*$")
+
+SIZE_FORMS = "a byte count or a number with kB/MB/GB/TB (powers of 1000) or KiB/MiB/GiB/TiB (powers of 1024), e.g. 10GB, 1.5GiB, 500MB"
+DURATION_FORMS = "seconds or a number with s, m, h, d or w, e.g. 90, 30m, 1.5h, 7d"
+
+
+def parse_size(value: str | int, *, name: str = "size") -> int:
+    """Parse ``10GB``, ``1.5GiB``, ``512`` ... into bytes (SI = 10^3n, IEC = 2^10n)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"invalid {name} {value!r}: expected {SIZE_FORMS}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"invalid {name} {value!r}: must not be negative")
+        return value
+    m = _NUMBER_UNIT.match(str(value))
+    unit = m.group(2).lower() if m else ""
+    if not m or unit not in _SIZE_UNITS:
+        raise ConfigError(f"invalid {name} {value!r}: expected {SIZE_FORMS}")
+    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+
+
+def parse_duration(value: str | float | int, *, name: str = "duration") -> float:
+    """Parse ``30m``, ``7d``, ``1.5h``, ``90`` ... into seconds."""
+    if isinstance(value, bool):
+        raise ConfigError(f"invalid {name} {value!r}: expected {DURATION_FORMS}")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ConfigError(f"invalid {name} {value!r}: must not be negative")
+        return float(value)
+    m = _NUMBER_UNIT.match(str(value))
+    unit = m.group(2).lower() if m else ""
+    if not m or unit not in _DURATION_UNITS:
+        raise ConfigError(f"invalid {name} {value!r}: expected {DURATION_FORMS}")
+    return float(m.group(1)) * _DURATION_UNITS[unit]
+
+
+def _parse_bool(value: str, *, name: str) -> bool:
+    v = value.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"invalid {name} {value!r}: expected true/false (also 1/0, yes/no, on/off)")
+
+
+def _choice(value: str, *, name: str, allowed: tuple[str, ...]) -> str:
+    v = value.strip().lower()
+    if v not in allowed:
+        raise ConfigError(f"invalid {name} {value!r}: expected one of {', '.join(allowed)}")
+    return v
+
+
+COW_BACKENDS = ("copy", "overlay")
+STORAGE_BACKENDS = ("local", "s3")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything forgespace reads from the environment, parsed and validated once."""
+
+    cache_dir: Path
+    storage_dir: Path
+    cache_max_size: int = 10 * 10**9
+    cache_ttl: float = 7 * 86400.0
+    cache_cleanup_interval: float = 30 * 60.0
+    cache_lease_ttl: float = 24 * 3600.0
+    cache_lock_timeout: float = 30 * 60.0
+    cow_backend: str = "copy"
+    storage_backend: str = "local"
+    s3_endpoint: str | None = None
+    s3_access_key: str | None = None
+    s3_secret_key: str | None = None
+    s3_bucket: str = "targets"
+    s3_results_bucket: str = "results"
+    s3_region: str = "us-east-1"
+    s3_use_ssl: bool = False
+    temporal_address: str | None = None
+    temporal_namespace: str = "default"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from ``env`` (default ``os.environ``); unset variables take defaults.
+
+        Raises ConfigError naming the variable, its value and the accepted forms.
+        """
+        e = dict(os.environ if env is None else env)
+        home = Path(e.get("HOME") or Path.home())
+        xdg_cache = Path(e.get("XDG_CACHE_HOME") or home / ".cache")
+        xdg_data = Path(e.get("XDG_DATA_HOME") or home / ".local" / "share")
+
+        def get(name: str) -> str | None:
+            v = e.get(name)
+            return v if v not in (None, "") else None
+
+        kw: dict[str, Any] = {
+            "cache_dir": Path(get("CACHE_DIR") or xdg_cache / "forgespace").expanduser(),
+            "storage_dir": Path(get("STORAGE_DIR") or xdg_data / "forgespace" / "store").expanduser(),
+        }
+        sizes = {"CACHE_MAX_SIZE": "cache_max_size"}
+        durations = {
+            "CACHE_TTL": "cache_ttl",
+            "CACHE_CLEANUP_INTERVAL": "cache_cleanup_interval",
+            "CACHE_LEASE_TTL": "cache_lease_ttl",
+            "CACHE_LOCK_TIMEOUT": "cache_lock_timeout",
+        }
+        for var, field in sizes.items():
+            if (v := get(var)) is not None:
+                kw[field] = parse_size(v, name=var)
+        for var, field in durations.items():
+            if (v := get(var)) is not None:
+                kw[field] = parse_duration(v, name=var)
+        if (v := get("CACHE_COW_BACKEND")) is not None:
+            kw["cow_backend"] = _choice(v, name="CACHE_COW_BACKEND", allowed=COW_BACKENDS)
+        if (v := get("STORAGE_BACKEND")) is not None:
+            kw["storage_backend"] = _choice(v, name="STORAGE_BACKEND", allowed=STORAGE_BACKENDS)
+        if (v := get("S3_USE_SSL")) is not None:
+            kw["s3_use_ssl"] = _parse_bool(v, name="S3_USE_SSL")
+        plain = {
+            "S3_ENDPOINT": "s3_endpoint",
+            "S3_ACCESS_KEY": "s3_access_key",
+            "S3_SECRET_KEY": "s3_secret_key",
+            "S3_BUCKET": "s3_bucket",
+            "S3_RESULTS_BUCKET": "s3_results_bucket",
+            "S3_REGION": "s3_region",
+            "TEMPORAL_ADDRESS": "temporal_address",
+            "TEMPORAL_NAMESPACE": "temporal_namespace",
+        }
+        for var, field in plain.items():
+            if (v := get(var)) is not None:
+                kw[field] = v
+        return cls(**kw)
+
+    def with_(self, **changes: Any) -> Settings:
+        """A copy with some fields changed (tests and the CLI use this)."""
+        return replace(self, **changes)

@@ -1,0 +1,84 @@
+"""The one exception tree of forgespace.
+
+::
+
+    ForgespaceError
+     ├── ConfigError (ValueError)            an environment variable has a value we cannot use
+     ├── InvalidIdError (ValueError)         a target_id / run_id outside the accepted form
+     ├── InvalidModeError (ValueError)       a workspace_isolation that is not one of the three
+     ├── TargetNotFoundError (FileNotFoundError)   the store has no object for the target
+     ├── UnsafeArchiveError                  an archive that would write outside its workspace
+     ├── IntegrityError                      a download whose size or sha256 does not match
+     ├── StorageError                        the store failed (after retries for transient faults)
+     ├── LockTimeoutError (TimeoutError)     a bounded wait ran out; names what and who holds it
+     ├── CleanupRefusedError (ValueError)    cleanup_cache was given a path it must not delete
+     ├── CacheFullError (OSError)            no room on disk (ENOSPC) for a download/extraction
+     ├── BackendUnavailableError             the configured copy-on-write backend cannot work here
+     └── WorkflowMetadataError (ValueError)  a workflow package's metadata.yaml is invalid
+
+Stdlib mix-ins let callers catch what they already know (``FileNotFoundError``,
+``ValueError``...) while ``except ForgespaceError`` catches everything of ours.
+"""
+
+from __future__ import annotations
+
+
+class ForgespaceError(Exception):
+    """Root of every error forgespace raises on purpose."""
+
+
+class ConfigError(ForgespaceError, ValueError):
+    """A configuration value (usually an environment variable) is invalid."""
+
+
+class InvalidIdError(ForgespaceError, ValueError):
+    """A target_id or run_id is not of the accepted form."""
+
+
+class InvalidModeError(ForgespaceError, ValueError):
+    """A workspace_isolation value is not one of the accepted modes."""
+
+
+class TargetNotFoundError(ForgespaceError, FileNotFoundError):
+    """The store holds no object for the requested target."""
+
+
+class UnsafeArchiveError(ForgespaceError):
+    """An archive member would escape its workspace, or the archive is otherwise unsafe."""
+
+
+class IntegrityError(ForgespaceError):
+    """Downloaded bytes do not match the size or digest the object carries."""
+
+
+class StorageError(ForgespaceError):
+    """The object store failed; ``transient`` tells whether retrying may help."""
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+class LockTimeoutError(ForgespaceError, TimeoutError):
+    """A bounded wait for a lock ran out."""
+
+    def __init__(self, message: str, *, lock_path: str = "", holder: str = "") -> None:
+        super().__init__(message)
+        self.lock_path = lock_path
+        self.holder = holder
+
+
+class CleanupRefusedError(ForgespaceError, ValueError):
+    """cleanup_cache was asked to delete something that is not a run directory of its mode."""
+
+
+class CacheFullError(ForgespaceError, OSError):
+    """The cache filesystem ran out of space; the partial entry was removed."""
+
+
+class BackendUnavailableError(ForgespaceError):
+    """The configured copy-on-write backend cannot be used on this host."""
+
+
+class WorkflowMetadataError(ForgespaceError, ValueError):
+    """A workflow package's metadata.yaml is missing fields or has invalid values."""

@@ -1,0 +1,141 @@
+"""Isolation modes, id validation and the pure path arithmetic of the cache layout.
+
+Layout (exactly the seed's)::
+
+    {CACHE_DIR}/{target_id}/{run_id}/target      isolated: the run's download
+    {CACHE_DIR}/{target_id}/{run_id}/workspace   isolated and copy-on-write: the run's workspace
+    {CACHE_DIR}/{target_id}/target               shared: the one download
+    {CACHE_DIR}/{target_id}/workspace            shared: the one workspace
+    {CACHE_DIR}/{target_id}/shared/target        copy-on-write: the one download
+    {CACHE_DIR}/{target_id}/shared/workspace     copy-on-write: the pristine extracted copy
+    {CACHE_DIR}/.forgespace/                     bookkeeping (never a valid target id)
+
+Nothing here touches the filesystem.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from forgespace.errors import InvalidIdError, InvalidModeError
+
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+RESERVED_IDS = frozenset({"shared", "workspace", "target"})
+ID_FORMS = (
+    "1-128 characters of A-Z a-z 0-9 . _ -, starting with a letter or digit, "
+    "and not 'shared', 'workspace' or 'target'"
+)
+META_DIRNAME = ".forgespace"
+
+
+class IsolationMode(str, Enum):
+    """How a run's workspace relates to other runs of the same target."""
+
+    ISOLATED = "isolated"
+    SHARED = "shared"
+    COPY_ON_WRITE = "copy-on-write"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def parse(cls, value: str | IsolationMode) -> IsolationMode:
+        """Accept exactly ``isolated``, ``shared`` or ``copy-on-write``."""
+        if isinstance(value, IsolationMode):
+            return value
+        try:
+            return cls(value)
+        except ValueError:
+            allowed = ", ".join(m.value for m in cls)
+            raise InvalidModeError(
+                f"invalid workspace_isolation {value!r}: expected one of {allowed}"
+            ) from None
+
+
+def validate_id(value: object, what: str = "target_id") -> str:
+    """Return ``value`` if it is a valid target/run id, else raise InvalidIdError."""
+    if not isinstance(value, str) or not ID_PATTERN.match(value) or value in RESERVED_IDS:
+        raise InvalidIdError(f"invalid {what} {value!r}: expected {ID_FORMS}")
+    return value
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """Paths of every cache entry under one CACHE_DIR."""
+
+    root: Path
+
+    # --- target-level -------------------------------------------------------------
+    def target_dir(self, target_id: str) -> Path:
+        return self.root / target_id
+
+    def shared_target(self, target_id: str) -> Path:
+        """shared mode: the one download."""
+        return self.root / target_id / "target"
+
+    def shared_workspace(self, target_id: str) -> Path:
+        """shared mode: the one workspace."""
+        return self.root / target_id / "workspace"
+
+    def cow_shared_dir(self, target_id: str) -> Path:
+        """copy-on-write: the directory holding the one download and its pristine workspace."""
+        return self.root / target_id / "shared"
+
+    def cow_shared_target(self, target_id: str) -> Path:
+        return self.cow_shared_dir(target_id) / "target"
+
+    def cow_shared_workspace(self, target_id: str) -> Path:
+        return self.cow_shared_dir(target_id) / "workspace"
+
+    # --- run-level ----------------------------------------------------------------
+    def run_dir(self, target_id: str, run_id: str) -> Path:
+        return self.root / target_id / run_id
+
+    def run_target(self, target_id: str, run_id: str) -> Path:
+        return self.run_dir(target_id, run_id) / "target"
+
+    def run_workspace(self, target_id: str, run_id: str) -> Path:
+        return self.run_dir(target_id, run_id) / "workspace"
+
+    # --- bookkeeping --------------------------------------------------------------
+    @property
+    def meta_dir(self) -> Path:
+        return self.root / META_DIRNAME
+
+    @property
+    def locks_dir(self) -> Path:
+        """Lock files live here and are never deleted (a leftover lock file means nothing)."""
+        return self.meta_dir / "locks"
+
+    @property
+    def tmp_dir(self) -> Path:
+        """Staging area on the cache's filesystem, so publishing is a rename."""
+        return self.meta_dir / "tmp"
+
+    @property
+    def trash_dir(self) -> Path:
+        """Directories renamed here are already invisible; deleting them is then safe."""
+        return self.meta_dir / "trash"
+
+    @property
+    def index_path(self) -> Path:
+        return self.meta_dir / "index.sqlite"
+
+    @property
+    def overlay_dir(self) -> Path:
+        """Upper/work directories of overlay-backed copy-on-write runs."""
+        return self.meta_dir / "overlay"
+
+    def lock_path(self, target_id: str) -> Path:
+        return self.locks_dir / f"{target_id}.lock"
+
+    def workspace_paths(self, mode: IsolationMode, target_id: str, run_id: str | None) -> tuple[Path, Path]:
+        """(download path, workspace path) the run of ``mode`` uses."""
+        if mode is IsolationMode.SHARED:
+            return self.shared_target(target_id), self.shared_workspace(target_id)
+        if run_id is None:
+            raise InvalidIdError(f"run_id is required for workspace_isolation {mode.value!r}")
+        return self.run_target(target_id, run_id), self.run_workspace(target_id, run_id)

@@ -1,0 +1,59 @@
+"""The object-store interface every backend implements (and tests may swap)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+# progress(bytes_done, bytes_total); called from the downloading thread, must be cheap.
+ProgressFn = Callable[[int, int], None]
+
+
+def target_key(target_id: str) -> str:
+    """Object key of a target, in the bucket and under STORAGE_DIR alike."""
+    return f"{target_id}/target"
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What the store knows of one object. ``sha256`` is None for objects put by other clients."""
+
+    size: int
+    sha256: str | None = None
+    etag: str | None = None
+
+
+@runtime_checkable
+class Store(Protocol):
+    """A place targets (and workflow results) live.
+
+    ``display_name`` is what operators read in logs ("MinIO/S3" or "local store").
+    """
+
+    display_name: str
+
+    def upload_target(self, path: str | Path, progress: ProgressFn | None = None) -> str:
+        """Upload a file as-is, or a directory packed as a deterministic tar.gz; return a new id."""
+        ...
+
+    def stat_target(self, target_id: str) -> ObjectInfo:
+        """Size (and sha256 if recorded) of the target object; TargetNotFoundError if absent."""
+        ...
+
+    def download_target(
+        self, target_id: str, dest: str | Path, progress: ProgressFn | None = None
+    ) -> ObjectInfo:
+        """Stream the object into the file ``dest`` (created/overwritten), verified against
+        its size and recorded sha256; retried on transient faults. TargetNotFoundError at
+        once when the object does not exist; IntegrityError when bytes do not match."""
+        ...
+
+    def delete_target(self, target_id: str) -> None:
+        """Remove the target object (missing is not an error)."""
+        ...
+
+    def put_result(self, key: str, data: bytes, content_type: str = "application/json") -> str:
+        """Store a workflow result under ``key`` (results bucket / prefix); return its location."""
+        ...

@@ -1,0 +1,1 @@
+"""Temporal integration: activities, worker, workflow discovery, embedded dev server, runner."""

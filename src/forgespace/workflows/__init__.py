@@ -1,0 +1,1 @@
+"""Bundled workflow packages: one folder each with metadata.yaml, workflow.py, activities.py."""

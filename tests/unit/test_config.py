@@ -1,0 +1,132 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from forgespace import ForgespaceError, Settings, parse_duration, parse_size
+from forgespace.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("0", 0),
+        ("512", 512),
+        ("10GB", 10 * 10**9),
+        ("10gb", 10 * 10**9),
+        ("1.5GB", 1_500_000_000),
+        ("1kB", 1000),
+        ("1KB", 1000),
+        ("2MB", 2_000_000),
+        ("1TB", 10**12),
+        ("1KiB", 1024),
+        ("1kib", 1024),
+        ("3MiB", 3 * 2**20),
+        ("1.5GiB", int(1.5 * 2**30)),
+        ("2TiB", 2 * 2**40),
+        (" 7 GB ", 7 * 10**9),
+        ("100B", 100),
+        (4096, 4096),
+    ],
+)
+def test_parse_size_accepts_si_iec_decimals_and_bare_bytes(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["", "GB", "-1GB", "10XB", "ten", "1.2.3GB", "10 G B", "1e3"])
+def test_parse_size_rejects_with_accepted_forms(bad):
+    with pytest.raises(ConfigError) as info:
+        parse_size(bad, name="CACHE_MAX_SIZE")
+    msg = str(info.value)
+    assert "CACHE_MAX_SIZE" in msg and repr(bad) in msg and "GiB" in msg
+    assert isinstance(info.value, ValueError) and isinstance(info.value, ForgespaceError)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("90", 90.0),
+        ("1.5", 1.5),
+        ("30s", 30.0),
+        ("30m", 1800.0),
+        ("1.5h", 5400.0),
+        ("7d", 604800.0),
+        ("2w", 1209600.0),
+        ("7D", 604800.0),
+    ],
+)
+def test_parse_duration(text, expected):
+    assert parse_duration(text) == expected
+    assert isinstance(parse_duration(text), float)
+
+
+@pytest.mark.parametrize("bad", ["", "m", "-5m", "5y", "5 minutes", "abc"])
+def test_parse_duration_rejects(bad):
+    with pytest.raises(ConfigError, match="CACHE_TTL"):
+        parse_duration(bad, name="CACHE_TTL")
+
+
+def test_defaults_follow_xdg(tmp_path: Path):
+    s = Settings.from_env({"XDG_CACHE_HOME": str(tmp_path / "c"), "XDG_DATA_HOME": str(tmp_path / "d")})
+    assert s.cache_dir == tmp_path / "c" / "forgespace"
+    assert s.storage_dir == tmp_path / "d" / "forgespace" / "store"
+    assert s.cache_max_size == 10 * 10**9
+    assert s.cache_ttl == 7 * 86400
+    assert s.cache_cleanup_interval == 30 * 60
+    assert s.cache_lease_ttl == 24 * 3600
+    assert s.cow_backend == "copy"
+    assert s.storage_backend == "local"
+    assert (s.s3_region, s.s3_use_ssl) == ("us-east-1", False)
+
+
+def test_defaults_without_xdg_use_home(tmp_path: Path):
+    s = Settings.from_env({"HOME": str(tmp_path)})
+    assert s.cache_dir == tmp_path / ".cache" / "forgespace"
+    assert s.storage_dir == tmp_path / ".local" / "share" / "forgespace" / "store"
+
+
+def test_from_env_reads_every_variable(tmp_path: Path):
+    s = Settings.from_env(
+        {
+            "CACHE_DIR": str(tmp_path / "cache"),
+            "STORAGE_DIR": str(tmp_path / "store"),
+            "CACHE_MAX_SIZE": "1.5GiB",
+            "CACHE_TTL": "1s",
+            "CACHE_CLEANUP_INTERVAL": "5m",
+            "CACHE_LEASE_TTL": "2h",
+            "CACHE_COW_BACKEND": "overlay",
+            "STORAGE_BACKEND": "s3",
+            "S3_ENDPOINT": "http://127.0.0.1:9000",
+            "S3_ACCESS_KEY": "ak",
+            "S3_SECRET_KEY": "sk",
+            "S3_BUCKET": "bucket",
+            "S3_REGION": "eu-west-1",
+            "S3_USE_SSL": "true",
+        }
+    )
+    assert s.cache_dir == tmp_path / "cache"
+    assert s.cache_max_size == int(1.5 * 2**30)
+    assert (s.cache_ttl, s.cache_cleanup_interval, s.cache_lease_ttl) == (1.0, 300.0, 7200.0)
+    assert (s.cow_backend, s.storage_backend) == ("overlay", "s3")
+    assert (s.s3_endpoint, s.s3_access_key, s.s3_secret_key) == ("http://127.0.0.1:9000", "ak", "sk")
+    assert (s.s3_bucket, s.s3_region, s.s3_use_ssl) == ("bucket", "eu-west-1", True)
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [
+        ("CACHE_MAX_SIZE", "lots"),
+        ("CACHE_TTL", "forever"),
+        ("CACHE_CLEANUP_INTERVAL", "-1m"),
+        ("CACHE_LEASE_TTL", "1y"),
+        ("CACHE_COW_BACKEND", "reflink"),
+        ("STORAGE_BACKEND", "gcs"),
+        ("S3_USE_SSL", "maybe"),
+    ],
+)
+def test_invalid_variable_names_variable_value_and_forms(var, value):
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({var: value})
+    assert var in str(info.value) and repr(value) in str(info.value)
+    assert "expected" in str(info.value)
