@@ -1,0 +1,327 @@
+"""What a workflow package uses from inside a workflow: the request and ``run_in_workspace``.
+
+This module is workflow-safe: importing it does no I/O and touches nothing but the Temporal
+SDK's workflow API, so workflows import it through ``workflow.unsafe.imports_passed_through()``::
+
+    with workflow.unsafe.imports_passed_through():
+        from forgespace.temporal.api import WorkflowRequest, Workspace, run_in_workspace
+
+    @workflow.defn(name="my_scan")
+    class MyScan:
+        @workflow.run
+        async def run(self, request: WorkflowRequest) -> dict:
+            async def body(ws: Workspace) -> dict:
+                out = await ws.execute(scan_activity, ws.path, request.parameters)
+                return {"findings": len(out), "workspace": ws.path, "result": out}
+
+            return await run_in_workspace(request, body)
+
+Host affinity (Temporal's worker-specific task queue pattern): ``get_target`` returns a path on
+the disk of the worker that ran it, so the workflow first asks the shared task queue for a
+worker's host-unique queue, then runs the download, every activity of ``body`` and the
+cleanup on that queue. The host queue is named after the worker's host *and* its cache
+directory, so a worker restarted on the same host with the same cache resumes the queue
+(and the workspace on disk). When no worker polls the host queue any more (the host is gone),
+activities there hit their schedule-to-start timeout and the whole sequence starts again on
+another host, up to ``WorkspaceOptions.host_attempts`` times.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, TypeVar
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, TimeoutType
+from temporalio.exceptions import TimeoutError as TemporalTimeoutError
+
+__all__ = [
+    "CLEANUP_ACTIVITY",
+    "GET_TARGET_ACTIVITY",
+    "HOST_QUEUE_ACTIVITY",
+    "MEMO_KEY",
+    "PREPARE_ACTIVITY",
+    "UPLOAD_RESULTS_ACTIVITY",
+    "PreparedWorkspace",
+    "WorkflowRequest",
+    "Workspace",
+    "WorkspaceOptions",
+    "run_in_workspace",
+]
+
+# Activity names (the worker registers exactly these).
+HOST_QUEUE_ACTIVITY = "forgespace_host_task_queue"
+PREPARE_ACTIVITY = "prepare_workspace"
+GET_TARGET_ACTIVITY = "get_target"
+CLEANUP_ACTIVITY = "cleanup_cache"
+UPLOAD_RESULTS_ACTIVITY = "upload_results"
+
+# Memo key under which run_in_workspace records the workspace it got (the runner reads it to
+# report the path and whether the target was downloaded or served from the cache).
+MEMO_KEY = "forgespace_workspace"
+
+T = TypeVar("T")
+
+
+@dataclass
+class WorkflowRequest:
+    """The one argument of every forgespace workflow's run method.
+
+    ``workspace_isolation`` is resolved by the runner (metadata.yaml, or an override) before
+    the workflow starts; ``parameters`` are the metadata's default_parameters merged with the
+    run's ``--param k=v`` values.
+    """
+
+    target_id: str
+    run_id: str
+    workspace_isolation: str = "isolated"
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PreparedWorkspace:
+    """What the ``prepare_workspace`` activity returns (crosses the Temporal boundary)."""
+
+    path: str
+    downloaded: bool
+    workspace_isolation: str
+    task_queue: str
+    host: str
+
+
+@dataclass(frozen=True)
+class WorkspaceOptions:
+    """Timeouts used by ``run_in_workspace``; the defaults suit real targets.
+
+    ``host_schedule_to_start`` is how long an activity may wait on the host queue before the
+    host counts as gone (keep it above the longest legitimate wait for a free activity slot).
+    """
+
+    host_lookup_timeout: timedelta = timedelta(seconds=30)
+    prepare_timeout: timedelta = timedelta(hours=2)
+    prepare_heartbeat_timeout: timedelta = timedelta(seconds=60)
+    host_schedule_to_start: timedelta = timedelta(minutes=5)
+    cleanup_timeout: timedelta = timedelta(minutes=10)
+    activity_timeout: timedelta = timedelta(hours=1)
+    activity_heartbeat_timeout: timedelta | None = timedelta(minutes=2)
+    activity_max_attempts: int = 3
+    host_attempts: int = 3
+
+
+def _retry(max_attempts: int) -> RetryPolicy:
+    return RetryPolicy(
+        initial_interval=timedelta(seconds=1),
+        backoff_coefficient=2.0,
+        maximum_interval=timedelta(seconds=30),
+        maximum_attempts=max_attempts,
+    )
+
+
+def _host_lost(exc: BaseException) -> bool:
+    """True when an activity failed because no worker picked it up from its host queue."""
+    cause = exc.__cause__ if isinstance(exc, ActivityError) else None
+    return isinstance(cause, TemporalTimeoutError) and cause.type == TimeoutType.SCHEDULE_TO_START
+
+
+class Workspace:
+    """A run's workspace on one worker host, handed to the body of ``run_in_workspace``.
+
+    ``path`` is valid only on the host polling ``task_queue``: run every activity that touches
+    it through ``execute`` (or pass ``task_queue=ws.task_queue`` yourself).
+    """
+
+    def __init__(
+        self, request: WorkflowRequest, prepared: PreparedWorkspace, options: WorkspaceOptions
+    ) -> None:
+        self.request = request
+        self.path = prepared.path
+        self.task_queue = prepared.task_queue
+        self.host = prepared.host
+        self.downloaded = prepared.downloaded
+        self.workspace_isolation = prepared.workspace_isolation
+        self.options = options
+
+    @property
+    def target_id(self) -> str:
+        return self.request.target_id
+
+    @property
+    def run_id(self) -> str:
+        return self.request.run_id
+
+    @property
+    def parameters(self) -> dict[str, Any]:
+        return self.request.parameters
+
+    async def execute(
+        self,
+        activity: Any,
+        *args: Any,
+        start_to_close_timeout: timedelta | None = None,
+        heartbeat_timeout: timedelta | bool | None = True,
+        retry_policy: RetryPolicy | None = None,
+        result_type: type | None = None,
+        schedule_to_start_timeout: timedelta | None = None,
+    ) -> Any:
+        """Execute ``activity`` (function or name) on this workspace's host and return its result.
+
+        Defaults: start-to-close ``options.activity_timeout``, heartbeat timeout
+        ``options.activity_heartbeat_timeout`` (pass ``heartbeat_timeout=None`` for an activity
+        that does not heartbeat), ``options.activity_max_attempts`` attempts, and
+        ``options.host_schedule_to_start`` as the schedule-to-start timeout that detects a
+        lost host.
+        """
+        hb: timedelta | None
+        if heartbeat_timeout is True:
+            hb = self.options.activity_heartbeat_timeout
+        elif heartbeat_timeout is False:
+            hb = None
+        else:
+            hb = heartbeat_timeout
+        return await workflow.execute_activity(
+            activity,
+            args=list(args),
+            task_queue=self.task_queue,
+            start_to_close_timeout=start_to_close_timeout or self.options.activity_timeout,
+            schedule_to_start_timeout=schedule_to_start_timeout
+            or self.options.host_schedule_to_start,
+            heartbeat_timeout=hb,
+            retry_policy=retry_policy or _retry(self.options.activity_max_attempts),
+            result_type=result_type,
+        )
+
+    async def upload_results(
+        self, results: Any, results_format: str = "json", workflow_id: str | None = None
+    ) -> str:
+        """Store ``results`` through the ``upload_results`` activity; returns the location."""
+        wid = workflow_id or workflow.info().workflow_id
+        return str(
+            await self.execute(
+                UPLOAD_RESULTS_ACTIVITY,
+                wid,
+                results,
+                results_format,
+                start_to_close_timeout=timedelta(minutes=10),
+                heartbeat_timeout=None,
+            )
+        )
+
+
+async def _host_queue(options: WorkspaceOptions) -> str:
+    return str(
+        await workflow.execute_activity(
+            HOST_QUEUE_ACTIVITY,
+            start_to_close_timeout=options.host_lookup_timeout,
+            retry_policy=_retry(10),
+        )
+    )
+
+
+async def _prepare(
+    request: WorkflowRequest, task_queue: str, options: WorkspaceOptions
+) -> PreparedWorkspace:
+    result = await workflow.execute_activity(
+        PREPARE_ACTIVITY,
+        args=[request.target_id, request.run_id, request.workspace_isolation],
+        task_queue=task_queue,
+        start_to_close_timeout=options.prepare_timeout,
+        schedule_to_start_timeout=options.host_schedule_to_start,
+        heartbeat_timeout=options.prepare_heartbeat_timeout,
+        retry_policy=_retry(5),
+        result_type=PreparedWorkspace,
+    )
+    assert isinstance(result, PreparedWorkspace)
+    return result
+
+
+async def _cleanup(ws: Workspace, *, body_failed: bool) -> None:
+    try:
+        await workflow.execute_activity(
+            CLEANUP_ACTIVITY,
+            args=[ws.path, ws.workspace_isolation, ws.run_id],
+            task_queue=ws.task_queue,
+            start_to_close_timeout=ws.options.cleanup_timeout,
+            schedule_to_start_timeout=ws.options.host_schedule_to_start,
+            retry_policy=_retry(5),
+        )
+    except ActivityError as exc:
+        if _host_lost(exc):
+            # The host is gone and its cache with it; the lease would expire anyway.
+            workflow.logger.warning(
+                "cleanup_cache of %s skipped: host queue %s has no worker", ws.path, ws.task_queue
+            )
+            return
+        if body_failed:
+            # Do not hide the body's error behind the cleanup's.
+            workflow.logger.error("cleanup_cache of %s failed: %s", ws.path, exc.__cause__ or exc)
+            return
+        raise
+
+
+async def run_in_workspace(
+    request: WorkflowRequest,
+    body: Callable[[Workspace], Awaitable[T]],
+    *,
+    options: WorkspaceOptions | None = None,
+) -> T:
+    """Get the run's workspace on one worker host, await ``body(ws)``, clean up on that host.
+
+    Logs ``User code downloaded to: {path}``; records the workspace (path, host, downloaded)
+    in the workflow memo under ``MEMO_KEY``; runs ``cleanup_cache`` in ``finally`` also when
+    ``body`` fails. Returns what ``body`` returns.
+    """
+    opts = options or WorkspaceOptions()
+    attempt = 0
+    while True:
+        attempt += 1
+        task_queue = await _host_queue(opts)
+        workflow.logger.info(
+            "Run %s of target %s: workspace host queue %s (attempt %d, %s)",
+            request.run_id,
+            request.target_id,
+            task_queue,
+            attempt,
+            request.workspace_isolation,
+        )
+        try:
+            prepared = await _prepare(request, task_queue, opts)
+        except ActivityError as exc:
+            if _host_lost(exc) and attempt < opts.host_attempts:
+                workflow.logger.warning("host queue %s has no worker; trying another", task_queue)
+                continue
+            raise
+        workflow.logger.info(f"User code downloaded to: {prepared.path}")
+        workflow.upsert_memo(
+            {
+                MEMO_KEY: {
+                    "path": prepared.path,
+                    "downloaded": prepared.downloaded,
+                    "host": prepared.host,
+                    "task_queue": prepared.task_queue,
+                    "workspace_isolation": prepared.workspace_isolation,
+                }
+            }
+        )
+        ws = Workspace(request, prepared, opts)
+        body_failed = True
+        host_gone = False
+        try:
+            result = await body(ws)
+            body_failed = False
+            return result
+        except ActivityError as exc:
+            if _host_lost(exc) and attempt < opts.host_attempts:
+                # Nobody serves that host queue any more, so its cleanup could not run either.
+                host_gone = True
+                workflow.logger.warning(
+                    "host queue %s lost during the run; starting again on another host",
+                    task_queue,
+                )
+                continue
+            raise
+        finally:
+            if not host_gone:
+                await _cleanup(ws, body_failed=body_failed)
