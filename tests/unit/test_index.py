@@ -1,0 +1,313 @@
+"""The cache index: entries, leases, counters, multi-process safety, rebuild from disk."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from forgespace.cache.index import CacheIndex, EntryRecord, LeaseRecord, scan_entries
+from forgespace.layout import CacheLayout
+
+
+def entry(key: str, *, last_access: float | None = None, nbytes: int = 10) -> EntryRecord:
+    tid, rest = key.split("/", 1)
+    now = time.time() if last_access is None else last_access
+    if rest == "workspace":
+        kind, run_id, mode = "shared", None, "shared"
+    elif rest == "shared":
+        kind, run_id, mode = "cow-shared", None, "copy-on-write"
+    else:
+        kind, run_id, mode = "run", rest, "isolated"
+    return EntryRecord(key, tid, kind, run_id, mode, nbytes, 1, now, now)
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> CacheLayout:
+    return CacheLayout(tmp_path / "cache")
+
+
+@pytest.fixture
+def index(layout: CacheLayout) -> CacheIndex:
+    return CacheIndex(layout, lease_ttl=60)
+
+
+def write_tree(root: Path, files: dict[str, bytes]) -> None:
+    for rel, data in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+
+
+def test_publish_get_and_entries_least_recent_first(index: CacheIndex) -> None:
+    index.publish(entry("a/workspace", last_access=100.0))
+    index.publish(entry("b/shared", last_access=50.0))
+    index.publish(entry("c/r1", last_access=75.0))
+    assert index.get("a/workspace") == entry("a/workspace", last_access=100.0)
+    assert index.get("missing/workspace") is None
+    assert [e.key for e in index.entries()] == ["b/shared", "c/r1", "a/workspace"]
+    assert index.total_bytes() == 30
+    index.publish(entry("a/workspace", last_access=100.0, nbytes=5))  # upsert
+    assert index.total_bytes() == 25
+    index.remove("b/shared")
+    assert [e.key for e in index.entries()] == ["c/r1", "a/workspace"]
+
+
+def test_publish_rejects_unknown_kind(index: CacheIndex) -> None:
+    bad = EntryRecord("a/workspace", "a", "folder", None, "shared", 1, 1, 0.0, 0.0)
+    with pytest.raises(ValueError, match="folder"):
+        index.publish(bad)
+
+
+def test_access_updates_last_access_adds_lease_and_counts(index: CacheIndex) -> None:
+    index.publish(entry("a/workspace", last_access=1.0))
+    lease = index.new_lease("a/workspace#r1", "a", "r1", ("a/workspace",))
+    before = time.time()
+    index.access("a/workspace", lease=lease, hit=True)
+    index.access("a/workspace", lease=None, hit=False)
+    got = index.get("a/workspace")
+    assert got is not None and got.last_access >= before
+    assert index.counters() == {"hits": 1, "misses": 1}
+    assert [le.lease_id for le in index.live_leases()] == ["a/workspace#r1"]
+    assert index.is_leased("a/workspace")
+
+
+def test_lease_expiry_is_created_plus_ttl_and_renewal_extends_it(layout: CacheLayout) -> None:
+    index = CacheIndex(layout, lease_ttl=10)
+    old = LeaseRecord("t/r1", "t", "r1", ("t/r1",), "h:1", created=1000.0, expires=9e12)
+    index.add_lease(old)
+    (stored,) = index.all_leases()
+    assert stored.expires == 1010.0  # the index's TTL wins over what the record carries
+    assert index.live_leases(now=1009.0) == [stored]
+    assert index.live_leases(now=1010.0) == []
+    assert not index.is_leased("t/r1", now=1011.0)
+    index.add_lease(LeaseRecord("t/r1", "t", "r1", ("t/r1",), "h:1", 2000.0, 0.0))
+    assert index.live_leases(now=2005.0)[0].expires == 2010.0
+    assert len(index.all_leases()) == 1
+
+
+def test_end_lease_and_end_any_lease_oldest_live_first(index: CacheIndex) -> None:
+    now = time.time()
+    key = "t/workspace"
+    index.add_lease(index.new_lease(f"{key}#expired", "t", None, (key,), now=now - 3600))
+    index.add_lease(index.new_lease(f"{key}#old", "t", None, (key,), now=now - 10))
+    index.add_lease(index.new_lease(f"{key}#new", "t", None, (key,), now=now))
+    assert index.end_any_lease(key)
+    assert {le.lease_id for le in index.all_leases()} == {f"{key}#expired", f"{key}#new"}
+    assert index.end_lease(f"{key}#new")
+    assert not index.end_lease(f"{key}#new")
+    assert not index.is_leased(key)
+    assert index.end_any_lease(key)  # only the expired one is left
+    assert not index.end_any_lease(key)
+    assert index.leased_keys() == set()
+
+
+def test_lease_pins_several_entries(index: CacheIndex) -> None:
+    index.add_lease(index.new_lease("t/r1", "t", "r1", ("t/r1", "t/shared")))
+    assert index.leased_keys() == {"t/r1", "t/shared"}
+    (lease,) = index.live_leases()
+    assert lease.pins == ("t/r1", "t/shared")
+    index.end_lease("t/r1")
+    assert index.leased_keys() == set()
+
+
+def test_purge_expired_leases(index: CacheIndex) -> None:
+    now = time.time()
+    index.add_lease(index.new_lease("t/r1", "t", "r1", ("t/r1",), now=now - 120))
+    index.add_lease(index.new_lease("t/r2", "t", "r2", ("t/r2",), now=now))
+    assert [le.lease_id for le in index.purge_expired_leases()] == ["t/r1"]
+    assert [le.lease_id for le in index.all_leases()] == ["t/r2"]
+
+
+def test_counters_add(index: CacheIndex) -> None:
+    index.count("downloads")
+    index.count("bytes_downloaded", 1000)
+    index.count("bytes_downloaded", 24)
+    assert index.counters() == {"bytes_downloaded": 1024, "downloads": 1}
+
+
+def test_threads_share_one_index_object(index: CacheIndex) -> None:
+    errors: list[BaseException] = []
+
+    def work(n: int) -> None:
+        try:
+            for i in range(50):
+                index.publish(entry(f"t{n}/r{i}"))
+                index.count("hits")
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert errors == []
+    assert len(index.entries()) == 200
+    assert index.counters()["hits"] == 200
+
+
+def _count_in_process(root: str, n: int) -> None:
+    idx = CacheIndex(CacheLayout(Path(root)), lease_ttl=60)
+    for i in range(n):
+        idx.count("downloads")
+        idx.access(
+            "t/workspace",
+            lease=idx.new_lease(f"t/workspace#{os.getpid()}-{i}", "t", None, ("t/workspace",)),
+            hit=True,
+        )
+
+
+def test_many_processes_lose_no_update(layout: CacheLayout, index: CacheIndex) -> None:
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_count_in_process, args=(str(layout.root), 100)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    assert index.counters() == {"downloads": 400, "hits": 400}
+    assert len(index.live_leases()) == 400
+
+
+def test_forked_child_opens_its_own_connection(layout: CacheLayout, index: CacheIndex) -> None:
+    index.count("hits")  # the parent's connection exists before the fork
+    ctx = mp.get_context("fork")
+    p = ctx.Process(target=lambda: [index.count("hits") for _ in range(20)])
+    p.start()
+    p.join(timeout=60)
+    assert p.exitcode == 0
+    index.count("hits")
+    assert index.counters()["hits"] == 22
+
+
+def make_cache_on_disk(root: Path) -> None:
+    # shared: workspace + target; copy-on-write: shared/ and one run; isolated: one run
+    write_tree(
+        root / "sh", {"target": b"x" * 100, "workspace/a.txt": b"a" * 10, "workspace/d/b": b"bb"}
+    )
+    write_tree(root / "cw", {"shared/target": b"t" * 50, "shared/workspace/f": b"ffff"})
+    write_tree(root / "cw" / "run1", {"workspace/f": b"ffff", "workspace/g": b"g"})
+    write_tree(root / "iso" / "run2", {"target": b"z" * 7, "workspace/h": b"hh"})
+    write_tree(root / "single", {"target": b"s" * 3})  # shared, not an archive
+    write_tree(root / ".forgespace" / "tmp" / "stage-1", {"junk": b"j" * 1000})
+    (root / "not an id").mkdir()
+    os.symlink(root / "sh", root / "link")  # symlinked dirs are not entries
+
+
+def test_scan_finds_every_entry_by_layout(layout: CacheLayout) -> None:
+    make_cache_on_disk(layout.root)
+    got = {e.key: e for e in scan_entries(layout)}
+    assert set(got) == {"sh/workspace", "cw/shared", "cw/run1", "iso/run2", "single/workspace"}
+    assert (got["sh/workspace"].bytes, got["sh/workspace"].files) == (112, 3)
+    assert (got["cw/shared"].kind, got["cw/shared"].bytes) == ("cow-shared", 54)
+    assert (got["cw/run1"].kind, got["cw/run1"].mode, got["cw/run1"].bytes) == (
+        "run",
+        "copy-on-write",
+        5,
+    )
+    assert (got["iso/run2"].mode, got["iso/run2"].run_id, got["iso/run2"].bytes) == (
+        "isolated",
+        "run2",
+        9,
+    )
+    assert (got["single/workspace"].kind, got["single/workspace"].bytes) == ("shared", 3)
+
+
+def test_fresh_cache_creates_index_without_warning(
+    layout: CacheLayout, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="forgespace.cache.index"):
+        CacheIndex(layout, lease_ttl=60)
+    assert caplog.records == []
+    assert layout.index_path.exists()
+
+
+def test_deleted_index_is_rebuilt_from_disk_with_warning(
+    layout: CacheLayout, index: CacheIndex, caplog: pytest.LogCaptureFixture
+) -> None:
+    make_cache_on_disk(layout.root)
+    index.count("hits")
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(layout.index_path) + suffix).unlink(missing_ok=True)
+    with caplog.at_level(logging.WARNING, logger="forgespace.cache.index"):
+        keys = {e.key for e in index.entries()}  # same object: notices and reopens
+    assert keys == {"sh/workspace", "cw/shared", "cw/run1", "iso/run2", "single/workspace"}
+    assert any("missing" in r.getMessage() and "rebuilt" in r.getMessage() for r in caplog.records)
+    assert index.get("sh/workspace").bytes == 112  # type: ignore[union-attr]
+    # Leases are unknown after a rebuild: run dirs and shared workspaces are protected.
+    assert index.leased_keys() == {
+        "cw/run1",
+        "cw/shared",
+        "iso/run2",
+        "sh/workspace",
+        "single/workspace",
+    }
+    # cleanup_cache's lease id convention still ends a run's protection
+    assert index.end_lease("iso/run2")
+    assert not index.is_leased("iso/run2")
+    # other processes/objects see the rebuilt index too
+    assert len(CacheIndex(layout, lease_ttl=60).entries()) == 5
+
+
+def test_garbage_index_is_moved_aside_and_rebuilt(
+    layout: CacheLayout, caplog: pytest.LogCaptureFixture
+) -> None:
+    make_cache_on_disk(layout.root)
+    CacheIndex(layout, lease_ttl=60).close()
+    layout.index_path.write_bytes(os.urandom(8192))
+    with caplog.at_level(logging.WARNING, logger="forgespace.cache.index"):
+        index = CacheIndex(layout, lease_ttl=60)
+    assert len(index.entries()) == 5
+    assert any("corrupt" in r.getMessage() for r in caplog.records)
+    assert (layout.meta_dir / "index.sqlite.corrupt").exists()
+
+
+def test_garbage_written_under_an_open_index_is_noticed(
+    layout: CacheLayout, index: CacheIndex
+) -> None:
+    make_cache_on_disk(layout.root)
+    index.count("hits")
+    # Replaced by a new file (e.g. restored from elsewhere): another inode, not a database.
+    tmp = layout.meta_dir / "garbage"
+    tmp.write_bytes(b"not a database at all" * 100)
+    os.replace(tmp, layout.index_path)
+    assert len(index.entries()) == 5
+
+
+def test_rebuild_keeps_last_access_and_leases(layout: CacheLayout, index: CacheIndex) -> None:
+    make_cache_on_disk(layout.root)
+    index.rebuild()  # the index object already existed: a repair from disk
+    index.publish(entry("gone/workspace"))  # not on disk: the repair drops it
+    index.access(
+        "sh/workspace",
+        lease=index.new_lease("sh/workspace#r", "sh", "r", ("sh/workspace",)),
+        hit=True,
+    )
+    seen = index.get("sh/workspace").last_access  # type: ignore[union-attr]
+    assert index.rebuild() == 5
+    assert index.get("gone/workspace") is None
+    assert index.get("sh/workspace").last_access == seen  # type: ignore[union-attr]
+    assert "sh/workspace#r" in {le.lease_id for le in index.live_leases()}
+
+
+def test_hit_path_is_one_short_transaction(index: CacheIndex) -> None:
+    # A functional guard, not a benchmark: the hit path must not grow per-entry work.
+    for i in range(500):
+        index.publish(entry(f"t{i}/workspace"))
+    calls = []
+    conn = index._conn()
+    conn.set_trace_callback(calls.append)
+    index.access(
+        "t1/workspace",
+        lease=index.new_lease("t1/workspace#r", "t1", "r", ("t1/workspace",)),
+        hit=True,
+    )
+    conn.set_trace_callback(None)
+    assert calls[0] == "BEGIN IMMEDIATE" and calls[-1] == "COMMIT"
+    assert len(calls) <= 7
