@@ -1,0 +1,1 @@
+"""A tiny package used as a demo target."""

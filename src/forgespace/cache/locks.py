@@ -1,0 +1,236 @@
+"""Per-target OS file locks (fcntl.flock) with bounded waits and holder information.
+
+Why our own helper rather than ``filelock``: the engine needs *shared* (reader) and
+*exclusive* (writer) modes on the same file, and the error on timeout must name the
+holder. ``flock`` locks belong to an open file description, so two threads of one
+process that each open the file exclude each other exactly like two processes do,
+and the kernel drops the lock when its holder dies: a leftover lock file means
+nothing and lock files are never deleted.
+
+An exclusive holder writes ``pid host mode since purpose`` into the lock file so
+that a waiter that times out can say who it waited for.
+
+Staging directories (see workspace.py) are owned by a *process token*: each process
+that stages holds an exclusive flock on ``.forgespace/owners/{token}.lock`` for its
+whole life. A staging directory whose owner lock can be taken belongs to a dead
+process and may be removed, whatever its age.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from forgespace.errors import LockTimeoutError
+
+_HOST = socket.gethostname()
+
+
+def _open_lock_file(path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+
+def read_holder(path: Path) -> str:
+    """What the last exclusive holder wrote into the lock file ('' when nothing)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read(512).strip()
+    except OSError:
+        return ""
+
+
+def _describe_holder(path: Path, exclusive_wanted: bool) -> str:
+    text = read_holder(path)
+    if not text:
+        return "shared holders (cache hits or copy-on-write copies in progress)"
+    fields = dict(kv.split("=", 1) for kv in text.split() if "=" in kv)
+    pid, host = fields.get("pid", "?"), fields.get("host", "?")
+    alive = ""
+    if host == _HOST and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            alive = " (that process is gone; the lock is now held by shared holders)"
+        except PermissionError:
+            pass
+    since = fields.get("since")
+    age = f", for {time.time() - float(since):.1f}s" if since else ""
+    return (
+        f"pid {pid} on {host} ({fields.get('mode', '?')}, {fields.get('purpose', '?')}{age}){alive}"
+    )
+
+
+@contextlib.contextmanager
+def flock(
+    path: Path,
+    *,
+    exclusive: bool = True,
+    timeout: float | None = None,
+    blocking: bool = True,
+    what: str = "",
+    purpose: str = "",
+) -> Iterator[int]:
+    """Hold an flock on ``path`` (created if missing) for the ``with`` body.
+
+    ``blocking=False`` raises LockTimeoutError at once when the lock is busy;
+    otherwise the wait is bounded by ``timeout`` seconds (None = wait forever, only
+    for internal use) and the error names ``what`` and the holder.
+    """
+    fd = _open_lock_file(path)
+    op = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+    try:
+        try:
+            fcntl.flock(fd, op | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not blocking:
+                raise LockTimeoutError(
+                    f"{what or path} is locked by {_describe_holder(path, exclusive)}",
+                    lock_path=str(path),
+                    holder=read_holder(path),
+                ) from None
+            _wait(fd, op, path, timeout, what)
+        if exclusive:
+            info = (
+                f"pid={os.getpid()} host={_HOST} mode=exclusive since={time.time():.3f} "
+                f"purpose={purpose or 'write'}\n"
+            )
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, info.encode(), 0)
+        try:
+            yield fd
+        finally:
+            if exclusive:
+                # Cleared so a later waiter never blames a holder that already left.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _wait(fd: int, op: int, path: Path, timeout: float | None, what: str) -> None:
+    # Polling with a growing sleep keeps the wait bounded without signals (which only
+    # work in the main thread); 1 ms first so short critical sections cost little.
+    deadline = None if timeout is None else time.monotonic() + timeout
+    delay = 0.001
+    while True:
+        if deadline is not None and time.monotonic() >= deadline:
+            mode = "exclusive" if op == fcntl.LOCK_EX else "shared"
+            raise LockTimeoutError(
+                f"timed out after {timeout:g}s waiting for the {mode} lock on {what or path}; "
+                f"held by {_describe_holder(path, op == fcntl.LOCK_EX)}; lock file {path}",
+                lock_path=str(path),
+                holder=read_holder(path),
+            )
+        sleep = delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic()))
+        time.sleep(sleep)
+        delay = min(delay * 1.5, 0.05)
+        try:
+            fcntl.flock(fd, op | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            continue
+
+
+class OwnerToken:
+    """This process's owner lock: proves that staging directories tagged with
+    ``token`` belong to a live process.
+
+    One per (process, owners dir); forked children re-create their own on first use.
+    """
+
+    _lock = threading.Lock()
+    _by_dir: dict[tuple[int, str], OwnerToken] = {}
+
+    def __init__(self, owners_dir: Path) -> None:
+        owners_dir.mkdir(parents=True, exist_ok=True)
+        self.token = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self.path = owners_dir / f"{self.token}.lock"
+        # O_EXCL: the name is new, so no cleaner can have taken or deleted it yet;
+        # the lock is taken before any staging directory names the token.
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        os.pwrite(self._fd, f"pid={os.getpid()} host={_HOST} since={time.time():.3f}\n".encode(), 0)
+
+    @classmethod
+    def for_dir(cls, owners_dir: Path) -> OwnerToken:
+        key = (os.getpid(), str(owners_dir))
+        with cls._lock:
+            tok = cls._by_dir.get(key)
+            if tok is None or not tok.path.exists():
+                tok = cls(owners_dir)
+                cls._by_dir[key] = tok
+            return tok
+
+
+def owner_is_dead(owners_dir: Path, token: str) -> bool:
+    """True when no live process holds the owner lock named ``token``.
+
+    Takes the lock non-blocking: success means its holder died (the kernel released
+    it). The lock file is then removed, while held, so nobody can pick it up again.
+    """
+    path = owners_dir / f"{token}.lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return True
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        except OSError as exc:  # pragma: no cover - e.g. ENOLCK on odd filesystems
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            raise
+        return True
+    finally:
+        os.close(fd)
+
+
+def remove_dead_owner(owners_dir: Path, token: str) -> None:
+    """Delete a dead owner's lock file (call only after its staging dirs are gone)."""
+    path = owners_dir / f"{token}.lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    finally:
+        os.close(fd)
+
+
+STAGING_SEP = "~"  # never in an id, so a staging name parses without ambiguity
+
+
+def staging_name(target_id: str, purpose: str, token: str, suffix: str) -> str:
+    """``{target_id}~{purpose}~{owner token}~{suffix}``: the name of a staging directory in
+    ``.forgespace/tmp``. Its owner holds ``.forgespace/owners/{token}.lock`` while alive."""
+    return STAGING_SEP.join((target_id, purpose, token, suffix))
+
+
+def parse_staging_name(name: str) -> tuple[str, str, str] | None:
+    """(target_id, purpose, owner token) of a staging directory name, or None if the name
+    is not one of ours. A staging dir is garbage iff ``owner_is_dead(owners_dir, token)``."""
+    parts = name.split(STAGING_SEP)
+    if len(parts) != 4 or not all(parts):
+        return None
+    return parts[0], parts[1], parts[2]

@@ -1,0 +1,907 @@
+"""The workspace cache engine: ``get_target`` / ``cleanup_cache`` in three isolation modes.
+
+Correctness by construction, not by timing:
+
+* **One download per target** (shared and copy-on-write): a per-target ``flock`` in
+  ``.forgespace/locks/{tid}.lock``. A hit holds it *shared* for a few microseconds (check
+  published + record lease), a miss holds it *exclusive*, re-checks, downloads and
+  publishes. gc takes it exclusive and non-blocking, so it can never evict between a
+  hit's check and its lease. No global lock is held while downloading.
+* **Atomic publish**: everything is built in a staging directory under
+  ``.forgespace/tmp`` (same filesystem) and renamed into place. The completeness markers:
+  shared -> ``{tid}/workspace`` exists (the ``target`` is renamed first; a non-archive
+  target is complete when ``{tid}/target`` exists and is not an archive);
+  copy-on-write -> ``{tid}/shared`` exists (the whole directory is renamed at once);
+  run directories -> ``{tid}/{rid}`` exists (renamed at once).
+* **Leftovers of dead processes**: a staging directory is named
+  ``{tid}~{purpose}~{owner token}~{random}`` and its owner holds an exclusive flock on
+  ``.forgespace/owners/{token}.lock`` for its whole life. When that lock can be taken the
+  owner is dead (the kernel released it) and the staging directory is garbage, whatever
+  its age. ``.forgespace/trash/*`` is always garbage (already invisible). A shared
+  ``target`` without its ``workspace`` is re-extracted by the next get.
+  ``sweep_leftovers()`` removes all of this; the next get of a target sweeps that target.
+* **Leases** outlive the process (index rows); cleanup_cache ends them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import shutil
+import socket
+import stat
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from forgespace.cache import manifest as mf
+from forgespace.cache.locks import (
+    OwnerToken,
+    flock,
+    owner_is_dead,
+    parse_staging_name,
+    remove_dead_owner,
+    staging_name,
+)
+from forgespace.config import Settings
+from forgespace.errors import (
+    CacheFullError,
+    CleanupRefusedError,
+    ForgespaceError,
+    InvalidIdError,
+)
+from forgespace.layout import CacheLayout, IsolationMode, validate_id
+
+if TYPE_CHECKING:
+    from forgespace.cache.index import CacheIndex, LeaseRecord
+    from forgespace.storage.base import Store
+
+log = logging.getLogger("forgespace.cache")
+
+_HOST = socket.gethostname()
+_NOSPACE = (errno.ENOSPC, errno.EDQUOT)
+
+# Test hook: FORGESPACE_FAULT_PAUSE="phase[,phase...]" makes this process announce the
+# phase (a file in FORGESPACE_FAULT_SIGNAL_DIR) and sleep there, so crash tests can
+# SIGKILL it at a precise point. Phases: download (after the first bytes arrived),
+# downloaded, extracted, shared-target-published, cow-copied, staged-run.
+_FAULT_ENV = "FORGESPACE_FAULT_PAUSE"
+_FAULT_DIR_ENV = "FORGESPACE_FAULT_SIGNAL_DIR"
+
+
+@dataclass(frozen=True)
+class GetResult:
+    """What one get_target did: the path it returns and whether it downloaded."""
+
+    path: str
+    downloaded: bool
+    mode: str
+    target_id: str
+    run_id: str | None
+
+
+def _rmtree(path: Path) -> None:
+    """Remove a tree even when it was made read-only (shared copies are 0555)."""
+
+    def onerror(func: Callable[..., Any], p: str, exc_info: Any) -> None:
+        if isinstance(exc_info[1], FileNotFoundError):
+            return
+        parent = os.path.dirname(p)
+        try:
+            os.chmod(parent, 0o755)
+            if os.path.isdir(p) and not os.path.islink(p):
+                os.chmod(p, 0o755)
+            func(p)
+        except FileNotFoundError:
+            return
+        except OSError:
+            if func is os.rmdir or func is os.unlink:
+                shutil.rmtree(p, ignore_errors=True)
+
+    shutil.rmtree(path, onerror=onerror)
+
+
+def _rename_dir(src: Path, dst: Path) -> None:
+    """rename(2) a directory that may be read-only: moving a directory to another parent
+    needs write permission on it (to update its '..') unless we are root."""
+    try:
+        os.rename(src, dst)
+    except PermissionError:
+        mode = stat.S_IMODE(os.lstat(src).st_mode)
+        os.chmod(src, mode | 0o700)
+        os.rename(src, dst)
+        os.chmod(dst, mode)
+
+
+def _is_nospace(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno in _NOSPACE:
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+def _dir_free(path: Path) -> int:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return -1
+    return st.f_bavail * st.f_frsize
+
+
+class WorkspaceCache:
+    """Workspaces for workflow runs under one CACHE_DIR (see the module docstring).
+
+    ``store`` defaults to the one ``settings`` configures (opened on first use, so
+    cleanup and gc never need the store).
+    """
+
+    def __init__(self, settings: Settings, store: Store | None = None) -> None:
+        from forgespace.cache.index import CacheIndex
+
+        self.settings = settings
+        self.layout = CacheLayout(Path(settings.cache_dir))
+        self._store = store
+        for d in (self.layout.locks_dir, self.layout.tmp_dir, self.layout.trash_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self._owners_dir = self.layout.meta_dir / "owners"
+        self.index: CacheIndex = CacheIndex(self.layout, lease_ttl=settings.cache_lease_ttl)
+        self._tls = threading.local()
+        self._file_targets: set[str] = set()  # ids whose object is not an archive (immutable)
+        faults = os.environ.get(_FAULT_ENV, "")
+        self._faults = frozenset(p for p in faults.split(",") if p)
+        self.cow_backend = settings.cow_backend
+        if self.cow_backend == "overlay":
+            from forgespace.cache import overlay
+
+            # Fail at start-up, not at the first copy-on-write run.
+            overlay.probe_overlay(self.layout.overlay_dir / ".probe")
+            log.info("copy-on-write backend: overlay (mount per run)")
+        else:
+            log.debug("copy-on-write backend: copy (copy_file_range/reflink per file)")
+
+    # --- store ---------------------------------------------------------------------------
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            from forgespace.storage import open_store
+
+            self._store = open_store(self.settings)
+        return self._store
+
+    @store.setter
+    def store(self, value: Store) -> None:
+        self._store = value
+
+    # --- locks ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def target_lock(
+        self,
+        target_id: str,
+        *,
+        exclusive: bool = True,
+        timeout: float | None = None,
+        blocking: bool = True,
+        purpose: str = "",
+    ) -> Iterator[None]:
+        """Hold the per-target lock. Waits at most ``timeout`` (default
+        CACHE_LOCK_TIMEOUT); ``blocking=False`` raises LockTimeoutError at once."""
+        with flock(
+            self.layout.lock_path(target_id),
+            exclusive=exclusive,
+            timeout=self.settings.cache_lock_timeout if timeout is None else timeout,
+            blocking=blocking,
+            what=f"target {target_id}",
+            purpose=purpose,
+        ):
+            yield
+
+    # --- public API ----------------------------------------------------------------------
+    def get_target(
+        self,
+        target_id: str,
+        run_id: str | None = None,
+        workspace_isolation: str | IsolationMode = "isolated",
+    ) -> str:
+        """Return the path of the run's workspace (or of the target file for a
+        non-archive target), downloading at most once per target for shared and
+        copy-on-write. See docs in README `## Workspace cache`."""
+        return self.get_target_report(target_id, run_id, workspace_isolation).path
+
+    def get_target_report(
+        self,
+        target_id: str,
+        run_id: str | None = None,
+        workspace_isolation: str | IsolationMode = "isolated",
+    ) -> GetResult:
+        """Like get_target, and tell whether this call downloaded."""
+        mode = IsolationMode.parse(workspace_isolation)
+        validate_id(target_id, "target_id")
+        if run_id is not None:
+            validate_id(run_id, "run_id")
+        elif mode is not IsolationMode.SHARED:
+            raise InvalidIdError(
+                f"run_id is required for workspace_isolation {mode.value!r} "
+                "(only 'shared' accepts none)"
+            )
+        t0 = time.perf_counter()
+        self._tls.downloaded_bytes = 0
+        if mode is IsolationMode.SHARED:
+            res = self._get_shared(target_id, run_id)
+        elif mode is IsolationMode.COPY_ON_WRITE:
+            assert run_id is not None
+            res = self._get_cow(target_id, run_id)
+        else:
+            assert run_id is not None
+            res = self._get_isolated(target_id, run_id)
+        self._observe(res, time.perf_counter() - t0)
+        return res
+
+    # --- shared --------------------------------------------------------------------------
+    def _shared_complete(self, tid: str) -> str | None:
+        """Path a shared hit returns, or None if not (completely) published. O(1)."""
+        ws = self.layout.shared_workspace(tid)
+        try:
+            st = os.stat(ws)
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            stamp = mf.read_stamp(mf.stamp_path(self.layout.meta_dir, tid, "shared"))
+            if stamp is not None and stamp != mf.stamp_of(st):
+                raise _Tampered(str(ws))
+            return str(ws)
+        target = self.layout.shared_target(tid)
+        if tid in self._file_targets:
+            return str(target) if target.exists() else None
+        if not target.exists():
+            return None
+        from forgespace.cache.archive import detect_archive
+
+        if detect_archive(target) is None:
+            self._file_targets.add(tid)
+            return str(target)
+        return None  # an archive whose workspace is not (yet/any more) there
+
+    def _get_shared(self, tid: str, rid: str | None) -> GetResult:
+        key = f"{tid}/workspace"
+        lease = self._lease(f"{key}#{rid}", tid, rid, (key,)) if rid is not None else None
+        tampered = False
+        for _ in range(3):
+            try:
+                with self.target_lock(tid, exclusive=False, purpose="hit"):
+                    path = self._shared_complete(tid)
+                    if path is not None:
+                        self.index.access(key, lease=lease, hit=True)
+                        log.info("Cache HIT: %s (mode: shared)", tid)
+                        return GetResult(path, False, "shared", tid, rid)
+            except _Tampered as t:
+                tampered = True
+                log.warning(
+                    "shared workspace %s was modified since it was published (noticed by run "
+                    "%s); re-extracting it from the cached target",
+                    t.args[0],
+                    rid or "(no run id)",
+                )
+            with self.target_lock(tid, exclusive=True, purpose="download shared"):
+                try:
+                    path = self._shared_complete(tid)
+                except _Tampered:
+                    path = None
+                    self._discard(self.layout.shared_workspace(tid))
+                if path is not None:
+                    self.index.access(key, lease=lease, hit=True)
+                    log.info("Cache HIT: %s (mode: shared)", tid)
+                    return GetResult(path, False, "shared", tid, rid)
+                downloaded = self._publish_shared(tid, tampered)
+                path = self._shared_complete(tid)
+                if path is None:  # pragma: no cover - we just published under the lock
+                    raise ForgespaceError(f"shared workspace of {tid} vanished after publish")
+                self.index.access(key, lease=lease, hit=not downloaded)
+                if not downloaded:
+                    log.info("Cache HIT: %s (mode: shared)", tid)
+                return GetResult(path, downloaded, "shared", tid, rid)
+        raise ForgespaceError(
+            f"shared workspace of {tid} keeps changing under us"
+        )  # pragma: no cover
+
+    def _publish_shared(self, tid: str, repair: bool) -> bool:
+        """Under the exclusive lock: make {tid}/target and {tid}/workspace complete.
+        Returns True when it downloaded (False when it re-extracted a cached target)."""
+        from forgespace.cache.archive import detect_archive
+
+        self.sweep_leftovers(tid)
+        target = self.layout.shared_target(tid)
+        tdir = self.layout.target_dir(tid)
+        with self._staging(tid, "shared") as stage:
+            downloaded = False
+            if target.exists():
+                # Cached download whose workspace is missing (crash between the two renames,
+                # a half-done eviction, or tampering): re-extract, no new download.
+                src = target
+            else:
+                src = self._download(tid, stage / "target", "shared")
+                os.chmod(src, 0o444)
+                downloaded = True
+            kind = detect_archive(src)
+            stats = None
+            if kind is not None:
+                stats = self._extract(src, stage / "workspace")
+                self._fault("extracted")
+                from forgespace.cache.clone import make_read_only
+
+                make_read_only(stage / "workspace")
+                mf.write_manifest(
+                    mf.manifest_path(self.layout.meta_dir, tid, "shared"), stats.manifest
+                )
+            tdir.mkdir(parents=True, exist_ok=True)
+            if downloaded:
+                os.rename(stage / "target", target)
+                self._fault("shared-target-published")
+            if kind is not None:
+                ws = self.layout.shared_workspace(tid)
+                _rename_dir(stage / "workspace", ws)
+                mf.write_stamp(mf.stamp_path(self.layout.meta_dir, tid, "shared"), ws)
+            else:
+                self._file_targets.add(tid)
+            size = target.stat().st_size
+            now = time.time()
+            self._publish_entry(
+                f"{tid}/workspace",
+                tid,
+                "shared",
+                None,
+                "shared",
+                size + (stats.bytes if stats else 0),
+                (stats.files if stats else 0) + 1,
+                now,
+            )
+            if repair:
+                self.index.count("repairs")
+        return downloaded
+
+    # --- copy-on-write -------------------------------------------------------------------
+    def _get_cow(self, tid: str, rid: str) -> GetResult:
+        run_key = f"{tid}/{rid}"
+        shared_key = f"{tid}/shared"
+        pins = (run_key, shared_key) if self.cow_backend == "overlay" else (run_key,)
+        lease = self._lease(run_key, tid, rid, pins)
+        # Before staging, so gc never takes the run directory we are about to create.
+        self.index.add_lease(lease)
+        try:
+            return self._get_cow_locked(tid, rid, lease)
+        except BaseException:
+            self.index.end_lease(lease.lease_id)
+            raise
+
+    def _get_cow_locked(self, tid: str, rid: str, lease: LeaseRecord) -> GetResult:
+        shared_dir = self.layout.cow_shared_dir(tid)
+        downloaded = False
+        while True:
+            with self.target_lock(tid, exclusive=False, purpose="copy-on-write copy"):
+                existing = self._run_result(tid, rid)
+                if existing is not None:  # the same run asking again (a retried activity)
+                    self.index.access(f"{tid}/{rid}", lease=lease, hit=True)
+                    log.info("Cache HIT: %s (mode: copy-on-write)", tid)
+                    return GetResult(existing, False, "copy-on-write", tid, rid)
+                if shared_dir.is_dir():
+                    # The shared lock keeps gc off shared/ while we copy from it.
+                    path = self._make_cow_run(tid, rid)
+                    # One access (one hit or miss counted) on the shared copy records the
+                    # lease; the run entry was just published with last_access = now.
+                    self.index.access(f"{tid}/shared", lease=lease, hit=not downloaded)
+                    if not downloaded:
+                        log.info("Cache HIT: %s (mode: copy-on-write)", tid)
+                    return GetResult(path, downloaded, "copy-on-write", tid, rid)
+            with self.target_lock(tid, exclusive=True, purpose="download copy-on-write"):
+                if not shared_dir.is_dir():
+                    self._publish_cow_shared(tid)
+                    downloaded = True
+
+    def _publish_cow_shared(self, tid: str) -> None:
+        from forgespace.cache.archive import detect_archive
+        from forgespace.cache.clone import make_read_only
+
+        self.sweep_leftovers(tid)
+        with self._staging(tid, "cow") as stage:
+            src = self._download(tid, stage / "target", "copy-on-write")
+            os.chmod(src, 0o444)
+            stats = None
+            if detect_archive(src) is not None:
+                stats = self._extract(src, stage / "workspace")
+                self._fault("extracted")
+                make_read_only(stage / "workspace")
+                mf.write_manifest(
+                    mf.manifest_path(self.layout.meta_dir, tid, "cow"), stats.manifest
+                )
+            self.layout.target_dir(tid).mkdir(parents=True, exist_ok=True)
+            os.rename(stage, self.layout.cow_shared_dir(tid))
+            if stats is not None:
+                mf.write_stamp(
+                    mf.stamp_path(self.layout.meta_dir, tid, "cow"),
+                    self.layout.cow_shared_workspace(tid),
+                )
+            self._publish_entry(
+                f"{tid}/shared",
+                tid,
+                "cow-shared",
+                None,
+                "copy-on-write",
+                src_size(self.layout.cow_shared_target(tid)) + (stats.bytes if stats else 0),
+                (stats.files if stats else 0) + 1,
+                time.time(),
+            )
+
+    def _make_cow_run(self, tid: str, rid: str) -> str:
+        """Under the shared target lock: build the run's private copy and publish it."""
+        shared_ws = self.layout.cow_shared_workspace(tid)
+        shared_target = self.layout.cow_shared_target(tid)
+        self.sweep_leftovers(tid)
+        with self._staging(tid, f"run-{rid}") as stage:
+            t0 = time.perf_counter()
+            nbytes = files = 0
+            if shared_ws.is_dir():
+                if self.cow_backend == "overlay":
+                    method = self._stage_overlay(tid, rid, shared_ws, stage / "workspace")
+                else:
+                    from forgespace.cache.clone import materialize_copy
+
+                    try:
+                        cs = materialize_copy(shared_ws, stage / "workspace", writable=True)
+                    except OSError as exc:
+                        self._raise_if_full(exc, stage, 0)
+                        raise
+                    method, nbytes, files = cs.method, cs.bytes, cs.files
+                name = "workspace"
+            else:
+                shutil.copyfile(shared_target, stage / "target")
+                os.chmod(stage / "target", 0o644)
+                method, nbytes, files, name = "copy", shared_target.stat().st_size, 1, "target"
+            self._fault("cow-copied")
+            log.info(
+                "copy-on-write run %s of %s materialised by %s in %.1f ms",
+                rid,
+                tid,
+                method,
+                (time.perf_counter() - t0) * 1000,
+            )
+            path = self._publish_run(tid, rid, stage, name, nbytes, files, "copy-on-write")
+        return path
+
+    def _stage_overlay(self, tid: str, rid: str, lower: Path, mountpoint: Path) -> str:
+        from forgespace.cache import overlay
+
+        base = self.layout.overlay_dir / tid / rid
+        if base.exists():  # leftover of an earlier, dead attempt of this very run
+            for m in overlay.mounts_under(base):
+                overlay.unmount(m)
+            _rmtree(base)
+        (base / "upper").mkdir(parents=True)
+        (base / "work").mkdir()
+        mountpoint.mkdir()
+        try:
+            overlay.mount_overlay(lower, base / "upper", base / "work", mountpoint)
+        except BaseException:
+            _rmtree(base)
+            raise
+        return "overlay"
+
+    # --- isolated ------------------------------------------------------------------------
+    def _get_isolated(self, tid: str, rid: str) -> GetResult:
+        run_key = f"{tid}/{rid}"
+        lease = self._lease(run_key, tid, rid, (run_key,))
+        self.index.add_lease(lease)
+        try:
+            existing = self._run_result(tid, rid)
+            if existing is not None:
+                self.index.access(run_key, lease=lease, hit=True)
+                log.info("Cache HIT: %s (mode: isolated)", tid)
+                return GetResult(existing, False, "isolated", tid, rid)
+            self.sweep_leftovers(tid)
+            with self._staging(tid, f"run-{rid}") as stage:
+                src = self._download(tid, stage / "target", "isolated")
+                from forgespace.cache.archive import detect_archive
+
+                nbytes, files, name = src.stat().st_size, 1, "target"
+                if detect_archive(src) is not None:
+                    stats = self._extract(src, stage / "workspace")
+                    self._fault("extracted")
+                    nbytes, files, name = nbytes + stats.bytes, files + stats.files, "workspace"
+                path = self._publish_run(tid, rid, stage, name, nbytes, files, "isolated")
+            self.index.access(run_key, lease=lease, hit=False)
+            return GetResult(path, True, "isolated", tid, rid)
+        except BaseException:
+            self.index.end_lease(lease.lease_id)
+            raise
+
+    # --- helpers shared by the modes ------------------------------------------------------
+    def _run_result(self, tid: str, rid: str) -> str | None:
+        run_dir = self.layout.run_dir(tid, rid)
+        ws = run_dir / "workspace"
+        if os.path.lexists(ws):
+            return str(ws)
+        tgt = run_dir / "target"
+        if run_dir.is_dir() and tgt.exists():
+            return str(tgt)
+        return None
+
+    def _publish_run(
+        self, tid: str, rid: str, stage: Path, name: str, nbytes: int, files: int, mode: str
+    ) -> str:
+        self._fault("staged-run")
+        run_dir = self.layout.run_dir(tid, rid)
+        # The shared lock keeps gc from removing an empty {tid}/ between mkdir and rename;
+        # copy-on-write callers already hold it (flock is per open file, so this nests).
+        lock = (
+            contextlib.nullcontext()
+            if mode == "copy-on-write"
+            else self.target_lock(tid, exclusive=False, purpose="publish run")
+        )
+        with lock:
+            self.layout.target_dir(tid).mkdir(parents=True, exist_ok=True)
+            try:
+                os.rename(stage, run_dir)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                # The same run id raced itself; the first one wins, ours is discarded.
+                existing = self._run_result(tid, rid)
+                if existing is None:
+                    raise
+                return existing
+            self._publish_entry(f"{tid}/{rid}", tid, "run", rid, mode, nbytes, files, time.time())
+        return str(run_dir / name)
+
+    def _publish_entry(
+        self,
+        key: str,
+        tid: str,
+        kind: str,
+        rid: str | None,
+        mode: str,
+        nbytes: int,
+        files: int,
+        now: float,
+    ) -> None:
+        from forgespace.cache.index import EntryRecord
+
+        self.index.publish(EntryRecord(key, tid, kind, rid, mode, nbytes, files, now, now))
+
+    def _lease(
+        self, lease_id: str, tid: str, rid: str | None, pins: tuple[str, ...]
+    ) -> LeaseRecord:
+        from forgespace.cache.index import LeaseRecord
+
+        now = time.time()
+        return LeaseRecord(
+            lease_id,
+            tid,
+            rid,
+            pins,
+            f"{_HOST}:{os.getpid()}",
+            now,
+            now + self.settings.cache_lease_ttl,
+        )
+
+    @contextlib.contextmanager
+    def _staging(self, tid: str, purpose: str) -> Iterator[Path]:
+        """A fresh staging dir owned by this process; removed on exit unless renamed away."""
+        token = OwnerToken.for_dir(self._owners_dir).token
+        stage = self.layout.tmp_dir / staging_name(tid, purpose, token, uuid.uuid4().hex[:8])
+        stage.mkdir(parents=True)
+        try:
+            yield stage
+        finally:
+            if os.path.lexists(stage):
+                self._unmount_under(stage)
+                self._discard(stage)
+
+    def _download(self, tid: str, dest: Path, mode: str) -> Path:
+        store = self.store
+        info = store.stat_target(tid)
+        self._make_room(info.size, tid)
+        log.info("Cache MISS: %s (mode: %s), downloading from %s", tid, mode, store.display_name)
+        first = [True]
+
+        def progress(done: int, total: int) -> None:
+            if first[0] and done > 0:
+                first[0] = False
+                self._fault("download")
+
+        try:
+            got = store.download_target(tid, dest, progress if self._faults else None)
+        except BaseException as exc:
+            self._raise_if_full(exc, dest.parent, info.size)
+            raise
+        self.index.count("downloads")
+        self.index.count("bytes_downloaded", got.size)
+        self._tls.downloaded_bytes = got.size
+        self._fault("downloaded")
+        return dest
+
+    def _extract(self, src: Path, dest: Path) -> Any:
+        from forgespace.cache.archive import extract_archive
+
+        try:
+            return extract_archive(src, dest, max_bytes=self.settings.cache_max_size)
+        except BaseException as exc:
+            self._raise_if_full(exc, dest.parent, src.stat().st_size)
+            raise
+
+    def _raise_if_full(self, exc: BaseException, stage: Path, size: int) -> None:
+        if not _is_nospace(exc):
+            return
+        free = _dir_free(self.layout.root)
+        # The staging dir is removed by _staging's exit; say so in the error.
+        raise CacheFullError(
+            errno.ENOSPC,
+            f"no space left on device in the cache {self.layout.root} while writing {stage} "
+            f"(object {size} bytes, {free} bytes free now); the partial entry was removed "
+            f"and the cache is unchanged",
+        ) from exc
+
+    def _make_room(self, size: int, tid: str) -> None:
+        try:
+            from forgespace.cache import eviction
+        except ImportError:
+            return
+        make_room = getattr(eviction, "make_room", None)
+        if make_room is not None:
+            make_room(self, size, target_id=tid)
+
+    def _observe(self, res: GetResult, seconds: float) -> None:
+        try:
+            from forgespace.cache import metrics
+        except ImportError:  # metrics are optional (prometheus_client missing)
+            return
+        metrics.observe_get(
+            res.mode,
+            hit=not res.downloaded,
+            seconds=seconds,
+            downloaded_bytes=getattr(self._tls, "downloaded_bytes", 0),
+        )
+
+    def _fault(self, phase: str) -> None:
+        if phase not in self._faults:
+            return
+        sig_dir = Path(os.environ.get(_FAULT_DIR_ENV, str(self.layout.meta_dir)))
+        sig_dir.mkdir(parents=True, exist_ok=True)
+        (sig_dir / f"{phase}.{os.getpid()}").write_text(phase)
+        time.sleep(120)  # bounded: the test kills us long before
+
+    def _discard(self, path: Path) -> None:
+        """Rename into trash, then delete: nobody ever sees half a directory."""
+        dest = self.layout.trash_dir / f"{path.name}~{uuid.uuid4().hex[:8]}"
+        try:
+            _rename_dir(path, dest) if path.is_dir() and not path.is_symlink() else os.rename(
+                path, dest
+            )
+        except FileNotFoundError:
+            return
+        except OSError:
+            dest = path  # e.g. crossing a mount: delete in place as a last resort
+        if dest.is_dir() and not dest.is_symlink():
+            _rmtree(dest)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                dest.unlink()
+
+    def _unmount_under(self, path: Path) -> None:
+        if self.cow_backend != "overlay" and not (self.layout.overlay_dir).exists():
+            return
+        try:
+            from forgespace.cache import overlay
+        except ImportError:
+            return
+        for m in sorted(overlay.mounts_under(path), key=lambda p: len(str(p)), reverse=True):
+            overlay.unmount(m)
+
+    # --- leftovers -----------------------------------------------------------------------
+    def sweep_leftovers(self, target_id: str | None = None) -> list[Path]:
+        """Remove staging dirs of dead processes (of ``target_id`` or all), the trash,
+        and (for a full sweep) dead owner lock files. Returns what was removed.
+
+        Safe at any time and without the target lock: a staging dir is only removed
+        when its owner's lock is free, i.e. its owner process is dead.
+        """
+        removed: list[Path] = []
+        tokens_alive: set[str] = set()
+        try:
+            names = os.listdir(self.layout.tmp_dir)
+        except FileNotFoundError:
+            names = []
+        dead_cache: dict[str, bool] = {}
+        for name in names:
+            parsed = parse_staging_name(name)
+            if parsed is None:
+                continue
+            tid, _purpose, token = parsed
+            if target_id is not None and tid != target_id:
+                tokens_alive.add(token)
+                continue
+            dead = dead_cache.get(token)
+            if dead is None:
+                dead = dead_cache[token] = owner_is_dead(self._owners_dir, token)
+            if not dead:
+                tokens_alive.add(token)
+                continue
+            p = self.layout.tmp_dir / name
+            self._unmount_under(p)
+            self._discard(p)
+            removed.append(p)
+        trash = os.listdir(self.layout.trash_dir) if target_id is None else []
+        for name in trash:
+            p = self.layout.trash_dir / name
+            with contextlib.suppress(FileNotFoundError):
+                if p.is_dir() and not p.is_symlink():
+                    _rmtree(p)
+                else:
+                    p.unlink()
+                removed.append(p)
+        if target_id is None and self._owners_dir.is_dir():
+            for name in os.listdir(self._owners_dir):
+                token = name.removesuffix(".lock")
+                if token not in tokens_alive and owner_is_dead(self._owners_dir, token):
+                    remove_dead_owner(self._owners_dir, token)
+        if removed:
+            log.info("removed %d leftover(s) of dead processes: %s", len(removed), removed[:5])
+        return removed
+
+    # --- cleanup -------------------------------------------------------------------------
+    def cleanup_cache(
+        self,
+        path: str | os.PathLike[str],
+        workspace_isolation: str | IsolationMode = "isolated",
+        run_id: str | None = None,
+    ) -> None:
+        """End the run's lease and remove its run directory (isolated, copy-on-write).
+
+        shared removes nothing: it ends the run's lease (``run_id`` given) or one lease on
+        that workspace. Anything that is not a run directory of this mode (or its
+        workspace/target) inside CACHE_DIR is refused with CleanupRefusedError, and
+        nothing is deleted. Cleaning a run that is already gone is not an error.
+        """
+        mode = IsolationMode.parse(workspace_isolation)
+        tid, rest = self._parse_cleanup_path(path, mode)
+        if mode is IsolationMode.SHARED:
+            key = f"{tid}/workspace"
+            if run_id is not None:
+                validate_id(run_id, "run_id")
+                self.index.end_lease(f"{key}#{run_id}")
+            else:
+                self.index.end_any_lease(key)
+            return
+        rid = rest
+        run_dir = self.layout.run_dir(tid, rid)
+        if os.path.lexists(run_dir):
+            self._unmount_under(run_dir)
+            self._discard(run_dir)
+        ov = self.layout.overlay_dir / tid / rid
+        if ov.exists():
+            self._unmount_under(ov)
+            _rmtree(ov)
+        self.index.remove(f"{tid}/{rid}")
+        self.index.end_lease(f"{tid}/{rid}")
+
+    def _parse_cleanup_path(
+        self, path: str | os.PathLike[str], mode: IsolationMode
+    ) -> tuple[str, str]:
+        """(target_id, run_id or 'workspace'/'target') of an acceptable path, else refuse."""
+        raw = os.fspath(path)
+
+        def refuse(why: str) -> CleanupRefusedError:
+            accepted = (
+                "{CACHE_DIR}/{target_id}/workspace or {CACHE_DIR}/{target_id}/target"
+                if mode is IsolationMode.SHARED
+                else "{CACHE_DIR}/{target_id}/{run_id}[/workspace|/target]"
+            )
+            return CleanupRefusedError(
+                f"refusing to clean up {raw!r} (workspace_isolation {mode.value!r}): {why}; "
+                f"accepted: {accepted} inside {self.layout.root}; nothing was deleted"
+            )
+
+        if not raw:
+            raise refuse("empty path")
+        p = os.path.abspath(raw)
+        root_abs = os.path.abspath(self.layout.root)
+        root_real = os.path.realpath(self.layout.root)
+        rel = None
+        for base in (root_abs, root_real):
+            if p == base:
+                raise refuse("that is CACHE_DIR itself")
+            if p.startswith(base + os.sep):
+                rel = p[len(base) + 1 :]
+                break
+        if rel is None:
+            raise refuse("it is outside CACHE_DIR")
+        parts = rel.split(os.sep)
+        # No component may be a symlink: a link could point anywhere, even at another run.
+        cur = root_real
+        for part in parts:
+            cur = os.path.join(cur, part)
+            try:
+                if stat.S_ISLNK(os.lstat(cur).st_mode):
+                    raise refuse(f"{cur} is a symbolic link")
+            except FileNotFoundError:
+                break
+        try:
+            tid = validate_id(parts[0], "target_id")
+        except InvalidIdError:
+            raise refuse(f"{parts[0]!r} is not a target directory") from None
+        if len(parts) == 1:
+            raise refuse("that is a whole target directory, not a run directory")
+        if mode is IsolationMode.SHARED:
+            if len(parts) == 2 and parts[1] in ("workspace", "target"):
+                return tid, parts[1]
+            raise refuse("not the shared workspace or target of a target")
+        if parts[1] == "shared":
+            raise refuse("that is the copy-on-write shared copy")
+        if parts[1] in ("workspace", "target"):
+            raise refuse("that is the shared-mode workspace of the target")
+        try:
+            rid = validate_id(parts[1], "run_id")
+        except InvalidIdError:
+            raise refuse(f"{parts[1]!r} is not a run directory") from None
+        if len(parts) == 2 or (len(parts) == 3 and parts[2] in ("workspace", "target")):
+            return tid, rid
+        raise refuse("a path inside a run's workspace; pass the run directory or its workspace")
+
+    # --- verification --------------------------------------------------------------------
+    def verify_shared(self, target_id: str) -> list[str]:
+        """Full check of the shared workspace and the copy-on-write shared copy of a target
+        against their publish-time manifests: one line per difference ('' prefix-free,
+        each starting with the checked directory). Walks every file (not done on a hit)."""
+        validate_id(target_id, "target_id")
+        diffs: list[str] = []
+        for kind, ws in (
+            ("shared", self.layout.shared_workspace(target_id)),
+            ("cow", self.layout.cow_shared_workspace(target_id)),
+        ):
+            if not ws.is_dir():
+                continue
+            expected = mf.read_manifest(mf.manifest_path(self.layout.meta_dir, target_id, kind))
+            rel = os.path.relpath(ws, self.layout.root)
+            if expected is None:
+                diffs.append(f"{rel}: no manifest recorded")
+                continue
+            diffs.extend(f"{rel}: {d}" for d in mf.compare_tree(ws, expected))
+        return diffs
+
+    def repair_shared(self, target_id: str) -> bool:
+        """Re-extract the shared workspace of ``target_id`` from its cached target (under the
+        exclusive lock). Returns False when there is nothing cached to repair from."""
+        validate_id(target_id, "target_id")
+        with self.target_lock(target_id, exclusive=True, purpose="repair shared"):
+            if not self.layout.shared_target(target_id).exists():
+                return False
+            ws = self.layout.shared_workspace(target_id)
+            if ws.exists():
+                self._discard(ws)
+            self._publish_shared(target_id, True)
+            return True
+
+    # --- lifecycle -----------------------------------------------------------------------
+    def gc(self, dry_run: bool = False) -> Any:
+        """TTL + LRU sweep now (forgespace.cache.eviction.collect_garbage)."""
+        from forgespace.cache.eviction import collect_garbage
+
+        return collect_garbage(self, dry_run=dry_run)
+
+
+class _Tampered(Exception):
+    """The O(1) stamp of a shared workspace does not match its publish-time stamp."""
+
+
+def src_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0

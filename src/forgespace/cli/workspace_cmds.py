@@ -1,0 +1,97 @@
+"""`forgespace get`, `forgespace cleanup` and `forgespace demo`."""
+
+from __future__ import annotations
+
+import tempfile
+import uuid
+from pathlib import Path
+
+import typer
+
+from forgespace.cli.app import app, err_console, load_settings, out_console
+
+_MODES_HELP = "isolated, shared or copy-on-write"
+
+
+@app.command()
+def get(
+    target_id: str = typer.Argument(..., help="Target id (as printed by `forgespace upload`)."),
+    run_id: str | None = typer.Option(None, "--run-id", help="Run id (required unless shared)."),
+    isolation: str = typer.Option("isolated", "--isolation", help=_MODES_HELP),
+) -> None:
+    """Materialise a target's workspace; prints its path alone on the last line."""
+    from forgespace.cache.workspace import WorkspaceCache
+
+    res = WorkspaceCache(load_settings()).get_target_report(target_id, run_id, isolation)
+    err_console.print(
+        f"{'downloaded' if res.downloaded else 'served from cache'} ({res.mode})", highlight=False
+    )
+    print(res.path)
+
+
+@app.command()
+def cleanup(
+    path: str = typer.Argument(..., help="A path get_target returned (or its run directory)."),
+    isolation: str = typer.Option("isolated", "--isolation", help=_MODES_HELP),
+    run_id: str | None = typer.Option(None, "--run-id", help="shared: end this run's lease."),
+) -> None:
+    """End a run's lease and remove its run directory (shared: removes nothing)."""
+    from forgespace.cache.workspace import WorkspaceCache
+
+    WorkspaceCache(load_settings()).cleanup_cache(path, isolation, run_id=run_id)
+    err_console.print(f"cleaned up {path} ({isolation})", highlight=False)
+
+
+def _demo_source() -> Path:
+    """The bundled example project, or a generated copy when running from a wheel."""
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        candidate = parent / "examples" / "demo_project"
+        if candidate.is_dir():
+            return candidate
+    tmp = Path(tempfile.mkdtemp(prefix="forgespace-demo-"))
+    (tmp / "demo").mkdir()
+    (tmp / "demo" / "__init__.py").write_text('"""demo"""\n')
+    (tmp / "demo" / "greet.py").write_text('print("hello, forgespace")\n')
+    return tmp
+
+
+@app.command()
+def demo() -> None:
+    """Upload the bundled example and materialise it in all three modes (two runs each)."""
+    from rich.table import Table
+
+    from forgespace.cache.workspace import WorkspaceCache
+    from forgespace.storage import open_store
+
+    settings = load_settings()
+    store = open_store(settings)
+    src = _demo_source()
+    target_id = store.upload_target(src)
+    err_console.print(
+        f"uploaded {src.name} to the {store.display_name} as target {target_id}", highlight=False
+    )
+    cache = WorkspaceCache(settings, store=store)
+    table = Table(title=f"forgespace demo (CACHE_DIR={settings.cache_dir})")
+    for col in ("mode", "run", "downloaded", "files", "path"):
+        table.add_column(col)
+    session = uuid.uuid4().hex[:6]
+    results = []
+    for mode in ("isolated", "shared", "copy-on-write"):
+        for n in (1, 2):
+            run_id = f"demo-{session}-{n}"
+            res = cache.get_target_report(target_id, run_id, mode)
+            p = Path(res.path)
+            files = sum(1 for f in p.rglob("*") if f.is_file()) if p.is_dir() else 1
+            table.add_row(
+                mode, run_id, "yes" if res.downloaded else "no (hit)", str(files), res.path
+            )
+            results.append((res, run_id))
+    out_console.print(table)
+    for res, run_id in results:
+        cache.cleanup_cache(res.path, res.mode, run_id=run_id)
+    err_console.print(
+        "cleaned up the demo runs (the shared workspace and the copy-on-write shared copy "
+        "stay cached for the next runs)",
+        highlight=False,
+    )
