@@ -1,0 +1,147 @@
+"""Prometheus metrics of the workspace cache, on a module-level registry.
+
+The objects live in ``REGISTRY`` (not prometheus_client's global default registry, so importing
+forgespace never clashes with an application's own metrics) and are readable in-process with
+``snapshot()``; ``start_metrics_server(port)`` serves them over HTTP (the worker's
+``--metrics-port``).
+
+These are per-process counters (what this process served since it started); the cache-wide,
+persistent counts are in the index (``forgespace cache status``).
+
+The engine reports each get_target with one call::
+
+    metrics.observe_get(mode, hit=..., seconds=..., downloaded_bytes=...)
+
+Eviction reports with ``observe_eviction(reason, bytes)`` and refreshes the gauges with
+``set_cache_state(...)``; ``refresh_from_index(index, limit)`` does the latter from the index.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+if TYPE_CHECKING:
+    from forgespace.cache.index import CacheIndex
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+HITS = Counter(
+    "forgespace_cache_hits", "get_target calls served from the cache", ["mode"], registry=REGISTRY
+)
+MISSES = Counter(
+    "forgespace_cache_misses",
+    "get_target calls that had to download (or wait for another process's download)",
+    ["mode"],
+    registry=REGISTRY,
+)
+DOWNLOADS = Counter(
+    "forgespace_cache_downloads", "Objects downloaded from the store", registry=REGISTRY
+)
+DOWNLOADED_BYTES = Counter(
+    "forgespace_cache_downloaded_bytes", "Bytes downloaded from the store", registry=REGISTRY
+)
+EVICTIONS = Counter(
+    "forgespace_cache_evictions",
+    "Cache items removed by gc or make_room, by reason (ttl, lru, orphan, leftover)",
+    ["reason"],
+    registry=REGISTRY,
+)
+EVICTED_BYTES = Counter(
+    "forgespace_cache_evicted_bytes", "Bytes freed by eviction, by reason", ["reason"],
+    registry=REGISTRY,
+)  # fmt: skip
+CACHE_BYTES = Gauge(
+    "forgespace_cache_bytes", "Bytes of every cache entry (as recorded at publish)",
+    registry=REGISTRY,
+)  # fmt: skip
+CACHE_LIMIT_BYTES = Gauge(
+    "forgespace_cache_limit_bytes", "CACHE_MAX_SIZE in bytes", registry=REGISTRY
+)
+CACHE_ENTRIES = Gauge("forgespace_cache_entries", "Cache entries in the index", registry=REGISTRY)
+LIVE_LEASES = Gauge("forgespace_cache_live_leases", "Unexpired leases", registry=REGISTRY)
+GET_DURATION = Histogram(
+    "forgespace_get_target_duration_seconds",
+    "Wall time of get_target, by mode and outcome (hit or miss)",
+    ["mode", "outcome"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
+             60, 120, 300),
+    registry=REGISTRY,
+)  # fmt: skip
+
+REASONS = ("ttl", "lru", "orphan", "leftover")
+
+
+def observe_get(mode: str, hit: bool, seconds: float, downloaded_bytes: int = 0) -> None:
+    """Record one get_target: its mode, whether it hit, its duration, bytes it downloaded.
+
+    ``downloaded_bytes > 0`` also counts one download.
+    """
+    mode = str(mode)
+    (HITS if hit else MISSES).labels(mode=mode).inc()
+    GET_DURATION.labels(mode=mode, outcome="hit" if hit else "miss").observe(max(0.0, seconds))
+    if downloaded_bytes > 0:
+        DOWNLOADS.inc()
+        DOWNLOADED_BYTES.inc(downloaded_bytes)
+
+
+def observe_get_target(*, mode: str, downloaded: bool, seconds: float) -> None:
+    """What workspace.py calls after each get_target (downloads are counted separately by
+    ``record_downloaded``): a call that did not download is a hit."""
+    observe_get(mode, not downloaded, seconds)
+
+
+def record_downloaded(nbytes: float) -> None:
+    """What workspace.py calls after each completed object download."""
+    DOWNLOADS.inc()
+    DOWNLOADED_BYTES.inc(max(0.0, nbytes))
+
+
+def observe_eviction(reason: str, freed_bytes: int) -> None:
+    """Record one evicted item and the bytes it freed."""
+    EVICTIONS.labels(reason=reason).inc()
+    if freed_bytes > 0:
+        EVICTED_BYTES.labels(reason=reason).inc(freed_bytes)
+
+
+def set_cache_state(
+    cache_bytes: int, live_leases: int, *, entries: int | None = None, limit: int | None = None
+) -> None:
+    """Set the gauges (after gc, or periodically by the worker)."""
+    CACHE_BYTES.set(cache_bytes)
+    LIVE_LEASES.set(live_leases)
+    if entries is not None:
+        CACHE_ENTRIES.set(entries)
+    if limit is not None:
+        CACHE_LIMIT_BYTES.set(limit)
+
+
+def refresh_from_index(index: CacheIndex, limit: int | None = None) -> None:
+    """Set the gauges from the index (cheap: no filesystem walk)."""
+    entries = index.entries()
+    set_cache_state(
+        sum(e.bytes for e in entries), len(index.live_leases()), entries=len(entries), limit=limit
+    )
+
+
+def snapshot() -> dict[str, float]:
+    """Every sample of the registry by ``name{label="v",...}`` (in-process reading)."""
+    out: dict[str, float] = {}
+    for metric in REGISTRY.collect():
+        for s in metric.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = float(s.value)
+    return out
+
+
+def value(name: str, **labels: str) -> float:
+    """One sample's value (0.0 when it was never set), e.g. ``value("forgespace_cache_hits_total",
+    mode="shared")``."""
+    got = REGISTRY.get_sample_value(name, labels or None)
+    return 0.0 if got is None else float(got)
+
+
+def start_metrics_server(port: int, addr: str = "0.0.0.0") -> None:
+    """Serve ``REGISTRY`` at ``http://addr:port/metrics`` from a daemon thread."""
+    start_http_server(port, addr=addr, registry=REGISTRY)

@@ -1,0 +1,345 @@
+"""Eviction rules (TTL, LRU, orphans, leftovers), its safety rechecks, dry-run and make_room.
+
+These use a minimal cache (settings, layout, index and the engine's real per-target flock);
+tests/integration/test_gc_concurrency.py runs the same rules against the real WorkspaceCache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import multiprocessing as mp
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from forgespace.cache import metrics
+from forgespace.cache.eviction import collect_garbage, make_room, plan_eviction
+from forgespace.cache.index import CacheIndex, EntryRecord
+from forgespace.cache.locks import OwnerToken, flock
+from forgespace.config import Settings
+from forgespace.errors import CacheFullError
+from forgespace.layout import CacheLayout
+
+
+@dataclass
+class MiniCache:
+    """What eviction needs from a WorkspaceCache, with a hook run when a lock is taken."""
+
+    settings: Settings
+    layout: CacheLayout = field(init=False)
+    index: CacheIndex = field(init=False)
+    on_lock: Callable[[str], None] | None = None
+
+    def __post_init__(self) -> None:
+        self.layout = CacheLayout(self.settings.cache_dir)
+        self.index = CacheIndex(self.layout, lease_ttl=self.settings.cache_lease_ttl)
+
+    @contextlib.contextmanager
+    def target_lock(
+        self,
+        target_id: str,
+        *,
+        exclusive: bool = True,
+        timeout: float | None = None,
+        blocking: bool = True,
+    ) -> Iterator[None]:
+        with flock(
+            self.layout.lock_path(target_id),
+            exclusive=exclusive,
+            timeout=timeout,
+            blocking=blocking,
+            what=f"target {target_id}",
+        ):
+            if self.on_lock is not None:
+                self.on_lock(target_id)
+            yield
+
+    # -- building entries on disk + in the index ------------------------------------------
+    def add(self, key: str, nbytes: int, *, age: float = 0.0) -> EntryRecord:
+        tid, rest = key.split("/", 1)
+        t = time.time() - age
+        if rest == "workspace":
+            ws = self.layout.shared_workspace(tid)
+            (ws / "src").mkdir(parents=True)
+            (ws / "src" / "main.c").write_bytes(b"x" * nbytes)
+            self.layout.shared_target(tid).write_bytes(b"t")
+            for d in (ws / "src", ws):  # shared workspaces are read-only on disk
+                os.chmod(d / "main.c" if d.name == "src" else d / "src", 0o555)
+            os.chmod(ws / "src" / "main.c", 0o444)
+            os.chmod(ws, 0o555)
+            e = EntryRecord(key, tid, "shared", None, "shared", nbytes, 2, t, t)
+        elif rest == "shared":
+            d = self.layout.cow_shared_workspace(tid)
+            d.mkdir(parents=True)
+            (d / "f").write_bytes(b"x" * nbytes)
+            e = EntryRecord(key, tid, "cow-shared", None, "copy-on-write", nbytes, 1, t, t)
+        else:
+            d = self.layout.run_workspace(tid, rest)
+            d.mkdir(parents=True)
+            (d / "f").write_bytes(b"x" * nbytes)
+            e = EntryRecord(key, tid, "run", rest, "isolated", nbytes, 1, t, t)
+        self.index.publish(e)
+        return e
+
+    def on_disk(self, key: str) -> bool:
+        return (self.layout.root / key).exists()
+
+
+@pytest.fixture
+def make_cache(tmp_path: Path) -> Callable[..., MiniCache]:
+    def make(**env: str) -> MiniCache:
+        base = {"CACHE_DIR": str(tmp_path / "cache"), "STORAGE_DIR": str(tmp_path / "store")}
+        return MiniCache(Settings.from_env({**base, **env}))
+
+    return make
+
+
+def test_ttl_evicts_unleased_entries_not_accessed_for_cache_ttl(make_cache) -> None:
+    c = make_cache(CACHE_TTL="1h")
+    c.add("old/workspace", 100, age=7200)
+    c.add("oldcow/shared", 50, age=7200)
+    c.add("fresh/workspace", 100, age=10)
+    c.add("oldleased/workspace", 100, age=7200)
+    c.index.add_lease(
+        c.index.new_lease("oldleased/workspace#r", "oldleased", "r", ("oldleased/workspace",))
+    )
+    before = metrics.value("forgespace_cache_evictions_total", reason="ttl")
+    report = collect_garbage(c)
+    assert {(p.key, p.reason) for p in report.plan} == {
+        ("old/workspace", "ttl"),
+        ("oldcow/shared", "ttl"),
+    }
+    assert (
+        not c.on_disk("old/workspace") and not c.on_disk("old/target") and not c.on_disk("oldcow")
+    )
+    assert not c.layout.target_dir("old").exists()  # the emptied target dir goes too
+    assert c.on_disk("fresh/workspace") and c.on_disk("oldleased/workspace")
+    assert {e.key for e in c.index.entries()} == {"fresh/workspace", "oldleased/workspace"}
+    assert report.freed_bytes == 150 and report.total_before == 350 and report.total_after == 200
+    assert c.index.counters()["evictions_ttl"] == 2
+    assert metrics.value("forgespace_cache_evictions_total", reason="ttl") == before + 2
+
+
+def test_lru_evicts_least_recently_accessed_until_within_limit(make_cache) -> None:
+    c = make_cache(CACHE_MAX_SIZE="1000")
+    c.add("a/workspace", 400, age=50)  # oldest, but leased
+    c.add("b/workspace", 400, age=40)
+    c.add("c/shared", 400, age=30)
+    c.add("d/workspace", 400, age=20)
+    c.add("e/workspace", 100, age=10)
+    c.index.add_lease(c.index.new_lease("a/workspace#r1", "a", "r1", ("a/workspace",)))
+    report = collect_garbage(c)
+    assert [(p.key, p.reason) for p in report.plan] == [("b/workspace", "lru"), ("c/shared", "lru")]
+    assert report.total_after == 900 <= 1000
+    assert [e.key for e in c.index.entries()] == ["a/workspace", "d/workspace", "e/workspace"]
+    assert not c.on_disk("b") and not c.on_disk("c") and c.on_disk("a/workspace")
+
+
+def test_leases_protect_until_ended_then_the_entry_goes(make_cache) -> None:
+    c = make_cache(CACHE_TTL="1s")
+    c.add("t/workspace", 10, age=5)
+    c.add("t/r1", 10, age=5)
+    c.index.add_lease(c.index.new_lease("t/workspace#r0", "t", "r0", ("t/workspace",)))
+    c.index.add_lease(c.index.new_lease("t/r1", "t", "r1", ("t/r1",)))
+    assert collect_garbage(c).plan == []
+    assert c.on_disk("t/workspace") and c.on_disk("t/r1")
+    c.index.end_any_lease("t/workspace")
+    report = collect_garbage(c)
+    assert [(p.key, p.reason) for p in report.plan] == [("t/workspace", "ttl")]
+    assert not c.on_disk("t/workspace") and c.on_disk("t/r1")
+
+
+def test_run_directory_whose_lease_expired_is_an_orphan(make_cache) -> None:
+    c = make_cache(CACHE_LEASE_TTL="1s")
+    c.add("t/r1", 10)
+    c.add("t/r2", 10)
+    c.index.add_lease(c.index.new_lease("t/r1", "t", "r1", ("t/r1",), now=time.time() - 5))
+    c.index.add_lease(c.index.new_lease("t/r2", "t", "r2", ("t/r2",)))
+    report = collect_garbage(c)
+    assert [(p.key, p.reason) for p in report.plan] == [("t/r1", "orphan")]
+    assert not c.on_disk("t/r1") and c.on_disk("t/r2")
+    assert [le.lease_id for le in c.index.all_leases()] == ["t/r2"]  # expired lease dropped
+
+
+def test_dry_run_deletes_nothing_and_reports_the_plan(make_cache) -> None:
+    c = make_cache(CACHE_TTL="1h", CACHE_MAX_SIZE="150")
+    c.add("old/workspace", 100, age=7200)
+    c.add("b/workspace", 100, age=60)
+    c.add("c/workspace", 100, age=30)
+    (c.layout.trash_dir / "x~1234").mkdir(parents=True)
+    snapshot = sorted(str(p) for p in c.layout.root.rglob("*") if "index" not in p.name)
+    report = collect_garbage(c, dry_run=True)
+    assert report.dry_run
+    assert [(p.key, p.reason, p.bytes) for p in report.plan] == [
+        ("old/workspace", "ttl", 100),
+        ("b/workspace", "lru", 100),
+        (".forgespace/trash/x~1234", "leftover", 0),
+    ]
+    assert report.freed_bytes == 0 and report.total_before == 300 and report.total_after == 100
+    assert sorted(str(p) for p in c.layout.root.rglob("*") if "index" not in p.name) == snapshot
+    assert len(c.index.entries()) == 3
+    assert c.index.counters() == {}
+
+
+def test_busy_target_is_skipped_without_waiting(make_cache) -> None:
+    c = make_cache(CACHE_TTL="1s")
+    c.add("busy/workspace", 10, age=5)
+    c.add("idle/workspace", 10, age=5)
+    ready, release = mp.get_context("fork").Event(), mp.get_context("fork").Event()
+
+    def hold() -> None:  # another process in the middle of a get_target of "busy"
+        with flock(c.layout.lock_path("busy"), exclusive=False):
+            ready.set()
+            release.wait(30)
+
+    p = mp.get_context("fork").Process(target=hold)
+    p.start()
+    try:
+        assert ready.wait(10)
+        t0 = time.monotonic()
+        report = collect_garbage(c)
+        assert time.monotonic() - t0 < 5
+    finally:
+        release.set()
+        p.join(10)
+    assert [(s.key, s.why) for s in report.skipped] == [("busy/workspace", "target busy")]
+    assert [p.key for p in report.evicted] == ["idle/workspace"]
+    assert c.on_disk("busy/workspace") and c.index.get("busy/workspace") is not None
+
+
+def test_lease_taken_after_the_plan_keeps_the_entry(make_cache) -> None:
+    c = make_cache(CACHE_TTL="1s")
+    c.add("t/workspace", 10, age=5)
+
+    def get_target_sneaks_in(tid: str) -> None:
+        # A get_target that finished between our plan and our lock: it leased the entry.
+        c.index.access(
+            "t/workspace",
+            lease=c.index.new_lease("t/workspace#r", tid, "r", ("t/workspace",)),
+            hit=True,
+        )
+
+    c.on_lock = get_target_sneaks_in
+    report = collect_garbage(c)
+    assert [(s.key, s.why) for s in report.skipped] == [("t/workspace", "leased")]
+    assert c.on_disk("t/workspace")
+
+
+def test_access_after_the_plan_keeps_the_entry(make_cache) -> None:
+    c = make_cache(CACHE_MAX_SIZE="10")
+    c.add("t/workspace", 100, age=5)
+    c.on_lock = lambda tid: c.index.access("t/workspace", lease=None, hit=True)
+    report = collect_garbage(c)
+    assert [(s.key, s.why) for s in report.skipped] == [("t/workspace", "accessed since the plan")]
+    assert c.on_disk("t/workspace")
+
+
+def _make_dead_owner(owners: str, out: mp.Queue) -> None:
+    out.put(OwnerToken(Path(owners)).token)
+
+
+def test_leftovers_of_dead_processes_go_live_ones_stay(make_cache) -> None:
+    c = make_cache()
+    owners = c.layout.meta_dir / "owners"
+    q: mp.Queue = mp.get_context("spawn").Queue()
+    p = mp.get_context("spawn").Process(target=_make_dead_owner, args=(str(owners), q))
+    p.start()
+    dead_token = q.get(timeout=60)
+    p.join(30)
+    live_token = OwnerToken.for_dir(owners).token
+    dead = c.layout.tmp_dir / f"t~shared~{dead_token}~abcd1234"
+    live = c.layout.tmp_dir / f"t~shared~{live_token}~abcd1234"
+    for d in (dead, live):
+        (d / "workspace").mkdir(parents=True)
+        (d / "workspace" / "half-extracted").write_bytes(b"y" * 30)
+    os.chmod(dead / "workspace", 0o555)
+    (c.layout.trash_dir / "gone~1").mkdir(parents=True)
+    report = collect_garbage(c)
+    assert {(p.key, p.kind, p.reason, p.bytes) for p in report.evicted} == {
+        (f".forgespace/tmp/{dead.name}", "staging", "leftover", 30),
+        (".forgespace/trash/gone~1", "trash", "leftover", 0),
+    }
+    assert not dead.exists() and live.exists()
+    assert os.listdir(c.layout.trash_dir) == []
+
+
+def test_stale_rows_and_unindexed_run_dirs_are_reconciled(make_cache) -> None:
+    c = make_cache()
+    c.add("t/workspace", 10)
+    c.add("t/r-leased", 10)
+    c.index.add_lease(c.index.new_lease("t/r-leased", "t", "r-leased", ("t/r-leased",)))
+    # a row whose directory is gone (crash between a deletion's rename and its index write)
+    c.index.publish(
+        EntryRecord("gone/workspace", "gone", "shared", None, "shared", 99, 1, 0, time.time())
+    )
+    # a run directory the index does not know, without a lease (its run is gone)
+    (c.layout.run_workspace("t", "r-lost") / "f").parent.mkdir(parents=True)
+    # ...and one that a live run leased but whose publish is not recorded yet
+    c.layout.run_workspace("t", "r-new").mkdir(parents=True)
+    c.index.add_lease(c.index.new_lease("t/r-new", "t", "r-new", ("t/r-new",)))
+    report = collect_garbage(c)
+    assert {(p.key, p.kind, p.reason) for p in report.evicted} == {
+        ("gone/workspace", "stale-row", "orphan"),
+        ("t/r-lost", "run", "orphan"),
+    }
+    assert c.index.get("gone/workspace") is None
+    assert not c.on_disk("t/r-lost") and c.on_disk("t/r-new") and c.on_disk("t/workspace")
+
+
+def test_evicting_a_shared_entry_forgets_its_manifest(make_cache) -> None:
+    from forgespace.cache import manifest as mf
+
+    c = make_cache(CACHE_TTL="1s")
+    c.add("t/workspace", 10, age=5)
+    mf.write_manifest(mf.manifest_path(c.layout.meta_dir, "t", "shared"), [("src/main.c", 10, 1)])
+    collect_garbage(c)
+    assert not mf.manifest_path(c.layout.meta_dir, "t", "shared").exists()
+
+
+def test_plan_reads_only_the_index_and_two_directory_levels(make_cache, monkeypatch) -> None:
+    c = make_cache(CACHE_MAX_SIZE="1")
+    c.add("t/workspace", 10)
+    walked: list[str] = []
+    real_walk = os.walk
+    monkeypatch.setattr(os, "walk", lambda *a, **k: walked.append(str(a[0])) or real_walk(*a, **k))
+    plan, total = plan_eviction(c)
+    assert walked == [] and total == 10 and [p.key for p in plan] == ["t/workspace"]
+
+
+def test_make_room_evicts_other_targets_lru_first(make_cache) -> None:
+    c = make_cache(CACHE_MAX_SIZE="1000")
+    c.add("a/workspace", 300, age=50)
+    c.add("mine/workspace", 300, age=60)  # the target being downloaded: never evicted here
+    c.add("b/workspace", 300, age=40)
+    c.add("l/workspace", 50, age=70)
+    c.index.add_lease(c.index.new_lease("l/workspace#r", "l", "r", ("l/workspace",)))
+    make_room(c, 300, target_id="mine")  # 950 cached + 300 > 1000: "a" must go
+    assert [e.key for e in c.index.entries()] == ["l/workspace", "mine/workspace", "b/workspace"]
+    assert not c.on_disk("a/workspace")
+    make_room(c, 10, target_id="mine")  # fits already: nothing happens
+    assert len(c.index.entries()) == 3
+
+
+def test_make_room_warns_when_leases_prevent_fitting(make_cache, caplog) -> None:
+    c = make_cache(CACHE_MAX_SIZE="100")
+    c.add("l/workspace", 90)
+    c.index.add_lease(c.index.new_lease("l/workspace#r", "l", "r", ("l/workspace",)))
+    with caplog.at_level(logging.WARNING, logger="forgespace.cache.eviction"):
+        make_room(c, 50, target_id="new")
+    (msg,) = [r.getMessage() for r in caplog.records]
+    assert "CACHE_MAX_SIZE=100" in msg and "50 bytes for new" in msg and "1 live lease" in msg
+    assert c.on_disk("l/workspace")
+
+
+def test_make_room_refuses_what_the_disk_cannot_hold(make_cache) -> None:
+    c = make_cache(CACHE_MAX_SIZE="100")
+    with pytest.raises(CacheFullError) as info:
+        make_room(c, 1 << 60, target_id="huge")
+    assert info.value.errno == errno.ENOSPC
+    assert "huge" in str(info.value) and "CACHE_MAX_SIZE=100" in str(info.value)
