@@ -1,0 +1,131 @@
+"""`forgespace worker`, `forgespace run`, `forgespace workflows`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from forgespace.cli.app import app, err_console, load_settings
+
+WorkflowsDirs = Annotated[
+    list[Path] | None,
+    typer.Option("--workflows-dir", help="Another folder of workflow packages (repeatable)."),
+]
+Bundled = Annotated[
+    bool, typer.Option("--bundled/--no-bundled", help="Include the bundled workflows.")
+]
+TaskQueue = Annotated[str, typer.Option("--task-queue", help="The shared task queue.")]
+
+
+@app.command()
+def worker(
+    task_queue: TaskQueue = "forgespace",
+    workflows_dir: WorkflowsDirs = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port", help="Serve Prometheus metrics on this port (off when unset)."
+        ),
+    ] = None,
+    bundled: Bundled = True,
+) -> None:
+    """Serve workflows and activities until SIGTERM/SIGINT.
+
+    Connects to TEMPORAL_ADDRESS / TEMPORAL_NAMESPACE; an unset address starts an embedded
+    dev server."""
+    from forgespace.temporal.worker import serve
+
+    settings = load_settings()
+    asyncio.run(
+        serve(
+            settings,
+            task_queue=task_queue,
+            workflows_dirs=workflows_dir or [],
+            bundled=bundled,
+            metrics_port=metrics_port,
+        )
+    )
+
+
+@app.command()
+def workflows(
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list on stdout.")] = False,
+    workflows_dir: WorkflowsDirs = None,
+    bundled: Bundled = True,
+) -> None:
+    """List the discovered workflows with their workspace isolation modes."""
+    from rich.table import Table
+
+    from forgespace.cli.app import out_console
+    from forgespace.temporal.discovery import discover
+
+    packages = discover(workflows_dir or [], bundled=bundled, load=False)
+    if as_json:
+        print(json.dumps([p.summary() for p in packages], indent=2))
+        return
+    columns = ("name", "version", "vertical", "workspace_isolation", "description")
+    table = Table(title="workflows")
+    for col in columns:
+        table.add_column(col)
+    for p in packages:
+        s = p.summary()
+        table.add_row(*(s[c] for c in columns))
+    out_console.print(table)
+
+
+@app.command()
+def run(
+    workflow: Annotated[str, typer.Argument(help="Workflow name (see `forgespace workflows`).")],
+    path: Annotated[Path, typer.Argument(help="The target: a directory, an archive or a file.")],
+    runs: Annotated[int, typer.Option("--runs", min=1, help="Concurrent runs.")] = 1,
+    isolation: Annotated[
+        str | None,
+        typer.Option("--isolation", help="Override metadata.yaml's workspace_isolation."),
+    ] = None,
+    param: Annotated[
+        list[str] | None,
+        typer.Option("--param", help="KEY=VALUE workflow parameter (repeatable)."),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the report as one JSON object on stdout.")
+    ] = False,
+    sarif: Annotated[
+        Path | None,
+        typer.Option(
+            "--sarif",
+            help="Write each run's SARIF here (several runs: STEM-RUN_ID.SUFFIX next to it).",
+        ),
+    ] = None,
+    task_queue: TaskQueue = "forgespace",
+    workflows_dir: WorkflowsDirs = None,
+    bundled: Bundled = True,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Seconds each run may take before it is ended.")
+    ] = 7200.0,
+) -> None:
+    """Upload PATH and run WORKFLOW on it N times at once; summary per run and cache figures."""
+    from forgespace.temporal.runner import RunJob, parse_params, run_job
+
+    settings = load_settings()
+    job = RunJob(
+        workflow=workflow,
+        path=path,
+        runs=runs,
+        isolation=isolation,
+        params=parse_params(param or []),
+        task_queue=task_queue,
+        workflows_dirs=workflows_dir or [],
+        bundled=bundled,
+        timeout=timedelta(seconds=timeout),
+        sarif=sarif,
+    )
+    report = asyncio.run(run_job(settings, job, console=err_console))
+    if as_json:
+        print(json.dumps(report, indent=2, default=str))
+    if any(r["status"] != "completed" for r in report["runs"]):
+        raise typer.Exit(1)

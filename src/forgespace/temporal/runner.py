@@ -1,0 +1,385 @@
+"""The main job behind `forgespace run`: upload a target, run N workflow runs, report.
+
+Without TEMPORAL_ADDRESS it starts the embedded dev server and an in-process worker; with it,
+it only submits the runs and waits for the cluster's workers. Progress (including heartbeat
+details of running activities) goes to stderr; the report is a plain dict of the contract's
+``--json`` shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from forgespace.config import Settings
+from forgespace.errors import ForgespaceError
+from forgespace.temporal.api import MEMO_KEY, WorkflowRequest
+from forgespace.temporal.discovery import discover, find_package, resolve_mode
+from forgespace.temporal.worker import DEFAULT_TASK_QUEUE, WorkerInfo, connect, run_worker
+
+if TYPE_CHECKING:
+    from temporalio.client import Client, WorkflowHandle
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RUN_TIMEOUT = timedelta(hours=2)
+POLL_INTERVAL = 1.0
+WORKER_READY_TIMEOUT = 60.0
+
+
+class RunInputError(ForgespaceError, ValueError):
+    """`forgespace run` was given something it cannot use (path, --param, --runs)."""
+
+
+def parse_params(items: Sequence[str]) -> dict[str, Any]:
+    """``k=v`` pairs; a value that parses as JSON (numbers, true/false, lists) is taken as such."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise RunInputError(f"invalid --param {item!r}: expected KEY=VALUE")
+        try:
+            value: Any = json.loads(raw)
+        except ValueError:
+            value = raw
+        out[key.strip()] = value
+    return out
+
+
+def sarif_paths(base: Path, run_ids: Sequence[str]) -> list[Path]:
+    """Where each run's SARIF goes: ``base`` for one run, ``{stem}-{run_id}{suffix}`` for more."""
+    if len(run_ids) == 1:
+        return [base]
+    suffix = base.suffix or ".sarif"
+    return [base.with_name(f"{base.stem}-{rid}{suffix}") for rid in run_ids]
+
+
+@dataclass
+class RunState:
+    """What the runner knows of one run while it goes."""
+
+    run_id: str
+    workflow_id: str
+    status: str = "starting"
+    step: str = ""
+    details: str = ""
+    workspace: str = ""
+    downloaded: bool | None = None
+    findings: int = 0
+    error: str | None = None
+    result: dict[str, Any] = field(default_factory=dict)
+    done: bool = False
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "status": self.status,
+            "workspace": self.workspace,
+            "findings": self.findings,
+            "error": self.error,
+            "result": self.result,
+        }
+
+
+def _failure_message(exc: BaseException) -> str:
+    """The innermost useful message of a workflow failure chain (type: message)."""
+    parts: list[str] = []
+    cur: BaseException | None = exc
+    seen = 0
+    while cur is not None and seen < 8:
+        typ = getattr(cur, "type", None)
+        msg = getattr(cur, "message", None) or str(cur)
+        parts.append(f"{typ}: {msg}" if typ else f"{type(cur).__name__}: {msg}")
+        cur = cur.__cause__ or getattr(cur, "cause", None)
+        seen += 1
+    return parts[-1] if parts else str(exc)
+
+
+def _compact(details: Any, width: int = 80) -> str:
+    if isinstance(details, dict):
+        text = " ".join(f"{k}={v}" for k, v in details.items())
+    else:
+        text = str(details)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+async def _poll(client: Client, handle: WorkflowHandle[Any, Any], state: RunState) -> None:
+    """Refresh ``state`` from describe(): status, running activity and heartbeat details."""
+    with contextlib.suppress(Exception):
+        desc = await handle.describe()
+        memo = await desc.memo()
+        ws = memo.get(MEMO_KEY) if isinstance(memo, dict) else None
+        if isinstance(ws, dict):
+            state.workspace = state.workspace or str(ws.get("path", ""))
+            state.downloaded = bool(ws.get("downloaded"))
+        if state.done:
+            return
+        state.status = desc.status.name.lower() if desc.status else "unknown"
+        pending = list(desc.raw_description.pending_activities)
+        if not pending:
+            state.step, state.details = "", ""
+            return
+        pa = pending[-1]
+        state.step = pa.activity_type.name + (f" (attempt {pa.attempt})" if pa.attempt > 1 else "")
+        state.details = ""
+        if pa.heartbeat_details.payloads:
+            values = await client.data_converter.decode(pa.heartbeat_details.payloads)
+            if values:
+                state.details = _compact(values[-1])
+
+
+def _table(states: Sequence[RunState], title: str, final: bool = False) -> Table:
+    table = Table(title=title, title_justify="left", expand=False)
+    table.add_column("run")
+    table.add_column("status")
+    if final:
+        table.add_column("findings", justify="right")
+        table.add_column("workspace")
+        table.add_column("error")
+    else:
+        table.add_column("step")
+        table.add_column("progress")
+        table.add_column("workspace")
+    for s in states:
+        color = {"completed": "green", "failed": "red"}.get(s.status, "yellow")
+        status = Text(s.status, style=color)
+        if final:
+            table.add_row(s.run_id, status, str(s.findings), s.workspace, s.error or "")
+        else:
+            table.add_row(s.run_id, status, s.step, s.details, s.workspace)
+    return table
+
+
+@dataclass
+class RunJob:
+    """One `forgespace run` invocation."""
+
+    workflow: str
+    path: Path
+    runs: int = 1
+    isolation: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    task_queue: str = DEFAULT_TASK_QUEUE
+    workflows_dirs: Sequence[str | Path] = ()
+    bundled: bool = True
+    timeout: timedelta = DEFAULT_RUN_TIMEOUT
+    sarif: Path | None = None
+
+
+async def _wait_result(handle: WorkflowHandle[Any, Any], state: RunState) -> None:
+    from temporalio.client import WorkflowFailureError
+
+    try:
+        result = await handle.result()
+    except WorkflowFailureError as exc:
+        state.status = "failed"
+        state.error = _failure_message(exc.cause if exc.cause is not None else exc)
+    except Exception as exc:
+        state.status = "failed"
+        state.error = f"{type(exc).__name__}: {exc}"
+    else:
+        state.status = "completed"
+        if isinstance(result, dict):
+            state.findings = int(result.get("findings") or 0)
+            state.workspace = str(result.get("workspace") or state.workspace)
+            inner = result.get("result")
+            state.result = inner if isinstance(inner, dict) else {"value": inner}
+        else:
+            state.result = {"value": result}
+    finally:
+        state.done = True
+
+
+async def _submit_and_wait(
+    client: Client,
+    job: JobPlan,
+    console: Console,
+) -> list[RunState]:
+    states: list[RunState] = []
+    handles: list[WorkflowHandle[Any, Any]] = []
+    for i in range(job.runs):
+        run_id = f"r{i + 1}-{uuid.uuid4().hex[:10]}"
+        wid = f"{job.workflow}-{job.target_id}-{run_id}"
+        request = WorkflowRequest(
+            target_id=job.target_id,
+            run_id=run_id,
+            workspace_isolation=job.mode,
+            parameters=dict(job.parameters),
+        )
+        handle = await client.start_workflow(
+            job.workflow,
+            request,
+            id=wid,
+            task_queue=job.task_queue,
+            execution_timeout=job.timeout,
+        )
+        handles.append(handle)
+        states.append(RunState(run_id=run_id, workflow_id=wid, status="running"))
+    waiters = [
+        asyncio.create_task(_wait_result(h, s)) for h, s in zip(handles, states, strict=True)
+    ]
+    title = f"{job.workflow} on {job.target_id} ({job.mode}, {job.runs} runs)"
+    started = time.monotonic()
+    with Live(_table(states, title), console=console, auto_refresh=False, transient=True) as live:
+        while not all(w.done() for w in waiters):
+            await asyncio.wait(waiters, timeout=POLL_INTERVAL)
+            await asyncio.gather(
+                *(_poll(client, h, s) for h, s in zip(handles, states, strict=True))
+            )
+            elapsed = time.monotonic() - started
+            live.update(_table(states, f"{title} — {elapsed:.0f}s"), refresh=True)
+    # Final memo read: workspace path and download flag of runs that finished between polls.
+    await asyncio.gather(*(_poll(client, h, s) for h, s in zip(handles, states, strict=True)))
+    return states
+
+
+@dataclass
+class JobPlan:
+    workflow: str
+    target_id: str
+    mode: str
+    parameters: dict[str, Any]
+    runs: int
+    task_queue: str
+    timeout: timedelta
+
+
+async def run_job(
+    settings: Settings, job: RunJob, *, console: Console | None = None
+) -> dict[str, Any]:
+    """Run ``job`` and return the report (the contract's ``--json`` object)."""
+    from forgespace.storage import open_store
+    from forgespace.temporal.devserver import DevServer
+
+    console = console or Console(stderr=True)
+    if job.runs < 1:
+        raise RunInputError(f"invalid --runs {job.runs}: expected 1 or more")
+    if not job.path.exists():
+        raise RunInputError(f"target path {job.path} does not exist")
+    packages = discover(job.workflows_dirs, bundled=job.bundled, load=False)
+    pkg = find_package(packages, job.workflow)
+    params = dict(job.params)
+    override = job.isolation
+    source = "--isolation"
+    param_mode = params.pop("workspace_isolation", None)
+    if override is None and param_mode is not None:
+        override, source = str(param_mode), "parameter workspace_isolation"
+    mode = resolve_mode(pkg.workspace_isolation, override, workflow=pkg.name, source=source)
+    parameters = {**pkg.metadata.default_parameters, **params}
+
+    store = open_store(settings)
+    console.print(f"uploading {job.path} to the {store.display_name} ...", highlight=False)
+    target_id = await asyncio.to_thread(store.upload_target, job.path)
+    console.print(f"target id {target_id}", highlight=False)
+    plan = JobPlan(
+        workflow=pkg.name,
+        target_id=target_id,
+        mode=mode,
+        parameters=parameters,
+        runs=job.runs,
+        task_queue=job.task_queue,
+        timeout=job.timeout,
+    )
+
+    server: DevServer | None = None
+    worker_task: asyncio.Task[None] | None = None
+    stop = asyncio.Event()
+    try:
+        address = settings.temporal_address
+        if not address:
+            server = DevServer()
+            await asyncio.to_thread(server.start)
+            address = server.address
+            console.print(f"embedded Temporal dev server at {address}", highlight=False)
+        client = await connect(address, settings.temporal_namespace)
+        if server is not None:
+            loaded = discover(job.workflows_dirs, bundled=job.bundled, load=True)
+            ready = asyncio.Event()
+            infos: list[WorkerInfo] = []
+
+            def on_ready(info: WorkerInfo) -> None:
+                infos.append(info)
+                ready.set()
+
+            worker_task = asyncio.create_task(
+                run_worker(
+                    settings,
+                    client,
+                    task_queue=job.task_queue,
+                    packages=loaded,
+                    stop=stop,
+                    on_ready=on_ready,
+                    sweep=False,
+                )
+            )
+            ready_wait = asyncio.create_task(ready.wait())
+            done, _ = await asyncio.wait(
+                {worker_task, ready_wait},
+                timeout=WORKER_READY_TIMEOUT,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if worker_task in done:
+                ready_wait.cancel()
+                worker_task.result()  # raises the worker's start-up error
+            if not ready.is_set():
+                ready_wait.cancel()
+                raise ForgespaceError(
+                    f"in-process worker not ready after {WORKER_READY_TIMEOUT:.0f}s "
+                    f"(task queue {job.task_queue}, Temporal {address})"
+                )
+        states = await _submit_and_wait(client, plan, console)
+    finally:
+        stop.set()
+        if worker_task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(worker_task, timeout=30)
+        if server is not None:
+            await asyncio.to_thread(server.stop)
+
+    downloads = sum(1 for s in states if s.downloaded is True)
+    hits = sum(1 for s in states if s.downloaded is False)
+    report = {
+        "workflow": pkg.name,
+        "target_id": target_id,
+        "workspace_isolation": mode,
+        "runs": [s.report() for s in states],
+        "cache": {"downloads": downloads, "hits": hits},
+    }
+    console.print(_table(states, f"{pkg.name} on {target_id} ({mode})", final=True))
+    console.print(
+        f"cache: {len(states)} runs, {downloads} download(s), {hits} served from the cache",
+        highlight=False,
+    )
+    if job.sarif is not None:
+        write_sarif(report, job.sarif, console)
+    return report
+
+
+def write_sarif(report: dict[str, Any], base: Path, console: Console) -> list[Path]:
+    """Write each run's ``result["sarif"]``; see ``sarif_paths`` for the file names."""
+    runs = report["runs"]
+    written: list[Path] = []
+    for run, path in zip(runs, sarif_paths(base, [r["run_id"] for r in runs]), strict=True):
+        sarif = (run.get("result") or {}).get("sarif")
+        if sarif is None:
+            console.print(f"run {run['run_id']}: no SARIF in its result", highlight=False)
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(sarif, indent=2) + "\n", encoding="utf-8")
+        written.append(path)
+        console.print(f"SARIF of run {run['run_id']} written to {path}", highlight=False)
+    return written

@@ -1,0 +1,253 @@
+"""The forgespace worker: two Temporal workers in one process, the cache sweep and metrics.
+
+- the *shared* worker polls the task queue every worker host polls (``--task-queue``, default
+  ``forgespace``): it runs workflow tasks and the first activity, which tells a workflow this
+  host's queue;
+- the *host* worker polls this host's own queue (``host_task_queue``): get_target, the
+  workflows' activities and cleanup_cache run there, next to the workspace on disk.
+
+Both register every activity (storage activities plus the packages' ACTIVITIES), so
+FuzzForge-style workflows that call ``get_target`` on the default queue still work on a single
+host. Connection: TEMPORAL_ADDRESS / TEMPORAL_NAMESPACE (unset address = an embedded dev server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from forgespace.config import Settings
+from forgespace.errors import WorkflowMetadataError
+from forgespace.temporal.activities import CacheActivities, host_task_queue
+from forgespace.temporal.discovery import WorkflowPackage, discover
+
+if TYPE_CHECKING:
+    from temporalio.client import Client
+
+    from forgespace.cache.workspace import WorkspaceCache
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TASK_QUEUE = "forgespace"
+GRACEFUL_SHUTDOWN = timedelta(seconds=10)
+# Heartbeat details reach the server at most this long after an activity reports them, so
+# `forgespace run` shows live progress (the SDK's default throttle is 30-60 s).
+HEARTBEAT_THROTTLE = timedelta(seconds=2)
+
+
+@dataclass
+class WorkerInfo:
+    """What a started worker serves (printed at start-up; used by the runner and tests)."""
+
+    task_queue: str
+    host_queue: str
+    host: str
+    address: str
+    namespace: str
+    workflows: list[str] = field(default_factory=list)
+    metrics_port: int | None = None
+
+
+async def connect(address: str, namespace: str) -> Client:
+    """A Temporal client; the error names the address when the server cannot be reached."""
+    from temporalio.client import Client
+
+    from forgespace.temporal.devserver import DevServerError
+
+    try:
+        return await asyncio.wait_for(Client.connect(address, namespace=namespace), timeout=30)
+    except Exception as exc:
+        raise DevServerError(
+            f"cannot connect to Temporal at {address} (namespace {namespace}): {exc}"
+        ) from exc
+
+
+async def _sweep_loop(cache: WorkspaceCache, interval: float, stop: asyncio.Event) -> None:
+    """The periodic cache sweep (TTL + LRU) every CACHE_CLEANUP_INTERVAL, first at start-up."""
+    loop = asyncio.get_running_loop()
+    warned = False
+    while not stop.is_set():
+        try:
+            report = await loop.run_in_executor(None, cache.gc)
+            freed = getattr(report, "freed_bytes", None)
+            plan = getattr(report, "plan", None) or []
+            log.info("cache sweep: %d entries evicted, %s bytes freed", len(plan), freed)
+        except (ImportError, AttributeError, NotImplementedError) as exc:
+            # The eviction module may not be installed in this build yet.
+            if not warned:
+                log.warning("cache sweep unavailable: %s", exc)
+                warned = True
+        except Exception:
+            log.exception("cache sweep failed (will retry in %.0fs)", interval)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=max(interval, 1.0))
+
+
+def _start_metrics(port: int) -> int | None:
+    try:
+        from forgespace.cache.metrics import start_metrics_server
+    except ImportError as exc:
+        log.warning("Prometheus metrics unavailable (%s)", exc)
+        return None
+    result = start_metrics_server(port)
+    actual = result if isinstance(result, int) and result > 0 else port
+    log.info("Prometheus metrics on :%d/metrics", actual)
+    return actual
+
+
+def _collect_activities(storage: list[Any], packages: list[WorkflowPackage]) -> list[Any]:
+    """Every activity once; two different functions under one name is a package error."""
+    by_name: dict[str, tuple[Any, str]] = {}
+    for a in storage:
+        by_name[a.__temporal_activity_definition.name] = (a, "forgespace")
+    for pkg in packages:
+        for a in pkg.activities:
+            name = a.__temporal_activity_definition.name
+            seen = by_name.get(name)
+            if seen is None:
+                by_name[name] = (a, pkg.name)
+            elif seen[0] is not a:
+                raise WorkflowMetadataError(
+                    f"activity name {name!r} is defined twice: by {seen[1]} and by "
+                    f"{pkg.name} ({pkg.directory / 'activities.py'})"
+                )
+    return [a for a, _ in by_name.values()]
+
+
+async def run_worker(
+    settings: Settings,
+    client: Client,
+    *,
+    task_queue: str = DEFAULT_TASK_QUEUE,
+    workflows_dirs: Sequence[str | Path] = (),
+    bundled: bool = True,
+    packages: list[WorkflowPackage] | None = None,
+    metrics_port: int | None = None,
+    stop: asyncio.Event | None = None,
+    on_ready: Callable[[WorkerInfo], None] | None = None,
+    cache: WorkspaceCache | None = None,
+    sweep: bool = True,
+) -> None:
+    """Serve until ``stop`` is set, then shut down gracefully (in-flight activities finish
+    within GRACEFUL_SHUTDOWN). Raises WorkflowMetadataError before polling anything when a
+    package is invalid."""
+    from temporalio.worker import Worker
+
+    from forgespace.cache.workspace import WorkspaceCache
+
+    if packages is None:
+        packages = discover(workflows_dirs, bundled=bundled, load=True)
+    cache = cache or WorkspaceCache(settings)
+    host = socket.gethostname()
+    host_queue = host_task_queue(task_queue, settings.cache_dir, host)
+    executor = ThreadPoolExecutor(max_workers=64, thread_name_prefix="forgespace-activity")
+    storage = CacheActivities(cache, host_queue=host_queue, host=host, executor=executor)
+    activities = _collect_activities(storage.activities(), packages)
+    workflows = [p.workflow for p in packages if p.workflow is not None]
+    common: dict[str, Any] = {
+        "activities": activities,
+        "activity_executor": executor,
+        "graceful_shutdown_timeout": GRACEFUL_SHUTDOWN,
+        "max_heartbeat_throttle_interval": HEARTBEAT_THROTTLE,
+        "default_heartbeat_throttle_interval": HEARTBEAT_THROTTLE,
+    }
+    shared_worker = Worker(client, task_queue=task_queue, workflows=workflows, **common)
+    host_worker = Worker(client, task_queue=host_queue, **common)
+    stop = stop or asyncio.Event()
+    port = _start_metrics(metrics_port) if metrics_port is not None else None
+    info = WorkerInfo(
+        task_queue=task_queue,
+        host_queue=host_queue,
+        host=host,
+        address=client.service_client.config.target_host,
+        namespace=client.namespace,
+        workflows=[p.name for p in packages],
+        metrics_port=port,
+    )
+    sweeper: asyncio.Task[None] | None = None
+    try:
+        async with shared_worker, host_worker:
+            if sweep:
+                sweeper = asyncio.create_task(
+                    _sweep_loop(cache, settings.cache_cleanup_interval, stop)
+                )
+            if on_ready is not None:
+                on_ready(info)
+            await stop.wait()
+            log.info("worker shutting down (in-flight activities get %s)", GRACEFUL_SHUTDOWN)
+    finally:
+        stop.set()
+        if sweeper is not None:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+        executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _print_ready(info: WorkerInfo) -> None:
+    import sys
+
+    print(
+        f"forgespace worker ready: task queue {info.task_queue}, host queue {info.host_queue}, "
+        f"Temporal {info.address} ({info.namespace}), "
+        f"workflows: {', '.join(info.workflows) or 'none'}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+async def serve(
+    settings: Settings,
+    *,
+    task_queue: str = DEFAULT_TASK_QUEUE,
+    workflows_dirs: Sequence[str | Path] = (),
+    bundled: bool = True,
+    metrics_port: int | None = None,
+) -> None:
+    """`forgespace worker`: validate packages, connect (or start the embedded dev server),
+    serve until SIGTERM/SIGINT."""
+    from forgespace.temporal.devserver import DevServer
+
+    # Invalid metadata stops start-up before anything connects or polls.
+    packages = discover(workflows_dirs, bundled=bundled, load=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    server: DevServer | None = None
+    address = settings.temporal_address
+    try:
+        if not address:
+            server = DevServer()
+            await asyncio.to_thread(server.start)
+            address = server.address
+            log.warning(
+                "TEMPORAL_ADDRESS is unset: started an embedded Temporal dev server at %s "
+                "(point `forgespace run` at it with TEMPORAL_ADDRESS=%s)",
+                address,
+                address,
+            )
+        client = await connect(address, settings.temporal_namespace)
+        await run_worker(
+            settings,
+            client,
+            task_queue=task_queue,
+            packages=packages,
+            metrics_port=metrics_port,
+            stop=stop,
+            on_ready=_print_ready,
+        )
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        if server is not None:
+            await asyncio.to_thread(server.stop)
