@@ -1,0 +1,691 @@
+"""Safe, fast extraction of tar (plain, gz, bz2, xz) and zip archives, detected by content.
+
+Safety rules (every one is checked per member, cheaply, instead of tarfile's generic ``data``
+filter which costs ~60 us per member):
+
+- names: absolute paths, ``..`` components, empty names and NUL bytes are refused;
+- links: symlinks whose target is absolute or resolves (from the link's directory) outside the
+  destination are refused, hard links must point at an earlier regular file of the archive; after
+  extraction every symlink is resolved once more by the kernel's rules (``realpath``) so chains of
+  links that only escape together are refused too;
+- no member is ever written *through* a symlink: created symlinks are tracked and a member whose
+  parent path contains one is refused (the classic ``link -> /tmp`` then ``link/evil``); files are
+  opened with ``O_EXCL | O_NOFOLLOW`` and a duplicate member unlinks the earlier one first;
+- device, fifo, socket and unknown members are refused;
+- the total size is counted as bytes are *written* (a member is also refused up front when its
+  header already claims more than what is left); zip members are never inflated past their
+  declared size;
+- setuid/setgid/sticky bits are dropped, permission bits and mtimes kept, ownership never
+  restored; directory modes are applied at the end so read-only directories do not block
+  extraction.
+
+Any refusal raises :class:`UnsafeArchiveError`, a corrupt or truncated archive
+:class:`IntegrityError`, a full disk :class:`CacheFullError`; in every case the destination
+directory is removed before the error propagates.
+"""
+
+from __future__ import annotations
+
+import bz2
+import errno
+import io
+import logging
+import lzma
+import os
+import shutil
+import stat
+import struct
+import tarfile
+import time
+import zipfile
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import IO, Literal
+
+from isal import igzip, igzip_threaded, isal_zlib
+
+from forgespace.errors import CacheFullError, IntegrityError, UnsafeArchiveError
+
+__all__ = ["ArchiveKind", "ExtractStats", "detect_archive", "extract_archive"]
+
+log = logging.getLogger(__name__)
+
+ArchiveKind = Literal["tar", "zip"]
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_BZ2_MAGIC = b"BZh"
+_XZ_MAGIC = b"\xfd7zXZ\x00"
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
+_BLOCK = 512
+_CHUNK = 1 << 20
+# A tar made of zero blocks only (an empty archive) is recognised when it is this small at most.
+_EMPTY_TAR_LIMIT = 64 * 1024
+# After the tar end marker, drain at most this much of a compressed stream so its CRC is checked.
+_DRAIN_LIMIT = 1 << 20
+_MAX_ZIP_SYMLINK = 4096
+_OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, lzma.LZMAError, isal_zlib.error)
+_MEMBER_ERRNOS = {
+    errno.ENAMETOOLONG,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.EEXIST,
+    errno.ELOOP,
+    errno.EMLINK,
+    errno.EINVAL,
+}
+
+
+@dataclass(frozen=True)
+class ExtractStats:
+    """What an extraction wrote.
+
+    ``manifest`` holds ``(relative path, size, mtime_ns)`` of every regular file, collected while
+    writing (hard links included, each under its own path).
+    """
+
+    files: int
+    dirs: int
+    bytes: int
+    manifest: tuple[tuple[str, int, int], ...]
+
+
+# --------------------------------------------------------------------------------------------
+# Detection
+
+
+def _compression(head: bytes) -> str | None:
+    if head.startswith(_GZIP_MAGIC):
+        return "gz"
+    if head.startswith(_BZ2_MAGIC) and head[3:4].isdigit():
+        return "bz2"
+    if head.startswith(_XZ_MAGIC):
+        return "xz"
+    return None
+
+
+def _open_stream(path: str, compression: str | None, *, threaded: bool) -> IO[bytes]:
+    if compression == "gz":
+        if threaded:
+            # Inflating in a worker thread (isal releases the GIL) overlaps with our writes.
+            return igzip_threaded.open(path, "rb", threads=1)  # type: ignore[no-any-return]
+        return igzip.open(path, "rb")  # type: ignore[no-any-return]
+    if compression == "bz2":
+        return bz2.open(path, "rb")
+    if compression == "xz":
+        return lzma.open(path, "rb")
+    return open(path, "rb", buffering=_CHUNK)
+
+
+def _is_tar_header(block: bytes) -> bool:
+    """True when ``block`` is a tar header with a valid checksum (ustar, GNU, pax or v7)."""
+    if len(block) < _BLOCK:
+        return False
+    field = block[148:156].split(b"\0", 1)[0].strip()
+    try:
+        recorded = int(field, 8)
+    except ValueError:
+        return False
+    unsigned = sum(block[:148]) + 256 + sum(block[156:_BLOCK])
+    if recorded == unsigned:
+        return True
+    signed = sum(struct.unpack("148b", block[:148])) + 256
+    signed += sum(struct.unpack("356b", block[156:_BLOCK]))
+    return recorded == signed
+
+
+def _is_empty_tar(stream: IO[bytes], first: bytes) -> bool:
+    """An archive of zero blocks only (``tar -cf x.tar -T /dev/null``), kept small on purpose so a
+    zero-filled disk image is not mistaken for one."""
+    rest = stream.read(_EMPTY_TAR_LIMIT + 1 - len(first))
+    data = first + rest
+    return (
+        len(data) <= _EMPTY_TAR_LIMIT
+        and len(data) >= 2 * _BLOCK
+        and len(data) % _BLOCK == 0
+        and not data.strip(b"\0")
+    )
+
+
+def detect_archive(path: str | os.PathLike[str]) -> ArchiveKind | None:
+    """Tell what ``path`` holds by its content, never its name.
+
+    Returns ``"zip"`` for a zip archive, ``"tar"`` for a tar archive that is plain or compressed
+    with gzip, bzip2 or xz, and ``None`` for anything else — including a gzip/bzip2/xz stream
+    whose content is not a tar, which is then a single-file target.
+    """
+    p = os.fspath(path)
+    try:
+        with open(p, "rb") as f:
+            head = f.read(_BLOCK)
+    except IsADirectoryError:
+        return None
+    if head.startswith(_ZIP_MAGICS):
+        return "zip"
+    compression = _compression(head)
+    try:
+        with _open_stream(p, compression, threaded=False) as stream:
+            block = stream.read(_BLOCK)
+            if _is_tar_header(block):
+                return "tar"
+            if len(block) == _BLOCK and not block.strip(b"\0") and _is_empty_tar(stream, block):
+                return "tar"
+    except _READ_ERRORS:
+        # A damaged compressed stream is not something we can extract: keep it as a file.
+        return None
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Extraction
+
+
+def _current_umask() -> int:
+    # Read without changing it: os.umask() would race with other threads creating files.
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
+def _norm(name: str, what: str) -> str:
+    """Normalise an archive member name to a relative path ("" is the root) or refuse it."""
+    if not name:
+        raise UnsafeArchiveError(f"{what} has an empty name")
+    if "\0" in name:
+        raise UnsafeArchiveError(f"{what} {name!r} contains a NUL byte")
+    if name[0] == "/":
+        raise UnsafeArchiveError(
+            f"{what} {name!r} is an absolute path; only relative paths are accepted"
+        )
+    parts = name.split("/")
+    if ".." in parts:
+        raise UnsafeArchiveError(f"{what} {name!r} contains a '..' component")
+    if "" in parts or "." in parts:
+        parts = [p for p in parts if p and p != "."]
+    return "/".join(parts)
+
+
+def _mtime_ns(mtime: float) -> int | None:
+    ns = mtime * 1_000_000_000 if isinstance(mtime, int) else round(mtime * 1e9)
+    # Out-of-range header values are ignored rather than refused: they cannot escape anything.
+    return int(ns) if -(2**62) < ns < 2**62 else None
+
+
+class _Reader:
+    """Position-tracking, forward-only view of a decompressed stream (tarfile wants tell/seek).
+
+    Read errors of the underlying stream (corrupt or truncated data) become IntegrityError.
+    """
+
+    __slots__ = ("_f", "_src", "last_len", "last_zero", "pos")
+
+    def __init__(self, f: IO[bytes], src: str) -> None:
+        self._f = f
+        self._src = src
+        self.pos = 0
+        self.last_len = -1
+        self.last_zero = False
+
+    def _fail(self, exc: BaseException) -> IntegrityError:
+        return IntegrityError(
+            f"archive {self._src} is corrupt or truncated near byte {self.pos}: {exc}"
+        )
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            b = self._f.read(n)
+        except _READ_ERRORS as e:
+            raise self._fail(e) from e
+        self.pos += len(b)
+        self.last_len = len(b)
+        if n == _BLOCK:
+            self.last_zero = len(b) == _BLOCK and not b.strip(b"\0")
+        return b
+
+    def readinto(self, buf: memoryview) -> int:
+        try:
+            n = self._f.readinto(buf)  # type: ignore[attr-defined]
+        except _READ_ERRORS as e:
+            raise self._fail(e) from e
+        self.pos += n
+        self.last_len = n
+        return int(n)
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence == 1:
+            offset += self.pos
+        elif whence != 0:
+            raise io.UnsupportedOperation("seek from end")
+        if offset < self.pos:
+            raise io.UnsupportedOperation("backward seek in a stream")
+        while self.pos < offset:
+            if not self.read(min(_CHUNK, offset - self.pos)):
+                break
+        return self.pos
+
+
+def _write_all(fd: int, data: memoryview | bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+class _Extractor:
+    """Writes members into a fresh directory, tracking what it created so that nothing is ever
+    written through a symlink and duplicates replace earlier entries without following links."""
+
+    def __init__(self, src: str, dest: str, max_bytes: int) -> None:
+        self.src = src
+        self.dest = dest
+        self.max_bytes = max_bytes
+        self.written = 0
+        self.umask = _current_umask()
+        self.dfd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.known_dirs: set[str] = {""}
+        self.symlinks: dict[str, str] = {}
+        self.files: dict[str, tuple[int, int]] = {}
+        self.dir_meta: dict[str, tuple[int, int | None]] = {}
+        self.ndirs = 0
+        self.member = ""
+
+    def close(self) -> None:
+        if self.dfd >= 0:
+            os.close(self.dfd)
+            self.dfd = -1
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _unsafe(self, why: str) -> UnsafeArchiveError:
+        return UnsafeArchiveError(f"archive {self.src}: member {self.member!r} {why}")
+
+    def _parent(self, rel: str) -> None:
+        """Make sure every parent of ``rel`` is a real directory we created; refuse symlinks."""
+        i = rel.rfind("/")
+        if i < 0 or rel[:i] in self.known_dirs:
+            return
+        cur = ""
+        for part in rel[:i].split("/"):
+            cur = f"{cur}/{part}" if cur else part
+            if cur in self.known_dirs:
+                continue
+            if cur in self.symlinks:
+                raise self._unsafe(f"would be written through the symlink {cur!r}")
+            if cur in self.files:
+                raise self._unsafe(f"needs a directory where the archive put a file ({cur!r})")
+            os.mkdir(cur, 0o755, dir_fd=self.dfd)
+            self.known_dirs.add(cur)
+            self.ndirs += 1
+
+    def _clear(self, rel: str) -> None:
+        """Remove an earlier non-directory entry at ``rel`` (never following a link)."""
+        if rel in self.known_dirs:
+            raise self._unsafe("would replace a directory")
+        if self.symlinks.pop(rel, None) is None and self.files.pop(rel, None) is None:
+            st = os.lstat(rel, dir_fd=self.dfd)
+            if stat.S_ISDIR(st.st_mode):
+                raise self._unsafe("would replace a directory")
+        os.unlink(rel, dir_fd=self.dfd)
+
+    def _budget(self, size: int) -> None:
+        if size > self.max_bytes - self.written:
+            raise self._unsafe(
+                f"would take the extracted size to {self.written + size} bytes, above the limit "
+                f"of {self.max_bytes} bytes (CACHE_MAX_SIZE)"
+            )
+
+    def _count(self, n: int) -> None:
+        self.written += n
+        if self.written > self.max_bytes:
+            raise self._unsafe(
+                f"took the extracted size above the limit of {self.max_bytes} bytes"
+                " (CACHE_MAX_SIZE)"
+            )
+
+    def _create(self, rel: str, perm: int) -> int:
+        if not rel:
+            raise self._unsafe("is a file where the archive root belongs")
+        self._parent(rel)
+        try:
+            return os.open(rel, _OPEN_FLAGS, perm, dir_fd=self.dfd)
+        except FileExistsError:
+            self._clear(rel)
+            return os.open(rel, _OPEN_FLAGS, perm, dir_fd=self.dfd)
+
+    def _finish_file(self, fd: int, rel: str, perm: int, mtime: int | None, size: int) -> None:
+        if perm & self.umask:
+            os.fchmod(fd, perm)
+        if mtime is not None:
+            os.utime(fd, ns=(mtime, mtime))
+        else:
+            mtime = os.fstat(fd).st_mtime_ns
+        self.files[rel] = (size, mtime)
+
+    # -- member kinds --------------------------------------------------------------------------
+
+    def directory(self, rel: str, perm: int, mtime: int | None) -> None:
+        if rel not in self.known_dirs:
+            if rel in self.symlinks:
+                raise self._unsafe("is a directory where the archive put a symlink")
+            if rel in self.files:
+                raise self._unsafe("is a directory where the archive put a file")
+            self._parent(rel)
+            os.mkdir(rel, 0o755, dir_fd=self.dfd)
+            self.known_dirs.add(rel)
+            self.ndirs += 1
+        self.dir_meta[rel] = (perm, mtime)
+
+    def file_from(
+        self, rel: str, perm: int, mtime: int | None, size: int, reader: IO[bytes]
+    ) -> None:
+        """A regular file whose data is read from ``reader`` until it ends (counted as written)."""
+        self._budget(size)
+        fd = self._create(rel, perm)
+        try:
+            total = 0
+            while True:
+                chunk = reader.read(_CHUNK)
+                if not chunk:
+                    break
+                self._count(len(chunk))
+                _write_all(fd, chunk)
+                total += len(chunk)
+            self._finish_file(fd, rel, perm, mtime, total)
+        finally:
+            os.close(fd)
+
+    def tar_file(self, rel: str, perm: int, mtime: int | None, size: int, r: _Reader) -> None:
+        """A regular tar member whose data (plus block padding) follows at the reader's position."""
+        self._budget(size)
+        fd = self._create(rel, perm)
+        try:
+            padded = (size + _BLOCK - 1) & ~(_BLOCK - 1)
+            if padded <= _CHUNK:
+                if padded:
+                    buf = r.read(padded)
+                    if len(buf) < padded:
+                        raise IntegrityError(
+                            f"archive {self.src} is truncated in member {self.member!r}"
+                        )
+                    self._count(size)
+                    _write_all(fd, memoryview(buf)[:size])
+            else:
+                buf = bytearray(_CHUNK)
+                view = memoryview(buf)
+                left = size
+                while left:
+                    n = r.readinto(view[: min(_CHUNK, left)])
+                    if not n:
+                        raise IntegrityError(
+                            f"archive {self.src} is truncated in member {self.member!r}"
+                        )
+                    self._count(n)
+                    _write_all(fd, view[:n])
+                    left -= n
+                pad = padded - size
+                if pad and len(r.read(pad)) < pad:
+                    raise IntegrityError(
+                        f"archive {self.src} is truncated in member {self.member!r}"
+                    )
+            self._finish_file(fd, rel, perm, mtime, size)
+        finally:
+            os.close(fd)
+
+    def symlink(self, rel: str, target: str, mtime: int | None) -> None:
+        if not rel:
+            raise self._unsafe("is a symlink where the archive root belongs")
+        if not target:
+            raise self._unsafe("is a symlink with an empty target")
+        if "\0" in target:
+            raise self._unsafe("is a symlink whose target contains a NUL byte")
+        if target[0] == "/":
+            raise self._unsafe(f"is a symlink to the absolute path {target!r}")
+        depth = rel.count("/")
+        for part in target.split("/"):
+            if part == "..":
+                depth -= 1
+                if depth < 0:
+                    raise self._unsafe(f"is a symlink to {target!r}, outside the destination")
+            elif part and part != ".":
+                depth += 1
+        self._parent(rel)
+        try:
+            os.symlink(target, rel, dir_fd=self.dfd)
+        except FileExistsError:
+            self._clear(rel)
+            os.symlink(target, rel, dir_fd=self.dfd)
+        self.symlinks[rel] = target
+        if mtime is not None:
+            os.utime(rel, ns=(mtime, mtime), dir_fd=self.dfd, follow_symlinks=False)
+
+    def hardlink(self, rel: str, target_name: str) -> None:
+        target = _norm(target_name, "hard link target")
+        if target not in self.files:
+            raise self._unsafe(
+                f"is a hard link to {target_name!r}, which is not an earlier regular file"
+                " of the archive"
+            )
+        if not rel:
+            raise self._unsafe("is a hard link where the archive root belongs")
+        if target == rel:
+            return
+        self._parent(rel)
+        try:
+            os.link(target, rel, src_dir_fd=self.dfd, dst_dir_fd=self.dfd, follow_symlinks=False)
+        except FileExistsError:
+            self._clear(rel)
+            os.link(target, rel, src_dir_fd=self.dfd, dst_dir_fd=self.dfd, follow_symlinks=False)
+        self.files[rel] = self.files[target]
+
+    # -- end -----------------------------------------------------------------------------------
+
+    def finish(self) -> ExtractStats:
+        self.member = ""
+        if self.symlinks:
+            # Chains of links can escape together even when each target looks inside on its own
+            # (a -> b/c/.., b -> .); ask the kernel's resolution rules about the final tree.
+            root = os.path.realpath(self.dest)
+            for rel in self.symlinks:
+                real = os.path.realpath(os.path.join(root, rel))
+                if real != root and not real.startswith(root + os.sep):
+                    self.member = rel
+                    raise self._unsafe(
+                        f"is a symlink that resolves outside the destination ({real})"
+                    )
+        # Deepest first, so making a directory read-only never blocks its children.
+        for rel in sorted(self.dir_meta, key=len, reverse=True):
+            perm, mtime = self.dir_meta[rel]
+            path = rel or "."
+            os.chmod(path, perm, dir_fd=self.dfd)
+            if mtime is not None:
+                os.utime(path, ns=(mtime, mtime), dir_fd=self.dfd)
+        manifest = tuple((rel, size, mt) for rel, (size, mt) in self.files.items())
+        return ExtractStats(
+            files=len(self.files), dirs=self.ndirs, bytes=self.written, manifest=manifest
+        )
+
+
+def _extract_tar(x: _Extractor, src: str) -> None:
+    with open(src, "rb") as f:
+        compression = _compression(f.read(8))
+    with _open_stream(src, compression, threaded=True) as stream:
+        r = _Reader(stream, src)
+        try:
+            tf = tarfile.TarFile(fileobj=r, mode="r")  # type: ignore[arg-type]
+        except tarfile.TarError as e:
+            raise IntegrityError(f"archive {src} is not a readable tar archive: {e}") from e
+        try:
+            while True:
+                try:
+                    m = tf.next()
+                except tarfile.TarError as e:
+                    raise IntegrityError(
+                        f"archive {src} is corrupt after member {x.member!r}: {e}"
+                    ) from e
+                if m is None:
+                    break
+                # tarfile keeps every member in a list; we need none of them (bounded memory).
+                tf.members.clear()
+                x.member = m.name
+                rel = _norm(m.name, "member")
+                mtime = _mtime_ns(m.mtime)
+                if m.isreg():
+                    if m.issparse():
+                        data = tf.extractfile(m)
+                        assert data is not None
+                        x.file_from(rel, m.mode & 0o777, mtime, m.size, data)
+                    else:
+                        x.tar_file(rel, m.mode & 0o777, mtime, m.size, r)
+                elif m.isdir():
+                    x.directory(rel, m.mode & 0o777, mtime)
+                elif m.issym():
+                    x.symlink(rel, m.linkname, mtime)
+                elif m.islnk():
+                    x.hardlink(rel, m.linkname)
+                elif m.ischr() or m.isblk():
+                    raise x._unsafe("is a device node; device members are not accepted")
+                elif m.isfifo():
+                    raise x._unsafe("is a fifo; fifo members are not accepted")
+                else:
+                    raise x._unsafe(f"has the unsupported type {m.type!r}")
+            # tarfile stops quietly at a damaged header; only a zero block or a clean end of data
+            # is a real end of archive.
+            if r.last_len > 0 and not r.last_zero:
+                raise IntegrityError(
+                    f"archive {src} is corrupt or truncated after member {x.member!r}"
+                )
+            if compression is not None:
+                # Let the decompressor reach its trailer so the stream checksum is verified.
+                for _ in range(_DRAIN_LIMIT // _CHUNK):
+                    if not r.read(_CHUNK):
+                        break
+        finally:
+            tf.close()
+
+
+def _zip_mtime(zi: zipfile.ZipInfo) -> int | None:
+    extra = zi.extra
+    i = 0
+    # The extended-timestamp field (0x5455) carries a UTC mtime; DOS times are local, 2 s steps.
+    while i + 4 <= len(extra):
+        tag, size = struct.unpack_from("<HH", extra, i)
+        body = extra[i + 4 : i + 4 + size]
+        if tag == 0x5455 and len(body) >= 5 and body[0] & 1:
+            return int(struct.unpack_from("<i", body, 1)[0]) * 1_000_000_000
+        i += 4 + size
+    try:
+        return int(time.mktime((*zi.date_time, 0, 0, -1))) * 1_000_000_000
+    except (OverflowError, ValueError):
+        return None
+
+
+def _extract_zip(x: _Extractor, src: str) -> None:
+    try:
+        zf = zipfile.ZipFile(src)
+    except (zipfile.BadZipFile, *_READ_ERRORS) as e:
+        raise IntegrityError(f"archive {src} is not a readable zip archive: {e}") from e
+    with zf:
+        for zi in zf.infolist():
+            x.member = zi.filename
+            rel = _norm(zi.filename, "member")
+            unix = zi.create_system == 3
+            mode = zi.external_attr >> 16 if unix else 0
+            kind = stat.S_IFMT(mode)
+            mtime = _zip_mtime(zi)
+            if zi.flag_bits & 0x1:
+                raise x._unsafe("is encrypted; encrypted zip members are not supported")
+            try:
+                if kind == stat.S_IFDIR or (kind == 0 and zi.is_dir()):
+                    x.directory(rel, (mode & 0o777) or 0o755, mtime)
+                elif kind == stat.S_IFLNK:
+                    if zi.file_size > _MAX_ZIP_SYMLINK:
+                        raise x._unsafe(f"is a symlink with a {zi.file_size}-byte target")
+                    with zf.open(zi) as data:
+                        target = data.read(_MAX_ZIP_SYMLINK + 1)
+                    x.symlink(rel, os.fsdecode(target), mtime)
+                elif kind in (0, stat.S_IFREG):
+                    with zf.open(zi) as data:
+                        x.file_from(rel, (mode & 0o777) or 0o644, mtime, zi.file_size, data)
+                else:
+                    raise x._unsafe("is a device, fifo or socket; special members are not accepted")
+            except (
+                zipfile.BadZipFile,
+                EOFError,
+                zlib.error,
+                lzma.LZMAError,
+                NotImplementedError,
+            ) as e:
+                raise IntegrityError(
+                    f"archive {src}: member {zi.filename!r} is corrupt: {e}"
+                ) from e
+
+
+def _remove_tree(path: str) -> None:
+    def onerror(func: Callable[..., object], p: str, exc: object) -> None:
+        # A directory made read-only (mode applied at the end) must become writable to be emptied.
+        try:
+            os.chmod(os.path.dirname(p), 0o700)
+            func(p)
+        except OSError:
+            pass
+
+    shutil.rmtree(path, onerror=onerror)  # type: ignore[arg-type]
+
+
+def extract_archive(
+    src: str | os.PathLike[str], dest: str | os.PathLike[str], *, max_bytes: int
+) -> ExtractStats:
+    """Extract the tar or zip archive ``src`` into the new directory ``dest``, safely.
+
+    ``dest`` must not exist (its parent must). At most ``max_bytes`` bytes of file data are
+    written. Raises :class:`UnsafeArchiveError` for a member that breaks a safety rule (see the
+    module docstring) or when ``src`` is not a tar/zip archive, :class:`IntegrityError` for a
+    corrupt or truncated archive and :class:`CacheFullError` when the disk is full; in every
+    failure case ``dest`` is removed.
+    """
+    s, d = os.fspath(src), os.fspath(dest)
+    kind = detect_archive(s)
+    if kind is None:
+        raise UnsafeArchiveError(
+            f"{s} is not an archive this can extract (accepted: tar, tar.gz, tar.bz2, tar.xz, zip)"
+        )
+    try:
+        os.mkdir(d, 0o755)
+    except FileExistsError:
+        raise FileExistsError(errno.EEXIST, f"extraction destination already exists: {d}") from None
+    x: _Extractor | None = None
+    try:
+        x = _Extractor(s, d, max_bytes)
+        if kind == "tar":
+            _extract_tar(x, s)
+        else:
+            _extract_zip(x, s)
+        stats = x.finish()
+    except BaseException as e:
+        member = x.member if x is not None else ""
+        if x is not None:
+            x.close()
+        _remove_tree(d)
+        if isinstance(e, UnsafeArchiveError) and not str(e).startswith("archive "):
+            raise UnsafeArchiveError(f"archive {s}: {e}") from e
+        if isinstance(e, OSError) and not isinstance(e, CacheFullError):
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise CacheFullError(
+                    e.errno, f"no space left extracting {s} into {d} (member {member!r})"
+                ) from e
+            if e.errno in _MEMBER_ERRNOS:
+                raise UnsafeArchiveError(
+                    f"archive {s}: member {member!r} cannot be created: {e}"
+                ) from e
+        raise
+    x.close()
+    return stats

@@ -1,0 +1,281 @@
+"""Good archives of every format extract faithfully; detection is by content; damaged archives
+raise IntegrityError and leave nothing behind."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import io
+import lzma
+import os
+import stat
+import subprocess
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from forgespace.cache.archive import detect_archive, extract_archive
+from forgespace.errors import IntegrityError, UnsafeArchiveError
+
+MAX = 10_000_000
+MTIME = 1_600_000_000  # even: zip stores DOS times in 2-second steps
+
+
+def make_source(root: Path) -> Path:
+    """A small project: nested dirs, an executable, an empty file, an empty dir, an internal
+    symlink, a read-only directory holding a file, all with known mtimes."""
+    (root / "src/pkg").mkdir(parents=True)
+    (root / "src/pkg/mod.py").write_text("print('hello')\n" * 50)
+    (root / "src/pkg/data.bin").write_bytes(bytes(range(256)) * 40)
+    (root / "run.sh").write_text("#!/bin/sh\necho run\n")
+    (root / "run.sh").chmod(0o755)
+    (root / "empty.txt").write_bytes(b"")
+    (root / "emptydir").mkdir()
+    (root / "ro").mkdir()
+    (root / "ro/inside.txt").write_text("read-only dir content\n")
+    os.symlink("src/pkg/mod.py", root / "link-to-mod")
+    os.symlink("../run.sh", root / "src/up-link")
+    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+        for n in filenames + dirnames:
+            os.utime(Path(dirpath, n), (MTIME, MTIME), follow_symlinks=False)
+    (root / "ro").chmod(0o555)
+    os.utime(root / "ro", (MTIME, MTIME))
+    return root
+
+
+def tree(root: Path) -> dict[str, tuple[str, object, int, int]]:
+    """rel path -> (kind, content or link target, permission bits, mtime in s)."""
+    out: dict[str, tuple[str, object, int, int]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in dirnames + filenames:
+            p = Path(dirpath, n)
+            st = p.lstat()
+            rel = str(p.relative_to(root))
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("link", os.readlink(p), 0, int(st.st_mtime))
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = ("dir", None, stat.S_IMODE(st.st_mode), int(st.st_mtime))
+            else:
+                out[rel] = ("file", p.read_bytes(), stat.S_IMODE(st.st_mode), int(st.st_mtime))
+    return out
+
+
+def pack_tar(src: Path, out: Path, mode: str) -> Path:
+    with tarfile.open(out, mode) as tf:  # type: ignore[call-overload]
+        for p in sorted(src.rglob("*")):
+            tf.add(p, arcname=str(p.relative_to(src)), recursive=False)
+    return out
+
+
+def pack_zip(src: Path, out: Path) -> Path:
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
+        for p in sorted(src.rglob("*")):
+            rel = str(p.relative_to(src))
+            st = p.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                zi = zipfile.ZipInfo(rel, date_time=(2020, 9, 13, 12, 26, 40))
+                zi.create_system = 3
+                zi.external_attr = st.st_mode << 16
+                zf.writestr(zi, os.readlink(p))
+            else:
+                zf.write(p, rel)
+    return out
+
+
+FORMATS = ["tar", "tgz", "tbz2", "txz", "zip", "gnu-tgz"]
+# Names chosen to mislead: detection must look at the content.
+MISLEADING_NAME = {
+    "tar": "target.zip",
+    "tgz": "target.tar.bz2",
+    "tbz2": "target",
+    "txz": "target.tar.gz",
+    "zip": "target.tar",
+    "gnu-tgz": "target.txt",
+}
+
+
+def build(fmt: str, src: Path, out: Path) -> Path:
+    if fmt == "zip":
+        return pack_zip(src, out)
+    if fmt == "gnu-tgz":
+        subprocess.run(["tar", "-C", str(src), "-czf", str(out), "."], check=True)
+        return out
+    return pack_tar(src, out, {"tar": "w", "tgz": "w:gz", "tbz2": "w:bz2", "txz": "w:xz"}[fmt])
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_source(tmp_path_factory.mktemp("src") / "project")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_good_archive_extracts_faithfully(tmp_path: Path, source: Path, fmt: str) -> None:
+    archive = build(fmt, source, tmp_path / MISLEADING_NAME[fmt])
+    assert detect_archive(archive) == ("zip" if fmt == "zip" else "tar")
+
+    dest = tmp_path / "dest"
+    stats = extract_archive(archive, dest, max_bytes=MAX)
+
+    got, want = tree(dest), tree(source)
+    if fmt == "zip":
+        # zipfile stores no directory mtimes for implicit dirs; compare those without mtimes.
+        got = {k: v if v[0] != "dir" else (*v[:3], 0) for k, v in got.items()}
+        want = {k: v if v[0] != "dir" else (*v[:3], 0) for k, v in want.items()}
+    assert got == want
+    assert stat.S_IMODE((dest / "run.sh").stat().st_mode) & 0o111 == 0o111
+    assert (dest / "link-to-mod").is_symlink()
+    assert (dest / "src/up-link").read_text() == "#!/bin/sh\necho run\n"
+
+    files = {k: v for k, v in want.items() if v[0] == "file"}
+    assert stats.files == len(files)
+    assert stats.bytes == sum(len(v[1]) for v in files.values())  # type: ignore[arg-type]
+    assert {m[0]: (m[1], m[2]) for m in stats.manifest} == {
+        k: (len(v[1]), (dest / k).stat().st_mtime_ns)  # type: ignore[arg-type]
+        for k, v in files.items()
+    }
+    assert all(m[2] == MTIME * 10**9 for m in stats.manifest)
+
+
+def test_duplicate_member_replaces_without_touching_hard_link_peer(tmp_path: Path) -> None:
+    buf = tmp_path / "a.tar"
+    with tarfile.open(buf, "w") as tf:
+        for name, data in (("orig", b"original"), ("orig2", b"second")):
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+        hl = tarfile.TarInfo("peer")
+        hl.type, hl.linkname = tarfile.LNKTYPE, "orig"
+        tf.addfile(hl)
+        sl = tarfile.TarInfo("orig2")
+        sl.type, sl.linkname = tarfile.SYMTYPE, "orig"
+        tf.addfile(sl)
+        again = tarfile.TarInfo("peer")
+        again.size = 3
+        tf.addfile(again, io.BytesIO(b"new"))
+    dest = tmp_path / "dest"
+    stats = extract_archive(buf, dest, max_bytes=MAX)
+    assert (dest / "orig").read_bytes() == b"original"
+    assert (dest / "peer").read_bytes() == b"new"
+    assert os.readlink(dest / "orig2") == "orig"
+    assert sorted(m[0] for m in stats.manifest) == ["orig", "peer"]
+
+
+def test_hard_link_inside_is_kept(tmp_path: Path) -> None:
+    buf = tmp_path / "a.tar"
+    with tarfile.open(buf, "w") as tf:
+        ti = tarfile.TarInfo("dir/file")
+        ti.size = 4
+        tf.addfile(ti, io.BytesIO(b"data"))
+        hl = tarfile.TarInfo("other/hl")
+        hl.type, hl.linkname = tarfile.LNKTYPE, "dir/file"
+        tf.addfile(hl)
+    dest = tmp_path / "dest"
+    extract_archive(buf, dest, max_bytes=MAX)
+    assert (dest / "other/hl").stat().st_ino == (dest / "dir/file").stat().st_ino
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        pytest.param(b"just some text\n" * 100, id="text"),
+        pytest.param(os.urandom(4096), id="random"),
+        pytest.param(b"", id="empty"),
+        pytest.param(gzip.compress(b"plain text, not a tar\n" * 100), id="gzip-of-text"),
+        pytest.param(bz2.compress(b"plain text, not a tar\n" * 100), id="bz2-of-text"),
+        pytest.param(lzma.compress(b"plain text, not a tar\n" * 100), id="xz-of-text"),
+        pytest.param(b"\x1f\x8b\x08\x00garbage after a gzip magic", id="broken-gzip"),
+        pytest.param(bytes(1 << 20), id="zero-filled-image"),
+        pytest.param(
+            b"#!/usr/bin/env python3\n" + b"PK\x03\x04" + bytes(100), id="shebang-then-zip"
+        ),
+    ],
+)
+def test_non_archives_stay_single_files(tmp_path: Path, content: bytes) -> None:
+    p = tmp_path / "target.tar.gz"  # a misleading name must not matter
+    p.write_bytes(content)
+    assert detect_archive(p) is None
+    with pytest.raises(UnsafeArchiveError, match="not an archive"):
+        extract_archive(p, tmp_path / "dest", max_bytes=MAX)
+    assert not (tmp_path / "dest").exists()
+
+
+def test_empty_tar_is_an_archive(tmp_path: Path) -> None:
+    p = tmp_path / "empty.tgz"
+    with tarfile.open(p, "w:gz"):
+        pass
+    assert detect_archive(p) == "tar"
+    stats = extract_archive(p, tmp_path / "dest", max_bytes=MAX)
+    assert (stats.files, os.listdir(tmp_path / "dest")) == (0, [])
+
+
+def test_directory_is_not_an_archive(tmp_path: Path) -> None:
+    assert detect_archive(tmp_path) is None
+
+
+@pytest.mark.parametrize("fmt", ["tgz", "tar", "zip", "txz"])
+def test_truncated_archive_raises_integrity_error(tmp_path: Path, source: Path, fmt: str) -> None:
+    archive = build(fmt, source, tmp_path / f"a.{fmt}")
+    data = archive.read_bytes()
+    archive.write_bytes(data[: len(data) * 2 // 3])
+    dest = tmp_path / "dest"
+    with pytest.raises(IntegrityError, match=r"corrupt|truncated|not a readable"):
+        extract_archive(archive, dest, max_bytes=MAX)
+    assert not dest.exists()
+
+
+def test_garbage_header_mid_tar_raises_integrity_error(tmp_path: Path) -> None:
+    p = tmp_path / "a.tar"
+    with tarfile.open(p, "w") as tf:
+        ti = tarfile.TarInfo("first")
+        ti.size = 10
+        tf.addfile(ti, io.BytesIO(b"0123456789"))
+    data = bytearray(p.read_bytes())
+    data[1024:1536] = b"\xff" * 512  # where the end-of-archive zero block was
+    p.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError):
+        extract_archive(p, tmp_path / "dest", max_bytes=MAX)
+    assert not (tmp_path / "dest").exists()
+
+
+def test_corrupt_gzip_crc_is_detected(tmp_path: Path) -> None:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tf:
+        ti = tarfile.TarInfo("f")
+        ti.size = 5
+        tf.addfile(ti, io.BytesIO(b"hello"))
+    gz = bytearray(gzip.compress(raw.getvalue()))
+    gz[-8] ^= 0xFF  # the CRC32 in the gzip trailer
+    p = tmp_path / "a.tgz"
+    p.write_bytes(bytes(gz))
+    with pytest.raises(IntegrityError):
+        extract_archive(p, tmp_path / "dest", max_bytes=MAX)
+    assert not (tmp_path / "dest").exists()
+
+
+def test_existing_destination_is_refused_and_kept(tmp_path: Path, source: Path) -> None:
+    archive = build("tgz", source, tmp_path / "a.tgz")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "keep").write_text("mine")
+    with pytest.raises(FileExistsError):
+        extract_archive(archive, dest, max_bytes=MAX)
+    assert (dest / "keep").read_text() == "mine"
+
+
+def test_large_member_streams_in_chunks(tmp_path: Path) -> None:
+    """A member bigger than the internal chunk is written completely and exactly."""
+    data = os.urandom(3 * (1 << 20) + 123)
+    p = tmp_path / "big.tgz"
+    with tarfile.open(p, "w:gz", compresslevel=1) as tf:
+        ti = tarfile.TarInfo("big.bin")
+        ti.size = len(data)
+        tf.addfile(ti, io.BytesIO(data))
+        ti2 = tarfile.TarInfo("after.txt")
+        ti2.size = 5
+        tf.addfile(ti2, io.BytesIO(b"after"))
+    stats = extract_archive(p, tmp_path / "dest", max_bytes=MAX)
+    assert (tmp_path / "dest/big.bin").read_bytes() == data
+    assert (tmp_path / "dest/after.txt").read_bytes() == b"after"
+    assert stats.bytes == len(data) + 5
