@@ -41,7 +41,7 @@ import zipfile
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Literal
+from typing import IO, Literal, cast
 
 from isal import igzip, igzip_threaded, isal_zlib
 
@@ -65,7 +65,16 @@ _EMPTY_TAR_LIMIT = 64 * 1024
 _DRAIN_LIMIT = 1 << 20
 _MAX_ZIP_SYMLINK = 4096
 _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, lzma.LZMAError, isal_zlib.error)
+_READ_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    EOFError,
+    ValueError,
+    zlib.error,
+    lzma.LZMAError,
+    # isal's stubs declare its error as an instance; it is the class.
+    cast("type[BaseException]", isal_zlib.error),
+)
+_ZIP_OPEN_ERRORS: tuple[type[BaseException], ...] = (zipfile.BadZipFile, *_READ_ERRORS)
 _MEMBER_ERRNOS = {
     errno.ENAMETOOLONG,
     errno.ENOTDIR,
@@ -419,8 +428,7 @@ class _Extractor:
                     self._count(size)
                     _write_all(fd, memoryview(buf)[:size])
             else:
-                buf = bytearray(_CHUNK)
-                view = memoryview(buf)
+                view = memoryview(bytearray(_CHUNK))
                 left = size
                 while left:
                     n = r.readinto(view[: min(_CHUNK, left)])
@@ -534,7 +542,7 @@ def _extract_tar(x: _Extractor, src: str) -> None:
                 if m is None:
                     break
                 # tarfile keeps every member in a list; we need none of them (bounded memory).
-                tf.members.clear()
+                tf.members.clear()  # type: ignore[attr-defined]
                 x.member = m.name
                 rel = _norm(m.name, "member")
                 mtime = _mtime_ns(m.mtime)
@@ -591,7 +599,7 @@ def _zip_mtime(zi: zipfile.ZipInfo) -> int | None:
 def _extract_zip(x: _Extractor, src: str) -> None:
     try:
         zf = zipfile.ZipFile(src)
-    except (zipfile.BadZipFile, *_READ_ERRORS) as e:
+    except _ZIP_OPEN_ERRORS as e:
         raise IntegrityError(f"archive {src} is not a readable zip archive: {e}") from e
     with zf:
         for zi in zf.infolist():
