@@ -574,3 +574,60 @@ def make_room(cache: CacheLike, incoming_bytes: int, *, target_id: str) -> None:
         )
     log.warning("cache over its limit after evicting all it could: %s; proceeding", detail)
     _update_gauges(cache)
+
+
+# --- operator eviction --------------------------------------------------------------------
+def evict_target(
+    cache: CacheLike, target_id: str, *, force: bool = False, timeout: float = 30.0
+) -> list[PlannedEviction]:
+    """Remove everything cached for ``target_id`` (``forgespace cache evict``).
+
+    Refuses (CleanupRefusedError naming the leases) while a live lease pins any of its
+    entries, unless ``force``, which ends those leases first: runs using them lose their
+    workspace. Waits at most ``timeout`` for a get_target of that target in flight.
+    """
+    from forgespace.errors import CleanupRefusedError
+    from forgespace.layout import validate_id
+
+    validate_id(target_id, "target_id")
+    layout, index = cache.layout, cache.index
+    evicted: list[PlannedEviction] = []
+    with cache.target_lock(target_id, timeout=timeout):
+        leases = [le for le in index.live_leases() if le.target_id == target_id]
+        if leases and not force:
+            ids = ", ".join(f"{le.lease_id} (held by {le.holder})" for le in leases[:5])
+            raise CleanupRefusedError(
+                f"refusing to evict target {target_id}: {len(leases)} live lease(s) pin it: "
+                f"{ids}{' ...' if len(leases) > 5 else ''}; end those runs (cleanup) or pass "
+                "--force; nothing was deleted"
+            )
+        for le in leases:
+            index.end_lease(le.lease_id)
+        entries = index.entries_of(target_id)
+        tdir = layout.target_dir(target_id)
+        paths = [tdir, layout.overlay_dir / target_id]
+        _unmount_inside(layout, paths)
+        _delete_via_trash(layout, paths)
+        for e in entries:
+            index.remove(e.key)
+            item = PlannedEviction(e.key, target_id, e.kind, "operator", e.bytes, e.last_access)
+            _forget_records(layout, item)
+            evicted.append(item)
+            with contextlib.suppress(Exception):
+                index.count("evictions_operator")
+    _update_gauges(cache)
+    if evicted:
+        log.info("evicted target %s (%d entries) on request", target_id, len(evicted))
+    return evicted
+
+
+def evict_entry(cache: CacheLike, key: str, *, reason: str = "operator") -> bool:
+    """Evict one indexed entry now if it is unleased and its target is not busy."""
+    e = cache.index.get(key)
+    if e is None:
+        return False
+    report = GcReport([], 0, 0, 0, False)
+    _execute(
+        cache, PlannedEviction(e.key, e.target_id, e.kind, reason, e.bytes, e.last_access), report
+    )
+    return bool(report.evicted)

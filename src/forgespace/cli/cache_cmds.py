@@ -1,0 +1,381 @@
+"""`forgespace cache status|ls|gc|evict|verify`: see and steer the workspace cache.
+
+Human output is a rich table on stdout; ``--json`` prints one JSON document on stdout instead
+(shapes documented in docs/operations.md, stable: fields are only ever added). Neither status
+nor ls nor gc walks workspace files: sizes come from the index.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+from forgespace.cli.app import cache_app, err_console, load_settings, out_console
+
+if TYPE_CHECKING:
+    from forgespace.cache.index import CacheIndex, EntryRecord, LeaseRecord
+    from forgespace.config import Settings
+
+JSON_HELP = "Print one JSON document on stdout (shape in docs/operations.md)."
+
+
+def _index(settings: Settings) -> CacheIndex:
+    # status/ls/verify only read the index: no need to build the whole engine.
+    from forgespace.cache.index import CacheIndex
+    from forgespace.layout import CacheLayout
+
+    return CacheIndex(CacheLayout(settings.cache_dir), lease_ttl=settings.cache_lease_ttl)
+
+
+def _when(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    age = max(0.0, time.time() - ts)
+    stamp = datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
+    return f"{stamp} ({_age(age)} ago)"
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{n} B"  # pragma: no cover
+
+
+def _print_json(doc: Any) -> None:
+    print(json.dumps(doc, indent=2, sort_keys=False))
+
+
+def _leases_by_key(leases: list[LeaseRecord]) -> dict[str, int]:
+    out: dict[str, int] = defaultdict(int)
+    for le in leases:
+        for k in le.pins:
+            out[k] += 1
+    return out
+
+
+def _entry_doc(e: EntryRecord, leases: int) -> dict[str, Any]:
+    return {
+        "key": e.key,
+        "kind": e.kind,
+        "mode": e.mode,
+        "run_id": e.run_id,
+        "bytes": e.bytes,
+        "files": e.files,
+        "created": e.created,
+        "last_access": e.last_access,
+        "live_leases": leases,
+    }
+
+
+# --- status -------------------------------------------------------------------------------
+def status_doc(settings: Settings, index: CacheIndex) -> dict[str, Any]:
+    """The document `cache status --json` prints."""
+    entries = index.entries()
+    leases = index.live_leases()
+    counters = index.counters()
+    total = sum(e.bytes for e in entries)
+    by_kind: dict[str, int] = {"shared": 0, "cow-shared": 0, "run": 0}
+    for e in entries:
+        by_kind[e.kind] = by_kind.get(e.kind, 0) + 1
+    oldest = min((e.last_access for e in entries), default=None)
+    return {
+        "cache_dir": str(settings.cache_dir),
+        "bytes": total,
+        "limit_bytes": settings.cache_max_size,
+        "used_ratio": round(total / settings.cache_max_size, 6)
+        if settings.cache_max_size
+        else None,
+        "entries": len(entries),
+        "entries_by_kind": by_kind,
+        "targets": len({e.target_id for e in entries}),
+        "live_leases": len(leases),
+        "hits": counters.get("hits", 0),
+        "misses": counters.get("misses", 0),
+        "downloads": counters.get("downloads", 0),
+        "bytes_downloaded": counters.get("bytes_downloaded", 0),
+        "evictions": {
+            r: counters.get(f"evictions_{r}", 0)
+            for r in ("ttl", "lru", "orphan", "leftover", "operator")
+        },
+        "counters": counters,
+        "oldest_access": oldest,
+        "oldest_access_age_seconds": None if oldest is None else round(time.time() - oldest, 3),
+        "ttl_seconds": settings.cache_ttl,
+        "lease_ttl_seconds": settings.cache_lease_ttl,
+        "cleanup_interval_seconds": settings.cache_cleanup_interval,
+    }
+
+
+@cache_app.command("status")
+def status(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
+    """Bytes used vs the limit, entries, leases, hits/misses/downloads, oldest access."""
+    settings = load_settings()
+    doc = status_doc(settings, _index(settings))
+    if as_json:
+        _print_json(doc)
+        return
+    from rich.table import Table
+
+    t = Table(title=f"forgespace cache: {doc['cache_dir']}", show_header=False)
+    t.add_column("what", style="bold")
+    t.add_column("value")
+    ratio = doc["used_ratio"]
+    t.add_row(
+        "used",
+        f"{_size(doc['bytes'])} of {_size(doc['limit_bytes'])}"
+        + (f" ({ratio * 100:.1f}%)" if ratio is not None else ""),
+    )
+    k = doc["entries_by_kind"]
+    t.add_row(
+        "entries",
+        f"{doc['entries']} ({k['shared']} shared, {k['cow-shared']} copy-on-write shared, "
+        f"{k['run']} run) in {doc['targets']} target(s)",
+    )
+    t.add_row("live leases", str(doc["live_leases"]))
+    t.add_row("hits / misses", f"{doc['hits']} / {doc['misses']}")
+    t.add_row("downloads", f"{doc['downloads']} ({_size(doc['bytes_downloaded'])})")
+    t.add_row("evictions", ", ".join(f"{r} {n}" for r, n in doc["evictions"].items()))
+    t.add_row("oldest access", _when(doc["oldest_access"]))
+    t.add_row(
+        "policy",
+        f"TTL {_age(settings.cache_ttl)}, lease TTL {_age(settings.cache_lease_ttl)}, "
+        f"sweep every {_age(settings.cache_cleanup_interval)}",
+    )
+    out_console.print(t)
+
+
+# --- ls -----------------------------------------------------------------------------------
+def ls_doc(index: CacheIndex) -> dict[str, Any]:
+    """The document `cache ls --json` prints: targets, most recently accessed first."""
+    entries = index.entries()
+    per_key = _leases_by_key(index.live_leases())
+    targets: dict[str, list[EntryRecord]] = defaultdict(list)
+    for e in entries:
+        targets[e.target_id].append(e)
+    docs = []
+    for tid, es in targets.items():
+        docs.append(
+            {
+                "target_id": tid,
+                "kinds": sorted({e.kind for e in es}),
+                "bytes": sum(e.bytes for e in es),
+                "files": sum(e.files for e in es),
+                "last_access": max(e.last_access for e in es),
+                "live_leases": sum(per_key.get(e.key, 0) for e in es),
+                "entries": [_entry_doc(e, per_key.get(e.key, 0)) for e in es],
+            }
+        )
+    docs.sort(key=lambda d: (-d["last_access"], d["target_id"]))
+    return {"targets": docs}
+
+
+@cache_app.command("ls")
+def ls(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> None:
+    """Every cached target: kind, bytes, last access, live leases."""
+    doc = ls_doc(_index(load_settings()))
+    if as_json:
+        _print_json(doc)
+        return
+    from rich.table import Table
+
+    t = Table(title="cached targets (most recently accessed first)")
+    for col, just in (
+        ("target", "left"),
+        ("entry", "left"),
+        ("mode", "left"),
+        ("bytes", "right"),
+        ("files", "right"),
+        ("last access", "left"),
+        ("leases", "right"),
+    ):
+        t.add_column(col, justify=just)  # type: ignore[arg-type]
+    for target in doc["targets"]:
+        for i, e in enumerate(sorted(target["entries"], key=lambda x: -x["last_access"])):
+            t.add_row(
+                target["target_id"] if i == 0 else "",
+                e["key"].split("/", 1)[1] + ("" if e["kind"] != "run" else " (run)"),
+                e["mode"],
+                _size(e["bytes"]),
+                str(e["files"]),
+                _when(e["last_access"]),
+                str(e["live_leases"]),
+            )
+    out_console.print(t)
+    if not doc["targets"]:
+        err_console.print("the cache is empty")
+
+
+# --- gc -----------------------------------------------------------------------------------
+@cache_app.command("gc")
+def gc(
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; delete nothing."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """TTL, then LRU down to CACHE_MAX_SIZE, then orphans and leftovers (leased entries stay)."""
+    from forgespace.cache.workspace import WorkspaceCache
+
+    report = WorkspaceCache(load_settings()).gc(dry_run=dry_run)
+    if as_json:
+        _print_json(report.to_dict())
+        return
+    from rich.table import Table
+
+    t = Table(title="gc plan (dry run: nothing deleted)" if dry_run else "gc")
+    for col in ("entry", "kind", "reason", "bytes", "last access", "done"):
+        t.add_column(col, justify="right" if col == "bytes" else "left")
+    done = {p.key for p in report.evicted}
+    skipped = {s.key: s.why for s in report.skipped}
+    for p in report.plan:
+        state = "-" if dry_run else ("yes" if p.key in done else f"skipped: {skipped.get(p.key)}")
+        t.add_row(p.key, p.kind, p.reason, _size(p.bytes), _when(p.last_access), state)
+    out_console.print(t)
+    verb = "would free" if dry_run else "freed"
+    freed = sum(p.bytes for p in report.plan) if dry_run else report.freed_bytes
+    out_console.print(
+        f"{verb} {_size(freed)}; indexed total {_size(report.total_before)} -> "
+        f"{_size(report.total_after)} (limit {_size(report.limit)})",
+        highlight=False,
+    )
+
+
+# --- evict --------------------------------------------------------------------------------
+@cache_app.command("evict")
+def evict(
+    target_id: str = typer.Argument(..., help="The target whose cached copies to remove."),
+    force: bool = typer.Option(
+        False, "--force", help="Also when live runs lease it (ends their leases)."
+    ),
+    timeout: float = typer.Option(
+        30.0, "--timeout", help="Seconds to wait for a get_target of it in flight."
+    ),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Remove everything cached for TARGET_ID; refuses a leased target unless --force."""
+    from forgespace.cache.eviction import evict_target
+    from forgespace.cache.workspace import WorkspaceCache
+
+    evicted = evict_target(WorkspaceCache(load_settings()), target_id, force=force, timeout=timeout)
+    if as_json:
+        _print_json(
+            {
+                "target_id": target_id,
+                "evicted": [{"key": p.key, "kind": p.kind, "bytes": p.bytes} for p in evicted],
+                "freed_bytes": sum(p.bytes for p in evicted),
+            }
+        )
+        return
+    if not evicted:
+        err_console.print(f"nothing indexed for target {target_id}", highlight=False)
+    for p in evicted:
+        out_console.print(f"evicted {p.key} ({p.kind}, {_size(p.bytes)})", highlight=False)
+
+
+# --- verify -------------------------------------------------------------------------------
+def verify_doc(cache: Any, *, repair: bool) -> dict[str, Any]:
+    """Index vs disk, and modified shared workspaces; with ``repair`` fix what it can."""
+    from forgespace.cache.eviction import entry_paths
+    from forgespace.cache.index import scan_entries
+
+    index, layout = cache.index, cache.layout
+    indexed = {e.key: e for e in index.entries()}
+    on_disk = {e.key: e for e in scan_entries(layout, with_sizes=False)}
+    missing_from_index = sorted(set(on_disk) - set(indexed))
+    missing_on_disk = sorted(
+        k
+        for k, e in indexed.items()
+        if not any(p.exists() or p.is_symlink() for p in entry_paths(layout, e))
+    )
+    modified: dict[str, list[str]] = {}
+    verify_shared = getattr(cache, "verify_shared", None)
+    if verify_shared is not None:
+        for tid in sorted({e.target_id for e in on_disk.values() if e.kind != "run"}):
+            diffs = verify_shared(tid)
+            if diffs:
+                modified[tid] = diffs
+    repaired: list[str] = []
+    if repair:
+        if missing_from_index or missing_on_disk:
+            index.rebuild()
+            repaired.append("index rebuilt from disk")
+        for tid, diffs in modified.items():
+            if any(d.startswith(f"{tid}/workspace") for d in diffs) and cache.repair_shared(tid):
+                repaired.append(f"{tid}/workspace re-extracted from its cached target")
+            if any(d.startswith(f"{tid}/shared") for d in diffs):
+                # No pristine source beside it: drop the copy (re-downloaded by the next run)
+                # unless live runs lease it.
+                from forgespace.cache.eviction import evict_entry
+
+                if evict_entry(cache, f"{tid}/shared"):
+                    repaired.append(f"{tid}/shared removed (modified); the next run re-downloads")
+    ok = not (missing_from_index or missing_on_disk or modified)
+    return {
+        "ok": ok,
+        "entries_indexed": len(indexed),
+        "entries_on_disk": len(on_disk),
+        "missing_from_index": missing_from_index,
+        "missing_on_disk": missing_on_disk,
+        "modified": modified,
+        "repaired": repaired,
+    }
+
+
+@cache_app.command("verify")
+def verify(
+    repair: bool = typer.Option(
+        False,
+        "--repair",
+        help="Rebuild the index from disk and re-extract modified shared workspaces.",
+    ),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Check the index against the disk and shared workspaces against their manifests.
+
+    Walks every shared workspace (unlike status/ls/gc). Exits 1 when something is wrong and
+    was not repaired.
+    """
+    from forgespace.cache.workspace import WorkspaceCache
+
+    doc = verify_doc(WorkspaceCache(load_settings()), repair=repair)
+    if as_json:
+        _print_json(doc)
+    else:
+        from rich.table import Table
+
+        t = Table(title="cache verify")
+        t.add_column("problem")
+        t.add_column("where")
+        for k in doc["missing_from_index"]:
+            t.add_row("on disk, not in the index", k)
+        for k in doc["missing_on_disk"]:
+            t.add_row("in the index, not on disk", k)
+        for tid, diffs in doc["modified"].items():
+            for d in diffs[:20]:
+                t.add_row(f"modified shared workspace of {tid}", d)
+            if len(diffs) > 20:
+                t.add_row(f"modified shared workspace of {tid}", f"... {len(diffs) - 20} more")
+        if t.row_count:
+            out_console.print(t)
+        for r in doc["repaired"]:
+            out_console.print(f"repaired: {r}", highlight=False)
+        out_console.print(
+            f"{doc['entries_indexed']} indexed, {doc['entries_on_disk']} on disk: "
+            + ("consistent" if doc["ok"] else "problems found"),
+            highlight=False,
+        )
+    if not doc["ok"] and not repair:
+        raise typer.Exit(1)
