@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import os
+import select
 import socket
 import struct
 import subprocess
@@ -53,6 +54,7 @@ _HOP_BY_HOP = {
     "expect",
 }
 _CHUNK = 1 << 20
+_REPLAY_MAX = 16 << 20
 _START_TIMEOUT = 20.0
 ACCESS_KEY = "forgespace-test"
 SECRET_KEY = "forgespace-test-secret"
@@ -91,6 +93,7 @@ class S3Server:
     secret_key: str = SECRET_KEY
     region: str = "us-east-1"
     _counts: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    _served: Counter[tuple[str, str]] = field(default_factory=Counter)
     _faults: list[_Fault] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -110,10 +113,20 @@ class S3Server:
                     total += n
             return total
 
+    def bytes_served(self, key: str) -> int:
+        """Body bytes the proxy relayed for GETs of object ``key`` (or "bucket/key")."""
+        with self._lock:
+            return sum(n for (b, k), n in self._served.items() if key in (k, f"{b}/{k}"))
+
     def reset_counts(self) -> None:
         """Forget every count (faults stay armed)."""
         with self._lock:
             self._counts.clear()
+            self._served.clear()
+
+    def _add_served(self, bucket: str, key: str, n: int) -> None:
+        with self._lock:
+            self._served[(bucket, key)] += n
 
     # --- faults ---------------------------------------------------------------------
     def inject(
@@ -180,6 +193,10 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         pass
 
     def _conn(self) -> http.client.HTTPConnection:
+        sock = self._upstream.sock if self._upstream is not None else None
+        if sock is not None and select.select([sock], [], [], 0)[0]:
+            # readable while idle = EOF (moto closed it): do not send into a dead socket
+            self._drop_upstream()
         if self._upstream is None:
             host, port = self.server.upstream_addr
             self._upstream = http.client.HTTPConnection(host, port, timeout=120)
@@ -228,9 +245,12 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                 pass
             self._send_500(key)
             return
+        # Bodies up to _REPLAY_MAX are buffered so the request can be replayed once when a
+        # kept-alive upstream connection turns out to have been closed by moto meanwhile.
+        length = int(self.headers.get("Content-Length") or 0)
+        body = None if chunked_req or length > _REPLAY_MAX else b"".join(self._body_chunks())
         for attempt in (0, 1):
-            # A kept-alive upstream connection may have been closed by moto meanwhile:
-            # retry once on a fresh one, but only while nothing has been sent on.
+            reused = self._upstream is not None
             conn = self._conn()
             try:
                 conn.putrequest(method, self.path, skip_host=True, skip_accept_encoding=True)
@@ -240,20 +260,23 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                 if chunked_req:
                     conn.putheader("Transfer-Encoding", "chunked")
                 conn.endheaders()
+                if body is not None:
+                    if body:
+                        conn.send(body)
+                elif chunked_req:
+                    for data in self._body_chunks():
+                        conn.send(b"%x\r\n%s\r\n" % (len(data), data))
+                    conn.send(b"0\r\n\r\n")
+                else:
+                    for data in self._body_chunks():
+                        conn.send(data)
+                resp = conn.getresponse()
                 break
-            except (ConnectionError, OSError):
+            except (OSError, http.client.HTTPException):
                 self._drop_upstream()
-                if attempt:
+                if attempt or not reused or body is None:
                     raise
-        if chunked_req:
-            for data in self._body_chunks():
-                conn.send(b"%x\r\n%s\r\n" % (len(data), data))
-            conn.send(b"0\r\n\r\n")
-        else:
-            for data in self._body_chunks():
-                conn.send(data)
-        resp = conn.getresponse()
-        self._relay(resp, fault)
+        self._relay(resp, fault, bucket, key)
 
     def _send_500(self, key: str) -> None:
         body = (
@@ -268,7 +291,9 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def _relay(self, resp: http.client.HTTPResponse, fault: _Fault | None) -> None:
+    def _relay(
+        self, resp: http.client.HTTPResponse, fault: _Fault | None, bucket: str, key: str
+    ) -> None:
         length = resp.getheader("Content-Length")
         has_body = self.command != "HEAD" and resp.status not in (204, 304) and resp.status >= 200
         use_chunked = has_body and length is None
@@ -278,8 +303,10 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                 self.send_header(name, value)
         if use_chunked:
             self.send_header("Transfer-Encoding", "chunked")
-        if resp.will_close:
-            self.close_connection = True
+        if fault is not None:
+            self.send_header("Connection", "close")
+        # moto closing its side (will_close) only ends the upstream connection: the client's
+        # stays alive, since its response is delimited (Content-Length or chunked) anyway.
         self.end_headers()
         sent = 0
         limit = fault.after_bytes if fault is not None else None
@@ -291,6 +318,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                     break
                 sent += len(data)
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if use_chunked else data)
+                if self.command == "GET" and key:
+                    self.server.state._add_served(bucket, key, len(data))
             if limit is None and use_chunked:
                 self.wfile.write(b"0\r\n\r\n")
         if fault is not None:

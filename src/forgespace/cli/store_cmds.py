@@ -2,18 +2,90 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
-from forgespace.cli.app import app, load_settings
+from forgespace.cli.app import app, err_console, load_settings
+from forgespace.storage.base import ProgressFn
+
+# Below this a bar would only flicker: small uploads finish before it could be read.
+PROGRESS_MIN_BYTES = 32 * 1024 * 1024
+
+
+def _content_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    from forgespace.storage.pack import tree_size
+
+    return tree_size(path)
+
+
+@contextmanager
+def _progress_for(path: Path, what: str) -> Iterator[ProgressFn | None]:
+    """A rich bar on stderr when it is a terminal and the upload is large; else None."""
+    if not err_console.is_terminal or _content_bytes(path) < PROGRESS_MIN_BYTES:
+        yield None
+        return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(what, total=None)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total or None)
+
+        yield progress
 
 
 @app.command()
-def upload(path: Path = typer.Argument(..., help="A directory, an archive or a single file.")) -> None:
-    """Upload a target; prints its new id alone on the last line."""
+def upload(
+    path: Annotated[Path, typer.Argument(help="A directory, an archive or a single file.")],
+) -> None:
+    """Upload a target; prints its new id alone on the last line of stdout.
+
+    A directory is packed into a deterministic tar.gz; a file (an archive or anything
+    else) is uploaded as-is.
+    """
     from forgespace.storage import open_store
 
+    if not path.exists():
+        err_console.print(
+            f"[red]error:[/red] cannot upload {path}: no such file or directory "
+            "(expected a directory, an archive or a single file)",
+            highlight=False,
+        )
+        raise typer.Exit(2)
+    if not (path.is_dir() or path.is_file()):
+        err_console.print(
+            f"[red]error:[/red] cannot upload {path}: not a regular file or directory",
+            highlight=False,
+        )
+        raise typer.Exit(2)
     store = open_store(load_settings())
-    target_id = store.upload_target(path)
-    print(target_id)
+    try:
+        with _progress_for(path, f"uploading to {store.display_name}") as progress:
+            target_id = store.upload_target(path, progress=progress)
+    except OSError as exc:
+        err_console.print(f"[red]error:[/red] cannot upload {path}: {exc}", highlight=False)
+        raise typer.Exit(1) from exc
+    err_console.print(f"uploaded {path} to the {store.display_name}", highlight=False)
+    print(target_id, flush=True)

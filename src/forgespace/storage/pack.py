@@ -1,0 +1,231 @@
+"""Packing a directory into a deterministic tar.gz (what ``upload_target`` stores for a dir).
+
+The same tree always gives the same bytes, whoever packs it and whenever:
+
+- members are the directory's *contents* (``src/main.c``, not ``project/src/main.c``), in
+  sorted order, directories before what they hold;
+- owner ids are 0 and owner names empty; mtimes are 0 (so a fresh checkout of the same
+  commit packs identically); modes are normalised to 0755/0644 by the executable bit
+  (setuid/setgid/sticky and umask differences never reach the archive);
+- symlinks stay symlinks, but only ones that resolve inside the tree (the extraction side
+  would refuse the rest, so we refuse them at upload time with the path named);
+- the gzip header carries no file name and mtime 0.
+
+The archive is streamed to a file while hashed: memory use does not depend on the tree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import stat
+import tarfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from isal import igzip
+
+from forgespace.errors import UnsafeArchiveError
+
+_COPY_BUFSIZE = 1 << 20
+# isal level 1 packs source trees about as small as zlib level 6 at several times the speed.
+_GZIP_LEVEL = 1
+PACK_MTIME = 0
+
+
+@dataclass(frozen=True)
+class PackStats:
+    """What was packed: archive size and sha256, member counts, content bytes."""
+
+    size: int
+    sha256: str
+    files: int
+    dirs: int
+    symlinks: int
+    content_bytes: int
+
+
+class _HashingWriter:
+    """A write-only file that hashes and counts what passes through it."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self._raw = raw
+        self.hasher = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self.hasher.update(data)
+        self.size += len(data)
+        return self._raw.write(data)
+
+    def flush(self) -> None:
+        self._raw.flush()
+
+
+def _walk(root: Path) -> Iterator[tuple[str, os.DirEntry[str]]]:
+    """(relative posix path, entry) of everything under root, sorted, parents first."""
+    stack: list[tuple[str, str]] = [("", str(root))]
+    while stack:
+        rel_dir, abs_dir = stack.pop()
+        with os.scandir(abs_dir) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        subdirs: list[tuple[str, str]] = []
+        for entry in entries:
+            rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+            yield rel, entry
+            if entry.is_dir(follow_symlinks=False):
+                subdirs.append((rel, entry.path))
+        # depth-first, in sorted order: push in reverse so the smallest name pops first
+        stack.extend(reversed(subdirs))
+
+
+def _check_link(rel: str, target: str) -> None:
+    if target.startswith("/"):
+        raise UnsafeArchiveError(
+            f"symlink {rel!r} points to the absolute path {target!r}; only relative links "
+            "that stay inside the uploaded directory can be packed"
+        )
+    resolved = posixpath.normpath(posixpath.join(posixpath.dirname(rel), target))
+    if resolved == ".." or resolved.startswith("../"):
+        raise UnsafeArchiveError(
+            f"symlink {rel!r} -> {target!r} points outside the uploaded directory; only "
+            "links that stay inside it can be packed"
+        )
+
+
+def _tarinfo(rel: str, st: os.stat_result, *, link: str | None = None) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(rel)
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.mtime = PACK_MTIME
+    if link is not None:
+        info.type = tarfile.SYMTYPE
+        info.linkname = link
+        info.mode = 0o777
+    elif stat.S_ISDIR(st.st_mode):
+        info.type = tarfile.DIRTYPE
+        info.mode = 0o755
+    else:
+        info.type = tarfile.REGTYPE
+        info.size = st.st_size
+        info.mode = 0o755 if st.st_mode & 0o111 else 0o644
+    return info
+
+
+def pack_directory(
+    src: str | Path,
+    out: BinaryIO,
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> PackStats:
+    """Write the deterministic tar.gz of directory ``src`` to the binary file ``out``.
+
+    ``progress(content_bytes_so_far)`` is called after each file. Raises NotADirectoryError
+    when ``src`` is not a directory and UnsafeArchiveError for links leaving the tree,
+    devices, fifos and sockets (they could not be extracted safely anyway).
+    """
+    root = Path(src)
+    if not root.is_dir():
+        raise NotADirectoryError(f"not a directory: {root}")
+    sink = _HashingWriter(out)
+    files = dirs = links = content = 0
+    # filename="" keeps the temp file's name out of the gzip header
+    gz = igzip.GzipFile(
+        filename="",
+        mode="wb",
+        fileobj=sink,  # type: ignore[arg-type]
+        mtime=PACK_MTIME,
+        compresslevel=_GZIP_LEVEL,
+    )
+    with (
+        gz,
+        tarfile.TarFile(
+            fileobj=gz, mode="w", format=tarfile.PAX_FORMAT, copybufsize=_COPY_BUFSIZE
+        ) as tar,
+    ):
+        for rel, entry in _walk(root):
+            st = entry.stat(follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                target = os.readlink(entry.path)
+                _check_link(rel, target)
+                tar.addfile(_tarinfo(rel, st, link=target))
+                links += 1
+            elif stat.S_ISDIR(st.st_mode):
+                tar.addfile(_tarinfo(rel, st))
+                dirs += 1
+            elif stat.S_ISREG(st.st_mode):
+                with open(entry.path, "rb") as f:
+                    # size from the open file: a file growing meanwhile must not corrupt the tar
+                    info = _tarinfo(rel, os.fstat(f.fileno()))
+                    tar.addfile(info, f)
+                files += 1
+                content += info.size
+                if progress is not None:
+                    progress(content)
+            else:
+                raise UnsafeArchiveError(
+                    f"{rel!r} is a device, fifo or socket; only regular files, directories "
+                    "and symlinks can be uploaded"
+                )
+    sink.flush()
+    return PackStats(
+        size=sink.size,
+        sha256=sink.hasher.hexdigest(),
+        files=files,
+        dirs=dirs,
+        symlinks=links,
+        content_bytes=content,
+    )
+
+
+def pack_to_file(
+    src: str | Path, dest: str | Path, *, progress: Callable[[int], None] | None = None
+) -> PackStats:
+    """Pack ``src`` into the new file ``dest`` (fsynced); removes ``dest`` on failure."""
+    dest = Path(dest)
+    try:
+        with open(dest, "xb") as f:
+            stats = pack_directory(src, f, progress=progress)
+            f.flush()
+            os.fsync(f.fileno())
+        return stats
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
+
+
+def tree_size(root: str | Path) -> int:
+    """Bytes of the regular files under ``root`` (symlinks not followed): progress totals."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
+    return total
+
+
+def copy_hashing(
+    src: str | Path, out: BinaryIO | None, progress: Callable[[int, int], None] | None = None
+) -> tuple[int, str]:
+    """Stream file ``src`` into ``out`` (or nowhere) while hashing: (size, sha256 hex).
+
+    ``progress(done, total)`` after each chunk."""
+    hasher = hashlib.sha256()
+    size = 0
+    with open(src, "rb") as f:
+        total = os.fstat(f.fileno()).st_size
+        while chunk := f.read(_COPY_BUFSIZE):
+            hasher.update(chunk)
+            if out is not None:
+                out.write(chunk)
+            size += len(chunk)
+            if progress is not None:
+                progress(size, total)
+    return size, hasher.hexdigest()

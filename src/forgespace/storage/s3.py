@@ -1,0 +1,421 @@
+"""The S3 / MinIO store: targets at ``s3://{S3_BUCKET}/{target_id}/target``.
+
+This is the only module that sees botocore: every botocore/urllib3 error is translated
+here (``raise ... from``) into TargetNotFoundError, IntegrityError or StorageError.
+
+Choices worth knowing:
+
+- Path-style addressing, so MinIO (and any endpoint without wildcard DNS) works.
+- botocore's own retries are OFF (``total_max_attempts=1``): they would multiply with ours
+  (6 x 3 attempts) and cannot resume a broken download. Every call goes through one
+  policy, :class:`~forgespace.storage.retry.RetryPolicy`: exponential backoff with jitter
+  on 5xx, throttling, connection resets, timeouts and short reads; never on 404.
+- A download is one streamed GET, written to a temp file while hashed (1 MiB chunks:
+  memory does not grow with the object). After a fault it resumes with
+  ``Range: bytes=N-`` and ``If-Match: <etag>`` from the bytes already written; if the
+  object changed meanwhile (412) it starts over. We do not use boto3's multipart download:
+  ranged GETs are cheap on MinIO/S3 but moto re-reads the whole object per range, and one
+  stream is already disk- or network-bound for targets of this size.
+- forgespace records ``sha256`` in the object's user metadata (x-amz-meta-sha256); objects
+  PUT by other clients have none and are verified by size only.
+- Request checksums are only sent "when required": our own sha256 covers integrity and
+  some S3-compatible servers reject the newer default trailing checksums.
+- Buckets (targets, results) are created on first write when missing.
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import os
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import boto3
+import botocore.exceptions as bexc
+import urllib3.exceptions
+from boto3.exceptions import S3UploadFailedError
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+
+from forgespace.config import Settings
+from forgespace.errors import ForgespaceError, StorageError, TargetNotFoundError
+from forgespace.layout import validate_id
+from forgespace.storage.base import ObjectInfo, ProgressFn, target_key
+from forgespace.storage.local import check_result_key
+from forgespace.storage.pack import copy_hashing, pack_directory, tree_size
+from forgespace.storage.retry import CHUNK_SIZE, PartFile, RetryPolicy
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+SHA256_META = "sha256"
+_NOT_FOUND_CODES = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
+_TRANSIENT_CODES = {
+    "InternalError",
+    "ServiceUnavailable",
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "RequestLimitExceeded",
+    "TooManyRequests",
+}
+# Errors of the connection or of the response stream: a retry (or resume) may succeed.
+_TRANSIENT_EXC: tuple[type[BaseException], ...] = (
+    bexc.HTTPClientError,  # ConnectionClosedError, ReadTimeoutError, ResponseStreamingError...
+    bexc.ConnectionError,  # EndpointConnectionError, ConnectTimeoutError
+    bexc.IncompleteReadError,
+    urllib3.exceptions.HTTPError,
+    http.client.HTTPException,
+    ConnectionError,
+    TimeoutError,
+)
+_UPLOAD_CONFIG = TransferConfig(
+    multipart_threshold=64 * 1024 * 1024,
+    multipart_chunksize=16 * 1024 * 1024,
+    max_concurrency=4,
+)
+
+
+class _ShortRead(Exception):
+    """The stream ended before the object's size: resume."""
+
+
+def _code(exc: bexc.ClientError) -> tuple[str, int]:
+    err = exc.response.get("Error", {})
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    return str(err.get("Code", "")), int(status or 0)
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    # boto3's upload_file hides the ClientError behind S3UploadFailedError (as __context__)
+    if isinstance(exc, S3UploadFailedError) and isinstance(exc.__context__, bexc.ClientError):
+        return exc.__context__
+    return exc
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, bexc.ClientError):
+        code, status = _code(exc)
+        return status >= 500 or status in (408, 429) or code in _TRANSIENT_CODES
+    return isinstance(exc, (*_TRANSIENT_EXC, _ShortRead))
+
+
+def _is_not_found(exc: BaseException) -> bool:
+    if isinstance(exc, bexc.ClientError):
+        code, status = _code(exc)
+        return code in _NOT_FOUND_CODES or status == 404
+    return False
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, bexc.ClientError):
+        code, status = _code(exc)
+        msg = exc.response.get("Error", {}).get("Message", "")
+        return f"HTTP {status} {code}{': ' + msg if msg else ''}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class S3Store:
+    """Targets in an S3 bucket (MinIO, AWS S3, moto); see the module docstring."""
+
+    display_name = "MinIO/S3"
+
+    def __init__(
+        self,
+        client: Any,
+        bucket: str,
+        results_bucket: str,
+        *,
+        endpoint: str | None = None,
+        region: str = "us-east-1",
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self.client = client
+        self.bucket = bucket
+        self.results_bucket = results_bucket
+        self.endpoint = endpoint
+        self.region = region
+        self.retry = retry or RetryPolicy()
+        self._ready_buckets: set[str] = set()
+        self._bucket_lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, retry: RetryPolicy | None = None) -> S3Store:
+        """One boto3 client for this store object, configured from the S3_* settings."""
+        endpoint = settings.s3_endpoint
+        if endpoint and "://" not in endpoint:
+            endpoint = f"{'https' if settings.s3_use_ssl else 'http'}://{endpoint}"
+        config = Config(
+            s3={"addressing_style": "path"},
+            retries={"total_max_attempts": 1, "mode": "standard"},
+            connect_timeout=10,
+            read_timeout=60,
+            tcp_keepalive=True,
+            max_pool_connections=16,
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        # A private session: boto3's default session is shared (and not thread-safe).
+        session = boto3.session.Session()
+        client = session.client(
+            "s3",
+            endpoint_url=endpoint,
+            aws_access_key_id=settings.s3_access_key,
+            aws_secret_access_key=settings.s3_secret_key,
+            region_name=settings.s3_region,
+            use_ssl=settings.s3_use_ssl,
+            config=config,
+        )
+        return cls(
+            client,
+            settings.s3_bucket,
+            settings.s3_results_bucket,
+            endpoint=endpoint,
+            region=settings.s3_region,
+            retry=retry,
+        )
+
+    def __repr__(self) -> str:
+        return f"S3Store(endpoint={self.endpoint!r}, bucket={self.bucket!r})"
+
+    def _where(self, key: str, bucket: str | None = None) -> str:
+        return f"s3://{bucket or self.bucket}/{key} at {self.endpoint or 'AWS'}"
+
+    # --- retries and translation ----------------------------------------------------
+    def _call(self, what: str, fn: Callable[[], T], *, not_found: str | None = None) -> T:
+        """Run ``fn`` under the retry policy; translate what finally escapes."""
+        failures = 0
+        while True:
+            try:
+                return fn()
+            except ForgespaceError:
+                raise
+            except Exception as exc:  # translated below, re-raised with `from`
+                root = _unwrap(exc)
+                if not_found is not None and _is_not_found(root):
+                    raise TargetNotFoundError(not_found) from exc
+                if not _is_transient(root):
+                    raise StorageError(f"{what} failed: {_describe(root)}") from exc
+                failures += 1
+                if failures >= self.retry.attempts:
+                    raise StorageError(
+                        f"{what} failed after {failures} attempts: {_describe(root)}",
+                        transient=True,
+                    ) from exc
+                delay = self.retry.delay(failures)
+                log.warning("%s: %s; retrying in %.2fs", what, _describe(root), delay)
+                time.sleep(delay)
+
+    def _ensure_bucket(self, bucket: str) -> None:
+        if bucket in self._ready_buckets:
+            return
+        with self._bucket_lock:
+            if bucket in self._ready_buckets:
+                return
+
+            def create() -> None:
+                try:
+                    self.client.head_bucket(Bucket=bucket)
+                    return
+                except bexc.ClientError as exc:
+                    if not _is_not_found(exc):
+                        raise
+                kwargs: dict[str, Any] = {"Bucket": bucket}
+                if self.region and self.region != "us-east-1":
+                    kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self.region}
+                try:
+                    self.client.create_bucket(**kwargs)
+                    log.info("created bucket %s at %s", bucket, self.endpoint or "AWS")
+                except bexc.ClientError as exc:
+                    # another client created it first: fine
+                    if _code(exc)[0] not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                        raise
+
+            self._call(f"creating bucket {bucket!r} at {self.endpoint or 'AWS'}", create)
+            self._ready_buckets.add(bucket)
+
+    # --- upload ---------------------------------------------------------------------
+    def upload_target(self, path: str | Path, progress: ProgressFn | None = None) -> str:
+        """Upload a file as-is, or a directory packed as a deterministic tar.gz; new uuid4
+        id. The sha256 goes into the object's metadata."""
+        src = Path(path)
+        if not src.exists():
+            raise FileNotFoundError(f"cannot upload {src}: no such file or directory")
+        if not (src.is_dir() or src.is_file()):
+            raise ValueError(f"cannot upload {src}: expected a directory or a regular file")
+        target_id = str(uuid.uuid4())
+        key = target_key(target_id)
+        self._ensure_bucket(self.bucket)
+        if src.is_file():
+            size, digest = copy_hashing(src, None)
+            self._upload_file(src, key, size, digest, progress)
+            return target_id
+        # pack to a temp file (never in RAM), then upload it
+        fd, tmp_name = tempfile.mkstemp(prefix="forgespace-pack-", suffix=".tar.gz")
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                total = tree_size(src) if progress is not None else 0
+                cb = (lambda done: progress(done, total)) if progress is not None else None
+                stats = pack_directory(src, out, progress=cb)
+            self._upload_file(tmp, key, stats.size, stats.sha256, progress)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return target_id
+
+    def _upload_file(
+        self, src: Path, key: str, size: int, digest: str, progress: ProgressFn | None
+    ) -> None:
+        def put() -> None:
+            done = 0
+
+            def cb(n: int) -> None:
+                nonlocal done
+                done += n
+                if progress is not None:
+                    progress(done, size)
+
+            self.client.upload_file(
+                str(src),
+                self.bucket,
+                key,
+                ExtraArgs={"Metadata": {SHA256_META: digest}},
+                Callback=cb,
+                Config=_UPLOAD_CONFIG,
+            )
+
+        self._call(f"uploading {src} to {self._where(key)}", put)
+
+    # --- read -----------------------------------------------------------------------
+    def _not_found(self, target_id: str) -> str:
+        where = self._where(target_key(target_id))
+        return f"target {target_id} not found in {self.display_name} ({where})"
+
+    def stat_target(self, target_id: str) -> ObjectInfo:
+        """HEAD the object: size, recorded sha256 (None for foreign objects), etag."""
+        key = target_key(validate_id(target_id))
+        resp = self._call(
+            f"HEAD {self._where(key)}",
+            lambda: self.client.head_object(Bucket=self.bucket, Key=key),
+            not_found=self._not_found(target_id),
+        )
+        return _info(resp, int(resp["ContentLength"]))
+
+    def download_target(
+        self, target_id: str, dest: str | Path, progress: ProgressFn | None = None
+    ) -> ObjectInfo:
+        """One streamed GET into ``dest`` via a temp file, verified, resumed on faults."""
+        key = target_key(validate_id(target_id))
+        where = self._where(key)
+        with PartFile(dest) as part:
+            expected: ObjectInfo | None = None
+            failures = 0
+            while True:
+                if expected is not None and part.size == expected.size:
+                    break  # everything arrived; the fault came after the last byte
+                try:
+                    expected = self._stream_into(key, part, expected, progress)
+                    if part.size < expected.size:
+                        raise _ShortRead(f"stream ended at {part.size} of {expected.size} bytes")
+                    break
+                except ForgespaceError:
+                    raise
+                except Exception as exc:  # translated below, re-raised with `from`
+                    if _is_not_found(exc):
+                        raise TargetNotFoundError(self._not_found(target_id)) from exc
+                    if isinstance(exc, bexc.ClientError) and _code(exc)[1] in (412, 416):
+                        # the object was replaced between attempts: start over
+                        log.warning("%s changed during download; restarting", where)
+                        part.restart()
+                        expected = None
+                        continue
+                    if not _is_transient(exc):
+                        raise StorageError(f"GET {where} failed: {_describe(exc)}") from exc
+                    failures += 1
+                    if failures >= self.retry.attempts:
+                        raise StorageError(
+                            f"GET {where} failed after {failures} attempts "
+                            f"({part.size} bytes received): {_describe(exc)}",
+                            transient=True,
+                        ) from exc
+                    delay = self.retry.delay(failures)
+                    log.warning(
+                        "GET %s: %s after %d bytes; resuming in %.2fs",
+                        where,
+                        _describe(exc),
+                        part.size,
+                        delay,
+                    )
+                    time.sleep(delay)
+            assert expected is not None
+            return part.commit(expected, f"target {target_id} ({where})")
+
+    def _stream_into(
+        self,
+        key: str,
+        part: PartFile,
+        expected: ObjectInfo | None,
+        progress: ProgressFn | None,
+    ) -> ObjectInfo:
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        if expected is not None and part.size:
+            kwargs["Range"] = f"bytes={part.size}-"
+            if expected.etag:
+                kwargs["IfMatch"] = expected.etag
+        resp = self.client.get_object(**kwargs)
+        if expected is None:
+            expected = _info(resp, int(resp["ContentLength"]))
+        body = resp["Body"]
+        try:
+            while True:
+                chunk = body.read(CHUNK_SIZE)
+                if not chunk:
+                    break
+                part.write(chunk)
+                if part.size > expected.size:
+                    break  # commit reports the size mismatch
+                if progress is not None:
+                    progress(part.size, expected.size)
+        finally:
+            body.close()
+        return expected
+
+    # --- delete / results -----------------------------------------------------------
+    def delete_target(self, target_id: str) -> None:
+        """Delete the object; missing object or bucket is not an error."""
+        key = target_key(validate_id(target_id))
+
+        def delete() -> None:
+            try:
+                self.client.delete_object(Bucket=self.bucket, Key=key)
+            except bexc.ClientError as exc:
+                if not _is_not_found(exc):
+                    raise
+
+        self._call(f"DELETE {self._where(key)}", delete)
+
+    def put_result(self, key: str, data: bytes, content_type: str = "application/json") -> str:
+        """PUT ``data`` into the results bucket; returns ``s3://bucket/key``."""
+        norm = check_result_key(key)
+        self._ensure_bucket(self.results_bucket)
+        self._call(
+            f"PUT {self._where(norm, self.results_bucket)}",
+            lambda: self.client.put_object(
+                Bucket=self.results_bucket, Key=norm, Body=data, ContentType=content_type
+            ),
+        )
+        return f"s3://{self.results_bucket}/{norm}"
+
+
+def _info(resp: dict[str, Any], size: int) -> ObjectInfo:
+    meta = resp.get("Metadata") or {}
+    sha = meta.get(SHA256_META)
+    return ObjectInfo(size=size, sha256=sha or None, etag=resp.get("ETag"))

@@ -1,0 +1,222 @@
+"""The Store contract, run on both backends: the local directory and S3 (moto over HTTP)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tarfile
+import uuid
+from pathlib import Path
+
+import boto3
+import pytest
+
+from forgespace.config import Settings
+from forgespace.errors import IntegrityError, InvalidIdError, TargetNotFoundError
+from forgespace.storage import Store, open_store, target_key
+
+pytestmark = pytest.mark.integration
+
+
+def _s3_client(settings: Settings):  # type: ignore[no-untyped-def]
+    return boto3.client(
+        "s3",
+        endpoint_url=settings.s3_endpoint,
+        aws_access_key_id=settings.s3_access_key,
+        aws_secret_access_key=settings.s3_secret_key,
+        region_name=settings.s3_region,
+        config=boto3.session.Config(s3={"addressing_style": "path"}),
+    )
+
+
+def put_foreign(settings: Settings, target_id: str, data: bytes) -> None:
+    """Put an object the way another client would: no forgespace metadata at all."""
+    if settings.storage_backend == "s3":
+        client = _s3_client(settings)
+        with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+            client.create_bucket(Bucket=settings.s3_bucket)
+        client.put_object(Bucket=settings.s3_bucket, Key=target_key(target_id), Body=data)
+    else:
+        obj = settings.storage_dir / target_key(target_id)
+        obj.parent.mkdir(parents=True, exist_ok=True)
+        obj.write_bytes(data)
+
+
+def overwrite_keeping_metadata(settings: Settings, target_id: str, data: bytes) -> None:
+    """Replace an uploaded object's bytes but keep the sha256 forgespace recorded."""
+    if settings.storage_backend == "s3":
+        client = _s3_client(settings)
+        key = target_key(target_id)
+        meta = client.head_object(Bucket=settings.s3_bucket, Key=key)["Metadata"]
+        client.put_object(Bucket=settings.s3_bucket, Key=key, Body=data, Metadata=meta)
+    else:
+        (settings.storage_dir / target_key(target_id)).write_bytes(data)
+
+
+@pytest.fixture
+def store(any_store_settings: Settings) -> Store:
+    return open_store(any_store_settings)
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    root = tmp_path / "project"
+    (root / "src" / "deep").mkdir(parents=True)
+    (root / "empty").mkdir()
+    (root / "README.md").write_text("hello\n")
+    (root / "src" / "main.c").write_bytes(os.urandom(200_000))
+    (root / "src" / "deep" / "data.bin").write_bytes(b"\x00" * 5000)
+    run = root / "run.sh"
+    run.write_text("#!/bin/sh\necho ok\n")
+    run.chmod(0o755)
+    (root / "src" / "link.c").symlink_to("main.c")
+    return root
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_display_name(store: Store, any_store_settings: Settings) -> None:
+    expected = "MinIO/S3" if any_store_settings.storage_backend == "s3" else "local store"
+    assert store.display_name == expected
+
+
+def test_file_round_trip_records_size_and_sha(store: Store, tmp_path: Path) -> None:
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    src = tmp_path / "blob.bin"
+    src.write_bytes(data)
+    tid = store.upload_target(src)
+    assert uuid.UUID(tid).version == 4 and str(uuid.UUID(tid)) == tid
+    info = store.stat_target(tid)
+    assert (info.size, info.sha256) == (len(data), _sha(data))
+    dest = tmp_path / "out" / "target"
+    dest.parent.mkdir()
+    got = store.download_target(tid, dest)
+    assert dest.read_bytes() == data
+    assert (got.size, got.sha256) == (len(data), _sha(data))
+    assert os.listdir(dest.parent) == ["target"]  # no temp file left behind
+
+
+def test_every_upload_gets_a_fresh_id(store: Store, tmp_path: Path) -> None:
+    src = tmp_path / "same.txt"
+    src.write_text("same content")
+    ids = {store.upload_target(src) for _ in range(3)}
+    assert len(ids) == 3
+    assert all(uuid.UUID(i).version == 4 for i in ids)
+
+
+def test_archive_file_is_uploaded_as_is(store: Store, tmp_path: Path, tree: Path) -> None:
+    archive = tmp_path / "project.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tree, arcname="project")
+    tid = store.upload_target(archive)
+    dest = tmp_path / "got"
+    store.download_target(tid, dest)
+    assert dest.read_bytes() == archive.read_bytes()
+
+
+def test_directory_extracts_to_its_contents(store: Store, tmp_path: Path, tree: Path) -> None:
+    tid = store.upload_target(tree)
+    dest = tmp_path / "target"
+    store.download_target(tid, dest)
+    with tarfile.open(dest) as tar:
+        names = tar.getnames()
+        assert all(not n.startswith(("/", "project", "./")) for n in names), names
+        assert {t.uname for t in tar.getmembers()} == {""}
+        assert {t.uid for t in tar.getmembers()} == {0}
+        out = tmp_path / "ws"
+        tar.extractall(out, filter="tar")
+    assert (out / "README.md").read_text() == "hello\n"
+    assert (out / "src" / "main.c").read_bytes() == (tree / "src" / "main.c").read_bytes()
+    assert (out / "src" / "deep" / "data.bin").read_bytes() == b"\x00" * 5000
+    assert (out / "empty").is_dir()
+    assert os.access(out / "run.sh", os.X_OK)
+    assert not os.access(out / "README.md", os.X_OK)
+    assert (out / "src" / "link.c").is_symlink()
+    assert os.readlink(out / "src" / "link.c") == "main.c"
+
+
+def test_directory_packing_is_deterministic(store: Store, tmp_path: Path, tree: Path) -> None:
+    first = store.upload_target(tree)
+    # the same tree elsewhere, with other mtimes, packs to the same bytes
+    os.utime(tree / "README.md", (1_000_000, 1_000_000))
+    second = store.upload_target(tree)
+    assert first != second
+    a, b = store.stat_target(first), store.stat_target(second)
+    assert a.sha256 is not None and a.sha256 == b.sha256 and a.size == b.size
+
+
+def test_foreign_object_downloads_checked_by_size(
+    store: Store, any_store_settings: Settings, tmp_path: Path
+) -> None:
+    tid = "foreign-" + uuid.uuid4().hex[:8]
+    data = os.urandom(100_000)
+    put_foreign(any_store_settings, tid, data)
+    info = store.stat_target(tid)
+    assert info.size == len(data) and info.sha256 is None
+    dest = tmp_path / "target"
+    got = store.download_target(tid, dest)
+    assert dest.read_bytes() == data
+    assert got.size == len(data) and got.sha256 == _sha(data)
+
+
+def test_corrupted_object_raises_and_leaves_nothing(
+    store: Store, any_store_settings: Settings, tmp_path: Path
+) -> None:
+    src = tmp_path / "blob"
+    data = os.urandom(50_000)
+    src.write_bytes(data)
+    tid = store.upload_target(src)
+    overwrite_keeping_metadata(any_store_settings, tid, bytes(reversed(data)))
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(IntegrityError, match="sha256"):
+        store.download_target(tid, out / "target")
+    assert os.listdir(out) == []
+
+
+def test_missing_target(store: Store, tmp_path: Path) -> None:
+    tid = str(uuid.uuid4())
+    with pytest.raises(TargetNotFoundError, match=tid):
+        store.stat_target(tid)
+    with pytest.raises(FileNotFoundError):
+        store.download_target(tid, tmp_path / "target")
+    assert os.listdir(tmp_path) == []
+
+
+def test_invalid_id_is_rejected_before_any_io(store: Store, tmp_path: Path) -> None:
+    for bad in ("../etc", "a/b", "", ".hidden", "target"):
+        with pytest.raises(InvalidIdError):
+            store.download_target(bad, tmp_path / "x")
+    assert os.listdir(tmp_path) == []
+
+
+def test_delete(store: Store, tmp_path: Path) -> None:
+    src = tmp_path / "f"
+    src.write_text("x")
+    tid = store.upload_target(src)
+    store.delete_target(tid)
+    with pytest.raises(TargetNotFoundError):
+        store.stat_target(tid)
+    store.delete_target(tid)  # deleting again is not an error
+
+
+def test_put_result(store: Store, any_store_settings: Settings) -> None:
+    loc = store.put_result("wf-1/results.json", b'{"findings": 0}')
+    if any_store_settings.storage_backend == "s3":
+        assert loc == f"s3://{any_store_settings.s3_results_bucket}/wf-1/results.json"
+        body = _s3_client(any_store_settings).get_object(
+            Bucket=any_store_settings.s3_results_bucket, Key="wf-1/results.json"
+        )["Body"]
+        assert body.read() == b'{"findings": 0}'
+    else:
+        assert Path(loc).read_bytes() == b'{"findings": 0}'
+    with pytest.raises(ValueError, match="result key"):
+        store.put_result("../escape.json", b"{}")
+
+
+def test_upload_of_missing_path(store: Store, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nope"):
+        store.upload_target(tmp_path / "nope")
