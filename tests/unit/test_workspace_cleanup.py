@@ -1,0 +1,116 @@
+"""cleanup_cache refuses anything that is not a run directory of its mode, deleting nothing."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from support.procs import make_project
+
+from forgespace.cache.workspace import WorkspaceCache
+from forgespace.config import Settings
+from forgespace.errors import CleanupRefusedError
+
+
+@pytest.fixture
+def populated(settings: Settings, tmp_path: Path) -> tuple[WorkspaceCache, str]:
+    cache = WorkspaceCache(settings)
+    tid = cache.store.upload_target(make_project(tmp_path / "p", files=5))
+    cache.get_target(tid, None, "shared")
+    cache.get_target(tid, "iso", "isolated")
+    cache.get_target(tid, "cow", "copy-on-write")
+    return cache, tid
+
+
+def _snapshot(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if ".forgespace" not in p.parts}
+
+
+def _outside(tmp_path: Path) -> Path:
+    victim = tmp_path / "outside" / "run"
+    (victim / "workspace").mkdir(parents=True, exist_ok=True)
+    return victim
+
+
+REFUSED: list[tuple[str, str, Callable[[Path, str, Path], Path | str]]] = [
+    ("isolated", "cache dir", lambda r, t, x: r),
+    ("isolated", "cache dir trailing slash", lambda r, t, x: str(r) + "/"),
+    ("isolated", "target dir", lambda r, t, x: r / t),
+    ("isolated", "shared workspace", lambda r, t, x: r / t / "workspace"),
+    ("isolated", "shared target", lambda r, t, x: r / t / "target"),
+    ("isolated", "cow shared copy", lambda r, t, x: r / t / "shared"),
+    ("isolated", "cow shared workspace", lambda r, t, x: r / t / "shared" / "workspace"),
+    ("isolated", "inside a workspace", lambda r, t, x: r / t / "iso" / "workspace" / "pkg0"),
+    ("isolated", "dotdot escape", lambda r, t, x: str(r / t / "iso") + "/../../.."),
+    ("isolated", "bookkeeping", lambda r, t, x: r / ".forgespace"),
+    ("isolated", "bookkeeping tmp", lambda r, t, x: r / ".forgespace" / "tmp"),
+    ("isolated", "outside", lambda r, t, x: x),
+    ("isolated", "relative outside", lambda r, t, x: os.path.relpath(x)),
+    ("isolated", "empty", lambda r, t, x: ""),
+    ("copy-on-write", "cow shared copy", lambda r, t, x: r / t / "shared"),
+    ("copy-on-write", "target dir", lambda r, t, x: r / t),
+    ("copy-on-write", "shared workspace", lambda r, t, x: r / t / "workspace"),
+    ("shared", "run dir in shared mode", lambda r, t, x: r / t / "iso"),
+    ("shared", "cow shared in shared mode", lambda r, t, x: r / t / "shared"),
+    ("shared", "cache dir", lambda r, t, x: r),
+    ("shared", "target dir", lambda r, t, x: r / t),
+]
+
+
+@pytest.mark.parametrize(("mode", "case", "make"), REFUSED, ids=[c for _, c, _ in REFUSED])
+def test_refused_and_nothing_deleted(
+    populated: tuple[WorkspaceCache, str],
+    tmp_path: Path,
+    mode: str,
+    case: str,
+    make: Callable[[Path, str, Path], Path | str],
+) -> None:
+    cache, tid = populated
+    root = cache.layout.root
+    outside = _outside(tmp_path)
+    before = _snapshot(root)
+    leases = cache.index.live_leases()
+    with pytest.raises(CleanupRefusedError) as ei:
+        cache.cleanup_cache(make(root, tid, outside), mode)
+    assert "nothing was deleted" in str(ei.value) and "accepted" in str(ei.value)
+    assert isinstance(ei.value, ValueError)
+    assert _snapshot(root) == before
+    assert (outside / "workspace").is_dir()
+    assert cache.index.live_leases() == leases
+
+
+def test_symlinks_refused(populated: tuple[WorkspaceCache, str], tmp_path: Path) -> None:
+    cache, tid = populated
+    root = cache.layout.root
+    outside = _outside(tmp_path)
+    # a link inside the cache that looks like a run directory but points outside
+    (root / tid / "evil").symlink_to(outside)
+    # a link outside the cache pointing at a real run directory
+    alias = tmp_path / "alias"
+    alias.symlink_to(root / tid / "iso")
+    # a link to a whole target dir that looks like a target id
+    (root / "alias-target").symlink_to(root / tid)
+    before = _snapshot(root)
+    for p in (root / tid / "evil", root / tid / "evil" / "workspace", alias,
+              alias / "workspace", root / "alias-target" / "iso"):  # fmt: skip
+        with pytest.raises(CleanupRefusedError):
+            cache.cleanup_cache(p, "isolated")
+    assert _snapshot(root) == before
+    assert (outside / "workspace").is_dir()
+    assert (root / tid / "iso" / "workspace").is_dir()
+
+
+def test_accepted_forms(populated: tuple[WorkspaceCache, str]) -> None:
+    cache, tid = populated
+    root = cache.layout.root
+    cache.cleanup_cache(root / tid / "iso", "isolated")  # the run directory itself
+    assert not (root / tid / "iso").exists()
+    cache.cleanup_cache(str(root / tid / "cow" / "workspace") + "/", "copy-on-write")
+    assert not (root / tid / "cow").exists()
+    assert (root / tid / "shared" / "workspace").is_dir()
+    assert (root / tid / "workspace").is_dir()
+    assert os.listdir(cache.layout.trash_dir) == [], "rename-then-delete leaves no trash"
+    assert cache.index.get(f"{tid}/iso") is None
+    assert cache.index.get(f"{tid}/cow") is None
