@@ -6,17 +6,35 @@
 - ``temporal_env(temporal_server)``: environment entries (TEMPORAL_ADDRESS, TEMPORAL_NAMESPACE)
   for subprocesses that must talk to the session's server.
 - ``FIXTURE_WORKFLOWS``: the folder of the small test-only workflow packages.
+- ``in_process_worker(settings, client, task_queue)``: async context manager running a
+  forgespace worker (shared + host queue) in the test's event loop.
+- ``start_worker_process(env, task_queue, log)``: `forgespace worker` as a real OS process
+  (``WorkerProcess.wait_ready``/``stop``); ``worker_processes`` kills leftovers after a test.
+- ``cli_command(*args)``: argv running the forgespace CLI in a fresh interpreter.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import signal
+import subprocess
+import sys
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
+from forgespace.config import Settings
 from forgespace.temporal.devserver import DevServer
+from forgespace.temporal.worker import WorkerInfo, run_worker
+
+if TYPE_CHECKING:
+    from temporalio.client import Client
 
 FIXTURE_WORKFLOWS = Path(__file__).resolve().parent.parent / "fixtures" / "workflows"
 
@@ -46,3 +64,114 @@ def temporal_env(temporal_server: DevServer) -> dict[str, str]:
         "TEMPORAL_ADDRESS": temporal_server.address,
         "TEMPORAL_NAMESPACE": temporal_server.namespace,
     }
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def in_process_worker(
+    settings: Settings,
+    client: Client,
+    task_queue: str,
+    *,
+    workflows_dirs: Sequence[Path] = (FIXTURE_WORKFLOWS,),
+    timeout: float = 30.0,
+) -> AsyncIterator[WorkerInfo]:
+    """A forgespace worker (both queues) in this event loop, serving the fixture packages."""
+    stop = asyncio.Event()
+    ready: list[WorkerInfo] = []
+    task = asyncio.create_task(
+        run_worker(
+            settings,
+            client,
+            task_queue=task_queue,
+            workflows_dirs=workflows_dirs,
+            bundled=False,
+            stop=stop,
+            on_ready=ready.append,
+            sweep=False,
+        )
+    )
+    deadline = time.monotonic() + timeout
+    while not ready:
+        if task.done():
+            task.result()
+        if time.monotonic() > deadline:
+            task.cancel()
+            raise TimeoutError(f"in-process worker on {task_queue} not ready after {timeout}s")
+        await asyncio.sleep(0.05)
+    try:
+        yield ready[0]
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=30)
+
+
+def cli_command(*args: str) -> list[str]:
+    """argv running the forgespace CLI in a fresh interpreter."""
+    return [sys.executable, "-c", "import sys; from forgespace.cli import main; main()", *args]
+
+
+@dataclass
+class WorkerProcess:
+    """A `forgespace worker` subprocess; its stderr goes to ``log``."""
+
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def wait_ready(self, timeout: float = 45.0) -> None:
+        deadline = time.monotonic() + timeout
+        while "forgespace worker ready" not in self.text():
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"worker pid {self.proc.pid} exited with {self.proc.returncode} before "
+                    f"ready: {self.text()[-3000:]}"
+                )
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"worker pid {self.proc.pid} not ready after {timeout}s: {self.text()[-3000:]}"
+                )
+            time.sleep(0.1)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout)
+
+
+def start_worker_process(
+    env: dict[str, str], task_queue: str, log: Path, *extra: str
+) -> WorkerProcess:
+    """Start `forgespace worker` for the fixture packages on ``task_queue`` (no bundled ones)."""
+    cmd = cli_command(
+        "worker",
+        "--task-queue",
+        task_queue,
+        "--workflows-dir",
+        str(FIXTURE_WORKFLOWS),
+        "--no-bundled",
+        *extra,
+    )
+    env = {**env, "FORGESPACE_LOG_LEVEL": "INFO"}
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=f, stderr=f)
+    return WorkerProcess(proc, log)
+
+
+@pytest.fixture
+def worker_processes() -> Iterator[list[WorkerProcess]]:
+    """Collects worker subprocesses started by a test and stops any still running after it."""
+    procs: list[WorkerProcess] = []
+    yield procs
+    for p in procs:
+        if p.proc.poll() is None:
+            p.proc.kill()
+            p.proc.wait(10)
