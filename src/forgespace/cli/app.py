@@ -8,6 +8,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from forgespace.config import Settings
 from forgespace.errors import (
@@ -74,7 +75,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=False)
     except ForgespaceError as exc:
-        err_console.print(f"[red]error:[/red] {exc}", highlight=False, markup=True)
+        # escape: messages quote paths and forms like "[/workspace|/target]" (not markup)
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, markup=True)
         sys.exit(exit_code_for(exc))
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
