@@ -1,0 +1,173 @@
+"""SIGKILL a get_target at several phases; a fresh get then returns a complete workspace and
+no leftovers remain.
+
+The child pauses at a named phase (FORGESPACE_FAULT_PAUSE, announced by a file in
+FORGESPACE_FAULT_SIGNAL_DIR) and is killed there; mid-extraction is caught without a hook by
+watching the staging workspace fill up.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from support.procs import make_project, start_getter, tree_digest, wait_for
+
+from forgespace.cache.workspace import WorkspaceCache
+from forgespace.config import Settings
+
+pytestmark = pytest.mark.integration
+
+
+def _kill_at(
+    env: dict[str, str], tid: str, rid: str | None, mode: str, phase: str, sig_dir: Path
+) -> None:
+    p = start_getter(
+        env,
+        tid,
+        rid,
+        mode,
+        extra_env={"FORGESPACE_FAULT_PAUSE": phase, "FORGESPACE_FAULT_SIGNAL_DIR": str(sig_dir)},
+    )
+    try:
+        wait_for(lambda: any(sig_dir.glob(f"{phase}.*")), 30, f"child to reach phase {phase}")
+    finally:
+        os.kill(p.pid, signal.SIGKILL)
+        p.communicate()
+    assert p.returncode == -signal.SIGKILL
+
+
+def _assert_no_leftovers(cache: WorkspaceCache, tid: str) -> None:
+    assert [n for n in os.listdir(cache.layout.tmp_dir) if n.startswith(tid)] == []
+    assert os.listdir(cache.layout.trash_dir) == []
+
+
+CASES = [
+    ("shared", "download"),
+    ("shared", "downloaded"),
+    ("shared", "extracted"),
+    ("shared", "shared-target-published"),
+    ("copy-on-write", "download"),
+    ("copy-on-write", "extracted"),
+    ("copy-on-write", "cow-copied"),
+    ("isolated", "downloaded"),
+    ("isolated", "staged-run"),
+]
+
+
+@pytest.mark.parametrize(("mode", "phase"), CASES, ids=[f"{m}-{p}" for m, p in CASES])
+def test_sigkill_at_phase_then_fresh_get_is_complete(
+    settings: Settings,
+    settings_env: Callable[[Settings], dict[str, str]],
+    tmp_path: Path,
+    mode: str,
+    phase: str,
+) -> None:
+    # big enough that the local store reports progress more than once
+    project = make_project(tmp_path / "project", files=60, size=30_000)
+    cache = WorkspaceCache(settings)
+    tid = cache.store.upload_target(project)
+    if phase == "cow-copied":
+        cache.get_target(tid, "warm", mode)  # the shared copy exists; kill the run's copy
+    _kill_at(settings_env(settings), tid, "victim", mode, phase, tmp_path / "sig")
+
+    # nothing the killed process left is visible as complete
+    assert not (cache.layout.run_dir(tid, "victim")).exists()
+    if mode == "shared" and phase != "shared-target-published":
+        assert not cache.layout.shared_workspace(tid).exists()
+    if mode == "copy-on-write" and phase != "cow-copied":
+        assert not cache.layout.cow_shared_dir(tid).exists()
+
+    res = cache.get_target_report(tid, "next", mode)
+    assert tree_digest(Path(res.path)) == tree_digest(project)
+    if mode != "shared":
+        assert res.path == str(cache.layout.run_workspace(tid, "next"))
+    _assert_no_leftovers(cache, tid)
+    # the killed run's own retry gets a complete workspace too
+    retry = cache.get_target_report(tid, "victim", mode)
+    assert tree_digest(Path(retry.path)) == tree_digest(project)
+
+
+def test_sigkill_mid_extraction(
+    settings: Settings, settings_env: Callable[[Settings], dict[str, str]], tmp_path: Path
+) -> None:
+    project = make_project(tmp_path / "project", files=6000, size=64)
+    cache = WorkspaceCache(settings)
+    tid = cache.store.upload_target(project)
+    p = start_getter(settings_env(settings), tid, None, "shared")
+    tmp = cache.layout.tmp_dir
+
+    def extracting() -> bool:
+        for stage in tmp.glob(f"{tid}~*"):
+            ws = stage / "workspace"
+            if ws.is_dir() and any(ws.iterdir()):
+                return True
+        return False
+
+    try:
+        wait_for(extracting, 60, "the child to be extracting")
+    finally:
+        os.kill(p.pid, signal.SIGKILL)
+        p.communicate()
+    assert p.returncode == -signal.SIGKILL
+    assert not cache.layout.shared_workspace(tid).exists()
+    assert any(tmp.glob(f"{tid}~*")), "the partial extraction is still staged"
+    res = cache.get_target_report(tid, None, "shared")
+    assert res.downloaded
+    assert tree_digest(Path(res.path)) == tree_digest(project)
+    _assert_no_leftovers(cache, tid)
+
+
+def test_gc_sweep_removes_leftovers_of_killed_runs(
+    settings: Settings, settings_env: Callable[[Settings], dict[str, str]], tmp_path: Path
+) -> None:
+    project = make_project(tmp_path / "project", files=20, size=30_000)
+    cache = WorkspaceCache(settings)
+    tid = cache.store.upload_target(project)
+    _kill_at(settings_env(settings), tid, "victim", "isolated", "extracted", tmp_path / "sig")
+    assert any(cache.layout.tmp_dir.glob(f"{tid}~*"))
+    removed = cache.sweep_leftovers()
+    assert removed and not any(cache.layout.tmp_dir.glob(f"{tid}~*"))
+    owners = cache.layout.meta_dir / "owners"
+    pids = {f.name.split("-")[0] for f in owners.iterdir()}
+    assert str(os.getpid()) in pids or not pids
+    assert all(pid == str(os.getpid()) for pid in pids), "dead owners' lock files removed"
+
+
+def test_cli_get_prints_path_on_last_line(
+    settings: Settings, settings_env: Callable[[Settings], dict[str, str]], tmp_path: Path
+) -> None:
+    import sys
+
+    project = make_project(tmp_path / "project", files=5)
+    tid = WorkspaceCache(settings).store.upload_target(project)
+    exe = [str(Path(sys.executable).with_name("forgespace"))]
+    cmd = [*exe, "get", tid, "--run-id", "r1", "--isolation", "copy-on-write"]
+    out = subprocess.run(
+        cmd, env=settings_env(settings), capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    path = out.stdout.strip().splitlines()[-1]
+    assert path == str(settings.cache_dir / tid / "r1" / "workspace")
+    assert "Cache MISS" in out.stderr
+    bad = subprocess.run(
+        [*exe, "cleanup", str(settings.cache_dir), "--isolation", "isolated"],
+        env=settings_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode != 0 and "refusing" in bad.stderr
+    ok = subprocess.run(
+        [*exe, "cleanup", path, "--isolation", "copy-on-write"],
+        env=settings_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert not Path(path).exists()
