@@ -9,7 +9,7 @@ import pytest
 
 from forgespace.config import Settings
 
-pytest_plugins: list[str] = ["support.s3server", "support.temporal"]
+pytest_plugins: list[str] = ["support.s3server", "support.temporal", "support.mounts"]
 
 
 @pytest.fixture

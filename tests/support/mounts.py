@@ -1,0 +1,97 @@
+"""Filesystems made by the tests: a btrfs filesystem in a sparse file, loop-mounted.
+
+``btrfs_dir`` (session fixture) is a directory on that mount. Where it cannot be made (no
+mkfs.btrfs, not root, the kernel refuses the loop mount) the tests that need it are skipped with
+the exact reason. ``loop_btrfs`` is the same as a context manager (the benchmarks use it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+_TIMEOUT = 60
+
+
+class MountRefused(Exception):
+    """The filesystem could not be created or mounted here; the message says why."""
+
+
+def _run(cmd: list[str]) -> None:
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=_TIMEOUT)
+    except subprocess.TimeoutExpired as e:
+        raise MountRefused(f"`{' '.join(cmd)}` did not finish within {_TIMEOUT} s") from e
+    if r.returncode != 0:
+        msg = (r.stderr or r.stdout).strip()
+        raise MountRefused(f"`{' '.join(cmd)}` failed (exit {r.returncode}): {msg}")
+
+
+def _umount(mnt: Path) -> None:
+    try:
+        r = subprocess.run(["umount", str(mnt)], capture_output=True, timeout=_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        r = None
+    if r is None or r.returncode != 0:
+        # Something still holds the mount (a leaked fd): detach it lazily so the run ends.
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=_TIMEOUT)
+
+
+@contextlib.contextmanager
+def loop_btrfs(workdir: Path, *, size: int = 2 << 30) -> Iterator[Path]:
+    """Create a sparse ``size``-byte image in ``workdir``, format it btrfs, loop-mount it and
+    yield the mount point; unmount and delete everything on exit. Raises MountRefused."""
+    if shutil.which("mkfs.btrfs") is None:
+        raise MountRefused("mkfs.btrfs not found (install btrfs-progs)")
+    if os.geteuid() != 0:
+        raise MountRefused("loop-mounting a filesystem needs root")
+    workdir.mkdir(parents=True, exist_ok=True)
+    image = workdir / "btrfs.img"
+    mnt = workdir / "mnt"
+    mnt.mkdir(exist_ok=True)
+    with open(image, "wb") as f:
+        f.truncate(size)
+    mounted = False
+    try:
+        _run(["mkfs.btrfs", "-q", "-f", str(image)])
+        _run(["mount", "-o", "loop", str(image), str(mnt)])
+        mounted = True
+        yield mnt
+    finally:
+        if mounted:
+            _umount(mnt)
+        image.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            mnt.rmdir()
+
+
+@pytest.fixture(scope="session")
+def btrfs_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A directory on a btrfs loop mount made for the session (skips with the exact reason where
+    it cannot be made). Tests share it: create your own uniquely named entries inside."""
+    try:
+        with loop_btrfs(tmp_path_factory.mktemp("btrfs")) as mnt:
+            data = mnt / "data"
+            data.mkdir()
+            yield data
+    except MountRefused as e:
+        pytest.skip(f"btrfs loop mount unavailable: {e}")
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs mounted for one test (to provoke ENOSPC); skips with the reason."""
+    mnt = tmp_path / "small-tmpfs"
+    mnt.mkdir()
+    try:
+        _run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0755", "tmpfs", str(mnt)])
+    except MountRefused as e:
+        pytest.skip(f"tmpfs mount unavailable: {e}")
+    yield mnt
+    _umount(mnt)
