@@ -31,7 +31,8 @@ CloneMethod = Literal["reflink", "copy_file_range", "copy"]
 
 # _IOW(0x94, 9, int): clone a whole file's extents (the reflink ioctl of btrfs, XFS, bcachefs).
 FICLONE = 0x40049409
-_RANK = {"copy": 0, "copy_file_range": 1, "reflink": 2}
+_METHODS: tuple[CloneMethod, ...] = ("copy", "copy_file_range", "reflink")  # worst to best
+_RANK = {m: i for i, m in enumerate(_METHODS)}
 _NO_REFLINK = {errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EPERM}
 _NO_CFR = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM}
 _DST_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
@@ -182,7 +183,7 @@ class _Copier:
     def method(self) -> CloneMethod:
         if self.best < 0:
             return "copy"
-        return next(m for m, r in _RANK.items() if r == self.best)  # type: ignore[return-value]
+        return _METHODS[self.best]
 
 
 def _remove(path: str) -> None:
