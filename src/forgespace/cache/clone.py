@@ -73,7 +73,7 @@ class _Copier:
         self.links: dict[tuple[int, int], str] = {}
         self.dirs: list[tuple[str, int, int, int]] = []  # (dst, mode, atime_ns, mtime_ns)
 
-    def _used(self, method: str) -> None:
+    def _used(self, method: CloneMethod) -> None:
         rank = _RANK[method]
         if rank > self.best:
             self.best = rank
