@@ -183,6 +183,11 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         super().setup()
         self._upstream: http.client.HTTPConnection | None = None
 
+    def handle(self) -> None:
+        # A client dropping its kept-alive connection is normal, not worth a traceback.
+        with contextlib.suppress(OSError):
+            super().handle()
+
     def finish(self) -> None:
         with contextlib.suppress(Exception):
             super().finish()

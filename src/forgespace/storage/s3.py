@@ -322,7 +322,12 @@ class S3Store:
                 if expected is not None and part.size == expected.size:
                     break  # everything arrived; the fault came after the last byte
                 try:
-                    expected = self._stream_into(key, part, expected, progress)
+                    resp = self._get(key, part, expected)
+                    if expected is None:
+                        expected = _info(resp, int(resp["ContentLength"]))
+                    elif resp["ResponseMetadata"]["HTTPStatusCode"] != 206:
+                        part.restart()  # the server ignored our Range: this is the whole object
+                    self._drain(resp["Body"], part, expected, progress)
                     if part.size < expected.size:
                         raise _ShortRead(f"stream ended at {part.size} of {expected.size} bytes")
                     break
@@ -358,35 +363,28 @@ class S3Store:
             assert expected is not None
             return part.commit(expected, f"target {target_id} ({where})")
 
-    def _stream_into(
-        self,
-        key: str,
-        part: PartFile,
-        expected: ObjectInfo | None,
-        progress: ProgressFn | None,
-    ) -> ObjectInfo:
+    def _get(self, key: str, part: PartFile, expected: ObjectInfo | None) -> Any:
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
         if expected is not None and part.size:
+            # resume where the broken stream stopped, but only from the same object version
             kwargs["Range"] = f"bytes={part.size}-"
             if expected.etag:
                 kwargs["IfMatch"] = expected.etag
-        resp = self.client.get_object(**kwargs)
-        if expected is None:
-            expected = _info(resp, int(resp["ContentLength"]))
-        body = resp["Body"]
+        return self.client.get_object(**kwargs)
+
+    @staticmethod
+    def _drain(
+        body: Any, part: PartFile, expected: ObjectInfo, progress: ProgressFn | None
+    ) -> None:
         try:
-            while True:
-                chunk = body.read(CHUNK_SIZE)
-                if not chunk:
-                    break
+            while chunk := body.read(CHUNK_SIZE):
                 part.write(chunk)
                 if part.size > expected.size:
-                    break  # commit reports the size mismatch
+                    return  # commit reports the size mismatch
                 if progress is not None:
                     progress(part.size, expected.size)
         finally:
             body.close()
-        return expected
 
     # --- delete / results -----------------------------------------------------------
     def delete_target(self, target_id: str) -> None:

@@ -1,0 +1,255 @@
+"""S3 downloads under faults (injected by the proxy in front of moto), bounded memory, and
+the proxy's own guarantees that other parts' tests rely on (counting across processes)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import boto3
+import pytest
+from support.s3server import S3Server, env_for
+
+from forgespace.config import Settings
+from forgespace.errors import StorageError, TargetNotFoundError
+from forgespace.storage import target_key
+from forgespace.storage.retry import RetryPolicy
+from forgespace.storage.s3 import S3Store
+
+pytestmark = pytest.mark.integration
+
+FAST = RetryPolicy(attempts=4, base=0.01, cap=0.05)
+
+
+@pytest.fixture
+def store(s3_settings: Settings) -> S3Store:
+    return S3Store.from_settings(s3_settings, retry=FAST)
+
+
+def _upload(store: S3Store, tmp_path: Path, size: int) -> tuple[str, bytes]:
+    data = os.urandom(size)
+    src = tmp_path / f"src-{uuid.uuid4().hex[:6]}"
+    src.write_bytes(data)
+    return store.upload_target(src), data
+
+
+def test_missing_key_raises_at_once_with_one_get(
+    store: S3Store, s3_server: S3Server, tmp_path: Path
+) -> None:
+    _upload(store, tmp_path, 10)  # the bucket exists; only the key is missing
+    tid = str(uuid.uuid4())
+    key = target_key(tid)
+    slow = S3Store.from_settings(store_settings(store, s3_server), retry=RetryPolicy(base=1.0))
+    started = time.monotonic()
+    with pytest.raises(TargetNotFoundError, match=tid):
+        slow.download_target(tid, tmp_path / "dest")
+    assert time.monotonic() - started < 0.9  # no backoff sleep happened
+    assert s3_server.get_count(key) == 1
+    assert not (tmp_path / "dest").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".dest")] == []
+
+
+def store_settings(store: S3Store, server: S3Server) -> Settings:
+    return Settings.from_env(
+        {
+            "STORAGE_BACKEND": "s3",
+            "S3_ENDPOINT": server.endpoint,
+            "S3_ACCESS_KEY": server.access_key,
+            "S3_SECRET_KEY": server.secret_key,
+            "S3_BUCKET": store.bucket,
+            "S3_RESULTS_BUCKET": store.results_bucket,
+        }
+    )
+
+
+def test_missing_bucket_is_target_not_found(
+    s3_settings: Settings, s3_server: S3Server, tmp_path: Path
+) -> None:
+    store = S3Store.from_settings(
+        s3_settings.with_(s3_bucket="never-created-" + uuid.uuid4().hex[:8])
+    )
+    tid = str(uuid.uuid4())
+    with pytest.raises(TargetNotFoundError):
+        store.download_target(tid, tmp_path / "dest")
+    with pytest.raises(TargetNotFoundError):
+        store.stat_target(tid)
+    assert s3_server.get_count(target_key(tid)) == 1
+
+
+def test_500s_are_retried(store: S3Store, s3_server: S3Server, tmp_path: Path) -> None:
+    tid, data = _upload(store, tmp_path, 2 * 1024 * 1024)
+    key = target_key(tid)
+    s3_server.reset_counts()
+    s3_server.inject("500", key=key, times=2)
+    store.download_target(tid, tmp_path / "dest")
+    assert (tmp_path / "dest").read_bytes() == data
+    assert s3_server.get_count(key) == 3
+    assert s3_server.pending_faults() == 0
+
+
+@pytest.mark.parametrize("fault", ["reset", "short"])
+def test_broken_body_is_resumed(
+    store: S3Store, s3_server: S3Server, tmp_path: Path, fault: str
+) -> None:
+    size, cut = 6 * 1024 * 1024, 2 * 1024 * 1024 + 512 * 1024
+    tid, data = _upload(store, tmp_path, size)
+    key = target_key(tid)
+    s3_server.reset_counts()
+    s3_server.inject(fault, key=key, after_bytes=cut)  # type: ignore[arg-type]
+    info = store.download_target(tid, tmp_path / "dest")
+    assert (tmp_path / "dest").read_bytes() == data
+    assert info.sha256 == hashlib.sha256(data).hexdigest()
+    assert s3_server.get_count(key) == 2
+    if fault == "short":
+        # the second GET asked only for the missing tail (Range), not the whole object again
+        assert s3_server.bytes_served(key) < size + cut
+
+
+def test_two_resets_in_a_row_still_succeed(
+    store: S3Store, s3_server: S3Server, tmp_path: Path
+) -> None:
+    tid, data = _upload(store, tmp_path, 4 * 1024 * 1024)
+    s3_server.inject("reset", key=target_key(tid), times=2, after_bytes=1024 * 1024)
+    store.download_target(tid, tmp_path / "dest")
+    assert (tmp_path / "dest").read_bytes() == data
+
+
+def test_persistent_500s_give_a_transient_storage_error(
+    store: S3Store, s3_server: S3Server, tmp_path: Path
+) -> None:
+    tid, _ = _upload(store, tmp_path, 1000)
+    key = target_key(tid)
+    s3_server.reset_counts()
+    s3_server.inject("500", key=key, times=100)
+    with pytest.raises(StorageError, match="after 4 attempts") as err:
+        store.download_target(tid, tmp_path / "dest")
+    assert err.value.transient is True
+    assert s3_server.get_count(key) == FAST.attempts
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        p.name for p in tmp_path.iterdir() if p.name.startswith("src-")
+    ]
+
+
+def test_upload_is_retried_after_a_500(store: S3Store, s3_server: S3Server, tmp_path: Path) -> None:
+    s3_server.inject("500", method="PUT", times=1)
+    tid, data = _upload(store, tmp_path, 300_000)
+    assert s3_server.request_count("PUT", target_key(tid)) == 2
+    assert store.stat_target(tid).size == len(data)
+
+
+def test_unreachable_endpoint_is_a_transient_storage_error(
+    s3_settings: Settings, tmp_path: Path
+) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once the socket is closed
+    store = S3Store.from_settings(
+        s3_settings.with_(s3_endpoint=f"http://127.0.0.1:{port}"), retry=FAST
+    )
+    with pytest.raises(StorageError) as err:
+        store.download_target(str(uuid.uuid4()), tmp_path / "dest")
+    assert err.value.transient is True
+    assert not (tmp_path / "dest").exists()
+
+
+# --- the proxy's guarantees -------------------------------------------------------------
+
+_GETTER = textwrap.dedent(
+    """
+    import sys, boto3
+    from botocore.config import Config
+    endpoint, ak, sk, bucket, key, n = sys.argv[1:]
+    c = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=ak,
+                     aws_secret_access_key=sk, region_name="us-east-1",
+                     config=Config(s3={"addressing_style": "path"}))
+    for _ in range(int(n)):
+        assert c.get_object(Bucket=bucket, Key=key)["Body"].read() == b"payload"
+    """
+)
+
+
+def test_proxy_counts_gets_from_concurrent_processes_and_threads(
+    s3_settings: Settings, s3_server: S3Server
+) -> None:
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_server.endpoint,
+        aws_access_key_id=s3_server.access_key,
+        aws_secret_access_key=s3_server.secret_key,
+        region_name="us-east-1",
+        config=boto3.session.Config(s3={"addressing_style": "path"}),
+    )
+    bucket, key = s3_settings.s3_bucket, f"{uuid.uuid4()}/target"
+    client.create_bucket(Bucket=bucket)
+    client.put_object(Bucket=bucket, Key=key, Body=b"payload")
+    s3_server.reset_counts()
+    args = [s3_server.endpoint, s3_server.access_key, s3_server.secret_key, bucket, key, "5"]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _GETTER, *args], env=env_for(s3_settings))
+        for _ in range(3)
+    ]
+
+    def get_in_thread() -> None:
+        for _ in range(5):
+            client.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+    threads = [threading.Thread(target=get_in_thread) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert [p.wait(timeout=60) for p in procs] == [0, 0, 0]
+    assert s3_server.get_count(key) == 35
+    assert s3_server.get_count(f"{bucket}/{key}") == 35
+    assert s3_server.request_count("PUT", key) == 0  # counts were reset after the PUT
+
+
+# --- bounded memory -----------------------------------------------------------------------
+
+_DOWNLOADER = textwrap.dedent(
+    """
+    import resource, sys
+    from forgespace.config import Settings
+    from forgespace.storage import open_store
+    store = open_store(Settings.from_env())
+    store.stat_target(sys.argv[1])  # warm up client and connection pool first
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    info = store.download_target(sys.argv[1], sys.argv[2])
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(before, after, info.size)
+    """
+)
+
+
+@pytest.mark.slow
+def test_200mb_download_runs_in_bounded_memory(s3_settings: Settings, tmp_path: Path) -> None:
+    size = 200 * 1024 * 1024
+    src = tmp_path / "big.bin"
+    block = os.urandom(1024 * 1024)
+    with open(src, "wb") as f:
+        for i in range(200):
+            f.write(i.to_bytes(4, "big") + block[4:])
+    store = S3Store.from_settings(s3_settings)
+    tid = store.upload_target(src)
+    src.unlink()
+    dest = tmp_path / "dest"
+    out = subprocess.run(
+        [sys.executable, "-c", _DOWNLOADER, tid, str(dest)],
+        env=env_for(s3_settings),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout.split()
+    before_kb, after_kb, got = (int(x) for x in out)
+    assert got == size and dest.stat().st_size == size
+    assert (after_kb - before_kb) * 1024 < 100 * 1024 * 1024, (before_kb, after_kb)
