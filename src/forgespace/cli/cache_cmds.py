@@ -8,6 +8,7 @@ nor ls nor gc walks workspace files: sizes come from the index.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections import defaultdict
 from datetime import UTC, datetime
@@ -167,7 +168,7 @@ def ls_doc(index: CacheIndex) -> dict[str, Any]:
     targets: dict[str, list[EntryRecord]] = defaultdict(list)
     for e in entries:
         targets[e.target_id].append(e)
-    docs = []
+    docs: list[dict[str, Any]] = []
     for tid, es in targets.items():
         docs.append(
             {
@@ -378,4 +379,6 @@ def verify(
             highlight=False,
         )
     if not doc["ok"] and not repair:
-        raise typer.Exit(1)
+        # sys.exit, not typer.Exit: main() runs click with standalone_mode=False, which turns
+        # typer.Exit into a return value that main() does not pass on.
+        sys.exit(1)

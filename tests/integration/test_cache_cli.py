@@ -1,0 +1,184 @@
+"""`forgespace cache ...` as a command: JSON shapes, gc, evict refusing leased targets, verify."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from support.procs import make_project
+
+from forgespace.cache.workspace import WorkspaceCache
+from forgespace.config import Settings
+from forgespace.storage import open_store
+
+STATUS_KEYS = {
+    "cache_dir",
+    "bytes",
+    "limit_bytes",
+    "used_ratio",
+    "entries",
+    "entries_by_kind",
+    "targets",
+    "live_leases",
+    "hits",
+    "misses",
+    "downloads",
+    "bytes_downloaded",
+    "evictions",
+    "counters",
+    "oldest_access",
+    "oldest_access_age_seconds",
+    "ttl_seconds",
+    "lease_ttl_seconds",
+    "cleanup_interval_seconds",
+}
+ENTRY_KEYS = {
+    "key",
+    "kind",
+    "mode",
+    "run_id",
+    "bytes",
+    "files",
+    "created",
+    "last_access",
+    "live_leases",
+}
+PLAN_KEYS = {"key", "target_id", "kind", "reason", "bytes", "last_access"}
+
+
+def forgespace(env: dict[str, str], *args: str, rc: int = 0) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-c", "from forgespace.cli import main; main()", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == rc, f"{args}: rc {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def as_json(env: dict[str, str], *args: str, rc: int = 0) -> dict:
+    return json.loads(forgespace(env, *args, "--json", rc=rc).stdout)
+
+
+@pytest.fixture
+def populated(settings: Settings, tmp_path: Path, settings_env) -> tuple[dict[str, str], dict]:
+    """A cache with a shared target leased by one run, an unleased shared target, and an
+    isolated run."""
+    store = open_store(settings)
+    ids = {n: store.upload_target(make_project(tmp_path / n, files=12, seed=n)) for n in "abc"}
+    cache = WorkspaceCache(settings)
+    cache.get_target(ids["a"], "run-a", "shared")
+    cache.get_target(ids["b"], None, "shared")
+    cache.get_target(ids["b"], None, "shared")  # a hit
+    cache.get_target(ids["c"], "run-c", "isolated")
+    return settings_env(settings), ids
+
+
+def test_status_json(populated) -> None:
+    env, _ = populated
+    doc = as_json(env, "cache", "status")
+    assert set(doc) == STATUS_KEYS
+    assert doc["entries"] == 3 and doc["targets"] == 3
+    assert doc["entries_by_kind"] == {"shared": 2, "cow-shared": 0, "run": 1}
+    assert (doc["hits"], doc["misses"], doc["downloads"]) == (1, 3, 3)
+    assert doc["live_leases"] == 2 and doc["bytes"] > 0
+    assert doc["limit_bytes"] == 10 * 10**9 and doc["oldest_access_age_seconds"] >= 0
+    human = forgespace(env, "cache", "status").stdout
+    assert "used" in human and "live leases" in human
+
+
+def test_ls_json_per_target(populated) -> None:
+    env, ids = populated
+    doc = as_json(env, "cache", "ls")
+    targets = {t["target_id"]: t for t in doc["targets"]}
+    assert set(targets) == set(ids.values())
+    assert doc["targets"][0]["target_id"] == ids["c"]  # most recent first
+    a = targets[ids["a"]]
+    assert set(a) == {
+        "target_id",
+        "kinds",
+        "bytes",
+        "files",
+        "last_access",
+        "live_leases",
+        "entries",
+    }
+    assert a["kinds"] == ["shared"] and a["live_leases"] == 1
+    (entry,) = a["entries"]
+    assert set(entry) == ENTRY_KEYS and entry["key"] == f"{ids['a']}/workspace"
+    assert targets[ids["b"]]["live_leases"] == 0
+    assert targets[ids["c"]]["entries"][0]["run_id"] == "run-c"
+    assert ids["a"][:8] in forgespace(env, "cache", "ls").stdout
+
+
+def test_gc_dry_run_then_gc(populated) -> None:
+    env, ids = populated
+    small = {**env, "CACHE_MAX_SIZE": "1"}  # only leases keep entries now
+    cache_dir = Path(env["CACHE_DIR"])
+    plan = as_json(small, "cache", "gc", "--dry-run")
+    assert plan["dry_run"] is True and plan["evicted"] == [] and plan["freed_bytes"] == 0
+    assert [(p["key"], p["reason"]) for p in plan["plan"]] == [(f"{ids['b']}/workspace", "lru")]
+    assert set(plan["plan"][0]) == PLAN_KEYS
+    assert (cache_dir / ids["b"] / "workspace").is_dir()  # dry run: nothing deleted
+    assert "lru" in forgespace(small, "cache", "gc", "--dry-run").stdout
+    done = as_json(small, "cache", "gc")
+    assert [p["key"] for p in done["evicted"]] == [f"{ids['b']}/workspace"]
+    assert done["freed_bytes"] == plan["plan"][0]["bytes"] > 0
+    assert done["total_after"] == done["total_before"] - done["freed_bytes"]
+    assert not (cache_dir / ids["b"]).exists()
+    assert (cache_dir / ids["a"] / "workspace").is_dir() and (
+        cache_dir / ids["c"] / "run-c"
+    ).is_dir()
+
+
+def test_evict_refuses_a_leased_target_unless_forced(populated) -> None:
+    env, ids = populated
+    cache_dir = Path(env["CACHE_DIR"])
+    refused = forgespace(env, "cache", "evict", ids["a"], rc=1)
+    assert "refusing to evict" in refused.stderr and "run-a" in refused.stderr
+    assert "--force" in refused.stderr
+    assert (cache_dir / ids["a"] / "workspace").is_dir()
+    doc = as_json(env, "cache", "evict", ids["b"])
+    assert doc["target_id"] == ids["b"] and [e["key"] for e in doc["evicted"]] == [
+        f"{ids['b']}/workspace"
+    ]
+    assert not (cache_dir / ids["b"]).exists()
+    forced = as_json(env, "cache", "evict", ids["a"], "--force")
+    assert forced["freed_bytes"] > 0 and not (cache_dir / ids["a"]).exists()
+    assert as_json(env, "cache", "status")["live_leases"] == 1  # run-c's remains
+    bad = forgespace(env, "cache", "evict", "../etc", rc=2)
+    assert "target_id" in bad.stderr
+
+
+def test_verify_finds_and_repairs(populated) -> None:
+    env, ids = populated
+    cache_dir = Path(env["CACHE_DIR"])
+    ok = as_json(env, "cache", "verify")
+    assert ok["ok"] is True and ok["entries_indexed"] == ok["entries_on_disk"] == 3
+    # tamper with a shared workspace (root ignores its read-only modes) and lose a run dir
+    victim = next((cache_dir / ids["a"] / "workspace").rglob("*.py"))
+    os.chmod(victim, 0o644)
+    victim.write_text("tampered\n")
+    os.chmod(victim, 0o444)
+    os.rename(cache_dir / ids["c"] / "run-c", cache_dir / ids["c"] / "run-lost")
+    bad = as_json(env, "cache", "verify", rc=1)
+    assert bad["ok"] is False
+    assert bad["missing_on_disk"] == [f"{ids['c']}/run-c"]
+    assert bad["missing_from_index"] == [f"{ids['c']}/run-lost"]
+    rel = victim.relative_to(cache_dir / ids["a"] / "workspace")
+    assert any(str(rel) in d and "modified" in d for d in bad["modified"][ids["a"]])
+    fixed = as_json(env, "cache", "verify", "--repair")
+    assert fixed["repaired"] and fixed["ok"] is False  # it reports what it found...
+    assert as_json(env, "cache", "verify")["ok"] is True  # ...and afterwards all is well
+    assert victim.read_text() != "tampered\n"
+
+
+def test_status_rebuilds_a_deleted_index(populated) -> None:
+    env, _ = populated
+    index = Path(env["CACHE_DIR"]) / ".forgespace" / "index.sqlite"
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{index}{suffix}").unlink(missing_ok=True)
+    proc = forgespace(env, "cache", "status", "--json")
+    assert "rebuilt" in proc.stderr
+    assert json.loads(proc.stdout)["entries"] == 3
