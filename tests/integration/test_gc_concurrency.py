@@ -212,3 +212,39 @@ def test_gc_racing_eight_processes_never_breaks_a_get(settings: Settings, tmp_pa
     assert gc_cache.index.live_leases() == []
     assert keys(gc_cache) == set()
     assert sorted(p.name for p in settings.cache_dir.iterdir()) == [".forgespace"]
+
+
+def test_metrics_follow_gets_and_evictions_and_are_served(
+    settings: Settings, tmp_path: Path
+) -> None:
+    import socket
+    import urllib.request
+
+    from forgespace.cache import metrics
+
+    tid = upload(settings, tmp_path, "m")
+    cache = WorkspaceCache(settings)
+    hits0 = metrics.value("forgespace_cache_hits_total", mode="shared")
+    misses0 = metrics.value("forgespace_cache_misses_total", mode="shared")
+    downloads0 = metrics.value("forgespace_cache_downloads_total")
+    lru0 = metrics.value("forgespace_cache_evictions_total", reason="lru")
+    cache.get_target(tid, workspace_isolation="shared")
+    cache.get_target(tid, workspace_isolation="shared")
+    assert metrics.value("forgespace_cache_misses_total", mode="shared") == misses0 + 1
+    assert metrics.value("forgespace_cache_hits_total", mode="shared") == hits0 + 1
+    assert metrics.value("forgespace_cache_downloads_total") == downloads0 + 1
+    assert metrics.value("forgespace_cache_downloaded_bytes_total") > 0
+    assert (
+        metrics.value("forgespace_get_target_duration_seconds_count", mode="shared", outcome="hit")
+        >= 1
+    )
+    WorkspaceCache(settings.with_(cache_max_size=1)).gc()
+    assert metrics.value("forgespace_cache_evictions_total", reason="lru") == lru0 + 1
+    assert metrics.value("forgespace_cache_bytes") == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    metrics.start_metrics_server(port, addr="127.0.0.1")
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert 'forgespace_cache_evictions_total{reason="lru"}' in body
+    assert "forgespace_get_target_duration_seconds_bucket" in body
