@@ -1,0 +1,1 @@
+"""Tool code shared by the bundled workflows (plain functions, no Temporal)."""

@@ -1,0 +1,156 @@
+"""Subprocess entry point that fuzzes one target file with atheris.
+
+Run as ``python -m forgespace.workflows._tools.atheris_harness TARGET_FILE CRASH_DIR
+MAX_CRASHES [libFuzzer args...]`` (MAX_CRASHES: stop after that many distinct crashes,
+0 = never). The parent (``fuzzing.run_atheris``) reads this process's output.
+
+Why a wrapper around ``TestOneInput``: libFuzzer stops at the first uncaught Python
+exception, so one run would find at most one bug. The wrapper catches the exception,
+records it once per distinct stack (crash input + JSON metadata in CRASH_DIR) and lets
+fuzzing go on. Native crashes (segfaults in C extensions) and libFuzzer timeouts still
+end the process; libFuzzer writes those inputs itself (``-artifact_prefix``).
+
+Lines for the parent start with ``#FORGESPACE `` followed by JSON:
+``{"event": "stats", "executions", "crashes", "unique_crashes"}`` about once a second and
+``{"event": "crash", "signature", "file"}`` for each new distinct crash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+
+MARK = "#FORGESPACE "
+STATS_INTERVAL = 1.0
+# Cap on distinct crash files: a target that raises on most inputs must not fill the disk.
+MAX_UNIQUE_CRASHES = 100
+
+
+def _emit(event: dict[str, object]) -> None:
+    # stderr is where libFuzzer writes too; one write per line keeps lines whole.
+    sys.stderr.write(MARK + json.dumps(event) + "\n")
+    sys.stderr.flush()
+
+
+def _target_frames(tb: TracebackType | None, skip_file: str) -> list[traceback.FrameSummary]:
+    return [f for f in traceback.extract_tb(tb) if f.filename != skip_file]
+
+
+def stack_signature(exc_type: str, frames: list[tuple[str, str, int | None]]) -> str:
+    """Stable id of a crash: exception type plus (file name, function, line) of each frame.
+
+    Only the base file name is used so the same bug in two workspaces (different
+    absolute paths) gets the same signature.
+    """
+    h = hashlib.sha256(exc_type.encode())
+    for filename, func, lineno in frames:
+        h.update(f"|{os.path.basename(filename)}:{func}:{lineno}".encode())
+    return h.hexdigest()[:16]
+
+
+def load_target(target_file: Path) -> Callable[[bytes], object]:
+    """Import ``target_file`` with atheris coverage instrumentation; return its TestOneInput."""
+    import atheris
+
+    target_dir = str(target_file.parent)
+    sys.path.insert(0, target_dir)
+    name = target_file.stem
+    if name in sys.modules:
+        raise SystemExit(
+            f"target module name {name!r} clashes with an already imported module; rename the file"
+        )
+    # Instrument every module the target imports from its own tree (not the stdlib or
+    # site-packages, which would only slow fuzzing down).
+    with atheris.instrument_imports():
+        module = importlib.import_module(name)
+    fn = getattr(module, "TestOneInput", None)
+    if not callable(fn):
+        raise SystemExit(f"{target_file} defines no callable TestOneInput(data: bytes)")
+    return fn
+
+
+def main(argv: list[str]) -> None:
+    """Fuzz ``argv[1]``, distinct crashes to ``argv[2]``, stop after ``argv[3]`` of them.
+
+    The remaining arguments go to libFuzzer.
+    """
+    import atheris
+
+    target_file = Path(argv[1]).resolve()
+    crash_dir = Path(argv[2]).resolve()
+    crash_dir.mkdir(parents=True, exist_ok=True)
+    max_crashes = int(argv[3])
+    test_one_input = load_target(target_file)
+    here = os.path.abspath(__file__)
+
+    seen: set[str] = set()
+    state = {"executions": 0, "crashes": 0, "last": time.monotonic()}
+
+    def report_stats() -> None:
+        _emit(
+            {
+                "event": "stats",
+                "executions": state["executions"],
+                "crashes": state["crashes"],
+                "unique_crashes": len(seen),
+            }
+        )
+
+    def wrapper(data: bytes) -> None:
+        state["executions"] += 1
+        now = time.monotonic()
+        if now - state["last"] >= STATS_INTERVAL:
+            state["last"] = now
+            report_stats()
+        try:
+            test_one_input(data)
+        except Exception as exc:  # any Python exception the target lets escape is a finding
+            state["crashes"] += 1
+            frames = _target_frames(exc.__traceback__, here)
+            sig = stack_signature(
+                type(exc).__qualname__, [(f.filename, f.name, f.lineno) for f in frames]
+            )
+            if sig in seen or len(seen) >= MAX_UNIQUE_CRASHES:
+                return
+            seen.add(sig)
+            crash_file = crash_dir / f"crash-{sig}"
+            crash_file.write_bytes(data)
+            meta = {
+                "signature": sig,
+                "exception_type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+                "exception_message": str(exc)[:2000],
+                "stack": [
+                    {"file": f.filename, "function": f.name, "line": f.lineno, "code": f.line}
+                    for f in frames
+                ],
+                "traceback": (
+                    "Traceback (most recent call last):\n"
+                    + "".join(traceback.format_list(frames))
+                    + "".join(traceback.format_exception_only(type(exc), exc))
+                )[-8000:],
+                "execution": state["executions"],
+            }
+            (crash_dir / f"crash-{sig}.json").write_text(json.dumps(meta, indent=2))
+            _emit({"event": "crash", "signature": sig, "file": crash_file.name})
+            report_stats()
+            if max_crashes and len(seen) >= max_crashes:
+                _emit({"event": "stop", "reason": "max_crashes"})
+                sys.stdout.flush()
+                os._exit(0)  # libFuzzer has no "stop now, all is well" call
+
+    atheris.Setup([argv[0], *argv[4:]], wrapper)
+    # libFuzzer ends the process itself (C exit) when its run or time budget is spent;
+    # the parent takes the final figures from libFuzzer's "Done N runs" line.
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    main(sys.argv)

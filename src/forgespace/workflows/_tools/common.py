@@ -1,0 +1,121 @@
+"""Helpers shared by the bundled tools: heartbeat throttling, safe paths, file walking."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+#: A tool reports progress through this callback; activities pass ``activity.heartbeat``.
+Heartbeat = Callable[[dict[str, Any]], None]
+
+# Directories that never hold the target's own code: tool output and VCS/venv internals.
+SKIP_DIRS = frozenset({".git", ".hg", ".svn", "__pycache__", ".venv", "venv", ".tox", ".atheris"})
+
+
+class ToolError(RuntimeError):
+    """A bundled tool could not run (missing program, crash of the tool itself...)."""
+
+
+class Throttle:
+    """Calls ``heartbeat`` at most once per ``interval`` seconds (always when forced)."""
+
+    def __init__(self, heartbeat: Heartbeat | None, interval: float = 1.0) -> None:
+        self._heartbeat = heartbeat
+        self._interval = interval
+        self._last = 0.0
+
+    def __call__(self, details: dict[str, Any], *, force: bool = False) -> None:
+        if self._heartbeat is None:
+            return
+        now = time.monotonic()
+        if force or now - self._last >= self._interval:
+            self._last = now
+            self._heartbeat(details)
+
+
+def workspace_root(workspace: str | os.PathLike[str]) -> Path:
+    """The workspace as an absolute path; it must exist (a directory or a single file)."""
+    path = Path(workspace).absolute()
+    if not path.exists():
+        raise ValueError(f"workspace {str(path)!r} does not exist")
+    return path
+
+
+def resolve_inside(root: Path, relative: str, *, what: str) -> Path:
+    """``root / relative``, checked to stay inside ``root`` (no ``..`` or absolute escape)."""
+    candidate = (root / relative).resolve()
+    base = root.resolve()
+    if candidate != base and base not in candidate.parents:
+        raise ValueError(f"{what} {relative!r} points outside the workspace")
+    return candidate
+
+
+def iter_files(root: Path, *, skip_dirs: frozenset[str] = SKIP_DIRS) -> Iterator[Path]:
+    """Every regular file under ``root`` (or ``root`` itself when it is a file), sorted.
+
+    Symlinks are not followed: a link could lead out of the workspace.
+    """
+    if root.is_file():
+        yield root
+        return
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if d not in skip_dirs)
+        for name in sorted(filenames):
+            p = Path(dirpath, name)
+            try:
+                st = p.lstat()
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                yield p
+
+
+def relative_name(root: Path, path: Path) -> str:
+    """``path`` relative to the workspace, POSIX style; the file name for a single-file target."""
+    if root.is_file():
+        return root.name
+    return path.relative_to(root).as_posix()
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def mask(value: str) -> str:
+    """Show at most the first two characters of a secret (none when it is short)."""
+    return (value[:2] if len(value) >= 8 else "") + "****"
+
+
+def fingerprint(value: str) -> str:
+    """Short sha256 prefix: tells whether two findings are the same secret without showing it."""
+    return hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+
+
+def tree_digest(root: str | os.PathLike[str]) -> str:
+    """sha256 over every entry under ``root``: relative path, type, mode, size, mtime, content.
+
+    Two equal digests mean the tree is byte-for-byte unchanged (used to check that a
+    read-only scan of a shared workspace left it alone).
+    """
+    base = Path(root)
+    h = hashlib.sha256()
+    entries = [base] if base.is_file() else sorted(base.rglob("*"))
+    for p in entries:
+        st = p.lstat()
+        rel = p.name if p == base else p.relative_to(base).as_posix()
+        h.update(f"{rel}\0{st.st_mode:o}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        if stat.S_ISLNK(st.st_mode):
+            h.update(os.readlink(p).encode())
+        elif stat.S_ISREG(st.st_mode):
+            h.update(sha256_file(p).encode())
+    return h.hexdigest()

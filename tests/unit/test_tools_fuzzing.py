@@ -1,0 +1,143 @@
+"""atheris fuzzing tool: the planted crash is found, reproduces, is deduplicated by stack."""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from forgespace.workflows._tools.common import ToolError
+from forgespace.workflows._tools.fuzzing import discover_target, run_atheris
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "fuzz_target"
+
+
+@pytest.fixture
+def fuzz_workspace(tmp_path: Path) -> Path:
+    ws = tmp_path / "workspace"
+    shutil.copytree(EXAMPLE, ws)
+    return ws
+
+
+def reproduce(workspace: Path, target: str, data: bytes) -> str:
+    """Feed ``data`` to the target's TestOneInput in a fresh interpreter; return what it raised."""
+    code = (
+        "import sys, importlib\n"
+        f"sys.path.insert(0, {str(workspace)!r})\n"
+        f"m = importlib.import_module({Path(target).stem!r})\n"
+        "try:\n"
+        f"    m.TestOneInput({data!r})\n"
+        "except Exception as e:\n"
+        "    print(type(e).__name__)\n"
+        "else:\n"
+        "    print('no exception')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True
+    )
+    return out.stdout.strip()
+
+
+def test_planted_crash_is_found_and_its_input_reproduces_it(fuzz_workspace: Path) -> None:
+    beats: list[dict[str, Any]] = []
+    result = run_atheris(
+        fuzz_workspace,
+        max_iterations=5_000_000,
+        timeout_seconds=30,
+        max_crashes=1,
+        heartbeat=beats.append,
+    )
+    assert result["stopped"] == "max_crashes"
+    assert result["target_file"] == "fuzz_header.py"  # auto-discovered
+    assert result["unique_crashes"] == 1, result["findings"]
+    finding = result["findings"][0]
+    assert finding["exception_type"] == "builtins.IndexError"
+    assert finding["location"] == "header_parser.py:31"
+    assert [f["function"] for f in finding["stack"]] == ["TestOneInput", "parse_header"]
+    data = base64.b64decode(finding["input_base64"])
+    assert data.startswith(b"FSPC\x07")
+    assert reproduce(fuzz_workspace, "fuzz_header.py", data) == "IndexError"
+    # Corpus and crash files live inside the run's workspace.
+    crash_file = fuzz_workspace / finding["crash_file"]
+    assert crash_file.read_bytes() == data
+    assert (fuzz_workspace / result["corpus_dir"]).is_dir()
+    assert result["corpus_size"] >= 1
+    assert any((fuzz_workspace / result["corpus_dir"]).iterdir())
+    # Live stats went through the heartbeat callback with the agreed keys.
+    assert beats, "no heartbeat"
+    assert set(beats[-1]) == {"executions", "exec_per_sec", "corpus_size", "crashes"}
+    assert beats[-1]["crashes"] == 1
+    assert beats[-1]["executions"] == result["executions"] > 0
+
+
+def test_fuzzing_goes_on_after_a_crash_and_dedups_by_stack(tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "fuzz_two_bugs.py").write_text(
+        "def TestOneInput(data):\n"
+        "    if data[:1] == b'A':\n"
+        "        raise ValueError('bug one')\n"
+        "    if data[:1] == b'B':\n"
+        "        {}['bug two']\n"
+    )
+    result = run_atheris(ws, max_iterations=20_000, timeout_seconds=30)
+    types = sorted(f["exception_type"] for f in result["findings"])
+    assert types == ["builtins.KeyError", "builtins.ValueError"]
+    # Both bugs are hit many times, but each distinct stack is reported once.
+    assert result["crashes_total"] > 2
+    assert result["executions"] == 20_000
+    assert result["stopped"] == "max_iterations"
+    for f in result["findings"]:
+        first = base64.b64decode(f["input_base64"])[:1]
+        assert first == (b"A" if f["exception_type"] == "builtins.ValueError" else b"B")
+
+
+def test_timeout_stops_a_run(tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "fuzz_slow.py").write_text(
+        "import time\n\ndef TestOneInput(data):\n    time.sleep(0.01)\n"
+    )
+    started = time.monotonic()
+    result = run_atheris(ws, max_iterations=10_000_000, timeout_seconds=2)
+    elapsed = time.monotonic() - started
+    assert result["stopped"] == "timeout"
+    assert result["findings"] == []
+    assert 1.5 < elapsed < 15
+    assert 0 < result["executions"] < 10_000_000
+
+
+def test_target_discovery_and_bad_parameters(tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    (ws / "pkg").mkdir(parents=True)
+    (ws / "pkg" / "harness.py").write_text("def TestOneInput(data):\n    pass\n")
+    (ws / "fuzz_main.py").write_text("def TestOneInput(data):\n    pass\n")
+    (ws / "other.py").write_text("x = 1\n")
+    assert discover_target(ws) == ws / "fuzz_main.py"
+    with pytest.raises(ValueError, match="outside the workspace"):
+        run_atheris(ws, target_file="../elsewhere.py")
+    with pytest.raises(ValueError, match="not a file"):
+        run_atheris(ws, target_file="missing.py")
+    with pytest.raises(ValueError, match="max_iterations"):
+        run_atheris(ws, max_iterations=0)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "lib.py").write_text("x = 1\n")
+    with pytest.raises(ValueError, match="TestOneInput"):
+        run_atheris(empty)
+
+
+def test_a_target_that_cannot_be_imported_is_a_tool_error(tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "fuzz_broken.py").write_text(
+        "import no_such_module_here\n\ndef TestOneInput(d):\n    pass\n"
+    )
+    with pytest.raises(ToolError, match="no_such_module_here"):
+        run_atheris(ws, max_iterations=10, timeout_seconds=10)
