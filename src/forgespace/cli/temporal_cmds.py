@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated
@@ -81,7 +82,10 @@ def workflows(
 @app.command()
 def run(
     workflow: Annotated[str, typer.Argument(help="Workflow name (see `forgespace workflows`).")],
-    path: Annotated[Path, typer.Argument(help="The target: a directory, an archive or a file.")],
+    path: Annotated[
+        Path,
+        typer.Argument(exists=True, help="The target: a directory, an archive or a file."),
+    ],
     runs: Annotated[int, typer.Option("--runs", min=1, help="Concurrent runs.")] = 1,
     isolation: Annotated[
         str | None,
@@ -109,15 +113,19 @@ def run(
     ] = 7200.0,
 ) -> None:
     """Upload PATH and run WORKFLOW on it N times at once; summary per run and cache figures."""
-    from forgespace.temporal.runner import RunJob, parse_params, run_job
+    from forgespace.temporal.runner import RunInputError, RunJob, parse_params, run_job
 
+    try:
+        params = parse_params(param or [])
+    except RunInputError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--param") from None
     settings = load_settings()
     job = RunJob(
         workflow=workflow,
         path=path,
         runs=runs,
         isolation=isolation,
-        params=parse_params(param or []),
+        params=params,
         task_queue=task_queue,
         workflows_dirs=workflows_dir or [],
         bundled=bundled,
@@ -128,4 +136,6 @@ def run(
     if as_json:
         print(json.dumps(report, indent=2, default=str))
     if any(r["status"] != "completed" for r in report["runs"]):
-        raise typer.Exit(1)
+        # sys.exit, not typer.Exit: main() runs click with standalone_mode=False, which turns
+        # typer.Exit into a return value that main() does not pass on.
+        sys.exit(1)
