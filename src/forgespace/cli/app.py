@@ -73,7 +73,9 @@ def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app, map our errors to exit codes."""
     setup_logging()
     try:
-        app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)  # non-standalone mode returns typer.Exit(n)'s code instead of raising
     except ForgespaceError as exc:
         # escape: messages quote paths and forms like "[/workspace|/target]" (not markup)
         err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, markup=True)
@@ -86,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # click usage errors carry their own exit code
         import click
 
-        if isinstance(exc, click.ClickException):
+        # typer vendors its own click: its usage errors are TyperException, not click's
+        if isinstance(exc, click.ClickException | typer.TyperException) and hasattr(exc, "show"):
             exc.show()
             sys.exit(exc.exit_code)
         raise

@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from forgespace.cli.app import app, err_console, load_settings
+from forgespace.errors import ForgespaceError
 from forgespace.storage.base import ProgressFn
 
 # Below this a bar would only flicker: small uploads finish before it could be read.
@@ -67,25 +69,25 @@ def upload(
     """
     from forgespace.storage import open_store
 
+    # BadParameter: a usage error, exit code 2, with the message below
     if not path.exists():
-        err_console.print(
-            f"[red]error:[/red] cannot upload {path}: no such file or directory "
+        raise typer.BadParameter(
+            f"cannot upload {path}: no such file or directory "
             "(expected a directory, an archive or a single file)",
-            highlight=False,
+            param_hint="PATH",
         )
-        raise typer.Exit(2)
     if not (path.is_dir() or path.is_file()):
-        err_console.print(
-            f"[red]error:[/red] cannot upload {path}: not a regular file or directory",
-            highlight=False,
+        raise typer.BadParameter(
+            f"cannot upload {path}: not a regular file or directory", param_hint="PATH"
         )
-        raise typer.Exit(2)
     store = open_store(load_settings())
     try:
         with _progress_for(path, f"uploading to {store.display_name}") as progress:
             target_id = store.upload_target(path, progress=progress)
     except OSError as exc:
-        err_console.print(f"[red]error:[/red] cannot upload {path}: {exc}", highlight=False)
-        raise typer.Exit(1) from exc
-    err_console.print(f"uploaded {path} to the {store.display_name}", highlight=False)
+        if isinstance(exc, ForgespaceError):
+            raise
+        # e.g. a file vanishing or unreadable mid-upload: say which, without a traceback
+        raise typer.BadParameter(f"cannot upload {path}: {exc}", param_hint="PATH") from exc
+    err_console.print(f"uploaded {escape(str(path))} to the {store.display_name}", highlight=False)
     print(target_id, flush=True)

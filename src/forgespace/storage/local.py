@@ -104,6 +104,8 @@ class LocalStore:
             _atomic_write_bytes(obj.with_name(SIDECAR_NAME), json.dumps(meta).encode())
         except BaseException:
             tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                obj.parent.rmdir()  # the fresh id's folder, empty again
             raise
         return target_id
 

@@ -66,20 +66,24 @@ class _HashingWriter:
 
 
 def _walk(root: Path) -> Iterator[tuple[str, os.DirEntry[str]]]:
-    """(relative posix path, entry) of everything under root, sorted, parents first."""
-    stack: list[tuple[str, str]] = [("", str(root))]
-    while stack:
-        rel_dir, abs_dir = stack.pop()
+    """(relative posix path, entry) of everything under root, depth-first, each
+    directory's entries sorted by name (the order of GNU tar's --sort=name)."""
+
+    def listing(rel_dir: str, abs_dir: str) -> Iterator[tuple[str, os.DirEntry[str]]]:
         with os.scandir(abs_dir) as it:
             entries = sorted(it, key=lambda e: e.name)
-        subdirs: list[tuple[str, str]] = []
-        for entry in entries:
-            rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
-            yield rel, entry
-            if entry.is_dir(follow_symlinks=False):
-                subdirs.append((rel, entry.path))
-        # depth-first, in sorted order: push in reverse so the smallest name pops first
-        stack.extend(reversed(subdirs))
+        return ((f"{rel_dir}/{e.name}" if rel_dir else e.name, e) for e in entries)
+
+    stack = [listing("", str(root))]
+    while stack:
+        item = next(stack[-1], None)
+        if item is None:
+            stack.pop()
+            continue
+        rel, entry = item
+        yield rel, entry
+        if entry.is_dir(follow_symlinks=False):
+            stack.append(listing(rel, entry.path))
 
 
 def _check_link(rel: str, target: str) -> None:
