@@ -250,6 +250,7 @@ def test_200mb_download_runs_in_bounded_memory(s3_settings: Settings, tmp_path: 
         timeout=120,
         check=True,
     ).stdout.split()
+    store.delete_target(tid)  # moto keeps objects in RAM
     before_kb, after_kb, got = (int(x) for x in out)
     assert got == size and dest.stat().st_size == size
     assert (after_kb - before_kb) * 1024 < 100 * 1024 * 1024, (before_kb, after_kb)

@@ -331,10 +331,12 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             self.wfile.flush()
             self._drop_upstream()  # the rest of the body is still in flight there
             if fault.kind == "reset":
-                # SO_LINGER with a zero timeout turns close() into a RST.
+                # SO_LINGER with a zero timeout turns close() into a RST. Close the fd now:
+                # socketserver would shutdown(SHUT_WR) first, sending a FIN before the RST.
                 self.connection.setsockopt(
                     socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
                 )
+                os.close(self.connection.detach())
             else:
                 with contextlib.suppress(OSError):
                     self.connection.shutdown(socket.SHUT_WR)
