@@ -141,3 +141,35 @@ def test_a_target_that_cannot_be_imported_is_a_tool_error(tmp_path: Path) -> Non
     )
     with pytest.raises(ToolError, match="no_such_module_here"):
         run_atheris(ws, max_iterations=10, timeout_seconds=10)
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue
+            if text.encode() in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
+def test_a_failing_heartbeat_cancels_and_kills_the_fuzzer(tmp_path: Path) -> None:
+    """An activity cancelled through its heartbeat must not leave the fuzzer running."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "fuzz_slow.py").write_text(
+        "import time\n\ndef TestOneInput(data):\n    time.sleep(0.05)\n"
+    )
+    calls = []
+
+    def heartbeat(details: dict[str, Any]) -> None:
+        calls.append(details)
+        if len(calls) >= 2:
+            raise RuntimeError("cancelled")
+
+    with pytest.raises(RuntimeError, match="cancelled"):
+        run_atheris(ws, max_iterations=10_000_000, timeout_seconds=60, heartbeat=heartbeat)
+    assert _processes_mentioning(str(ws / "fuzz_slow.py")) == []

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import queue
+import signal
 import stat
+import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,6 +41,11 @@ class Throttle:
         if force or now - self._last >= self._interval:
             self._last = now
             self._heartbeat(details)
+
+    def lazy(self, make: Callable[[], dict[str, Any]]) -> None:
+        """Like calling it, but builds the details only when a heartbeat is due."""
+        if self._heartbeat is not None and time.monotonic() - self._last >= self._interval:
+            self(make(), force=True)
 
 
 def workspace_root(workspace: str | os.PathLike[str]) -> Path:
@@ -119,3 +129,62 @@ def tree_digest(root: str | os.PathLike[str]) -> str:
         elif stat.S_ISREG(st.st_mode):
             h.update(sha256_file(p).encode())
     return h.hexdigest()
+
+
+def kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the process group of ``proc`` (started with ``start_new_session=True``)."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
+
+
+def pump_lines(
+    proc: subprocess.Popen[bytes],
+    on_line: Callable[[str], None],
+    on_tick: Callable[[], None],
+    *,
+    deadline: float,
+    interval: float = 1.0,
+) -> bool:
+    """Feed each output line of ``proc`` to ``on_line`` and call ``on_tick`` at least every
+    ``interval`` seconds, also while the process is silent (so heartbeats keep flowing).
+
+    Kills the process group at the ``time.monotonic()`` ``deadline`` (returns True then) and
+    whenever a callback raises (e.g. the activity was cancelled), so no tool outlives its call.
+    """
+    assert proc.stdout is not None
+    lines: queue.Queue[bytes | None] = queue.Queue(maxsize=10_000)
+    stdout = proc.stdout
+
+    def reader() -> None:
+        try:
+            for raw in stdout:
+                lines.put(raw)
+        finally:
+            lines.put(None)
+
+    threading.Thread(target=reader, name="tool-output", daemon=True).start()
+    timed_out = False
+    try:
+        while True:
+            if time.monotonic() > deadline and not timed_out:
+                timed_out = True
+                kill_group(proc)
+            try:
+                item = lines.get(timeout=interval)
+            except queue.Empty:
+                on_tick()
+                continue
+            if item is None:
+                break
+            on_line(item.decode("utf-8", "replace").rstrip("\r\n"))
+            on_tick()
+    except BaseException:
+        kill_group(proc)
+        raise
+    finally:
+        proc.wait()
+        stdout.close()
+    return timed_out

@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import base64
 import collections
-import contextlib
 import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +30,7 @@ from forgespace.workflows._tools.common import (
     Throttle,
     ToolError,
     iter_files,
+    pump_lines,
     resolve_inside,
     workspace_root,
 )
@@ -180,56 +178,46 @@ def run_atheris(
         stderr=subprocess.STDOUT,
         start_new_session=True,  # one process group, so a timeout kills everything it started
     )
-    killed = threading.Event()
     deadline = started + timeout + GRACE_SECONDS
 
-    def kill_at_deadline() -> None:
-        while proc.poll() is None:
-            if time.monotonic() > deadline:
-                killed.set()
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
+    def on_line(line: str) -> None:
+        nonlocal crashes_total, stop_event
+        if line.startswith(MARK):
+            try:
+                event = json.loads(line[len(MARK) :])
+            except json.JSONDecodeError:
                 return
-            time.sleep(0.2)
+            kind = event.get("event")
+            if kind == "stats":
+                stats["executions"] = max(stats["executions"], int(event["executions"]))
+                stats["crashes"] = int(event["unique_crashes"])
+                crashes_total = int(event["crashes"])
+            elif kind == "crash":
+                stats["crashes"] += 1
+                throttle(_live(stats, started, corpus), force=True)
+            elif kind == "stop":
+                stop_event = str(event.get("reason", ""))
+            return
+        tail.append(line)
+        if m := _STATUS.match(line):
+            stats["executions"] = max(stats["executions"], int(m.group(1)))
+            stats["corpus_size"] = int(m.group(2))
+        elif m := _DONE.match(line):
+            stats["executions"] = max(stats["executions"], int(m.group(1)))
 
-    guard = threading.Thread(target=kill_at_deadline, name="atheris-deadline", daemon=True)
-    guard.start()
-    assert proc.stdout is not None
-    try:
-        for raw in proc.stdout:
-            line = raw.decode("utf-8", "replace").rstrip("\n")
-            if line.startswith(MARK):
-                try:
-                    event = json.loads(line[len(MARK) :])
-                except json.JSONDecodeError:
-                    continue
-                if event.get("event") == "stats":
-                    stats["executions"] = max(stats["executions"], int(event["executions"]))
-                    stats["crashes"] = int(event["unique_crashes"])
-                    crashes_total = int(event["crashes"])
-                elif event.get("event") == "crash":
-                    stats["crashes"] += 1
-                    throttle(_live(stats, started, corpus), force=True)
-                    continue
-                elif event.get("event") == "stop":
-                    stop_event = str(event.get("reason", ""))
-            else:
-                tail.append(line)
-                if m := _STATUS.match(line):
-                    stats["executions"] = max(stats["executions"], int(m.group(1)))
-                    stats["corpus_size"] = int(m.group(2))
-                elif m := _DONE.match(line):
-                    stats["executions"] = max(stats["executions"], int(m.group(1)))
-            throttle(_live(stats, started, corpus))
-    finally:
-        proc.stdout.close()
-        returncode = proc.wait()
+    killed = pump_lines(
+        proc,
+        on_line,
+        lambda: throttle.lazy(lambda: _live(stats, started, corpus)),
+        deadline=deadline,
+    )
+    returncode = proc.returncode
     elapsed = time.monotonic() - started
     live = _live(stats, started, corpus)
     throttle(live, force=True)
 
     native = sorted(p for p in crashes.iterdir() if p.name.startswith("native-"))
-    if killed.is_set():
+    if killed:
         stopped = "killed_at_deadline"
     elif stop_event:
         stopped = stop_event

@@ -12,21 +12,24 @@ copy-on-write runs, whose copy nobody else sees.
 from __future__ import annotations
 
 import collections
-import contextlib
 import json
 import os
 import re
 import shlex
-import signal
 import subprocess
 import sys
-import threading
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-from forgespace.workflows._tools.common import Heartbeat, Throttle, ToolError, workspace_root
+from forgespace.workflows._tools.common import (
+    Heartbeat,
+    Throttle,
+    ToolError,
+    pump_lines,
+    workspace_root,
+)
 
 REPORT_DIR = "forgespace-reports"
 # Test files are not what coverage is meant to judge.
@@ -111,37 +114,24 @@ def run_pytest_suite(
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    timed_out = False
-    assert proc.stdout is not None
 
-    def kill_at_deadline() -> None:
-        nonlocal timed_out
-        while proc.poll() is None:
-            if time.monotonic() - started > float(timeout_seconds):
-                timed_out = True
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                return
-            time.sleep(0.2)
+    def on_line(line: str) -> None:
+        tail.append(line)
+        if m := _RESULT_WORD.search(line):
+            counts[m.group(1)] += 1
 
-    threading.Thread(target=kill_at_deadline, name="pytest-deadline", daemon=True).start()
-    try:
-        for raw in proc.stdout:
-            line = raw.decode("utf-8", "replace").rstrip("\n")
-            tail.append(line)
-            if m := _RESULT_WORD.search(line):
-                counts[m.group(1)] += 1
-            throttle(
-                {
-                    "phase": "pytest",
-                    "tests_done": sum(counts.values()),
-                    "failed": counts["FAILED"] + counts["ERROR"],
-                    "elapsed_seconds": round(time.monotonic() - started, 1),
-                }
-            )
-    finally:
-        proc.stdout.close()
-        code = proc.wait()
+    def on_tick() -> None:
+        throttle(
+            {
+                "phase": "pytest",
+                "tests_done": sum(counts.values()),
+                "failed": counts["FAILED"] + counts["ERROR"],
+                "elapsed_seconds": round(time.monotonic() - started, 1),
+            }
+        )
+
+    timed_out = pump_lines(proc, on_line, on_tick, deadline=started + float(timeout_seconds))
+    code = proc.returncode
     duration = time.monotonic() - started
     if timed_out:
         raise ToolError(f"the test suite did not finish within {float(timeout_seconds):g} s")

@@ -115,13 +115,19 @@ def detect_secrets_scan(
                 stderr=err,
             )
             started = time.monotonic()
-            while proc.poll() is None:
-                if time.monotonic() - started > timeout_seconds:
-                    proc.kill()
-                    proc.wait()
-                    raise ToolError(f"detect-secrets did not finish within {timeout_seconds:g} s")
-                throttle({"phase": "detect-secrets", **_last_progress(err_path)})
-                time.sleep(0.2)
+            try:
+                while proc.poll() is None:
+                    if time.monotonic() - started > timeout_seconds:
+                        raise ToolError(
+                            f"detect-secrets did not finish within {timeout_seconds:g} s"
+                        )
+                    throttle.lazy(lambda: {"phase": "detect-secrets", **_last_progress(err_path)})
+                    time.sleep(0.2)
+            except BaseException:
+                # Timed out, or the activity was cancelled through its heartbeat.
+                proc.kill()
+                proc.wait()
+                raise
         if proc.returncode != 0:
             # Only the last line (the exception) is shown: the rest could quote file content.
             lines = err_path.read_text(errors="replace").strip().splitlines()

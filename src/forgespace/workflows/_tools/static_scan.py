@@ -170,18 +170,24 @@ def run_bandit(
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
-        while True:
-            try:
-                stdout, stderr = proc.communicate(timeout=1.0)
-                break
-            except subprocess.TimeoutExpired:
-                elapsed = time.monotonic() - started
-                if elapsed > timeout_seconds:
-                    proc.kill()
-                    proc.communicate()
-                    raise ToolError(f"bandit did not finish within {timeout_seconds:g} s") from None
-                if throttle is not None:
-                    throttle({"phase": "bandit", "elapsed_seconds": round(elapsed, 1)})
+        try:
+            while True:
+                try:
+                    stdout, stderr = proc.communicate(timeout=1.0)
+                    break
+                except subprocess.TimeoutExpired:
+                    elapsed = time.monotonic() - started
+                    if elapsed > timeout_seconds:
+                        raise ToolError(
+                            f"bandit did not finish within {timeout_seconds:g} s"
+                        ) from None
+                    if throttle is not None:
+                        throttle({"phase": "bandit", "elapsed_seconds": round(elapsed, 1)})
+        except BaseException:
+            # Timed out, or the activity was cancelled through its heartbeat: no orphan scan.
+            proc.kill()
+            proc.communicate()
+            raise
         if proc.returncode != 0 or not out_file.exists():
             msg = (stderr or stdout).decode("utf-8", "replace")[-2000:]
             raise ToolError(f"bandit failed with exit code {proc.returncode}: {msg}")
