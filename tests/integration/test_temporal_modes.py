@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -237,3 +238,31 @@ def test_runner_override_of_the_mode_is_used_and_logged(
         assert r["workspace"] == str(settings.cache_dir / tid / r["run_id"] / "workspace")
         assert r["result"]["seen"]["after"] == ["hello.txt", f"marker-{r['run_id']}", "pkg"]
     assert report["cache"] == {"downloads": 2, "hits": 0}
+
+
+def test_worker_sweeps_the_cache_every_cleanup_interval(
+    temporal_server: DevServer, settings: Settings, task_queue: str, tmp_path: Path
+) -> None:
+    """The shared workspace outlives its runs; once unleased and older than CACHE_TTL, the
+    worker's periodic sweep (CACHE_CLEANUP_INTERVAL) evicts it without anyone calling gc."""
+    quick = settings.with_(cache_ttl=1.0, cache_cleanup_interval=0.5)
+    tid = open_store(quick).upload_target(make_project(tmp_path))
+    ws = quick.cache_dir / tid / "workspace"
+
+    async def main() -> bool:
+        client = await Client.connect(temporal_server.address)
+        async with in_process_worker(quick, client, task_queue, sweep=True):
+            h = await client.start_workflow(
+                "fs_marker_shared",
+                WorkflowRequest(tid, "r1", "shared", {}),
+                id=f"sweep-{uuid.uuid4().hex}",
+                task_queue=task_queue,
+            )
+            res = await asyncio.wait_for(h.result(), timeout=30)
+            assert res["workspace"] == str(ws)
+            deadline = time.monotonic() + 15
+            while ws.exists() and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            return ws.exists()
+
+    assert asyncio.run(main()) is False

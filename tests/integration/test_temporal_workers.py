@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from temporalio.client import Client
 from forgespace.config import Settings
 from forgespace.storage import open_store
 from forgespace.temporal.api import MEMO_KEY, WorkflowRequest
-from forgespace.temporal.devserver import DevServer
+from forgespace.temporal.devserver import DevServer, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -86,9 +87,13 @@ def test_two_worker_processes_with_their_own_caches_run_every_run_on_the_right_h
     run's work lands on the other worker, whose cache lacks the workspace, and fails."""
     tid = open_store(settings).upload_target(make_project(tmp_path))
     caches = [tmp_path / "cache-a", tmp_path / "cache-b"]
+    metrics_port = free_port()
     for i, cache in enumerate(caches):
         env = worker_env(settings, temporal_server, cache)
-        worker_processes.append(start_worker_process(env, task_queue, tmp_path / f"w{i}.log"))
+        extra = ["--metrics-port", str(metrics_port)] if i == 0 else []
+        worker_processes.append(
+            start_worker_process(env, task_queue, tmp_path / f"w{i}.log", *extra)
+        )
     for w in worker_processes:
         w.wait_ready()
 
@@ -117,6 +122,11 @@ def test_two_worker_processes_with_their_own_caches_run_every_run_on_the_right_h
         used.add(str(cache))
     # Both workers took runs, so routing was really exercised.
     assert used == {str(c) for c in caches}
+    # The first worker serves Prometheus metrics: one download per isolated run it served.
+    in_a = sum(1 for _, res, _ in out if res["result"]["seen"]["cache_dir"] == str(caches[0]))
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+        metrics = r.read().decode()
+    assert f"forgespace_cache_downloads_total {float(in_a)}" in metrics
     for w in worker_processes:
         w.stop()
         assert w.proc.returncode == 0, w.text()[-2000:]

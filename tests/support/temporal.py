@@ -77,6 +77,7 @@ async def in_process_worker(
     *,
     workflows_dirs: Sequence[Path] = (FIXTURE_WORKFLOWS,),
     timeout: float = 30.0,
+    sweep: bool = False,
 ) -> AsyncIterator[WorkerInfo]:
     """A forgespace worker (both queues) in this event loop, serving the fixture packages."""
     stop = asyncio.Event()
@@ -90,7 +91,7 @@ async def in_process_worker(
             bundled=False,
             stop=stop,
             on_ready=ready.append,
-            sweep=False,
+            sweep=sweep,
         )
     )
     deadline = time.monotonic() + timeout

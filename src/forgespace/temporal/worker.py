@@ -98,10 +98,9 @@ def _start_metrics(port: int) -> int | None:
     except ImportError as exc:
         log.warning("Prometheus metrics unavailable (%s)", exc)
         return None
-    result = start_metrics_server(port)
-    actual = result if isinstance(result, int) and result > 0 else port
-    log.info("Prometheus metrics on :%d/metrics", actual)
-    return actual
+    start_metrics_server(port)
+    log.info("Prometheus metrics on :%d/metrics", port)
+    return port
 
 
 def _collect_activities(storage: list[Any], packages: list[WorkflowPackage]) -> list[Any]:
