@@ -35,9 +35,17 @@ def start_getter(
     *,
     go_file: Path | None = None,
     extra_env: dict[str, str] | None = None,
+    digest: bool = True,
 ) -> subprocess.Popen[str]:
-    """Start one child that calls get_target(target_id, run_id, mode)."""
-    spec = {"target_id": target_id, "run_id": run_id, "mode": mode, "go": str(go_file or "")}
+    """Start one child that calls get_target(target_id, run_id, mode); with ``digest`` it
+    also reports the sha256 of every file of the returned workspace."""
+    spec = {
+        "target_id": target_id,
+        "run_id": run_id,
+        "mode": mode,
+        "go": str(go_file or ""),
+        "digest": digest,
+    }
     return subprocess.Popen(
         [sys.executable, "-m", "support.procs", json.dumps(spec)],
         env=_child_env(env, extra_env),
@@ -54,13 +62,17 @@ def run_getters(
     *,
     timeout: float = 60.0,
     extra_env: dict[str, str] | None = None,
+    digest: bool = True,
 ) -> list[dict[str, object]]:
     """Run every (target_id, run_id, mode) call in its own process, released at once.
 
     Returns each child's JSON result, in the order of ``calls``.
     """
     go = go_dir / f"go-{time.monotonic_ns()}"
-    procs = [start_getter(env, t, r, m, go_file=go, extra_env=extra_env) for t, r, m in calls]
+    procs = [
+        start_getter(env, t, r, m, go_file=go, extra_env=extra_env, digest=digest)
+        for t, r, m in calls
+    ]
     deadline = time.monotonic() + timeout
     try:
         for p in procs:
@@ -148,7 +160,9 @@ def _child_main(spec_json: str) -> int:
         return 0
     seconds = time.perf_counter() - t0
     p = Path(res.path)
-    digest = tree_digest(p) if p.is_dir() else {"": hashlib.sha256(p.read_bytes()).hexdigest()}
+    digest: dict[str, str] = {}
+    if spec.get("digest", True):
+        digest = tree_digest(p) if p.is_dir() else {"": hashlib.sha256(p.read_bytes()).hexdigest()}
     print(
         json.dumps(
             {

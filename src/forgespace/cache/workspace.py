@@ -55,6 +55,7 @@ from forgespace.errors import (
     CleanupRefusedError,
     ForgespaceError,
     InvalidIdError,
+    LockTimeoutError,
 )
 from forgespace.layout import CacheLayout, IsolationMode, validate_id
 
@@ -275,9 +276,10 @@ class WorkspaceCache:
         key = f"{tid}/workspace"
         lease = self._lease(f"{key}#{rid}", tid, rid, (key,)) if rid is not None else None
         tampered = False
-        for _ in range(3):
+        waiter = _Waiter(self, tid)
+        while True:
             try:
-                with self.target_lock(tid, exclusive=False, purpose="hit"):
+                with self.target_lock(tid, exclusive=False, timeout=waiter.remaining()):
                     path = self._shared_complete(tid)
                     if path is not None:
                         self.index.access(key, lease=lease, hit=True)
@@ -291,7 +293,9 @@ class WorkspaceCache:
                     t.args[0],
                     rid or "(no run id)",
                 )
-            with self.target_lock(tid, exclusive=True, purpose="download shared"):
+            with contextlib.ExitStack() as held:
+                if not waiter.try_exclusive(held, "download shared"):
+                    continue  # someone else is publishing: wait for it on the shared lock
                 try:
                     path = self._shared_complete(tid)
                 except _Tampered:
@@ -309,9 +313,6 @@ class WorkspaceCache:
                 if not downloaded:
                     log.info("Cache HIT: %s (mode: shared)", tid)
                 return GetResult(path, downloaded, "shared", tid, rid)
-        raise ForgespaceError(
-            f"shared workspace of {tid} keeps changing under us"
-        )  # pragma: no cover
 
     def _publish_shared(self, tid: str, repair: bool) -> bool:
         """Under the exclusive lock: make {tid}/target and {tid}/workspace complete.
@@ -385,8 +386,9 @@ class WorkspaceCache:
     def _get_cow_locked(self, tid: str, rid: str, lease: LeaseRecord) -> GetResult:
         shared_dir = self.layout.cow_shared_dir(tid)
         downloaded = False
+        waiter = _Waiter(self, tid)
         while True:
-            with self.target_lock(tid, exclusive=False, purpose="copy-on-write copy"):
+            with self.target_lock(tid, exclusive=False, timeout=waiter.remaining()):
                 existing = self._run_result(tid, rid)
                 if existing is not None:  # the same run asking again (a retried activity)
                     self.index.access(f"{tid}/{rid}", lease=lease, hit=True)
@@ -401,8 +403,8 @@ class WorkspaceCache:
                     if not downloaded:
                         log.info("Cache HIT: %s (mode: copy-on-write)", tid)
                     return GetResult(path, downloaded, "copy-on-write", tid, rid)
-            with self.target_lock(tid, exclusive=True, purpose="download copy-on-write"):
-                if not shared_dir.is_dir():
+            with contextlib.ExitStack() as held:
+                if waiter.try_exclusive(held, "download copy-on-write") and not shared_dir.is_dir():
                     self._publish_cow_shared(tid)
                     downloaded = True
 
@@ -894,6 +896,46 @@ class WorkspaceCache:
         from forgespace.cache.eviction import collect_garbage
 
         return collect_garbage(self, dry_run=dry_run)
+
+
+class _Waiter:
+    """Bounded wait for a target's publication without queueing on the exclusive lock.
+
+    Only one process needs the exclusive lock to publish; the others, once they see it
+    busy, wait on the *shared* lock (granted to all of them together when the publisher
+    releases) instead of passing the exclusive lock along one by one. The whole wait is
+    bounded by CACHE_LOCK_TIMEOUT.
+    """
+
+    def __init__(self, cache: WorkspaceCache, tid: str) -> None:
+        self.cache = cache
+        self.tid = tid
+        self.timeout = cache.settings.cache_lock_timeout
+        self.deadline = time.monotonic() + self.timeout
+        self.delay = 0.001
+
+    def remaining(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+    def try_exclusive(self, stack: contextlib.ExitStack, purpose: str) -> bool:
+        """Take the exclusive lock into ``stack`` if free; else back off briefly (False)."""
+        try:
+            stack.enter_context(
+                self.cache.target_lock(self.tid, exclusive=True, blocking=False, purpose=purpose)
+            )
+            return True
+        except LockTimeoutError as busy:
+            if time.monotonic() >= self.deadline:
+                raise LockTimeoutError(
+                    f"timed out after {self.timeout:g}s waiting to publish target {self.tid}; "
+                    f"{busy}",
+                    lock_path=busy.lock_path,
+                    holder=busy.holder,
+                ) from None
+            # Brief hit-path holders of the shared lock also make this fail: back off.
+            time.sleep(self.delay)
+            self.delay = min(self.delay * 2, 0.05)
+            return False
 
 
 class _Tampered(Exception):
