@@ -279,3 +279,65 @@ def test_large_member_streams_in_chunks(tmp_path: Path) -> None:
     assert (tmp_path / "dest/big.bin").read_bytes() == data
     assert (tmp_path / "dest/after.txt").read_bytes() == b"after"
     assert stats.bytes == len(data) + 5
+
+
+@pytest.mark.parametrize(
+    "fmt",
+    [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT],
+    ids=["ustar", "gnu", "pax"],
+)
+def test_long_and_unicode_names_in_every_tar_format(tmp_path: Path, fmt: int) -> None:
+    deep = "/".join(f"directory-level-{i:02d}" for i in range(7))  # > 100 chars, < 155 prefix
+    name = f"{deep}/file.txt"
+    target = "../" * 6 + "file.txt"  # resolves inside (to directory-level-00/file.txt)
+    members: list[tuple[str, bytes, str | None]] = [
+        ("directory-level-00/file.txt", b"top", None),
+        (name, b"deep", None),
+        (f"{deep}/link", b"", target),
+    ]
+    if fmt != tarfile.USTAR_FORMAT:
+        members.append(("unicodé-ñame-" + "x" * 120, b"u", None))
+    p = tmp_path / "a.tar"
+    with tarfile.open(p, "w", format=fmt) as tf:
+        for n, data, link in members:
+            ti = tarfile.TarInfo(n)
+            ti.mtime = MTIME
+            if link is None:
+                ti.size = len(data)
+                tf.addfile(ti, io.BytesIO(data))
+            else:
+                ti.type, ti.linkname = tarfile.SYMTYPE, link
+                tf.addfile(ti)
+    dest = tmp_path / "dest"
+    stats = extract_archive(p, dest, max_bytes=MAX)
+    assert (dest / name).read_bytes() == b"deep"
+    assert (dest / deep / "link").read_bytes() == b"top"
+    assert os.readlink(dest / deep / "link") == target
+    assert (dest / name).stat().st_mtime_ns == MTIME * 10**9
+    if fmt != tarfile.USTAR_FORMAT:
+        assert (dest / ("unicodé-ñame-" + "x" * 120)).read_bytes() == b"u"
+    assert stats.files == len([m for m in members if m[2] is None])
+
+
+def test_pax_fractional_mtime_is_kept(tmp_path: Path) -> None:
+    p = tmp_path / "a.tar"
+    with tarfile.open(p, "w", format=tarfile.PAX_FORMAT) as tf:
+        ti = tarfile.TarInfo("f")
+        ti.size = 1
+        ti.mtime = 1_600_000_000.5  # type: ignore[assignment]
+        tf.addfile(ti, io.BytesIO(b"x"))
+    extract_archive(p, tmp_path / "dest", max_bytes=MAX)
+    assert (tmp_path / "dest/f").stat().st_mtime_ns == 1_600_000_000_500_000_000
+
+
+def test_sparse_member_is_refused_with_reason(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "sparse", "wb") as f:
+        f.seek(4 << 20)
+        f.write(b"end")
+    p = tmp_path / "a.tar"
+    subprocess.run(["tar", "-C", str(src), "-cSf", str(p), "sparse"], check=True)
+    with pytest.raises(UnsafeArchiveError, match="sparse"):
+        extract_archive(p, tmp_path / "dest", max_bytes=MAX)
+    assert not (tmp_path / "dest").exists()
