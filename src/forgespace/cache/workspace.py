@@ -725,7 +725,7 @@ class WorkspaceCache:
             parsed = parse_staging_name(name)
             if parsed is None:
                 continue
-            tid, _purpose, token = parsed
+            tid, purpose, token = parsed
             if target_id is not None and tid != target_id:
                 tokens_alive.add(token)
                 continue
@@ -739,6 +739,14 @@ class WorkspaceCache:
             self._unmount_under(p)
             self._discard(p)
             removed.append(p)
+            rid = purpose.removeprefix("run-")
+            ov = self.layout.overlay_dir / tid / rid
+            # the dead run's overlay upper/work dirs, unless that run got published later
+            published = os.path.lexists(self.layout.run_dir(tid, rid))
+            if purpose.startswith("run-") and ov.is_dir() and not published:
+                self._unmount_under(ov)
+                _rmtree(ov)
+                removed.append(ov)
         trash = os.listdir(self.layout.trash_dir) if target_id is None else []
         for name in trash:
             p = self.layout.trash_dir / name
