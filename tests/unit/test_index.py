@@ -311,3 +311,15 @@ def test_hit_path_is_one_short_transaction(index: CacheIndex) -> None:
     conn.set_trace_callback(None)
     assert calls[0] == "BEGIN IMMEDIATE" and calls[-1] == "COMMIT"
     assert len(calls) <= 7
+
+
+def test_summary_aggregates_in_sql(index: CacheIndex) -> None:
+    assert index.summary().entries == 0 and index.summary().oldest_access is None
+    index.publish(entry("a/workspace", last_access=10.0, nbytes=5))
+    index.publish(entry("a/r1", last_access=30.0, nbytes=7))
+    index.publish(entry("b/shared", last_access=20.0, nbytes=11))
+    index.add_lease(index.new_lease("a/r1", "a", "r1", ("a/r1",)))
+    index.add_lease(index.new_lease("a/r0", "a", "r0", ("a/r0",), now=time.time() - 3600))
+    s = index.summary()
+    assert (s.entries, s.bytes, s.targets, s.oldest_access, s.live_leases) == (3, 23, 2, 10.0, 1)
+    assert s.entries_by_kind == {"shared": 1, "cow-shared": 1, "run": 1}

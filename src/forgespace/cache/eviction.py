@@ -615,6 +615,9 @@ def evict_target(
             evicted.append(item)
             with contextlib.suppress(Exception):
                 index.count("evictions_operator")
+            from forgespace.cache import metrics
+
+            metrics.observe_eviction("operator", e.bytes)
     _update_gauges(cache)
     if evicted:
         log.info("evicted target %s (%d entries) on request", target_id, len(evicted))

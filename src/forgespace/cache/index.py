@@ -120,6 +120,18 @@ class LeaseRecord:
     expires: float
 
 
+@dataclass(frozen=True)
+class CacheSummary:
+    """Aggregates of the whole index (``CacheIndex.summary``)."""
+
+    entries: int
+    bytes: int
+    targets: int
+    oldest_access: float | None
+    entries_by_kind: dict[str, int]
+    live_leases: int
+
+
 def default_holder() -> str:
     """``host:pid`` of this process, recorded in leases so operators know who holds what."""
     return f"{socket.gethostname()}:{os.getpid()}"
@@ -385,6 +397,24 @@ class CacheIndex:
         return int(
             self._conn().execute("SELECT COALESCE(SUM(bytes), 0) FROM entries").fetchone()[0]
         )
+
+    def summary(self, now: float | None = None) -> CacheSummary:
+        """Aggregates for ``cache status`` computed in SQL (no row per entry in Python):
+        entries, bytes, targets, oldest_access, entries_by_kind, live_leases."""
+        t = time.time() if now is None else now
+        c = self._conn()
+        n, total, targets, oldest = c.execute(
+            "SELECT COUNT(*), COALESCE(SUM(bytes), 0), COUNT(DISTINCT target_id), "
+            "MIN(last_access) FROM entries"
+        ).fetchone()
+        kinds = dict.fromkeys(KINDS, 0)
+        for kind, count in c.execute("SELECT kind, COUNT(*) FROM entries GROUP BY kind"):
+            kinds[kind] = int(count)
+        leases = c.execute("SELECT COUNT(*) FROM leases WHERE expires > ?", (t,)).fetchone()[0]
+        return CacheSummary(
+            int(n), int(total), int(targets), None if oldest is None else float(oldest), kinds,
+            int(leases),
+        )  # fmt: skip
 
     # --- leases ---------------------------------------------------------------------------
     def new_lease(

@@ -86,14 +86,9 @@ def _entry_doc(e: EntryRecord, leases: int) -> dict[str, Any]:
 # --- status -------------------------------------------------------------------------------
 def status_doc(settings: Settings, index: CacheIndex) -> dict[str, Any]:
     """The document `cache status --json` prints."""
-    entries = index.entries()
-    leases = index.live_leases()
+    summary = index.summary()
     counters = index.counters()
-    total = sum(e.bytes for e in entries)
-    by_kind: dict[str, int] = {"shared": 0, "cow-shared": 0, "run": 0}
-    for e in entries:
-        by_kind[e.kind] = by_kind.get(e.kind, 0) + 1
-    oldest = min((e.last_access for e in entries), default=None)
+    total, oldest = summary.bytes, summary.oldest_access
     return {
         "cache_dir": str(settings.cache_dir),
         "bytes": total,
@@ -101,10 +96,10 @@ def status_doc(settings: Settings, index: CacheIndex) -> dict[str, Any]:
         "used_ratio": round(total / settings.cache_max_size, 6)
         if settings.cache_max_size
         else None,
-        "entries": len(entries),
-        "entries_by_kind": by_kind,
-        "targets": len({e.target_id for e in entries}),
-        "live_leases": len(leases),
+        "entries": summary.entries,
+        "entries_by_kind": summary.entries_by_kind,
+        "targets": summary.targets,
+        "live_leases": summary.live_leases,
         "hits": counters.get("hits", 0),
         "misses": counters.get("misses", 0),
         "downloads": counters.get("downloads", 0),
