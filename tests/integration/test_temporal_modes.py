@@ -7,6 +7,7 @@ after their run (isolated, copy-on-write) and return what they saw.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import time
 import uuid
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.console import Console
 from support.temporal import FIXTURE_WORKFLOWS, in_process_worker
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.exceptions import ActivityError, ApplicationError
@@ -266,3 +268,36 @@ def test_worker_sweeps_the_cache_every_cleanup_interval(
             return ws.exists()
 
     assert asyncio.run(main()) is False
+
+
+def test_runner_shows_heartbeat_details_of_running_activities(
+    temporal_server: DevServer, settings: Settings, task_queue: str, tmp_path: Path
+) -> None:
+    """Progress lines (no terminal) carry the running activity and its heartbeat details."""
+    remote = settings.with_(temporal_address=temporal_server.address)
+    proj = make_project(tmp_path)
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=False, width=300)
+
+    async def main() -> dict[str, Any]:
+        client = await Client.connect(temporal_server.address)
+        async with in_process_worker(settings, client, task_queue):
+            job = RunJob(
+                workflow="fs_marker_isolated",
+                path=proj,
+                params={"hold_seconds": 4},
+                task_queue=task_queue,
+                workflows_dirs=[FIXTURE_WORKFLOWS],
+                bundled=False,
+            )
+            return await run_job(remote, job, console=console)
+
+    report = asyncio.run(main())
+    [run] = report["runs"]
+    assert run["status"] == "completed"
+    out = buf.getvalue()
+    progress = [ln for ln in out.splitlines() if f"{run['run_id']}: running" in ln]
+    assert any(
+        "fixture_inspect_workspace" in ln and "held_s=" in ln and "of_s=4" in ln for ln in progress
+    ), out
+    assert "1 runs, 1 download(s), 0 served from the cache" in out

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_RUN_TIMEOUT = timedelta(hours=2)
 POLL_INTERVAL = 1.0
+LINE_INTERVAL = 5.0
 WORKER_READY_TIMEOUT = 60.0
 
 
@@ -148,12 +149,12 @@ def _table(states: Sequence[RunState], title: str, final: bool = False) -> Table
     table.add_column("status")
     if final:
         table.add_column("findings", justify="right")
-        table.add_column("workspace")
+        table.add_column("workspace", overflow="fold")
         table.add_column("error")
     else:
         table.add_column("step")
         table.add_column("progress")
-        table.add_column("workspace")
+        table.add_column("workspace", overflow="fold")
     for s in states:
         color = {"completed": "green", "failed": "red"}.get(s.status, "yellow")
         status = Text(s.status, style=color)
@@ -234,14 +235,41 @@ async def _submit_and_wait(
     ]
     title = f"{job.workflow} on {job.target_id} ({job.mode}, {job.runs} runs)"
     started = time.monotonic()
-    with Live(_table(states, title), console=console, auto_refresh=False, transient=True) as live:
+    # A terminal gets a live table; logs (CI, pipes) get a line per run whenever its step
+    # changes, and its heartbeat details at most every LINE_INTERVAL seconds.
+    live = (
+        Live(_table(states, title), console=console, auto_refresh=False, transient=True)
+        if console.is_terminal
+        else None
+    )
+    printed: dict[str, tuple[str, str, float]] = {}
+    with live if live is not None else contextlib.nullcontext():
         while not all(w.done() for w in waiters):
             await asyncio.wait(waiters, timeout=POLL_INTERVAL)
             await asyncio.gather(
                 *(_poll(client, h, s) for h, s in zip(handles, states, strict=True))
             )
-            elapsed = time.monotonic() - started
-            live.update(_table(states, f"{title} — {elapsed:.0f}s"), refresh=True)
+            now = time.monotonic()
+            if live is not None:
+                live.update(_table(states, f"{title} — {now - started:.0f}s"), refresh=True)
+                continue
+            for s in states:
+                if s.done:
+                    continue
+                last = printed.get(s.run_id)
+                step_changed = last is None or last[0] != s.step
+                details_due = (
+                    last is not None
+                    and last[1] != s.details
+                    and (not last[1] or now - last[2] >= LINE_INTERVAL)
+                )
+                if step_changed or details_due:
+                    printed[s.run_id] = (s.step, s.details, now)
+                    console.print(
+                        f"[{now - started:5.0f}s] {s.run_id}: {s.status} {s.step} {s.details}",
+                        highlight=False,
+                        markup=False,
+                    )
     # Final memo read: workspace path and download flag of runs that finished between polls.
     await asyncio.gather(*(_poll(client, h, s) for h, s in zip(handles, states, strict=True)))
     return states
