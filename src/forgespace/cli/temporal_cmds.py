@@ -69,10 +69,12 @@ def workflows(
     if as_json:
         print(json.dumps([p.summary() for p in packages], indent=2))
         return
-    columns = ("name", "version", "vertical", "workspace_isolation", "description")
+    columns: tuple[str, ...] = ("name", "workspace_isolation", "version", "vertical")
+    if out_console.width >= 110:  # descriptions only where they fit readably
+        columns += ("description",)
     table = Table(title="workflows")
     for col in columns:
-        table.add_column(col)
+        table.add_column(col, no_wrap=col != "description")
     for p in packages:
         s = p.summary()
         table.add_row(*(s[c] for c in columns))
