@@ -161,12 +161,20 @@ def plan_eviction(
         chosen.add(e.key)
 
     known = {e.key for e in entries}
+    on_disk: list[EntryRecord] = []
     if scan_disk:
+        # Only the top two directory levels are listed (no workspace walk).
+        on_disk = scan_entries(layout, with_sizes=False)
+        disk_keys = {e.key for e in on_disk}
         # Index rows whose directory is gone (a crash between the rename and the index write
         # of a deletion): nothing to delete, only the row to drop.
         for e in entries:
-            if not any(os.path.lexists(p) for p in entry_paths(layout, e)):
-                plan.append(PlannedEviction(e.key, e.target_id, "stale-row", "orphan", e.bytes))
+            if e.key not in disk_keys:
+                plan.append(
+                    PlannedEviction(
+                        e.key, e.target_id, "stale-row", "orphan", e.bytes, e.last_access
+                    )
+                )
                 chosen.add(e.key)
     for e in entries:
         if e.key in chosen or e.key in leased:
@@ -184,7 +192,7 @@ def plan_eviction(
         add(e, "lru")
         remaining -= e.bytes
     if scan_disk:
-        plan.extend(_plan_unindexed(layout, known, leased))
+        plan.extend(_plan_unindexed(on_disk, known, leased))
         planned_runs = {p.key for p in plan if p.kind == "run"}
         for m in _plan_mounts(layout, leased):
             run_key = _run_key_of(layout, layout.root / m.key)
@@ -195,11 +203,11 @@ def plan_eviction(
 
 
 def _plan_unindexed(
-    layout: CacheLayout, known: set[str], leased: set[str]
+    on_disk: list[EntryRecord], known: set[str], leased: set[str]
 ) -> list[PlannedEviction]:
-    # Only the layout's top two levels are listed; sizes are not walked (bytes 0: unknown).
+    # Sizes of what the index does not know are not walked (bytes 0: unknown).
     out = []
-    for e in scan_entries(layout, with_sizes=False):
+    for e in on_disk:
         if e.key in known or e.key in leased:
             continue
         if e.kind == "run":

@@ -654,7 +654,9 @@ def tree_size(path: Path) -> tuple[int, int]:
 def scan_entries(layout: CacheLayout, *, with_sizes: bool = True) -> list[EntryRecord]:
     """Every entry the cache directory holds, found by its layout (skips ``.forgespace``).
 
-    With ``with_sizes`` the bytes and files of each entry are walked (rebuild only).
+    With ``with_sizes`` (rebuild, verify --repair) the bytes and files of each entry are walked
+    and run modes and creation times are read. Without it only the top two directory levels
+    are listed (gc's cheap reconciliation): sizes are 0, modes a guess, times now.
     """
     root = layout.root
     now = time.time()
@@ -669,41 +671,52 @@ def scan_entries(layout: CacheLayout, *, with_sizes: bool = True) -> list[EntryR
         if not top.is_dir(follow_symlinks=False):
             continue
         tid = top.name
-        names = sorted(os.listdir(top.path))
+        try:
+            with os.scandir(top.path) as it:
+                children = sorted(it, key=lambda d: d.name)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        names = {c.name for c in children}
         has_cow_shared = "shared" in names
-        for name in names:
-            p = Path(top.path) / name
+        for child in children:
+            name = child.name
+            try:
+                # d_type from the directory listing: no stat per child
+                is_dir = child.is_dir(follow_symlinks=False)
+            except OSError:
+                continue
             if name in ("workspace", "target"):
                 if name == "target" and "workspace" in names:
                     continue  # counted with the workspace
                 key, kind, run_id, mode = f"{tid}/workspace", "shared", None, "shared"
                 parts = [layout.shared_workspace(tid), layout.shared_target(tid)]
             elif name == "shared":
-                if not p.is_dir() or p.is_symlink():
+                if not is_dir:
                     continue
                 key, kind, run_id, mode = f"{tid}/shared", "cow-shared", None, "copy-on-write"
-                parts = [p]
+                parts = [Path(child.path)]
             elif _is_id(name):
-                if not p.is_dir() or p.is_symlink():
+                if not is_dir:
                     continue
-                inner = set(os.listdir(p))
-                # An isolated run keeps its download beside its workspace; a copy-on-write run
-                # only has its copy.
-                cow = has_cow_shared or ("workspace" in inner and "target" not in inner)
+                cow = has_cow_shared
+                if with_sizes and not cow:
+                    # An isolated run keeps its download beside its workspace; a copy-on-write
+                    # run whose shared copy was evicted only has its own copy.
+                    inner = set(os.listdir(child.path))
+                    cow = "workspace" in inner and "target" not in inner
                 key, kind, run_id = f"{tid}/{name}", "run", name
                 mode = "copy-on-write" if cow else "isolated"
-                parts = [p]
+                parts = [Path(child.path)]
             else:
                 continue
             nbytes = nfiles = 0
+            created = now
             if with_sizes:
                 for part in parts:
                     b, f = tree_size(part)
                     nbytes += b
                     nfiles += f
-            try:
-                created = min(os.lstat(x).st_mtime for x in parts if os.path.lexists(x))
-            except ValueError:
-                created = now
+                with contextlib.suppress(ValueError):
+                    created = min(os.lstat(x).st_mtime for x in parts if os.path.lexists(x))
             found.append(EntryRecord(key, tid, kind, run_id, mode, nbytes, nfiles, created, now))
     return found
