@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -136,38 +135,3 @@ def test_gc_sweep_removes_leftovers_of_killed_runs(
     pids = {f.name.split("-")[0] for f in owners.iterdir()}
     assert str(os.getpid()) in pids or not pids
     assert all(pid == str(os.getpid()) for pid in pids), "dead owners' lock files removed"
-
-
-def test_cli_get_prints_path_on_last_line(
-    settings: Settings, settings_env: Callable[[Settings], dict[str, str]], tmp_path: Path
-) -> None:
-    import sys
-
-    project = make_project(tmp_path / "project", files=5)
-    tid = WorkspaceCache(settings).store.upload_target(project)
-    exe = [str(Path(sys.executable).with_name("forgespace"))]
-    cmd = [*exe, "get", tid, "--run-id", "r1", "--isolation", "copy-on-write"]
-    out = subprocess.run(
-        cmd, env=settings_env(settings), capture_output=True, text=True, timeout=60
-    )
-    assert out.returncode == 0, out.stderr
-    path = out.stdout.strip().splitlines()[-1]
-    assert path == str(settings.cache_dir / tid / "r1" / "workspace")
-    assert "Cache MISS" in out.stderr
-    bad = subprocess.run(
-        [*exe, "cleanup", str(settings.cache_dir), "--isolation", "isolated"],
-        env=settings_env(settings),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert bad.returncode != 0 and "refusing" in bad.stderr
-    ok = subprocess.run(
-        [*exe, "cleanup", path, "--isolation", "copy-on-write"],
-        env=settings_env(settings),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert ok.returncode == 0, ok.stderr
-    assert not Path(path).exists()

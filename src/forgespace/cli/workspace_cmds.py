@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from forgespace.cli.app import app, err_console, load_settings, out_console
+from forgespace.cli.app import app, err_console, load_settings
 
 _MODES_HELP = "isolated, shared or copy-on-write"
 
@@ -59,8 +59,6 @@ def _demo_source() -> Path:
 @app.command()
 def demo() -> None:
     """Upload the bundled example and materialise it in all three modes (two runs each)."""
-    from rich.table import Table
-
     from forgespace.cache.workspace import WorkspaceCache
     from forgespace.storage import open_store
 
@@ -69,25 +67,24 @@ def demo() -> None:
     src = _demo_source()
     target_id = store.upload_target(src)
     err_console.print(
-        f"uploaded {src.name} to the {store.display_name} as target {target_id}", highlight=False
+        f"uploaded {src.name} to the {store.display_name} as target {target_id}",
+        highlight=False,
+        soft_wrap=True,
     )
     cache = WorkspaceCache(settings, store=store)
-    table = Table(title=f"forgespace demo (CACHE_DIR={settings.cache_dir})")
-    for col in ("mode", "run", "downloaded", "files", "path"):
-        table.add_column(col)
+    print(f"forgespace demo: target {target_id}, CACHE_DIR={settings.cache_dir}")
     session = uuid.uuid4().hex[:6]
     results = []
     for mode in ("isolated", "shared", "copy-on-write"):
         for n in (1, 2):
-            run_id = f"demo-{session}-{n}"
+            # a run id names one run: each mode's runs get their own
+            run_id = f"demo-{session}-{mode.split('-')[0]}-{n}"
             res = cache.get_target_report(target_id, run_id, mode)
             p = Path(res.path)
             files = sum(1 for f in p.rglob("*") if f.is_file()) if p.is_dir() else 1
-            table.add_row(
-                mode, run_id, "yes" if res.downloaded else "no (hit)", str(files), res.path
-            )
+            how = "downloaded" if res.downloaded else "cache-hit"
+            print(f"{mode:<13}  {run_id:<24}  {how:<10}  {files:>3} files  {res.path}")
             results.append((res, run_id))
-    out_console.print(table)
     for res, run_id in results:
         cache.cleanup_cache(res.path, res.mode, run_id=run_id)
     err_console.print(
