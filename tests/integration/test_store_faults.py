@@ -254,3 +254,33 @@ def test_200mb_download_runs_in_bounded_memory(s3_settings: Settings, tmp_path: 
     before_kb, after_kb, got = (int(x) for x in out)
     assert got == size and dest.stat().st_size == size
     assert (after_kb - before_kb) * 1024 < 100 * 1024 * 1024, (before_kb, after_kb)
+
+
+def test_object_replaced_during_a_resumed_download_restarts(
+    store: S3Store, s3_server: S3Server, s3_settings: Settings, tmp_path: Path
+) -> None:
+    tid, _ = _upload(store, tmp_path, 3 * 1024 * 1024)
+    key = target_key(tid)
+    new = os.urandom(2 * 1024 * 1024 + 99)
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_server.endpoint,
+        aws_access_key_id=s3_server.access_key,
+        aws_secret_access_key=s3_server.secret_key,
+        region_name="us-east-1",
+        config=boto3.session.Config(s3={"addressing_style": "path"}),
+    )
+    replaced = False
+
+    def replace_once(done: int, total: int) -> None:
+        nonlocal replaced
+        if not replaced:  # another client overwrites the object mid-download
+            replaced = True
+            client.put_object(Bucket=s3_settings.s3_bucket, Key=key, Body=new)
+
+    s3_server.inject("short", key=key, after_bytes=1024 * 1024)
+    info = store.download_target(tid, tmp_path / "dest", progress=replace_once)
+    # the resume asked If-Match the old version, got 412, and started over on the new one
+    assert (tmp_path / "dest").read_bytes() == new
+    assert info.size == len(new)
+    assert s3_server.get_count(key) == 3
