@@ -1,0 +1,1 @@
+"""atheris_fuzzing workflow package (isolated: corpus and crashes are written per run)."""

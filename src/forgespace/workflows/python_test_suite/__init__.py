@@ -1,0 +1,1 @@
+"""python_test_suite workflow package (copy-on-write: the suite writes into its own copy)."""

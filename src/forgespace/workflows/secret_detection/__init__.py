@@ -1,0 +1,1 @@
+"""secret_detection workflow package (shared: a read-only scan of one download)."""

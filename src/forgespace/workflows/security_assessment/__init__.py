@@ -1,0 +1,1 @@
+"""security_assessment workflow package (shared: a read-only scan of one download)."""
