@@ -284,3 +284,17 @@ def test_object_replaced_during_a_resumed_download_restarts(
     assert (tmp_path / "dest").read_bytes() == new
     assert info.size == len(new)
     assert s3_server.get_count(key) == 3
+
+
+def test_settings_env_round_trips_every_setting(s3_settings: Settings) -> None:
+    custom = s3_settings.with_(
+        cache_max_size=1234567,
+        cache_ttl=90.5,
+        cache_lease_ttl=7200.0,
+        cow_backend="overlay",
+        s3_use_ssl=True,
+        temporal_address="127.0.0.1:7233",
+    )
+    env = env_for(custom, base={"PATH": "/usr/bin", "S3_ENDPOINT": "stale"})
+    assert Settings.from_env(env) == custom
+    assert env["PATH"] == "/usr/bin"

@@ -16,6 +16,7 @@ Fixtures: ``s3_server`` (session), ``s3_settings``, ``any_store_settings`` (para
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import http.client
 import os
 import select
@@ -509,7 +510,9 @@ def env_for(settings: Settings, base: dict[str, str] | None = None) -> dict[str,
     """A full environment for a subprocess that makes ``Settings.from_env()`` there equal
     ``settings``: ``base`` (default os.environ) with every forgespace variable replaced."""
     env = dict(os.environ if base is None else base)
-    for attr, var in _SETTINGS_VARS.items():
+    for f in dataclasses.fields(settings):
+        attr = f.name
+        var = _SETTINGS_VARS.get(attr, attr.upper())  # a new field: its variable, most likely
         value = getattr(settings, attr)
         if value is None:
             env.pop(var, None)
