@@ -18,7 +18,7 @@ import pytest
 from support.s3server import S3Server, env_for
 
 from forgespace.config import Settings
-from forgespace.errors import StorageError, TargetNotFoundError
+from forgespace.errors import ConfigError, StorageError, TargetNotFoundError
 from forgespace.storage import target_key
 from forgespace.storage.retry import RetryPolicy
 from forgespace.storage.s3 import S3Store
@@ -298,3 +298,19 @@ def test_settings_env_round_trips_every_setting(s3_settings: Settings) -> None:
     env = env_for(custom, base={"PATH": "/usr/bin", "S3_ENDPOINT": "stale"})
     assert Settings.from_env(env) == custom
     assert env["PATH"] == "/usr/bin"
+
+
+@pytest.mark.parametrize("endpoint", ["ftp://host", "http://bad host:9000", "http://[::1"])
+def test_invalid_endpoint_is_a_config_error(s3_settings: Settings, endpoint: str) -> None:
+    with pytest.raises(ConfigError, match="S3_ENDPOINT"):
+        S3Store.from_settings(s3_settings.with_(s3_endpoint=endpoint))
+
+
+def test_bare_host_port_endpoint_works(
+    s3_settings: Settings, s3_server: S3Server, tmp_path: Path
+) -> None:
+    bare = s3_server.endpoint.removeprefix("http://")
+    store = S3Store.from_settings(s3_settings.with_(s3_endpoint=bare))
+    tid, data = _upload(store, tmp_path, 1000)
+    store.download_target(tid, tmp_path / "dest")
+    assert (tmp_path / "dest").read_bytes() == data

@@ -44,7 +44,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
 from forgespace.config import Settings
-from forgespace.errors import ForgespaceError, StorageError, TargetNotFoundError
+from forgespace.errors import ConfigError, ForgespaceError, StorageError, TargetNotFoundError
 from forgespace.layout import validate_id
 from forgespace.storage.base import ObjectInfo, ProgressFn, target_key
 from forgespace.storage.local import check_result_key
@@ -153,6 +153,11 @@ class S3Store:
         endpoint = settings.s3_endpoint
         if endpoint and "://" not in endpoint:
             endpoint = f"{'https' if settings.s3_use_ssl else 'http'}://{endpoint}"
+        if endpoint and not endpoint.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"invalid S3_ENDPOINT {settings.s3_endpoint!r}: expected an http:// or https:// "
+                "URL (or host:port), e.g. http://127.0.0.1:9000"
+            )
         config = Config(
             s3={"addressing_style": "path"},
             retries={"total_max_attempts": 1, "mode": "standard"},
@@ -165,15 +170,22 @@ class S3Store:
         )
         # A private session: boto3's default session is shared (and not thread-safe).
         session = boto3.session.Session()
-        client = session.client(
-            "s3",
-            endpoint_url=endpoint,
-            aws_access_key_id=settings.s3_access_key,
-            aws_secret_access_key=settings.s3_secret_key,
-            region_name=settings.s3_region,
-            use_ssl=settings.s3_use_ssl,
-            config=config,
-        )
+        try:
+            client = session.client(
+                "s3",
+                endpoint_url=endpoint,
+                aws_access_key_id=settings.s3_access_key,
+                aws_secret_access_key=settings.s3_secret_key,
+                region_name=settings.s3_region,
+                use_ssl=settings.s3_use_ssl,
+                config=config,
+            )
+        except (ValueError, bexc.BotoCoreError) as exc:
+            raise ConfigError(
+                f"invalid S3 settings (S3_ENDPOINT={settings.s3_endpoint!r}, "
+                f"S3_REGION={settings.s3_region!r}): {exc}; expected an endpoint like "
+                "http://127.0.0.1:9000 and a region name like us-east-1"
+            ) from exc
         return cls(
             client,
             settings.s3_bucket,
