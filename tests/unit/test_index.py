@@ -323,3 +323,27 @@ def test_summary_aggregates_in_sql(index: CacheIndex) -> None:
     s = index.summary()
     assert (s.entries, s.bytes, s.targets, s.oldest_access, s.live_leases) == (3, 23, 2, 10.0, 1)
     assert s.entries_by_kind == {"shared": 1, "cow-shared": 1, "run": 1}
+
+
+def test_garbage_written_in_place_under_an_open_connection(
+    layout: CacheLayout, index: CacheIndex, caplog: pytest.LogCaptureFixture
+) -> None:
+    make_cache_on_disk(layout.root)
+    index.rebuild()
+    index.count("hits")
+    index._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)")  # everything in the main file
+    # Same inode, new content (a worker keeps its connection open meanwhile).
+    with open(layout.index_path, "r+b") as f:
+        f.write(os.urandom(65536))
+    seen: list[set[str]] = []
+    with caplog.at_level(logging.WARNING, logger="forgespace.cache.index"):
+        # Another thread opens its own connection: it finds garbage and rebuilds...
+        t = threading.Thread(target=lambda: seen.append({e.key for e in index.entries()}))
+        t.start()
+        t.join(60)
+        # ...and this thread's connection notices the new file and moves over to it.
+        index.count("misses")
+    want = {"sh/workspace", "cw/shared", "cw/run1", "iso/run2", "single/workspace"}
+    assert seen == [want] and {e.key for e in index.entries()} == want
+    assert index.counters() == {"misses": 1}  # counters restart with the rebuilt index
+    assert any("corrupt" in r.getMessage() for r in caplog.records)

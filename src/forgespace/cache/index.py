@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import logging
 import os
 import socket
@@ -29,9 +30,10 @@ import sqlite3
 import stat as stat_mod
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 from forgespace.errors import LockTimeoutError
 from forgespace.layout import ID_PATTERN, META_DIRNAME, RESERVED_IDS, CacheLayout
@@ -135,6 +137,27 @@ class CacheSummary:
 def default_holder() -> str:
     """``host:pid`` of this process, recorded in leases so operators know who holds what."""
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _recovering(method: _F) -> _F:
+    """Run an index method; if the database turns out to be damaged under an open connection
+    (overwritten in place, truncated...), rebuild it from disk and run the method once more.
+    A failed transaction was rolled back, so running it again cannot count anything twice."""
+
+    @functools.wraps(method)
+    def wrapper(self: CacheIndex, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.OperationalError:
+            raise
+        except sqlite3.DatabaseError as exc:
+            self._recover(exc)
+            return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 class _Local(threading.local):
@@ -339,6 +362,26 @@ class CacheIndex:
             )
         return exc
 
+    def _recover(self, exc: BaseException) -> None:
+        """Drop this thread's connection and rebuild a damaged index (unless another process
+        already did)."""
+        log.warning(
+            "cache index %s failed (%s); checking it and rebuilding if damaged", self.path, exc
+        )
+        loc = self._local
+        if loc.conn is not None and loc.pid == os.getpid():
+            with contextlib.suppress(sqlite3.Error):
+                loc.conn.close()
+        loc.conn, loc.ino = None, None
+        with self._open_lock, self._rebuild_flock():
+            got = self._try_open()
+            if got is not None and _healthy(got[0]):
+                got[0].close()
+                return
+            if got is not None:
+                got[0].close()
+            self._create_or_rebuild()
+
     def close(self) -> None:
         """Close this thread's connection (others close when their thread ends)."""
         loc = self._local
@@ -347,6 +390,7 @@ class CacheIndex:
         loc.conn = None
 
     # --- entries --------------------------------------------------------------------------
+    @_recovering
     def publish(self, entry: EntryRecord) -> None:
         """Insert or replace ``entry`` (called once its directory is in place)."""
         if entry.kind not in KINDS:
@@ -356,6 +400,7 @@ class CacheIndex:
                 "INSERT OR REPLACE INTO entries VALUES (?,?,?,?,?,?,?,?,?)", _entry_row(entry)
             )
 
+    @_recovering
     def access(self, key: str, *, lease: LeaseRecord | None, hit: bool) -> None:
         """The hit path's one transaction: last_access = now, add ``lease``, count hit/miss."""
         now = time.time()
@@ -368,21 +413,25 @@ class CacheIndex:
                 ("hits" if hit else "misses", 1),
             )
 
+    @_recovering
     def remove(self, key: str) -> None:
         """Forget an entry (its directory is gone or about to be)."""
         with self._write() as c:
             c.execute("DELETE FROM entries WHERE key = ?", (key,))
 
+    @_recovering
     def get(self, key: str) -> EntryRecord | None:
         """The entry with ``key``, or None."""
         row = self._conn().execute("SELECT * FROM entries WHERE key = ?", (key,)).fetchone()
         return EntryRecord(*row) if row else None
 
+    @_recovering
     def entries(self) -> list[EntryRecord]:
         """Every entry, least recently accessed first."""
         rows = self._conn().execute("SELECT * FROM entries ORDER BY last_access, key").fetchall()
         return [EntryRecord(*r) for r in rows]
 
+    @_recovering
     def entries_of(self, target_id: str) -> list[EntryRecord]:
         """Every entry of one target."""
         rows = (
@@ -392,12 +441,14 @@ class CacheIndex:
         )
         return [EntryRecord(*r) for r in rows]
 
+    @_recovering
     def total_bytes(self) -> int:
         """Sum of the bytes recorded for every entry."""
         return int(
             self._conn().execute("SELECT COALESCE(SUM(bytes), 0) FROM entries").fetchone()[0]
         )
 
+    @_recovering
     def summary(self, now: float | None = None) -> CacheSummary:
         """Aggregates for ``cache status`` computed in SQL (no row per entry in Python):
         entries, bytes, targets, oldest_access, entries_by_kind, live_leases."""
@@ -439,17 +490,20 @@ class CacheIndex:
             expires=created + self.lease_ttl,
         )
 
+    @_recovering
     def add_lease(self, lease: LeaseRecord) -> None:
         """Add or renew (same lease_id) a lease."""
         with self._write() as c:
             _insert_lease(c, lease, self.lease_ttl)
 
+    @_recovering
     def end_lease(self, lease_id: str) -> bool:
         """End a lease; False if there was none with that id."""
         with self._write() as c:
             c.execute("DELETE FROM lease_pins WHERE lease_id = ?", (lease_id,))
             return c.execute("DELETE FROM leases WHERE lease_id = ?", (lease_id,)).rowcount > 0
 
+    @_recovering
     def end_any_lease(self, entry_key: str) -> bool:
         """End the oldest live lease pinning ``entry_key`` (else the oldest expired one)."""
         now = time.time()
@@ -465,6 +519,7 @@ class CacheIndex:
             c.execute("DELETE FROM leases WHERE lease_id = ?", (row[0],))
             return True
 
+    @_recovering
     def live_leases(self, now: float | None = None) -> list[LeaseRecord]:
         """Unexpired leases, oldest first."""
         t = time.time() if now is None else now
@@ -475,11 +530,13 @@ class CacheIndex:
         )
         return [_lease_from_row(r) for r in rows]
 
+    @_recovering
     def all_leases(self) -> list[LeaseRecord]:
         """Every lease, expired ones included, oldest first."""
         rows = self._conn().execute("SELECT * FROM leases ORDER BY created, lease_id").fetchall()
         return [_lease_from_row(r) for r in rows]
 
+    @_recovering
     def leased_keys(self, now: float | None = None) -> set[str]:
         """Entry keys pinned by at least one unexpired lease."""
         t = time.time() if now is None else now
@@ -494,6 +551,7 @@ class CacheIndex:
         )
         return {r[0] for r in rows}
 
+    @_recovering
     def is_leased(self, key: str, now: float | None = None) -> bool:
         """Whether an unexpired lease pins ``key`` (read fresh: use it inside the target lock)."""
         t = time.time() if now is None else now
@@ -508,6 +566,7 @@ class CacheIndex:
         )
         return row is not None
 
+    @_recovering
     def purge_expired_leases(self, now: float | None = None) -> list[LeaseRecord]:
         """Delete expired leases and return them."""
         t = time.time() if now is None else now
@@ -519,17 +578,20 @@ class CacheIndex:
         return [_lease_from_row(r) for r in rows]
 
     # --- counters -------------------------------------------------------------------------
+    @_recovering
     def count(self, name: str, n: int = 1) -> None:
         """Add ``n`` to counter ``name`` (hits, misses, downloads, bytes_downloaded, ...)."""
         with self._write() as c:
             c.execute(_BUMP_COUNTER, (name, int(n)))
 
+    @_recovering
     def counters(self) -> dict[str, int]:
         """Every counter by name."""
         rows = self._conn().execute("SELECT name, value FROM counters ORDER BY name").fetchall()
         return {name: int(value) for name, value in rows}
 
     # --- whole-index operations -----------------------------------------------------------
+    @_recovering
     def rebuild(self) -> int:
         """Rebuild the index from disk now (``cache verify --repair``); returns entries found.
 
@@ -552,6 +614,13 @@ class CacheIndex:
 
 
 # --- helpers -------------------------------------------------------------------------------
+def _healthy(conn: sqlite3.Connection) -> bool:
+    try:
+        return conn.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+    except sqlite3.DatabaseError:
+        return False
+
+
 def _entry_row(e: EntryRecord) -> tuple[object, ...]:
     return (
         e.key,
