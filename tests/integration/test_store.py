@@ -220,3 +220,24 @@ def test_put_result(store: Store, any_store_settings: Settings) -> None:
 def test_upload_of_missing_path(store: Store, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="nope"):
         store.upload_target(tmp_path / "nope")
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_an_exception_from_progress_propagates_and_leaves_nothing(
+    store: Store, tmp_path: Path
+) -> None:
+    src = tmp_path / "blob"
+    src.write_bytes(os.urandom(3 * 1024 * 1024))
+    tid = store.upload_target(src)
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def stop(done: int, total: int) -> None:
+        raise _Interrupted(f"{done}/{total}")
+
+    with pytest.raises(_Interrupted):
+        store.download_target(tid, out / "target", progress=stop)
+    assert os.listdir(out) == []

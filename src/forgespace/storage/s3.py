@@ -67,8 +67,14 @@ _TRANSIENT_CODES = {
     "RequestLimitExceeded",
     "TooManyRequests",
 }
+
+
+class _ShortRead(Exception):
+    """The stream ended before the object's size: resume."""
+
+
 # Errors of the connection or of the response stream: a retry (or resume) may succeed.
-_TRANSIENT_EXC: tuple[type[BaseException], ...] = (
+_TRANSIENT_EXC: tuple[type[Exception], ...] = (
     bexc.HTTPClientError,  # ConnectionClosedError, ReadTimeoutError, ResponseStreamingError...
     bexc.ConnectionError,  # EndpointConnectionError, ConnectTimeoutError
     bexc.IncompleteReadError,
@@ -77,15 +83,20 @@ _TRANSIENT_EXC: tuple[type[BaseException], ...] = (
     ConnectionError,
     TimeoutError,
 )
+# What is translated at all: errors of botocore/boto3 and of the connection. Anything else
+# (a local disk error, an exception from a progress callback) propagates untouched.
+_BACKEND_ERRORS: tuple[type[Exception], ...] = (
+    bexc.BotoCoreError,
+    bexc.ClientError,
+    S3UploadFailedError,
+    *_TRANSIENT_EXC,
+    _ShortRead,
+)
 _UPLOAD_CONFIG = TransferConfig(
     multipart_threshold=64 * 1024 * 1024,
     multipart_chunksize=16 * 1024 * 1024,
     max_concurrency=4,
 )
-
-
-class _ShortRead(Exception):
-    """The stream ended before the object's size: resume."""
 
 
 def _code(exc: bexc.ClientError) -> tuple[str, int]:
@@ -210,7 +221,7 @@ class S3Store:
                 return fn()
             except ForgespaceError:
                 raise
-            except Exception as exc:  # translated below, re-raised with `from`
+            except _BACKEND_ERRORS as exc:  # translated below, re-raised with `from`
                 root = _unwrap(exc)
                 if not_found is not None and _is_not_found(root):
                     raise TargetNotFoundError(not_found) from exc
@@ -345,11 +356,17 @@ class S3Store:
                     break
                 except ForgespaceError:
                     raise
-                except Exception as exc:  # translated below, re-raised with `from`
+                except _BACKEND_ERRORS as exc:  # translated below, re-raised with `from`
                     if _is_not_found(exc):
                         raise TargetNotFoundError(self._not_found(target_id)) from exc
                     if isinstance(exc, bexc.ClientError) and _code(exc)[1] in (412, 416):
-                        # the object was replaced between attempts: start over
+                        # the object was replaced between attempts: start over (bounded too)
+                        failures += 1
+                        if failures >= self.retry.attempts:
+                            raise StorageError(
+                                f"GET {where}: the object kept changing during the download",
+                                transient=True,
+                            ) from exc
                         log.warning("%s changed during download; restarting", where)
                         part.restart()
                         expected = None
