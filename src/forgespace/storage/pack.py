@@ -1,6 +1,8 @@
 """Packing a directory into a deterministic tar.gz (what ``upload_target`` stores for a dir).
 
-The same tree always gives the same bytes, whoever packs it and whenever:
+The same tree always gives the same tar stream, whoever packs it and whenever; compressed
+with the same isal (ISA-L) version it gives the same tar.gz bytes (a different compressor
+version may pick other matches: same content, other bytes):
 
 - members are the directory's *contents* (``src/main.c``, not ``project/src/main.c``), in
   sorted order, directories before what they hold;
