@@ -158,6 +158,13 @@ class WorkspaceCache:
         self.index: CacheIndex = CacheIndex(self.layout, lease_ttl=settings.cache_lease_ttl)
         self._tls = threading.local()
         self._file_targets: set[str] = set()  # ids whose object is not an archive (immutable)
+        # Imported here, not on the first get: prometheus_client costs ~80 ms of CPU, which
+        # 16 processes waking up together for their first hit would otherwise pay at once.
+        try:
+            from forgespace.cache import metrics
+        except ImportError:  # metrics are optional (prometheus_client missing)
+            metrics = None  # type: ignore[assignment]
+        self._metrics: Any = metrics
         faults = os.environ.get(_FAULT_ENV, "")
         self._faults = frozenset(p for p in faults.split(",") if p)
         self.cow_backend = settings.cow_backend
@@ -660,9 +667,8 @@ class WorkspaceCache:
             make_room(self, size, target_id=tid)
 
     def _observe(self, res: GetResult, seconds: float) -> None:
-        try:
-            from forgespace.cache import metrics
-        except ImportError:  # metrics are optional (prometheus_client missing)
+        metrics = self._metrics
+        if metrics is None:
             return
         metrics.observe_get(
             res.mode,
