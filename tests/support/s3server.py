@@ -20,6 +20,7 @@ import dataclasses
 import http.client
 import os
 import select
+import signal
 import socket
 import struct
 import subprocess
@@ -382,6 +383,15 @@ def _moto_command(port: int) -> list[str]:
     return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
 
 
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the test process dies, even by SIGKILL (Linux prctl)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def _start_moto(log_path: Path) -> tuple[subprocess.Popen[bytes], int]:
     """Start moto on a free port and wait (bounded) until it answers HTTP."""
     last = ""
@@ -389,7 +399,11 @@ def _start_moto(log_path: Path) -> tuple[subprocess.Popen[bytes], int]:
         port = _free_port()
         log = open(log_path, "ab")  # noqa: SIM115 (kept open for the child's lifetime)
         proc = subprocess.Popen(
-            _moto_command(port), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            _moto_command(port),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         log.close()
         deadline = time.monotonic() + _START_TIMEOUT
