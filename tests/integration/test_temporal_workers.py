@@ -224,3 +224,49 @@ def test_invalid_workspace_isolation_stops_worker_start_up(
     assert "'isolate'" in err
     assert "isolated, shared, copy-on-write" in err
     assert "worker ready" not in proc.stderr
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_worker_without_address_runs_an_embedded_server_that_dies_with_it(
+    settings: Settings,
+    task_queue: str,
+    tmp_path: Path,
+    worker_processes: list[WorkerProcess],
+    sig: signal.Signals,
+) -> None:
+    env = env_for(settings)
+    env.pop("TEMPORAL_ADDRESS", None)
+    w = start_worker_process(env, task_queue, tmp_path / "w.log")
+    worker_processes.append(w)
+    w.wait_ready()
+    assert "embedded Temporal dev server" in w.text()
+    [server_pid] = _children(w.proc.pid)
+    assert _alive(server_pid)
+    w.proc.send_signal(sig)
+    w.proc.wait(30)
+    if sig == signal.SIGTERM:
+        assert w.proc.returncode == 0, w.text()[-2000:]
+    deadline = time.monotonic() + 15
+    while _alive(server_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(server_pid), f"dev server pid {server_pid} outlived its worker"

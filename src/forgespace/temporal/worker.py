@@ -227,7 +227,7 @@ async def serve(
     try:
         if not address:
             server = DevServer()
-            await asyncio.to_thread(server.start)
+            server.start()  # main thread: the server dies with it
             address = server.address
             log.warning(
                 "TEMPORAL_ADDRESS is unset: started an embedded Temporal dev server at %s "
