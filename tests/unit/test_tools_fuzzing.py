@@ -58,7 +58,9 @@ def test_planted_crash_is_found_and_its_input_reproduces_it(fuzz_workspace: Path
     assert result["unique_crashes"] == 1, result["findings"]
     finding = result["findings"][0]
     assert finding["exception_type"] == "builtins.IndexError"
-    assert finding["location"] == "header_parser.py:31"
+    lines = (fuzz_workspace / "header_parser.py").read_text().splitlines()
+    bug_line = next(n for n, ln in enumerate(lines, 1) if "checksum = data[" in ln)
+    assert finding["location"] == f"header_parser.py:{bug_line}"
     assert [f["function"] for f in finding["stack"]] == ["TestOneInput", "parse_header"]
     data = base64.b64decode(finding["input_base64"])
     assert data.startswith(b"FSPC\x07")
