@@ -241,6 +241,8 @@ def test_metrics_follow_gets_and_evictions_and_are_served(
     WorkspaceCache(settings.with_(cache_max_size=1)).gc()
     assert metrics.value("forgespace_cache_evictions_total", reason="lru") == lru0 + 1
     assert metrics.value("forgespace_cache_bytes") == 0
+    assert metrics.value("forgespace_cache_entries") == 0
+    assert metrics.value("forgespace_cache_limit_bytes") == 1
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

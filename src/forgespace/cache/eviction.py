@@ -464,7 +464,10 @@ def _update_gauges(cache: CacheLike) -> None:
     from forgespace.cache import metrics
 
     with contextlib.suppress(Exception):
-        metrics.set_cache_state(cache.index.total_bytes(), len(cache.index.live_leases()))
+        s = cache.index.summary()
+        metrics.set_cache_state(
+            s.bytes, s.live_leases, entries=s.entries, limit=cache.settings.cache_max_size
+        )
 
 
 # --- deletion -----------------------------------------------------------------------------

@@ -118,11 +118,9 @@ def set_cache_state(
 
 
 def refresh_from_index(index: CacheIndex, limit: int | None = None) -> None:
-    """Set the gauges from the index (cheap: no filesystem walk)."""
-    entries = index.entries()
-    set_cache_state(
-        sum(e.bytes for e in entries), len(index.live_leases()), entries=len(entries), limit=limit
-    )
+    """Set the gauges from the index (cheap: SQL aggregates, no filesystem walk)."""
+    s = index.summary()
+    set_cache_state(s.bytes, s.live_leases, entries=s.entries, limit=limit)
 
 
 def snapshot() -> dict[str, float]:
