@@ -241,3 +241,16 @@ def test_an_exception_from_progress_propagates_and_leaves_nothing(
     with pytest.raises(_Interrupted):
         store.download_target(tid, out / "target", progress=stop)
     assert os.listdir(out) == []
+
+
+def test_progress_reaches_the_total_both_ways(store: Store, tmp_path: Path) -> None:
+    data = os.urandom(5 * 1024 * 1024 + 3)
+    src = tmp_path / "blob"
+    src.write_bytes(data)
+    up: list[tuple[int, int]] = []
+    tid = store.upload_target(src, progress=lambda d, t: up.append((d, t)))
+    assert up and up[-1] == (len(data), len(data))
+    down: list[tuple[int, int]] = []
+    store.download_target(tid, tmp_path / "dest", progress=lambda d, t: down.append((d, t)))
+    assert down[-1] == (len(data), len(data))
+    assert [d for d, _ in down] == sorted(d for d, _ in down)

@@ -297,14 +297,18 @@ class S3Store:
     def _upload_file(
         self, src: Path, key: str, size: int, digest: str, progress: ProgressFn | None
     ) -> None:
+        lock = threading.Lock()
+
         def put() -> None:
             done = 0
 
             def cb(n: int) -> None:
+                # called from s3transfer's worker threads, one per part in flight
                 nonlocal done
-                done += n
-                if progress is not None:
-                    progress(done, size)
+                with lock:
+                    done += n
+                    if progress is not None:
+                        progress(done, size)
 
             self.client.upload_file(
                 str(src),
