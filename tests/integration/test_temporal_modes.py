@@ -301,3 +301,39 @@ def test_runner_shows_heartbeat_details_of_running_activities(
         "fixture_inspect_workspace" in ln and "held_s=" in ln and "of_s=4" in ln for ln in progress
     ), out
     assert "1 runs, 1 download(s), 0 served from the cache" in out
+
+
+def test_cancelled_run_stops_its_activity_then_cleans_up(
+    temporal_server: DevServer, settings: Settings, task_queue: str, tmp_path: Path
+) -> None:
+    tid = open_store(settings).upload_target(make_project(tmp_path))
+    started = tmp_path / "started"
+
+    async def main() -> BaseException | None:
+        client = await Client.connect(temporal_server.address)
+        async with in_process_worker(settings, client, task_queue):
+            h = await client.start_workflow(
+                "fs_marker_isolated",
+                WorkflowRequest(
+                    tid, "r1", "isolated", {"hold_seconds": 60, "started_file": str(started)}
+                ),
+                id=f"cancel-{uuid.uuid4().hex}",
+                task_queue=task_queue,
+            )
+            deadline = time.monotonic() + 30
+            while not started.exists() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert (settings.cache_dir / tid / "r1" / "workspace").is_dir()
+            await h.cancel()
+            try:
+                await asyncio.wait_for(h.result(), timeout=30)
+            except WorkflowFailureError as exc:
+                return exc.cause
+            return None
+
+    t0 = time.monotonic()
+    cause = asyncio.run(main())
+    assert type(cause).__name__ == "CancelledError", cause
+    assert time.monotonic() - t0 < 30  # the 60 s hold was interrupted
+    assert not (settings.cache_dir / tid / "r1").exists()
+    assert not WorkspaceCache(settings).index.live_leases()

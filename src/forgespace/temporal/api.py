@@ -37,6 +37,7 @@ from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, TimeoutType
 from temporalio.exceptions import TimeoutError as TemporalTimeoutError
+from temporalio.workflow import ActivityCancellationType
 
 __all__ = [
     "CLEANUP_ACTIVITY",
@@ -191,6 +192,9 @@ class Workspace:
             heartbeat_timeout=hb,
             retry_policy=retry_policy or _retry(self.options.activity_max_attempts),
             result_type=result_type,
+            # On cancellation wait until the activity stopped, so cleanup never removes a
+            # workspace an activity still writes to.
+            cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
         )
 
     async def upload_results(
