@@ -99,13 +99,17 @@ class LocalStore:
                     size, digest = copy_hashing(src, out, progress)
                 out.flush()
                 os.fsync(out.fileno())
-            os.replace(tmp, obj)
+            # sidecar first: once the object is visible under its name, its metadata is too
             meta = {"size": size, "sha256": digest, "format": 1}
             _atomic_write_bytes(obj.with_name(SIDECAR_NAME), json.dumps(meta).encode())
+            os.replace(tmp, obj)
+            _fsync_dir(obj.parent)
         except BaseException:
             tmp.unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                obj.parent.rmdir()  # the fresh id's folder, empty again
+            if not obj.exists():
+                obj.with_name(SIDECAR_NAME).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    obj.parent.rmdir()  # the fresh id's folder, empty again
             raise
         return target_id
 
