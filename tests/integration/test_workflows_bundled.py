@@ -331,3 +331,30 @@ def test_bad_parameter_fails_the_run_at_once_with_a_clear_error(
     assert run["status"] == "failed"
     assert "unknown parameter(s) max_file_size" in run["error"]
     assert "max_file_bytes" in run["error"]
+
+
+def test_workflows_that_write_refuse_a_shared_workspace(
+    cluster_settings: Settings, task_queue: str
+) -> None:
+    job = RunJob(
+        workflow="python_test_suite",
+        path=EXAMPLES / "pytest_project",
+        isolation="shared",
+        task_queue=task_queue,
+    )
+
+    async def main() -> dict[str, Any]:
+        assert cluster_settings.temporal_address
+        client = await Client.connect(
+            cluster_settings.temporal_address, namespace=cluster_settings.temporal_namespace
+        )
+        async with bundled_worker(cluster_settings, client, task_queue):
+            return await run_job(cluster_settings, job)
+
+    report = asyncio.run(main())
+    [run] = report["runs"]
+    assert run["status"] == "failed"
+    assert "cannot run in shared mode" in run["error"]
+    # Refused before any workspace was made: nothing was downloaded into the cache.
+    assert report["cache"] == {"downloads": 0, "hits": 0}
+    assert not (cluster_settings.cache_dir / report["target_id"]).exists()

@@ -54,8 +54,21 @@ async def run_tool(
     *,
     time_budget: timedelta,
     count_findings: Callable[[dict[str, Any]], int],
+    writes_workspace: bool = False,
 ) -> dict[str, Any]:
-    """Run ``activity_fn(workspace_path, parameters)`` in the run's workspace; see module doc."""
+    """Run ``activity_fn(workspace_path, parameters)`` in the run's workspace; see module doc.
+
+    A tool that ``writes_workspace`` refuses a shared workspace (an ``--isolation shared``
+    override): its writes would reach every other run of the target.
+    """
+    if writes_workspace and request.workspace_isolation == "shared":
+        raise ApplicationError(
+            f"{workflow.info().workflow_type} writes into its workspace, so it cannot run in "
+            "shared mode (the workspace is read-only and shared by concurrent runs); "
+            "use isolated or copy-on-write",
+            type="ValueError",
+            non_retryable=True,
+        )
 
     async def body(ws: Workspace) -> dict[str, Any]:
         result: dict[str, Any] = await ws.execute(

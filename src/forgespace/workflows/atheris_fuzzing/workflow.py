@@ -25,6 +25,7 @@ class AtherisFuzzing:
             atheris_fuzz,
             time_budget=timedelta(seconds=budget),
             count_findings=lambda r: int(r["unique_crashes"]),
+            writes_workspace=True,
         )
 
 

@@ -25,6 +25,7 @@ class PythonTestSuite:
             python_test_suite_run,
             time_budget=timedelta(seconds=budget),
             count_findings=lambda r: int(r["failed"]) + int(r["errors"]),
+            writes_workspace=True,
         )
 
 
