@@ -156,13 +156,25 @@ class OwnerToken:
 
     def __init__(self, owners_dir: Path) -> None:
         owners_dir.mkdir(parents=True, exist_ok=True)
-        self.token = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        self.path = owners_dir / f"{self.token}.lock"
-        # O_EXCL: the name is new, so no cleaner can have taken or deleted it yet;
-        # the lock is taken before any staging directory names the token.
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        os.pwrite(self._fd, f"pid={os.getpid()} host={_HOST} since={time.time():.3f}\n".encode(), 0)
+        for _ in range(10):
+            self.token = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+            self.path = owners_dir / f"{self.token}.lock"
+            # Locked under a temporary name, then renamed: the final name never exists
+            # unlocked, so no cleaner can mistake a just-created owner for a dead one.
+            tmp = owners_dir / f".{self.token}.new"
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            info = f"pid={os.getpid()} host={_HOST} since={time.time():.3f}\n"
+            os.pwrite(fd, info.encode(), 0)
+            try:
+                os.rename(tmp, self.path)
+            except FileNotFoundError:
+                # a cleaner took the temporary file in the instant before our flock
+                os.close(fd)
+                continue
+            self._fd = fd
+            return
+        raise OSError(f"could not create an owner lock in {owners_dir}")
 
     @classmethod
     def for_dir(cls, owners_dir: Path) -> OwnerToken:
@@ -201,8 +213,12 @@ def owner_is_dead(owners_dir: Path, token: str) -> bool:
 
 
 def remove_dead_owner(owners_dir: Path, token: str) -> None:
-    """Delete a dead owner's lock file (call only after its staging dirs are gone)."""
-    path = owners_dir / f"{token}.lock"
+    """Delete a dead owner's lock file (call only after its staging dirs are gone).
+
+    ``token`` may also be a file name ``.{token}.new`` (an owner killed while creating
+    its lock file)."""
+    name = token if token.endswith(".new") else f"{token}.lock"
+    path = owners_dir / name
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError:

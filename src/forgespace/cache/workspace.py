@@ -764,6 +764,9 @@ class WorkspaceCache:
                 removed.append(p)
         if target_id is None and self._owners_dir.is_dir():
             for name in os.listdir(self._owners_dir):
+                if name.endswith(".new"):  # killed while creating its lock; free if dead
+                    remove_dead_owner(self._owners_dir, name)
+                    continue
                 token = name.removesuffix(".lock")
                 if token not in tokens_alive and owner_is_dead(self._owners_dir, token):
                     remove_dead_owner(self._owners_dir, token)
