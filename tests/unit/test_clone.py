@@ -144,7 +144,7 @@ def test_io_error_mid_copy_leaves_nothing(
     dst = tmp_path / "dst"
     with pytest.raises(OSError, match="injected"):
         materialize_copy(source, dst)
-    assert calls["n"] == 3
+    assert calls["n"] >= 3
     assert not dst.exists()
 
 
