@@ -314,3 +314,35 @@ def test_bare_host_port_endpoint_works(
     tid, data = _upload(store, tmp_path, 1000)
     store.download_target(tid, tmp_path / "dest")
     assert (tmp_path / "dest").read_bytes() == data
+
+
+def test_proxy_relays_chunked_uploads_and_keeps_connections_alive(
+    s3_settings: Settings, s3_server: S3Server
+) -> None:
+    import http.client
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_server.endpoint,
+        aws_access_key_id=s3_server.access_key,
+        aws_secret_access_key=s3_server.secret_key,
+        region_name="us-east-1",
+        config=boto3.session.Config(s3={"addressing_style": "path"}),
+    )
+    bucket = s3_settings.s3_bucket
+    client.create_bucket(Bucket=bucket)
+    host, port = s3_server.endpoint.removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    parts = [b"hello ", b"chunked ", b"world"]
+    conn.request("PUT", f"/{bucket}/c/target", body=iter(parts), encode_chunked=True)
+    resp = conn.getresponse()
+    resp.read()
+    assert resp.status == 200
+    sock = conn.sock
+    for method in ("HEAD", "GET", "HEAD"):  # unsigned: moto answers 403, with or without body
+        conn.request(method, f"/{bucket}/c/target")
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == 403
+    assert conn.sock is sock  # all on one kept-alive connection
+    assert client.get_object(Bucket=bucket, Key="c/target")["Body"].read() == b"".join(parts)
