@@ -346,3 +346,18 @@ def test_proxy_relays_chunked_uploads_and_keeps_connections_alive(
         assert resp.status == 403
     assert conn.sock is sock  # all on one kept-alive connection
     assert client.get_object(Bucket=bucket, Key="c/target")["Body"].read() == b"".join(parts)
+
+
+def test_a_stalled_stream_times_out_and_resumes(
+    s3_settings: Settings, s3_server: S3Server, tmp_path: Path
+) -> None:
+    store = S3Store.from_settings(s3_settings, retry=FAST, read_timeout=0.5)
+    tid, data = _upload(store, tmp_path, 3 * 1024 * 1024)
+    key = target_key(tid)
+    s3_server.reset_counts()
+    s3_server.inject("stall", key=key, after_bytes=1024 * 1024, stall=3.0)
+    started = time.monotonic()
+    store.download_target(tid, tmp_path / "dest")
+    assert time.monotonic() - started < 2.5  # gave up on the silent stream, did not wait it out
+    assert (tmp_path / "dest").read_bytes() == data
+    assert s3_server.get_count(key) == 2

@@ -40,7 +40,7 @@ import pytest
 
 from forgespace.config import Settings
 
-FaultKind = Literal["500", "reset", "short"]
+FaultKind = Literal["500", "reset", "short", "stall"]
 
 # Hop-by-hop headers are per connection: never forwarded in either direction.
 _HOP_BY_HOP = {
@@ -76,6 +76,7 @@ class _Fault:
     key: str | None
     remaining: int
     after_bytes: int
+    stall: float = 0.0
 
     def matches(self, method: str, bucket: str, key: str) -> bool:
         if self.remaining <= 0 or method != self.method:
@@ -139,18 +140,22 @@ class S3Server:
         times: int = 1,
         method: str = "GET",
         after_bytes: int = 64 * 1024,
+        stall: float = 5.0,
     ) -> None:
         """Make the next ``times`` requests of ``method`` on object ``key`` (any object when
         None; "bucket/key" also accepted) fail with ``fault``:
 
         - "500": an S3 InternalError response; the request never reaches moto;
         - "reset": the real response headers and ``after_bytes`` of the body, then a TCP RST;
-        - "short": the same, but an orderly close (the client sees a short read).
+        - "short": the same, but an orderly close (the client sees a short read);
+        - "stall": the same, then ``stall`` seconds of silence before closing (a read timeout).
         """
-        if fault not in ("500", "reset", "short"):
-            raise ValueError(f"unknown fault {fault!r}: expected '500', 'reset' or 'short'")
+        if fault not in ("500", "reset", "short", "stall"):
+            raise ValueError(
+                f"unknown fault {fault!r}: expected '500', 'reset', 'short' or 'stall'"
+            )
         with self._lock:
-            self._faults.append(_Fault(fault, method.upper(), key, times, after_bytes))
+            self._faults.append(_Fault(fault, method.upper(), key, times, after_bytes, stall))
 
     def clear_faults(self) -> None:
         """Disarm every pending fault."""
@@ -169,7 +174,7 @@ class S3Server:
             for f in self._faults:
                 if f.matches(method, bucket, key):
                     f.remaining -= 1
-                    fired = _Fault(f.kind, f.method, f.key, 1, f.after_bytes)
+                    fired = _Fault(f.kind, f.method, f.key, 1, f.after_bytes, f.stall)
                     self._faults = [x for x in self._faults if x.remaining > 0]
                     return fired
             return None
@@ -332,6 +337,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         if fault is not None:
             self.wfile.flush()
             self._drop_upstream()  # the rest of the body is still in flight there
+            if fault.kind == "stall":
+                time.sleep(fault.stall)
             if fault.kind == "reset":
                 # SO_LINGER with a zero timeout turns close() into a RST. Close the fd now:
                 # socketserver would shutdown(SHUT_WR) first, sending a FIN before the RST.

@@ -159,8 +159,17 @@ class S3Store:
         self._bucket_lock = threading.Lock()
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, retry: RetryPolicy | None = None) -> S3Store:
-        """One boto3 client for this store object, configured from the S3_* settings."""
+    def from_settings(
+        cls,
+        settings: Settings,
+        *,
+        retry: RetryPolicy | None = None,
+        read_timeout: float = 60.0,
+    ) -> S3Store:
+        """One boto3 client for this store object, configured from the S3_* settings.
+
+        ``read_timeout``: seconds of silence on a connection before the read is abandoned
+        (and retried/resumed)."""
         endpoint = settings.s3_endpoint
         if endpoint and "://" not in endpoint:
             endpoint = f"{'https' if settings.s3_use_ssl else 'http'}://{endpoint}"
@@ -173,7 +182,7 @@ class S3Store:
             s3={"addressing_style": "path"},
             retries={"total_max_attempts": 1, "mode": "standard"},
             connect_timeout=10,
-            read_timeout=60,
+            read_timeout=read_timeout,
             tcp_keepalive=True,
             max_pool_connections=16,
             request_checksum_calculation="when_required",
