@@ -18,6 +18,7 @@ pytestmark = pytest.mark.integration
 FORGESPACE = str(Path(sys.executable).with_name("forgespace"))
 
 
+@pytest.mark.slow
 def test_cli_get_prints_path_on_last_line(
     settings: Settings, settings_env: Callable[[Settings], dict[str, str]], tmp_path: Path
 ) -> None:

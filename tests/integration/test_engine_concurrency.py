@@ -24,6 +24,7 @@ pytestmark = pytest.mark.integration
 N = 8
 
 
+@pytest.mark.slow
 def test_eight_processes_per_mode_one_download_each(
     any_store_settings: Settings,
     settings_env: Callable[[Settings], dict[str, str]],

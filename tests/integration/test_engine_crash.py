@@ -91,6 +91,7 @@ def test_sigkill_at_phase_then_fresh_get_is_complete(
     assert tree_digest(Path(retry.path)) == tree_digest(project)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_extraction(
     settings: Settings, settings_env: Callable[[Settings], dict[str, str]], tmp_path: Path
 ) -> None:
