@@ -48,6 +48,19 @@ ENTRY_KEYS = {
     "live_leases",
 }
 PLAN_KEYS = {"key", "target_id", "kind", "reason", "bytes", "last_access"}
+GC_KEYS = {
+    "dry_run",
+    "limit_bytes",
+    "total_before",
+    "total_after",
+    "freed_bytes",
+    "plan",
+    "evicted",
+    "skipped",
+    "adopted",
+    "plan_seconds",
+    "seconds",
+}
 
 
 def forgespace(env: dict[str, str], *args: str, rc: int = 0) -> subprocess.CompletedProcess[str]:
@@ -117,6 +130,7 @@ def test_gc_dry_run_then_gc(populated) -> None:
     small = {**env, "CACHE_MAX_SIZE": "1"}  # only leases keep entries now
     cache_dir = Path(env["CACHE_DIR"])
     plan = as_json(small, "cache", "gc", "--dry-run")
+    assert set(plan) == GC_KEYS
     assert plan["dry_run"] is True and plan["evicted"] == [] and plan["freed_bytes"] == 0
     assert [(p["key"], p["reason"]) for p in plan["plan"]] == [(f"{ids['b']}/workspace", "lru")]
     assert set(plan["plan"][0]) == PLAN_KEYS

@@ -343,3 +343,36 @@ def test_make_room_refuses_what_the_disk_cannot_hold(make_cache) -> None:
         make_room(c, 1 << 60, target_id="huge")
     assert info.value.errno == errno.ENOSPC
     assert "huge" in str(info.value) and "CACHE_MAX_SIZE=100" in str(info.value)
+
+
+def test_unindexed_shared_entries_are_adopted_then_evictable(make_cache) -> None:
+    c = make_cache()
+    # published on disk, but the process died before its index write
+    ws = c.layout.shared_workspace("lost")
+    ws.mkdir(parents=True)
+    (ws / "a").write_bytes(b"a" * 40)
+    c.layout.shared_target("lost").write_bytes(b"t" * 2)
+    cow = c.layout.cow_shared_workspace("lostcow")
+    cow.mkdir(parents=True)
+    (cow / "b").write_bytes(b"b" * 8)
+    assert collect_garbage(c, dry_run=True).adopted == []
+    assert c.index.entries() == []
+    report = collect_garbage(c)
+    assert sorted(report.adopted) == ["lost/workspace", "lostcow/shared"]
+    assert c.index.get("lost/workspace").bytes == 42  # type: ignore[union-attr]
+    assert c.index.get("lostcow/shared").files == 1  # type: ignore[union-attr]
+    small = make_cache(CACHE_MAX_SIZE="1")
+    assert {p.key for p in collect_garbage(small).evicted} == {"lost/workspace", "lostcow/shared"}
+    assert not c.layout.target_dir("lost").exists()
+
+
+def test_empty_target_dirs_go_unless_busy(make_cache) -> None:
+    c = make_cache()
+    for tid in ("empty", "busy", "full"):
+        c.layout.target_dir(tid).mkdir(parents=True)
+    (c.layout.target_dir("full") / "r1").mkdir()
+    c.index.add_lease(c.index.new_lease("full/r1", "full", "r1", ("full/r1",)))
+    with flock(c.layout.lock_path("busy"), exclusive=False):  # a get_target about to publish
+        collect_garbage(c)
+    assert not c.layout.target_dir("empty").exists()
+    assert c.layout.target_dir("busy").exists() and c.layout.target_dir("full").exists()

@@ -43,7 +43,7 @@ from forgespace.cache.index import CacheIndex, EntryRecord, scan_entries, tree_s
 from forgespace.cache.locks import owner_is_dead, remove_dead_owner
 from forgespace.config import Settings
 from forgespace.errors import CacheFullError, LockTimeoutError
-from forgespace.layout import CacheLayout
+from forgespace.layout import ID_PATTERN, RESERVED_IDS, CacheLayout
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,7 @@ class GcReport:
     evicted: list[PlannedEviction] = field(default_factory=list)
     skipped: list[SkippedEviction] = field(default_factory=list)
     limit: int = 0
+    adopted: list[str] = field(default_factory=list)
     plan_seconds: float = 0.0
     seconds: float = 0.0
 
@@ -127,6 +128,7 @@ class GcReport:
             "skipped": [
                 {"key": s.key, "target_id": s.target_id, "why": s.why} for s in self.skipped
             ],
+            "adopted": list(self.adopted),
             "plan_seconds": round(self.plan_seconds, 6),
             "seconds": round(self.seconds, 6),
         }
@@ -310,6 +312,8 @@ def collect_garbage(cache: CacheLike, *, dry_run: bool = False) -> GcReport:
     for item in plan:
         _execute(cache, item, report)
     _remove_dead_owners(cache.layout)
+    _remove_empty_target_dirs(cache)
+    report.adopted = adopt_unindexed(cache)
     expired = cache.index.purge_expired_leases()
     if expired:
         log.info("gc: dropped %d expired lease(s)", len(expired))
@@ -585,6 +589,72 @@ def make_room(cache: CacheLike, incoming_bytes: int, *, target_id: str) -> None:
         )
     log.warning("cache over its limit after evicting all it could: %s; proceeding", detail)
     _update_gauges(cache)
+
+
+def _is_target_dir(d: os.DirEntry[str]) -> bool:
+    # valid ids only: never .forgespace, never a stray name a lock file would be made for
+    return (
+        bool(ID_PATTERN.match(d.name))
+        and d.name not in RESERVED_IDS
+        and d.is_dir(follow_symlinks=False)
+    )
+
+
+def _remove_empty_target_dirs(cache: CacheLike) -> None:
+    # cleanup_cache leaves {tid}/ behind when it removes the target's last run directory.
+    # The engine creates {tid}/ and renames into it under the target lock: remove it only
+    # under that lock, and only when it is empty (rmdir refuses otherwise).
+    tops: list[os.DirEntry[str]] = []
+    with contextlib.suppress(FileNotFoundError), os.scandir(cache.layout.root) as it:
+        tops = [d for d in it if _is_target_dir(d)]
+    for d in tops:
+        try:
+            with os.scandir(d.path) as inner:
+                if next(inner, None) is not None:
+                    continue
+        except OSError:
+            continue
+        try:
+            with cache.target_lock(d.name, blocking=False):
+                os.rmdir(d.path)
+        except (LockTimeoutError, OSError):
+            continue
+
+
+def adopt_unindexed(cache: CacheLike) -> list[str]:
+    """Index shared workspaces and copy-on-write shared copies found on disk but not in the
+    index (a crash between publish's rename and its index write): measured once (a walk of
+    that entry only), last access = now, so TTL and LRU apply to them from now on. Run
+    directories are not adopted: without a lease they are orphans."""
+    adopted = []
+    index, layout = cache.index, cache.layout
+    known = {e.key for e in index.entries()}
+    for e in scan_entries(layout, with_sizes=False):
+        if e.kind == "run" or e.key in known:
+            continue
+        try:
+            with cache.target_lock(e.target_id, blocking=False):
+                if index.get(e.key) is not None:
+                    continue
+                found = [x for x in scan_entries_of(layout, e.target_id) if x.key == e.key]
+                if found:
+                    index.publish(found[0])
+                    adopted.append(e.key)
+        except LockTimeoutError:
+            continue  # busy: maybe publishing it right now; the next gc looks again
+    if adopted:
+        log.warning(
+            "indexed %d entr%s found on disk but missing from the index: %s",
+            len(adopted),
+            "y" if len(adopted) == 1 else "ies",
+            ", ".join(adopted[:5]),
+        )
+    return adopted
+
+
+def scan_entries_of(layout: CacheLayout, target_id: str) -> list[EntryRecord]:
+    """scan_entries (with sizes) restricted to one target directory."""
+    return scan_entries(layout, with_sizes=True, only=target_id)
 
 
 # --- operator eviction --------------------------------------------------------------------

@@ -720,12 +720,15 @@ def tree_size(path: Path) -> tuple[int, int]:
     return total, files
 
 
-def scan_entries(layout: CacheLayout, *, with_sizes: bool = True) -> list[EntryRecord]:
+def scan_entries(
+    layout: CacheLayout, *, with_sizes: bool = True, only: str | None = None
+) -> list[EntryRecord]:
     """Every entry the cache directory holds, found by its layout (skips ``.forgespace``).
 
     With ``with_sizes`` (rebuild, verify --repair) the bytes and files of each entry are walked
     and run modes and creation times are read. Without it only the top two directory levels
-    are listed (gc's cheap reconciliation): sizes are 0, modes a guess, times now.
+    are listed (gc's cheap reconciliation): sizes are 0, modes a guess, times now. ``only``
+    restricts the scan to one target directory.
     """
     root = layout.root
     now = time.time()
@@ -736,6 +739,8 @@ def scan_entries(layout: CacheLayout, *, with_sizes: bool = True) -> list[EntryR
         return found
     for top in tops:
         if top.name == META_DIRNAME or not _is_id(top.name):
+            continue
+        if only is not None and top.name != only:
             continue
         if not top.is_dir(follow_symlinks=False):
             continue

@@ -240,6 +240,8 @@ def gc(
         state = "-" if dry_run else ("yes" if p.key in done else f"skipped: {skipped.get(p.key)}")
         t.add_row(p.key, p.kind, p.reason, _size(p.bytes), _when(p.last_access), state)
     out_console.print(t)
+    for key in report.adopted:
+        out_console.print(f"indexed {key} (on disk, was missing from the index)", highlight=False)
     verb = "would free" if dry_run else "freed"
     freed = sum(p.bytes for p in report.plan) if dry_run else report.freed_bytes
     out_console.print(
