@@ -6,8 +6,8 @@ The proxy runs in the pytest process (threads) and sits between every client and
   object was downloaded -- including downloads made by other processes, which reach the
   proxy over TCP like any S3 client;
 - it injects faults into the next N matching requests: an HTTP 500 (never reaching moto),
-  a connection reset (RST) after part of the body, or a clean close after part of the
-  body (a short read).
+  a connection reset (RST) after part of the body, a clean close after part of the body
+  (a short read), or a stall (part of the body, then silence: a read timeout).
 
 Fixtures: ``s3_server`` (session), ``s3_settings``, ``any_store_settings`` (params "local",
 "s3"), ``settings_env``. ``env_for(settings)`` is the plain function behind ``settings_env``.
