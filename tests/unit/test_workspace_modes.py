@@ -16,6 +16,7 @@ from forgespace.config import Settings
 from forgespace.errors import (
     InvalidIdError,
     InvalidModeError,
+    LockTimeoutError,
     TargetNotFoundError,
     UnsafeArchiveError,
 )
@@ -232,3 +233,25 @@ def test_store_passed_in_is_used(settings: Settings, project: Path) -> None:
     cache = WorkspaceCache(settings, store=store)
     assert cache.store is store
     assert Path(cache.get_target(tid, "r", "isolated")).is_dir()
+
+
+@pytest.mark.parametrize("mode", ["shared", "copy-on-write"])
+def test_wait_for_a_stuck_download_is_bounded_and_names_target_and_holder(
+    settings: Settings, project: Path, mode: str
+) -> None:
+    cache = WorkspaceCache(settings.with_(cache_lock_timeout=0.3))
+    tid = cache.store.upload_target(project)
+    import time
+
+    # another download of this target in progress (the lock is per open file: this holds
+    # it against the get below exactly as another process would)
+    with cache.target_lock(tid, exclusive=True, purpose="download shared"):
+        t0 = time.monotonic()
+        with pytest.raises(LockTimeoutError) as ei:
+            cache.get_target(tid, "r1", mode)
+        waited = time.monotonic() - t0
+    assert 0.25 <= waited < 3
+    msg = str(ei.value)
+    assert f"target {tid}" in msg and f"pid {os.getpid()}" in msg and "download shared" in msg
+    assert cache.index.live_leases() == []
+    assert Path(cache.get_target(tid, "r2", mode)).is_dir()  # free again: works

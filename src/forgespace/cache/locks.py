@@ -55,7 +55,9 @@ def _describe_holder(path: Path, exclusive_wanted: bool) -> str:
     text = read_holder(path)
     if not text:
         return "shared holders (cache hits or copy-on-write copies in progress)"
-    fields = dict(kv.split("=", 1) for kv in text.split() if "=" in kv)
+    head, _, purpose = text.partition(" purpose=")
+    fields = dict(kv.split("=", 1) for kv in head.split() if "=" in kv)
+    fields["purpose"] = purpose.strip() or "?"
     pid, host = fields.get("pid", "?"), fields.get("host", "?")
     alive = ""
     if host == _HOST and pid.isdigit():
@@ -129,7 +131,7 @@ def _wait(fd: int, op: int, path: Path, timeout: float | None, what: str) -> Non
         if deadline is not None and time.monotonic() >= deadline:
             mode = "exclusive" if op == fcntl.LOCK_EX else "shared"
             raise LockTimeoutError(
-                f"timed out after {timeout:g}s waiting for the {mode} lock on {what or path}; "
+                f"timed out after {timeout:.3g}s waiting for the {mode} lock on {what or path}; "
                 f"held by {_describe_holder(path, op == fcntl.LOCK_EX)}; lock file {path}",
                 lock_path=str(path),
                 holder=read_holder(path),
