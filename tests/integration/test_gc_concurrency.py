@@ -250,3 +250,31 @@ def test_metrics_follow_gets_and_evictions_and_are_served(
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     assert 'forgespace_cache_evictions_total{reason="lru"}' in body
     assert "forgespace_get_target_duration_seconds_bucket" in body
+
+
+def test_overlay_run_pins_the_shared_copy_and_its_dead_mount_is_removed(
+    settings: Settings, tmp_path: Path
+) -> None:
+    from forgespace.cache import overlay
+    from forgespace.errors import BackendUnavailableError
+
+    settings = settings.with_(cow_backend="overlay", cache_lease_ttl=1.0)
+    try:
+        cache = WorkspaceCache(settings)
+    except BackendUnavailableError as exc:
+        pytest.skip(f"overlay mounts refused here: {exc}")
+    tid = upload(settings, tmp_path, "ov")
+    ws = Path(cache.get_target(tid, "o1", "copy-on-write"))
+    assert ws in overlay.mounts_under(cache.layout.root)
+    greedy = WorkspaceCache(settings.with_(cache_max_size=1))
+    # The live run's lease pins its overlay's lower layer, the shared copy.
+    assert greedy.gc().evicted == []
+    time.sleep(1.2)  # the run died without cleanup: its lease expires
+    report = greedy.gc()
+    assert {(p.key, p.reason) for p in report.evicted} == {
+        (f"{tid}/o1", "orphan"),
+        (f"{tid}/shared", "lru"),
+    }
+    assert overlay.mounts_under(cache.layout.root) == []
+    assert not (cache.layout.overlay_dir / tid / "o1").exists()
+    assert not (settings.cache_dir / tid).exists()

@@ -309,7 +309,9 @@ def collect_garbage(cache: CacheLike, *, dry_run: bool = False) -> GcReport:
             seconds=time.perf_counter() - t0,
         )  # fmt: skip
     report = GcReport(plan, 0, total_before, total_before, False, limit=limit)
-    for item in plan:
+    # Orphans first: a dead run's overlay is unmounted before its lower layer (the shared
+    # copy) can go.
+    for item in sorted(plan, key=lambda p: p.reason != "orphan"):
         _execute(cache, item, report)
     _remove_dead_owners(cache.layout)
     _remove_empty_target_dirs(cache)
