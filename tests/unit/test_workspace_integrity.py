@@ -125,3 +125,18 @@ def test_dead_processes_staging_removed_by_next_get_live_one_kept(
     assert os.listdir(cache.layout.tmp_dir) == []
     assert os.listdir(cache.layout.trash_dir) == []
     assert not any(str(p.pid) == f.name.split("-")[0] for f in owners.iterdir()), removed
+
+
+def test_missing_stamp_is_recorded_by_the_next_hit(cache: WorkspaceCache, project: Path) -> None:
+    from forgespace.cache import manifest as mf
+
+    tid = cache.store.upload_target(project)
+    ws = Path(cache.get_target(tid, None, "shared"))
+    stamp = mf.stamp_path(cache.layout.meta_dir, tid, "shared")
+    stamp.unlink()  # as if the publisher was killed right after its last rename
+    assert cache.get_target(tid, "a", "shared") == str(ws)
+    assert stamp.exists()
+    os.chmod(ws, 0o755)
+    (ws / "added").write_text("x")
+    cache.get_target(tid, "b", "shared")
+    assert not (ws / "added").exists(), "tamper detection works again"

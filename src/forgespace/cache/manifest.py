@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import stat
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def stamp_path(meta_dir: Path, target_id: str, kind: str) -> Path:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
     os.replace(tmp, path)

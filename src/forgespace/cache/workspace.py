@@ -263,8 +263,13 @@ class WorkspaceCache:
         except FileNotFoundError:
             st = None
         if st is not None:
-            stamp = mf.read_stamp(mf.stamp_path(self.layout.meta_dir, tid, "shared"))
-            if stamp is not None and stamp != mf.stamp_of(st):
+            stamp_file = mf.stamp_path(self.layout.meta_dir, tid, "shared")
+            stamp = mf.read_stamp(stamp_file)
+            if stamp is None:
+                # published by a process killed before it wrote the stamp: record it now
+                with contextlib.suppress(OSError):
+                    mf.write_stamp(stamp_file, ws)
+            elif stamp != mf.stamp_of(st):
                 raise _Tampered(str(ws))
             return str(ws)
         target = self.layout.shared_target(tid)
