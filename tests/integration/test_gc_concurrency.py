@@ -278,3 +278,49 @@ def test_overlay_run_pins_the_shared_copy_and_its_dead_mount_is_removed(
     assert overlay.mounts_under(cache.layout.root) == []
     assert not (cache.layout.overlay_dir / tid / "o1").exists()
     assert not (settings.cache_dir / tid).exists()
+
+
+@pytest.mark.slow
+def test_gc_killed_mid_deletion_is_finished_by_the_next_gc(
+    settings: Settings, tmp_path: Path, settings_env
+) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from support.procs import wait_for
+
+    from forgespace.cli.cache_cmds import verify_doc
+
+    cache = WorkspaceCache(settings)
+    victims = [upload(settings, tmp_path, f"v{i}", files=3000) for i in range(2)]
+    for tid in victims:
+        cache.get_target(tid, workspace_isolation="shared")
+    keep = upload(settings, tmp_path, "keep")
+    kept = Path(cache.get_target(keep, "live-run", "shared"))
+    env = {**settings_env(settings), "CACHE_MAX_SIZE": "1"}
+    trash = cache.layout.trash_dir
+    gc = subprocess.Popen(
+        [sys.executable, "-c", "from forgespace.cli import main; main()", "cache", "gc"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        # SIGKILL while a renamed workspace is being deleted from the trash
+        wait_for(lambda: any(trash.iterdir()) or gc.poll() is not None, 30, "gc deleting")
+        gc.send_signal(signal.SIGKILL)
+    finally:
+        gc.wait(30)
+    assert gc.returncode == -signal.SIGKILL, "gc finished before it could be killed"
+    assert any(trash.iterdir())  # it really died half way
+    # Nobody sees half a workspace meanwhile: each victim is complete or gone.
+    for i, tid in enumerate(victims):
+        ws = settings.cache_dir / tid / "workspace"
+        assert not ws.exists() or tree_digest(ws) == tree_digest(tmp_path / f"v{i}")
+    WorkspaceCache(settings.with_(cache_max_size=1)).gc()
+    assert list(trash.iterdir()) == []
+    assert keys(cache) == {f"{keep}/workspace"}
+    assert tree_digest(kept) == tree_digest(tmp_path / "keep")
+    doc = verify_doc(cache, repair=False)
+    assert doc["ok"], doc
