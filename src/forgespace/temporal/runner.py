@@ -309,6 +309,12 @@ async def run_job(
     mode = resolve_mode(pkg.workspace_isolation, override, workflow=pkg.name, source=source)
     parameters = {**pkg.metadata.default_parameters, **params}
 
+    if settings.temporal_address and settings.storage_backend == "local":
+        log.warning(
+            "TEMPORAL_ADDRESS is set but STORAGE_BACKEND=local: the cluster's workers can fetch "
+            "the target only if they share STORAGE_DIR (%s); use STORAGE_BACKEND=s3 otherwise",
+            settings.storage_dir,
+        )
     store = open_store(settings)
     console.print(f"uploading {job.path} to the {store.display_name} ...", highlight=False)
     target_id = await asyncio.to_thread(store.upload_target, job.path)
