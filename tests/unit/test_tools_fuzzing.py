@@ -175,3 +175,20 @@ def test_a_failing_heartbeat_cancels_and_kills_the_fuzzer(tmp_path: Path) -> Non
     with pytest.raises(RuntimeError, match="cancelled"):
         run_atheris(ws, max_iterations=10_000_000, timeout_seconds=60, heartbeat=heartbeat)
     assert _processes_mentioning(str(ws / "fuzz_slow.py")) == []
+
+
+def test_a_harness_in_a_subfolder_imports_the_target_package(tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    (ws / "src" / "mylib").mkdir(parents=True)
+    (ws / "fuzz").mkdir()
+    (ws / "src" / "mylib" / "__init__.py").write_text(
+        "def check(data):\n    if data[:2] == b'OK':\n        raise RuntimeError('planted')\n"
+    )
+    (ws / "fuzz" / "fuzz_mylib.py").write_text(
+        "import mylib\n\ndef TestOneInput(data):\n    mylib.check(data)\n"
+    )
+    result = run_atheris(ws, max_iterations=2_000_000, timeout_seconds=30, max_crashes=1)
+    assert result["target_file"] == "fuzz/fuzz_mylib.py"
+    [finding] = result["findings"]
+    assert finding["exception_type"] == "builtins.RuntimeError"
+    assert finding["location"] == "src/mylib/__init__.py:3"

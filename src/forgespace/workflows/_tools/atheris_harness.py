@@ -104,12 +104,26 @@ def main(argv: list[str]) -> None:
             }
         )
 
+    # libFuzzer ends the process with C exit() (no Python exit hooks run), so the figures of
+    # the last input are sent when the -runs budget is reached; with -max_total_time the
+    # last second of counts is approximate.
+    last_run = next((int(a.split("=", 1)[1]) for a in argv[4:] if a.startswith("-runs=")), -1)
+
     def wrapper(data: bytes) -> None:
         state["executions"] += 1
         now = time.monotonic()
         if now - state["last"] >= STATS_INTERVAL:
             state["last"] = now
             report_stats()
+        try:
+            run_one(data)
+        finally:
+            # libFuzzer's own count may differ from ours by its start-up runs: report the
+            # last few inputs' figures so the final ones are never lost.
+            if state["executions"] >= last_run - 2 > 0:
+                report_stats()
+
+    def run_one(data: bytes) -> None:
         try:
             test_one_input(data)
         except Exception as exc:  # any Python exception the target lets escape is a finding
