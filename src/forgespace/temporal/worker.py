@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 from collections.abc import Callable, Sequence
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from forgespace.config import Settings
-from forgespace.errors import WorkflowMetadataError
+from forgespace.errors import ConfigError, WorkflowMetadataError
 from forgespace.temporal.activities import CacheActivities, host_task_queue
 from forgespace.temporal.discovery import WorkflowPackage, discover
 
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TASK_QUEUE = "forgespace"
 GRACEFUL_SHUTDOWN = timedelta(seconds=10)
+DEFAULT_MAX_ACTIVITIES = 32
 # Heartbeat details reach the server at most this long after an activity reports them, so
 # `forgespace run` shows live progress (the SDK's default throttle is 30-60 s).
 HEARTBEAT_THROTTLE = timedelta(seconds=2)
@@ -103,6 +105,18 @@ def _start_metrics(port: int) -> int | None:
     return port
 
 
+def max_activities() -> int:
+    """Activities one Temporal worker runs at once (FORGESPACE_MAX_CONCURRENT_ACTIVITIES)."""
+    raw = os.environ.get("FORGESPACE_MAX_CONCURRENT_ACTIVITIES", "").strip()
+    if not raw:
+        return DEFAULT_MAX_ACTIVITIES
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError(
+            f"invalid FORGESPACE_MAX_CONCURRENT_ACTIVITIES {raw!r}: expected a whole number >= 1"
+        )
+    return int(raw)
+
+
 def _collect_activities(storage: list[Any], packages: list[WorkflowPackage]) -> list[Any]:
     """Every activity once; two different functions under one name is a package error."""
     by_name: dict[str, tuple[Any, str]] = {}
@@ -148,13 +162,17 @@ async def run_worker(
     cache = cache or WorkspaceCache(settings)
     host = socket.gethostname()
     host_queue = host_task_queue(task_queue, settings.cache_dir, host)
-    executor = ThreadPoolExecutor(max_workers=64, thread_name_prefix="forgespace-activity")
+    slots = max_activities()
+    # Every running activity holds at most one thread, so two workers of `slots` activities
+    # each never wait for a thread (a sync activity queued for a thread could not heartbeat).
+    executor = ThreadPoolExecutor(max_workers=2 * slots, thread_name_prefix="forgespace-activity")
     storage = CacheActivities(cache, host_queue=host_queue, host=host, executor=executor)
     activities = _collect_activities(storage.activities(), packages)
     workflows = [p.workflow for p in packages if p.workflow is not None]
     common: dict[str, Any] = {
         "activities": activities,
         "activity_executor": executor,
+        "max_concurrent_activities": slots,
         "graceful_shutdown_timeout": GRACEFUL_SHUTDOWN,
         "max_heartbeat_throttle_interval": HEARTBEAT_THROTTLE,
         "default_heartbeat_throttle_interval": HEARTBEAT_THROTTLE,
