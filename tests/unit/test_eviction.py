@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from forgespace.cache import metrics
-from forgespace.cache.eviction import collect_garbage, make_room, plan_eviction
+from forgespace.cache.eviction import collect_garbage, make_room
 from forgespace.cache.index import CacheIndex, EntryRecord
 from forgespace.cache.locks import OwnerToken, flock
 from forgespace.config import Settings
@@ -305,11 +305,25 @@ def test_evicting_a_shared_entry_forgets_its_manifest(make_cache) -> None:
 def test_plan_reads_only_the_index_and_two_directory_levels(make_cache, monkeypatch) -> None:
     c = make_cache(CACHE_MAX_SIZE="1")
     c.add("t/workspace", 10)
-    walked: list[str] = []
-    real_walk = os.walk
-    monkeypatch.setattr(os, "walk", lambda *a, **k: walked.append(str(a[0])) or real_walk(*a, **k))
-    plan, total = plan_eviction(c)
-    assert walked == [] and total == 10 and [p.key for p in plan] == ["t/workspace"]
+    c.add("u/shared", 10)
+    c.add("v/r1", 10)
+    c.index.add_lease(c.index.new_lease("v/r1", "v", "r1", ("v/r1",)))
+    opened: list[str] = []
+    real_scandir, real_listdir, real_walk = os.scandir, os.listdir, os.walk
+
+    def spy(real):
+        return lambda path=".", *a, **k: opened.append(os.fspath(path)) or real(path, *a, **k)
+
+    monkeypatch.setattr(os, "scandir", spy(real_scandir))
+    monkeypatch.setattr(os, "listdir", spy(real_listdir))
+    monkeypatch.setattr(os, "walk", spy(real_walk))
+    report = collect_garbage(c, dry_run=True)
+    assert [p.key for p in report.plan] == ["t/workspace", "u/shared"]
+    root = str(c.layout.root)
+    depth = {len(os.path.relpath(p, root).split(os.sep)) for p in opened if p.startswith(root)}
+    # CACHE_DIR, each {tid}/, and .forgespace/{tmp,trash,owners}: never inside an entry
+    assert depth <= {1, 2} and os.path.relpath(opened[0], root) == "."
+    assert not any("workspace" in p or p.endswith("/shared") for p in opened), opened
 
 
 def test_make_room_evicts_other_targets_lru_first(make_cache) -> None:
