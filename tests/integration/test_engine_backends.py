@@ -129,3 +129,23 @@ def test_overlay_mount_of_killed_run_is_unmounted_and_removed(
     cache.cleanup_cache(res, "copy-on-write")
     cache.cleanup_cache(cache.layout.run_dir(tid, "warm"), "copy-on-write")
     assert _mounts_under(cache.layout.root) == []
+
+
+def test_overlay_lost_by_a_reboot_is_mounted_again_with_the_runs_writes(
+    overlay_cache: WorkspaceCache, tmp_path: Path
+) -> None:
+    from forgespace.cache.overlay import unmount
+
+    cache = overlay_cache
+    project = make_project(tmp_path / "project", files=10)
+    tid = cache.store.upload_target(project)
+    ws = Path(cache.get_target(tid, "r1", "copy-on-write"))
+    (ws / "progress.txt").write_text("half done")
+    unmount(ws)  # what a reboot does to the mount; the upper layer stays on disk
+    assert not (ws / "progress.txt").exists()
+    again = cache.get_target_report(tid, "r1", "copy-on-write")
+    assert again.path == str(ws) and not again.downloaded
+    assert os.path.ismount(ws)
+    assert (ws / "progress.txt").read_text() == "half done"
+    cache.cleanup_cache(ws, "copy-on-write")
+    assert _mounts_under(cache.layout.root) == []

@@ -402,6 +402,8 @@ class WorkspaceCache:
         while True:
             with self.target_lock(tid, exclusive=False, timeout=waiter.remaining()):
                 existing = self._run_result(tid, rid)
+                if existing is not None and self._lost_overlay(existing):
+                    existing = self._remount_overlay(tid, rid, Path(existing))
                 if existing is not None:  # the same run asking again (a retried activity)
                     self.index.access(f"{tid}/{rid}", lease=lease, hit=True)
                     log.info("Cache HIT: %s (mode: copy-on-write)", tid)
@@ -419,6 +421,33 @@ class WorkspaceCache:
                 if waiter.try_exclusive(held, "download copy-on-write") and not shared_dir.is_dir():
                     self._publish_cow_shared(tid)
                     downloaded = True
+
+    def _lost_overlay(self, path: str) -> bool:
+        ws = Path(path)
+        return (
+            ws.name == "workspace"
+            and (self.layout.overlay_dir / ws.parent.parent.name / ws.parent.name).is_dir()
+            and not os.path.ismount(ws)
+        )
+
+    def _remount_overlay(self, tid: str, rid: str, ws: Path) -> str | None:
+        """A run's overlay is gone (e.g. after a reboot) but its upper layer is still on disk:
+        mount it again so the run keeps its writes; if that fails, drop the run directory."""
+        from forgespace.cache import overlay
+
+        base = self.layout.overlay_dir / tid / rid
+        lower = self.layout.cow_shared_workspace(tid)
+        try:
+            if not lower.is_dir():
+                raise FileNotFoundError(lower)
+            overlay.mount_overlay(lower, base / "upper", base / "work", ws)
+            log.warning("overlay of run %s of %s was no longer mounted; mounted it again", rid, tid)
+            return str(ws)
+        except (OSError, ForgespaceError) as exc:
+            log.warning("overlay of run %s of %s is lost (%s); rebuilding the run", rid, tid, exc)
+            self._discard(self.layout.run_dir(tid, rid))
+            _rmtree(base)
+            return None
 
     def _publish_cow_shared(self, tid: str) -> None:
         from forgespace.cache.archive import detect_archive
