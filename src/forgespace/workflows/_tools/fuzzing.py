@@ -164,7 +164,8 @@ def run_atheris(
     # then from the target root and its src/ layout, so fuzz/fuzz_x.py can import mypkg.
     base = root.parent if root.is_file() else root
     paths = [str(base / "src")] if (base / "src").is_dir() else []
-    env["PYTHONPATH"] = os.pathsep.join([*paths, str(base)])
+    inherited = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join([*paths, str(base), *inherited])
     stats: dict[str, Any] = {"executions": 0, "exec_per_sec": 0.0, "corpus_size": 0, "crashes": 0}
     tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
     throttle = Throttle(heartbeat)

@@ -80,7 +80,9 @@ def run_pytest_suite(
     env.update({"PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     paths = [str(root / "src")] if (root / "src").is_dir() else []
-    env["PYTHONPATH"] = os.pathsep.join([*paths, str(root)])
+    # Kept after the target's own folders: the worker may itself run from a PYTHONPATH.
+    inherited = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join([*paths, str(root), *inherited])
     env["COVERAGE_FILE"] = str(data_file)
 
     cmd = [
