@@ -2,7 +2,8 @@
 
 ``btrfs_dir`` (session fixture) is a directory on that mount. Where it cannot be made (no
 mkfs.btrfs, not root, the kernel refuses the loop mount) the tests that need it are skipped with
-the exact reason. ``loop_btrfs`` is the same as a context manager (the benchmarks use it).
+the exact reason. ``loop_fs`` / ``loop_btrfs`` do the same as context managers (the benchmarks
+use them).
 """
 
 from __future__ import annotations
@@ -44,22 +45,26 @@ def _umount(mnt: Path) -> None:
 
 
 @contextlib.contextmanager
-def loop_btrfs(workdir: Path, *, size: int = 2 << 30) -> Iterator[Path]:
-    """Create a sparse ``size``-byte image in ``workdir``, format it btrfs, loop-mount it and
-    yield the mount point; unmount and delete everything on exit. Raises MountRefused."""
-    if shutil.which("mkfs.btrfs") is None:
-        raise MountRefused("mkfs.btrfs not found (install btrfs-progs)")
+def loop_fs(workdir: Path, fstype: str = "btrfs", *, size: int = 2 << 30) -> Iterator[Path]:
+    """Create a sparse ``size``-byte image in ``workdir``, format it (``btrfs`` or ``ext4``),
+    loop-mount it and yield the mount point; unmount and delete everything on exit.
+    Raises MountRefused with the reason where that cannot be done."""
+    mkfs = {"btrfs": ["mkfs.btrfs", "-q", "-f"], "ext4": ["mkfs.ext4", "-q", "-F"]}[fstype]
+    if shutil.which(mkfs[0]) is None:
+        raise MountRefused(
+            f"{mkfs[0]} not found (install {'btrfs-progs' if fstype == 'btrfs' else 'e2fsprogs'})"
+        )
     if os.geteuid() != 0:
         raise MountRefused("loop-mounting a filesystem needs root")
     workdir.mkdir(parents=True, exist_ok=True)
-    image = workdir / "btrfs.img"
+    image = workdir / f"{fstype}.img"
     mnt = workdir / "mnt"
     mnt.mkdir(exist_ok=True)
     with open(image, "wb") as f:
         f.truncate(size)
     mounted = False
     try:
-        _run(["mkfs.btrfs", "-q", "-f", str(image)])
+        _run([*mkfs, str(image)])
         _run(["mount", "-o", "loop", str(image), str(mnt)])
         mounted = True
         yield mnt
@@ -69,6 +74,11 @@ def loop_btrfs(workdir: Path, *, size: int = 2 << 30) -> Iterator[Path]:
         image.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             mnt.rmdir()
+
+
+def loop_btrfs(workdir: Path, *, size: int = 2 << 30) -> contextlib.AbstractContextManager[Path]:
+    """:func:`loop_fs` with btrfs (reflink-capable)."""
+    return loop_fs(workdir, "btrfs", size=size)
 
 
 @pytest.fixture(scope="session")

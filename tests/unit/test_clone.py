@@ -70,9 +70,12 @@ def test_read_only_copy_is_identical(tmp_path: Path, source: Path) -> None:
     assert stats.method in ("reflink", "copy_file_range", "copy")
 
 
-def test_writable_copy_adds_owner_write_and_keeps_the_rest(tmp_path: Path, source: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 3])
+def test_writable_copy_adds_owner_write_and_keeps_the_rest(
+    tmp_path: Path, source: Path, workers: int
+) -> None:
     dst = tmp_path / "dst"
-    stats = materialize_copy(source, dst)
+    stats = materialize_copy(source, dst, workers=workers)
     src_snap, dst_snap = snapshot(source), snapshot(dst)
     assert src_snap.keys() == dst_snap.keys()
     for rel, s in src_snap.items():

@@ -40,7 +40,8 @@ _NO_CFR = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBAD
 _DST_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
 _SRC_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
 _COPY_CHUNK = 1 << 20
-_DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
+# Threads did not pay off reliably on the 2-core reference machine (see docs/benchmarks.md).
+_DEFAULT_WORKERS = 1
 _CFR_CHUNK = 1 << 30
 
 
@@ -249,7 +250,7 @@ def materialize_copy(
     On any failure ``dst_dir`` is removed; a full disk raises :class:`CacheFullError`.
 
     ``workers`` > 1 copies the files of different directories in that many threads (the copy
-    syscalls release the GIL); 0 picks a default from the CPU count.
+    syscalls release the GIL); 0 means the default (1).
     """
     s, d = os.fspath(src_dir), os.fspath(dst_dir)
     if not os.path.isdir(s) or os.path.islink(s):
