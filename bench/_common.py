@@ -1,0 +1,168 @@
+"""Shared helpers for the archive / clone benchmarks: cached data generation, timing, tables.
+
+Data lives under a temp directory (``FORGESPACE_BENCH_DIR`` or ``$TMPDIR/forgespace-bench``) and
+is generated once: reruns reuse it. Timed runs never delete between runs (the root ext4 here has
+no journal and creating files right after deleting many is 10-30x slower); every run writes to a
+fresh destination name and everything is removed at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import resource
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+WORDS = (  # noqa: SIM905 - a word list reads better as text
+    "def class return import from self None True False if else elif for while in not and or "
+    "try except finally with as yield lambda pass break continue raise assert global int str "
+    "bytes list dict set tuple len range print open read write path value result error config "
+    "buffer offset size count index name data node tree parse token lexer fuzz crash input "
+    "target workspace cache store run member header archive extract stream chunk block"
+).split()
+
+
+def bench_root() -> Path:
+    """The cached benchmark data directory (created on demand)."""
+    root = Path(
+        os.environ.get("FORGESPACE_BENCH_DIR") or Path(tempfile.gettempdir()) / "forgespace-bench"
+    )
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _text_corpus(rng: random.Random, size: int) -> bytes:
+    lines: list[str] = []
+    total = 0
+    while total < size:
+        indent = " " * (4 * rng.randrange(4))
+        line = indent + " ".join(rng.choices(WORDS, k=rng.randrange(3, 12))) + "\n"
+        lines.append(line)
+        total += len(line)
+    return "".join(lines).encode()[:size]
+
+
+def make_tree(root: Path, *, files: int, total_bytes: int, seed: int = 7) -> Path:
+    """Write a source-tree-like directory: nested dirs, text-like and binary files, exec bits,
+    a few internal symlinks. Deterministic for a seed. Returns ``root``."""
+    rng = random.Random(seed)
+    corpus = _text_corpus(rng, 8 << 20)
+    tmp = root.with_name(root.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    ndirs = max(1, files // 20)
+    dirs = [Path(".")]
+    for i in range(ndirs):
+        parent = rng.choice(dirs[: 1 + len(dirs) // 2])
+        d = parent / f"dir{i:04d}"
+        (tmp / d).mkdir()
+        dirs.append(d)
+    # Log-normal sizes scaled so the total is close to total_bytes.
+    raw = [rng.lognormvariate(0, 1.2) for _ in range(files)]
+    scale = total_bytes / sum(raw)
+    for i, r in enumerate(raw):
+        size = max(0, int(r * scale))
+        rel = rng.choice(dirs) / f"file{i:05d}{rng.choice(['.py', '.c', '.txt', '.json', '.bin'])}"
+        if rng.random() < 0.2:
+            data = os.urandom(size)
+        else:
+            off = rng.randrange(0, len(corpus) - min(size, len(corpus) - 1))
+            data = (f"# {rel}\n".encode() + corpus[off : off + size])[:size]
+            while len(data) < size:
+                data += corpus[: size - len(data)]
+        p = tmp / rel
+        p.write_bytes(data)
+        if rng.random() < 0.05:
+            p.chmod(0o755)
+    for j in range(min(20, files // 1000 + 1)):
+        d = rng.choice(dirs[1:] or dirs)
+        os.symlink(f"../{d.name}" if d.parent != Path(".") else ".", tmp / d / f"link{j}")
+    tmp.rename(root)
+    return root
+
+
+def make_big_file_tree(root: Path, *, sizes: Sequence[int], seed: int = 11) -> Path:
+    """A directory of a few large files (half text-like, half random). Returns ``root``."""
+    rng = random.Random(seed)
+    corpus = _text_corpus(rng, 8 << 20)
+    tmp = root.with_name(root.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for i, size in enumerate(sizes):
+        with open(tmp / f"big{i}.bin", "wb") as f:
+            written = 0
+            while written < size:
+                n = min(4 << 20, size - written)
+                f.write(os.urandom(n // 2) + corpus[: n - n // 2])
+                written += n
+    tmp.rename(root)
+    return root
+
+
+def cached(path: Path, build: Callable[[Path], object]) -> Path:
+    """Return ``path``, building it with ``build(path)`` first when it does not exist yet."""
+    if not path.exists():
+        t0 = time.perf_counter()
+        print(f"  generating {path.name} ...", flush=True)
+        build(path)
+        print(f"  generated {path.name} in {time.perf_counter() - t0:.1f} s", flush=True)
+    return path
+
+
+def tar_gz(src_dir: Path, out: Path) -> Path:
+    """Pack ``src_dir``'s contents into ``out`` with GNU tar + gzip (default level)."""
+    tmp = out.with_name(out.name + ".partial")
+    subprocess.run(["tar", "-C", str(src_dir), "-czf", str(tmp), "."], check=True)
+    tmp.rename(out)
+    return out
+
+
+def drop_page_cache_hint(path: Path) -> None:
+    """Warm the page cache for ``path`` so the first timed run does not pay the disk read."""
+    with open(path, "rb") as f:
+        while f.read(8 << 20):
+            pass
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def median(xs: Sequence[float]) -> float:
+    return statistics.median(xs)
+
+
+def child_peak_rss_mb() -> float:
+    """Peak RSS of waited-for children (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+def self_peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Print (and return) a Markdown table, noting the machine's load average (it is shared)."""
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    lines = [
+        f"### {title}",
+        "",
+        f"load average at the end: {load} on {os.cpu_count()} CPUs",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    text = "\n".join(lines) + "\n"
+    print(text, flush=True)
+    return text
