@@ -319,6 +319,7 @@ def collect_garbage(cache: CacheLike, *, dry_run: bool = False) -> GcReport:
     expired = cache.index.purge_expired_leases()
     if expired:
         log.info("gc: dropped %d expired lease(s)", len(expired))
+    cache.index.checkpoint()
     report.total_after = cache.index.total_bytes()
     report.plan_seconds = plan_seconds
     report.seconds = time.perf_counter() - t0
