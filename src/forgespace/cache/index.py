@@ -152,9 +152,11 @@ def _recovering(method: _F) -> _F:
     def wrapper(self: CacheIndex, *args: Any, **kwargs: Any) -> Any:
         try:
             return method(self, *args, **kwargs)
-        except sqlite3.OperationalError:
-            raise
         except sqlite3.DatabaseError as exc:
+            # Exactly DatabaseError: SQLITE_CORRUPT / SQLITE_NOTADB. Its subclasses (locked,
+            # busy, constraint, misuse) are not damage and propagate.
+            if type(exc) is not sqlite3.DatabaseError:
+                raise
             self._recover(exc)
             return method(self, *args, **kwargs)
 
