@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from forgespace.cache.archive import detect_archive, extract_archive
+from forgespace.cache.clone import make_read_only
 from forgespace.errors import IntegrityError, UnsafeArchiveError
 
 MAX = 10_000_000
@@ -341,3 +342,20 @@ def test_sparse_member_is_refused_with_reason(tmp_path: Path) -> None:
     with pytest.raises(UnsafeArchiveError, match="sparse"):
         extract_archive(p, tmp_path / "dest", max_bytes=MAX)
     assert not (tmp_path / "dest").exists()
+
+
+@pytest.mark.parametrize("fmt", ["gnu-tgz", "zip"])
+def test_read_only_extraction_matches_make_read_only(
+    tmp_path: Path, source: Path, fmt: str
+) -> None:
+    archive = build(fmt, source, tmp_path / "a")
+    plain, ro = tmp_path / "plain", tmp_path / "ro"
+    extract_archive(archive, plain, max_bytes=MAX)
+    make_read_only(plain)
+    stats = extract_archive(archive, ro, max_bytes=MAX, read_only=True)
+    assert tree(ro) == tree(plain)
+    assert stat.S_IMODE(ro.stat().st_mode) == 0o555
+    assert stat.S_IMODE((ro / "run.sh").stat().st_mode) == 0o555
+    assert stat.S_IMODE((ro / "src/pkg/mod.py").stat().st_mode) == 0o444
+    assert stat.S_IMODE((ro / "emptydir").stat().st_mode) == 0o555
+    assert stats.files == 5

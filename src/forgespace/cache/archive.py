@@ -267,12 +267,13 @@ class _Extractor:
     """Writes members into a fresh directory, tracking what it created so that nothing is ever
     written through a symlink and duplicates replace earlier entries without following links."""
 
-    def __init__(self, src: str, dest: str, max_bytes: int) -> None:
+    def __init__(self, src: str, dest: str, max_bytes: int, read_only: bool = False) -> None:
         self.src = src
         self.dest = dest
         self.max_bytes = max_bytes
         self.written = 0
         self.umask = _current_umask()
+        self.read_only = read_only
         self.dfd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.known_dirs: set[str] = {""}
         self.symlinks: dict[str, str] = {}
@@ -372,6 +373,8 @@ class _Extractor:
     ) -> None:
         """A regular file whose data is read from ``reader`` until it ends (counted as written)."""
         self._budget(size)
+        if self.read_only:
+            perm = 0o555 if perm & 0o111 else 0o444
         fd = self._create(rel, perm)
         try:
             total = 0
@@ -389,6 +392,8 @@ class _Extractor:
     def tar_file(self, rel: str, perm: int, mtime: int | None, size: int, r: _Reader) -> None:
         """A regular tar member whose data (plus block padding) follows at the reader's position."""
         self._budget(size)
+        if self.read_only:
+            perm = 0o555 if perm & 0o111 else 0o444
         fd = self._create(rel, perm)
         try:
             padded = (size + _BLOCK - 1) & ~(_BLOCK - 1)
@@ -484,10 +489,11 @@ class _Extractor:
                         f"is a symlink that resolves outside the destination ({real})"
                     )
         # Deepest first, so making a directory read-only never blocks its children.
-        for rel in sorted(self.dir_meta, key=len, reverse=True):
-            perm, mtime = self.dir_meta[rel]
+        dirs = self.known_dirs if self.read_only else self.dir_meta
+        for rel in sorted(dirs, key=len, reverse=True):
+            perm, mtime = self.dir_meta.get(rel, (0o555, None))
             path = rel or "."
-            os.chmod(path, perm, dir_fd=self.dfd)
+            os.chmod(path, 0o555 if self.read_only else perm, dir_fd=self.dfd)
             if mtime is not None:
                 os.utime(path, ns=(mtime, mtime), dir_fd=self.dfd)
         manifest = tuple((rel, size, mt) for rel, (size, mt) in self.files.items())
@@ -735,7 +741,11 @@ def _remove_tree(path: str) -> None:
 
 
 def extract_archive(
-    src: str | os.PathLike[str], dest: str | os.PathLike[str], *, max_bytes: int
+    src: str | os.PathLike[str],
+    dest: str | os.PathLike[str],
+    *,
+    max_bytes: int,
+    read_only: bool = False,
 ) -> ExtractStats:
     """Extract the tar or zip archive ``src`` into the new directory ``dest``, safely.
 
@@ -744,6 +754,10 @@ def extract_archive(
     module docstring) or when ``src`` is not a tar/zip archive, :class:`IntegrityError` for a
     corrupt or truncated archive and :class:`CacheFullError` when the disk is full; in every
     failure case ``dest`` is removed.
+
+    ``read_only=True`` creates the tree read-only as it goes (files 0444, 0555 when executable,
+    directories 0555 at the end) — the same result as :func:`forgespace.cache.clone.make_read_only`
+    afterwards, without a second walk.
     """
     s, d = os.fspath(src), os.fspath(dest)
     kind = detect_archive(s)
@@ -757,7 +771,7 @@ def extract_archive(
         raise FileExistsError(errno.EEXIST, f"extraction destination already exists: {d}") from None
     x: _Extractor | None = None
     try:
-        x = _Extractor(s, d, max_bytes)
+        x = _Extractor(s, d, max_bytes, read_only)
         if kind == "tar":
             _extract_tar(x, s)
         else:
