@@ -289,6 +289,7 @@ def test_stale_rows_and_unindexed_run_dirs_are_reconciled(make_cache) -> None:
         ("t/r-lost", "run", "orphan"),
     }
     assert c.index.get("gone/workspace") is None
+    assert report.freed_bytes == 0  # the row's 99 bytes were not on disk any more
     assert not c.on_disk("t/r-lost") and c.on_disk("t/r-new") and c.on_disk("t/workspace")
 
 

@@ -400,7 +400,8 @@ def _execute(cache: CacheLike, item: PlannedEviction, report: GcReport) -> None:
     except LockTimeoutError:
         report.skipped.append(SkippedEviction(item.key, item.target_id, "target busy"))
         return
-    _done(cache, item, report, item.bytes)
+    # A stale row frees nothing on disk (its directory was already gone).
+    _done(cache, item, report, 0 if item.kind == "stale-row" else item.bytes)
 
 
 def _recheck(cache: CacheLike, item: PlannedEviction) -> str:
@@ -413,10 +414,10 @@ def _recheck(cache: CacheLike, item: PlannedEviction) -> str:
         return "leased"
     entry = index.get(item.key)
     if item.kind == "stale-row":
-        gone = entry is None or not any(
-            os.path.lexists(p) for p in entry_paths(cache.layout, entry)
-        )
-        return "" if gone else "back on disk"
+        if entry is None:
+            return "already gone"
+        on_disk = any(os.path.lexists(p) for p in entry_paths(cache.layout, entry))
+        return "back on disk" if on_disk else ""
     if entry is None:
         if item.bytes == 0 and item.kind == "run":
             return ""  # an unindexed orphan run directory
