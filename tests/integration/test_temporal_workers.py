@@ -17,11 +17,12 @@ import pytest
 from support.s3server import env_for
 from support.temporal import (
     FIXTURE_WORKFLOWS,
+    NO_AFFINITY_WORKFLOWS,
     WorkerProcess,
     cli_command,
     start_worker_process,
 )
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowFailureError
 
 from forgespace.config import Settings
 from forgespace.storage import open_store
@@ -90,26 +91,42 @@ def test_two_worker_processes_with_their_own_caches_run_every_run_on_the_right_h
     metrics_port = free_port()
     for i, cache in enumerate(caches):
         env = worker_env(settings, temporal_server, cache)
-        extra = ["--metrics-port", str(metrics_port)] if i == 0 else []
+        extra = ["--workflows-dir", str(NO_AFFINITY_WORKFLOWS)]
+        extra += ["--metrics-port", str(metrics_port)] if i == 0 else []
         worker_processes.append(
             start_worker_process(env, task_queue, tmp_path / f"w{i}.log", *extra)
         )
     for w in worker_processes:
         w.wait_ready()
 
-    async def main() -> list[tuple[str, Any, Any]]:
-        handles = await start_runs(
-            temporal_server,
-            task_queue,
-            "fs_marker_isolated",
-            tid,
-            "isolated",
-            20,
-            {"write": True, "hold_seconds": 0.2},
-        )
-        return await results(handles, timeout=90)
+    params = {"write": True, "hold_seconds": 0.2}
 
-    out = asyncio.run(main())
+    async def main() -> tuple[list[tuple[str, Any, Any]], str, list[BaseException | None]]:
+        handles = await start_runs(
+            temporal_server, task_queue, "fs_marker_isolated", tid, "isolated", 20, params
+        )
+        out = await results(handles, timeout=90)
+        metrics = await asyncio.to_thread(scrape, f"http://127.0.0.1:{metrics_port}/metrics")
+        # Control: the same work routed FuzzForge-style on the shared queue.
+        control = await start_runs(
+            temporal_server, task_queue, "fs_no_affinity", tid, "isolated", 20, params
+        )
+        errors: list[BaseException | None] = []
+        for _, h in control:
+            try:
+                await asyncio.wait_for(h.result(), timeout=60)
+                errors.append(None)
+            except WorkflowFailureError as exc:
+                errors.append(exc.cause.cause if exc.cause is not None else exc)
+        return out, metrics, errors
+
+    out, metrics, control_errors = asyncio.run(main())
+    # Without host affinity some runs' work or cleanup lands on the worker that lacks their
+    # workspace (the work finds no workspace, or that cache refuses a path of another cache):
+    # this test catches a routing regression.
+    failed = [getattr(e, "type", repr(e)) for e in control_errors if e is not None]
+    assert failed, "every control run succeeded: the test would not catch missing affinity"
+    assert set(failed) <= {"WorkspaceMissing", "CleanupRefusedError"}, control_errors
     used: set[str] = set()
     for rid, res, memo in out:
         seen = res["result"]["seen"]
@@ -124,12 +141,15 @@ def test_two_worker_processes_with_their_own_caches_run_every_run_on_the_right_h
     assert used == {str(c) for c in caches}
     # The first worker serves Prometheus metrics: one download per isolated run it served.
     in_a = sum(1 for _, res, _ in out if res["result"]["seen"]["cache_dir"] == str(caches[0]))
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
-        metrics = r.read().decode()
     assert f"forgespace_cache_downloads_total {float(in_a)}" in metrics
     for w in worker_processes:
         w.stop()
         assert w.proc.returncode == 0, w.text()[-2000:]
+
+
+def scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return str(r.read().decode())
 
 
 def _wait_file(path: Path, timeout: float, what: str) -> None:

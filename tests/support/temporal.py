@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     from temporalio.client import Client
 
 FIXTURE_WORKFLOWS = Path(__file__).resolve().parent.parent / "fixtures" / "workflows"
+# A control package that skips host affinity (kept apart so normal discovery never sees it).
+NO_AFFINITY_WORKFLOWS = FIXTURE_WORKFLOWS / "_no_affinity"
 
 
 @pytest.fixture(scope="session")

@@ -173,6 +173,10 @@ async def run_worker(
         "activities": activities,
         "activity_executor": executor,
         "max_concurrent_activities": slots,
+        # No eager dispatch to the worker that ran the workflow task: the server hands the
+        # host-queue question to whichever worker polls for it, and a workflow that skips host
+        # affinity fails visibly instead of passing by luck on one host.
+        "disable_eager_activity_execution": True,
         "graceful_shutdown_timeout": GRACEFUL_SHUTDOWN,
         "max_heartbeat_throttle_interval": HEARTBEAT_THROTTLE,
         "default_heartbeat_throttle_interval": HEARTBEAT_THROTTLE,
