@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import re
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 from support.s3server import env_for
-from support.temporal import FIXTURE_WORKFLOWS, cli_command
+from support.temporal import FIXTURE_WORKFLOWS, WorkerProcess, cli_command, start_worker_process
+from temporalio.client import Client
 
 from forgespace.config import Settings
+from forgespace.temporal.devserver import DevServer
 
 pytestmark = pytest.mark.integration
 
@@ -140,3 +146,68 @@ def test_run_rejects_bad_input_before_starting_anything(
     assert proc.stdout == ""
     # Nothing uploaded.
     assert not settings.storage_dir.exists() or not os.listdir(settings.storage_dir)
+
+
+def test_ctrl_c_cancels_the_submitted_runs(
+    settings: Settings,
+    tmp_path: Path,
+    temporal_server: DevServer,
+    task_queue: str,
+    worker_processes: list[WorkerProcess],
+) -> None:
+    """Against a cluster, an interrupted `forgespace run` does not leave its runs going."""
+    env = env_for(settings.with_(temporal_address=temporal_server.address))
+    worker = start_worker_process(env, task_queue, tmp_path / "w.log")
+    worker_processes.append(worker)
+    worker.wait_ready()
+    started = tmp_path / "started"
+    err = tmp_path / "run.err"
+    with open(err, "wb") as errf:
+        proc = subprocess.Popen(
+            cli_command(
+                "run",
+                "fs_marker_isolated",
+                str(make_project(tmp_path)),
+                "--task-queue",
+                task_queue,
+                "--param",
+                "hold_seconds=60",
+                "--param",
+                f"started_file={started}",
+                *FIXTURE_ARGS,
+            ),
+            env={**env, "COLUMNS": "1000"},
+            stdout=subprocess.PIPE,
+            stderr=errf,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists():
+            assert proc.poll() is None, err.read_text()
+            assert time.monotonic() < deadline, err.read_text()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = err.read_text()
+    assert "cancelling 1 run(s)" in text
+    m = re.search(r"started run (\S+) \(workflow id (\S+)\)", text)
+    assert m is not None, text
+    run_id, wid = m.groups()
+    tid = wid.removeprefix("fs_marker_isolated-").removesuffix(f"-{run_id}")
+
+    async def status() -> str:
+        client = await Client.connect(temporal_server.address)
+        h = client.get_workflow_handle(wid)
+        for _ in range(100):
+            desc = await h.describe()
+            if desc.status is not None and desc.status.name != "RUNNING":
+                return desc.status.name
+            await asyncio.sleep(0.1)
+        return "RUNNING"
+
+    assert asyncio.run(status()) == "CANCELED"
+    # The cancelled run stopped its activity and cleaned up on its host.
+    assert not (settings.cache_dir / tid / run_id).exists()

@@ -181,6 +181,19 @@ class RunJob:
     sarif: Path | None = None
 
 
+async def _cancel_runs(
+    handles: Sequence[WorkflowHandle[Any, Any]], states: Sequence[RunState], console: Console
+) -> None:
+    pending = [h for h, s in zip(handles, states, strict=True) if not s.done]
+    if not pending:
+        return
+    console.print(f"interrupted: cancelling {len(pending)} run(s)", highlight=False)
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(
+            asyncio.gather(*(h.cancel() for h in pending), return_exceptions=True), timeout=10
+        )
+
+
 async def _wait_result(handle: WorkflowHandle[Any, Any], state: RunState) -> None:
     from temporalio.client import WorkflowFailureError
 
@@ -230,46 +243,54 @@ async def _submit_and_wait(
         )
         handles.append(handle)
         states.append(RunState(run_id=run_id, workflow_id=wid, status="running"))
+        console.print(f"started run {run_id} (workflow id {wid})", highlight=False)
     waiters = [
         asyncio.create_task(_wait_result(h, s)) for h, s in zip(handles, states, strict=True)
     ]
-    title = f"{job.workflow} on {job.target_id} ({job.mode}, {job.runs} runs)"
-    started = time.monotonic()
-    # A terminal gets a live table; logs (CI, pipes) get a line per run whenever its step
-    # changes, and its heartbeat details at most every LINE_INTERVAL seconds.
-    live = (
-        Live(_table(states, title), console=console, auto_refresh=False, transient=True)
-        if console.is_terminal
-        else None
-    )
-    printed: dict[str, tuple[str, str, float]] = {}
-    with live if live is not None else contextlib.nullcontext():
-        while not all(w.done() for w in waiters):
-            await asyncio.wait(waiters, timeout=POLL_INTERVAL)
-            await asyncio.gather(
-                *(_poll(client, h, s) for h, s in zip(handles, states, strict=True))
-            )
-            now = time.monotonic()
-            if live is not None:
-                live.update(_table(states, f"{title} — {now - started:.0f}s"), refresh=True)
-                continue
-            for s in states:
-                if s.done:
-                    continue
-                last = printed.get(s.run_id)
-                step_changed = last is None or last[0] != s.step
-                details_due = (
-                    last is not None
-                    and last[1] != s.details
-                    and (not last[1] or now - last[2] >= LINE_INTERVAL)
+    try:
+        title = f"{job.workflow} on {job.target_id} ({job.mode}, {job.runs} runs)"
+        started = time.monotonic()
+        # A terminal gets a live table; logs (CI, pipes) get a line per run whenever its step
+        # changes, and its heartbeat details at most every LINE_INTERVAL seconds.
+        live = (
+            Live(_table(states, title), console=console, auto_refresh=False, transient=True)
+            if console.is_terminal
+            else None
+        )
+        printed: dict[str, tuple[str, str, float]] = {}
+        with live if live is not None else contextlib.nullcontext():
+            while not all(w.done() for w in waiters):
+                await asyncio.wait(waiters, timeout=POLL_INTERVAL)
+                await asyncio.gather(
+                    *(_poll(client, h, s) for h, s in zip(handles, states, strict=True))
                 )
-                if step_changed or details_due:
-                    printed[s.run_id] = (s.step, s.details, now)
-                    console.print(
-                        f"[{now - started:5.0f}s] {s.run_id}: {s.status} {s.step} {s.details}",
-                        highlight=False,
-                        markup=False,
+                now = time.monotonic()
+                if live is not None:
+                    live.update(_table(states, f"{title} — {now - started:.0f}s"), refresh=True)
+                    continue
+                for s in states:
+                    if s.done:
+                        continue
+                    last = printed.get(s.run_id)
+                    step_changed = last is None or last[0] != s.step
+                    details_due = (
+                        last is not None
+                        and last[1] != s.details
+                        and (not last[1] or now - last[2] >= LINE_INTERVAL)
                     )
+                    if step_changed or details_due:
+                        printed[s.run_id] = (s.step, s.details, now)
+                        console.print(
+                            f"[{now - started:5.0f}s] {s.run_id}: {s.status} {s.step} {s.details}",
+                            highlight=False,
+                            markup=False,
+                        )
+    except asyncio.CancelledError:
+        # Ctrl-C: do not leave the runs going on a cluster with nobody waiting for them.
+        for w in waiters:
+            w.cancel()
+        await _cancel_runs(handles, states, console)
+        raise
     # Final memo read: workspace path and download flag of runs that finished between polls.
     await asyncio.gather(*(_poll(client, h, s) for h, s in zip(handles, states, strict=True)))
     return states
