@@ -56,6 +56,7 @@ def loop_fs(workdir: Path, fstype: str = "btrfs", *, size: int = 2 << 30) -> Ite
         )
     if os.geteuid() != 0:
         raise MountRefused("loop-mounting a filesystem needs root")
+    created = not workdir.exists()
     workdir.mkdir(parents=True, exist_ok=True)
     image = workdir / f"{fstype}.img"
     mnt = workdir / "mnt"
@@ -74,6 +75,8 @@ def loop_fs(workdir: Path, fstype: str = "btrfs", *, size: int = 2 << 30) -> Ite
         image.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             mnt.rmdir()
+            if created:
+                workdir.rmdir()
 
 
 def loop_btrfs(workdir: Path, *, size: int = 2 << 30) -> contextlib.AbstractContextManager[Path]:
