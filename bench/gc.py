@@ -197,14 +197,23 @@ def main() -> None:
     # The floor of any command: start Python, import the CLI and the pydantic-based parameter
     # coercion typer (0.29+) loads for every command it parses.
     floor = "import forgespace.cli, typer._adapters, pydantic.plugin._loader"
-    t_floor = median_time(command([sys.executable, "-c", floor], env), runs)
+    # Interleaved (floor, status, ls, floor, status, ...) so that all three see the same
+    # machine load: on a shared machine the load drifts within seconds.
+    cmd_times: dict[str, list[float]] = {"floor": [], "status": [], "ls": []}
+    cmds = {
+        "floor": command([sys.executable, "-c", floor], env),
+        "status": command([*cli, "cache", "status", "--json"], env),
+        "ls": command([*cli, "cache", "ls", "--json"], env),
+    }
+    for _ in range(runs):
+        for name, fn in cmds.items():
+            cmd_times[name].append(median_time(fn, 1))
+    t_floor, t_status, t_ls = (statistics.median(cmd_times[k]) for k in ("floor", "status", "ls"))
     from forgespace.cli.cache_cmds import status_doc
 
     t_status_work = median_time(
         lambda: status_doc(settings, CacheIndex(layout, lease_ttl=settings.cache_lease_ttl)), runs
     )
-    t_status = median_time(command([*cli, "cache", "status", "--json"], env), runs)
-    t_ls = median_time(command([*cli, "cache", "ls", "--json"], env), runs)
     t0 = time.perf_counter()
     scanned = scan_entries(layout)
     t_scan = time.perf_counter() - t0
