@@ -69,9 +69,9 @@ class MiniCache:
             (ws / "src").mkdir(parents=True)
             (ws / "src" / "main.c").write_bytes(b"x" * nbytes)
             self.layout.shared_target(tid).write_bytes(b"t")
-            for d in (ws / "src", ws):  # shared workspaces are read-only on disk
-                os.chmod(d / "main.c" if d.name == "src" else d / "src", 0o555)
+            # shared workspaces are read-only on disk: files 0444, directories 0555
             os.chmod(ws / "src" / "main.c", 0o444)
+            os.chmod(ws / "src", 0o555)
             os.chmod(ws, 0o555)
             e = EntryRecord(key, tid, "shared", None, "shared", nbytes, 2, t, t)
         elif rest == "shared":
@@ -391,3 +391,72 @@ def test_empty_target_dirs_go_unless_busy(make_cache) -> None:
         collect_garbage(c)
     assert not c.layout.target_dir("empty").exists()
     assert c.layout.target_dir("busy").exists() and c.layout.target_dir("full").exists()
+
+
+def _gc_as_nobody(settings: Settings, out: mp.Queue) -> None:
+    os.setgid(65534)
+    os.setuid(65534)
+    try:
+        report = collect_garbage(MiniCache(settings))
+        out.put(([p.key for p in report.evicted], [s.why for s in report.skipped]))
+    except Exception as exc:
+        out.put((f"{type(exc).__name__}: {exc}", []))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to hand the cache to another user")
+def test_read_only_shared_workspace_is_deleted_without_root_powers() -> None:
+    import shutil
+    import tempfile
+
+    # Root ignores permission bits; an ordinary user meets 0555 directories and 0444 files.
+    from forgespace.cache import manifest, overlay  # noqa: F401  (imported before dropping privileges)
+
+    base = Path(tempfile.mkdtemp(prefix="fs-gc-nobody-", dir="/tmp"))
+    try:
+        os.chmod(base, 0o755)
+        settings = Settings.from_env(
+            {
+                "CACHE_DIR": str(base / "cache"),
+                "STORAGE_DIR": str(base / "store"),
+                "CACHE_TTL": "1s",
+            }
+        )
+        c = MiniCache(settings)
+        c.add("ro/workspace", 10, age=5)
+        c.index.close()
+        for dirpath, dirnames, filenames in os.walk(base):
+            for name in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
+                os.lchown(name, 65534, 65534)
+        ws = c.layout.shared_workspace("ro")
+        assert not os.stat(ws).st_mode & 0o222  # read-only on disk
+        ctx = mp.get_context("fork")
+        q = ctx.Queue()
+        p = ctx.Process(target=_gc_as_nobody, args=(settings, q))
+        p.start()
+        evicted, skipped = q.get(timeout=60)
+        p.join(30)
+        assert (evicted, skipped) == (["ro/workspace"], [])
+        assert not c.layout.target_dir("ro").exists()
+        assert os.listdir(c.layout.trash_dir) == []
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_one_entry_that_cannot_be_removed_does_not_stop_gc(make_cache, monkeypatch) -> None:
+    from forgespace.cache import eviction
+
+    c = make_cache(CACHE_TTL="1s")
+    c.add("bad/workspace", 10, age=5)
+    c.add("good/workspace", 10, age=3)
+    real = eviction._delete_via_trash
+
+    def failing(layout, paths):
+        if any("bad" in str(p) for p in paths):
+            raise PermissionError(13, "Permission denied", str(paths[0]))
+        return real(layout, paths)
+
+    monkeypatch.setattr(eviction, "_delete_via_trash", failing)
+    report = collect_garbage(c)
+    assert [p.key for p in report.evicted] == ["good/workspace"]
+    assert [(s.key, s.why.split(":")[0]) for s in report.skipped] == [("bad/workspace", "error")]
+    assert c.index.get("bad/workspace") is not None and c.on_disk("bad/workspace")

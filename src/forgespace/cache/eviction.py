@@ -312,7 +312,13 @@ def collect_garbage(cache: CacheLike, *, dry_run: bool = False) -> GcReport:
     # Orphans first: a dead run's overlay is unmounted before its lower layer (the shared
     # copy) can go.
     for item in sorted(plan, key=lambda p: p.reason != "orphan"):
-        _execute(cache, item, report)
+        try:
+            _execute(cache, item, report)
+        except OSError as exc:
+            # One entry that cannot be removed (permissions, a busy mount...) must not stop
+            # the sweep; whatever was already moved to the trash goes with the next gc.
+            log.warning("gc: could not evict %s: %s", item.key, exc)
+            report.skipped.append(SkippedEviction(item.key, item.target_id, f"error: {exc}"))
     _remove_dead_owners(cache.layout)
     _remove_empty_target_dirs(cache)
     report.adopted = adopt_unindexed(cache)
