@@ -100,7 +100,12 @@ def _start_metrics(port: int) -> int | None:
     except ImportError as exc:
         log.warning("Prometheus metrics unavailable (%s)", exc)
         return None
-    start_metrics_server(port)
+    try:
+        start_metrics_server(port)
+    except OSError as exc:
+        raise ConfigError(
+            f"invalid --metrics-port {port}: cannot serve metrics there: {exc}"
+        ) from exc
     log.info("Prometheus metrics on :%d/metrics", port)
     return port
 
