@@ -65,7 +65,7 @@ def write_stamp(path: Path, workspace: Path) -> None:
     _write_atomic(path, stamp_of(os.stat(workspace)).encode())
 
 
-def read_stamp(path: Path) -> str | None:
+def read_stamp(path: str | Path) -> str | None:
     try:
         with open(path, encoding="ascii") as f:
             return f.read().strip()
