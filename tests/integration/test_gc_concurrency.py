@@ -324,3 +324,27 @@ def test_gc_killed_mid_deletion_is_finished_by_the_next_gc(
     assert tree_digest(kept) == tree_digest(tmp_path / "keep")
     doc = verify_doc(cache, repair=False)
     assert doc["ok"], doc
+
+
+def test_room_is_made_before_a_download(
+    settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b, c, d = (upload(settings, tmp_path, n, files=30) for n in "abcd")
+    probe = WorkspaceCache(settings)
+    probe.get_target(a, workspace_isolation="shared")
+    size = probe.index.get(f"{a}/workspace").bytes  # type: ignore[union-attr]
+    obj = probe.layout.shared_target(a).stat().st_size  # what make_room reserves
+    # two entries fit, but not two entries plus the next object
+    cache = WorkspaceCache(settings.with_(cache_max_size=2 * size + obj // 2))
+    cache.get_target(b, workspace_isolation="shared")  # a, b cached: 2 sizes
+    cache.get_target(a, workspace_isolation="shared")  # a is now the most recent
+    cache.get_target(c, "run-c", "shared")  # must evict b (LRU, unleased) first
+    assert keys(cache) == {f"{a}/workspace", f"{c}/workspace"}
+    assert cache.index.counters()["evictions_lru"] == 1
+    # with every other entry leased nothing can go: it still proceeds (disk has room)
+    cache.get_target(a, "run-a", "shared")
+    with caplog.at_level(logging.WARNING, logger="forgespace.cache.eviction"):
+        cache.get_target(d, workspace_isolation="shared")
+    assert keys(cache) == {f"{a}/workspace", f"{c}/workspace", f"{d}/workspace"}
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert f"CACHE_MAX_SIZE={2 * size + obj // 2}" in warning and "2 live lease(s)" in warning
