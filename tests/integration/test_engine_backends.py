@@ -149,3 +149,37 @@ def test_overlay_lost_by_a_reboot_is_mounted_again_with_the_runs_writes(
     assert (ws / "progress.txt").read_text() == "half done"
     cache.cleanup_cache(ws, "copy-on-write")
     assert _mounts_under(cache.layout.root) == []
+
+
+def test_overlay_refused_fails_at_start_up_with_the_reason(
+    overlay_settings: Settings,
+    settings_env: Callable[[Settings], dict[str, str]],
+    tmp_path: Path,
+) -> None:
+    """Without CAP_SYS_ADMIN (dropped from the bounding set) the cache refuses to start."""
+    import shutil
+    import sys
+
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) not found: cannot drop CAP_SYS_ADMIN for the child")
+    code = (
+        "from forgespace import Settings, WorkspaceCache\n"
+        "from forgespace.errors import BackendUnavailableError\n"
+        "try:\n"
+        "    WorkspaceCache(Settings.from_env())\n"
+        "except BackendUnavailableError as e:\n"
+        "    print('REFUSED', e)\n"
+        "else:\n"
+        "    print('STARTED')\n"
+    )
+    out = subprocess.run(
+        ["setpriv", "--bounding-set=-sys_admin", sys.executable, "-c", code],
+        env=settings_env(overlay_settings),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if "setpriv:" in out.stderr:
+        pytest.skip(f"setpriv refused: {out.stderr.strip()}")
+    assert out.stdout.startswith("REFUSED"), out.stdout + out.stderr
+    assert "CAP_SYS_ADMIN" in out.stdout and "overlay" in out.stdout
