@@ -124,16 +124,33 @@ def test_non_archive_target_returned_as_target_file(cache: WorkspaceCache, tmp_p
 
 
 def test_logs_hit_and_miss_naming_the_store(
-    cache: WorkspaceCache, tid: str, caplog: pytest.LogCaptureFixture
+    cache: WorkspaceCache, tid: str, project: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    other = cache.store.upload_target(project)
     caplog.set_level(logging.INFO, logger="forgespace.cache")
     cache.get_target(tid, "r1", "shared")
     cache.get_target(tid, "r2", "shared")
-    cache.get_target(tid, "r3", "copy-on-write")
+    cache.get_target(other, "r3", "copy-on-write")
+    cache.get_target(other, "r4", "copy-on-write")
     msgs = [r.getMessage() for r in caplog.records if r.name == "forgespace.cache"]
     assert f"Cache MISS: {tid} (mode: shared), downloading from local store" in msgs
     assert f"Cache HIT: {tid} (mode: shared)" in msgs
-    assert f"Cache MISS: {tid} (mode: copy-on-write), downloading from local store" in msgs
+    assert f"Cache MISS: {other} (mode: copy-on-write), downloading from local store" in msgs
+    assert f"Cache HIT: {other} (mode: copy-on-write)" in msgs
+
+
+@pytest.mark.parametrize("first", ["shared", "copy-on-write"])
+def test_shared_and_copy_on_write_of_one_target_download_once(
+    cache: WorkspaceCache, tid: str, project: Path, first: str
+) -> None:
+    second = "copy-on-write" if first == "shared" else "shared"
+    a = cache.get_target_report(tid, "r1", first)
+    b = cache.get_target_report(tid, "r2", second)
+    assert a.downloaded and not b.downloaded, "the second copies the verified download"
+    assert cache.index.counters().get("downloads") == 1
+    assert tree_digest(Path(b.path)) == tree_digest(project)
+    root = cache.layout.root
+    assert (root / tid / "target").read_bytes() == (root / tid / "shared" / "target").read_bytes()
 
 
 def test_leases_recorded_per_mode_and_ended_by_cleanup(cache: WorkspaceCache, tid: str) -> None:

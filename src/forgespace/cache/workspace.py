@@ -334,9 +334,7 @@ class WorkspaceCache:
                 path = self._shared_complete(tid)
                 if path is None:  # pragma: no cover - we just published under the lock
                     raise ForgespaceError(f"shared workspace of {tid} vanished after publish")
-                self.index.access(key, lease=lease, hit=not downloaded)
-                if not downloaded:
-                    log.info("Cache HIT: %s (mode: shared)", tid)
+                self.index.access(key, lease=lease, hit=False)
                 return GetResult(path, downloaded, "shared", tid, rid)
 
     def _publish_shared(self, tid: str, repair: bool) -> bool:
@@ -352,11 +350,13 @@ class WorkspaceCache:
             if target.exists():
                 # Cached download whose workspace is missing (crash between the two renames,
                 # a half-done eviction, or tampering): re-extract, no new download.
+                log.info("Cache MISS: %s (mode: shared), extracting the cached download", tid)
                 src = target
             else:
-                src = self._download(tid, stage / "target", "shared")
+                src = stage / "target"
+                downloaded = self._fetch(tid, src, "shared", self.layout.cow_shared_target(tid))
                 os.chmod(src, 0o444)
-                downloaded = True
+            fetched = downloaded or src != target
             kind = detect_archive(src)
             stats = None
             if kind is not None:
@@ -369,7 +369,7 @@ class WorkspaceCache:
                     mf.manifest_path(self.layout.meta_dir, tid, "shared"), stats.manifest
                 )
             tdir.mkdir(parents=True, exist_ok=True)
-            if downloaded:
+            if fetched:
                 os.rename(stage / "target", target)
                 self._fault("shared-target-published")
             if kind is not None:
@@ -410,7 +410,7 @@ class WorkspaceCache:
 
     def _get_cow_locked(self, tid: str, rid: str, lease: LeaseRecord) -> GetResult:
         shared_dir = self.layout.cow_shared_dir(tid)
-        downloaded = False
+        published = downloaded = False
         waiter = _Waiter(self, tid)
         while True:
             with self.target_lock(tid, exclusive=False, timeout=waiter.remaining()):
@@ -426,14 +426,14 @@ class WorkspaceCache:
                     path = self._make_cow_run(tid, rid)
                     # One access (one hit or miss counted) on the shared copy records the
                     # lease; the run entry was just published with last_access = now.
-                    self.index.access(f"{tid}/shared", lease=lease, hit=not downloaded)
-                    if not downloaded:
+                    self.index.access(f"{tid}/shared", lease=lease, hit=not published)
+                    if not published:
                         log.info("Cache HIT: %s (mode: copy-on-write)", tid)
                     return GetResult(path, downloaded, "copy-on-write", tid, rid)
             with contextlib.ExitStack() as held:
                 if waiter.try_exclusive(held, "download copy-on-write") and not shared_dir.is_dir():
-                    self._publish_cow_shared(tid)
-                    downloaded = True
+                    downloaded = self._publish_cow_shared(tid)
+                    published = True
 
     def _lost_overlay(self, path: str) -> bool:
         ws = Path(path)
@@ -462,13 +462,14 @@ class WorkspaceCache:
             _rmtree(base)
             return None
 
-    def _publish_cow_shared(self, tid: str) -> None:
+    def _publish_cow_shared(self, tid: str) -> bool:
         from forgespace.cache.archive import detect_archive
         from forgespace.cache.clone import make_read_only
 
         self.sweep_leftovers(tid)
         with self._staging(tid, "cow") as stage:
-            src = self._download(tid, stage / "target", "copy-on-write")
+            src = stage / "target"
+            downloaded = self._fetch(tid, src, "copy-on-write", self.layout.shared_target(tid))
             os.chmod(src, 0o444)
             stats = None
             if detect_archive(src) is not None:
@@ -495,6 +496,7 @@ class WorkspaceCache:
                 (stats.files if stats else 0) + 1,
                 time.time(),
             )
+        return downloaded
 
     def _make_cow_run(self, tid: str, rid: str) -> str:
         """Under the shared target lock: build the run's private copy and publish it."""
@@ -659,6 +661,26 @@ class WorkspaceCache:
             if os.path.lexists(stage):
                 self._unmount_under(stage)
                 self._discard(stage)
+
+    def _fetch(self, tid: str, dest: Path, mode: str, cached: Path) -> bool:
+        """Put the target object at ``dest``: a copy of the verified download the other
+        shared slot already holds (shared <-> copy-on-write), else a download. Under the
+        target's exclusive lock, so ``cached`` cannot go away meanwhile. True if downloaded."""
+        if cached.is_file():
+            log.info(
+                "Cache MISS: %s (mode: %s), copying the download already cached at %s",
+                tid,
+                mode,
+                cached,
+            )
+            try:
+                shutil.copyfile(cached, dest)
+            except OSError as exc:
+                self._raise_if_full(exc, dest.parent, cached.stat().st_size)
+                raise
+            return False
+        self._download(tid, dest, mode)
+        return True
 
     def _download(self, tid: str, dest: Path, mode: str) -> Path:
         store = self.store

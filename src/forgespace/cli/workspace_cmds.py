@@ -82,7 +82,7 @@ def demo() -> None:
             res = cache.get_target_report(target_id, run_id, mode)
             p = Path(res.path)
             files = sum(1 for f in p.rglob("*") if f.is_file()) if p.is_dir() else 1
-            how = "downloaded" if res.downloaded else "cache-hit"
+            how = "downloaded" if res.downloaded else "from-cache"
             print(f"{mode:<13}  {run_id:<24}  {how:<10}  {files:>3} files  {res.path}")
             results.append((res, run_id))
     for res, run_id in results:
