@@ -98,3 +98,21 @@ def test_different_targets_download_in_parallel(settings: Settings, tmp_path: Pa
     b = cache.store.upload_target(make_project(tmp_path / "b", files=5, seed="b"))
     with cache.target_lock(a, exclusive=True):  # as if a's download were in progress
         assert Path(cache.get_target(b, None, "shared")).is_dir()
+
+
+@pytest.mark.slow
+def test_mixed_shared_and_copy_on_write_processes_one_get(
+    s3_settings: Settings,
+    s3_server: S3Server,
+    settings_env: Callable[[Settings], dict[str, str]],
+    tmp_path: Path,
+) -> None:
+    project = make_project(tmp_path / "project", files=100)
+    cache = WorkspaceCache(s3_settings)
+    tid = cache.store.upload_target(project)
+    calls = [(tid, f"m{i}", "shared" if i % 2 else "copy-on-write") for i in range(6)]
+    results = run_getters(settings_env(s3_settings), calls, tmp_path, timeout=90)
+    assert not [r for r in results if "error" in r]
+    assert all(r["digest"] == tree_digest(project) for r in results)
+    assert sum(bool(r["downloaded"]) for r in results) == 1
+    assert s3_server.get_count(f"{s3_settings.s3_bucket}/{tid}/target") == 1
