@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(rc)  # non-standalone mode returns typer.Exit(n)'s code instead of raising
     except ForgespaceError as exc:
         # escape: messages quote paths and forms like "[/workspace|/target]" (not markup)
-        err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, markup=True)
+        err_console.print(
+            f"[red]error:[/red] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True
+        )
         sys.exit(exit_code_for(exc))
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
