@@ -14,8 +14,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# The main job on embedded defaults: a real Temporal dev server and an in-process worker, four
+# concurrent runs of a shared-mode scanner against one download of the bundled example.
+RUN_ARGS ?= security_assessment examples/vulnerable_app --runs 4
+
 run: setup
-	$(VENV)/bin/forgespace demo
+	$(VENV)/bin/forgespace run $(RUN_ARGS)
 
 test: setup
 	$(PY) -m pytest -q
