@@ -18,7 +18,7 @@ import pytest
 
 from forgespace.cache.archive import detect_archive, extract_archive
 from forgespace.cache.clone import make_read_only
-from forgespace.errors import IntegrityError, UnsafeArchiveError
+from forgespace.errors import CacheFullError, IntegrityError, UnsafeArchiveError
 
 MAX = 10_000_000
 MTIME = 1_600_000_000  # even: zip stores DOS times in 2-second steps
@@ -359,3 +359,16 @@ def test_read_only_extraction_matches_make_read_only(
     assert stat.S_IMODE((ro / "src/pkg/mod.py").stat().st_mode) == 0o444
     assert stat.S_IMODE((ro / "emptydir").stat().st_mode) == 0o555
     assert stats.files == 5
+
+
+def test_full_disk_raises_cache_full_and_leaves_nothing(tmp_path: Path, small_tmpfs: Path) -> None:
+    p = tmp_path / "a.tgz"
+    with tarfile.open(p, "w:gz", compresslevel=1) as tf:
+        for i in range(6):
+            data = os.urandom(512 * 1024)  # 3 MiB in all, into a 2 MiB filesystem
+            ti = tarfile.TarInfo(f"d/f{i}")
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    with pytest.raises(CacheFullError, match="no space left"):
+        extract_archive(p, small_tmpfs / "dest", max_bytes=MAX)
+    assert os.listdir(small_tmpfs) == []
