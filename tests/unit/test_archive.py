@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from forgespace.cache import archive as archive_mod
 from forgespace.cache.archive import detect_archive, extract_archive
 from forgespace.cache.clone import make_read_only
 from forgespace.errors import CacheFullError, IntegrityError, UnsafeArchiveError
@@ -33,6 +34,8 @@ def make_source(root: Path) -> Path:
     (root / "run.sh").write_text("#!/bin/sh\necho run\n")
     (root / "run.sh").chmod(0o755)
     (root / "empty.txt").write_bytes(b"")
+    (root / "shared.txt").write_text("mode 0666 survives the umask\n")
+    (root / "shared.txt").chmod(0o666)
     (root / "emptydir").mkdir()
     (root / "ro").mkdir()
     (root / "ro/inside.txt").write_text("read-only dir content\n")
@@ -240,13 +243,15 @@ def test_garbage_header_mid_tar_raises_integrity_error(tmp_path: Path) -> None:
     assert not (tmp_path / "dest").exists()
 
 
-def test_corrupt_gzip_crc_is_detected(tmp_path: Path) -> None:
+@pytest.mark.parametrize("size", [5, 3 << 20], ids=["small", "past-the-read-ahead"])
+def test_corrupt_gzip_crc_is_detected(tmp_path: Path, size: int) -> None:
+    """The gzip trailer is checked even though the tar ends before the stream does."""
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w") as tf:
         ti = tarfile.TarInfo("f")
-        ti.size = 5
-        tf.addfile(ti, io.BytesIO(b"hello"))
-    gz = bytearray(gzip.compress(raw.getvalue()))
+        ti.size = size
+        tf.addfile(ti, io.BytesIO(os.urandom(size)))
+    gz = bytearray(gzip.compress(raw.getvalue(), 1))
     gz[-8] ^= 0xFF  # the CRC32 in the gzip trailer
     p = tmp_path / "a.tgz"
     p.write_bytes(bytes(gz))
@@ -358,7 +363,7 @@ def test_read_only_extraction_matches_make_read_only(
     assert stat.S_IMODE((ro / "run.sh").stat().st_mode) == 0o555
     assert stat.S_IMODE((ro / "src/pkg/mod.py").stat().st_mode) == 0o444
     assert stat.S_IMODE((ro / "emptydir").stat().st_mode) == 0o555
-    assert stats.files == 5
+    assert stats.files == 6
 
 
 def test_full_disk_raises_cache_full_and_leaves_nothing(tmp_path: Path, small_tmpfs: Path) -> None:
@@ -372,3 +377,48 @@ def test_full_disk_raises_cache_full_and_leaves_nothing(tmp_path: Path, small_tm
     with pytest.raises(CacheFullError, match="no space left"):
         extract_archive(p, small_tmpfs / "dest", max_bytes=MAX)
     assert os.listdir(small_tmpfs) == []
+
+
+def test_header_with_a_bad_checksum_raises_integrity_error(tmp_path: Path) -> None:
+    p = tmp_path / "a.tar"
+    with tarfile.open(p, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for name in ("first", "second"):
+            ti = tarfile.TarInfo(name)
+            ti.size = 3
+            tf.addfile(ti, io.BytesIO(b"abc"))
+    data = bytearray(p.read_bytes())
+    assert data[1024:1030] == b"second"
+    data[1024] = ord("X")  # renamed without fixing the header checksum
+    p.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="checksum"):
+        extract_archive(p, tmp_path / "dest", max_bytes=MAX)
+    assert not (tmp_path / "dest").exists()
+
+
+def test_written_bytes_are_counted_not_declared_sizes(tmp_path: Path) -> None:
+    """A member whose data runs past what its header declared is stopped by the byte count."""
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    x = archive_mod._Extractor("lying.zip", str(dest), 1000)
+    try:
+        with pytest.raises(UnsafeArchiveError, match="above the limit of 1000 bytes"):
+            x.file_from("f", 0o644, None, 10, io.BytesIO(bytes(5000)))
+    finally:
+        x.close()
+    assert (dest / "f").stat().st_size <= 1000
+
+
+def test_corrupt_xz_footer_after_the_tar_end_is_detected(tmp_path: Path) -> None:
+    """The tar ends before the xz stream does: the rest of the stream is still read and checked."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tf:
+        ti = tarfile.TarInfo("f")
+        ti.size = 1 << 20
+        tf.addfile(ti, io.BytesIO(os.urandom(1 << 20)))
+    xz = bytearray(lzma.compress(raw.getvalue(), preset=0))
+    xz[-12] ^= 0xFF  # the CRC32 of the stream footer
+    p = tmp_path / "a.txz"
+    p.write_bytes(bytes(xz))
+    with pytest.raises(IntegrityError, match="corrupt"):
+        extract_archive(p, tmp_path / "dest", max_bytes=MAX)
+    assert not (tmp_path / "dest").exists()

@@ -118,6 +118,17 @@ def tar_hardlink_absolute(a: Path, out: Path) -> Path:
     return write_tar(a, [_hard("hl", str(out / "secret"))])
 
 
+def tar_hardlink_through_symlink(a: Path, out: Path) -> Path:
+    # The link chain points outside; a hard link made through it would share an outside inode.
+    return write_tar(
+        a, [_dir("d"), _sym("d/s", ".."), _sym("l", "d/s/../outside"), _hard("hl", "l/secret")]
+    )
+
+
+def tar_hardlink_to_missing(a: Path, out: Path) -> Path:
+    return write_tar(a, [_hard("hl", "never-extracted")])
+
+
 def tar_link_then_write_through(a: Path, out: Path) -> Path:
     return write_tar(a, [_sym("link", str(out)), _file("link/evil")])
 
@@ -211,6 +222,8 @@ CORPUS: dict[str, Builder] = {
         tar_symlink_chain,
         tar_hardlink_out,
         tar_hardlink_absolute,
+        tar_hardlink_through_symlink,
+        tar_hardlink_to_missing,
         tar_link_then_write_through,
         tar_write_through_inner_link,
         tar_replace_file_with_escaping_link,
@@ -242,6 +255,8 @@ WHY = {
     "tar_symlink_chain": "resolves outside the destination",
     "tar_hardlink_out": "hard link target .* '..' component",
     "tar_hardlink_absolute": "hard link target .* absolute path",
+    "tar_hardlink_through_symlink": "not an earlier regular file",
+    "tar_hardlink_to_missing": "not an earlier regular file",
     "tar_link_then_write_through": "symlink to the absolute path",
     "tar_write_through_inner_link": "written through the symlink 'alias'",
     "tar_replace_file_with_escaping_link": "outside the destination",
