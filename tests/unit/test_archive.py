@@ -413,8 +413,8 @@ def test_corrupt_xz_footer_after_the_tar_end_is_detected(tmp_path: Path) -> None
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w") as tf:
         ti = tarfile.TarInfo("f")
-        ti.size = 1 << 20
-        tf.addfile(ti, io.BytesIO(os.urandom(1 << 20)))
+        ti.size = 3 << 20
+        tf.addfile(ti, io.BytesIO(os.urandom(3 << 20)))
     xz = bytearray(lzma.compress(raw.getvalue(), preset=0))
     xz[-12] ^= 0xFF  # the CRC32 of the stream footer
     p = tmp_path / "a.txz"
