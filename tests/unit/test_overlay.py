@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,11 +15,17 @@ from forgespace.errors import BackendUnavailableError
 
 
 @pytest.fixture
-def overlay_ok(tmp_path: Path) -> None:
+def overlay_ok(tmp_path: Path) -> Iterator[None]:
     try:
         probe_overlay(tmp_path)
     except BackendUnavailableError as e:
         pytest.skip(f"overlay mounts refused here: {e}")
+    yield
+    # A failing test must not leave mounts behind: detach them with the system tool, not ours.
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        mp = line.split(" ")[4].replace("\\040", " ").replace("\\011", "\t")
+        if mp.startswith(f"{tmp_path}/"):
+            subprocess.run(["umount", "-l", mp], capture_output=True, timeout=30)
 
 
 def layers(base: Path) -> tuple[Path, Path, Path, Path]:
