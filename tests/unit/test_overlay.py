@@ -146,3 +146,19 @@ def test_bad_mount_arguments_name_the_paths(tmp_path: Path) -> None:
     with pytest.raises(OSError, match="missing-lower"):
         mount_overlay(tmp_path / "missing-lower", tmp_path / "u", tmp_path / "w", mnt)
     assert mounts_under(tmp_path) == []
+
+
+@pytest.mark.usefixtures("overlay_ok")
+def test_volatile_mount_works(tmp_path: Path) -> None:
+    lower, upper, work, mnt = layers(tmp_path / "vol")
+    mount_overlay(lower, upper, work, mnt, volatile=True)
+    try:
+        (mnt / "w").write_text("x")
+        assert any(
+            "volatile" in line
+            for line in Path("/proc/self/mountinfo").read_text().splitlines()
+            if str(mnt) in line
+        )
+    finally:
+        unmount(mnt)
+    assert (upper / "w").read_text() == "x"
