@@ -26,7 +26,10 @@ _SIZE_UNITS: dict[str, int] = {
 _DURATION_UNITS: dict[str, float] = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _NUMBER_UNIT = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*$")
 
-SIZE_FORMS = "a byte count or a number with kB/MB/GB/TB (powers of 1000) or KiB/MiB/GiB/TiB (powers of 1024), e.g. 10GB, 1.5GiB, 500MB"
+SIZE_FORMS = (
+    "a byte count or a number with kB/MB/GB/TB (powers of 1000) or KiB/MiB/GiB/TiB "
+    "(powers of 1024), e.g. 10GB, 1.5GiB, 500MB"
+)
 DURATION_FORMS = "seconds or a number with s, m, h, d or w, e.g. 90, 30m, 1.5h, 7d"
 
 
@@ -120,7 +123,9 @@ class Settings:
 
         kw: dict[str, Any] = {
             "cache_dir": Path(get("CACHE_DIR") or xdg_cache / "forgespace").expanduser(),
-            "storage_dir": Path(get("STORAGE_DIR") or xdg_data / "forgespace" / "store").expanduser(),
+            "storage_dir": Path(
+                get("STORAGE_DIR") or xdg_data / "forgespace" / "store"
+            ).expanduser(),
         }
         sizes = {"CACHE_MAX_SIZE": "cache_max_size"}
         durations = {

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 from forgespace.errors import InvalidIdError, InvalidModeError
@@ -31,15 +31,12 @@ ID_FORMS = (
 META_DIRNAME = ".forgespace"
 
 
-class IsolationMode(str, Enum):
+class IsolationMode(StrEnum):
     """How a run's workspace relates to other runs of the same target."""
 
     ISOLATED = "isolated"
     SHARED = "shared"
     COPY_ON_WRITE = "copy-on-write"
-
-    def __str__(self) -> str:
-        return self.value
 
     @classmethod
     def parse(cls, value: str | IsolationMode) -> IsolationMode:
@@ -132,7 +129,9 @@ class CacheLayout:
     def lock_path(self, target_id: str) -> Path:
         return self.locks_dir / f"{target_id}.lock"
 
-    def workspace_paths(self, mode: IsolationMode, target_id: str, run_id: str | None) -> tuple[Path, Path]:
+    def workspace_paths(
+        self, mode: IsolationMode, target_id: str, run_id: str | None
+    ) -> tuple[Path, Path]:
         """(download path, workspace path) the run of ``mode`` uses."""
         if mode is IsolationMode.SHARED:
             return self.shared_target(target_id), self.shared_workspace(target_id)

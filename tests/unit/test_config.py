@@ -68,7 +68,9 @@ def test_parse_duration_rejects(bad):
 
 
 def test_defaults_follow_xdg(tmp_path: Path):
-    s = Settings.from_env({"XDG_CACHE_HOME": str(tmp_path / "c"), "XDG_DATA_HOME": str(tmp_path / "d")})
+    s = Settings.from_env(
+        {"XDG_CACHE_HOME": str(tmp_path / "c"), "XDG_DATA_HOME": str(tmp_path / "d")}
+    )
     assert s.cache_dir == tmp_path / "c" / "forgespace"
     assert s.storage_dir == tmp_path / "d" / "forgespace" / "store"
     assert s.cache_max_size == 10 * 10**9
@@ -109,7 +111,11 @@ def test_from_env_reads_every_variable(tmp_path: Path):
     assert s.cache_max_size == int(1.5 * 2**30)
     assert (s.cache_ttl, s.cache_cleanup_interval, s.cache_lease_ttl) == (1.0, 300.0, 7200.0)
     assert (s.cow_backend, s.storage_backend) == ("overlay", "s3")
-    assert (s.s3_endpoint, s.s3_access_key, s.s3_secret_key) == ("http://127.0.0.1:9000", "ak", "sk")
+    assert (s.s3_endpoint, s.s3_access_key, s.s3_secret_key) == (
+        "http://127.0.0.1:9000",
+        "ak",
+        "sk",
+    )
     assert (s.s3_bucket, s.s3_region, s.s3_use_ssl) == ("bucket", "eu-west-1", True)
 
 

@@ -32,8 +32,26 @@ def test_valid_ids(good):
 
 @pytest.mark.parametrize(
     "bad",
-    ["", ".hidden", "-x", "_x", "a/b", "a\\b", "..", ".", "x" * 129, "a b", "shared",
-     "workspace", "target", ".forgespace", "é", "a\nb", None, 5],
+    [
+        "",
+        ".hidden",
+        "-x",
+        "_x",
+        "a/b",
+        "a\\b",
+        "..",
+        ".",
+        "x" * 129,
+        "a b",
+        "shared",
+        "workspace",
+        "target",
+        ".forgespace",
+        "é",
+        "a\nb",
+        None,
+        5,
+    ],
 )
 def test_invalid_ids(bad):
     with pytest.raises(InvalidIdError) as info:
@@ -50,7 +68,10 @@ def test_paths_follow_the_seed_layout(tmp_path: Path):
     assert L.cow_shared_target("t") == tmp_path / "t" / "shared" / "target"
     assert L.cow_shared_workspace("t") == tmp_path / "t" / "shared" / "workspace"
     assert L.meta_dir == tmp_path / ".forgespace"
-    assert L.workspace_paths(IsolationMode.SHARED, "t", None) == (L.shared_target("t"), L.shared_workspace("t"))
+    assert L.workspace_paths(IsolationMode.SHARED, "t", None) == (
+        L.shared_target("t"),
+        L.shared_workspace("t"),
+    )
     assert L.workspace_paths(IsolationMode.ISOLATED, "t", "r")[1] == L.run_workspace("t", "r")
     with pytest.raises(InvalidIdError):
         L.workspace_paths(IsolationMode.COPY_ON_WRITE, "t", None)

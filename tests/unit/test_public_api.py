@@ -10,8 +10,14 @@ def test_all_names_resolve():
 
 
 def test_contract_names_are_public():
-    for name in ("Settings", "WorkspaceCache", "open_store", "ForgespaceError",
-                 "TargetNotFoundError", "UnsafeArchiveError"):
+    for name in (
+        "Settings",
+        "WorkspaceCache",
+        "open_store",
+        "ForgespaceError",
+        "TargetNotFoundError",
+        "UnsafeArchiveError",
+    ):
         assert name in forgespace.__all__
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from forgespace.cli.app import app, main
-
 # Each module registers its commands on `app` / `cache_app` when imported.
-from forgespace.cli import store_cmds  # noqa: E402,F401  (upload)
-from forgespace.cli import workspace_cmds  # noqa: E402,F401  (get, cleanup, demo)
-from forgespace.cli import cache_cmds  # noqa: E402,F401  (cache status|ls|gc|evict|verify)
-from forgespace.cli import temporal_cmds  # noqa: E402,F401  (worker, run, workflows)
+from forgespace.cli import (
+    cache_cmds,  # noqa: F401  (cache status|ls|gc|evict|verify)
+    store_cmds,  # noqa: F401  (upload)
+    temporal_cmds,  # noqa: F401  (worker, run, workflows)
+    workspace_cmds,  # noqa: F401  (get, cleanup, demo)
+)
+from forgespace.cli.app import app, main
 
 __all__ = ["app", "main"]
