@@ -43,6 +43,7 @@ from typing import IO, Literal, cast
 
 from isal import igzip, igzip_threaded, isal_zlib
 
+from forgespace.cache.fsutil import current_umask
 from forgespace.errors import CacheFullError, IntegrityError, UnsafeArchiveError
 
 __all__ = ["ArchiveKind", "ExtractStats", "detect_archive", "extract_archive"]
@@ -188,18 +189,6 @@ def detect_archive(path: str | os.PathLike[str]) -> ArchiveKind | None:
 # Extraction
 
 
-def _current_umask() -> int:
-    # Read without changing it: os.umask() would race with other threads creating files.
-    try:
-        with open("/proc/self/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0o022
-
-
 def _norm(name: str, what: str) -> str:
     """Normalise an archive member name to a relative path ("" is the root) or refuse it."""
     if not name:
@@ -272,7 +261,7 @@ class _Extractor:
         self.dest = dest
         self.max_bytes = max_bytes
         self.written = 0
-        self.umask = _current_umask()
+        self.umask = current_umask()
         self.read_only = read_only
         self.dfd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.known_dirs: set[str] = {""}

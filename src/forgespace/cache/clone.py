@@ -23,6 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
+from forgespace.cache.fsutil import current_umask
 from forgespace.errors import CacheFullError
 
 __all__ = ["CloneMethod", "CloneStats", "make_read_only", "materialize_copy"]
@@ -54,22 +55,11 @@ class CloneStats:
     method: CloneMethod
 
 
-def _umask() -> int:
-    try:
-        with open("/proc/self/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0o022
-
-
 class _Copier:
     def __init__(self, writable: bool, workers: int) -> None:
         self.writable = writable
         self.workers = workers
-        self.umask = _umask()
+        self.umask = current_umask()
         self.try_reflink = True
         self.try_cfr = True
         self.lock = threading.Lock()

@@ -11,6 +11,16 @@ from typing import Protocol, runtime_checkable
 ProgressFn = Callable[[int, int], None]
 
 
+def upload_source(path: str | Path) -> Path:
+    """Check what upload_target was given: a directory or a regular file."""
+    src = Path(path)
+    if not src.exists():
+        raise FileNotFoundError(f"cannot upload {src}: no such file or directory")
+    if not (src.is_dir() or src.is_file()):
+        raise ValueError(f"cannot upload {src}: expected a directory or a regular file")
+    return src
+
+
 def target_key(target_id: str) -> str:
     """Object key of a target, in the bucket and under STORAGE_DIR alike."""
     return f"{target_id}/target"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from forgespace.errors import StorageError, TargetNotFoundError
 from forgespace.layout import validate_id
-from forgespace.storage.base import ObjectInfo, ProgressFn, target_key
+from forgespace.storage.base import ObjectInfo, ProgressFn, target_key, upload_source
 from forgespace.storage.pack import copy_hashing, pack_directory, tree_size
 from forgespace.storage.retry import CHUNK_SIZE, PartFile
 
@@ -79,11 +79,7 @@ class LocalStore:
     # --- upload ---------------------------------------------------------------------
     def upload_target(self, path: str | Path, progress: ProgressFn | None = None) -> str:
         """Store a file as-is, or a directory packed as a deterministic tar.gz; new uuid4 id."""
-        src = Path(path)
-        if not src.exists():
-            raise FileNotFoundError(f"cannot upload {src}: no such file or directory")
-        if not (src.is_dir() or src.is_file()):
-            raise ValueError(f"cannot upload {src}: expected a directory or a regular file")
+        src = upload_source(path)
         target_id = str(uuid.uuid4())
         obj = self.object_path(target_id)
         obj.parent.mkdir(parents=True, exist_ok=True)

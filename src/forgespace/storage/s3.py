@@ -46,7 +46,7 @@ from botocore.config import Config
 from forgespace.config import Settings
 from forgespace.errors import ConfigError, ForgespaceError, StorageError, TargetNotFoundError
 from forgespace.layout import validate_id
-from forgespace.storage.base import ObjectInfo, ProgressFn, target_key
+from forgespace.storage.base import ObjectInfo, ProgressFn, target_key, upload_source
 from forgespace.storage.local import check_result_key
 from forgespace.storage.pack import copy_hashing, pack_directory, tree_size
 from forgespace.storage.retry import CHUNK_SIZE, PartFile, RetryPolicy
@@ -278,11 +278,7 @@ class S3Store:
     def upload_target(self, path: str | Path, progress: ProgressFn | None = None) -> str:
         """Upload a file as-is, or a directory packed as a deterministic tar.gz; new uuid4
         id. The sha256 goes into the object's metadata."""
-        src = Path(path)
-        if not src.exists():
-            raise FileNotFoundError(f"cannot upload {src}: no such file or directory")
-        if not (src.is_dir() or src.is_file()):
-            raise ValueError(f"cannot upload {src}: expected a directory or a regular file")
+        src = upload_source(path)
         target_id = str(uuid.uuid4())
         key = target_key(target_id)
         self._ensure_bucket(self.bucket)
