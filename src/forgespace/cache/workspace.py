@@ -360,11 +360,8 @@ class WorkspaceCache:
             kind = detect_archive(src)
             stats = None
             if kind is not None:
-                stats = self._extract(src, stage / "workspace")
+                stats = self._extract(src, stage / "workspace", read_only=True)
                 self._fault("extracted")
-                from forgespace.cache.clone import make_read_only
-
-                make_read_only(stage / "workspace")
                 mf.write_manifest(
                     mf.manifest_path(self.layout.meta_dir, tid, "shared"), stats.manifest
                 )
@@ -464,7 +461,6 @@ class WorkspaceCache:
 
     def _publish_cow_shared(self, tid: str) -> bool:
         from forgespace.cache.archive import detect_archive
-        from forgespace.cache.clone import make_read_only
 
         self.sweep_leftovers(tid)
         with self._staging(tid, "cow") as stage:
@@ -473,9 +469,8 @@ class WorkspaceCache:
             os.chmod(src, 0o444)
             stats = None
             if detect_archive(src) is not None:
-                stats = self._extract(src, stage / "workspace")
+                stats = self._extract(src, stage / "workspace", read_only=True)
                 self._fault("extracted")
-                make_read_only(stage / "workspace")
                 mf.write_manifest(
                     mf.manifest_path(self.layout.meta_dir, tid, "cow"), stats.manifest
                 )
@@ -705,11 +700,14 @@ class WorkspaceCache:
         self._fault("downloaded")
         return dest
 
-    def _extract(self, src: Path, dest: Path) -> Any:
+    def _extract(self, src: Path, dest: Path, *, read_only: bool = False) -> Any:
+        """Extract safely; ``read_only`` (shared copies) sets 0444/0555 modes in the same pass."""
         from forgespace.cache.archive import extract_archive
 
         try:
-            return extract_archive(src, dest, max_bytes=self.settings.cache_max_size)
+            return extract_archive(
+                src, dest, max_bytes=self.settings.cache_max_size, read_only=read_only
+            )
         except BaseException as exc:
             self._raise_if_full(exc, dest.parent, src.stat().st_size)
             raise
