@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -109,9 +110,10 @@ def test_slow_calls_heartbeat_their_progress(settings: Settings, tmp_path: Path)
     finally:
         acts.close()
     assert Path(path).is_dir()
-    assert len(beats) >= 3
-    assert all(b["phase"] == "get_target" for b in beats)
-    assert beats[-1]["elapsed_s"] >= 0.3
+    # while the call waits, beats say so; once it downloads they carry the bytes (test below)
+    waiting = [b for b in beats if b["phase"] == "get_target"]
+    assert len(waiting) >= 3 and beats[0]["phase"] == "get_target"
+    assert waiting[-1]["elapsed_s"] >= 0.3
 
 
 def test_upload_results_stores_json_in_the_store(acts: CacheActivities, settings: Settings) -> None:
@@ -135,3 +137,42 @@ def test_upload_results_refuses_bad_input(
     assert ei.value.non_retryable
     results_dir = settings.storage_dir / ".results"
     assert not results_dir.exists() or not any(results_dir.rglob("*"))
+
+
+class _SlowStore:
+    """The real store, with a pause per downloaded chunk so heartbeats can see the download."""
+
+    def __init__(self, inner: Any, pause: float) -> None:
+        self.inner, self.pause = inner, pause
+        self.display_name = inner.display_name
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def download_target(self, tid: str, dest: Any, progress: Any = None) -> Any:
+        def slow(done: int, total: int) -> None:
+            time.sleep(self.pause)
+            if progress is not None:
+                progress(done, total)
+
+        return self.inner.download_target(tid, dest, slow)
+
+
+def test_downloads_heartbeat_bytes_done_and_total(settings: Settings, tmp_path: Path) -> None:
+    blob = tmp_path / "blob.bin"
+    blob.write_bytes(os.urandom(8 * 2**20))
+    tid = open_store(settings).upload_target(blob)
+    cache = WorkspaceCache(settings, store=_SlowStore(open_store(settings), 0.05))
+    acts = CacheActivities(cache, host_queue="q", heartbeat_interval=0.02)
+    beats: list[Any] = []
+    env = ActivityEnvironment()
+    env.on_heartbeat = lambda *d: beats.append(d[0])
+    try:
+        run(acts.get_target, tid, "r1", "isolated", env=env)
+    finally:
+        acts.close()
+    downloads = [b for b in beats if b.get("phase") == "download"]
+    assert downloads, beats
+    assert all(b["bytes_total"] == 8 * 2**20 for b in downloads)
+    done = [b["bytes_done"] for b in downloads]
+    assert done == sorted(done) and 0 < done[0] < 8 * 2**20

@@ -272,3 +272,24 @@ def test_wait_for_a_stuck_download_is_bounded_and_names_target_and_holder(
     assert f"target {tid}" in msg and f"pid {os.getpid()}" in msg and "download shared" in msg
     assert cache.index.live_leases() == []
     assert Path(cache.get_target(tid, "r2", mode)).is_dir()  # free again: works
+
+
+def test_progress_reports_the_download_and_nothing_on_a_hit(settings: Settings, tmp_path: Path):
+    blob = tmp_path / "blob.bin"
+    blob.write_bytes(os.urandom(3 * 2**20 + 17))
+    tid = open_store(settings).upload_target(blob)
+    cache = WorkspaceCache(settings)
+    calls: list[tuple[int, int]] = []
+
+    def record(done: int, total: int) -> None:
+        calls.append((done, total))
+
+    first = cache.get_target_report(tid, "r1", "shared", progress=record)
+    assert first.downloaded
+    assert calls and calls[-1] == (3 * 2**20 + 17, 3 * 2**20 + 17)
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+    calls.clear()
+    second = cache.get_target_report(
+        tid, "r2", "shared", progress=lambda d, t: calls.append((d, t))
+    )
+    assert not second.downloaded and calls == []

@@ -61,7 +61,7 @@ from forgespace.layout import CacheLayout, IsolationMode, validate_id
 
 if TYPE_CHECKING:
     from forgespace.cache.index import CacheIndex, LeaseRecord
-    from forgespace.storage.base import Store
+    from forgespace.storage.base import ProgressFn, Store
 
 log = logging.getLogger("forgespace.cache")
 
@@ -231,8 +231,12 @@ class WorkspaceCache:
         target_id: str,
         run_id: str | None = None,
         workspace_isolation: str | IsolationMode = "isolated",
+        progress: ProgressFn | None = None,
     ) -> GetResult:
-        """Like get_target, and tell whether this call downloaded."""
+        """Like get_target, and tell whether this call downloaded.
+
+        ``progress(bytes_done, bytes_total)`` is called from this thread while this call
+        downloads the object (not while it waits for another process's download)."""
         mode = IsolationMode.parse(workspace_isolation)
         validate_id(target_id, "target_id")
         if run_id is not None:
@@ -244,6 +248,7 @@ class WorkspaceCache:
             )
         t0 = time.perf_counter()
         self._tls.downloaded_bytes = 0
+        self._tls.progress = progress
         if mode is IsolationMode.SHARED:
             res = self._get_shared(target_id, run_id)
         elif mode is IsolationMode.COPY_ON_WRITE:
@@ -683,14 +688,19 @@ class WorkspaceCache:
         self._make_room(info.size, tid)
         log.info("Cache MISS: %s (mode: %s), downloading from %s", tid, mode, store.display_name)
         first = [True]
+        caller: ProgressFn | None = getattr(self._tls, "progress", None)
 
         def progress(done: int, total: int) -> None:
             if first[0] and done > 0:
                 first[0] = False
                 self._fault("download")
+            if caller is not None:
+                caller(done, total)
 
         try:
-            got = store.download_target(tid, dest, progress if self._faults else None)
+            got = store.download_target(
+                tid, dest, progress if (self._faults or caller is not None) else None
+            )
         except BaseException as exc:
             self._raise_if_full(exc, dest.parent, info.size)
             raise

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import inspect
 import json
 import logging
 import re
@@ -169,15 +168,12 @@ class CacheActivities:
         iso = IsolationMode.parse(mode)
         if run_id is not None:
             validate_id(run_id, "run_id")
-        report = self.cache.get_target_report
-        kwargs: dict[str, Any] = {}
-        # The engine may take a download progress callback; heartbeats carry it when it does.
-        try:
-            if "progress" in inspect.signature(report).parameters:
-                kwargs["progress"] = progress.download_callback()
-        except (TypeError, ValueError):
-            pass
-        return report(target_id, run_id, workspace_isolation=iso.value, **kwargs)
+        return self.cache.get_target_report(
+            target_id,
+            run_id,
+            workspace_isolation=iso.value,
+            progress=progress.download_callback(),
+        )
 
     @activity.defn(name=HOST_QUEUE_ACTIVITY)
     async def host_task_queue(self) -> str:
