@@ -293,3 +293,28 @@ def test_progress_reports_the_download_and_nothing_on_a_hit(settings: Settings, 
         tid, "r2", "shared", progress=lambda d, t: calls.append((d, t))
     )
     assert not second.downloaded and calls == []
+
+
+@pytest.mark.parametrize("mode", ["isolated", "shared", "copy-on-write"])
+def test_refused_archive_names_the_target_and_leaves_the_cache_as_it_was(
+    settings: Settings, tmp_path: Path, mode: str
+):
+    import io
+    import tarfile
+
+    evil = tmp_path / "evil.tgz"
+    with tarfile.open(evil, "w:gz") as t:
+        for name in ("ok.txt", "../escape.txt"):
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            t.addfile(info, io.BytesIO(b"x"))
+    tid = open_store(settings).upload_target(evil)
+    cache = WorkspaceCache(settings)
+    with pytest.raises(UnsafeArchiveError) as ei:
+        cache.get_target(tid, "r1", mode)
+    message = str(ei.value)
+    assert f"target {tid} refused" in message and "'../escape.txt'" in message
+    assert ".forgespace" not in message  # the staging path is ours, not the user's
+    assert sorted(p.name for p in settings.cache_dir.iterdir()) == [".forgespace"]
+    assert cache.index.entries() == [] and cache.index.live_leases() == []
+    assert not (settings.cache_dir / ".forgespace" / "escape.txt").exists()

@@ -54,8 +54,10 @@ from forgespace.errors import (
     CacheFullError,
     CleanupRefusedError,
     ForgespaceError,
+    IntegrityError,
     InvalidIdError,
     LockTimeoutError,
+    UnsafeArchiveError,
 )
 from forgespace.layout import CacheLayout, IsolationMode, validate_id
 
@@ -365,7 +367,7 @@ class WorkspaceCache:
             kind = detect_archive(src)
             stats = None
             if kind is not None:
-                stats = self._extract(src, stage / "workspace", read_only=True)
+                stats = self._extract(tid, src, stage / "workspace", read_only=True)
                 self._fault("extracted")
                 mf.write_manifest(
                     mf.manifest_path(self.layout.meta_dir, tid, "shared"), stats.manifest
@@ -474,7 +476,7 @@ class WorkspaceCache:
             os.chmod(src, 0o444)
             stats = None
             if detect_archive(src) is not None:
-                stats = self._extract(src, stage / "workspace", read_only=True)
+                stats = self._extract(tid, src, stage / "workspace", read_only=True)
                 self._fault("extracted")
                 mf.write_manifest(
                     mf.manifest_path(self.layout.meta_dir, tid, "cow"), stats.manifest
@@ -570,7 +572,7 @@ class WorkspaceCache:
 
                 nbytes, files, name = src.stat().st_size, 1, "target"
                 if detect_archive(src) is not None:
-                    stats = self._extract(src, stage / "workspace")
+                    stats = self._extract(tid, src, stage / "workspace")
                     self._fault("extracted")
                     nbytes, files, name = nbytes + stats.bytes, files + stats.files, "workspace"
                 path = self._publish_run(tid, rid, stage, name, nbytes, files, "isolated")
@@ -710,14 +712,18 @@ class WorkspaceCache:
         self._fault("downloaded")
         return dest
 
-    def _extract(self, src: Path, dest: Path, *, read_only: bool = False) -> Any:
-        """Extract safely; ``read_only`` (shared copies) sets 0444/0555 modes in the same pass."""
+    def _extract(self, tid: str, src: Path, dest: Path, *, read_only: bool = False) -> Any:
+        """Extract safely; ``read_only`` (shared copies) sets 0444/0555 modes in the same pass.
+        A refused archive is reported by its target id, not by the staging file's path."""
         from forgespace.cache.archive import extract_archive
 
         try:
             return extract_archive(
                 src, dest, max_bytes=self.settings.cache_max_size, read_only=read_only
             )
+        except (UnsafeArchiveError, IntegrityError) as exc:
+            why = str(exc).replace(f"archive {src}", "archive").replace(f"{src} ", "it ")
+            raise type(exc)(f"target {tid} refused: {why}") from exc
         except BaseException as exc:
             self._raise_if_full(exc, dest.parent, src.stat().st_size)
             raise
