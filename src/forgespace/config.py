@@ -6,6 +6,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,8 @@ def parse_size(value: str | int, *, name: str = "size") -> int:
     unit = m.group(2).lower() if m else ""
     if not m or unit not in _SIZE_UNITS:
         raise ConfigError(f"invalid {name} {value!r}: expected {SIZE_FORMS}")
-    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+    # Decimal, not float: "2.01kB" must be 2010 bytes, not 2009.9999999999998 truncated.
+    return int(Decimal(m.group(1)) * _SIZE_UNITS[unit])
 
 
 def parse_duration(value: str | float | int, *, name: str = "duration") -> float:
@@ -60,7 +62,7 @@ def parse_duration(value: str | float | int, *, name: str = "duration") -> float
     unit = m.group(2).lower() if m else ""
     if not m or unit not in _DURATION_UNITS:
         raise ConfigError(f"invalid {name} {value!r}: expected {DURATION_FORMS}")
-    return float(m.group(1)) * _DURATION_UNITS[unit]
+    return float(Decimal(m.group(1)) * Decimal(_DURATION_UNITS[unit]))
 
 
 def _parse_bool(value: str, *, name: str) -> bool:
