@@ -583,6 +583,16 @@ class WorkspaceCache:
             raise
 
     # --- helpers shared by the modes ------------------------------------------------------
+    def _run_dir_mode(self, tid: str, rid: str) -> str | None:
+        """The mode that made run directory ``{tid}/{rid}``: from its shape when that tells
+        (an isolated run keeps its download beside its workspace, a copy-on-write run only its
+        own copy), else (a non-archive target) as the index recorded it; None if unknown."""
+        run_dir = self.layout.run_dir(tid, rid)
+        if os.path.lexists(run_dir / "workspace"):
+            return "isolated" if os.path.lexists(run_dir / "target") else "copy-on-write"
+        entry = self.index.get(f"{tid}/{rid}")
+        return entry.mode if entry is not None and entry.kind == "run" else None
+
     def _run_result(self, tid: str, rid: str) -> str | None:
         run_dir = self.layout.run_dir(tid, rid)
         ws = run_dir / "workspace"
@@ -952,9 +962,13 @@ class WorkspaceCache:
             rid = validate_id(parts[1], "run_id")
         except InvalidIdError:
             raise refuse(f"{parts[1]!r} is not a run directory") from None
-        if len(parts) == 2 or (len(parts) == 3 and parts[2] in ("workspace", "target")):
-            return tid, rid
-        raise refuse("a path inside a run's workspace; pass the run directory or its workspace")
+        if not (len(parts) == 2 or (len(parts) == 3 and parts[2] in ("workspace", "target"))):
+            raise refuse("a path inside a run's workspace; pass the run directory or its workspace")
+        if os.path.lexists(self.layout.run_dir(tid, rid)):
+            made_by = self._run_dir_mode(tid, rid)
+            if made_by is not None and made_by != mode.value:
+                raise refuse(f"that is a run directory of workspace_isolation {made_by!r}")
+        return tid, rid
 
     # --- verification --------------------------------------------------------------------
     def verify_shared(self, target_id: str) -> list[str]:
