@@ -421,10 +421,14 @@ class WorkspaceCache:
                 existing = self._run_result(tid, rid)
                 if existing is not None and self._lost_overlay(existing):
                     existing = self._remount_overlay(tid, rid, Path(existing))
-                if existing is not None:  # the same run asking again (a retried activity)
-                    self.index.access(f"{tid}/{rid}", lease=lease, hit=True)
+                # The same run asking again (a retried activity). A run directory an isolated
+                # run of this run id made still gets the copy-on-write download beside it.
+                if existing is not None and (
+                    shared_dir.is_dir() or self._run_dir_mode(tid, rid) != "isolated"
+                ):
+                    self.index.access(f"{tid}/{rid}", lease=lease, hit=not published)
                     log.info("Cache HIT: %s (mode: copy-on-write)", tid)
-                    return GetResult(existing, False, "copy-on-write", tid, rid)
+                    return GetResult(existing, downloaded, "copy-on-write", tid, rid)
                 if shared_dir.is_dir():
                     # The shared lock keeps gc off shared/ while we copy from it.
                     path = self._make_cow_run(tid, rid)
