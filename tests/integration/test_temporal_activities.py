@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -176,3 +177,202 @@ def test_downloads_heartbeat_bytes_done_and_total(settings: Settings, tmp_path: 
     assert all(b["bytes_total"] == 8 * 2**20 for b in downloads)
     done = [b["bytes_done"] for b in downloads]
     assert done == sorted(done) and 0 < done[0] < 8 * 2**20
+
+
+# --- cancellation and release_run -----------------------------------------------------------
+
+
+class _GatedStore:
+    """The real store; each downloaded chunk waits ``pause`` s, and counts what it served."""
+
+    def __init__(self, inner: Any, pause: float) -> None:
+        self.inner, self.pause = inner, pause
+        self.display_name = inner.display_name
+        self.chunks = 0
+        self.started = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def download_target(self, tid: str, dest: Any, progress: Any = None) -> Any:
+        def slow(done: int, total: int) -> None:
+            self.chunks += 1
+            self.started.set()
+            time.sleep(self.pause)
+            if progress is not None:
+                progress(done, total)
+
+        return self.inner.download_target(tid, dest, slow)
+
+
+def big_target(settings: Settings, tmp_path: Path, mib: int = 16) -> str:
+    blob = tmp_path / "big.bin"
+    blob.write_bytes(os.urandom(mib * 2**20))
+    return open_store(settings).upload_target(blob)
+
+
+def leftovers(settings: Settings, tid: str) -> list[str]:
+    """What of ``tid`` is on disk besides the shared slots, plus staging dirs and trash."""
+    meta = settings.cache_dir / ".forgespace"
+    found = [p.name for d in (meta / "tmp", meta / "trash") if d.is_dir() for p in d.iterdir()]
+    tdir = settings.cache_dir / tid
+    if tdir.is_dir():
+        found += [p.name for p in tdir.iterdir() if p.name not in ("shared", "workspace")]
+    return found
+
+
+@pytest.mark.parametrize("mode", ["isolated", "copy-on-write", "shared"])
+def test_cancel_mid_download_stops_it_and_leaves_nothing(
+    settings: Settings, tmp_path: Path, mode: str
+) -> None:
+    tid = big_target(settings, tmp_path)
+    store = _GatedStore(open_store(settings), 0.2)
+    cache = WorkspaceCache(settings, store=store)
+    acts = CacheActivities(cache, host_queue="q", heartbeat_interval=0.05)
+    env = ActivityEnvironment()
+
+    async def main() -> BaseException | None:
+        task = asyncio.ensure_future(env.run(acts.prepare_workspace, tid, "r1", mode))
+        while not store.started.is_set():
+            await asyncio.sleep(0.01)
+        env.cancel()
+        try:
+            await asyncio.wait_for(task, timeout=20)
+        except BaseException as exc:  # the cancellation is the result
+            return exc
+        return None
+
+    try:
+        t0 = time.monotonic()
+        err = asyncio.run(main())
+        took = time.monotonic() - t0
+    finally:
+        acts.close()
+    assert isinstance(err, asyncio.CancelledError), err
+    # It returned only once the cache call's thread was done: nothing of the run remains.
+    assert acts.inflight(tid, "r1") == 0
+    assert store.chunks < 16 and took < 16 * 0.2, (store.chunks, took)
+    assert not cache.index.live_leases()
+    assert leftovers(settings, tid) == []
+    assert not (settings.cache_dir / tid / "workspace").exists()
+    assert not (settings.cache_dir / tid / "target").exists()
+
+
+def test_cancel_after_the_call_finished_releases_what_it_got(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """The thread cannot be interrupted (no download: it waits on something else) and then
+    succeeds: the cancelled activity releases the run instead of leaking it."""
+    tid = make_target(settings, tmp_path)
+    cache = WorkspaceCache(settings)
+    real = cache.get_target_report
+    gate, entered = threading.Event(), threading.Event()
+
+    def gated(*a: Any, **kw: Any) -> Any:
+        entered.set()
+        assert gate.wait(20)
+        return real(*a, **kw)
+
+    cache.get_target_report = gated  # type: ignore[method-assign]
+    acts = CacheActivities(cache, host_queue="q", heartbeat_interval=0.05)
+    env = ActivityEnvironment()
+
+    async def main() -> BaseException | None:
+        task = asyncio.ensure_future(env.run(acts.get_target, tid, "r1", "isolated"))
+        while not entered.is_set():
+            await asyncio.sleep(0.01)
+        env.cancel()
+        await asyncio.sleep(0.3)
+        assert not task.done()  # still waiting for its thread
+        gate.set()
+        try:
+            await asyncio.wait_for(task, timeout=20)
+        except BaseException as exc:  # the cancellation is the result
+            return exc
+        return None
+
+    try:
+        err = asyncio.run(main())
+    finally:
+        acts.close()
+    assert isinstance(err, asyncio.CancelledError), err
+    assert not (settings.cache_dir / tid / "r1").exists()
+    assert not cache.index.live_leases()
+
+
+@pytest.mark.parametrize("mode", ["isolated", "copy-on-write", "shared"])
+def test_release_run_ends_the_lease_removes_the_run_dir_and_is_idempotent(
+    acts: CacheActivities, settings: Settings, tmp_path: Path, mode: str
+) -> None:
+    tid = make_target(settings, tmp_path)
+    # The run got its workspace but the path never reached its workflow; another run holds on.
+    acts.cache.get_target(tid, "lost", mode)
+    other = acts.cache.get_target(tid, "other", mode)
+    out = run(acts.release_run, tid, "lost", mode)
+    assert out["leases_ended"] == 1
+    if mode == "shared":
+        assert out["removed"] == []
+    else:
+        assert out["removed"] == [str(settings.cache_dir / tid / "lost")]
+        assert not (settings.cache_dir / tid / "lost").exists()
+    assert [(le.run_id, le.target_id) for le in acts.cache.index.live_leases()] == [("other", tid)]
+    assert Path(other).exists()
+    again = run(acts.release_run, tid, "lost", mode)
+    assert (again["leases_ended"], again["removed"]) == (0, [])
+    never = run(acts.release_run, tid, "never-started", mode)  # nothing to release: no error
+    assert (never["leases_ended"], never["removed"]) == (0, [])
+    assert len(acts.cache.index.live_leases()) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "error_type"),
+    [
+        (("../etc", "r1", "isolated"), "InvalidIdError"),
+        (("t1", "", "isolated"), "InvalidIdError"),
+        (("t1", "r1", "isolate"), "InvalidModeError"),
+    ],
+)
+def test_release_run_refuses_bad_input_non_retryably(
+    acts: CacheActivities, settings: Settings, args: tuple[str, ...], error_type: str
+) -> None:
+    with pytest.raises(ApplicationError) as ei:
+        run(acts.release_run, *args)
+    assert ei.value.type == error_type and ei.value.non_retryable
+    assert args[0] in str(ei.value) or args[1] in str(ei.value) or args[2] in str(ei.value)
+
+
+def test_release_run_stops_and_waits_for_a_download_of_that_run(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A prepare of the run still downloads on this host (its activity was given up on):
+    release stops it, waits for its thread, then releases; the prepare fails non-retryably."""
+    tid = big_target(settings, tmp_path)
+    store = _GatedStore(open_store(settings), 0.2)
+    cache = WorkspaceCache(settings, store=store)
+    acts = CacheActivities(cache, host_queue="q", heartbeat_interval=0.05)
+
+    async def main() -> tuple[Any, Any]:
+        get = asyncio.ensure_future(
+            ActivityEnvironment().run(acts.prepare_workspace, tid, "r1", "isolated")
+        )
+        while not store.started.is_set():
+            await asyncio.sleep(0.01)
+        released = await ActivityEnvironment().run(acts.release_run, tid, "r1", "isolated")
+        assert get.done()  # release returned only after the download's thread had stopped
+        got: Any
+        try:
+            got = get.result()
+        except BaseException as exc:  # the prepare's failure is the result
+            got = exc
+        return released, got
+
+    try:
+        released, got = asyncio.run(main())
+    finally:
+        acts.close()
+    assert isinstance(got, ApplicationError) and got.type == "RunReleasedError", got
+    assert got.non_retryable
+    assert store.chunks < 16
+    assert released["leases_ended"] == 0  # the stopped call had already ended its own lease
+    assert not cache.index.live_leases()
+    assert leftovers(settings, tid) == []

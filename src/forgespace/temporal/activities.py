@@ -10,6 +10,14 @@ Errors: invalid input (our ``ValueError`` family), ``TargetNotFoundError``,
 ``UnsafeArchiveError`` and ``BackendUnavailableError`` become non-retryable
 ``ApplicationError``s whose ``type`` is the error class name; a transient ``StorageError``
 (and anything unexpected) stays retryable.
+
+Cancellation: a cancelled ``prepare_workspace``/``get_target`` (the workflow was cancelled or
+timed out; Temporal tells the activity through its heartbeats) stops its download at the next
+chunk, waits until the cache call in its thread has really returned (heartbeating meanwhile),
+releases what the call took if it got that far, and only then reports the cancellation. So
+with ``WAIT_CANCELLATION_COMPLETED`` the workflow never goes on while the thread still
+writes. ``release_run`` releases a run by its ids when its workspace path never reached the
+workflow (a prepare that died with its worker, timed out, or was cancelled).
 """
 
 from __future__ import annotations
@@ -18,12 +26,13 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import re
 import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -43,6 +52,7 @@ from forgespace.temporal.api import (
     GET_TARGET_ACTIVITY,
     HOST_QUEUE_ACTIVITY,
     PREPARE_ACTIVITY,
+    RELEASE_ACTIVITY,
     UPLOAD_RESULTS_ACTIVITY,
     PreparedWorkspace,
 )
@@ -61,10 +71,16 @@ RESULT_FORMATS = {
 }
 _WORKFLOW_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
 
+
+class RunReleasedError(ForgespaceError):
+    """A get_target call stopped mid-download: its activity was cancelled or its run released."""
+
+
 _NON_RETRYABLE: tuple[type[BaseException], ...] = (
     TargetNotFoundError,
     UnsafeArchiveError,
     BackendUnavailableError,
+    RunReleasedError,
 )
 
 
@@ -92,9 +108,13 @@ def host_task_queue(task_queue: str, cache_dir: str | Path, host: str | None = N
 class _Progress:
     """Latest progress of a running call, written by its thread, read by the heartbeat loop."""
 
-    def __init__(self, phase: str) -> None:
+    def __init__(self, phase: str, what: str = "") -> None:
         self._lock = threading.Lock()
         self.details: dict[str, Any] = {"phase": phase}
+        self.what = what
+        # Set when the activity is cancelled or the run released: the download stops at its
+        # next chunk instead of running to the end for nobody.
+        self.stop = threading.Event()
 
     def update(self, **kw: Any) -> None:
         with self._lock:
@@ -106,6 +126,11 @@ class _Progress:
 
     def download_callback(self) -> Callable[[int, int], None]:
         def cb(done: int, total: int) -> None:
+            if self.stop.is_set():
+                raise RunReleasedError(
+                    f"download of {self.what or 'the target'} stopped after {done} of {total} "
+                    "bytes: the activity was cancelled or its run released"
+                )
             self.update(phase="download", bytes_done=done, bytes_total=total)
 
         return cb
@@ -131,6 +156,10 @@ class CacheActivities:
         self.executor = executor or ThreadPoolExecutor(
             max_workers=32, thread_name_prefix="forgespace-activity"
         )
+        # Cache calls of a run still running in this process's threads, by (target, run): a
+        # release waits for them (a cancelled activity may have returned before its thread).
+        self._inflight: dict[tuple[str, str], list[tuple[Future[Any], _Progress]]] = {}
+        self._inflight_lock = threading.Lock()
 
     def close(self) -> None:
         if self._own_executor:
@@ -143,26 +172,105 @@ class CacheActivities:
             self.prepare_workspace,
             self.get_target,
             self.cleanup_cache,
+            self.release_run,
             self.upload_results,
         ]
 
-    async def _run(self, fn: Callable[[], T], progress: _Progress) -> T:
-        """Run ``fn`` in the pool; heartbeat its progress until it returns."""
-        loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self.executor, fn)
-        started = time.monotonic()
+    # --- running cache calls in the pool -------------------------------------------------
+    async def _beat_until(self, fut: asyncio.Future[Any], progress: _Progress, t0: float) -> None:
+        """Wait for ``fut``, heartbeating ``progress`` every ``heartbeat_interval``."""
         while True:
             done, _ = await asyncio.wait({fut}, timeout=self.heartbeat_interval)
             if done:
-                break
+                return
             details = progress.snapshot()
-            details["elapsed_s"] = round(time.monotonic() - started, 1)
+            details["elapsed_s"] = round(time.monotonic() - t0, 1)
             activity.heartbeat(details)
+
+    def _track(self, key: tuple[str, str], cf: Future[Any], progress: _Progress) -> None:
+        item = (cf, progress)
+        with self._inflight_lock:
+            self._inflight.setdefault(key, []).append(item)
+
+        def untrack(_: Future[Any]) -> None:
+            with self._inflight_lock:
+                items = self._inflight.get(key, [])
+                if item in items:
+                    items.remove(item)
+                if not items:
+                    self._inflight.pop(key, None)
+
+        cf.add_done_callback(untrack)
+
+    def inflight(self, target_id: str, run_id: str) -> int:
+        """How many cache calls of this run still run in this process's threads."""
+        with self._inflight_lock:
+            return len(self._inflight.get((target_id, run_id), []))
+
+    async def _run(
+        self,
+        fn: Callable[[], T],
+        progress: _Progress,
+        *,
+        run_key: tuple[str, str] | None = None,
+        on_cancel: Callable[[T], Any] | None = None,
+    ) -> T:
+        """Run ``fn`` in the pool; heartbeat its progress until it returns.
+
+        When the activity is cancelled, ``fn`` is asked to stop (its download aborts at the
+        next chunk) and awaited; if it still succeeded, ``on_cancel(result)`` releases what
+        it got. Only then does the cancellation propagate.
+        """
+        cf = self.executor.submit(fn)
+        if run_key is not None:
+            self._track(run_key, cf, progress)
+        fut = asyncio.wrap_future(cf)
+        t0 = time.monotonic()
+        try:
+            await self._beat_until(fut, progress, t0)
+        except asyncio.CancelledError:
+            progress.stop.set()
+            await self._settle(fut, progress, t0, on_cancel)
+            raise
         try:
             return fut.result()
         except ForgespaceError as exc:
             raise to_application_error(exc) from exc
 
+    async def _settle(
+        self,
+        fut: asyncio.Future[T],
+        progress: _Progress,
+        t0: float,
+        on_cancel: Callable[[T], Any] | None,
+    ) -> None:
+        """After a cancellation: wait for the thread, then release what it got, if anything."""
+        what = progress.what or "cache call"
+        progress.update(phase="cancelling")
+        try:
+            await self._beat_until(fut, progress, t0)
+        except asyncio.CancelledError:
+            # Cancelled again (the worker is shutting down): stop waiting. The thread ends on
+            # its own; the workflow's release_run waits for it on a live worker.
+            log.warning("%s: cancelled twice; not waiting for its thread any more", what)
+            raise
+        if fut.cancelled():
+            return  # never started
+        exc = fut.exception()
+        if exc is not None:
+            # The engine undid its own work (staging removed, lease ended) before raising.
+            log.info("%s stopped after cancellation: %s", what, exc)
+            return
+        if on_cancel is None:
+            return
+        result = fut.result()
+        try:
+            await asyncio.wrap_future(self.executor.submit(on_cancel, result))
+            log.info("%s was cancelled after it finished; released %s", what, result)
+        except Exception:
+            log.exception("%s was cancelled; releasing %s failed", what, result)
+
+    # --- get / release ---------------------------------------------------------------------
     def _get(self, target_id: str, run_id: str | None, mode: str, progress: _Progress) -> Any:
         validate_id(target_id, "target_id")
         iso = IsolationMode.parse(mode)
@@ -175,6 +283,58 @@ class CacheActivities:
             progress=progress.download_callback(),
         )
 
+    async def _get_async(self, target_id: str, run_id: str | None, mode: str) -> Any:
+        progress = _Progress("get_target", f"target {target_id} for run {run_id}")
+        key = (target_id, run_id) if isinstance(run_id, str) else None
+
+        def release(_: Any) -> None:
+            # Shared without a run id takes no lease, so there is nothing of its own to end.
+            if run_id is not None:
+                self._release_ids(target_id, run_id, mode)
+
+        return await self._run(
+            lambda: self._get(target_id, run_id, mode, progress),
+            progress,
+            run_key=key,
+            on_cancel=release,
+        )
+
+    def _release_ids(self, target_id: str, run_id: str, mode: str) -> dict[str, Any]:
+        """End the run's lease; isolated/copy-on-write: remove its run directory. Idempotent."""
+        validate_id(target_id, "target_id")
+        validate_id(run_id, "run_id")
+        iso = IsolationMode.parse(mode)
+        layout = self.cache.layout
+        # Staging directories of a prepare that died with its process (dead owner only).
+        swept = self.cache.sweep_leftovers(target_id)
+
+        def held() -> int:
+            return sum(
+                1
+                for lease in self.cache.index.all_leases()
+                if lease.target_id == target_id and lease.run_id == run_id
+            )
+
+        before = held()
+        removed: list[str] = [str(p) for p in swept]
+        if iso is IsolationMode.SHARED:
+            # Ends exactly this run's lease on the shared workspace; removes nothing.
+            self.cache.cleanup_cache(layout.shared_workspace(target_id), iso.value, run_id)
+        else:
+            run_dir = layout.run_dir(target_id, run_id)
+            if os.path.lexists(run_dir):
+                removed.append(str(run_dir))
+            # Also when the directory is absent: it ends the lease the call took first.
+            self.cache.cleanup_cache(run_dir, iso.value, run_id)
+        return {
+            "target_id": target_id,
+            "run_id": run_id,
+            "workspace_isolation": iso.value,
+            "leases_ended": before - held(),
+            "removed": removed,
+        }
+
+    # --- activities ----------------------------------------------------------------------
     @activity.defn(name=HOST_QUEUE_ACTIVITY)
     async def host_task_queue(self) -> str:
         """Runs on the shared queue: which host queue the rest of the workflow should use."""
@@ -185,10 +345,7 @@ class CacheActivities:
         self, target_id: str, run_id: str | None, workspace_isolation: str = "isolated"
     ) -> PreparedWorkspace:
         """get_target plus what the runner reports: downloaded or served from the cache."""
-        progress = _Progress("get_target")
-        result = await self._run(
-            lambda: self._get(target_id, run_id, workspace_isolation, progress), progress
-        )
+        result = await self._get_async(target_id, run_id, workspace_isolation)
         activity.logger.info(
             "workspace %s for run %s of %s (%s, %s)",
             result.path,
@@ -210,10 +367,7 @@ class CacheActivities:
         self, target_id: str, run_id: str | None = None, workspace_isolation: str = "isolated"
     ) -> str:
         """FuzzForge-compatible: the local path of the run's workspace (or target file)."""
-        progress = _Progress("get_target")
-        result = await self._run(
-            lambda: self._get(target_id, run_id, workspace_isolation, progress), progress
-        )
+        result = await self._get_async(target_id, run_id, workspace_isolation)
         return str(result.path)
 
     @activity.defn(name=CLEANUP_ACTIVITY)
@@ -232,6 +386,49 @@ class CacheActivities:
             self.cache.cleanup_cache(target_path, workspace_isolation=mode, run_id=run_id)
 
         await self._run(call, _Progress("cleanup"))
+
+    @activity.defn(name=RELEASE_ACTIVITY)
+    async def release_run(
+        self, target_id: str, run_id: str, workspace_isolation: str = "isolated"
+    ) -> dict[str, Any]:
+        """Release what run ``run_id`` of ``target_id`` holds on this host, by ids.
+
+        For a run whose workspace path never reached its workflow (its prepare was cancelled,
+        timed out or died with its worker): first stops and waits for any cache call of that
+        run still running in this process, then sweeps dead processes' staging directories
+        of the target, ends the run's lease and (isolated, copy-on-write) removes its run
+        directory. Idempotent; only bad ids or mode are (non-retryable) errors. Returns what
+        it did: ``leases_ended`` and the ``removed`` paths.
+        """
+        try:
+            validate_id(target_id, "target_id")
+            validate_id(run_id, "run_id")
+            mode = IsolationMode.parse(workspace_isolation).value
+        except ForgespaceError as exc:
+            raise to_application_error(exc) from exc
+        progress = _Progress("release", f"release of run {run_id} of target {target_id}")
+        t0 = time.monotonic()
+        with self._inflight_lock:
+            pending = list(self._inflight.get((target_id, run_id), []))
+        if pending:
+            progress.update(phase="release-waiting", calls=len(pending))
+            for _, p in pending:
+                p.stop.set()
+            # Cancelling this activity does not cancel the calls it waits for (shield).
+            waits = [asyncio.shield(asyncio.wrap_future(cf)) for cf, _ in pending]
+            await self._beat_until(
+                asyncio.ensure_future(asyncio.gather(*waits, return_exceptions=True)), progress, t0
+            )
+        out = await self._run(lambda: self._release_ids(target_id, run_id, mode), progress)
+        activity.logger.info(
+            "released run %s of %s (%s): %d lease(s) ended, removed %s",
+            run_id,
+            target_id,
+            mode,
+            out["leases_ended"],
+            out["removed"] or "nothing",
+        )
+        return out
 
     @activity.defn(name=UPLOAD_RESULTS_ACTIVITY)
     async def upload_results(

@@ -24,18 +24,26 @@ directory, so a worker restarted on the same host with the same cache resumes th
 (and the workspace on disk). When no worker polls the host queue any more (the host is gone),
 activities there hit their schedule-to-start timeout and the whole sequence starts again on
 another host, up to ``WorkspaceOptions.host_attempts`` times.
+
+Cancellation and failure of the download: ``prepare_workspace`` is awaited with
+``WAIT_CANCELLATION_COMPLETED`` (its worker stops the download and releases what it took
+before reporting the cancellation), and when it ends without handing back a path (cancelled,
+timed out, its worker died) ``run_in_workspace`` runs ``release_run`` on the same host queue,
+which ends the run's lease and removes its run directory by ids. Without it the lease (and an
+isolated/copy-on-write run directory) would stay until CACHE_LEASE_TTL.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, TimeoutType
+from temporalio.exceptions import ActivityError, ApplicationError, TimeoutType
 from temporalio.exceptions import TimeoutError as TemporalTimeoutError
 from temporalio.workflow import ActivityCancellationType
 
@@ -45,11 +53,13 @@ __all__ = [
     "HOST_QUEUE_ACTIVITY",
     "MEMO_KEY",
     "PREPARE_ACTIVITY",
+    "RELEASE_ACTIVITY",
     "UPLOAD_RESULTS_ACTIVITY",
     "PreparedWorkspace",
     "WorkflowRequest",
     "Workspace",
     "WorkspaceOptions",
+    "register_metadata_modes",
     "run_in_workspace",
 ]
 
@@ -58,6 +68,7 @@ HOST_QUEUE_ACTIVITY = "forgespace_host_task_queue"
 PREPARE_ACTIVITY = "prepare_workspace"
 GET_TARGET_ACTIVITY = "get_target"
 CLEANUP_ACTIVITY = "cleanup_cache"
+RELEASE_ACTIVITY = "release_run"
 UPLOAD_RESULTS_ACTIVITY = "upload_results"
 
 # Memo key under which run_in_workspace records the workspace it got (the runner reads it to
@@ -65,6 +76,19 @@ UPLOAD_RESULTS_ACTIVITY = "upload_results"
 MEMO_KEY = "forgespace_workspace"
 
 T = TypeVar("T")
+
+# workflow name -> metadata.yaml's workspace_isolation, filled by the worker process when it
+# loads its packages (register_metadata_modes); read by run_in_workspace without any I/O.
+_METADATA_MODES: dict[str, str] = {}
+
+
+def register_metadata_modes(modes: Mapping[str, str]) -> None:
+    """Tell ``run_in_workspace`` each workflow's metadata.yaml mode (call outside workflows).
+
+    Then a run whose ``workspace_isolation`` differs from its workflow's metadata is logged
+    (a warning in the workflow's log) by whichever worker runs it, whoever started it.
+    """
+    _METADATA_MODES.update(modes)
 
 
 @dataclass
@@ -236,9 +260,74 @@ async def _prepare(
         heartbeat_timeout=options.prepare_heartbeat_timeout,
         retry_policy=_retry(5),
         result_type=PreparedWorkspace,
+        # On cancellation wait until the worker stopped the download and released what it
+        # took, so release_run never races a thread still writing the run's directory.
+        cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
     )
     assert isinstance(result, PreparedWorkspace)
     return result
+
+
+def _may_hold(exc: ActivityError) -> bool:
+    """Whether a failed prepare may have left a lease or run directory on its host.
+
+    Not when the activity itself reported a non-retryable error: its cache call returned
+    (after undoing its own work) and retrying by the same ids would fail the same way.
+    """
+    cause = exc.cause
+    return not (isinstance(cause, ApplicationError) and cause.non_retryable)
+
+
+async def _release(
+    request: WorkflowRequest, task_queue: str, options: WorkspaceOptions, why: str
+) -> None:
+    """Run ``release_run`` on the host queue; log, never raise (the prepare's error wins)."""
+    workflow.logger.warning(
+        "Run %s of target %s: no workspace path came back (%s); releasing what the run "
+        "holds on host queue %s",
+        request.run_id,
+        request.target_id,
+        why,
+        task_queue,
+    )
+    try:
+        out = await workflow.execute_activity(
+            RELEASE_ACTIVITY,
+            args=[request.target_id, request.run_id, request.workspace_isolation],
+            task_queue=task_queue,
+            start_to_close_timeout=options.cleanup_timeout,
+            schedule_to_start_timeout=options.host_schedule_to_start,
+            # It waits (heartbeating) for a download of the run still stopping on that host.
+            heartbeat_timeout=options.prepare_heartbeat_timeout,
+            retry_policy=_retry(5),
+        )
+    except ActivityError as exc:
+        if _host_lost(exc):
+            workflow.logger.warning(
+                "release_run of run %s skipped: host queue %s has no worker (its lease "
+                "expires after CACHE_LEASE_TTL)",
+                request.run_id,
+                task_queue,
+            )
+        else:
+            workflow.logger.error(
+                "release_run of run %s failed: %s", request.run_id, exc.cause or exc
+            )
+        return
+    workflow.logger.info("release_run of run %s: %s", request.run_id, out)
+
+
+def _warn_if_overridden(request: WorkflowRequest) -> None:
+    name = workflow.info().workflow_type
+    meta = _METADATA_MODES.get(name)
+    if meta is not None and request.workspace_isolation != meta:
+        workflow.logger.warning(
+            "workflow %s run %s: workspace_isolation %s overrides metadata.yaml's %s",
+            name,
+            request.run_id,
+            request.workspace_isolation,
+            meta,
+        )
 
 
 async def _cleanup(ws: Workspace, *, body_failed: bool) -> None:
@@ -275,9 +364,12 @@ async def run_in_workspace(
 
     Logs ``User code downloaded to: {path}``; records the workspace (path, host, downloaded)
     in the workflow memo under ``MEMO_KEY``; runs ``cleanup_cache`` in ``finally`` also when
-    ``body`` fails. Returns what ``body`` returns.
+    ``body`` fails, and ``release_run`` when the download is cancelled or fails before a path
+    came back. Logs a warning when the request's mode differs from the workflow's
+    metadata.yaml (see ``register_metadata_modes``). Returns what ``body`` returns.
     """
     opts = options or WorkspaceOptions()
+    _warn_if_overridden(request)
     attempt = 0
     while True:
         attempt += 1
@@ -290,13 +382,30 @@ async def run_in_workspace(
             attempt,
             request.workspace_isolation,
         )
+        cancelled_before = workflow.cancellation_reason() is not None
         try:
             prepared = await _prepare(request, task_queue, opts)
         except ActivityError as exc:
-            if _host_lost(exc) and attempt < opts.host_attempts:
-                workflow.logger.warning("host queue %s has no worker; trying another", task_queue)
-                continue
+            if _host_lost(exc):
+                # Nobody picked it up there: it took nothing, and a release could not run.
+                if attempt < opts.host_attempts:
+                    workflow.logger.warning(
+                        "host queue %s has no worker; trying another", task_queue
+                    )
+                    continue
+                raise
+            if _may_hold(exc):
+                await _release(request, task_queue, opts, str(exc.cause or exc))
             raise
+        except asyncio.CancelledError:
+            # Cancelled while no attempt was running (e.g. in the backoff between attempts).
+            await _release(request, task_queue, opts, "cancelled between attempts")
+            raise
+        if not cancelled_before and workflow.cancellation_reason() is not None:
+            # The download finished just before the cancellation reached its worker, so the
+            # activity completed and Temporal handed us its result: honour the cancel anyway.
+            await _cleanup(Workspace(request, prepared, opts), body_failed=True)
+            raise asyncio.CancelledError("workflow cancelled while its workspace was prepared")
         workflow.logger.info(f"User code downloaded to: {prepared.path}")
         workflow.upsert_memo(
             {
