@@ -492,7 +492,9 @@ def _delete_via_trash(layout: CacheLayout, paths: list[Path]) -> None:
     for p in paths:
         if not os.path.lexists(p):
             continue
-        dest = layout.trash_dir / f"{p.parent.name}.{p.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        # cut to stay below NAME_MAX with 128-character ids (trash names are never parsed)
+        name = f"{p.parent.name}.{p.name}"[:200]
+        dest = layout.trash_dir / f"{name}.{os.getpid()}-{uuid.uuid4().hex[:12]}"
         try:
             _make_writable(p)  # moving a directory to another parent updates its '..'
             os.rename(p, dest)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import os
 import socket
 import threading
@@ -239,10 +240,36 @@ def remove_dead_owner(owners_dir: Path, token: str) -> None:
 STAGING_SEP = "~"  # never in an id, so a staging name parses without ambiguity
 
 
+# A file name may have 255 bytes (NAME_MAX); a 128-character target id plus a 128-character
+# run id does not fit, and a staging dir's trash name adds a suffix. Longer purposes are cut
+# and end in "#" + a digest ("#" is never in an id); see purpose_matches.
+STAGING_NAME_MAX = 200
+_PURPOSE_DIGEST = 16
+
+
+def _purpose_digest(purpose: str) -> str:
+    return hashlib.sha256(purpose.encode()).hexdigest()[:_PURPOSE_DIGEST]
+
+
 def staging_name(target_id: str, purpose: str, token: str, suffix: str) -> str:
     """``{target_id}~{purpose}~{owner token}~{suffix}``: the name of a staging directory in
-    ``.forgespace/tmp``. Its owner holds ``.forgespace/owners/{token}.lock`` while alive."""
-    return STAGING_SEP.join((target_id, purpose, token, suffix))
+    ``.forgespace/tmp``. Its owner holds ``.forgespace/owners/{token}.lock`` while alive.
+    At most STAGING_NAME_MAX characters: a long purpose is shortened (purpose_matches)."""
+    name = STAGING_SEP.join((target_id, purpose, token, suffix))
+    excess = len(name) - STAGING_NAME_MAX
+    if excess > 0:
+        keep = max(0, len(purpose) - excess - _PURPOSE_DIGEST - 1)
+        short = f"{purpose[:keep]}#{_purpose_digest(purpose)}"
+        name = STAGING_SEP.join((target_id, short, token, suffix))
+    return name
+
+
+def purpose_matches(shown: str, purpose: str) -> bool:
+    """Whether ``shown`` (the purpose part of a staging name) stands for ``purpose``."""
+    if shown == purpose:
+        return True
+    head, sep, digest = shown.rpartition("#")
+    return bool(sep) and purpose.startswith(head) and digest == _purpose_digest(purpose)
 
 
 def parse_staging_name(name: str) -> tuple[str, str, str] | None:

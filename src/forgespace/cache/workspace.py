@@ -46,6 +46,7 @@ from forgespace.cache.locks import (
     flock,
     owner_is_dead,
     parse_staging_name,
+    purpose_matches,
     remove_dead_owner,
     staging_name,
 )
@@ -784,7 +785,8 @@ class WorkspaceCache:
 
     def _discard(self, path: Path) -> None:
         """Rename into trash, then delete: nobody ever sees half a directory."""
-        dest = self.layout.trash_dir / f"{path.name}~{uuid.uuid4().hex[:8]}"
+        # cut: a staging dir's name may already be near NAME_MAX (trash names are never parsed)
+        dest = self.layout.trash_dir / f"{path.name[:200]}~{uuid.uuid4().hex[:8]}"
         try:
             _rename_dir(path, dest) if path.is_dir() and not path.is_symlink() else os.rename(
                 path, dest
@@ -843,6 +845,12 @@ class WorkspaceCache:
             self._discard(p)
             removed.append(p)
             rid = purpose.removeprefix("run-")
+            if purpose.startswith("run-") and "#" in rid:  # a long run id, cut in the name
+                with contextlib.suppress(OSError):
+                    for child in os.listdir(self.layout.overlay_dir / tid):
+                        if purpose_matches(purpose, f"run-{child}"):
+                            rid = child
+                            break
             ov = self.layout.overlay_dir / tid / rid
             # the dead run's overlay upper/work dirs, unless that run got published later
             published = os.path.lexists(self.layout.run_dir(tid, rid))
