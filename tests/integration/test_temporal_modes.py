@@ -7,25 +7,37 @@ after their run (isolated, copy-on-write) and return what they saw.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
+import os
 import time
 import uuid
+from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from rich.console import Console
-from support.temporal import FIXTURE_WORKFLOWS, in_process_worker
+from support.s3server import env_for
+from support.temporal import (
+    FIXTURE_WORKFLOWS,
+    WorkerProcess,
+    in_process_worker,
+    start_worker_process,
+)
+from temporalio.api.enums.v1 import PendingActivityState
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.exceptions import ActivityError, ApplicationError
 
 from forgespace.cache.workspace import WorkspaceCache
 from forgespace.config import Settings
 from forgespace.storage import open_store
-from forgespace.temporal.api import MEMO_KEY, WorkflowRequest
+from forgespace.temporal.api import MEMO_KEY, WorkflowRequest, register_metadata_modes
 from forgespace.temporal.devserver import DevServer
 from forgespace.temporal.runner import RunJob, run_job
+from forgespace.temporal.worker import run_worker
 
 pytestmark = pytest.mark.integration
 
@@ -337,3 +349,279 @@ def test_cancelled_run_stops_its_activity_then_cleans_up(
     assert time.monotonic() - t0 < 30  # the 60 s hold was interrupted
     assert not (settings.cache_dir / tid / "r1").exists()
     assert not WorkspaceCache(settings).index.live_leases()
+
+
+# --- cancelled / timed-out downloads -------------------------------------------------------
+
+
+class _SlowStore:
+    """The real store; downloads of ``slow`` targets wait ``pause`` s per 1 MiB chunk and
+    record how many chunks they served (and that they started)."""
+
+    def __init__(self, inner: Any, slow: set[str], pause: float) -> None:
+        self.inner, self.slow, self.pause = inner, slow, pause
+        self.display_name = inner.display_name
+        self.chunks: dict[str, int] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def download_target(self, tid: str, dest: Any, progress: Any = None) -> Any:
+        if tid not in self.slow:
+            return self.inner.download_target(tid, dest, progress)
+
+        def slow(done: int, total: int) -> None:
+            self.chunks[tid] = self.chunks.get(tid, 0) + 1
+            time.sleep(self.pause)
+            if progress is not None:
+                progress(done, total)
+
+        return self.inner.download_target(tid, dest, slow)
+
+
+@contextlib.asynccontextmanager
+async def worker_with_cache(
+    settings: Settings, client: Client, task_queue: str, cache: WorkspaceCache
+) -> AsyncIterator[None]:
+    """An in-process forgespace worker (both queues) whose cache uses ``cache``'s store."""
+    stop = asyncio.Event()
+    ready: list[Any] = []
+    task = asyncio.create_task(
+        run_worker(
+            settings,
+            client,
+            task_queue=task_queue,
+            workflows_dirs=[FIXTURE_WORKFLOWS],
+            bundled=False,
+            stop=stop,
+            on_ready=ready.append,
+            cache=cache,
+            sweep=False,
+        )
+    )
+    while not ready:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.05)
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=30)
+
+
+async def activity_types(handle: Any) -> list[str]:
+    """Names of the activities a workflow scheduled, in order."""
+    history = await handle.fetch_history()
+    return [
+        e.activity_task_scheduled_event_attributes.activity_type.name
+        for e in history.events
+        if e.HasField("activity_task_scheduled_event_attributes")
+    ]
+
+
+def test_cancel_or_timeout_mid_download_releases_the_run_and_the_worker_goes_on(
+    temporal_server: DevServer, settings: Settings, task_queue: str, tmp_path: Path
+) -> None:
+    """Each mode is cancelled while its download runs (16 chunks at 1 s each); a fifth run
+    hits its execution timeout mid-download. Afterwards nothing of those runs is leased or on
+    disk, and the same worker serves a following run."""
+    store = open_store(settings)
+    tids: dict[str, str] = {}
+    for name in ("isolated", "copy-on-write", "shared", "timeout"):
+        blob = tmp_path / f"{name}.bin"
+        blob.write_bytes(os.urandom(16 * 2**20))
+        tids[name] = store.upload_target(blob)
+    slow = _SlowStore(open_store(settings), set(tids.values()), pause=1.0)
+    cache = WorkspaceCache(settings, store=slow)
+    fast_tid = store.upload_target(make_project(tmp_path))
+    workflow_of = {
+        "isolated": "fs_marker_isolated",
+        "copy-on-write": "fs_marker_copy_on_write",
+        "shared": "fs_marker_shared",
+        "timeout": "fs_marker_isolated",
+    }
+
+    async def main() -> tuple[dict[str, Any], dict[str, list[str]], Any]:
+        client = await Client.connect(temporal_server.address)
+        async with worker_with_cache(settings, client, task_queue, cache):
+            handles = {}
+            for name, tid in tids.items():
+                mode = "isolated" if name == "timeout" else name
+                handles[name] = await client.start_workflow(
+                    workflow_of[name],
+                    WorkflowRequest(tid, f"run-{name.replace('-', '')}", mode, {}),
+                    id=f"slow-{name}-{uuid.uuid4().hex[:8]}",
+                    task_queue=task_queue,
+                    execution_timeout=timedelta(seconds=6) if name == "timeout" else None,
+                )
+            deadline = time.monotonic() + 20
+            while len(slow.chunks) < len(tids) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert len(slow.chunks) == len(tids), slow.chunks
+            for name, h in handles.items():
+                if name != "timeout":
+                    await h.cancel()
+            outcomes: dict[str, Any] = {}
+            for name, h in handles.items():
+                try:
+                    outcomes[name] = await asyncio.wait_for(h.result(), timeout=30)
+                except WorkflowFailureError as exc:
+                    outcomes[name] = exc.cause
+            scheduled = {name: await activity_types(h) for name, h in handles.items()}
+            # The timed-out run's worker learns it at its next heartbeat: wait for its release.
+            deadline = time.monotonic() + 15
+            while cache.index.live_leases() and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            following = await client.execute_workflow(
+                "fs_marker_isolated",
+                WorkflowRequest(fast_tid, "after", "isolated", {"write": True}),
+                id=f"after-{uuid.uuid4().hex[:8]}",
+                task_queue=task_queue,
+                execution_timeout=timedelta(seconds=30),
+            )
+            return outcomes, scheduled, following
+
+    outcomes, scheduled, following = asyncio.run(main())
+    for name in ("isolated", "copy-on-write", "shared"):
+        assert type(outcomes[name]).__name__ == "CancelledError", (name, outcomes[name])
+        # The workflow released by ids after its prepare came back without a path.
+        assert scheduled[name][-2:] == ["prepare_workspace", "release_run"], scheduled[name]
+    assert type(outcomes["timeout"]).__name__ == "TimeoutError", outcomes["timeout"]
+    # Every download stopped early (16 chunks would be the whole object).
+    assert all(0 < n < 16 for n in slow.chunks.values()), slow.chunks
+    assert cache.index.live_leases() == []
+    for name, tid in tids.items():
+        tdir = settings.cache_dir / tid
+        left = sorted(p.name for p in tdir.iterdir()) if tdir.exists() else []
+        assert left == [], (name, left)
+    meta = settings.cache_dir / ".forgespace"
+    assert list((meta / "tmp").iterdir()) == [] and list((meta / "trash").iterdir()) == []
+    assert following["workspace"] == str(settings.cache_dir / fast_tid / "after" / "workspace")
+    assert following["result"]["seen"]["after"] == ["hello.txt", "marker-after", "pkg"]
+
+
+RELEASE_WORKFLOWS = FIXTURE_WORKFLOWS / "_release"
+
+
+def _pending_activity_state(desc: Any) -> str:
+    pending = desc.raw_description.pending_activities
+    return PendingActivityState.Name(pending[0].state) if pending else ""
+
+
+def test_prepare_killed_with_its_worker_then_cancelled_is_released_by_ids(
+    temporal_server: DevServer,
+    settings: Settings,
+    task_queue: str,
+    tmp_path: Path,
+    worker_processes: list[WorkerProcess],
+) -> None:
+    """The worker downloading the run's target dies (SIGKILL) after the cancel reached it, so
+    nothing on the worker side could release the run: its lease and the dead process's
+    staging directory stay. run_in_workspace's release_run, served by the worker that resumes
+    the host queue (same host, same cache), ends the lease and sweeps the staging directory."""
+    tid = open_store(settings).upload_target(make_project(tmp_path))
+    signals = tmp_path / "signals"
+    env = env_for(settings.with_(temporal_address=temporal_server.address))
+    env |= {
+        "TEMPORAL_NAMESPACE": temporal_server.namespace,
+        "FORGESPACE_FAULT_PAUSE": "download",
+        "FORGESPACE_FAULT_SIGNAL_DIR": str(signals),
+    }
+    doomed = start_worker_process(
+        env, task_queue, tmp_path / "doomed.log", "--workflows-dir", str(RELEASE_WORKFLOWS)
+    )
+    worker_processes.append(doomed)
+    doomed.wait_ready()
+    index = WorkspaceCache(settings).index
+
+    async def main() -> tuple[BaseException | None, list[str], dict[str, Any]]:
+        client = await Client.connect(temporal_server.address, namespace=temporal_server.namespace)
+        h = await client.start_workflow(
+            "fs_release_probe",
+            WorkflowRequest(tid, "doomed", "isolated", {}),
+            id=f"release-{uuid.uuid4().hex[:8]}",
+            task_queue=task_queue,
+        )
+        deadline = time.monotonic() + 30
+        while not (signals.is_dir() and any(signals.iterdir())):
+            assert time.monotonic() < deadline, doomed.text()[-2000:]
+            await asyncio.sleep(0.05)
+        assert [le.run_id for le in index.live_leases()] == ["doomed"]
+        await h.cancel()
+        while (
+            _pending_activity_state(await h.describe()) != "PENDING_ACTIVITY_STATE_CANCEL_REQUESTED"
+        ):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        doomed.proc.kill()
+        doomed.proc.wait(10)
+        # What the dead process left: its lease and its staging directory.
+        assert [le.run_id for le in index.live_leases()] == ["doomed"]
+        assert list((settings.cache_dir / ".forgespace" / "tmp").iterdir())
+        async with in_process_worker(
+            settings, client, task_queue, workflows_dirs=(FIXTURE_WORKFLOWS, RELEASE_WORKFLOWS)
+        ):
+            cause: BaseException | None = None
+            try:
+                await asyncio.wait_for(h.result(), timeout=40)
+            except WorkflowFailureError as exc:
+                cause = exc.cause
+            following = await client.execute_workflow(
+                "fs_release_probe",
+                WorkflowRequest(tid, "following", "isolated", {}),
+                id=f"following-{uuid.uuid4().hex[:8]}",
+                task_queue=task_queue,
+                execution_timeout=timedelta(seconds=30),
+            )
+        return cause, await activity_types(h), following
+
+    cause, scheduled, following = asyncio.run(main())
+    assert type(cause).__name__ == "CancelledError", cause
+    assert scheduled[-2:] == ["prepare_workspace", "release_run"], scheduled
+    assert index.live_leases() == []
+    assert not (settings.cache_dir / tid / "doomed").exists()
+    assert list((settings.cache_dir / ".forgespace" / "tmp").iterdir()) == []
+    assert following["workspace"] == str(settings.cache_dir / tid / "following" / "workspace")
+    assert following["result"]["downloaded"] is True
+
+
+def test_run_in_workspace_warns_when_the_request_overrides_the_metadata_mode(
+    temporal_server: DevServer,
+    settings: Settings,
+    task_queue: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Whoever started the run: the worker knows the metadata mode (register_metadata_modes)
+    and the workflow logs the override; a run in the metadata's own mode logs nothing."""
+    caplog.set_level(logging.WARNING)
+    register_metadata_modes({"fs_release_probe": "isolated"})
+    tid = open_store(settings).upload_target(make_project(tmp_path))
+
+    async def main() -> list[dict[str, Any]]:
+        client = await Client.connect(temporal_server.address)
+        async with in_process_worker(
+            settings, client, task_queue, workflows_dirs=(RELEASE_WORKFLOWS,)
+        ):
+            return [
+                await client.execute_workflow(
+                    "fs_release_probe",
+                    WorkflowRequest(tid, rid, mode, {}),
+                    id=f"override-{rid}-{uuid.uuid4().hex[:8]}",
+                    task_queue=task_queue,
+                    execution_timeout=timedelta(seconds=30),
+                )
+                for rid, mode in (("as-metadata", "isolated"), ("overridden", "shared"))
+            ]
+
+    out = asyncio.run(main())
+    assert [r["result"]["mode"] for r in out] == ["isolated", "shared"]
+    warnings = [
+        r.getMessage() for r in caplog.records if "overrides metadata.yaml" in r.getMessage()
+    ]
+    assert len(warnings) == 1, warnings
+    assert (
+        "workflow fs_release_probe run overridden: workspace_isolation shared overrides "
+        "metadata.yaml's isolated" in warnings[0]
+    )

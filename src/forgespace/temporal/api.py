@@ -396,6 +396,12 @@ async def run_in_workspace(
                 raise
             if _may_hold(exc):
                 await _release(request, task_queue, opts, str(exc.cause or exc))
+            if not cancelled_before and workflow.cancellation_reason() is not None:
+                # Cancelled, and the prepare could not confirm it (e.g. its worker died and it
+                # timed out): the run ends as cancelled, as asked, not as failed.
+                raise asyncio.CancelledError(
+                    f"workflow cancelled while its workspace was prepared ({exc.cause or exc})"
+                ) from exc
             raise
         except asyncio.CancelledError:
             # Cancelled while no attempt was running (e.g. in the backoff between attempts).
