@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
+import json
 import os
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from support.s3server import env_for
 from forgespace import (
     ForgespaceError,
     Settings,
+    TargetNotFoundError,
     UnsafeArchiveError,
     WorkspaceCache,
     open_store,
@@ -224,6 +226,17 @@ def test_recorded_sha256_is_checked_by_get_target(
     assert_nothing_left(cache, tid)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_missing_target_on_s3_is_target_not_found_and_leaves_nothing(
+    s3_settings: Settings, mode: str
+) -> None:
+    cache = WorkspaceCache(s3_settings)
+    with pytest.raises(TargetNotFoundError, match="no-such-target") as ei:
+        cache.get_target("no-such-target", "r1", mode)
+    assert isinstance(ei.value, FileNotFoundError) and isinstance(ei.value, ForgespaceError)
+    assert_nothing_left(cache, "no-such-target")
+
+
 # --- ids ------------------------------------------------------------------------------------
 
 
@@ -320,6 +333,18 @@ def test_cleanup_refuses_a_run_directory_of_the_other_mode(
     assert not (settings.cache_dir / tid / "ri").exists()
     assert not (settings.cache_dir / tid / "rc").exists()
     assert cache.index.live_leases() == []
+
+
+def test_cleanup_with_an_unknown_mode_is_a_value_error_and_deletes_nothing(
+    settings: Settings, tmp_path: Path
+) -> None:
+    cache = WorkspaceCache(settings)
+    tid = cache.store.upload_target(make_project(tmp_path / "project", files=3))
+    ws = cache.get_target(tid, "r1", "isolated")
+    with pytest.raises(ValueError, match="'cow'") as ei:
+        cache.cleanup_cache(ws, workspace_isolation="cow")
+    assert isinstance(ei.value, ForgespaceError)
+    assert Path(ws).is_dir() and cache.index.is_leased(f"{tid}/r1")
 
 
 def test_cleanup_accepts_the_target_path_of_a_non_archive_target(
@@ -423,3 +448,25 @@ def test_cli_cache_evict_of_an_unknown_id(settings: Settings, tmp_path: Path) ->
     invalid = cli(settings, "cache", "evict", "../etc")
     assert invalid.returncode == 2 and "invalid target_id '../etc'" in invalid.stderr
     assert Path(ws).is_dir() and cache.index.entries_of(tid) != []
+
+
+def test_cli_run_json_with_an_isolation_override_sums_each_runs_downloads(
+    settings: Settings, tmp_path: Path
+) -> None:
+    from support.temporal import FIXTURE_WORKFLOWS
+
+    project = make_project(tmp_path / "project", files=3)
+    env = {**env_for(settings), "FORGESPACE_LOG_LEVEL": "WARNING", "COLUMNS": "1000"}
+    env.pop("TEMPORAL_ADDRESS", None)  # the embedded dev server
+    args = ["run", "fs_marker_shared", str(project), "--runs", "2", "--isolation", "isolated"]
+    args += ["--json", "--workflows-dir", str(FIXTURE_WORKFLOWS), "--no-bundled"]
+    proc = subprocess.run([FORGESPACE, *args], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)  # one JSON object, nothing else on stdout
+    assert report["workspace_isolation"] == "isolated"
+    tid = report["target_id"]
+    assert [r["status"] for r in report["runs"]] == ["completed", "completed"]
+    for r in report["runs"]:
+        assert r["workspace"] == str(settings.cache_dir / tid / r["run_id"] / "workspace")
+        assert r["error"] is None and isinstance(r["findings"], int)
+    assert report["cache"] == {"downloads": 2, "hits": 0}  # isolated: one download per run
