@@ -13,6 +13,22 @@ from forgespace.cli.app import app, err_console, load_settings
 _MODES_HELP = "isolated, shared or copy-on-write"
 
 
+def _check_input(isolation: str, target_id: str | None, run_id: str | None) -> None:
+    """Refuse a bad mode or id before the cache directory is even created."""
+    from forgespace.errors import InvalidIdError
+    from forgespace.layout import IsolationMode, validate_id
+
+    mode = IsolationMode.parse(isolation)
+    if target_id is not None:
+        validate_id(target_id, "target_id")
+        if run_id is None and mode is not IsolationMode.SHARED:
+            raise InvalidIdError(
+                f"--run-id is required for --isolation {mode.value} (only shared accepts none)"
+            )
+    if run_id is not None:
+        validate_id(run_id, "run_id")
+
+
 @app.command()
 def get(
     target_id: str = typer.Argument(..., help="Target id (as printed by `forgespace upload`)."),
@@ -22,6 +38,7 @@ def get(
     """Materialise a target's workspace; prints its path alone on the last line."""
     from forgespace.cache.workspace import WorkspaceCache
 
+    _check_input(isolation, target_id, run_id)
     res = WorkspaceCache(load_settings()).get_target_report(target_id, run_id, isolation)
     err_console.print(
         f"{'downloaded' if res.downloaded else 'served from cache'} ({res.mode})", highlight=False
@@ -38,6 +55,7 @@ def cleanup(
     """End a run's lease and remove its run directory (shared: removes nothing)."""
     from forgespace.cache.workspace import WorkspaceCache
 
+    _check_input(isolation, None, run_id)
     WorkspaceCache(load_settings()).cleanup_cache(path, isolation, run_id=run_id)
     err_console.print(f"cleaned up {path} ({isolation})", highlight=False)
 
