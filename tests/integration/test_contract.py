@@ -470,3 +470,25 @@ def test_cli_run_json_with_an_isolation_override_sums_each_runs_downloads(
         assert r["workspace"] == str(settings.cache_dir / tid / r["run_id"] / "workspace")
         assert r["error"] is None and isinstance(r["findings"], int)
     assert report["cache"] == {"downloads": 2, "hits": 0}  # isolated: one download per run
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (
+            ["get", "t1", "--run-id", "r1", "--isolation", "cow"],
+            "invalid workspace_isolation 'cow'",
+        ),
+        (["get", "a/b", "--run-id", "r1"], "invalid target_id 'a/b'"),
+        (["get", "t1", "--run-id", "shared"], "invalid run_id 'shared'"),
+        (["get", "t1", "--isolation", "copy-on-write"], "--run-id is required"),
+        (["cleanup", "/tmp", "--isolation", "Shared"], "invalid workspace_isolation 'Shared'"),
+    ],
+)
+def test_cli_bad_input_is_refused_before_anything_is_created(
+    settings: Settings, args: list[str], needle: str
+) -> None:
+    proc = cli(settings, *args)
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr and proc.stdout == ""
+    assert not settings.cache_dir.exists()
