@@ -43,7 +43,7 @@ from typing import Any, TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError, TimeoutType
+from temporalio.exceptions import ActivityError, ApplicationError, CancelledError, TimeoutType
 from temporalio.exceptions import TimeoutError as TemporalTimeoutError
 from temporalio.workflow import ActivityCancellationType
 
@@ -271,11 +271,15 @@ async def _prepare(
 def _may_hold(exc: ActivityError) -> bool:
     """Whether a failed prepare may have left a lease or run directory on its host.
 
-    Not when the activity itself reported a non-retryable error: its cache call returned
-    (after undoing its own work) and retrying by the same ids would fail the same way.
+    Not when the activity itself reported a non-retryable error (its cache call returned
+    after undoing its own work, and the same ids would fail the same way), nor when it was
+    cancelled before any worker started it (then nothing was taken, and a host that is gone
+    would hold the cancellation up for the release's schedule-to-start timeout).
     """
     cause = exc.cause
-    return not (isinstance(cause, ApplicationError) and cause.non_retryable)
+    if isinstance(cause, ApplicationError) and cause.non_retryable:
+        return False
+    return not (isinstance(cause, CancelledError) and not exc.started_event_id)
 
 
 async def _release(
