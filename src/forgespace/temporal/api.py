@@ -408,8 +408,9 @@ async def run_in_workspace(
                 ) from exc
             raise
         except asyncio.CancelledError:
-            # Cancelled while no attempt was running (e.g. in the backoff between attempts).
-            await _release(request, task_queue, opts, "cancelled between attempts")
+            # The cancel arrived together with the prepare's result (the SDK then raises
+            # instead of returning it): the run has a workspace whose path we never saw.
+            await _release(request, task_queue, opts, "cancelled as the prepare completed")
             raise
         if not cancelled_before and workflow.cancellation_reason() is not None:
             # The download finished just before the cancellation reached its worker, so the
