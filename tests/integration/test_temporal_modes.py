@@ -34,7 +34,8 @@ from temporalio.exceptions import ActivityError, ApplicationError
 from forgespace.cache.workspace import WorkspaceCache
 from forgespace.config import Settings
 from forgespace.storage import open_store
-from forgespace.temporal.api import MEMO_KEY, WorkflowRequest, register_metadata_modes
+from forgespace.temporal import api as api_module
+from forgespace.temporal.api import MEMO_KEY, WorkflowRequest
 from forgespace.temporal.devserver import DevServer
 from forgespace.temporal.runner import RunJob, run_job
 from forgespace.temporal.worker import run_worker
@@ -592,11 +593,13 @@ def test_run_in_workspace_warns_when_the_request_overrides_the_metadata_mode(
     task_queue: str,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Whoever started the run: the worker knows the metadata mode (register_metadata_modes)
     and the workflow logs the override; a run in the metadata's own mode logs nothing."""
     caplog.set_level(logging.WARNING)
-    register_metadata_modes({"fs_release_probe": "isolated"})
+    # The worker registers the modes of the packages it loads: start from an empty registry.
+    monkeypatch.setattr(api_module, "_METADATA_MODES", {})
     tid = open_store(settings).upload_target(make_project(tmp_path))
 
     async def main() -> list[dict[str, Any]]:

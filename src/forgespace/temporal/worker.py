@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from forgespace.config import Settings
 from forgespace.errors import ConfigError, WorkflowMetadataError
 from forgespace.temporal.activities import CacheActivities, host_task_queue
+from forgespace.temporal.api import register_metadata_modes
 from forgespace.temporal.discovery import WorkflowPackage, discover
 
 if TYPE_CHECKING:
@@ -174,6 +175,9 @@ async def run_worker(
     storage = CacheActivities(cache, host_queue=host_queue, host=host, executor=executor)
     activities = _collect_activities(storage.activities(), packages)
     workflows = [p.workflow for p in packages if p.workflow is not None]
+    # Workflows learn their metadata.yaml mode from here (no I/O in workflow code), so an
+    # override is logged whoever started the run.
+    register_metadata_modes({p.name: p.workspace_isolation for p in packages})
     common: dict[str, Any] = {
         "activities": activities,
         "activity_executor": executor,
