@@ -6,7 +6,6 @@ API calls run in-process; the CLI runs as a real process only where the CLI is t
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import io
 import json
@@ -17,8 +16,8 @@ import tarfile
 import zipfile
 from pathlib import Path
 
-import boto3
 import pytest
+from support.objects import overwrite_keeping_metadata, put_foreign
 from support.procs import make_project, tree_digest
 from support.s3server import env_for
 
@@ -33,9 +32,9 @@ from forgespace import (
 from forgespace.cache.locks import parse_staging_name, purpose_matches, staging_name
 from forgespace.config import parse_duration, parse_size
 from forgespace.errors import CleanupRefusedError, IntegrityError
-from forgespace.storage import target_key
 
 pytestmark = pytest.mark.integration
+
 
 FORGESPACE = str(Path(sys.executable).with_name("forgespace"))
 MODES = ("isolated", "shared", "copy-on-write")
@@ -43,41 +42,6 @@ RUN_OF = {"isolated": "run-i", "shared": "run-s", "copy-on-write": "run-c"}
 
 
 # --- helpers --------------------------------------------------------------------------------
-
-
-def _s3_client(settings: Settings):  # type: ignore[no-untyped-def]
-    return boto3.client(
-        "s3",
-        endpoint_url=settings.s3_endpoint,
-        aws_access_key_id=settings.s3_access_key,
-        aws_secret_access_key=settings.s3_secret_key,
-        region_name=settings.s3_region,
-        config=boto3.session.Config(s3={"addressing_style": "path"}),
-    )
-
-
-def put_foreign(settings: Settings, target_id: str, data: bytes) -> None:
-    """Put an object as another client would: a plain PUT / a dropped file, no metadata."""
-    if settings.storage_backend == "s3":
-        client = _s3_client(settings)
-        with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
-            client.create_bucket(Bucket=settings.s3_bucket)
-        client.put_object(Bucket=settings.s3_bucket, Key=f"{target_id}/target", Body=data)
-    else:
-        obj = settings.storage_dir / target_id / "target"
-        obj.parent.mkdir(parents=True, exist_ok=True)
-        obj.write_bytes(data)
-
-
-def overwrite_keeping_metadata(settings: Settings, target_id: str, data: bytes) -> None:
-    """Replace an uploaded object's bytes, keeping the sha256 forgespace recorded with it."""
-    if settings.storage_backend == "s3":
-        client = _s3_client(settings)
-        key = target_key(target_id)
-        meta = client.head_object(Bucket=settings.s3_bucket, Key=key)["Metadata"]
-        client.put_object(Bucket=settings.s3_bucket, Key=key, Body=data, Metadata=meta)
-    else:
-        (settings.storage_dir / target_id / "target").write_bytes(data)
 
 
 def tar_gz(members: dict[str, bytes]) -> bytes:

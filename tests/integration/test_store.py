@@ -2,56 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import tarfile
 import uuid
 from pathlib import Path
 
-import boto3
 import pytest
+from support.objects import overwrite_keeping_metadata, put_foreign, s3_client
 
 from forgespace.config import Settings
 from forgespace.errors import IntegrityError, InvalidIdError, TargetNotFoundError
-from forgespace.storage import Store, open_store, target_key
+from forgespace.storage import Store, open_store
 
 pytestmark = pytest.mark.integration
-
-
-def _s3_client(settings: Settings):  # type: ignore[no-untyped-def]
-    return boto3.client(
-        "s3",
-        endpoint_url=settings.s3_endpoint,
-        aws_access_key_id=settings.s3_access_key,
-        aws_secret_access_key=settings.s3_secret_key,
-        region_name=settings.s3_region,
-        config=boto3.session.Config(s3={"addressing_style": "path"}),
-    )
-
-
-def put_foreign(settings: Settings, target_id: str, data: bytes) -> None:
-    """Put an object the way another client would: no forgespace metadata at all."""
-    if settings.storage_backend == "s3":
-        client = _s3_client(settings)
-        with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
-            client.create_bucket(Bucket=settings.s3_bucket)
-        client.put_object(Bucket=settings.s3_bucket, Key=target_key(target_id), Body=data)
-    else:
-        obj = settings.storage_dir / target_key(target_id)
-        obj.parent.mkdir(parents=True, exist_ok=True)
-        obj.write_bytes(data)
-
-
-def overwrite_keeping_metadata(settings: Settings, target_id: str, data: bytes) -> None:
-    """Replace an uploaded object's bytes but keep the sha256 forgespace recorded."""
-    if settings.storage_backend == "s3":
-        client = _s3_client(settings)
-        key = target_key(target_id)
-        meta = client.head_object(Bucket=settings.s3_bucket, Key=key)["Metadata"]
-        client.put_object(Bucket=settings.s3_bucket, Key=key, Body=data, Metadata=meta)
-    else:
-        (settings.storage_dir / target_key(target_id)).write_bytes(data)
 
 
 @pytest.fixture
@@ -207,7 +171,7 @@ def test_put_result(store: Store, any_store_settings: Settings) -> None:
     loc = store.put_result("wf-1/results.json", b'{"findings": 0}')
     if any_store_settings.storage_backend == "s3":
         assert loc == f"s3://{any_store_settings.s3_results_bucket}/wf-1/results.json"
-        body = _s3_client(any_store_settings).get_object(
+        body = s3_client(any_store_settings).get_object(
             Bucket=any_store_settings.s3_results_bucket, Key="wf-1/results.json"
         )["Body"]
         assert body.read() == b'{"findings": 0}'

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -18,11 +17,12 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support.temporal import in_process_worker
 from temporalio.client import Client
 
 from forgespace.cache.workspace import WorkspaceCache
@@ -31,7 +31,7 @@ from forgespace.storage import open_store
 from forgespace.temporal.api import MEMO_KEY, WorkflowRequest
 from forgespace.temporal.devserver import DevServer
 from forgespace.temporal.runner import RunJob, run_job
-from forgespace.temporal.worker import WorkerInfo, run_worker
+from forgespace.temporal.worker import WorkerInfo
 from forgespace.workflows._tools.common import tree_digest
 
 pytestmark = pytest.mark.integration
@@ -47,37 +47,11 @@ PLANTED_SECRETS = (
 LIVE_STATS_KEYS = {"executions", "exec_per_sec", "corpus_size", "crashes"}
 
 
-@contextlib.asynccontextmanager
-async def bundled_worker(
+def bundled_worker(
     settings: Settings, client: Client, task_queue: str
-) -> AsyncIterator[WorkerInfo]:
-    """A forgespace worker serving the bundled workflow packages in this event loop."""
-    stop = asyncio.Event()
-    ready: list[WorkerInfo] = []
-    task = asyncio.create_task(
-        run_worker(
-            settings,
-            client,
-            task_queue=task_queue,
-            bundled=True,
-            stop=stop,
-            on_ready=ready.append,
-            sweep=False,
-        )
-    )
-    deadline = time.monotonic() + 30
-    while not ready:
-        if task.done():
-            task.result()
-        if time.monotonic() > deadline:
-            task.cancel()
-            raise TimeoutError(f"bundled worker on {task_queue} not ready after 30 s")
-        await asyncio.sleep(0.05)
-    try:
-        yield ready[0]
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, timeout=30)
+) -> AbstractAsyncContextManager[WorkerInfo]:
+    """A forgespace worker serving only the bundled workflow packages, in this event loop."""
+    return in_process_worker(settings, client, task_queue, workflows_dirs=(), bundled=True)
 
 
 @pytest.fixture

@@ -78,10 +78,12 @@ async def in_process_worker(
     task_queue: str,
     *,
     workflows_dirs: Sequence[Path] = (FIXTURE_WORKFLOWS,),
+    bundled: bool = False,
     timeout: float = 30.0,
     sweep: bool = False,
 ) -> AsyncIterator[WorkerInfo]:
-    """A forgespace worker (both queues) in this event loop, serving the fixture packages."""
+    """A forgespace worker (both queues) in this event loop, serving the fixture packages
+    (``bundled=True``: the bundled ones too)."""
     stop = asyncio.Event()
     ready: list[WorkerInfo] = []
     task = asyncio.create_task(
@@ -90,7 +92,7 @@ async def in_process_worker(
             client,
             task_queue=task_queue,
             workflows_dirs=workflows_dirs,
-            bundled=False,
+            bundled=bundled,
             stop=stop,
             on_ready=ready.append,
             sweep=sweep,
