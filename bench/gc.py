@@ -194,9 +194,8 @@ def main() -> None:
     t_du = median_time(command(["du", "-s", str(layout.root)], env), max(3, runs // 3))
     exe = str(Path(sys.executable).parent / "forgespace")
     cli = [exe] if os.path.exists(exe) else [sys.executable, "-m", "forgespace.cli"]
-    # The floor of any command: start Python, import the CLI and the pydantic-based parameter
-    # coercion typer (0.29+) loads for every command it parses.
-    floor = "import forgespace.cli, typer._adapters, pydantic.plugin._loader"
+    # The floor of any command: start Python and import the CLI (typer, rich, our modules).
+    floor = "import forgespace.cli"
     # Interleaved (floor, status, ls, floor, status, ...) so that all three see the same
     # machine load: on a shared machine the load drifts within seconds.
     cmd_times: dict[str, list[float]] = {"floor": [], "status": [], "ls": []}
@@ -224,7 +223,7 @@ def main() -> None:
         return f"{x * 1000:.3f} ms" if x < 0.01 else f"{x * 1000:.1f} ms"
 
     walk = "`du -s` walk"
-    floor_name = "CLI floor (python, CLI + typer imports)"
+    floor_name = "CLI floor (start python, import the CLI)"
     rows = [
         ("gc plan (plan_eviction)", ms(t_plan), "< 200 ms", walk, ms(t_du), t_plan / t_du),
         ("gc --dry-run (plan + leftovers)", ms(t_dry), "< 200 ms", walk, ms(t_du), t_dry / t_du),
