@@ -422,3 +422,28 @@ def test_corrupt_xz_footer_after_the_tar_end_is_detected(tmp_path: Path) -> None
     with pytest.raises(IntegrityError, match="corrupt"):
         extract_archive(p, tmp_path / "dest", max_bytes=MAX)
     assert not (tmp_path / "dest").exists()
+
+
+@pytest.mark.parametrize("kind", ["tar", "zip"])
+def test_member_count_is_bounded_and_nothing_is_left(tmp_path: Path, kind: str) -> None:
+    """Empty files pass any byte limit: the member count has its own bound."""
+    names = [f"d/f{i}" for i in range(50)]
+    arc = tmp_path / f"many.{kind}"
+    if kind == "tar":
+        with tarfile.open(arc, "w:gz") as tf:
+            for name in names:
+                tf.addfile(tarfile.TarInfo(name), io.BytesIO(b""))
+    else:
+        with zipfile.ZipFile(arc, "w") as zf:
+            for name in names:
+                zf.writestr(name, b"")
+    ok = extract_archive(arc, tmp_path / "ok", max_bytes=10**6, max_members=50)
+    assert ok.files == 50
+    with pytest.raises(UnsafeArchiveError, match="above the limit of 49 members"):
+        extract_archive(arc, tmp_path / "refused", max_bytes=10**6, max_members=49)
+    assert not (tmp_path / "refused").exists()
+
+
+def test_default_member_limit_follows_the_byte_limit() -> None:
+    assert archive_mod.member_limit(10 * 10**9) == 10 * 10**9 // 4096  # 2.4M for 10GB
+    assert archive_mod.member_limit(10**6) == 100_000  # small caches keep ordinary projects

@@ -15,6 +15,8 @@ filter which costs ~60 us per member):
 - the total size is counted as bytes are *written* (a member is also refused up front when its
   header already claims more than what is left); zip members are never inflated past their
   declared size;
+- the number of members is bounded too (one per 4 KiB of the byte limit, at least 100,000):
+  empty files pass any byte limit, yet exhaust inodes;
 - setuid/setgid/sticky bits are dropped, permission bits and mtimes kept, ownership never
   restored; directory modes are applied at the end so read-only directories do not block
   extraction.
@@ -252,14 +254,34 @@ def _write_all(fd: int, data: memoryview | bytes) -> None:
         view = view[n:]
 
 
+# Each member costs at least an inode and usually a block whatever its size: count one block
+# of the byte budget per member, with a floor so small caches still take ordinary projects.
+BYTES_PER_MEMBER = 4096
+MIN_MEMBER_LIMIT = 100_000
+
+
+def member_limit(max_bytes: int) -> int:
+    """How many members an archive may have when at most ``max_bytes`` may be extracted."""
+    return max(MIN_MEMBER_LIMIT, max_bytes // BYTES_PER_MEMBER)
+
+
 class _Extractor:
     """Writes members into a fresh directory, tracking what it created so that nothing is ever
     written through a symlink and duplicates replace earlier entries without following links."""
 
-    def __init__(self, src: str, dest: str, max_bytes: int, read_only: bool = False) -> None:
+    def __init__(
+        self,
+        src: str,
+        dest: str,
+        max_bytes: int,
+        read_only: bool = False,
+        max_members: int | None = None,
+    ) -> None:
         self.src = src
         self.dest = dest
         self.max_bytes = max_bytes
+        self.max_members = member_limit(max_bytes) if max_members is None else max_members
+        self.members = 0
         self.written = 0
         self.umask = current_umask()
         self.read_only = read_only
@@ -277,6 +299,18 @@ class _Extractor:
             self.dfd = -1
 
     # -- helpers -------------------------------------------------------------------------------
+
+    def enter(self, name: str) -> None:
+        """Start a member: name it for errors and count it against the member limit (a
+        million empty files pass any byte limit, yet exhaust inodes)."""
+        self.member = name
+        self.members += 1
+        if self.members > self.max_members:
+            raise self._unsafe(
+                f"is member number {self.members}, above the limit of {self.max_members} "
+                f"members (one per {BYTES_PER_MEMBER} bytes of CACHE_MAX_SIZE, at least "
+                f"{MIN_MEMBER_LIMIT})"
+            )
 
     def _unsafe(self, why: str) -> UnsafeArchiveError:
         return UnsafeArchiveError(f"archive {self.src}: member {self.member!r} {why}")
@@ -635,7 +669,7 @@ class _TarWalker:
             long_name = long_link = None
             pax = {}
 
-            x.member = name
+            x.enter(name)
             rel = _norm(name, "member")
             perm = self._num(hdr[100:108], "mode") & 0o777
             mtime = _mtime_ns(mtime_raw)
@@ -683,7 +717,7 @@ def _extract_zip(x: _Extractor, src: str) -> None:
         raise IntegrityError(f"archive {src} is not a readable zip archive: {e}") from e
     with zf:
         for zi in zf.infolist():
-            x.member = zi.filename
+            x.enter(zi.filename)
             rel = _norm(zi.filename, "member")
             unix = zi.create_system == 3
             mode = zi.external_attr >> 16 if unix else 0
@@ -735,6 +769,7 @@ def extract_archive(
     *,
     max_bytes: int,
     read_only: bool = False,
+    max_members: int | None = None,
 ) -> ExtractStats:
     """Extract the tar or zip archive ``src`` into the new directory ``dest``, safely.
 
@@ -743,6 +778,9 @@ def extract_archive(
     module docstring) or when ``src`` is not a tar/zip archive, :class:`IntegrityError` for a
     corrupt or truncated archive and :class:`CacheFullError` when the disk is full; in every
     failure case ``dest`` is removed.
+
+    At most ``max_members`` members (default :func:`member_limit` of ``max_bytes``) are
+    accepted.
 
     ``read_only=True`` creates the tree read-only as it goes (files 0444, 0555 when executable,
     directories 0555 at the end) — the same result as :func:`forgespace.cache.clone.make_read_only`
@@ -760,7 +798,7 @@ def extract_archive(
         raise FileExistsError(errno.EEXIST, f"extraction destination already exists: {d}") from None
     x: _Extractor | None = None
     try:
-        x = _Extractor(s, d, max_bytes, read_only)
+        x = _Extractor(s, d, max_bytes, read_only, max_members)
         if kind == "tar":
             _extract_tar(x, s)
         else:
