@@ -13,8 +13,8 @@ import time
 import uuid
 from pathlib import Path
 
-import boto3
 import pytest
+from support.objects import s3_client
 from support.s3server import S3Server, env_for
 
 from forgespace.config import Settings
@@ -180,14 +180,7 @@ _GETTER = textwrap.dedent(
 def test_proxy_counts_gets_from_concurrent_processes_and_threads(
     s3_settings: Settings, s3_server: S3Server
 ) -> None:
-    client = boto3.client(
-        "s3",
-        endpoint_url=s3_server.endpoint,
-        aws_access_key_id=s3_server.access_key,
-        aws_secret_access_key=s3_server.secret_key,
-        region_name="us-east-1",
-        config=boto3.session.Config(s3={"addressing_style": "path"}),
-    )
+    client = s3_client(s3_settings)
     bucket, key = s3_settings.s3_bucket, f"{uuid.uuid4()}/target"
     client.create_bucket(Bucket=bucket)
     client.put_object(Bucket=bucket, Key=key, Body=b"payload")
@@ -262,14 +255,7 @@ def test_object_replaced_during_a_resumed_download_restarts(
     tid, _ = _upload(store, tmp_path, 3 * 1024 * 1024)
     key = target_key(tid)
     new = os.urandom(2 * 1024 * 1024 + 99)
-    client = boto3.client(
-        "s3",
-        endpoint_url=s3_server.endpoint,
-        aws_access_key_id=s3_server.access_key,
-        aws_secret_access_key=s3_server.secret_key,
-        region_name="us-east-1",
-        config=boto3.session.Config(s3={"addressing_style": "path"}),
-    )
+    client = s3_client(s3_settings)
     replaced = False
 
     def replace_once(done: int, total: int) -> None:
@@ -321,14 +307,7 @@ def test_proxy_relays_chunked_uploads_and_keeps_connections_alive(
 ) -> None:
     import http.client
 
-    client = boto3.client(
-        "s3",
-        endpoint_url=s3_server.endpoint,
-        aws_access_key_id=s3_server.access_key,
-        aws_secret_access_key=s3_server.secret_key,
-        region_name="us-east-1",
-        config=boto3.session.Config(s3={"addressing_style": "path"}),
-    )
+    client = s3_client(s3_settings)
     bucket = s3_settings.s3_bucket
     client.create_bucket(Bucket=bucket)
     host, port = s3_server.endpoint.removeprefix("http://").rsplit(":", 1)

@@ -77,6 +77,20 @@ def content_digest(root: Path, *, skip: tuple[str, ...] = ()) -> str:
     return h.hexdigest()
 
 
+def run_bundled_job(settings: Settings, task_queue: str, job: RunJob) -> dict[str, Any]:
+    """`forgespace run`'s job against the session server, served by a bundled worker."""
+
+    async def main() -> dict[str, Any]:
+        assert settings.temporal_address
+        client = await Client.connect(
+            settings.temporal_address, namespace=settings.temporal_namespace
+        )
+        async with bundled_worker(settings, client, task_queue):
+            return await run_job(settings, job)
+
+    return asyncio.run(main())
+
+
 async def run_many(
     settings: Settings,
     task_queue: str,
@@ -123,15 +137,7 @@ def test_atheris_finds_the_planted_crash_in_every_isolated_run(
         task_queue=task_queue,
     )
 
-    async def main() -> dict[str, Any]:
-        assert cluster_settings.temporal_address
-        client = await Client.connect(
-            cluster_settings.temporal_address, namespace=cluster_settings.temporal_namespace
-        )
-        async with bundled_worker(cluster_settings, client, task_queue):
-            return await run_job(cluster_settings, job)
-
-    report = asyncio.run(main())
+    report = run_bundled_job(cluster_settings, task_queue, job)
     assert report["workspace_isolation"] == "isolated"
     runs = report["runs"]
     assert len({r["workspace"] for r in runs}) == 3
@@ -291,16 +297,8 @@ def test_bad_parameter_fails_the_run_at_once_with_a_clear_error(
         task_queue=task_queue,
     )
 
-    async def main() -> dict[str, Any]:
-        assert cluster_settings.temporal_address
-        client = await Client.connect(
-            cluster_settings.temporal_address, namespace=cluster_settings.temporal_namespace
-        )
-        async with bundled_worker(cluster_settings, client, task_queue):
-            return await run_job(cluster_settings, job)
-
     started = time.monotonic()
-    [run] = asyncio.run(main())["runs"]
+    [run] = run_bundled_job(cluster_settings, task_queue, job)["runs"]
     assert time.monotonic() - started < 30  # not retried
     assert run["status"] == "failed"
     assert "unknown parameter(s) max_file_size" in run["error"]
@@ -317,15 +315,7 @@ def test_workflows_that_write_refuse_a_shared_workspace(
         task_queue=task_queue,
     )
 
-    async def main() -> dict[str, Any]:
-        assert cluster_settings.temporal_address
-        client = await Client.connect(
-            cluster_settings.temporal_address, namespace=cluster_settings.temporal_namespace
-        )
-        async with bundled_worker(cluster_settings, client, task_queue):
-            return await run_job(cluster_settings, job)
-
-    report = asyncio.run(main())
+    report = run_bundled_job(cluster_settings, task_queue, job)
     [run] = report["runs"]
     assert run["status"] == "failed"
     assert "cannot run in shared mode" in run["error"]
