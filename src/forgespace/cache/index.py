@@ -81,7 +81,6 @@ CREATE INDEX IF NOT EXISTS lease_pins_lease ON lease_pins (lease_id);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 """
 
-_UPSERT_ENTRY = "INSERT OR REPLACE INTO entries VALUES (?,?,?,?,?,?,?,?,?)"
 _BUMP_COUNTER = "INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = " + (
     "value + excluded.value"
 )
