@@ -15,7 +15,7 @@
      ├── CacheFullError (OSError)            no room on disk (ENOSPC) for a download/extraction
      ├── BackendUnavailableError             the configured copy-on-write backend cannot work here
      │    └── SandboxUnavailableError        FORGESPACE_SANDBOX=bwrap, and bwrap cannot work here
-     ├── SandboxStartError                   a tool's sandbox could not be set up (not the tool's fault)
+     ├── SandboxStartError                   bwrap could not set up a tool's sandbox
      └── WorkflowMetadataError (ValueError)  a workflow package's metadata.yaml is invalid
 
 Stdlib mix-ins let callers catch what they already know (``FileNotFoundError``,

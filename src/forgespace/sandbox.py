@@ -42,10 +42,8 @@ sandbox; tools take it from ``current()``.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -160,17 +158,6 @@ class Limits:
             if value is not None:
                 args.append(f"{opt}={value}")
         return args
-
-    def apply_here(self) -> None:
-        """Set these limits on the calling process (used for unsandboxed tools)."""
-        for which, value in (
-            (resource.RLIMIT_AS, self.address_space),
-            (resource.RLIMIT_CPU, self.cpu_seconds),
-            (resource.RLIMIT_FSIZE, self.file_size),
-            (resource.RLIMIT_NPROC, self.processes),
-        ):
-            if value is not None:
-                resource.setrlimit(which, (value, value))
 
 
 DEFAULT_LIMITS = Limits()
@@ -471,15 +458,18 @@ class Sandbox:
         """
         environ = dict(env) if env is not None else tool_env()
         if not self.active:
+            # Limits through prlimit too: a preexec_fn is unsafe in the threaded worker.
+            direct = list(argv)
+            if shutil.which("prlimit") is not None:
+                direct = ["prlimit", *limits.prlimit_args(), "--core=0", "--", *direct]
             proc = subprocess.Popen(
-                list(argv),
+                direct,
                 cwd=str(cwd) if cwd is not None else None,
                 env=environ,
                 stdin=subprocess.DEVNULL,
                 stdout=stdout,
                 stderr=stderr,
                 start_new_session=True,
-                preexec_fn=limits.apply_here,  # noqa: PLW1509 - only setrlimit, no locks taken
             )
             return ToolProcess(proc, None, sandboxed=False)
         read_fd, write_fd = os.pipe()
