@@ -421,14 +421,30 @@ class Sandbox:
             "/dev",
             *self._system_binds(),
         ]
+        binds: list[str] = []
         for p in extra_ro:
             real = Path(os.path.realpath(p))
             if not self._allowed_ro(real):
                 raise ValueError(f"refusing to show {str(p)!r} to a tool: it exposes the cache")
-            args += ["--ro-bind", str(real), str(Path(os.path.abspath(p)))]
-        args += self.workspace_bind(workspace, writable=writable)
+            binds += ["--ro-bind", str(real), str(Path(os.path.abspath(p)))]
+        binds += self.workspace_bind(workspace, writable=writable)
+        # A bind deep below /tmp gets its mount point created in the private (writable) /tmp:
+        # its parents there (e.g. a CACHE_DIR under /tmp) would be writable, if invisible to
+        # the host. A read-only tmpfs over their top directory makes them refuse writes too.
+        tmp = Path("/tmp")
+        shields = sorted(
+            {
+                tmp / Path(d).relative_to(tmp).parts[0]
+                for d in binds[2::3]
+                if _inside(Path(d), tmp) and len(Path(d).relative_to(tmp).parts) > 1
+            }
+        )
+        for shield in shields:
+            args += ["--tmpfs", str(shield)]
+        args += binds
         # Nothing outside the binds and /tmp is writable, not even bwrap's own skeleton dirs.
-        args += ["--remount-ro", "/"]
+        for ro in ["/", *map(str, shields)]:
+            args += ["--remount-ro", ro]
         if cwd is not None:
             args += ["--chdir", str(Path(os.path.abspath(cwd)))]
         if status_fd is not None:
