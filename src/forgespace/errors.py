@@ -14,6 +14,8 @@
      ├── CleanupRefusedError (ValueError)    cleanup_cache was given a path it must not delete
      ├── CacheFullError (OSError)            no room on disk (ENOSPC) for a download/extraction
      ├── BackendUnavailableError             the configured copy-on-write backend cannot work here
+     │    └── SandboxUnavailableError        FORGESPACE_SANDBOX=bwrap, and bwrap cannot work here
+     ├── SandboxStartError                   bwrap could not set up a tool's sandbox
      └── WorkflowMetadataError (ValueError)  a workflow package's metadata.yaml is invalid
 
 Stdlib mix-ins let callers catch what they already know (``FileNotFoundError``,
@@ -82,3 +84,15 @@ class BackendUnavailableError(ForgespaceError):
 
 class WorkflowMetadataError(ForgespaceError, ValueError):
     """A workflow package's metadata.yaml is missing fields or has invalid values."""
+
+
+class SandboxUnavailableError(BackendUnavailableError):
+    """FORGESPACE_SANDBOX=bwrap was asked for and bubblewrap cannot work on this host."""
+
+
+class SandboxStartError(ForgespaceError):
+    """bubblewrap could not set up a tool's sandbox; the tool never ran. ``reason`` says why."""
+
+    def __init__(self, message: str, *, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason

@@ -42,6 +42,7 @@ from temporalio.exceptions import ApplicationError
 from forgespace.errors import (
     BackendUnavailableError,
     ForgespaceError,
+    SandboxStartError,
     StorageError,
     TargetNotFoundError,
     UnsafeArchiveError,
@@ -81,6 +82,7 @@ _NON_RETRYABLE: tuple[type[BaseException], ...] = (
     UnsafeArchiveError,
     BackendUnavailableError,
     RunReleasedError,
+    SandboxStartError,
 )
 
 

@@ -353,6 +353,7 @@ async def run_job(
     server: DevServer | None = None
     worker_task: asyncio.Task[None] | None = None
     stop = asyncio.Event()
+    infos: list[WorkerInfo] = []
     try:
         address = settings.temporal_address
         if not address:
@@ -364,7 +365,6 @@ async def run_job(
         if server is not None:
             loaded = discover(job.workflows_dirs, bundled=job.bundled, load=True)
             ready = asyncio.Event()
-            infos: list[WorkerInfo] = []
 
             def on_ready(info: WorkerInfo) -> None:
                 infos.append(info)
@@ -419,6 +419,8 @@ async def run_job(
         f"cache: {len(states)} runs, {downloads} download(s), {hits} served from the cache",
         highlight=False,
     )
+    if infos:  # the in-process worker's sandbox (a cluster's workers log their own)
+        console.print(infos[0].sandbox, highlight=False)
     if job.sarif is not None:
         write_sarif(report, job.sarif, console)
     return report
