@@ -43,7 +43,7 @@ from forgespace.cache.index import CacheIndex, EntryRecord, scan_entries, tree_s
 from forgespace.cache.locks import owner_is_dead, remove_dead_owner
 from forgespace.config import Settings
 from forgespace.errors import CacheFullError, LockTimeoutError
-from forgespace.layout import ID_PATTERN, RESERVED_IDS, CacheLayout
+from forgespace.layout import CacheLayout, is_valid_id
 
 log = logging.getLogger(__name__)
 
@@ -605,11 +605,7 @@ def make_room(cache: CacheLike, incoming_bytes: int, *, target_id: str) -> None:
 
 def _is_target_dir(d: os.DirEntry[str]) -> bool:
     # valid ids only: never .forgespace, never a stray name a lock file would be made for
-    return (
-        bool(ID_PATTERN.match(d.name))
-        and d.name not in RESERVED_IDS
-        and d.is_dir(follow_symlinks=False)
-    )
+    return is_valid_id(d.name) and d.is_dir(follow_symlinks=False)
 
 
 def _remove_empty_target_dirs(cache: CacheLike) -> None:

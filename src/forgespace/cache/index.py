@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from forgespace.errors import LockTimeoutError
-from forgespace.layout import ID_PATTERN, META_DIRNAME, RESERVED_IDS, CacheLayout
+from forgespace.layout import META_DIRNAME, CacheLayout, is_valid_id
 
 log = logging.getLogger(__name__)
 
@@ -697,10 +697,6 @@ def _rebuild_leases(entries: list[EntryRecord], now: float, ttl: float) -> list[
     return leases
 
 
-def _is_id(name: str) -> bool:
-    return bool(ID_PATTERN.match(name)) and name not in RESERVED_IDS
-
-
 def tree_size(path: Path) -> tuple[int, int]:
     """(bytes, files) of the regular files under ``path`` (or of ``path`` itself); no symlinks
     followed. Only a rebuild walks workspaces like this."""
@@ -751,7 +747,7 @@ def scan_entries(
     except FileNotFoundError:
         return found
     for top in tops:
-        if top.name == META_DIRNAME or not _is_id(top.name):
+        if top.name == META_DIRNAME or not is_valid_id(top.name):
             continue
         if only is not None and top.name != only:
             continue
@@ -782,7 +778,7 @@ def scan_entries(
                     continue
                 key, kind, run_id, mode = f"{tid}/shared", "cow-shared", None, "copy-on-write"
                 parts = [Path(child.path)]
-            elif _is_id(name):
+            elif is_valid_id(name):
                 if not is_dir:
                     continue
                 cow = has_cow_shared
