@@ -42,7 +42,7 @@ from typing import Any, Protocol
 from forgespace.cache.index import CacheIndex, EntryRecord, scan_entries, tree_size
 from forgespace.cache.locks import owner_is_dead, remove_dead_owner
 from forgespace.config import Settings
-from forgespace.errors import CacheFullError, LockTimeoutError
+from forgespace.errors import CacheAccessError, CacheFullError, LockTimeoutError
 from forgespace.layout import CacheLayout, is_valid_id
 
 log = logging.getLogger(__name__)
@@ -315,6 +315,8 @@ def collect_garbage(cache: CacheLike, *, dry_run: bool = False) -> GcReport:
         try:
             _execute(cache, item, report)
         except OSError as exc:
+            if isinstance(exc, CacheAccessError):
+                raise  # the cache itself cannot be written (read-only, not our user's): stop
             # One entry that cannot be removed (permissions, a busy mount...) must not stop
             # the sweep; whatever was already moved to the trash goes with the next gc.
             log.warning("gc: could not evict %s: %s", item.key, exc)

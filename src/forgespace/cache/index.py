@@ -12,8 +12,8 @@ raise CacheFullError / CacheAccessError and never touch the file. Reads still wo
 the index cannot be opened normally (WAL mode needs to write its ``-shm`` file), it is read
 through an ``immutable`` read-only connection, with one warning per process. Writes a caller
 can do without (the hit path's access record, gc's bookkeeping) go through ``try_write``, which
-skips them on a full or read-only cache with one warning per process; gc reconciles the index
-with the disk later ("the filesystem is the truth").
+skips them on a full disk with one warning per process; gc reconciles the index with the disk
+later ("the filesystem is the truth").
 
 Concurrency: SQLite in WAL mode (readers never block writers), ``synchronous=NORMAL`` (a commit
 does not fsync; a power cut may lose the last transactions, which a rebuild or the next publish
@@ -320,11 +320,13 @@ class CacheIndex:
             raise why from None
         if _warned_pid != os.getpid():
             _warned_pid = os.getpid()
-            log.warning(
-                "%s; reading the cache index read-only and skipping index writes that can "
-                "wait (hits, gc records) without another warning while this lasts",
-                why,
+            then = (
+                " and skipping index writes that can wait (hits, gc records) without another "
+                "warning while this lasts"
+                if isinstance(why, CacheFullError)
+                else ""
             )
+            log.warning("%s; reading the cache index read-only%s", why, then)
         return conn, (st.st_dev, st.st_ino)
 
     def _connect(self) -> sqlite3.Connection:
@@ -565,8 +567,9 @@ class CacheIndex:
         return CacheAccessError.from_os_error(exc, doing)
 
     def try_write(self, what: str, write: Callable[..., object], *args: Any, **kwargs: Any) -> bool:
-        """Run the index write ``write(*args, **kwargs)``; when the cache is full or the index
-        not writable, skip it (one warning per process) and return False.
+        """Run the index write ``write(*args, **kwargs)``; when the cache filesystem is full,
+        skip it (one warning per process) and return False. A read-only or not-our-user's
+        cache still raises CacheAccessError: the command cannot do its job there.
 
         For writes the caller can do without: the hit path's access record and lease (the hit
         is served anyway), gc's and evict's records after a deletion (the next gc reconciles
@@ -574,7 +577,7 @@ class CacheIndex:
         global _warned_pid
         try:
             write(*args, **kwargs)
-        except (CacheFullError, CacheAccessError) as exc:
+        except CacheFullError as exc:
             if _warned_pid != os.getpid():
                 _warned_pid = os.getpid()
                 log.warning(

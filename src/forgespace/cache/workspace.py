@@ -52,6 +52,7 @@ from forgespace.cache.locks import (
 )
 from forgespace.config import Settings
 from forgespace.errors import (
+    CacheAccessError,
     CacheFullError,
     CleanupRefusedError,
     ForgespaceError,
@@ -180,7 +181,7 @@ class WorkspaceCache:
         faults = os.environ.get(_FAULT_ENV, "")
         self._faults = frozenset(p for p in faults.split(",") if p)
         self.cow_backend = settings.cow_backend
-        if self.cow_backend == "overlay":
+        if self.cow_backend == "overlay" and not read_only:
             from forgespace.cache import overlay
 
             # Fail at start-up, not at the first copy-on-write run.
@@ -214,15 +215,25 @@ class WorkspaceCache:
         purpose: str = "",
     ) -> Iterator[None]:
         """Hold the per-target lock. Waits at most ``timeout`` (default
-        CACHE_LOCK_TIMEOUT); ``blocking=False`` raises LockTimeoutError at once."""
-        with flock(
-            self.layout.lock_path(target_id),
-            exclusive=exclusive,
-            timeout=self.settings.cache_lock_timeout if timeout is None else timeout,
-            blocking=blocking,
-            what=f"target {target_id}",
-            purpose=purpose,
-        ):
+        CACHE_LOCK_TIMEOUT); ``blocking=False`` raises LockTimeoutError at once. A lock file
+        that cannot be opened (read-only cache, permission denied) raises CacheAccessError."""
+        held = contextlib.ExitStack()
+        try:
+            held.enter_context(
+                flock(
+                    self.layout.lock_path(target_id),
+                    exclusive=exclusive,
+                    timeout=self.settings.cache_lock_timeout if timeout is None else timeout,
+                    blocking=blocking,
+                    what=f"target {target_id}",
+                    purpose=purpose,
+                )
+            )
+        except OSError as exc:
+            if isinstance(exc, ForgespaceError):
+                raise
+            raise CacheAccessError.from_os_error(exc, f"lock target {target_id}") from exc
+        with held:  # only taking the lock is translated above, never the body's errors
             yield
 
     # --- public API ----------------------------------------------------------------------
