@@ -128,7 +128,11 @@ def test_upload_results_stores_json_in_the_store(acts: CacheActivities, settings
 
 @pytest.mark.parametrize(
     ("wid", "fmt", "needle"),
-    [("../escape", "json", "invalid workflow_id"), ("wf", "xml", "invalid results_format")],
+    [
+        ("../escape", "json", "invalid workflow_id"),
+        ("wf\n", "json", "invalid workflow_id"),  # "$" would let a final newline through
+        ("wf", "xml", "invalid results_format"),
+    ],
 )
 def test_upload_results_refuses_bad_input(
     acts: CacheActivities, settings: Settings, wid: str, fmt: str, needle: str

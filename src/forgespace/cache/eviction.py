@@ -42,8 +42,8 @@ from typing import Any, Protocol
 from forgespace.cache.index import CacheIndex, EntryRecord, scan_entries, tree_size
 from forgespace.cache.locks import owner_is_dead, remove_dead_owner
 from forgespace.config import Settings
-from forgespace.errors import CacheFullError, LockTimeoutError
-from forgespace.layout import ID_PATTERN, RESERVED_IDS, CacheLayout
+from forgespace.errors import CacheAccessError, CacheFullError, LockTimeoutError
+from forgespace.layout import CacheLayout, is_valid_id
 
 log = logging.getLogger(__name__)
 
@@ -315,6 +315,8 @@ def collect_garbage(cache: CacheLike, *, dry_run: bool = False) -> GcReport:
         try:
             _execute(cache, item, report)
         except OSError as exc:
+            if isinstance(exc, CacheAccessError):
+                raise  # the cache itself cannot be written (read-only, not our user's): stop
             # One entry that cannot be removed (permissions, a busy mount...) must not stop
             # the sweep; whatever was already moved to the trash goes with the next gc.
             log.warning("gc: could not evict %s: %s", item.key, exc)
@@ -322,7 +324,12 @@ def collect_garbage(cache: CacheLike, *, dry_run: bool = False) -> GcReport:
     _remove_dead_owners(cache.layout)
     _remove_empty_target_dirs(cache)
     report.adopted = adopt_unindexed(cache)
-    expired = cache.index.purge_expired_leases()
+    expired: list[Any] = []
+
+    def purge() -> None:
+        expired.extend(cache.index.purge_expired_leases())
+
+    cache.index.try_write("drop expired leases", purge)  # on a full disk: the next gc
     if expired:
         log.info("gc: dropped %d expired lease(s)", len(expired))
     cache.index.checkpoint()
@@ -399,7 +406,9 @@ def _execute(cache: CacheLike, item: PlannedEviction, report: GcReport) -> None:
                 paths.append(layout.overlay_dir / item.key)
             _unmount_inside(layout, paths)
             _delete_via_trash(layout, paths)
-            index.remove(item.key)
+            # Delete, then record: on a full disk the deletion is what frees the space. A row
+            # that still cannot be removed is a stale row the next gc drops.
+            index.try_write("forget an evicted entry", index.remove, item.key)
             _forget_records(layout, item)
             with contextlib.suppress(OSError):
                 os.rmdir(layout.target_dir(item.target_id))  # only when now empty
@@ -416,14 +425,16 @@ def _recheck(cache: CacheLike, item: PlannedEviction) -> str:
     if item.kind == "mount":
         run_key = _run_key_of(cache.layout, cache.layout.root / item.key)
         return "leased" if run_key and index.is_leased(run_key[1]) else ""
-    if index.is_leased(item.key):
-        return "leased"
     entry = index.get(item.key)
     if item.kind == "stale-row":
+        # Only a row goes (nothing on disk): even a leased one, e.g. left by an eviction on a
+        # full disk that could delete but not record.
         if entry is None:
             return "already gone"
         on_disk = any(os.path.lexists(p) for p in entry_paths(cache.layout, entry))
         return "back on disk" if on_disk else ""
+    if index.is_leased(item.key):
+        return "leased"
     if entry is None:
         if item.bytes == 0 and item.kind == "run":
             return ""  # an unindexed orphan run directory
@@ -605,11 +616,7 @@ def make_room(cache: CacheLike, incoming_bytes: int, *, target_id: str) -> None:
 
 def _is_target_dir(d: os.DirEntry[str]) -> bool:
     # valid ids only: never .forgespace, never a stray name a lock file would be made for
-    return (
-        bool(ID_PATTERN.match(d.name))
-        and d.name not in RESERVED_IDS
-        and d.is_dir(follow_symlinks=False)
-    )
+    return is_valid_id(d.name) and d.is_dir(follow_symlinks=False)
 
 
 def _remove_empty_target_dirs(cache: CacheLike) -> None:
@@ -649,8 +656,8 @@ def adopt_unindexed(cache: CacheLike) -> list[str]:
                 if index.get(e.key) is not None:
                     continue
                 found = [x for x in scan_entries_of(layout, e.target_id) if x.key == e.key]
-                if found:
-                    index.publish(found[0])
+                what = "index an entry found on disk"
+                if found and index.try_write(what, index.publish, found[0]):
                     adopted.append(e.key)
         except LockTimeoutError:
             continue  # busy: maybe publishing it right now; the next gc looks again
@@ -694,15 +701,17 @@ def evict_target(
                 f"{ids}{' ...' if len(leases) > 5 else ''}; end those runs (cleanup) or pass "
                 "--force; nothing was deleted"
             )
-        for le in leases:
-            index.end_lease(le.lease_id)
         entries = index.entries_of(target_id)
         tdir = layout.target_dir(target_id)
         paths = [tdir, layout.overlay_dir / target_id]
         _unmount_inside(layout, paths)
+        # Delete, then record (a full disk is freed by the deletion; records that still cannot
+        # be written are reconciled by the next gc: stale rows dropped, dead leases expire).
         _delete_via_trash(layout, paths)
+        for le in leases:
+            index.try_write("end a lease of an evicted target", index.end_lease, le.lease_id)
         for e in entries:
-            index.remove(e.key)
+            index.try_write("forget an evicted entry", index.remove, e.key)
             item = PlannedEviction(e.key, target_id, e.kind, "operator", e.bytes, e.last_access)
             _forget_records(layout, item)
             evicted.append(item)

@@ -110,7 +110,10 @@ def flock(
                 f"purpose={purpose or 'write'}\n"
             )
             os.ftruncate(fd, 0)
-            os.pwrite(fd, info.encode(), 0)
+            # Who holds it is only for others' error messages: a full disk must not stop the
+            # holder (gc and evict are how an operator frees one).
+            with contextlib.suppress(OSError):
+                os.pwrite(fd, info.encode(), 0)
         try:
             yield fd
         finally:

@@ -52,6 +52,7 @@ from forgespace.cache.locks import (
 )
 from forgespace.config import Settings
 from forgespace.errors import (
+    CacheAccessError,
     CacheFullError,
     CleanupRefusedError,
     ForgespaceError,
@@ -149,16 +150,24 @@ class WorkspaceCache:
     cleanup and gc never need the store).
     """
 
-    def __init__(self, settings: Settings, store: Store | None = None) -> None:
-        from forgespace.cache.index import CacheIndex
+    def __init__(
+        self, settings: Settings, store: Store | None = None, *, read_only: bool = False
+    ) -> None:
+        """``read_only`` (``cache verify`` without ``--repair``): create nothing; CACHE_DIR
+        and its ``.forgespace`` must exist (CacheAccessError otherwise)."""
+        from forgespace.cache.index import CacheIndex, make_cache_dirs
 
         self.settings = settings
         self.layout = CacheLayout(Path(settings.cache_dir))
         self._store = store
-        for d in (self.layout.locks_dir, self.layout.tmp_dir, self.layout.trash_dir):
-            d.mkdir(parents=True, exist_ok=True)
+        if not read_only:
+            make_cache_dirs(
+                self.layout, (self.layout.locks_dir, self.layout.tmp_dir, self.layout.trash_dir)
+            )
         self._owners_dir = self.layout.meta_dir / "owners"
-        self.index: CacheIndex = CacheIndex(self.layout, lease_ttl=settings.cache_lease_ttl)
+        self.index: CacheIndex = CacheIndex(
+            self.layout, lease_ttl=settings.cache_lease_ttl, create=not read_only
+        )
         self._tls = threading.local()
         self._file_targets: set[str] = set()  # ids whose object is not an archive (immutable)
         self._hit_path_cache: dict[str, tuple[str, str]] = {}
@@ -172,7 +181,7 @@ class WorkspaceCache:
         faults = os.environ.get(_FAULT_ENV, "")
         self._faults = frozenset(p for p in faults.split(",") if p)
         self.cow_backend = settings.cow_backend
-        if self.cow_backend == "overlay":
+        if self.cow_backend == "overlay" and not read_only:
             from forgespace.cache import overlay
 
             # Fail at start-up, not at the first copy-on-write run.
@@ -206,15 +215,25 @@ class WorkspaceCache:
         purpose: str = "",
     ) -> Iterator[None]:
         """Hold the per-target lock. Waits at most ``timeout`` (default
-        CACHE_LOCK_TIMEOUT); ``blocking=False`` raises LockTimeoutError at once."""
-        with flock(
-            self.layout.lock_path(target_id),
-            exclusive=exclusive,
-            timeout=self.settings.cache_lock_timeout if timeout is None else timeout,
-            blocking=blocking,
-            what=f"target {target_id}",
-            purpose=purpose,
-        ):
+        CACHE_LOCK_TIMEOUT); ``blocking=False`` raises LockTimeoutError at once. A lock file
+        that cannot be opened (read-only cache, permission denied) raises CacheAccessError."""
+        held = contextlib.ExitStack()
+        try:
+            held.enter_context(
+                flock(
+                    self.layout.lock_path(target_id),
+                    exclusive=exclusive,
+                    timeout=self.settings.cache_lock_timeout if timeout is None else timeout,
+                    blocking=blocking,
+                    what=f"target {target_id}",
+                    purpose=purpose,
+                )
+            )
+        except OSError as exc:
+            if isinstance(exc, ForgespaceError):
+                raise
+            raise CacheAccessError.from_os_error(exc, f"lock target {target_id}") from exc
+        with held:  # only taking the lock is translated above, never the body's errors
             yield
 
     # --- public API ----------------------------------------------------------------------
@@ -315,7 +334,8 @@ class WorkspaceCache:
                 with self.target_lock(tid, exclusive=False, timeout=waiter.remaining()):
                     path = self._shared_complete(tid)
                     if path is not None:
-                        self.index.access(key, lease=lease, hit=True)
+                        # a full disk must not cost the hit: the record is skipped, with a warning
+                        self.index.try_write("hit", self.index.access, key, lease=lease, hit=True)
                         log.info("Cache HIT: %s (mode: shared)", tid)
                         return GetResult(path, False, "shared", tid, rid)
             except _Tampered as t:
@@ -335,7 +355,7 @@ class WorkspaceCache:
                     path = None
                     self._discard(self.layout.shared_workspace(tid))
                 if path is not None:
-                    self.index.access(key, lease=lease, hit=True)
+                    self.index.try_write("hit", self.index.access, key, lease=lease, hit=True)
                     log.info("Cache HIT: %s (mode: shared)", tid)
                     return GetResult(path, False, "shared", tid, rid)
                 downloaded = self._publish_shared(tid, tampered)
@@ -405,15 +425,25 @@ class WorkspaceCache:
         shared_key = f"{tid}/shared"
         pins = (run_key, shared_key) if self.cow_backend == "overlay" else (run_key,)
         lease = self._lease(run_key, tid, rid, pins)
-        # Before staging, so gc never takes the run directory we are about to create.
-        self.index.add_lease(lease)
+        # Before staging, so gc never takes the run directory we are about to create. On a
+        # full cache a hit (the run's directory exists) is served without it; anything that
+        # creates a directory records it first (_require_lease).
+        leased = [self.index.try_write("lease", self.index.add_lease, lease)]
         try:
-            return self._get_cow_locked(tid, rid, lease)
+            return self._get_cow_locked(tid, rid, lease, leased)
         except BaseException:
-            self.index.end_lease(lease.lease_id)
+            self.index.try_write("end lease", self.index.end_lease, lease.lease_id)
             raise
 
-    def _get_cow_locked(self, tid: str, rid: str, lease: LeaseRecord) -> GetResult:
+    def _require_lease(self, lease: LeaseRecord, leased: list[bool]) -> None:
+        """Record ``lease`` now if try_write skipped it (raises CacheFullError if still full)."""
+        if not leased[0]:
+            self.index.add_lease(lease)
+            leased[0] = True
+
+    def _get_cow_locked(
+        self, tid: str, rid: str, lease: LeaseRecord, leased: list[bool]
+    ) -> GetResult:
         shared_dir = self.layout.cow_shared_dir(tid)
         published = downloaded = False
         waiter = _Waiter(self, tid)
@@ -427,9 +457,12 @@ class WorkspaceCache:
                 if existing is not None and (
                     shared_dir.is_dir() or self._run_dir_mode(tid, rid) != "isolated"
                 ):
-                    self.index.access(f"{tid}/{rid}", lease=lease, hit=not published)
+                    self.index.try_write(
+                        "hit", self.index.access, f"{tid}/{rid}", lease=lease, hit=not published
+                    )
                     log.info("Cache HIT: %s (mode: copy-on-write)", tid)
                     return GetResult(existing, downloaded, "copy-on-write", tid, rid)
+                self._require_lease(lease, leased)
                 if shared_dir.is_dir():
                     # The shared lock keeps gc off shared/ while we copy from it.
                     path = self._make_cow_run(tid, rid)
@@ -563,13 +596,14 @@ class WorkspaceCache:
     def _get_isolated(self, tid: str, rid: str) -> GetResult:
         run_key = f"{tid}/{rid}"
         lease = self._lease(run_key, tid, rid, (run_key,))
-        self.index.add_lease(lease)
+        leased = [self.index.try_write("lease", self.index.add_lease, lease)]
         try:
             existing = self._run_result(tid, rid)
             if existing is not None:
-                self.index.access(run_key, lease=lease, hit=True)
+                self.index.try_write("hit", self.index.access, run_key, lease=lease, hit=True)
                 log.info("Cache HIT: %s (mode: isolated)", tid)
                 return GetResult(existing, False, "isolated", tid, rid)
+            self._require_lease(lease, leased)
             self.sweep_leftovers(tid)
             with self._staging(tid, f"run-{rid}") as stage:
                 src = self._download(tid, stage / "target", "isolated")
@@ -584,7 +618,7 @@ class WorkspaceCache:
             self.index.access(run_key, lease=lease, hit=False)
             return GetResult(path, True, "isolated", tid, rid)
         except BaseException:
-            self.index.end_lease(lease.lease_id)
+            self.index.try_write("end lease", self.index.end_lease, lease.lease_id)
             raise
 
     # --- helpers shared by the modes ------------------------------------------------------

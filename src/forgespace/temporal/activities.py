@@ -70,7 +70,9 @@ RESULT_FORMATS = {
     "json": ("json", "application/json"),
     "sarif": ("sarif", "application/sarif+json"),
 }
-_WORKFLOW_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
+# Longer than a target id (Temporal workflow ids), same characters; fullmatch (a trailing
+# newline must not pass).
+_WORKFLOW_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 
 
 class RunReleasedError(ForgespaceError):
@@ -437,7 +439,7 @@ class CacheActivities:
         self, workflow_id: str, results: Any, results_format: str = "json"
     ) -> str:
         """Store ``results`` under ``{workflow_id}/results.{json|sarif}``; return the location."""
-        if not isinstance(workflow_id, str) or not _WORKFLOW_ID.match(workflow_id):
+        if not isinstance(workflow_id, str) or not _WORKFLOW_ID.fullmatch(workflow_id):
             raise ApplicationError(
                 f"invalid workflow_id {workflow_id!r}: expected 1-255 characters of "
                 "A-Z a-z 0-9 . _ - starting with a letter or digit",
