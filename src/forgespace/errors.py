@@ -13,6 +13,8 @@
      ├── LockTimeoutError (TimeoutError)     a bounded wait ran out; names what and who holds it
      ├── CleanupRefusedError (ValueError)    cleanup_cache was given a path it must not delete
      ├── CacheFullError (OSError)            no room on disk (ENOSPC) for a download/extraction
+     ├── UnsafeCacheEntryError (OSError)     a symlink, non-directory or mount point planted where
+     │                                       the cache expects its own directory or lock file
      ├── BackendUnavailableError             the configured copy-on-write backend cannot work here
      └── WorkflowMetadataError (ValueError)  a workflow package's metadata.yaml is invalid
 
@@ -74,6 +76,24 @@ class CleanupRefusedError(ForgespaceError, ValueError):
 
 class CacheFullError(ForgespaceError, OSError):
     """The cache filesystem ran out of space; the partial entry was removed."""
+
+
+class UnsafeCacheEntryError(ForgespaceError, OSError):
+    """Something other than what forgespace made sits where it expects one of its own entries
+    (an internal directory, a lock file, a directory to delete): a symlink, a non-directory, a
+    hard-linked lock file or a mount point. It is refused, never followed.
+
+    ``path`` names the entry and ``found`` says what it is (e.g. "a symbolic link (to '/x')").
+    An OSError too, so a sweep that skips entries it cannot remove skips this one and goes on.
+    """
+
+    def __init__(self, message: str, *, path: str = "", found: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+        self.found = found
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 class BackendUnavailableError(ForgespaceError):
