@@ -259,7 +259,9 @@ class CacheIndex:
     @contextlib.contextmanager
     def _rebuild_flock(self) -> Iterator[None]:
         lock_path = self.layout.meta_dir / "index.lock"
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        from forgespace.cache import fsops  # O_NOFOLLOW, regular single-link file
+
+        fd = fsops.open_lock(self.layout.root, lock_path)
         try:
             deadline = time.monotonic() + REBUILD_LOCK_TIMEOUT_S
             while True:

@@ -305,6 +305,8 @@ def verify_doc(cache: Any, *, repair: bool) -> dict[str, Any]:
             diffs = verify_shared(tid)
             if diffs:
                 modified[tid] = diffs
+    audit = getattr(cache, "audit_internal", None)
+    unsafe: list[str] = audit() if audit is not None else []
     repaired: list[str] = []
     if repair:
         if missing_from_index or missing_on_disk:
@@ -320,7 +322,7 @@ def verify_doc(cache: Any, *, repair: bool) -> dict[str, Any]:
 
                 if evict_entry(cache, f"{tid}/shared"):
                     repaired.append(f"{tid}/shared removed (modified); the next run re-downloads")
-    ok = not (missing_from_index or missing_on_disk or modified)
+    ok = not (missing_from_index or missing_on_disk or modified or unsafe)
     return {
         "ok": ok,
         "entries_indexed": len(indexed),
@@ -329,6 +331,7 @@ def verify_doc(cache: Any, *, repair: bool) -> dict[str, Any]:
         "missing_on_disk": missing_on_disk,
         "modified": modified,
         "repaired": repaired,
+        "unsafe": unsafe,
     }
 
 
@@ -361,6 +364,8 @@ def verify(
             t.add_row("on disk, not in the index", k)
         for k in doc["missing_on_disk"]:
             t.add_row("in the index, not on disk", k)
+        for line in doc["unsafe"]:
+            t.add_row("planted where the cache expects its own entry", line)
         for tid, diffs in doc["modified"].items():
             for d in diffs[:20]:
                 t.add_row(f"modified shared workspace of {tid}", d)
