@@ -582,9 +582,10 @@ class _Extractor:
         for rel in sorted(dirs, key=len, reverse=True):
             perm, mtime = self.dir_meta.get(rel, (0o555, None))
             at, n = self._at(rel or ".")
-            os.chmod(n, 0o555 if self.read_only else perm, dir_fd=at)
+            # Times first: once "." is mode 000, a non-root owner can no longer look it up.
             if mtime is not None:
                 os.utime(n, ns=(mtime, mtime), dir_fd=at)
+            os.chmod(n, 0o555 if self.read_only else perm, dir_fd=at)
         manifest = tuple((rel, size, mt) for rel, (size, mt) in self.files.items())
         return ExtractStats(
             files=len(self.files), dirs=self.ndirs, bytes=self.written, manifest=manifest
