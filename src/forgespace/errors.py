@@ -16,6 +16,8 @@
      │                                       or for an index write that cannot be skipped
      ├── CacheAccessError (OSError)          CACHE_DIR cannot be read or written (read-only
      │                                       filesystem, permission denied, not a directory)
+     ├── UnsafeCacheEntryError (OSError)     a symlink, non-directory or mount point planted where
+     │                                       the cache expects its own directory or lock file
      ├── BackendUnavailableError             the configured copy-on-write backend cannot work here
      │    └── SandboxUnavailableError        FORGESPACE_SANDBOX=bwrap, and bwrap cannot work here
      ├── SandboxStartError                   bwrap could not set up a tool's sandbox
@@ -102,6 +104,24 @@ class CacheAccessError(ForgespaceError, _PlainOSError):
         err = cls(exc.errno, f"cannot {doing}:{where}: {exc.strerror or exc}")
         err.filename = exc.filename
         return err
+
+
+class UnsafeCacheEntryError(ForgespaceError, OSError):
+    """Something other than what forgespace made sits where it expects one of its own entries
+    (an internal directory, a lock file, a directory to delete): a symlink, a non-directory, a
+    hard-linked lock file or a mount point. It is refused, never followed.
+
+    ``path`` names the entry and ``found`` says what it is (e.g. "a symbolic link (to '/x')").
+    An OSError too, so a sweep that skips entries it cannot remove skips this one and goes on.
+    """
+
+    def __init__(self, message: str, *, path: str = "", found: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+        self.found = found
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 class BackendUnavailableError(ForgespaceError):

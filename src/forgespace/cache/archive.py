@@ -33,18 +33,18 @@ import errno
 import logging
 import lzma
 import os
-import shutil
 import stat
 import struct
 import time
 import zipfile
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Literal, cast
 
 from isal import igzip, igzip_threaded, isal_zlib
 
+from forgespace.cache import fsops
 from forgespace.cache.fsutil import current_umask
 from forgespace.errors import CacheFullError, IntegrityError, UnsafeArchiveError
 
@@ -65,6 +65,10 @@ _EMPTY_TAR_LIMIT = 64 * 1024
 # After the tar end marker, drain at most this much of a compressed stream so its CRC is checked.
 _DRAIN_LIMIT = 1 << 20
 _MAX_ZIP_SYMLINK = 4096
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# Relative paths longer than this are reached in steps (_Extractor._at); PATH_MAX is 4096.
+_STEP = 2048
+_PATH_MAX = 4096
 _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
@@ -292,11 +296,49 @@ class _Extractor:
         self.dir_meta: dict[str, tuple[int, int | None]] = {}
         self.ndirs = 0
         self.member = ""
+        self._anchor: tuple[str, int] | None = None  # (directory rel path, its fd): see _at
 
     def close(self) -> None:
+        self._drop_anchor()
         if self.dfd >= 0:
             os.close(self.dfd)
             self.dfd = -1
+
+    def _drop_anchor(self) -> None:
+        if self._anchor is not None:
+            os.close(self._anchor[1])
+            self._anchor = None
+
+    def _at(self, rel: str) -> tuple[int, str]:
+        """(directory fd, name) to reach ``rel`` with: the destination's fd and ``rel`` itself
+        while ``rel`` is short, else an fd of its parent directory opened in steps of at most
+        _STEP bytes (each a path of directories this extraction created, never through a
+        symlink), so member depth is bounded by nothing but inodes. One parent is cached:
+        members of a directory usually follow each other."""
+        if len(rel) < _STEP // 4 or len(os.fsencode(rel)) < _STEP or "/" not in rel:
+            return self.dfd, rel
+        head, _, name = rel.rpartition("/")
+        if self._anchor is not None and self._anchor[0] == head:
+            return self._anchor[1], name
+        self._drop_anchor()
+        fd = os.dup(self.dfd)
+        try:
+            chunk: list[str] = []
+            size = 0
+            for part in [*head.split("/"), ""]:
+                n = len(os.fsencode(part)) + 1
+                if part == "" or (chunk and size + n > _STEP):
+                    nfd = os.open("/".join(chunk), _DIR_FLAGS, dir_fd=fd)
+                    os.close(fd)
+                    fd = nfd
+                    chunk, size = [], 0
+                chunk.append(part)
+                size += n
+        except BaseException:
+            os.close(fd)
+            raise
+        self._anchor = (head, fd)
+        return fd, name
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -329,7 +371,8 @@ class _Extractor:
                 raise self._unsafe(f"would be written through the symlink {cur!r}")
             if cur in self.files:
                 raise self._unsafe(f"needs a directory where the archive put a file ({cur!r})")
-            os.mkdir(cur, 0o755, dir_fd=self.dfd)
+            at, n = self._at(cur)
+            os.mkdir(n, 0o755, dir_fd=at)
             self.known_dirs.add(cur)
             self.ndirs += 1
 
@@ -338,10 +381,12 @@ class _Extractor:
         if rel in self.known_dirs:
             raise self._unsafe("would replace a directory")
         if self.symlinks.pop(rel, None) is None and self.files.pop(rel, None) is None:
-            st = os.lstat(rel, dir_fd=self.dfd)
+            at, n = self._at(rel)
+            st = os.lstat(n, dir_fd=at)
             if stat.S_ISDIR(st.st_mode):
                 raise self._unsafe("would replace a directory")
-        os.unlink(rel, dir_fd=self.dfd)
+        at, n = self._at(rel)
+        os.unlink(n, dir_fd=at)
 
     def _budget(self, size: int) -> None:
         if size > self.max_bytes - self.written:
@@ -362,11 +407,13 @@ class _Extractor:
         if not rel:
             raise self._unsafe("is a file where the archive root belongs")
         self._parent(rel)
+        at, n = self._at(rel)
         try:
-            return os.open(rel, _OPEN_FLAGS, perm, dir_fd=self.dfd)
+            return os.open(n, _OPEN_FLAGS, perm, dir_fd=at)
         except FileExistsError:
             self._clear(rel)
-            return os.open(rel, _OPEN_FLAGS, perm, dir_fd=self.dfd)
+            at, n = self._at(rel)
+            return os.open(n, _OPEN_FLAGS, perm, dir_fd=at)
 
     def _finish_file(self, fd: int, rel: str, perm: int, mtime: int | None, size: int) -> None:
         if perm & self.umask:
@@ -386,7 +433,8 @@ class _Extractor:
             if rel in self.files:
                 raise self._unsafe("is a directory where the archive put a file")
             self._parent(rel)
-            os.mkdir(rel, 0o755, dir_fd=self.dfd)
+            at, n = self._at(rel)
+            os.mkdir(n, 0o755, dir_fd=at)
             self.known_dirs.add(rel)
             self.ndirs += 1
         self.dir_meta[rel] = (perm, mtime)
@@ -468,6 +516,10 @@ class _Extractor:
             elif part and part != ".":
                 depth += 1
         self._parent(rel)
+        if len(os.fsencode(self.dest)) + len(os.fsencode(rel)) + 1 >= _PATH_MAX:
+            # finish() checks where chains of links lead with realpath(), which cannot look
+            # beyond PATH_MAX: such a link could escape unseen.
+            raise self._unsafe(f"is a symlink deeper than PATH_MAX ({_PATH_MAX} bytes)")
         try:
             os.symlink(target, rel, dir_fd=self.dfd)
         except FileExistsError:
@@ -494,7 +546,21 @@ class _Extractor:
         except FileExistsError:
             self._clear(rel)
             os.link(target, rel, src_dir_fd=self.dfd, dst_dir_fd=self.dfd, follow_symlinks=False)
+        except OSError as e:
+            if e.errno != errno.ENAMETOOLONG:
+                raise
+            self._deep_link(target, rel)
         self.files[rel] = self.files[target]
+
+    def _deep_link(self, target: str, rel: str) -> None:
+        """A hard link whose paths do not fit in PATH_MAX: both ends reached through _at."""
+        at, n = self._at(target)
+        src_fd = os.dup(at)  # _at's cache holds one parent at a time
+        try:
+            dst_fd, m = self._at(rel)
+            os.link(n, m, src_dir_fd=src_fd, dst_dir_fd=dst_fd, follow_symlinks=False)
+        finally:
+            os.close(src_fd)
 
     # -- end -----------------------------------------------------------------------------------
 
@@ -515,10 +581,11 @@ class _Extractor:
         dirs = self.known_dirs if self.read_only else self.dir_meta
         for rel in sorted(dirs, key=len, reverse=True):
             perm, mtime = self.dir_meta.get(rel, (0o555, None))
-            path = rel or "."
-            os.chmod(path, 0o555 if self.read_only else perm, dir_fd=self.dfd)
+            at, n = self._at(rel or ".")
+            # Times first: once "." is mode 000, a non-root owner can no longer look it up.
             if mtime is not None:
-                os.utime(path, ns=(mtime, mtime), dir_fd=self.dfd)
+                os.utime(n, ns=(mtime, mtime), dir_fd=at)
+            os.chmod(n, 0o555 if self.read_only else perm, dir_fd=at)
         manifest = tuple((rel, size, mt) for rel, (size, mt) in self.files.items())
         return ExtractStats(
             files=len(self.files), dirs=self.ndirs, bytes=self.written, manifest=manifest
@@ -751,18 +818,6 @@ def _extract_zip(x: _Extractor, src: str) -> None:
                 ) from e
 
 
-def _remove_tree(path: str) -> None:
-    def onerror(func: Callable[..., object], p: str, exc: object) -> None:
-        # A directory made read-only (mode applied at the end) must become writable to be emptied.
-        try:
-            os.chmod(os.path.dirname(p), 0o700)
-            func(p)
-        except OSError:
-            pass
-
-    shutil.rmtree(path, onerror=onerror)  # type: ignore[arg-type]
-
-
 def extract_archive(
     src: str | os.PathLike[str],
     dest: str | os.PathLike[str],
@@ -808,7 +863,7 @@ def extract_archive(
         member = x.member if x is not None else ""
         if x is not None:
             x.close()
-        _remove_tree(d)
+        fsops.remove(Path(d).parent, d)
         if isinstance(e, UnsafeArchiveError) and not str(e).startswith("archive "):
             raise UnsafeArchiveError(f"archive {s}: {e}") from e
         if isinstance(e, OSError) and not isinstance(e, CacheFullError):

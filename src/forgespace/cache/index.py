@@ -46,7 +46,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from forgespace.errors import CacheAccessError, CacheFullError, LockTimeoutError
+from forgespace.errors import (
+    CacheAccessError,
+    CacheFullError,
+    ForgespaceError,
+    LockTimeoutError,
+    UnsafeCacheEntryError,
+)
 from forgespace.layout import META_DIRNAME, CacheLayout, is_valid_id
 
 log = logging.getLogger(__name__)
@@ -210,10 +216,20 @@ def make_cache_dirs(layout: CacheLayout, dirs: Iterable[Path]) -> None:
     """Create the cache's internal directories (and CACHE_DIR) if missing; a read-only
     filesystem, a permission error or a CACHE_DIR that is not a directory raise a
     CacheAccessError naming the path."""
+    from forgespace.cache import fsops  # one name at a time, never through a planted link
+
     root = layout.root
     try:
+        root.mkdir(parents=True, exist_ok=True)
         for d in dirs:
-            d.mkdir(parents=True, exist_ok=True)
+            try:
+                os.close(fsops.open_dir(root, fsops.parts_under(root, d), create=True))
+            except UnsafeCacheEntryError as exc:
+                if d == layout.meta_dir:
+                    raise  # everything internal lives below it: nothing can work around it
+                # Refused, never followed; the operations that need it refuse too, and
+                # `cache verify` reports it. Everything else keeps working.
+                log.warning("%s", exc)
     except OSError as exc:
         if os.path.exists(root) and not os.path.isdir(root):
             raise CacheAccessError(
@@ -335,10 +351,38 @@ class CacheIndex:
         conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
         return conn
 
+    def _drop_planted_files(self) -> None:
+        """SQLite opens the index and its ``-wal``/``-shm`` by path, following symlinks: a
+        link planted under one of those names would make it write outside CACHE_DIR. Before
+        every connect, such a link (or any non-regular or hard-linked file) is removed — the
+        link itself, never what it points to; a planted index is moved aside (rebuilt)."""
+        for suffix in ("", "-wal", "-shm"):
+            path = f"{self.path}{suffix}"
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            except OSError:
+                return  # unreadable metadata: the open below reports it
+            if stat_mod.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                continue
+            log.warning(
+                "cache index file %s is a %s, not a file forgespace made; removed it (the "
+                "entry itself, never what it points to)",
+                path,
+                "symbolic link" if stat_mod.S_ISLNK(st.st_mode) else "planted entry",
+            )
+            with contextlib.suppress(OSError):  # read-only: no write can follow it either
+                if suffix:
+                    os.unlink(path)
+                else:
+                    os.replace(path, f"{self.path}.corrupt")
+
     def _try_open(self) -> tuple[sqlite3.Connection, tuple[int, int]] | None:
         """A ready connection, or None if the index is missing, empty, corrupt or foreign.
         Raises CacheFullError / CacheAccessError / LockTimeoutError when the environment,
         not the file, is at fault (the caller must not rebuild then)."""
+        self._drop_planted_files()
         if not self.path.exists():
             return None
         try:
@@ -401,9 +445,13 @@ class CacheIndex:
     @contextlib.contextmanager
     def _rebuild_flock(self) -> Iterator[None]:
         lock_path = self.layout.meta_dir / "index.lock"
+        from forgespace.cache import fsops  # O_NOFOLLOW, regular single-link file
+
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = fsops.open_lock(self.layout.root, lock_path)
         except OSError as exc:
+            if isinstance(exc, ForgespaceError):
+                raise  # a planted entry: refused with its own error, never followed
             raise self._os_error(exc, "create or rebuild the cache index") from exc
         try:
             deadline = time.monotonic() + REBUILD_LOCK_TIMEOUT_S
@@ -439,6 +487,7 @@ class CacheIndex:
             raise self._os_error(exc, "create or rebuild the cache index") from exc
 
     def _create_or_rebuild_now(self) -> None:
+        self._drop_planted_files()
         existed = self.path.exists() and self.path.stat().st_size > 0
         if existed:
             aside = self.path.with_name(self.path.name + ".corrupt")

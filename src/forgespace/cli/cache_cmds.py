@@ -338,7 +338,7 @@ def verify_doc(cache: Any, *, repair: bool) -> dict[str, Any]:
     if cache is None:
         return {
             "ok": True, "entries_indexed": 0, "entries_on_disk": 0, "missing_from_index": [],
-            "missing_on_disk": [], "modified": {}, "repaired": [],
+            "missing_on_disk": [], "modified": {}, "unsafe": [], "repaired": [],
         }  # fmt: skip
     index, layout = cache.index, cache.layout
     indexed = {e.key: e for e in index.entries()}
@@ -356,6 +356,8 @@ def verify_doc(cache: Any, *, repair: bool) -> dict[str, Any]:
             diffs = verify_shared(tid)
             if diffs:
                 modified[tid] = diffs
+    audit = getattr(cache, "audit_internal", None)
+    unsafe: list[str] = audit() if audit is not None else []
     repaired: list[str] = []
     if repair:
         if missing_from_index or missing_on_disk:
@@ -371,7 +373,7 @@ def verify_doc(cache: Any, *, repair: bool) -> dict[str, Any]:
 
                 if evict_entry(cache, f"{tid}/shared"):
                     repaired.append(f"{tid}/shared removed (modified); the next run re-downloads")
-    ok = not (missing_from_index or missing_on_disk or modified)
+    ok = not (missing_from_index or missing_on_disk or modified or unsafe)
     return {
         "ok": ok,
         "entries_indexed": len(indexed),
@@ -380,6 +382,7 @@ def verify_doc(cache: Any, *, repair: bool) -> dict[str, Any]:
         "missing_on_disk": missing_on_disk,
         "modified": modified,
         "repaired": repaired,
+        "unsafe": unsafe,
     }
 
 
@@ -418,6 +421,8 @@ def verify(
             t.add_row("on disk, not in the index", k)
         for k in doc["missing_on_disk"]:
             t.add_row("in the index, not on disk", k)
+        for line in doc["unsafe"]:
+            t.add_row("planted where the cache expects its own entry", line)
         for tid, diffs in doc["modified"].items():
             for d in diffs[:20]:
                 t.add_row(f"modified shared workspace of {tid}", d)
