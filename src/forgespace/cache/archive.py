@@ -75,7 +75,12 @@ _READ_ERRORS: tuple[type[BaseException], ...] = (
     # isal's stubs declare its error as an instance; it is the class.
     cast("type[BaseException]", isal_zlib.error),
 )
-_ZIP_OPEN_ERRORS: tuple[type[BaseException], ...] = (zipfile.BadZipFile, *_READ_ERRORS)
+# zipfile raises NotImplementedError for a "version needed to extract" it does not know.
+_ZIP_OPEN_ERRORS: tuple[type[BaseException], ...] = (
+    zipfile.BadZipFile,
+    NotImplementedError,
+    *_READ_ERRORS,
+)
 _MEMBER_ERRNOS = {
     errno.ENAMETOOLONG,
     errno.ENOTDIR,
@@ -723,6 +728,7 @@ def _extract_zip(x: _Extractor, src: str) -> None:
             mode = zi.external_attr >> 16 if unix else 0
             kind = stat.S_IFMT(mode)
             mtime = _zip_mtime(zi)
+            where = f"{src}: member {zi.filename!r}"
             if zi.flag_bits & 0x1:
                 raise x._unsafe("is encrypted; encrypted zip members are not supported")
             try:
@@ -732,11 +738,14 @@ def _extract_zip(x: _Extractor, src: str) -> None:
                     if zi.file_size > _MAX_ZIP_SYMLINK:
                         raise x._unsafe(f"is a symlink with a {zi.file_size}-byte target")
                     with zf.open(zi) as data:
-                        target = data.read(_MAX_ZIP_SYMLINK + 1)
+                        target = _Reader(data, where).read(_MAX_ZIP_SYMLINK + 1)
                     x.symlink(rel, os.fsdecode(target), mtime)
                 elif kind in (0, stat.S_IFREG):
                     with zf.open(zi) as data:
-                        x.file_from(rel, (mode & 0o777) or 0o644, mtime, zi.file_size, data)
+                        # _Reader: a damaged stream is an IntegrityError (bz2 raises a bare
+                        # OSError), while write errors (ENOSPC) keep their own meaning.
+                        reader = cast("IO[bytes]", _Reader(data, where))
+                        x.file_from(rel, (mode & 0o777) or 0o644, mtime, zi.file_size, reader)
                 else:
                     raise x._unsafe("is a device, fifo or socket; special members are not accepted")
             except (
@@ -745,6 +754,8 @@ def _extract_zip(x: _Extractor, src: str) -> None:
                 zlib.error,
                 lzma.LZMAError,
                 NotImplementedError,
+                # The local header's copy of a name flagged UTF-8 is decoded when opened.
+                UnicodeDecodeError,
             ) as e:
                 raise IntegrityError(
                     f"archive {src}: member {zi.filename!r} is corrupt: {e}"
