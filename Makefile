@@ -24,28 +24,14 @@ run: setup
 test: setup
 	$(PY) -m pytest -q
 
-# Fuzz the archive reader (tar/zip parsing and member checks) for FUZZ_SECONDS with the committed
-# seeds. New interesting inputs go to fuzz/out/corpus and crash inputs to fuzz/out/crashes (both
-# ignored by git); a crash, a timeout or a leak ends it with a non-zero status and prints the input.
-# The outer `timeout` is a backstop in case libFuzzer itself stops honouring -max_total_time.
+# Fuzz the archive reader (tar/zip parsing, member checks, extraction) for FUZZ_SECONDS from the
+# committed seeds (fuzz/corpus/archive); new inputs and crash inputs go to fuzz/out/ (ignored by
+# git). Any finding ends it non-zero and prints the input. See docs/testing.md.
 FUZZ_SECONDS ?= 90
 FUZZ_ARGS ?=
-FUZZ_OUT := fuzz/out
 
 fuzz: setup
-	@mkdir -p $(FUZZ_OUT)/corpus $(FUZZ_OUT)/crashes
-	@scratch=$$(mktemp -d "$${FUZZ_SCRATCH_PARENT:-$$(test -w /dev/shm && echo /dev/shm || echo /tmp)}/forgespace-fuzz.XXXXXX"); \
-	rc=0; FORGESPACE_FUZZ_DIR=$$scratch timeout --kill-after=10 $$(( $(FUZZ_SECONDS) + 60 )) \
-	  $(PY) fuzz/fuzz_archive.py $(FUZZ_OUT)/corpus fuzz/corpus/archive \
-	  -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
-	  -artifact_prefix=$(FUZZ_OUT)/crashes/ $(FUZZ_ARGS) || rc=$$?; \
-	rm -rf "$$scratch"; \
-	if [ $$rc -ne 0 ]; then \
-	  echo "fuzz: FAILED (exit $$rc); crash inputs (base64):" >&2; \
-	  for f in $(FUZZ_OUT)/crashes/*; do [ -f "$$f" ] || continue; \
-	    echo "== $$f ($$(stat -c %s "$$f") bytes)" >&2; head -c 65536 "$$f" | base64 >&2; done; \
-	  exit 1; \
-	fi
+	fuzz/run.sh $(PY) $(FUZZ_SECONDS) $(FUZZ_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy

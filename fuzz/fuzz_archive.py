@@ -59,7 +59,10 @@ def _scratch_root() -> str:
 
 ROOT = _scratch_root()
 ARCHIVE = os.path.join(ROOT, "archive")
-DEST = os.path.join(ROOT, "dest")
+# A long destination name, like a real cache path: absolute paths of deep members then pass
+# PATH_MAX while their relative paths do not, the regime where path-based checks go blind.
+DEST_NAME = "dest-" + "d" * 200
+DEST = os.path.join(ROOT, DEST_NAME)
 OUTSIDE = os.path.join(ROOT, "outside")
 os.mkdir(OUTSIDE)
 with open(os.path.join(OUTSIDE, "secret"), "wb") as _f:
@@ -205,7 +208,7 @@ def _link_escapes(root_fd: int, root: tuple[int, int], rel: str) -> str | None:
 
 def _check_outside(extracted: bool) -> None:
     entries = sorted(os.listdir(ROOT))
-    expected = sorted([*ROOT_ENTRIES, "archive", *(["dest"] if extracted else [])])
+    expected = sorted([*ROOT_ENTRIES, "archive", *([DEST_NAME] if extracted else [])])
     if entries != expected:
         raise InvariantError(f"entries beside the destination changed: {entries} != {expected}")
     inside = os.listdir(OUTSIDE)

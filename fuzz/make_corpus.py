@@ -9,7 +9,8 @@ same bytes. Two kinds:
   pax headers, base-256 numbers, pre-POSIX directories, an empty tar;
 - every malicious kind ``tests/unit/test_archive_corpus.py`` knows, built by its own builders
   (the sentinel they aim at is ``../outside``, the harness's sibling of the destination), plus a
-  few refusals only a crafted header reaches (sparse, encrypted zip member, sockets).
+  few refusals only a crafted header reaches (sparse, encrypted zip member, sockets, a chain of
+  links that escapes only past PATH_MAX).
 """
 
 from __future__ import annotations
@@ -150,6 +151,23 @@ def deep_tree() -> bytes:
     return tar_bytes([_file(f"{deep}/leaf", b"leaf"), _sym("top", deep)], tarfile.PAX_FORMAT)
 
 
+def deep_symlink_chain() -> bytes:
+    """The escape the fuzz work found (tests/unit/test_archive_fuzz_regressions.py): a link
+    ``deep/s -> ..`` where ``dest/deep`` is longer than PATH_MAX, and a top-level link through it
+    that climbs out. The harness's destination name is long enough for this to matter."""
+    n = 16
+    deep = "/".join(f"p{i:02d}" + "x" * 240 for i in range(n))
+    target = f"{deep}/s/" + "/".join([".."] * (n + 1))
+    return tar_bytes(
+        [
+            _dir(deep),
+            _sym(f"{deep}/s", ".."),
+            _sym("l", target),
+        ],
+        tarfile.PAX_FORMAT,
+    )
+
+
 def ext_timestamp() -> bytes:
     # Extended-timestamp extra field (0x5455): flags=1 (mtime present), mtime as int32 LE.
     extra = b"UT" + (5).to_bytes(2, "little") + b"\x01" + MTIME.to_bytes(4, "little")
@@ -209,6 +227,7 @@ SMALL_BOMBS: dict[str, Callable[[], bytes]] = {
 
 CRAFTED: dict[str, Callable[[], bytes]] = {
     "tar_sparse.tar": sparse,
+    "tar_symlink_chain_deep.tar.gz": lambda: gzip.compress(deep_symlink_chain(), 9, mtime=0),
     "zip_encrypted.zip": encrypted_zip,
     "zip_socket.zip": lambda: zip_bytes([("sock", stat.S_IFSOCK | 0o644, b"")]),
 }

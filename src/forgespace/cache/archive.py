@@ -6,8 +6,8 @@ filter which costs ~60 us per member):
 - names: absolute paths, ``..`` components, empty names and NUL bytes are refused;
 - links: symlinks whose target is absolute or resolves (from the link's directory) outside the
   destination are refused, hard links must point at an earlier regular file of the archive; after
-  extraction every symlink is resolved once more by the kernel's rules (``realpath``) so chains of
-  links that only escape together are refused too;
+  extraction every symlink is resolved once more through the archive's other links, by the
+  kernel's rules, so chains of links that only escape together are refused too;
 - no member is ever written *through* a symlink: created symlinks are tracked and a member whose
   parent path contains one is refused (the classic ``link -> /tmp`` then ``link/evil``); files are
   opened with ``O_EXCL | O_NOFOLLOW`` and a duplicate member unlinks the earlier one first;
@@ -212,6 +212,50 @@ def _norm(name: str, what: str) -> str:
     if "" in parts or "." in parts:
         parts = [p for p in parts if p and p != "."]
     return "/".join(parts)
+
+
+# The kernel gives up (ELOOP) after following this many symlinks in one lookup.
+_MAX_SYMLINK_HOPS = 40
+
+
+def _link_escape(symlinks: dict[str, str], rel: str) -> str | None:
+    """Follow the symlink ``rel`` through the archive's own links, as the kernel would, and
+    return the link through which it leaves the destination (``rel`` itself or one it chains
+    through), or None when it stays inside.
+
+    ``symlinks`` (relative path -> target) is every link extracted: the destination was created
+    empty, so these records are the whole truth and no path is ever handed to the kernel. That
+    is why this replaced ``os.path.realpath``, which treats every component of an absolute path
+    longer than PATH_MAX as a plain directory, so a chain through a deep ``s -> ..`` slipped by.
+    Components that do not exist are taken lexically (a dangling link is judged by what it would
+    reach once created); a loop the kernel would refuse (ELOOP) reaches nothing.
+    """
+    path = rel.split("/")[:-1]  # the link's directory: never through a link (see _parent)
+    todo = symlinks[rel].split("/")[::-1]
+    via = rel
+    hops = 0
+    while todo:
+        part = todo.pop()
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not path:
+                return via
+            path.pop()
+            continue
+        path.append(part)
+        target = symlinks.get("/".join(path))
+        if target is None:
+            continue
+        hops += 1
+        if hops > _MAX_SYMLINK_HOPS:
+            return None
+        if target.startswith("/"):
+            return "/".join(path)
+        via = "/".join(path)
+        path.pop()
+        todo.extend(target.split("/")[::-1])
+    return None
 
 
 def _mtime_ns(mtime: float) -> int | None:
@@ -505,17 +549,17 @@ class _Extractor:
 
     def finish(self) -> ExtractStats:
         self.member = ""
-        if self.symlinks:
-            # Chains of links can escape together even when each target looks inside on its own
-            # (a -> b/c/.., b -> .); ask the kernel's resolution rules about the final tree.
-            root = os.path.realpath(self.dest)
-            for rel in self.symlinks:
-                real = os.path.realpath(os.path.join(root, rel))
-                if real != root and not real.startswith(root + os.sep):
-                    self.member = rel
-                    raise self._unsafe(
-                        f"is a symlink that resolves outside the destination ({real})"
-                    )
+        # Chains of links can escape together even when each target looks inside on its own
+        # (a -> b/c/.., b -> .): resolve every link through the others, by the kernel's rules.
+        for rel in self.symlinks:
+            via = _link_escape(self.symlinks, rel)
+            if via is not None:
+                self.member = rel
+                through = "" if via == rel else f" through the symlink {via!r}"
+                raise self._unsafe(
+                    f"is a symlink that resolves outside the destination{through}"
+                    f" (target {self.symlinks[rel]!r})"
+                )
         # Deepest first, so making a directory read-only never blocks its children.
         dirs = self.known_dirs if self.read_only else self.dir_meta
         for rel in sorted(dirs, key=len, reverse=True):
