@@ -130,6 +130,22 @@ def odd_tar_members() -> list[TarMember]:
     ]
 
 
+def replacements() -> list[TarMember]:
+    """Later members replacing earlier ones of every kind (the last one wins, never followed)."""
+    return [
+        _file("a", b"first"),
+        _file("b", b"second"),
+        _sym("x", "a"),
+        _file("x", b"a file replaces the link"),
+        _hard("h", "a"),
+        _hard("h", "b"),
+        _sym("h", "b"),
+        _hard("a", "a"),
+        _dir("d"),
+        _file("d/f", b"in d"),
+    ]
+
+
 def pax_extras() -> bytes:
     frac = _tinfo("fractional-mtime", size=1)
     frac.mtime = 1_600_000_000.5  # type: ignore[assignment]
@@ -206,6 +222,7 @@ REAL: dict[str, Callable[[], bytes]] = {
     "long-names-ustar-prefix.tar": lambda: tar_bytes(long_names()[:3], tarfile.USTAR_FORMAT),
     "pax-extras.tar.xz": lambda: lzma.compress(pax_extras()),
     "odd-headers-gnu.tar": lambda: tar_bytes(odd_tar_members()),
+    "replacements-gnu.tar": lambda: tar_bytes(replacements()),
     "deep-pax.tar.gz": lambda: gzip.compress(deep_tree(), 9, mtime=0),
     "empty.tar": lambda: bytes(1024),
     "project-deflated.zip": lambda: project_zip(zipfile.ZIP_DEFLATED),

@@ -22,7 +22,7 @@ rc=0
 FORGESPACE_FUZZ_DIR=$scratch timeout --kill-after=10 $((seconds + 60)) \
   "$python" fuzz/fuzz_archive.py "$out/corpus" fuzz/corpus/archive \
   -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
-  -artifact_prefix="$crashes/" "$@" || rc=$?
+  -dict=fuzz/archive.dict -artifact_prefix="$crashes/" "$@" || rc=$?
 if [ "$rc" -ne 0 ]; then
   echo "fuzz: FAILED (exit $rc); inputs kept in $crashes:" >&2
   for f in "$crashes"/*; do
