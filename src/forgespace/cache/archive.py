@@ -6,8 +6,8 @@ filter which costs ~60 us per member):
 - names: absolute paths, ``..`` components, empty names and NUL bytes are refused;
 - links: symlinks whose target is absolute or resolves (from the link's directory) outside the
   destination are refused, hard links must point at an earlier regular file of the archive; after
-  extraction every symlink is resolved once more by the kernel's rules (``realpath``) so chains of
-  links that only escape together are refused too;
+  extraction every symlink is resolved once more through the archive's other links, by the
+  kernel's rules, so chains of links that only escape together are refused too;
 - no member is ever written *through* a symlink: created symlinks are tracked and a member whose
   parent path contains one is refused (the classic ``link -> /tmp`` then ``link/evil``); files are
   opened with ``O_EXCL | O_NOFOLLOW`` and a duplicate member unlinks the earlier one first;
@@ -79,7 +79,12 @@ _READ_ERRORS: tuple[type[BaseException], ...] = (
     # isal's stubs declare its error as an instance; it is the class.
     cast("type[BaseException]", isal_zlib.error),
 )
-_ZIP_OPEN_ERRORS: tuple[type[BaseException], ...] = (zipfile.BadZipFile, *_READ_ERRORS)
+# zipfile raises NotImplementedError for a "version needed to extract" it does not know.
+_ZIP_OPEN_ERRORS: tuple[type[BaseException], ...] = (
+    zipfile.BadZipFile,
+    NotImplementedError,
+    *_READ_ERRORS,
+)
 _MEMBER_ERRNOS = {
     errno.ENAMETOOLONG,
     errno.ENOTDIR,
@@ -211,6 +216,50 @@ def _norm(name: str, what: str) -> str:
     if "" in parts or "." in parts:
         parts = [p for p in parts if p and p != "."]
     return "/".join(parts)
+
+
+# The kernel gives up (ELOOP) after following this many symlinks in one lookup.
+_MAX_SYMLINK_HOPS = 40
+
+
+def _link_escape(symlinks: dict[str, str], rel: str) -> str | None:
+    """Follow the symlink ``rel`` through the archive's own links, as the kernel would, and
+    return the link through which it leaves the destination (``rel`` itself or one it chains
+    through), or None when it stays inside.
+
+    ``symlinks`` (relative path -> target) is every link extracted: the destination was created
+    empty, so these records are the whole truth and no path is ever handed to the kernel. That
+    is why this replaced ``os.path.realpath``, which treats every component of an absolute path
+    longer than PATH_MAX as a plain directory, so a chain through a deep ``s -> ..`` slipped by.
+    Components that do not exist are taken lexically (a dangling link is judged by what it would
+    reach once created); a loop the kernel would refuse (ELOOP) reaches nothing.
+    """
+    path = rel.split("/")[:-1]  # the link's directory: never through a link (see _parent)
+    todo = symlinks[rel].split("/")[::-1]
+    via = rel
+    hops = 0
+    while todo:
+        part = todo.pop()
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not path:
+                return via
+            path.pop()
+            continue
+        path.append(part)
+        target = symlinks.get("/".join(path))
+        if target is None:
+            continue
+        hops += 1
+        if hops > _MAX_SYMLINK_HOPS:
+            return None
+        if target.startswith("/"):
+            return "/".join(path)
+        via = "/".join(path)
+        path.pop()
+        todo.extend(target.split("/")[::-1])
+    return None
 
 
 def _mtime_ns(mtime: float) -> int | None:
@@ -566,17 +615,17 @@ class _Extractor:
 
     def finish(self) -> ExtractStats:
         self.member = ""
-        if self.symlinks:
-            # Chains of links can escape together even when each target looks inside on its own
-            # (a -> b/c/.., b -> .); ask the kernel's resolution rules about the final tree.
-            root = os.path.realpath(self.dest)
-            for rel in self.symlinks:
-                real = os.path.realpath(os.path.join(root, rel))
-                if real != root and not real.startswith(root + os.sep):
-                    self.member = rel
-                    raise self._unsafe(
-                        f"is a symlink that resolves outside the destination ({real})"
-                    )
+        # Chains of links can escape together even when each target looks inside on its own
+        # (a -> b/c/.., b -> .): resolve every link through the others, by the kernel's rules.
+        for rel in self.symlinks:
+            via = _link_escape(self.symlinks, rel)
+            if via is not None:
+                self.member = rel
+                through = "" if via == rel else f" through the symlink {via!r}"
+                raise self._unsafe(
+                    f"is a symlink that resolves outside the destination{through}"
+                    f" (target {self.symlinks[rel]!r})"
+                )
         # Deepest first, so making a directory read-only never blocks its children.
         dirs = self.known_dirs if self.read_only else self.dir_meta
         for rel in sorted(dirs, key=len, reverse=True):
@@ -790,6 +839,7 @@ def _extract_zip(x: _Extractor, src: str) -> None:
             mode = zi.external_attr >> 16 if unix else 0
             kind = stat.S_IFMT(mode)
             mtime = _zip_mtime(zi)
+            where = f"{src}: member {zi.filename!r}"
             if zi.flag_bits & 0x1:
                 raise x._unsafe("is encrypted; encrypted zip members are not supported")
             try:
@@ -799,11 +849,14 @@ def _extract_zip(x: _Extractor, src: str) -> None:
                     if zi.file_size > _MAX_ZIP_SYMLINK:
                         raise x._unsafe(f"is a symlink with a {zi.file_size}-byte target")
                     with zf.open(zi) as data:
-                        target = data.read(_MAX_ZIP_SYMLINK + 1)
+                        target = _Reader(data, where).read(_MAX_ZIP_SYMLINK + 1)
                     x.symlink(rel, os.fsdecode(target), mtime)
                 elif kind in (0, stat.S_IFREG):
                     with zf.open(zi) as data:
-                        x.file_from(rel, (mode & 0o777) or 0o644, mtime, zi.file_size, data)
+                        # _Reader: a damaged stream is an IntegrityError (bz2 raises a bare
+                        # OSError), while write errors (ENOSPC) keep their own meaning.
+                        reader = cast("IO[bytes]", _Reader(data, where))
+                        x.file_from(rel, (mode & 0o777) or 0o644, mtime, zi.file_size, reader)
                 else:
                     raise x._unsafe("is a device, fifo or socket; special members are not accepted")
             except (
@@ -812,6 +865,8 @@ def _extract_zip(x: _Extractor, src: str) -> None:
                 zlib.error,
                 lzma.LZMAError,
                 NotImplementedError,
+                # The local header's copy of a name flagged UTF-8 is decoded when opened.
+                UnicodeDecodeError,
             ) as e:
                 raise IntegrityError(
                     f"archive {src}: member {zi.filename!r} is corrupt: {e}"
