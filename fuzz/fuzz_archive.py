@@ -27,6 +27,7 @@ import stat
 import sys
 import tempfile
 import zlib
+from pathlib import Path
 
 import atheris
 
@@ -35,6 +36,8 @@ import atheris
 with atheris.instrument_imports(include=["forgespace.cache.archive", "zipfile"]):
     from forgespace.cache.archive import detect_archive, extract_archive
     from forgespace.errors import CacheFullError, IntegrityError, UnsafeArchiveError
+
+from forgespace.cache import fsops  # after the block: only the reader is instrumented
 
 # Small limits: a bomb is refused after a few chunks instead of inflating megabytes per input.
 MAX_BYTES = 64 * 1024
@@ -89,32 +92,9 @@ def _open_dir(name: str, dir_fd: int | None = None) -> int:
 
 
 def _remove_tree(path: str) -> None:
-    """Remove ``path`` iteratively through directory fds: extracted trees may be deeper than
-    PATH_MAX and hold read-only or 000 directories, which path-based ``shutil.rmtree`` (recursive
-    per level) cannot handle."""
-    try:
-        top = _open_dir(path)
-    except FileNotFoundError:
-        return
-    stack: list[tuple[int, str]] = [(top, path)]
-    while stack:
-        fd, name = stack[-1]
-        os.fchmod(fd, 0o700)
-        subdir = None
-        with os.scandir(fd) as it:
-            for entry in it:
-                if entry.is_dir(follow_symlinks=False):
-                    subdir = entry.name
-                    break
-                os.unlink(entry.name, dir_fd=fd)
-        if subdir is not None:
-            stack.append((_open_dir(subdir, fd), subdir))
-            continue
-        stack.pop()
-        os.close(fd)
-        if stack:
-            os.rmdir(name, dir_fd=stack[-1][0])
-    os.rmdir(path)
+    """Remove an extracted tree with the cache's own removal (iterative, through directory
+    fds: trees deeper than PATH_MAX and 000 directories go too)."""
+    fsops.remove(Path(os.path.dirname(path)), path)
 
 
 def _walk(root_fd: int) -> list[tuple[str, os.stat_result]]:

@@ -95,7 +95,12 @@ def test_symlink_chain_escaping_below_path_max_depth_is_refused(tmp_path: Path) 
             ti = tarfile.TarInfo(name)
             ti.type, ti.linkname, ti.mode = type_, link, 0o755
             tf.addfile(ti)
-    why = r"member 'l' is a symlink that resolves outside the destination through the symlink"
+    # Refused by whichever rule meets it first: the deep link itself (a symlink deeper than
+    # PATH_MAX), or the chain through it (the kernel-rule walk of _link_escape).
+    why = (
+        r"member 'l' is a symlink that resolves outside the destination through the symlink"
+        r"|member '[^']*/s' is a symlink deeper than PATH_MAX"
+    )
     with pytest.raises(UnsafeArchiveError, match=why):
         extract_archive(archive, dest, max_bytes=MAX)
     assert not dest.exists()
@@ -122,3 +127,26 @@ def test_link_chains_that_stay_inside_and_loops_still_extract(tmp_path: Path) ->
     extract_archive(archive, dest, max_bytes=MAX)
     assert (dest / "inside").resolve() == (dest / "d").resolve()
     assert os.readlink(dest / "loop-b") == "loop-a/x/../.."
+
+
+@pytest.mark.parametrize("depth", [1200, 2040])
+def test_refused_archive_deeper_than_the_recursion_limit_leaves_nothing(
+    tmp_path: Path, depth: int
+) -> None:
+    """A refused archive's partial tree is removed whatever its depth (path-based, recursive
+    removal died with RecursionError at ~1,000 levels and left the tree behind)."""
+    archive = tmp_path / "deep.tar"
+    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
+        name = ""
+        for _ in range(depth):
+            name = f"{name}/d" if name else "d"
+            info = tarfile.TarInfo(name)
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            tar.addfile(info)
+        evil = tarfile.TarInfo("../evil")
+        tar.addfile(evil)
+    dest = tmp_path / "dest"
+    with pytest.raises(UnsafeArchiveError, match=r"'\.\.'"):
+        extract_archive(archive, dest, max_bytes=MAX)
+    assert not dest.exists()
+    assert sorted(os.listdir(tmp_path)) == ["deep.tar"]
