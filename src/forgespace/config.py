@@ -74,6 +74,13 @@ def _parse_bool(value: str, *, name: str) -> bool:
     raise ConfigError(f"invalid {name} {value!r}: expected true/false (also 1/0, yes/no, on/off)")
 
 
+def _positive_int(value: str, *, name: str) -> int:
+    v = value.strip()
+    if not v.isdigit() or int(v) < 1:
+        raise ConfigError(f"invalid {name} {value!r}: expected a whole number >= 1")
+    return int(v)
+
+
 def _choice(value: str, *, name: str, allowed: tuple[str, ...]) -> str:
     v = value.strip().lower()
     if v not in allowed:
@@ -109,6 +116,10 @@ class Settings:
     s3_use_ssl: bool = False
     temporal_address: str | None = None
     temporal_namespace: str = "default"
+    # FORGESPACE_MAX_CONCURRENT_ACTIVITIES, FORGESPACE_TEMPORAL_BIN, FORGESPACE_LOG_LEVEL
+    max_concurrent_activities: int = 32
+    temporal_bin: str | None = None
+    log_level: str = "INFO"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -165,6 +176,12 @@ class Settings:
         for var, field in plain.items():
             if (v := get(var)) is not None:
                 kw[field] = v
+        if (v := get("FORGESPACE_MAX_CONCURRENT_ACTIVITIES")) is not None:
+            kw["max_concurrent_activities"] = _positive_int(
+                v, name="FORGESPACE_MAX_CONCURRENT_ACTIVITIES"
+            )
+        kw["temporal_bin"] = get("FORGESPACE_TEMPORAL_BIN")
+        kw["log_level"] = (get("FORGESPACE_LOG_LEVEL") or "INFO").strip().upper()
         return cls(**kw)
 
     def with_(self, **changes: Any) -> Settings:

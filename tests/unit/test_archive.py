@@ -15,10 +15,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from support.trees import make_read_only
 
 from forgespace.cache import archive as archive_mod
 from forgespace.cache.archive import detect_archive, extract_archive
-from forgespace.cache.clone import make_read_only
 from forgespace.errors import CacheFullError, IntegrityError, UnsafeArchiveError
 
 MAX = 10_000_000

@@ -10,9 +10,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from support.trees import make_read_only
 
 from forgespace.cache import clone as clone_mod
-from forgespace.cache.clone import make_read_only, materialize_copy
+from forgespace.cache.clone import materialize_copy
 from forgespace.errors import CacheFullError
 
 MTIME_NS = 1_600_000_000_123_456_789

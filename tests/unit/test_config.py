@@ -129,6 +129,8 @@ def test_from_env_reads_every_variable(tmp_path: Path):
         ("CACHE_COW_BACKEND", "reflink"),
         ("STORAGE_BACKEND", "gcs"),
         ("S3_USE_SSL", "maybe"),
+        ("FORGESPACE_MAX_CONCURRENT_ACTIVITIES", "0"),
+        ("FORGESPACE_MAX_CONCURRENT_ACTIVITIES", "many"),
     ],
 )
 def test_invalid_variable_names_variable_value_and_forms(var, value):
@@ -136,3 +138,21 @@ def test_invalid_variable_names_variable_value_and_forms(var, value):
         Settings.from_env({var: value})
     assert var in str(info.value) and repr(value) in str(info.value)
     assert "expected" in str(info.value)
+
+
+def test_forgespace_process_variables_are_settings(tmp_path: Path):
+    s = Settings.from_env({"HOME": str(tmp_path)})
+    assert (s.max_concurrent_activities, s.temporal_bin, s.log_level) == (32, None, "INFO")
+    s = Settings.from_env(
+        {
+            "HOME": str(tmp_path),
+            "FORGESPACE_MAX_CONCURRENT_ACTIVITIES": "4",
+            "FORGESPACE_TEMPORAL_BIN": "/opt/temporal",
+            "FORGESPACE_LOG_LEVEL": "debug",
+        }
+    )
+    assert (s.max_concurrent_activities, s.temporal_bin, s.log_level) == (
+        4,
+        "/opt/temporal",
+        "DEBUG",
+    )

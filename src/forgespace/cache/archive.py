@@ -893,8 +893,7 @@ def extract_archive(
     accepted.
 
     ``read_only=True`` creates the tree read-only as it goes (files 0444, 0555 when executable,
-    directories 0555 at the end) — the same result as :func:`forgespace.cache.clone.make_read_only`
-    afterwards, without a second walk.
+    directories 0555 at the end), without a second walk.
     """
     s, d = os.fspath(src), os.fspath(dest)
     kind = detect_archive(s)

@@ -221,10 +221,8 @@ def _plan_unindexed(
 
 
 def _plan_mounts(layout: CacheLayout, leased: set[str]) -> list[PlannedEviction]:
-    try:
-        from forgespace.cache import overlay
-    except ImportError:  # the overlay module has not landed: no mounts to look for
-        return []
+    from forgespace.cache import overlay
+
     out = []
     for mp in overlay.mounts_under(layout.root):
         key = _run_key_of(layout, mp)
@@ -464,10 +462,8 @@ def _paths_for_key(layout: CacheLayout, item: PlannedEviction) -> list[Path]:
 
 
 def _forget_records(layout: CacheLayout, item: PlannedEviction) -> None:
-    try:
-        from forgespace.cache import manifest
-    except ImportError:
-        return
+    from forgespace.cache import manifest
+
     kind = {"shared": "shared", "cow-shared": "cow"}.get(item.kind)
     if kind:
         manifest.remove_records(layout.meta_dir, item.target_id, kind)

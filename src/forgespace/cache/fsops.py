@@ -426,10 +426,8 @@ def clear_dir(root: Path, parts: tuple[str, ...]) -> list[str]:
 def unmount_under(paths: Iterable[Path], *, root: Path) -> None:
     """Unmount the overlay mounts forgespace made at or below any of ``paths`` (deepest
     first). Other mounts are left alone: removal refuses to cross them."""
-    try:
-        from forgespace.cache import overlay
-    except ImportError:  # pragma: no cover - overlay support is part of the package
-        return
+    from forgespace.cache import overlay
+
     wanted = [Path(os.path.realpath(p)) for p in paths]
     for mp in overlay.mounts_under(root, fstype="overlay"):
         if any(mp == p or p in mp.parents for p in wanted):
@@ -540,5 +538,5 @@ def _our_mounts(root: Path) -> set[str]:
         from forgespace.cache import overlay
 
         return {str(p) for p in overlay.mounts_under(root, fstype="overlay")}
-    except (ImportError, OSError):
+    except OSError:
         return set()

@@ -43,20 +43,6 @@ def _open_lock_file(path: Path, root: Path | None) -> int:
     return fsops.open_lock(path.parent if root is None else root, path)
 
 
-def read_holder(path: Path) -> str:
-    """What the last exclusive holder wrote into the lock file ('' when nothing).
-
-    Never follows a symlink: a planted link must not make us quote another file."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return ""
-    try:
-        return _holder_text(fd)
-    finally:
-        os.close(fd)
-
-
 def _holder_text(fd: int) -> str:
     try:
         return os.pread(fd, 512, 0).decode("utf-8", "replace").strip()

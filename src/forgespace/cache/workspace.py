@@ -30,7 +30,6 @@ import errno
 import logging
 import os
 import shutil
-import socket
 import stat
 import threading
 import time
@@ -70,7 +69,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("forgespace.cache")
 
-_HOST = socket.gethostname()
 _NOSPACE = (errno.ENOSPC, errno.EDQUOT)
 
 # Test hook: FORGESPACE_FAULT_PAUSE="phase[,phase...]" makes this process announce the
@@ -142,11 +140,9 @@ class WorkspaceCache:
         self._hit_path_cache: dict[str, tuple[str, str]] = {}
         # Imported here, not on the first get: prometheus_client costs ~80 ms of CPU, which
         # 16 processes waking up together for their first hit would otherwise pay at once.
-        try:
-            from forgespace.cache import metrics
-        except ImportError:  # metrics are optional (prometheus_client missing)
-            metrics = None  # type: ignore[assignment]
-        self._metrics: Any = metrics
+        from forgespace.cache import metrics
+
+        self._metrics = metrics
         faults = os.environ.get(_FAULT_ENV, "")
         self._faults = frozenset(p for p in faults.split(",") if p)
         self.cow_backend = settings.cow_backend
@@ -656,18 +652,7 @@ class WorkspaceCache:
     def _lease(
         self, lease_id: str, tid: str, rid: str | None, pins: tuple[str, ...]
     ) -> LeaseRecord:
-        from forgespace.cache.index import LeaseRecord
-
-        now = time.time()
-        return LeaseRecord(
-            lease_id,
-            tid,
-            rid,
-            pins,
-            f"{_HOST}:{os.getpid()}",
-            now,
-            now + self.settings.cache_lease_ttl,
-        )
+        return self.index.new_lease(lease_id, tid, rid, pins)
 
     @contextlib.contextmanager
     def _staging(self, tid: str, purpose: str) -> Iterator[Path]:
@@ -763,19 +748,12 @@ class WorkspaceCache:
         ) from exc
 
     def _make_room(self, size: int, tid: str) -> None:
-        try:
-            from forgespace.cache import eviction
-        except ImportError:
-            return
-        make_room = getattr(eviction, "make_room", None)
-        if make_room is not None:
-            make_room(self, size, target_id=tid)
+        from forgespace.cache.eviction import make_room
+
+        make_room(self, size, target_id=tid)
 
     def _observe(self, res: GetResult, seconds: float) -> None:
-        metrics = self._metrics
-        if metrics is None:
-            return
-        metrics.observe_get(
+        self._metrics.observe_get(
             res.mode,
             hit=not res.downloaded,
             seconds=seconds,

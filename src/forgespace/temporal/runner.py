@@ -357,7 +357,7 @@ async def run_job(
     try:
         address = settings.temporal_address
         if not address:
-            server = DevServer()
+            server = DevServer(temporal_bin=settings.temporal_bin)
             server.start()  # main thread: the server dies with it
             address = server.address
             console.print(f"embedded Temporal dev server at {address}", highlight=False)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import socket
 from collections.abc import Callable, Sequence
@@ -41,7 +40,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TASK_QUEUE = "forgespace"
 GRACEFUL_SHUTDOWN = timedelta(seconds=10)
-DEFAULT_MAX_ACTIVITIES = 32
 # Heartbeat details reach the server at most this long after an activity reports them, so
 # `forgespace run` shows live progress (the SDK's default throttle is 30-60 s).
 HEARTBEAT_THROTTLE = timedelta(seconds=2)
@@ -113,18 +111,6 @@ def _start_metrics(port: int) -> int | None:
     return port
 
 
-def max_activities() -> int:
-    """Activities one Temporal worker runs at once (FORGESPACE_MAX_CONCURRENT_ACTIVITIES)."""
-    raw = os.environ.get("FORGESPACE_MAX_CONCURRENT_ACTIVITIES", "").strip()
-    if not raw:
-        return DEFAULT_MAX_ACTIVITIES
-    if not raw.isdigit() or int(raw) < 1:
-        raise ConfigError(
-            f"invalid FORGESPACE_MAX_CONCURRENT_ACTIVITIES {raw!r}: expected a whole number >= 1"
-        )
-    return int(raw)
-
-
 def _collect_activities(storage: list[Any], packages: list[WorkflowPackage]) -> list[Any]:
     """Every activity once; two different functions under one name is a package error."""
     by_name: dict[str, tuple[Any, str]] = {}
@@ -175,7 +161,7 @@ async def run_worker(
     cache = cache or WorkspaceCache(settings)
     host = socket.gethostname()
     host_queue = host_task_queue(task_queue, settings.cache_dir, host)
-    slots = max_activities()
+    slots = settings.max_concurrent_activities
     # Every running activity holds at most one thread, so two workers of `slots` activities
     # each never wait for a thread (a sync activity queued for a thread could not heartbeat).
     executor = ThreadPoolExecutor(max_workers=2 * slots, thread_name_prefix="forgespace-activity")
@@ -265,7 +251,7 @@ async def serve(
     address = settings.temporal_address
     try:
         if not address:
-            server = DevServer()
+            server = DevServer(temporal_bin=settings.temporal_bin)
             server.start()  # main thread: the server dies with it
             address = server.address
             log.warning(
