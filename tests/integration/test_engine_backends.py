@@ -113,7 +113,8 @@ def test_overlay_mount_of_killed_run_is_unmounted_and_removed(
         tid,
         "victim",
         "copy-on-write",
-        extra_env={"FORGESPACE_FAULT_PAUSE": "cow-copied", "FORGESPACE_FAULT_SIGNAL_DIR": str(sig)},
+        pause_at="cow-copied",
+        signal_dir=sig,
     )
     try:
         wait_for(lambda: any(sig.glob("cow-copied.*")), 30, "the child to mount its overlay")

@@ -1,9 +1,9 @@
 """SIGKILL a get_target at several phases; a fresh get then returns a complete workspace and
 no leftovers remain.
 
-The child pauses at a named phase (FORGESPACE_FAULT_PAUSE, announced by a file in
-FORGESPACE_FAULT_SIGNAL_DIR) and is killed there; mid-extraction is caught without a hook by
-watching the staging workspace fill up.
+The child's cache is built with hooks that pause at a named phase (support.faults.PauseAt,
+announced by a file in a signal directory) and is killed there; mid-extraction is caught
+without a hook by watching the staging workspace fill up.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ def _kill_at(
         tid,
         rid,
         mode,
-        extra_env={"FORGESPACE_FAULT_PAUSE": phase, "FORGESPACE_FAULT_SIGNAL_DIR": str(sig_dir)},
+        pause_at=phase,
+        signal_dir=sig_dir,
     )
     try:
         wait_for(lambda: any(sig_dir.glob(f"{phase}.*")), 30, f"child to reach phase {phase}")

@@ -524,13 +524,14 @@ def test_prepare_killed_with_its_worker_then_cancelled_is_released_by_ids(
     tid = open_store(settings).upload_target(make_project(tmp_path))
     signals = tmp_path / "signals"
     env = env_for(settings.with_(temporal_address=temporal_server.address))
-    env |= {
-        "TEMPORAL_NAMESPACE": temporal_server.namespace,
-        "FORGESPACE_FAULT_PAUSE": "download",
-        "FORGESPACE_FAULT_SIGNAL_DIR": str(signals),
-    }
+    env |= {"TEMPORAL_NAMESPACE": temporal_server.namespace}
     doomed = start_worker_process(
-        env, task_queue, tmp_path / "doomed.log", "--workflows-dir", str(RELEASE_WORKFLOWS)
+        env,
+        task_queue,
+        tmp_path / "doomed.log",
+        "--workflows-dir",
+        str(RELEASE_WORKFLOWS),
+        pause=("download", signals),
     )
     worker_processes.append(doomed)
     doomed.wait_ready()

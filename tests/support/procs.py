@@ -1,9 +1,9 @@
 """Run get_target in real OS processes (concurrency and crash tests), and tree helpers.
 
 Children run ``python -m support.procs SPEC_JSON``: they build a WorkspaceCache from their
-environment (``settings_env(settings)``), print ``READY``, wait for a go-file (a start
-barrier so all of them ask at the same instant), call get_target_report and print one JSON
-line with the result, or the error type and message.
+environment (``settings_env(settings)``) and the spec (crash hooks: support.faults), print
+``READY``, wait for a go-file (a start barrier so all of them ask at the same instant), call
+get_target_report and print one JSON line with the result, or the error type and message.
 """
 
 from __future__ import annotations
@@ -36,15 +36,21 @@ def start_getter(
     go_file: Path | None = None,
     extra_env: dict[str, str] | None = None,
     digest: bool = True,
+    pause_at: str = "",
+    signal_dir: Path | None = None,
 ) -> subprocess.Popen[str]:
     """Start one child that calls get_target(target_id, run_id, mode); with ``digest`` it
-    also reports the sha256 of every file of the returned workspace."""
+    also reports the sha256 of every file of the returned workspace. ``pause_at`` (phase
+    names, comma-separated): the child's cache pauses there (support.faults.PauseAt),
+    announcing it in ``signal_dir``."""
     spec = {
         "target_id": target_id,
         "run_id": run_id,
         "mode": mode,
         "go": str(go_file or ""),
         "digest": digest,
+        "pause_at": pause_at,
+        "signal_dir": str(signal_dir or ""),
     }
     return subprocess.Popen(
         [sys.executable, "-m", "support.procs", json.dumps(spec)],
@@ -141,8 +147,10 @@ def _child_main(spec_json: str) -> int:
     spec = json.loads(spec_json)
     from forgespace.cache.workspace import WorkspaceCache
     from forgespace.config import Settings
+    from support.faults import PauseAt
 
-    cache = WorkspaceCache(Settings.from_env())
+    hooks = PauseAt(spec.get("pause_at", ""), spec.get("signal_dir") or ".")
+    cache = WorkspaceCache(Settings.from_env(), hooks=hooks)
     print("READY", flush=True)
     go = spec.get("go")
     if go:

@@ -153,10 +153,19 @@ class WorkerProcess:
 
 
 def start_worker_process(
-    env: dict[str, str], task_queue: str, log: Path, *extra: str
+    env: dict[str, str],
+    task_queue: str,
+    log: Path,
+    *extra: str,
+    pause: tuple[str, Path] | None = None,
 ) -> WorkerProcess:
-    """Start `forgespace worker` for the fixture packages on ``task_queue`` (no bundled ones)."""
-    cmd = cli_command(
+    """Start `forgespace worker` for the fixture packages on ``task_queue`` (no bundled ones).
+
+    ``pause`` = (phases, signal dir): the worker's cache pauses there (support.faults)."""
+    from support.faults import cli_with_pause
+    from support.procs import TESTS_DIR
+
+    args = (
         "worker",
         "--task-queue",
         task_queue,
@@ -166,6 +175,12 @@ def start_worker_process(
         *extra,
     )
     env = {**env, "FORGESPACE_LOG_LEVEL": "INFO"}
+    if pause is None:
+        cmd = cli_command(*args)
+    else:
+        cmd = cli_with_pause(pause[0], pause[1], *args)
+        path = [str(TESTS_DIR), *filter(None, [env.get("PYTHONPATH")])]
+        env["PYTHONPATH"] = ":".join(path)
     with open(log, "wb") as f:
         proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=f, stderr=f)
     return WorkerProcess(proc, log)

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from forgespace.cache import fsops
 from forgespace.cache import manifest as mf
+from forgespace.cache.hooks import NO_HOOKS, CacheHooks, Phase
 from forgespace.cache.locks import (
     OwnerToken,
     flock,
@@ -70,13 +71,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("forgespace.cache")
 
 _NOSPACE = (errno.ENOSPC, errno.EDQUOT)
-
-# Test hook: FORGESPACE_FAULT_PAUSE="phase[,phase...]" makes this process announce the
-# phase (a file in FORGESPACE_FAULT_SIGNAL_DIR) and sleep there, so crash tests can
-# SIGKILL it at a precise point. Phases: download (after the first bytes arrived),
-# downloaded, extracted, shared-target-published, cow-copied, staged-run.
-_FAULT_ENV = "FORGESPACE_FAULT_PAUSE"
-_FAULT_DIR_ENV = "FORGESPACE_FAULT_SIGNAL_DIR"
 
 
 @dataclass(frozen=True)
@@ -117,10 +111,16 @@ class WorkspaceCache:
     """
 
     def __init__(
-        self, settings: Settings, store: Store | None = None, *, read_only: bool = False
+        self,
+        settings: Settings,
+        store: Store | None = None,
+        *,
+        read_only: bool = False,
+        hooks: CacheHooks = NO_HOOKS,
     ) -> None:
         """``read_only`` (``cache verify`` without ``--repair``): create nothing; CACHE_DIR
-        and its ``.forgespace`` must exist (CacheAccessError otherwise)."""
+        and its ``.forgespace`` must exist (CacheAccessError otherwise). ``hooks``: the test
+        seam (forgespace.cache.hooks); production passes none."""
         from forgespace.cache.index import CacheIndex, make_cache_dirs
 
         self.settings = settings
@@ -143,8 +143,7 @@ class WorkspaceCache:
         from forgespace.cache import metrics
 
         self._metrics = metrics
-        faults = os.environ.get(_FAULT_ENV, "")
-        self._faults = frozenset(p for p in faults.split(",") if p)
+        self._hooks = hooks
         self.cow_backend = settings.cow_backend
         if self.cow_backend == "overlay" and not read_only:
             from forgespace.cache import overlay
@@ -357,13 +356,13 @@ class WorkspaceCache:
             stats = None
             if kind is not None:
                 stats = self._extract(tid, src, stage / "workspace", read_only=True)
-                self._fault("extracted")
+                self._hooks.reached(Phase.EXTRACTED)
                 mf.write_manifest(
                     mf.manifest_path(self.layout.meta_dir, tid, "shared"), stats.manifest
                 )
             if fetched:
                 fsops.rename_into(self._root, stage / "target", target)
-                self._fault("shared-target-published")
+                self._hooks.reached(Phase.SHARED_TARGET_PUBLISHED)
             if kind is not None:
                 ws = self.layout.shared_workspace(tid)
                 fsops.rename_into(self._root, stage / "workspace", ws)
@@ -482,7 +481,7 @@ class WorkspaceCache:
             stats = None
             if detect_archive(src) is not None:
                 stats = self._extract(tid, src, stage / "workspace", read_only=True)
-                self._fault("extracted")
+                self._hooks.reached(Phase.EXTRACTED)
                 mf.write_manifest(
                     mf.manifest_path(self.layout.meta_dir, tid, "cow"), stats.manifest
                 )
@@ -529,7 +528,7 @@ class WorkspaceCache:
                 shutil.copyfile(shared_target, stage / "target")
                 os.chmod(stage / "target", 0o644)
                 method, nbytes, files, name = "copy", shared_target.stat().st_size, 1, "target"
-            self._fault("cow-copied")
+            self._hooks.reached(Phase.COW_COPIED)
             log.info(
                 "copy-on-write run %s of %s materialised by %s in %.1f ms",
                 rid,
@@ -578,7 +577,7 @@ class WorkspaceCache:
                 nbytes, files, name = src.stat().st_size, 1, "target"
                 if detect_archive(src) is not None:
                     stats = self._extract(tid, src, stage / "workspace")
-                    self._fault("extracted")
+                    self._hooks.reached(Phase.EXTRACTED)
                     nbytes, files, name = nbytes + stats.bytes, files + stats.files, "workspace"
                 path = self._publish_run(tid, rid, stage, name, nbytes, files, "isolated")
             self.index.access(run_key, lease=lease, hit=False)
@@ -611,7 +610,7 @@ class WorkspaceCache:
     def _publish_run(
         self, tid: str, rid: str, stage: Path, name: str, nbytes: int, files: int, mode: str
     ) -> str:
-        self._fault("staged-run")
+        self._hooks.reached(Phase.STAGED_RUN)
         run_dir = self.layout.run_dir(tid, rid)
         # The shared lock keeps gc from removing an empty {tid}/ between mkdir and rename;
         # copy-on-write callers already hold it (flock is per open file, so this nests).
@@ -702,13 +701,13 @@ class WorkspaceCache:
         def progress(done: int, total: int) -> None:
             if first[0] and done > 0:
                 first[0] = False
-                self._fault("download")
+                self._hooks.reached(Phase.DOWNLOAD)
             if caller is not None:
                 caller(done, total)
 
         try:
             got = store.download_target(
-                tid, dest, progress if (self._faults or caller is not None) else None
+                tid, dest, progress if (self._hooks is not NO_HOOKS or caller is not None) else None
             )
         except BaseException as exc:
             self._raise_if_full(exc, dest.parent, info.size)
@@ -716,7 +715,7 @@ class WorkspaceCache:
         self.index.count("downloads")
         self.index.count("bytes_downloaded", got.size)
         self._tls.downloaded_bytes = got.size
-        self._fault("downloaded")
+        self._hooks.reached(Phase.DOWNLOADED)
         return dest
 
     def _extract(self, tid: str, src: Path, dest: Path, *, read_only: bool = False) -> Any:
@@ -759,14 +758,6 @@ class WorkspaceCache:
             seconds=seconds,
             downloaded_bytes=getattr(self._tls, "downloaded_bytes", 0),
         )
-
-    def _fault(self, phase: str) -> None:
-        if phase not in self._faults:
-            return
-        sig_dir = Path(os.environ.get(_FAULT_DIR_ENV, str(self.layout.meta_dir)))
-        sig_dir.mkdir(parents=True, exist_ok=True)
-        (sig_dir / f"{phase}.{os.getpid()}").write_text(phase)
-        time.sleep(120)  # bounded: the test kills us long before
 
     def _discard(self, path: Path) -> None:
         """Rename into trash, then delete: nobody ever sees half a directory (fsops)."""

@@ -1,0 +1,39 @@
+"""Where tests may step into the engine: named phases of a get_target, reported to a hooks
+object the cache is built with (``WorkspaceCache(settings, hooks=...)``).
+
+Production passes nothing and gets ``NO_HOOKS``, which does nothing. Crash tests run the cache
+in a child process with hooks that pause at one phase so the test can SIGKILL it there; the
+hooks live in the tests, never here.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Protocol
+
+
+class Phase(StrEnum):
+    """The phases, in the order a get_target meets them."""
+
+    DOWNLOAD = "download"  # the first bytes of the download arrived
+    DOWNLOADED = "downloaded"  # the whole object is in staging
+    EXTRACTED = "extracted"  # the workspace is extracted in staging
+    SHARED_TARGET_PUBLISHED = "shared-target-published"  # shared: {tid}/target in place
+    COW_COPIED = "cow-copied"  # copy-on-write: the run's copy is staged
+    STAGED_RUN = "staged-run"  # a run directory is complete in staging, not yet renamed
+
+
+class CacheHooks(Protocol):
+    """Called by the engine at each phase it reaches (in the calling thread)."""
+
+    def reached(self, phase: Phase) -> None: ...
+
+
+class NoHooks:
+    """The production hooks: nothing happens at any phase."""
+
+    def reached(self, phase: Phase) -> None:
+        return None
+
+
+NO_HOOKS = NoHooks()
