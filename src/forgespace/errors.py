@@ -8,7 +8,9 @@
      ├── InvalidModeError (ValueError)       a workspace_isolation that is not one of the three
      ├── TargetNotFoundError (FileNotFoundError)   the store has no object for the target
      ├── UnsafeArchiveError                  an archive that would write outside its workspace
+     │    └── UnsafeMemberError              one member breaks a rule (.archive, .member, .reason)
      ├── IntegrityError                      a download whose size or sha256 does not match
+     │    └── CorruptArchiveError            a corrupt or truncated archive (.archive, .member)
      ├── StorageError                        the store failed (after retries for transient faults)
      ├── LockTimeoutError (TimeoutError)     a bounded wait ran out; names what and who holds it
      ├── CleanupRefusedError (ValueError)    cleanup_cache was given a path it must not delete
@@ -50,12 +52,35 @@ class TargetNotFoundError(ForgespaceError, FileNotFoundError):
     """The store holds no object for the requested target."""
 
 
-class UnsafeArchiveError(ForgespaceError):
+class _ArchiveDetail(Exception):
+    """What an archive error is about, as attributes (callers never parse the message, like
+    tarfile's FilterError carrying ``.tarinfo``): ``archive`` (how the archive is named),
+    ``member`` (the member at fault, None for the archive as a whole) and ``reason``."""
+
+    def __init__(
+        self, message: str = "", *, archive: str = "", member: str | None = None, reason: str = ""
+    ) -> None:
+        self.archive, self.member, self.reason = archive, member, reason or message
+        if not message:
+            where = f": member {member!r}" if member is not None else ""
+            message = f"archive {archive}{where} {reason}"
+        super().__init__(message)
+
+
+class UnsafeArchiveError(_ArchiveDetail, ForgespaceError):
     """An archive member would escape its workspace, or the archive is otherwise unsafe."""
+
+
+class UnsafeMemberError(UnsafeArchiveError):
+    """One member of the archive breaks a safety rule (``member`` names it)."""
 
 
 class IntegrityError(ForgespaceError):
     """Downloaded bytes do not match the size or digest the object carries."""
+
+
+class CorruptArchiveError(_ArchiveDetail, IntegrityError):
+    """The archive is corrupt or truncated (``member``: where it was noticed, if known)."""
 
 
 class StorageError(ForgespaceError):

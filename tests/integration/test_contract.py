@@ -29,7 +29,7 @@ from forgespace import (
     WorkspaceCache,
     open_store,
 )
-from forgespace.cache.locks import parse_staging_name, purpose_matches, staging_name
+from forgespace.cache.staging import parse_staging_name, purpose_matches, staging_name
 from forgespace.config import parse_duration, parse_size
 from forgespace.errors import CleanupRefusedError, IntegrityError
 

@@ -21,7 +21,8 @@ import pytest
 from forgespace.cache import metrics
 from forgespace.cache.eviction import collect_garbage, make_room
 from forgespace.cache.index import CacheIndex, EntryRecord
-from forgespace.cache.locks import OwnerToken, flock
+from forgespace.cache.locks import flock
+from forgespace.cache.staging import OwnerToken
 from forgespace.config import Settings
 from forgespace.errors import CacheFullError
 from forgespace.layout import CacheLayout

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from forgespace.cache.locks import (
+from forgespace.cache.locks import flock
+from forgespace.cache.staging import (
     OwnerToken,
-    flock,
     owner_is_dead,
     parse_staging_name,
     remove_dead_owner,
@@ -119,7 +119,7 @@ def test_threads_of_one_process_exclude_each_other(tmp_path: Path) -> None:
 OWNER = """
 import sys, time
 from pathlib import Path
-from forgespace.cache.locks import OwnerToken
+from forgespace.cache.staging import OwnerToken
 print(OwnerToken.for_dir(Path(sys.argv[1])).token, flush=True)
 time.sleep(30)
 """

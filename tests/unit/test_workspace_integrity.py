@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from support.procs import make_project, tree_digest
 
-from forgespace.cache.locks import OwnerToken, staging_name
+from forgespace.cache import fsops
+from forgespace.cache.staging import OwnerToken, staging_name
 from forgespace.cache.workspace import WorkspaceCache
 from forgespace.config import Settings
 
@@ -73,7 +74,7 @@ def test_target_without_workspace_is_re_extracted_not_downloaded(
     tid = cache.store.upload_target(project)
     ws = Path(cache.get_target(tid, None, "shared"))
     # the state a crash between the two renames (or a half-done eviction) leaves
-    cache._discard(ws)
+    fsops.discard(cache.layout.root, ws)
     assert (cache.layout.root / tid / "target").exists()
     res = cache.get_target_report(tid, None, "shared")
     assert res.path == str(ws) and not res.downloaded
@@ -84,7 +85,7 @@ def test_target_without_workspace_is_re_extracted_not_downloaded(
 STAGER = """
 import sys, time
 from pathlib import Path
-from forgespace.cache.locks import OwnerToken, staging_name
+from forgespace.cache.staging import OwnerToken, staging_name
 tmp, owners, tid = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 tok = OwnerToken.for_dir(owners).token
 d = tmp / staging_name(tid, "shared", tok, "deadbeef")

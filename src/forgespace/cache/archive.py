@@ -46,7 +46,13 @@ from isal import igzip, igzip_threaded, isal_zlib
 
 from forgespace.cache import fsops
 from forgespace.cache.fsutil import current_umask
-from forgespace.errors import CacheFullError, IntegrityError, UnsafeArchiveError
+from forgespace.errors import (
+    CacheFullError,
+    CorruptArchiveError,
+    IntegrityError,
+    UnsafeArchiveError,
+    UnsafeMemberError,
+)
 
 __all__ = ["ArchiveKind", "ExtractStats", "detect_archive", "extract_archive"]
 
@@ -201,18 +207,24 @@ def detect_archive(path: str | os.PathLike[str]) -> ArchiveKind | None:
 
 
 def _norm(name: str, what: str) -> str:
-    """Normalise an archive member name to a relative path ("" is the root) or refuse it."""
+    """Normalise an archive member name to a relative path ("" is the root) or refuse it.
+
+    The refusal's ``reason`` is said of the member being extracted: ``what`` is "member" (the
+    name is its own) or another name it carries ("hard link target")."""
+
+    def refuse(why: str) -> UnsafeArchiveError:
+        said = why if what == "member" else f"has the {what} {name!r}, which {why}"
+        return UnsafeArchiveError(reason=said)
+
     if not name:
-        raise UnsafeArchiveError(f"{what} has an empty name")
+        raise refuse("has an empty name")
     if "\0" in name:
-        raise UnsafeArchiveError(f"{what} {name!r} contains a NUL byte")
+        raise refuse("contains a NUL byte")
     if name[0] == "/":
-        raise UnsafeArchiveError(
-            f"{what} {name!r} is an absolute path; only relative paths are accepted"
-        )
+        raise refuse("is an absolute path; only relative paths are accepted")
     parts = name.split("/")
     if ".." in parts:
-        raise UnsafeArchiveError(f"{what} {name!r} contains a '..' component")
+        raise refuse("contains a '..' component")
     if "" in parts or "." in parts:
         parts = [p for p in parts if p and p != "."]
     return "/".join(parts)
@@ -271,16 +283,19 @@ def _mtime_ns(mtime: float) -> int | None:
 class _Reader:
     """A decompressed stream whose read errors (corrupt or truncated data) become IntegrityError."""
 
-    __slots__ = ("_f", "_src", "pos")
+    __slots__ = ("_f", "_member", "_src", "pos")
 
-    def __init__(self, f: IO[bytes], src: str) -> None:
+    def __init__(self, f: IO[bytes], src: str, member: str | None = None) -> None:
         self._f = f
         self._src = src
+        self._member = member
         self.pos = 0
 
     def _fail(self, exc: BaseException) -> IntegrityError:
-        return IntegrityError(
-            f"archive {self._src} is corrupt or truncated near byte {self.pos}: {exc}"
+        return CorruptArchiveError(
+            archive=self._src,
+            member=self._member,
+            reason=f"is corrupt or truncated near byte {self.pos}: {exc}",
         )
 
     def read(self, n: int = -1) -> bytes:
@@ -404,7 +419,12 @@ class _Extractor:
             )
 
     def _unsafe(self, why: str) -> UnsafeArchiveError:
-        return UnsafeArchiveError(f"archive {self.src}: member {self.member!r} {why}")
+        return UnsafeMemberError(archive=self.src, member=self.member, reason=why)
+
+    def _truncated(self) -> CorruptArchiveError:
+        return CorruptArchiveError(
+            archive=self.src, member=self.member, reason="is truncated in this member"
+        )
 
     def _parent(self, rel: str) -> None:
         """Make sure every parent of ``rel`` is a real directory we created; refuse symlinks."""
@@ -521,9 +541,7 @@ class _Extractor:
                 if padded:
                     buf = r.read(padded)
                     if len(buf) < padded:
-                        raise IntegrityError(
-                            f"archive {self.src} is truncated in member {self.member!r}"
-                        )
+                        raise self._truncated()
                     self._count(size)
                     _write_all(fd, memoryview(buf)[:size])
             else:
@@ -532,17 +550,13 @@ class _Extractor:
                 while left:
                     n = r.readinto(view[: min(_CHUNK, left)])
                     if not n:
-                        raise IntegrityError(
-                            f"archive {self.src} is truncated in member {self.member!r}"
-                        )
+                        raise self._truncated()
                     self._count(n)
                     _write_all(fd, view[:n])
                     left -= n
                 pad = padded - size
                 if pad and len(r.read(pad)) < pad:
-                    raise IntegrityError(
-                        f"archive {self.src} is truncated in member {self.member!r}"
-                    )
+                    raise self._truncated()
             self._finish_file(fd, rel, perm, mtime, size)
         finally:
             os.close(fd)
@@ -675,7 +689,7 @@ class _TarWalker:
 
     def _corrupt(self, why: str) -> IntegrityError:
         after = f" after member {self.x.member!r}" if self.x.member else ""
-        return IntegrityError(f"archive {self.src} is corrupt{after}: {why}")
+        return CorruptArchiveError(archive=self.src, reason=f"is corrupt{after}: {why}")
 
     def _num(self, field: bytes, what: str) -> int:
         if field and field[0] & 0x80:
@@ -830,7 +844,7 @@ def _extract_zip(x: _Extractor, src: str) -> None:
     try:
         zf = zipfile.ZipFile(src)
     except _ZIP_OPEN_ERRORS as e:
-        raise IntegrityError(f"archive {src} is not a readable zip archive: {e}") from e
+        raise CorruptArchiveError(archive=src, reason=f"is not a readable zip archive: {e}") from e
     with zf:
         for zi in zf.infolist():
             x.enter(zi.filename)
@@ -839,7 +853,6 @@ def _extract_zip(x: _Extractor, src: str) -> None:
             mode = zi.external_attr >> 16 if unix else 0
             kind = stat.S_IFMT(mode)
             mtime = _zip_mtime(zi)
-            where = f"{src}: member {zi.filename!r}"
             if zi.flag_bits & 0x1:
                 raise x._unsafe("is encrypted; encrypted zip members are not supported")
             try:
@@ -849,13 +862,13 @@ def _extract_zip(x: _Extractor, src: str) -> None:
                     if zi.file_size > _MAX_ZIP_SYMLINK:
                         raise x._unsafe(f"is a symlink with a {zi.file_size}-byte target")
                     with zf.open(zi) as data:
-                        target = _Reader(data, where).read(_MAX_ZIP_SYMLINK + 1)
+                        target = _Reader(data, src, zi.filename).read(_MAX_ZIP_SYMLINK + 1)
                     x.symlink(rel, os.fsdecode(target), mtime)
                 elif kind in (0, stat.S_IFREG):
                     with zf.open(zi) as data:
                         # _Reader: a damaged stream is an IntegrityError (bz2 raises a bare
                         # OSError), while write errors (ENOSPC) keep their own meaning.
-                        reader = cast("IO[bytes]", _Reader(data, where))
+                        reader = cast("IO[bytes]", _Reader(data, src, zi.filename))
                         x.file_from(rel, (mode & 0o777) or 0o644, mtime, zi.file_size, reader)
                 else:
                     raise x._unsafe("is a device, fifo or socket; special members are not accepted")
@@ -868,8 +881,8 @@ def _extract_zip(x: _Extractor, src: str) -> None:
                 # The local header's copy of a name flagged UTF-8 is decoded when opened.
                 UnicodeDecodeError,
             ) as e:
-                raise IntegrityError(
-                    f"archive {src}: member {zi.filename!r} is corrupt: {e}"
+                raise CorruptArchiveError(
+                    archive=src, member=zi.filename, reason=f"is corrupt: {e}"
                 ) from e
 
 
@@ -899,7 +912,9 @@ def extract_archive(
     kind = detect_archive(s)
     if kind is None:
         raise UnsafeArchiveError(
-            f"{s} is not an archive this can extract (accepted: tar, tar.gz, tar.bz2, tar.xz, zip)"
+            archive=s,
+            reason="is not an archive this can extract "
+            "(accepted: tar, tar.gz, tar.bz2, tar.xz, zip)",
         )
     try:
         os.mkdir(d, 0o755)
@@ -918,16 +933,17 @@ def extract_archive(
         if x is not None:
             x.close()
         fsops.remove(Path(d).parent, d)
-        if isinstance(e, UnsafeArchiveError) and not str(e).startswith("archive "):
-            raise UnsafeArchiveError(f"archive {s}: {e}") from e
+        if isinstance(e, UnsafeArchiveError) and not e.archive:
+            # a name refused before the member was known to the extractor (_norm)
+            raise UnsafeMemberError(archive=s, member=member, reason=e.reason) from e
         if isinstance(e, OSError) and not isinstance(e, CacheFullError):
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise CacheFullError(
                     e.errno, f"no space left extracting {s} into {d} (member {member!r})"
                 ) from e
             if e.errno in _MEMBER_ERRNOS:
-                raise UnsafeArchiveError(
-                    f"archive {s}: member {member!r} cannot be created: {e}"
+                raise UnsafeMemberError(
+                    archive=s, member=member, reason=f"cannot be created: {e}"
                 ) from e
         raise
     x.close()

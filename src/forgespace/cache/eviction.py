@@ -36,9 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from forgespace.cache import fsops
+from forgespace.cache import fsops, staging
 from forgespace.cache.index import CacheIndex, EntryRecord, scan_entries, tree_size
-from forgespace.cache.locks import owner_is_dead, remove_dead_owner
 from forgespace.config import Settings
 from forgespace.errors import (
     CacheAccessError,
@@ -247,10 +246,9 @@ def _run_key_of(layout: CacheLayout, path: Path) -> tuple[str, str] | None:
 def _plan_leftovers(layout: CacheLayout) -> list[PlannedEviction]:
     out = []
     try:
-        for d in _dead_staging(layout):
-            b, _ = tree_size(d)
-            tid = d.name.split(STAGING_SEP, 1)[0]
-            out.append(PlannedEviction(_rel(layout, d), tid, "staging", "leftover", b))
+        for d in staging.dead_staging(layout):
+            b, _ = tree_size(d.path)
+            out.append(PlannedEviction(_rel(layout, d.path), d.target_id, "staging", "leftover", b))
     except UnsafeCacheEntryError as exc:
         log.warning("gc: %s", exc)  # a planted .forgespace/tmp: never followed
     try:
@@ -265,36 +263,6 @@ def _plan_leftovers(layout: CacheLayout) -> list[PlannedEviction]:
 
 def _rel(layout: CacheLayout, p: Path) -> str:
     return str(p.relative_to(layout.root))
-
-
-# workspace.py names staging directories "{target_id}~{purpose}~{owner token}~{random}"; the
-# owner holds an flock on .forgespace/owners/{token}.lock for its whole life (cache/locks.py).
-STAGING_SEP = "~"
-
-
-def owners_dir(layout: CacheLayout) -> Path:
-    return layout.meta_dir / "owners"
-
-
-def staging_owner(name: str) -> str | None:
-    """The owner token a staging directory's name carries, or None if not one of ours."""
-    parts = name.split(STAGING_SEP)
-    return parts[2] if len(parts) == 4 and parts[2] else None
-
-
-def _dead_staging(layout: CacheLayout) -> list[Path]:
-    """Staging directories whose owner process is dead (recognised by its lock, not by age)."""
-    out = []
-    dead: dict[str, bool] = {}
-    for name in sorted(fsops.listdir(layout.root, fsops.parts_under(layout.root, layout.tmp_dir))):
-        token = staging_owner(name)
-        if token is None:
-            continue
-        if token not in dead:
-            dead[token] = owner_is_dead(owners_dir(layout), token, root=layout.root)
-        if dead[token]:
-            out.append(layout.tmp_dir / name)
-    return out
 
 
 # --- executing ----------------------------------------------------------------------------
@@ -327,7 +295,7 @@ def collect_garbage(cache: CacheLike, *, dry_run: bool = False) -> GcReport:
             log.warning("gc: could not evict %s: %s", item.key, exc)
             report.skipped.append(SkippedEviction(item.key, item.target_id, f"error: {exc}"))
     try:
-        _remove_dead_owners(cache.layout)
+        staging.remove_dead_owners(cache.layout)
     except UnsafeCacheEntryError as exc:
         log.warning("gc: %s", exc)
     _remove_empty_target_dirs(cache)
@@ -361,27 +329,6 @@ def collect_garbage(cache: CacheLike, *, dry_run: bool = False) -> GcReport:
 _INDEXED_KINDS = ("shared", "cow-shared", "run", "stale-row")
 
 
-def _remove_dead_owners(layout: CacheLayout) -> None:
-    # Owner lock files of dead processes whose staging directories are all gone.
-    root = layout.root
-    tmp = fsops.parts_under(root, layout.tmp_dir)
-    in_use = {t for n in fsops.listdir(root, tmp) if (t := staging_owner(n))}
-    for name in fsops.listdir(root, fsops.parts_under(root, owners_dir(layout))):
-        token = name.removesuffix(".lock")
-        # A brand-new owner file is created a moment before its owner locks it: leave
-        # young ones alone so that moment can never be mistaken for a dead owner.
-        try:
-            young = time.time() - os.lstat(owners_dir(layout) / name).st_mtime < 60
-        except FileNotFoundError:
-            continue
-        if (
-            not young
-            and token not in in_use
-            and owner_is_dead(owners_dir(layout), token, root=root)
-        ):
-            remove_dead_owner(owners_dir(layout), token, root=root)
-
-
 def _execute(cache: CacheLike, item: PlannedEviction, report: GcReport) -> None:
     layout, index = cache.layout, cache.index
     if item.kind == "trash":
@@ -390,12 +337,11 @@ def _execute(cache: CacheLike, item: PlannedEviction, report: GcReport) -> None:
         return
     if item.kind == "staging":
         p = layout.root / item.key
-        token = staging_owner(p.name)
-        if token is None or not owner_is_dead(owners_dir(layout), token, root=layout.root):
+        dead = {d.path: d for d in staging.dead_staging(layout, item.target_id)}
+        if p not in dead:
             report.skipped.append(SkippedEviction(item.key, item.target_id, "owner alive"))
             return
-        _unmount_inside(layout, [p])
-        _delete_via_trash(layout, [p])
+        staging.remove_staging(layout, dead[p])
         _done(cache, item, report, item.bytes)
         return
     try:

@@ -23,6 +23,7 @@ from forgespace.cli.app import cache_app, err_console, load_settings, out_consol
 
 if TYPE_CHECKING:
     from forgespace.cache.index import CacheIndex, EntryRecord, LeaseRecord
+    from forgespace.cache.workspace import WorkspaceCache
     from forgespace.config import Settings
 
 JSON_HELP = "Print one JSON document on stdout (shape in docs/operations.md)."
@@ -329,61 +330,13 @@ def evict(
 
 
 # --- verify -------------------------------------------------------------------------------
-def verify_doc(cache: Any, *, repair: bool) -> dict[str, Any]:
-    """Index vs disk, and modified shared workspaces; with ``repair`` fix what it can.
-    ``cache`` None: there is no cache yet (consistent, nothing to check)."""
-    from forgespace.cache.eviction import entry_paths
-    from forgespace.cache.index import scan_entries
+def verify_doc(cache: WorkspaceCache | None, *, repair: bool) -> dict[str, Any]:
+    """The document `cache verify --json` prints (forgespace.cache.verify holds the checks and
+    the repair policy). ``cache`` None: there is no cache yet (consistent, nothing to check)."""
+    from forgespace.cache.verify import VerifyReport, verify_cache
 
-    if cache is None:
-        return {
-            "ok": True, "entries_indexed": 0, "entries_on_disk": 0, "missing_from_index": [],
-            "missing_on_disk": [], "modified": {}, "unsafe": [], "repaired": [],
-        }  # fmt: skip
-    index, layout = cache.index, cache.layout
-    indexed = {e.key: e for e in index.entries()}
-    on_disk = {e.key: e for e in scan_entries(layout, with_sizes=False)}
-    missing_from_index = sorted(set(on_disk) - set(indexed))
-    missing_on_disk = sorted(
-        k
-        for k, e in indexed.items()
-        if not any(p.exists() or p.is_symlink() for p in entry_paths(layout, e))
-    )
-    modified: dict[str, list[str]] = {}
-    verify_shared = getattr(cache, "verify_shared", None)
-    if verify_shared is not None:
-        for tid in sorted({e.target_id for e in on_disk.values() if e.kind != "run"}):
-            diffs = verify_shared(tid)
-            if diffs:
-                modified[tid] = diffs
-    audit = getattr(cache, "audit_internal", None)
-    unsafe: list[str] = audit() if audit is not None else []
-    repaired: list[str] = []
-    if repair:
-        if missing_from_index or missing_on_disk:
-            index.rebuild()
-            repaired.append("index rebuilt from disk")
-        for tid, diffs in modified.items():
-            if any(d.startswith(f"{tid}/workspace") for d in diffs) and cache.repair_shared(tid):
-                repaired.append(f"{tid}/workspace re-extracted from its cached target")
-            if any(d.startswith(f"{tid}/shared") for d in diffs):
-                # No pristine source beside it: drop the copy (re-downloaded by the next run)
-                # unless live runs lease it.
-                from forgespace.cache.eviction import evict_entry
-
-                if evict_entry(cache, f"{tid}/shared"):
-                    repaired.append(f"{tid}/shared removed (modified); the next run re-downloads")
-    ok = not (missing_from_index or missing_on_disk or modified or unsafe)
-    return {
-        "ok": ok,
-        "entries_indexed": len(indexed),
-        "entries_on_disk": len(on_disk),
-        "missing_from_index": missing_from_index,
-        "missing_on_disk": missing_on_disk,
-        "modified": modified,
-        "repaired": repaired,
-        "unsafe": unsafe,
-    }
+    report = VerifyReport() if cache is None else verify_cache(cache, repair=repair)
+    return report.to_dict()
 
 
 @cache_app.command("verify")

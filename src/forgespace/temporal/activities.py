@@ -26,7 +26,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import os
 import re
 import socket
 import threading
@@ -294,7 +293,7 @@ class CacheActivities:
         def release(_: Any) -> None:
             # Shared without a run id takes no lease, so there is nothing of its own to end.
             if run_id is not None:
-                self._release_ids(target_id, run_id, mode)
+                self.cache.release(target_id, run_id, mode)
 
         return await self._run(
             lambda: self._get(target_id, run_id, mode, progress),
@@ -302,41 +301,6 @@ class CacheActivities:
             run_key=key,
             on_cancel=release,
         )
-
-    def _release_ids(self, target_id: str, run_id: str, mode: str) -> dict[str, Any]:
-        """End the run's lease; isolated/copy-on-write: remove its run directory. Idempotent."""
-        validate_id(target_id, "target_id")
-        validate_id(run_id, "run_id")
-        iso = IsolationMode.parse(mode)
-        layout = self.cache.layout
-        # Staging directories of a prepare that died with its process (dead owner only).
-        swept = self.cache.sweep_leftovers(target_id)
-
-        def held() -> int:
-            return sum(
-                1
-                for lease in self.cache.index.all_leases()
-                if lease.target_id == target_id and lease.run_id == run_id
-            )
-
-        before = held()
-        removed: list[str] = [str(p) for p in swept]
-        if iso is IsolationMode.SHARED:
-            # Ends exactly this run's lease on the shared workspace; removes nothing.
-            self.cache.cleanup_cache(layout.shared_workspace(target_id), iso.value, run_id)
-        else:
-            run_dir = layout.run_dir(target_id, run_id)
-            if os.path.lexists(run_dir):
-                removed.append(str(run_dir))
-            # Also when the directory is absent: it ends the lease the call took first.
-            self.cache.cleanup_cache(run_dir, iso.value, run_id)
-        return {
-            "target_id": target_id,
-            "run_id": run_id,
-            "workspace_isolation": iso.value,
-            "leases_ended": before - held(),
-            "removed": removed,
-        }
 
     # --- activities ----------------------------------------------------------------------
     @activity.defn(name=HOST_QUEUE_ACTIVITY)
@@ -423,7 +387,9 @@ class CacheActivities:
             await self._beat_until(
                 asyncio.ensure_future(asyncio.gather(*waits, return_exceptions=True)), progress, t0
             )
-        out = await self._run(lambda: self._release_ids(target_id, run_id, mode), progress)
+        out = await self._run(
+            lambda: self.cache.release(target_id, run_id, mode).to_dict(), progress
+        )
         activity.logger.info(
             "released run %s of %s (%s): %d lease(s) ended, removed %s",
             run_id,
