@@ -461,3 +461,24 @@ def test_one_entry_that_cannot_be_removed_does_not_stop_gc(make_cache, monkeypat
     assert [p.key for p in report.evicted] == ["good/workspace"]
     assert [(s.key, s.why.split(":")[0]) for s in report.skipped] == [("bad/workspace", "error")]
     assert c.index.get("bad/workspace") is not None and c.on_disk("bad/workspace")
+
+
+def test_one_undeletable_lru_victim_does_not_fail_make_room(make_cache, monkeypatch) -> None:
+    """make_room (before a download) meets the same per-victim guard as gc: a victim that
+    cannot be removed is skipped and the next one goes, so an unrelated get_target succeeds."""
+    from forgespace.cache import eviction
+
+    c = make_cache(CACHE_MAX_SIZE="1000")
+    c.add("bad/workspace", 400, age=30)  # least recently used: the first victim
+    c.add("good/workspace", 400, age=20)
+    real = eviction._delete_via_trash
+
+    def failing(layout, paths):
+        if any("bad" in str(p) for p in paths):
+            raise PermissionError(13, "Permission denied", str(paths[0]))
+        return real(layout, paths)
+
+    monkeypatch.setattr(eviction, "_delete_via_trash", failing)
+    make_room(c, 500, target_id="mine")  # 800 + 500 > 1000: one victim must go
+    assert not c.on_disk("good/workspace") and c.index.get("good/workspace") is None
+    assert c.on_disk("bad/workspace") and c.index.get("bad/workspace") is not None

@@ -285,15 +285,7 @@ def collect_garbage(cache: CacheLike, *, dry_run: bool = False) -> GcReport:
     # Orphans first: a dead run's overlay is unmounted before its lower layer (the shared
     # copy) can go.
     for item in sorted(plan, key=lambda p: p.reason != "orphan"):
-        try:
-            _execute(cache, item, report)
-        except OSError as exc:
-            if isinstance(exc, CacheAccessError):
-                raise  # the cache itself cannot be written (read-only, not our user's): stop
-            # One entry that cannot be removed (permissions, a busy mount...) must not stop
-            # the sweep; whatever was already moved to the trash goes with the next gc.
-            log.warning("gc: could not evict %s: %s", item.key, exc)
-            report.skipped.append(SkippedEviction(item.key, item.target_id, f"error: {exc}"))
+        execute(cache, item, report)
     try:
         staging.remove_dead_owners(cache.layout)
     except UnsafeCacheEntryError as exc:
@@ -327,6 +319,24 @@ def collect_garbage(cache: CacheLike, *, dry_run: bool = False) -> GcReport:
 
 
 _INDEXED_KINDS = ("shared", "cow-shared", "run", "stale-row")
+
+
+def execute(cache: CacheLike, item: PlannedEviction, report: GcReport) -> bool:
+    """Carry out one planned eviction (gc and make_room alike); True when it was evicted.
+
+    The one per-victim guard: an entry that cannot be removed (permissions, a busy mount...)
+    is skipped and reported, never stopping the sweep or failing the download that needed
+    room; whatever already reached the trash goes with the next gc. Only a cache that cannot
+    be written at all (CacheAccessError) stops everything."""
+    before = len(report.evicted)
+    try:
+        _execute(cache, item, report)
+    except OSError as exc:
+        if isinstance(exc, CacheAccessError):
+            raise
+        log.warning("gc: could not evict %s: %s", item.key, exc)
+        report.skipped.append(SkippedEviction(item.key, item.target_id, f"error: {exc}"))
+    return len(report.evicted) > before
 
 
 def _execute(cache: CacheLike, item: PlannedEviction, report: GcReport) -> None:
@@ -456,6 +466,18 @@ def _delete_via_trash(layout: CacheLayout, paths: list[Path]) -> None:
 
 
 # --- room before a download ---------------------------------------------------------------
+def plan_room(
+    entries: list[EntryRecord], leased: set[str], *, target_id: str
+) -> list[PlannedEviction]:
+    """Victims for making room before a download, least recently used first: unleased
+    entries of other targets (pure; make_room executes them until the object fits)."""
+    return [
+        PlannedEviction(e.key, e.target_id, e.kind, "lru", e.bytes, e.last_access)
+        for e in entries
+        if e.target_id != target_id and e.key not in leased
+    ]
+
+
 def make_room(cache: CacheLike, incoming_bytes: int, *, target_id: str) -> None:
     """Evict least-recently-used unleased entries of other targets so ``incoming_bytes`` fit.
 
@@ -473,16 +495,11 @@ def make_room(cache: CacheLike, incoming_bytes: int, *, target_id: str) -> None:
     now = time.time()
     leased = index.leased_keys(now)
     report = GcReport([], 0, total, total, False, limit=limit)
-    for e in index.entries():
+    for item in plan_room(index.entries(), leased, target_id=target_id):
         if total + incoming_bytes <= limit:
             break
-        if e.target_id == target_id or e.key in leased:
-            continue
-        item = PlannedEviction(e.key, e.target_id, e.kind, "lru", e.bytes, e.last_access)
-        before = len(report.evicted)
-        _execute(cache, item, report)
-        if len(report.evicted) > before:
-            total -= e.bytes
+        if execute(cache, item, report):
+            total -= item.bytes
     if total + incoming_bytes <= limit:
         _update_gauges(cache)
         return
@@ -620,8 +637,5 @@ def evict_entry(cache: CacheLike, key: str, *, reason: str = "operator") -> bool
     e = cache.index.get(key)
     if e is None:
         return False
-    report = GcReport([], 0, 0, 0, False)
-    _execute(
-        cache, PlannedEviction(e.key, e.target_id, e.kind, reason, e.bytes, e.last_access), report
-    )
-    return bool(report.evicted)
+    item = PlannedEviction(e.key, e.target_id, e.kind, reason, e.bytes, e.last_access)
+    return execute(cache, item, GcReport([], 0, 0, 0, False))
