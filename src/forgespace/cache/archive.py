@@ -1,3 +1,5 @@
+# Over 500 lines on purpose, for now: the extractor and the tar walker share one member state; the
+# detection and the safety policy functions are the natural first split.
 """Safe, fast extraction of tar (plain, gz, bz2, xz) and zip archives, detected by content.
 
 Safety rules (every one is checked per member, cheaply, instead of tarfile's generic ``data``

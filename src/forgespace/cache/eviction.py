@@ -1,3 +1,5 @@
+# Over 500 lines for now: planning, executing and operator eviction; the plan is the natural first
+# split.
 """Eviction: plan what to remove, then execute the plan safely while runs are live.
 
 Rules, in order (``collect_garbage``):

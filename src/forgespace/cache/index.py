@@ -1,3 +1,5 @@
+# Over 500 lines on purpose, for now: one SQLite schema with its open/rebuild/degraded-read paths
+# reads best in one place; splitting the rebuild scan into its own module is the next step.
 """The cache index: entries, leases and counters in SQLite, shared by every process.
 
 The filesystem is the truth; the index is a fast summary of it (bytes recorded at publish, last
