@@ -14,7 +14,8 @@
      ├── CleanupRefusedError (ValueError)    cleanup_cache was given a path it must not delete
      ├── CacheFullError (OSError)            no room on disk (ENOSPC) for a download/extraction
      ├── BackendUnavailableError             the configured copy-on-write backend cannot work here
-     └── WorkflowMetadataError (ValueError)  a workflow package's metadata.yaml is invalid
+     ├── WorkflowMetadataError (ValueError)  a workflow package's metadata.yaml is invalid
+     └── WorkflowParameterError (ValueError) a run's parameters do not fit the workflow's schema
 
 Stdlib mix-ins let callers catch what they already know (``FileNotFoundError``,
 ``ValueError``...) while ``except ForgespaceError`` catches everything of ours.
@@ -82,3 +83,7 @@ class BackendUnavailableError(ForgespaceError):
 
 class WorkflowMetadataError(ForgespaceError, ValueError):
     """A workflow package's metadata.yaml is missing fields or has invalid values."""
+
+
+class WorkflowParameterError(ForgespaceError, ValueError):
+    """A run's parameters do not fit its workflow's metadata.yaml schema (or cannot be read)."""

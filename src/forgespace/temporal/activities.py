@@ -342,7 +342,7 @@ class CacheActivities:
 
     @activity.defn(name=PREPARE_ACTIVITY)
     async def prepare_workspace(
-        self, target_id: str, run_id: str | None, workspace_isolation: str = "isolated"
+        self, target_id: str, run_id: str | None = None, workspace_isolation: str = "isolated"
     ) -> PreparedWorkspace:
         """get_target plus what the runner reports: downloaded or served from the cache."""
         result = await self._get_async(target_id, run_id, workspace_isolation)

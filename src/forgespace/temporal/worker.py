@@ -6,9 +6,10 @@
 - the *host* worker polls this host's own queue (``host_task_queue``): get_target, the
   workflows' activities and cleanup_cache run there, next to the workspace on disk.
 
-Both register every activity (storage activities plus the packages' ACTIVITIES), so
-FuzzForge-style workflows that call ``get_target`` on the default queue still work on a single
-host. Connection: TEMPORAL_ADDRESS / TEMPORAL_NAMESPACE (unset address = an embedded dev server).
+Both register every activity (storage activities plus the packages' activities). Workflows
+that call ``get_target`` themselves on the default queue (FuzzForge style) are pinned to the
+host of their ``get_target`` by ``HostAffinityInterceptor``, so they work on many hosts too.
+Connection: TEMPORAL_ADDRESS / TEMPORAL_NAMESPACE (unset address = an embedded dev server).
 """
 
 from __future__ import annotations
@@ -162,6 +163,7 @@ async def run_worker(
     from temporalio.worker import Worker
 
     from forgespace.cache.workspace import WorkspaceCache
+    from forgespace.temporal.affinity import HostAffinityInterceptor
 
     if packages is None:
         packages = discover(workflows_dirs, bundled=bundled, load=True)
@@ -177,7 +179,7 @@ async def run_worker(
     workflows = [p.workflow for p in packages if p.workflow is not None]
     # Workflows learn their metadata.yaml mode from here (no I/O in workflow code), so an
     # override is logged whoever started the run.
-    register_metadata_modes({p.name: p.workspace_isolation for p in packages})
+    register_metadata_modes({p.workflow_type: p.workspace_isolation for p in packages})
     common: dict[str, Any] = {
         "activities": activities,
         "activity_executor": executor,
@@ -190,7 +192,14 @@ async def run_worker(
         "max_heartbeat_throttle_interval": HEARTBEAT_THROTTLE,
         "default_heartbeat_throttle_interval": HEARTBEAT_THROTTLE,
     }
-    shared_worker = Worker(client, task_queue=task_queue, workflows=workflows, **common)
+    shared_worker = Worker(
+        client,
+        task_queue=task_queue,
+        workflows=workflows,
+        # Workflows that call get_target themselves get their activities pinned to its host.
+        interceptors=[HostAffinityInterceptor()],
+        **common,
+    )
     host_worker = Worker(client, task_queue=host_queue, **common)
     stop = stop or asyncio.Event()
     port = _start_metrics(metrics_port) if metrics_port is not None else None
