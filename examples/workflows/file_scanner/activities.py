@@ -5,7 +5,6 @@ It only reads: the shared workspace is read-only and every run of the target see
 
 import fnmatch
 import hashlib
-import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,10 @@ def scan_files_activity(target_path: str, config: dict[str, Any]) -> dict[str, A
             findings.append({"file": rel, "type": "sensitive_file", "size": size, "sha256": sha})
     return {
         "findings": findings,
-        "summary": {"total_files": scanned, "total_findings": len(findings)},
+        "summary": {
+            "total_files": scanned,
+            "total_findings": len(findings),
+            "host": socket.gethostname(),
+        },
         "workspace": target_path,
-        "cache_dir": os.environ.get("CACHE_DIR", ""),
     }

@@ -40,5 +40,6 @@ def inventory_workspace(target_path: str, run_id: str) -> dict[str, Any]:
         "sha256": digest.hexdigest(),
         "other_runs_markers": others,
         "cache_dir": os.environ.get("CACHE_DIR", ""),
+        "host": socket.gethostname(),
         "findings": 0,
     }
