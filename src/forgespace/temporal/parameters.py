@@ -19,6 +19,7 @@ gets the run method's own default (``None`` when it declares none).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -136,6 +137,19 @@ def resolve_parameters(pkg: WorkflowPackage, given: Mapping[str, Any]) -> dict[s
     raise WorkflowParameterError(
         f"invalid parameter(s) for workflow {pkg.name}: " + "; ".join(problems)
     )
+
+
+@functools.cache
+def _bundled_package(name: str) -> WorkflowPackage:
+    from forgespace.temporal.discovery import discover, find_package
+
+    return find_package(discover(bundled=True, load=False), name)
+
+
+def bundled_parameters(workflow: str, given: Mapping[str, Any]) -> dict[str, Any]:
+    """``resolve_parameters`` for a bundled workflow's activity: a run started straight through
+    Temporal (not by `forgespace run`) gets the same defaults and the same checks."""
+    return resolve_parameters(_bundled_package(workflow), given)
 
 
 def start_arguments(pkg: WorkflowPackage, target_id: str, params: Mapping[str, Any]) -> list[Any]:
