@@ -4,19 +4,25 @@ honest cache figures, and (in test_workflow_compat_hosts.py) host affinity on tw
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import shutil
 import subprocess
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 from support.s3server import env_for
-from support.temporal import cli_command
+from support.temporal import WorkerProcess, cli_command
+from temporalio.client import Client
 
 from forgespace.config import Settings
 from forgespace.errors import WorkflowMetadataError, WorkflowParameterError
+from forgespace.storage import open_store
+from forgespace.temporal.api import CACHE_MEMO_KEY
+from forgespace.temporal.devserver import DevServer
 from forgespace.temporal.discovery import discover, find_package
 from forgespace.temporal.parameters import load_param_file, resolve_parameters, start_arguments
 
@@ -358,3 +364,72 @@ def test_workflows_info_shows_mode_and_parameters(settings: Settings) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "workspace_isolation: shared" in proc.stdout
     assert "max_file_size (integer, minimum 1) = 10485760" in proc.stdout
+
+
+@pytest.mark.integration
+def test_worker_with_fuzzforge_variables_serves_its_vertical_on_vertical_queue(
+    settings: Settings,
+    temporal_server: DevServer,
+    tmp_path: Path,
+    worker_processes: list[WorkerProcess],
+) -> None:
+    """WORKER_VERTICAL / WORKER_TASK_QUEUE / MAX_CONCURRENT_ACTIVITIES / LOG_LEVEL are read;
+    only the vertical's packages are served, and a run started FuzzForge-style on
+    `{vertical}-queue` (positional target_id) completes with its get_target recorded."""
+    vertical = f"v{uuid.uuid4().hex[:8]}"
+    wfs = tmp_path / "wfs"
+    shutil.copytree(EXAMPLES, wfs)
+    meta = wfs / "my_workflow" / "metadata.yaml"
+    meta.write_text(meta.read_text().replace("vertical: python", f"vertical: {vertical}"))
+    env = env_for(settings.with_(temporal_address=temporal_server.address))
+    env |= {
+        "TEMPORAL_NAMESPACE": temporal_server.namespace,
+        "WORKER_VERTICAL": vertical,
+        "WORKER_TASK_QUEUE": f"q-{vertical}",
+        "MAX_CONCURRENT_ACTIVITIES": "4",
+        "LOG_LEVEL": "info",
+    }
+    log = tmp_path / "w.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(
+            cli_command("worker", "--workflows-dir", str(wfs)), env=env, stdout=f, stderr=f
+        )
+    w = WorkerProcess(proc, log)
+    worker_processes.append(w)
+    w.wait_ready()
+    assert f"task queue q-{vertical}," in w.text()
+    assert "workflows: my_workflow\n" in w.text()  # not the bundled ones, not file_scanner
+
+    tid = open_store(settings).upload_target(make_target(tmp_path))
+
+    async def main() -> tuple[Any, Any]:
+        client = await Client.connect(temporal_server.address, namespace=temporal_server.namespace)
+        handle = await client.start_workflow(
+            "MyWorkflow", args=[tid], id=f"mine-{vertical}", task_queue=f"{vertical}-queue"
+        )
+        result = await asyncio.wait_for(handle.result(), timeout=60)
+        memo = await (await handle.describe()).memo()
+        return result, memo
+
+    result, memo = asyncio.run(main())
+    assert result["files"] == 3 and Path(result["workspace"]).parent.parent.name == tid
+    assert memo[CACHE_MEMO_KEY] == {"downloads": 1, "hits": 0}
+    w.stop()
+    assert w.proc.returncode == 0, w.text()[-2000:]
+
+    bad = subprocess.run(
+        cli_command("worker", "--workflows-dir", str(wfs)),
+        env={**env, "MAX_CONCURRENT_ACTIVITIES": "many", "COLUMNS": "1000"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "MAX_CONCURRENT_ACTIVITIES 'many'" in bad.stderr
+    unknown = subprocess.run(
+        cli_command("worker", "--workflows-dir", str(wfs), "--vertical", "cobol"),
+        env={**env, "COLUMNS": "1000"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert unknown.returncode == 2 and "'cobol'" in unknown.stderr and vertical in unknown.stderr

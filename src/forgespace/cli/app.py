@@ -63,7 +63,10 @@ def load_settings() -> Settings:
 
 
 def setup_logging() -> None:
-    level = os.environ.get("FORGESPACE_LOG_LEVEL", "INFO").upper()
+    # LOG_LEVEL: FuzzForge's worker variable, accepted as an alias.
+    level = (
+        os.environ.get("FORGESPACE_LOG_LEVEL") or os.environ.get("LOG_LEVEL") or "INFO"
+    ).upper()
     logging.basicConfig(
         level=getattr(logging, level, logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

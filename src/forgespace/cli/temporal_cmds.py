@@ -25,7 +25,18 @@ TaskQueue = Annotated[str, typer.Option("--task-queue", help="The shared task qu
 
 @app.command()
 def worker(
-    task_queue: TaskQueue = "forgespace",
+    task_queue: Annotated[
+        str,
+        typer.Option("--task-queue", envvar="WORKER_TASK_QUEUE", help="The shared task queue."),
+    ] = "forgespace",
+    vertical: Annotated[
+        str | None,
+        typer.Option(
+            "--vertical",
+            envvar="WORKER_VERTICAL",
+            help="Serve only this vertical's workflows; also poll {vertical}-queue.",
+        ),
+    ] = None,
     workflows_dir: WorkflowsDirs = None,
     metrics_port: Annotated[
         int | None,
@@ -38,7 +49,8 @@ def worker(
     """Serve workflows and activities until SIGTERM/SIGINT.
 
     Connects to TEMPORAL_ADDRESS / TEMPORAL_NAMESPACE; an unset address starts an embedded
-    dev server."""
+    dev server. FuzzForge's WORKER_VERTICAL, WORKER_TASK_QUEUE, MAX_CONCURRENT_ACTIVITIES and
+    LOG_LEVEL are accepted too."""
     from forgespace.temporal.worker import serve
 
     settings = load_settings()
@@ -49,6 +61,7 @@ def worker(
             workflows_dirs=workflows_dir or [],
             bundled=bundled,
             metrics_port=metrics_port,
+            vertical=vertical,
         )
     )
 
