@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test lint bench clean fuzz
 
 setup: $(STAMP)
 
@@ -23,6 +23,15 @@ run: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# Fuzz the archive reader (tar/zip parsing, member checks, extraction) for FUZZ_SECONDS from the
+# committed seeds (fuzz/corpus/archive); new inputs and crash inputs go to fuzz/out/ (ignored by
+# git). Any finding ends it non-zero and prints the input. See docs/testing.md.
+FUZZ_SECONDS ?= 90
+FUZZ_ARGS ?=
+
+fuzz: setup
+	fuzz/run.sh $(PY) $(FUZZ_SECONDS) $(FUZZ_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy

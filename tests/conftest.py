@@ -9,7 +9,12 @@ import pytest
 
 from forgespace.config import Settings
 
-pytest_plugins: list[str] = ["support.s3server", "support.temporal", "support.mounts"]
+pytest_plugins: list[str] = [
+    "support.s3server",
+    "support.temporal",
+    "support.mounts",
+    "support.nobody",
+]
 
 
 @pytest.fixture

@@ -107,6 +107,7 @@ def _choice(value: str, *, name: str, allowed: tuple[str, ...]) -> str:
 
 
 COW_BACKENDS = ("copy", "overlay")
+SANDBOX_MODES = ("auto", "bwrap", "none")
 STORAGE_BACKENDS = ("local", "s3")
 
 
@@ -122,6 +123,7 @@ class Settings:
     cache_lease_ttl: float = 24 * 3600.0
     cache_lock_timeout: float = 30 * 60.0
     cow_backend: str = "copy"
+    sandbox: str = "auto"
     storage_backend: str = "local"
     s3_endpoint: str | None = None
     s3_access_key: str | None = None
@@ -169,6 +171,8 @@ class Settings:
                 kw[field] = parse_duration(v, name=var)
         if (v := get("CACHE_COW_BACKEND")) is not None:
             kw["cow_backend"] = _choice(v, name="CACHE_COW_BACKEND", allowed=COW_BACKENDS)
+        if (v := get("FORGESPACE_SANDBOX")) is not None:
+            kw["sandbox"] = _choice(v, name="FORGESPACE_SANDBOX", allowed=SANDBOX_MODES)
         if (v := get("STORAGE_BACKEND")) is not None:
             kw["storage_backend"] = _choice(v, name="STORAGE_BACKEND", allowed=STORAGE_BACKENDS)
         if (v := get("S3_USE_SSL")) is not None:

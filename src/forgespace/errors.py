@@ -12,8 +12,15 @@
      ├── StorageError                        the store failed (after retries for transient faults)
      ├── LockTimeoutError (TimeoutError)     a bounded wait ran out; names what and who holds it
      ├── CleanupRefusedError (ValueError)    cleanup_cache was given a path it must not delete
-     ├── CacheFullError (OSError)            no room on disk (ENOSPC) for a download/extraction
+     ├── CacheFullError (OSError)            no room on disk (ENOSPC) for a download/extraction,
+     │                                       or for an index write that cannot be skipped
+     ├── CacheAccessError (OSError)          CACHE_DIR cannot be read or written (read-only
+     │                                       filesystem, permission denied, not a directory)
+     ├── UnsafeCacheEntryError (OSError)     a symlink, non-directory or mount point planted where
+     │                                       the cache expects its own directory or lock file
      ├── BackendUnavailableError             the configured copy-on-write backend cannot work here
+     │    └── SandboxUnavailableError        FORGESPACE_SANDBOX=bwrap, and bwrap cannot work here
+     ├── SandboxStartError                   bwrap could not set up a tool's sandbox
      ├── WorkflowMetadataError (ValueError)  a workflow package's metadata.yaml is invalid
      └── WorkflowParameterError (ValueError) a run's parameters do not fit the workflow's schema
 
@@ -73,8 +80,49 @@ class CleanupRefusedError(ForgespaceError, ValueError):
     """cleanup_cache was asked to delete something that is not a run directory of its mode."""
 
 
-class CacheFullError(ForgespaceError, OSError):
-    """The cache filesystem ran out of space; the partial entry was removed."""
+class _PlainOSError(OSError):
+    """An OSError whose str() is its message alone (not "[Errno 28] ..."): ours already say
+    what failed and where."""
+
+    def __str__(self) -> str:
+        return str(self.strerror) if self.strerror is not None else super().__str__()
+
+
+class CacheFullError(ForgespaceError, _PlainOSError):
+    """The cache filesystem ran out of space; the partial entry was removed (or, for an index
+    write, nothing was changed)."""
+
+
+class CacheAccessError(ForgespaceError, _PlainOSError):
+    """The cache directory (or a file in it) cannot be read or written: a read-only filesystem,
+    permission denied, a path component that is not a directory. The message names the
+    operation and the path; ``errno`` and ``filename`` are those of the underlying error."""
+
+    @classmethod
+    def from_os_error(cls, exc: OSError, doing: str) -> CacheAccessError:
+        """Wrap ``exc`` (raised while ``doing``, e.g. "create the cache directory")."""
+        where = f" {exc.filename}" if exc.filename is not None else ""
+        err = cls(exc.errno, f"cannot {doing}:{where}: {exc.strerror or exc}")
+        err.filename = exc.filename
+        return err
+
+
+class UnsafeCacheEntryError(ForgespaceError, OSError):
+    """Something other than what forgespace made sits where it expects one of its own entries
+    (an internal directory, a lock file, a directory to delete): a symlink, a non-directory, a
+    hard-linked lock file or a mount point. It is refused, never followed.
+
+    ``path`` names the entry and ``found`` says what it is (e.g. "a symbolic link (to '/x')").
+    An OSError too, so a sweep that skips entries it cannot remove skips this one and goes on.
+    """
+
+    def __init__(self, message: str, *, path: str = "", found: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+        self.found = found
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 class BackendUnavailableError(ForgespaceError):
@@ -83,6 +131,18 @@ class BackendUnavailableError(ForgespaceError):
 
 class WorkflowMetadataError(ForgespaceError, ValueError):
     """A workflow package's metadata.yaml is missing fields or has invalid values."""
+
+
+class SandboxUnavailableError(BackendUnavailableError):
+    """FORGESPACE_SANDBOX=bwrap was asked for and bubblewrap cannot work on this host."""
+
+
+class SandboxStartError(ForgespaceError):
+    """bubblewrap could not set up a tool's sandbox; the tool never ran. ``reason`` says why."""
+
+    def __init__(self, message: str, *, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class WorkflowParameterError(ForgespaceError, ValueError):

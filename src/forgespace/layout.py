@@ -19,10 +19,13 @@ import re
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import TypeGuard
 
 from forgespace.errors import InvalidIdError, InvalidModeError
 
-ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# \Z, not $: "$" also matches before a final newline, so "abc\n" would pass a plain match.
+# Callers use is_valid_id / validate_id (fullmatch), never ID_PATTERN.match on their own.
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 RESERVED_IDS = frozenset({"shared", "workspace", "target"})
 ID_FORMS = (
     "1-128 characters of A-Z a-z 0-9 . _ -, starting with a letter or digit, "
@@ -52,10 +55,21 @@ class IsolationMode(StrEnum):
             ) from None
 
 
+def is_valid_id(value: object) -> TypeGuard[str]:
+    """Whether ``value`` is, as a whole string, a valid target/run id (not a reserved name)."""
+    if not isinstance(value, str):
+        return False
+    return ID_PATTERN.fullmatch(value) is not None and value not in RESERVED_IDS
+
+
 def validate_id(value: object, what: str = "target_id") -> str:
-    """Return ``value`` if it is a valid target/run id, else raise InvalidIdError."""
-    if not isinstance(value, str) or not ID_PATTERN.match(value) or value in RESERVED_IDS:
-        raise InvalidIdError(f"invalid {what} {value!r}: expected {ID_FORMS}")
+    """Return ``value`` if it is a valid target/run id, else raise InvalidIdError (also a
+    ValueError) naming the value with repr(), so a newline or NUL in it shows."""
+    if not is_valid_id(value):
+        why = ""
+        if isinstance(value, str) and any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+            why = " (it contains a control character)"
+        raise InvalidIdError(f"invalid {what} {value!r}{why}: expected {ID_FORMS}")
     return value
 
 

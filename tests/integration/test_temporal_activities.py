@@ -142,11 +142,12 @@ def test_upload_results_location_is_fuzzforge_url_with_s3() -> None:
     assert _results_url("/store/.results/wf/results.json", None).startswith("/store")
 
 
+@pytest.mark.parametrize("wid", ["../escape", "wf\n"])  # "$" would let a final newline through
 def test_upload_results_refuses_a_bad_workflow_id(
-    acts: CacheActivities, settings: Settings
+    acts: CacheActivities, settings: Settings, wid: str
 ) -> None:
     with pytest.raises(ApplicationError, match="invalid workflow_id") as ei:
-        run(acts.upload_results, "../escape", {}, "json")
+        run(acts.upload_results, wid, {}, "json")
     assert ei.value.non_retryable
     results_dir = settings.storage_dir / ".results"
     assert not results_dir.exists() or not any(results_dir.rglob("*"))

@@ -398,7 +398,7 @@ def test_worker_with_fuzzforge_variables_serves_its_vertical_on_vertical_queue(
     worker_processes.append(w)
     w.wait_ready()
     assert f"task queue q-{vertical}," in w.text()
-    assert "workflows: my_workflow\n" in w.text()  # not the bundled ones, not file_scanner
+    assert "workflows: my_workflow;" in w.text()  # not the bundled ones, not file_scanner
 
     tid = open_store(settings).upload_target(make_target(tmp_path))
 

@@ -9,6 +9,7 @@ use them).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import subprocess
@@ -97,14 +98,46 @@ def btrfs_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         pytest.skip(f"btrfs loop mount unavailable: {e}")
 
 
+@contextlib.contextmanager
+def tmpfs(mnt: Path, *, size: str = "2m", mode: str = "0755") -> Iterator[Path]:
+    """Mount a ``size`` tmpfs on ``mnt`` (created if missing) for the ``with`` body; unmount
+    on exit. Raises MountRefused with the reason where that cannot be done."""
+    mnt.mkdir(parents=True, exist_ok=True)
+    _run(["mount", "-t", "tmpfs", "-o", f"size={size},mode={mode}", "tmpfs", str(mnt)])
+    try:
+        yield mnt
+    finally:
+        _umount(mnt)
+
+
+def remount(mnt: Path, option: str) -> None:
+    """``mount -o remount,OPTION MNT`` (e.g. ``ro`` / ``rw``)."""
+    _run(["mount", "-o", f"remount,{option}", str(mnt)])
+
+
+def fill_to_the_brim(mnt: Path, name: str = "filler") -> Path:
+    """Append to ``mnt/name`` until the filesystem refuses another byte; return its path."""
+    path = mnt / name
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        for chunk in (1 << 20, 4096, 1):
+            block = bytes(chunk)
+            try:
+                while True:
+                    os.write(fd, block)
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+    finally:
+        os.close(fd)
+    return path
+
+
 @pytest.fixture
 def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A 2 MiB tmpfs mounted for one test (to provoke ENOSPC); skips with the reason."""
-    mnt = tmp_path / "small-tmpfs"
-    mnt.mkdir()
     try:
-        _run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0755", "tmpfs", str(mnt)])
+        with tmpfs(tmp_path / "small-tmpfs", size="2m") as mnt:
+            yield mnt
     except MountRefused as e:
         pytest.skip(f"tmpfs mount unavailable: {e}")
-    yield mnt
-    _umount(mnt)

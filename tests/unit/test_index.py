@@ -347,3 +347,35 @@ def test_garbage_written_in_place_under_an_open_connection(
     assert seen == [want] and {e.key for e in index.entries()} == want
     assert index.counters() == {"misses": 1}  # counters restart with the rebuilt index
     assert any("corrupt" in r.getMessage() for r in caplog.records)
+
+
+def test_sqlite_full_is_not_corruption(index: CacheIndex, layout: CacheLayout) -> None:
+    """SQLITE_FULL (here from max_page_count, deterministically) raises CacheFullError; the
+    index is not moved aside and keeps its leases and counters; try_write skips the write."""
+    from forgespace.errors import CacheFullError
+
+    index.add_lease(index.new_lease("t/r", "t", "r", ("t/r",)))
+    index.count("downloads", 3)
+    ino = os.stat(index.path).st_ino
+    pages = index._conn().execute("PRAGMA page_count").fetchone()[0]
+    index._conn().execute(f"PRAGMA max_page_count = {pages}")
+    big = [entry(f"t{i}/workspace") for i in range(2000)]
+    with pytest.raises(CacheFullError, match="no space left") as ei:
+        for e in big:
+            index.publish(e)
+    assert isinstance(ei.value, OSError)
+    assert index.try_write("test", index.publish, big[-1]) is False
+    assert os.stat(index.path).st_ino == ino
+    assert not list(layout.meta_dir.glob("index.sqlite.corrupt*"))
+    assert [le.lease_id for le in index.live_leases()] == ["t/r"]
+    assert index.counters()["downloads"] == 3
+
+
+def test_real_damage_is_still_moved_aside(index: CacheIndex, layout: CacheLayout) -> None:
+    index.close()
+    layout.index_path.write_bytes(b"this is not an sqlite database" * 100)
+    for suffix in ("-wal", "-shm"):
+        Path(f"{layout.index_path}{suffix}").unlink(missing_ok=True)
+    again = CacheIndex(layout, lease_ttl=3600)
+    assert (layout.meta_dir / "index.sqlite.corrupt").exists()
+    assert again.entries() == []

@@ -6,7 +6,7 @@ import pytest
 
 from forgespace import ForgespaceError, IsolationMode
 from forgespace.errors import InvalidIdError, InvalidModeError
-from forgespace.layout import CacheLayout, validate_id
+from forgespace.layout import CacheLayout, is_valid_id, validate_id
 
 
 @pytest.mark.parametrize("mode", ["isolated", "shared", "copy-on-write"])
@@ -75,3 +75,25 @@ def test_paths_follow_the_seed_layout(tmp_path: Path):
     assert L.workspace_paths(IsolationMode.ISOLATED, "t", "r")[1] == L.run_workspace("t", "r")
     with pytest.raises(InvalidIdError):
         L.workspace_paths(IsolationMode.COPY_ON_WRITE, "t", None)
+
+
+@pytest.mark.parametrize("bad", ["abc\n", "abc\x00", "a\tb", "abc\r", "\nabc", "abc\x7f", "a\x1bb"])
+def test_ids_with_control_characters_are_refused_by_repr(bad):
+    # "$" matches before a final newline: the whole string must match, not just a prefix.
+    with pytest.raises(InvalidIdError) as info:
+        validate_id(bad)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, ForgespaceError)
+    assert repr(bad) in str(info.value) and "control character" in str(info.value)
+    assert "\n" not in str(info.value) and "\x00" not in str(info.value)
+    assert not is_valid_id(bad)
+
+
+def test_scans_skip_directories_whose_name_only_prefix_matches(tmp_path: Path):
+    from forgespace.cache.index import scan_entries
+
+    # "t1\n" passed the old prefix match; a scan must not turn it into an entry
+    (tmp_path / "t1\n" / "workspace").mkdir(parents=True)
+    (tmp_path / "t2" / "workspace").mkdir(parents=True)
+    assert [e.key for e in scan_entries(CacheLayout(tmp_path), with_sizes=False)] == [
+        "t2/workspace"
+    ]

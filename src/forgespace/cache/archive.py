@@ -6,8 +6,8 @@ filter which costs ~60 us per member):
 - names: absolute paths, ``..`` components, empty names and NUL bytes are refused;
 - links: symlinks whose target is absolute or resolves (from the link's directory) outside the
   destination are refused, hard links must point at an earlier regular file of the archive; after
-  extraction every symlink is resolved once more by the kernel's rules (``realpath``) so chains of
-  links that only escape together are refused too;
+  extraction every symlink is resolved once more through the archive's other links, by the
+  kernel's rules, so chains of links that only escape together are refused too;
 - no member is ever written *through* a symlink: created symlinks are tracked and a member whose
   parent path contains one is refused (the classic ``link -> /tmp`` then ``link/evil``); files are
   opened with ``O_EXCL | O_NOFOLLOW`` and a duplicate member unlinks the earlier one first;
@@ -33,18 +33,18 @@ import errno
 import logging
 import lzma
 import os
-import shutil
 import stat
 import struct
 import time
 import zipfile
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Literal, cast
 
 from isal import igzip, igzip_threaded, isal_zlib
 
+from forgespace.cache import fsops
 from forgespace.cache.fsutil import current_umask
 from forgespace.errors import CacheFullError, IntegrityError, UnsafeArchiveError
 
@@ -65,6 +65,10 @@ _EMPTY_TAR_LIMIT = 64 * 1024
 # After the tar end marker, drain at most this much of a compressed stream so its CRC is checked.
 _DRAIN_LIMIT = 1 << 20
 _MAX_ZIP_SYMLINK = 4096
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# Relative paths longer than this are reached in steps (_Extractor._at); PATH_MAX is 4096.
+_STEP = 2048
+_PATH_MAX = 4096
 _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
@@ -75,7 +79,12 @@ _READ_ERRORS: tuple[type[BaseException], ...] = (
     # isal's stubs declare its error as an instance; it is the class.
     cast("type[BaseException]", isal_zlib.error),
 )
-_ZIP_OPEN_ERRORS: tuple[type[BaseException], ...] = (zipfile.BadZipFile, *_READ_ERRORS)
+# zipfile raises NotImplementedError for a "version needed to extract" it does not know.
+_ZIP_OPEN_ERRORS: tuple[type[BaseException], ...] = (
+    zipfile.BadZipFile,
+    NotImplementedError,
+    *_READ_ERRORS,
+)
 _MEMBER_ERRNOS = {
     errno.ENAMETOOLONG,
     errno.ENOTDIR,
@@ -209,6 +218,50 @@ def _norm(name: str, what: str) -> str:
     return "/".join(parts)
 
 
+# The kernel gives up (ELOOP) after following this many symlinks in one lookup.
+_MAX_SYMLINK_HOPS = 40
+
+
+def _link_escape(symlinks: dict[str, str], rel: str) -> str | None:
+    """Follow the symlink ``rel`` through the archive's own links, as the kernel would, and
+    return the link through which it leaves the destination (``rel`` itself or one it chains
+    through), or None when it stays inside.
+
+    ``symlinks`` (relative path -> target) is every link extracted: the destination was created
+    empty, so these records are the whole truth and no path is ever handed to the kernel. That
+    is why this replaced ``os.path.realpath``, which treats every component of an absolute path
+    longer than PATH_MAX as a plain directory, so a chain through a deep ``s -> ..`` slipped by.
+    Components that do not exist are taken lexically (a dangling link is judged by what it would
+    reach once created); a loop the kernel would refuse (ELOOP) reaches nothing.
+    """
+    path = rel.split("/")[:-1]  # the link's directory: never through a link (see _parent)
+    todo = symlinks[rel].split("/")[::-1]
+    via = rel
+    hops = 0
+    while todo:
+        part = todo.pop()
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not path:
+                return via
+            path.pop()
+            continue
+        path.append(part)
+        target = symlinks.get("/".join(path))
+        if target is None:
+            continue
+        hops += 1
+        if hops > _MAX_SYMLINK_HOPS:
+            return None
+        if target.startswith("/"):
+            return "/".join(path)
+        via = "/".join(path)
+        path.pop()
+        todo.extend(target.split("/")[::-1])
+    return None
+
+
 def _mtime_ns(mtime: float) -> int | None:
     ns = mtime * 1_000_000_000 if isinstance(mtime, int) else round(mtime * 1e9)
     # Out-of-range header values are ignored rather than refused: they cannot escape anything.
@@ -292,11 +345,49 @@ class _Extractor:
         self.dir_meta: dict[str, tuple[int, int | None]] = {}
         self.ndirs = 0
         self.member = ""
+        self._anchor: tuple[str, int] | None = None  # (directory rel path, its fd): see _at
 
     def close(self) -> None:
+        self._drop_anchor()
         if self.dfd >= 0:
             os.close(self.dfd)
             self.dfd = -1
+
+    def _drop_anchor(self) -> None:
+        if self._anchor is not None:
+            os.close(self._anchor[1])
+            self._anchor = None
+
+    def _at(self, rel: str) -> tuple[int, str]:
+        """(directory fd, name) to reach ``rel`` with: the destination's fd and ``rel`` itself
+        while ``rel`` is short, else an fd of its parent directory opened in steps of at most
+        _STEP bytes (each a path of directories this extraction created, never through a
+        symlink), so member depth is bounded by nothing but inodes. One parent is cached:
+        members of a directory usually follow each other."""
+        if len(rel) < _STEP // 4 or len(os.fsencode(rel)) < _STEP or "/" not in rel:
+            return self.dfd, rel
+        head, _, name = rel.rpartition("/")
+        if self._anchor is not None and self._anchor[0] == head:
+            return self._anchor[1], name
+        self._drop_anchor()
+        fd = os.dup(self.dfd)
+        try:
+            chunk: list[str] = []
+            size = 0
+            for part in [*head.split("/"), ""]:
+                n = len(os.fsencode(part)) + 1
+                if part == "" or (chunk and size + n > _STEP):
+                    nfd = os.open("/".join(chunk), _DIR_FLAGS, dir_fd=fd)
+                    os.close(fd)
+                    fd = nfd
+                    chunk, size = [], 0
+                chunk.append(part)
+                size += n
+        except BaseException:
+            os.close(fd)
+            raise
+        self._anchor = (head, fd)
+        return fd, name
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -329,7 +420,8 @@ class _Extractor:
                 raise self._unsafe(f"would be written through the symlink {cur!r}")
             if cur in self.files:
                 raise self._unsafe(f"needs a directory where the archive put a file ({cur!r})")
-            os.mkdir(cur, 0o755, dir_fd=self.dfd)
+            at, n = self._at(cur)
+            os.mkdir(n, 0o755, dir_fd=at)
             self.known_dirs.add(cur)
             self.ndirs += 1
 
@@ -338,10 +430,12 @@ class _Extractor:
         if rel in self.known_dirs:
             raise self._unsafe("would replace a directory")
         if self.symlinks.pop(rel, None) is None and self.files.pop(rel, None) is None:
-            st = os.lstat(rel, dir_fd=self.dfd)
+            at, n = self._at(rel)
+            st = os.lstat(n, dir_fd=at)
             if stat.S_ISDIR(st.st_mode):
                 raise self._unsafe("would replace a directory")
-        os.unlink(rel, dir_fd=self.dfd)
+        at, n = self._at(rel)
+        os.unlink(n, dir_fd=at)
 
     def _budget(self, size: int) -> None:
         if size > self.max_bytes - self.written:
@@ -362,11 +456,13 @@ class _Extractor:
         if not rel:
             raise self._unsafe("is a file where the archive root belongs")
         self._parent(rel)
+        at, n = self._at(rel)
         try:
-            return os.open(rel, _OPEN_FLAGS, perm, dir_fd=self.dfd)
+            return os.open(n, _OPEN_FLAGS, perm, dir_fd=at)
         except FileExistsError:
             self._clear(rel)
-            return os.open(rel, _OPEN_FLAGS, perm, dir_fd=self.dfd)
+            at, n = self._at(rel)
+            return os.open(n, _OPEN_FLAGS, perm, dir_fd=at)
 
     def _finish_file(self, fd: int, rel: str, perm: int, mtime: int | None, size: int) -> None:
         if perm & self.umask:
@@ -386,7 +482,8 @@ class _Extractor:
             if rel in self.files:
                 raise self._unsafe("is a directory where the archive put a file")
             self._parent(rel)
-            os.mkdir(rel, 0o755, dir_fd=self.dfd)
+            at, n = self._at(rel)
+            os.mkdir(n, 0o755, dir_fd=at)
             self.known_dirs.add(rel)
             self.ndirs += 1
         self.dir_meta[rel] = (perm, mtime)
@@ -468,6 +565,10 @@ class _Extractor:
             elif part and part != ".":
                 depth += 1
         self._parent(rel)
+        if len(os.fsencode(self.dest)) + len(os.fsencode(rel)) + 1 >= _PATH_MAX:
+            # finish() checks where chains of links lead with realpath(), which cannot look
+            # beyond PATH_MAX: such a link could escape unseen.
+            raise self._unsafe(f"is a symlink deeper than PATH_MAX ({_PATH_MAX} bytes)")
         try:
             os.symlink(target, rel, dir_fd=self.dfd)
         except FileExistsError:
@@ -494,31 +595,46 @@ class _Extractor:
         except FileExistsError:
             self._clear(rel)
             os.link(target, rel, src_dir_fd=self.dfd, dst_dir_fd=self.dfd, follow_symlinks=False)
+        except OSError as e:
+            if e.errno != errno.ENAMETOOLONG:
+                raise
+            self._deep_link(target, rel)
         self.files[rel] = self.files[target]
+
+    def _deep_link(self, target: str, rel: str) -> None:
+        """A hard link whose paths do not fit in PATH_MAX: both ends reached through _at."""
+        at, n = self._at(target)
+        src_fd = os.dup(at)  # _at's cache holds one parent at a time
+        try:
+            dst_fd, m = self._at(rel)
+            os.link(n, m, src_dir_fd=src_fd, dst_dir_fd=dst_fd, follow_symlinks=False)
+        finally:
+            os.close(src_fd)
 
     # -- end -----------------------------------------------------------------------------------
 
     def finish(self) -> ExtractStats:
         self.member = ""
-        if self.symlinks:
-            # Chains of links can escape together even when each target looks inside on its own
-            # (a -> b/c/.., b -> .); ask the kernel's resolution rules about the final tree.
-            root = os.path.realpath(self.dest)
-            for rel in self.symlinks:
-                real = os.path.realpath(os.path.join(root, rel))
-                if real != root and not real.startswith(root + os.sep):
-                    self.member = rel
-                    raise self._unsafe(
-                        f"is a symlink that resolves outside the destination ({real})"
-                    )
+        # Chains of links can escape together even when each target looks inside on its own
+        # (a -> b/c/.., b -> .): resolve every link through the others, by the kernel's rules.
+        for rel in self.symlinks:
+            via = _link_escape(self.symlinks, rel)
+            if via is not None:
+                self.member = rel
+                through = "" if via == rel else f" through the symlink {via!r}"
+                raise self._unsafe(
+                    f"is a symlink that resolves outside the destination{through}"
+                    f" (target {self.symlinks[rel]!r})"
+                )
         # Deepest first, so making a directory read-only never blocks its children.
         dirs = self.known_dirs if self.read_only else self.dir_meta
         for rel in sorted(dirs, key=len, reverse=True):
             perm, mtime = self.dir_meta.get(rel, (0o555, None))
-            path = rel or "."
-            os.chmod(path, 0o555 if self.read_only else perm, dir_fd=self.dfd)
+            at, n = self._at(rel or ".")
+            # Times first: once "." is mode 000, a non-root owner can no longer look it up.
             if mtime is not None:
-                os.utime(path, ns=(mtime, mtime), dir_fd=self.dfd)
+                os.utime(n, ns=(mtime, mtime), dir_fd=at)
+            os.chmod(n, 0o555 if self.read_only else perm, dir_fd=at)
         manifest = tuple((rel, size, mt) for rel, (size, mt) in self.files.items())
         return ExtractStats(
             files=len(self.files), dirs=self.ndirs, bytes=self.written, manifest=manifest
@@ -723,6 +839,7 @@ def _extract_zip(x: _Extractor, src: str) -> None:
             mode = zi.external_attr >> 16 if unix else 0
             kind = stat.S_IFMT(mode)
             mtime = _zip_mtime(zi)
+            where = f"{src}: member {zi.filename!r}"
             if zi.flag_bits & 0x1:
                 raise x._unsafe("is encrypted; encrypted zip members are not supported")
             try:
@@ -732,11 +849,14 @@ def _extract_zip(x: _Extractor, src: str) -> None:
                     if zi.file_size > _MAX_ZIP_SYMLINK:
                         raise x._unsafe(f"is a symlink with a {zi.file_size}-byte target")
                     with zf.open(zi) as data:
-                        target = data.read(_MAX_ZIP_SYMLINK + 1)
+                        target = _Reader(data, where).read(_MAX_ZIP_SYMLINK + 1)
                     x.symlink(rel, os.fsdecode(target), mtime)
                 elif kind in (0, stat.S_IFREG):
                     with zf.open(zi) as data:
-                        x.file_from(rel, (mode & 0o777) or 0o644, mtime, zi.file_size, data)
+                        # _Reader: a damaged stream is an IntegrityError (bz2 raises a bare
+                        # OSError), while write errors (ENOSPC) keep their own meaning.
+                        reader = cast("IO[bytes]", _Reader(data, where))
+                        x.file_from(rel, (mode & 0o777) or 0o644, mtime, zi.file_size, reader)
                 else:
                     raise x._unsafe("is a device, fifo or socket; special members are not accepted")
             except (
@@ -745,22 +865,12 @@ def _extract_zip(x: _Extractor, src: str) -> None:
                 zlib.error,
                 lzma.LZMAError,
                 NotImplementedError,
+                # The local header's copy of a name flagged UTF-8 is decoded when opened.
+                UnicodeDecodeError,
             ) as e:
                 raise IntegrityError(
                     f"archive {src}: member {zi.filename!r} is corrupt: {e}"
                 ) from e
-
-
-def _remove_tree(path: str) -> None:
-    def onerror(func: Callable[..., object], p: str, exc: object) -> None:
-        # A directory made read-only (mode applied at the end) must become writable to be emptied.
-        try:
-            os.chmod(os.path.dirname(p), 0o700)
-            func(p)
-        except OSError:
-            pass
-
-    shutil.rmtree(path, onerror=onerror)  # type: ignore[arg-type]
 
 
 def extract_archive(
@@ -808,7 +918,7 @@ def extract_archive(
         member = x.member if x is not None else ""
         if x is not None:
             x.close()
-        _remove_tree(d)
+        fsops.remove(Path(d).parent, d)
         if isinstance(e, UnsafeArchiveError) and not str(e).startswith("archive "):
             raise UnsafeArchiveError(f"archive {s}: {e}") from e
         if isinstance(e, OSError) and not isinstance(e, CacheFullError):

@@ -30,20 +30,23 @@ import errno
 import logging
 import os
 import shutil
-import stat
 import time
-import uuid
-from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from forgespace.cache import fsops
 from forgespace.cache.index import CacheIndex, EntryRecord, scan_entries, tree_size
 from forgespace.cache.locks import owner_is_dead, remove_dead_owner
 from forgespace.config import Settings
-from forgespace.errors import CacheFullError, LockTimeoutError
-from forgespace.layout import ID_PATTERN, RESERVED_IDS, CacheLayout
+from forgespace.errors import (
+    CacheAccessError,
+    CacheFullError,
+    LockTimeoutError,
+    UnsafeCacheEntryError,
+)
+from forgespace.layout import CacheLayout, is_valid_id
 
 log = logging.getLogger(__name__)
 
@@ -245,15 +248,20 @@ def _run_key_of(layout: CacheLayout, path: Path) -> tuple[str, str] | None:
 
 def _plan_leftovers(layout: CacheLayout) -> list[PlannedEviction]:
     out = []
-    for d in _dead_staging(layout):
-        b, _ = tree_size(d)
-        tid = d.name.split(STAGING_SEP, 1)[0]
-        out.append(PlannedEviction(_rel(layout, d), tid, "staging", "leftover", b))
-    with contextlib.suppress(FileNotFoundError):
-        for name in sorted(os.listdir(layout.trash_dir)):
+    try:
+        for d in _dead_staging(layout):
+            b, _ = tree_size(d)
+            tid = d.name.split(STAGING_SEP, 1)[0]
+            out.append(PlannedEviction(_rel(layout, d), tid, "staging", "leftover", b))
+    except UnsafeCacheEntryError as exc:
+        log.warning("gc: %s", exc)  # a planted .forgespace/tmp: never followed
+    try:
+        for name in sorted(fsops.listdir(layout.root, fsops.TRASH)):
             p = layout.trash_dir / name
             b, _ = tree_size(p)
             out.append(PlannedEviction(_rel(layout, p), "", "trash", "leftover", b))
+    except UnsafeCacheEntryError as exc:
+        log.warning("gc: %s", exc)
     return out
 
 
@@ -280,15 +288,14 @@ def _dead_staging(layout: CacheLayout) -> list[Path]:
     """Staging directories whose owner process is dead (recognised by its lock, not by age)."""
     out = []
     dead: dict[str, bool] = {}
-    with contextlib.suppress(FileNotFoundError):
-        for name in sorted(os.listdir(layout.tmp_dir)):
-            token = staging_owner(name)
-            if token is None:
-                continue
-            if token not in dead:
-                dead[token] = owner_is_dead(owners_dir(layout), token)
-            if dead[token]:
-                out.append(layout.tmp_dir / name)
+    for name in sorted(fsops.listdir(layout.root, fsops.parts_under(layout.root, layout.tmp_dir))):
+        token = staging_owner(name)
+        if token is None:
+            continue
+        if token not in dead:
+            dead[token] = owner_is_dead(owners_dir(layout), token, root=layout.root)
+        if dead[token]:
+            out.append(layout.tmp_dir / name)
     return out
 
 
@@ -315,14 +322,24 @@ def collect_garbage(cache: CacheLike, *, dry_run: bool = False) -> GcReport:
         try:
             _execute(cache, item, report)
         except OSError as exc:
+            if isinstance(exc, CacheAccessError):
+                raise  # the cache itself cannot be written (read-only, not our user's): stop
             # One entry that cannot be removed (permissions, a busy mount...) must not stop
             # the sweep; whatever was already moved to the trash goes with the next gc.
             log.warning("gc: could not evict %s: %s", item.key, exc)
             report.skipped.append(SkippedEviction(item.key, item.target_id, f"error: {exc}"))
-    _remove_dead_owners(cache.layout)
+    try:
+        _remove_dead_owners(cache.layout)
+    except UnsafeCacheEntryError as exc:
+        log.warning("gc: %s", exc)
     _remove_empty_target_dirs(cache)
     report.adopted = adopt_unindexed(cache)
-    expired = cache.index.purge_expired_leases()
+    expired: list[Any] = []
+
+    def purge() -> None:
+        expired.extend(cache.index.purge_expired_leases())
+
+    cache.index.try_write("drop expired leases", purge)  # on a full disk: the next gc
     if expired:
         log.info("gc: dropped %d expired lease(s)", len(expired))
     cache.index.checkpoint()
@@ -348,32 +365,35 @@ _INDEXED_KINDS = ("shared", "cow-shared", "run", "stale-row")
 
 def _remove_dead_owners(layout: CacheLayout) -> None:
     # Owner lock files of dead processes whose staging directories are all gone.
-    in_use = set()
-    with contextlib.suppress(FileNotFoundError):
-        in_use = {t for n in os.listdir(layout.tmp_dir) if (t := staging_owner(n))}
-    with contextlib.suppress(FileNotFoundError):
-        for name in os.listdir(owners_dir(layout)):
-            token = name.removesuffix(".lock")
-            # A brand-new owner file is created a moment before its owner locks it: leave
-            # young ones alone so that moment can never be mistaken for a dead owner.
-            try:
-                young = time.time() - os.lstat(owners_dir(layout) / name).st_mtime < 60
-            except FileNotFoundError:
-                continue
-            if not young and token not in in_use and owner_is_dead(owners_dir(layout), token):
-                remove_dead_owner(owners_dir(layout), token)
+    root = layout.root
+    tmp = fsops.parts_under(root, layout.tmp_dir)
+    in_use = {t for n in fsops.listdir(root, tmp) if (t := staging_owner(n))}
+    for name in fsops.listdir(root, fsops.parts_under(root, owners_dir(layout))):
+        token = name.removesuffix(".lock")
+        # A brand-new owner file is created a moment before its owner locks it: leave
+        # young ones alone so that moment can never be mistaken for a dead owner.
+        try:
+            young = time.time() - os.lstat(owners_dir(layout) / name).st_mtime < 60
+        except FileNotFoundError:
+            continue
+        if (
+            not young
+            and token not in in_use
+            and owner_is_dead(owners_dir(layout), token, root=root)
+        ):
+            remove_dead_owner(owners_dir(layout), token, root=root)
 
 
 def _execute(cache: CacheLike, item: PlannedEviction, report: GcReport) -> None:
     layout, index = cache.layout, cache.index
     if item.kind == "trash":
-        _rmtree(layout.root / item.key)
+        fsops.remove(layout.root, layout.root / item.key)
         _done(cache, item, report, item.bytes)
         return
     if item.kind == "staging":
         p = layout.root / item.key
         token = staging_owner(p.name)
-        if token is None or not owner_is_dead(owners_dir(layout), token):
+        if token is None or not owner_is_dead(owners_dir(layout), token, root=layout.root):
             report.skipped.append(SkippedEviction(item.key, item.target_id, "owner alive"))
             return
         _unmount_inside(layout, [p])
@@ -399,7 +419,9 @@ def _execute(cache: CacheLike, item: PlannedEviction, report: GcReport) -> None:
                 paths.append(layout.overlay_dir / item.key)
             _unmount_inside(layout, paths)
             _delete_via_trash(layout, paths)
-            index.remove(item.key)
+            # Delete, then record: on a full disk the deletion is what frees the space. A row
+            # that still cannot be removed is a stale row the next gc drops.
+            index.try_write("forget an evicted entry", index.remove, item.key)
             _forget_records(layout, item)
             with contextlib.suppress(OSError):
                 os.rmdir(layout.target_dir(item.target_id))  # only when now empty
@@ -416,14 +438,16 @@ def _recheck(cache: CacheLike, item: PlannedEviction) -> str:
     if item.kind == "mount":
         run_key = _run_key_of(cache.layout, cache.layout.root / item.key)
         return "leased" if run_key and index.is_leased(run_key[1]) else ""
-    if index.is_leased(item.key):
-        return "leased"
     entry = index.get(item.key)
     if item.kind == "stale-row":
+        # Only a row goes (nothing on disk): even a leased one, e.g. left by an eviction on a
+        # full disk that could delete but not record.
         if entry is None:
             return "already gone"
         on_disk = any(os.path.lexists(p) for p in entry_paths(cache.layout, entry))
         return "back on disk" if on_disk else ""
+    if index.is_leased(item.key):
+        return "leased"
     if entry is None:
         if item.bytes == 0 and item.kind == "run":
             return ""  # an unindexed orphan run directory
@@ -450,15 +474,7 @@ def _forget_records(layout: CacheLayout, item: PlannedEviction) -> None:
 
 
 def _unmount_inside(layout: CacheLayout, paths: list[Path]) -> None:
-    try:
-        from forgespace.cache import overlay
-    except ImportError:
-        return
-    mounts = overlay.mounts_under(layout.root)
-    for p in paths:
-        for mp in sorted(mounts, key=lambda m: len(m.parts), reverse=True):
-            if mp == p or p in mp.parents:
-                overlay.unmount(mp)
+    fsops.unmount_under(paths, root=layout.root)
 
 
 def _done(cache: CacheLike, item: PlannedEviction, report: GcReport, freed: int) -> None:
@@ -486,73 +502,15 @@ def _update_gauges(cache: CacheLike) -> None:
 
 # --- deletion -----------------------------------------------------------------------------
 def _delete_via_trash(layout: CacheLayout, paths: list[Path]) -> None:
-    """Rename each path into .forgespace/trash (atomic: nobody sees half of it), then delete."""
-    layout.trash_dir.mkdir(parents=True, exist_ok=True)
-    moved = []
+    """Rename each path into .forgespace/trash (atomic: nobody sees half of it), then delete
+    (fsops: through directory fds, never following a link or crossing a mount)."""
     for p in paths:
-        if not os.path.lexists(p):
-            continue
-        # cut to stay below NAME_MAX with 128-character ids (trash names are never parsed)
-        name = f"{p.parent.name}.{p.name}"[:200]
-        dest = layout.trash_dir / f"{name}.{os.getpid()}-{uuid.uuid4().hex[:12]}"
         try:
-            _make_writable(p)  # moving a directory to another parent updates its '..'
-            os.rename(p, dest)
-        except FileNotFoundError:
-            continue
-        moved.append(dest)
-    for d in moved:
-        _rmtree(d)
-
-
-def _make_writable(p: Path) -> None:
-    with contextlib.suppress(OSError):
-        st = os.lstat(p)
-        if stat.S_ISDIR(st.st_mode) and not st.st_mode & stat.S_IWUSR:
-            os.chmod(p, stat.S_IMODE(st.st_mode) | stat.S_IRWXU)
-
-
-def _rmtree(path: Path) -> None:
-    """Delete a tree whose directories may be read-only (shared workspaces are 0555)."""
-
-    def onerror(func: Callable[..., Any], p: str, exc_info: Any) -> None:
-        exc = exc_info[1]
-        if isinstance(exc, FileNotFoundError):
-            return  # another gc deleting the same trash: fine
-        if isinstance(exc, PermissionError) or getattr(exc, "errno", None) == errno.EACCES:
-            parent = os.path.dirname(p)
-            with contextlib.suppress(OSError):
-                os.chmod(parent, 0o700)
-                if os.path.isdir(p) and not os.path.islink(p):
-                    os.chmod(p, 0o700)
-                    shutil.rmtree(p, onerror=onerror)
-                else:
-                    func(p)
-                return
-        raise exc
-
-    if not os.path.lexists(path):
-        return
-    if os.path.isdir(path) and not os.path.islink(path):
-        for d in _dirs_topdown(path):
-            _make_writable(d)
-        shutil.rmtree(path, onerror=onerror)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-
-
-def _dirs_topdown(path: Path) -> Iterator[Path]:
-    # Read-only directories block unlinking their children; fix them before rmtree. Only
-    # directories are visited, and this only runs for what is being deleted anyway.
-    stack = [path]
-    while stack:
-        d = stack.pop()
-        yield d
-        with contextlib.suppress(OSError), os.scandir(d) as it:
-            for de in it:
-                if de.is_dir(follow_symlinks=False):
-                    stack.append(Path(de.path))
+            fsops.discard(layout.root, p)
+        except UnsafeCacheEntryError as exc:
+            # Refused, never followed or crossed; what reached the trash goes with a later gc
+            # once the planted entry is gone (`cache verify` reports it).
+            log.warning("%s", exc)
 
 
 # --- room before a download ---------------------------------------------------------------
@@ -605,11 +563,7 @@ def make_room(cache: CacheLike, incoming_bytes: int, *, target_id: str) -> None:
 
 def _is_target_dir(d: os.DirEntry[str]) -> bool:
     # valid ids only: never .forgespace, never a stray name a lock file would be made for
-    return (
-        bool(ID_PATTERN.match(d.name))
-        and d.name not in RESERVED_IDS
-        and d.is_dir(follow_symlinks=False)
-    )
+    return is_valid_id(d.name) and d.is_dir(follow_symlinks=False)
 
 
 def _remove_empty_target_dirs(cache: CacheLike) -> None:
@@ -649,8 +603,8 @@ def adopt_unindexed(cache: CacheLike) -> list[str]:
                 if index.get(e.key) is not None:
                     continue
                 found = [x for x in scan_entries_of(layout, e.target_id) if x.key == e.key]
-                if found:
-                    index.publish(found[0])
+                what = "index an entry found on disk"
+                if found and index.try_write(what, index.publish, found[0]):
                     adopted.append(e.key)
         except LockTimeoutError:
             continue  # busy: maybe publishing it right now; the next gc looks again
@@ -694,15 +648,17 @@ def evict_target(
                 f"{ids}{' ...' if len(leases) > 5 else ''}; end those runs (cleanup) or pass "
                 "--force; nothing was deleted"
             )
-        for le in leases:
-            index.end_lease(le.lease_id)
         entries = index.entries_of(target_id)
         tdir = layout.target_dir(target_id)
         paths = [tdir, layout.overlay_dir / target_id]
         _unmount_inside(layout, paths)
+        # Delete, then record (a full disk is freed by the deletion; records that still cannot
+        # be written are reconciled by the next gc: stale rows dropped, dead leases expire).
         _delete_via_trash(layout, paths)
+        for le in leases:
+            index.try_write("end a lease of an evicted target", index.end_lease, le.lease_id)
         for e in entries:
-            index.remove(e.key)
+            index.try_write("forget an evicted entry", index.remove, e.key)
             item = PlannedEviction(e.key, target_id, e.kind, "operator", e.bytes, e.last_access)
             _forget_records(layout, item)
             evicted.append(item)

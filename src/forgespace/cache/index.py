@@ -5,6 +5,16 @@ access recorded by get_target, never by file atimes) so that gc and ``cache stat
 workspace files. A deleted, corrupt or foreign-version index is rebuilt from disk with a logged
 warning.
 
+Damage is not the same as a failing write: only SQLITE_CORRUPT / SQLITE_NOTADB (or a failing
+``PRAGMA quick_check``) and a file that is not our schema move the index aside. A full disk
+(SQLITE_FULL, an I/O error with no space left), a read-only filesystem or a permission error
+raise CacheFullError / CacheAccessError and never touch the file. Reads still work then: when
+the index cannot be opened normally (WAL mode needs to write its ``-shm`` file), it is read
+through an ``immutable`` read-only connection, with one warning per process. Writes a caller
+can do without (the hit path's access record, gc's bookkeeping) go through ``try_write``, which
+skips them on a full disk with one warning per process; gc reconciles the index with the disk
+later ("the filesystem is the truth").
+
 Concurrency: SQLite in WAL mode (readers never block writers), ``synchronous=NORMAL`` (a commit
 does not fsync; a power cut may lose the last transactions, which a rebuild or the next publish
 repairs), a bounded ``busy_timeout``. One connection per thread and per process: a connection is
@@ -30,13 +40,20 @@ import sqlite3
 import stat as stat_mod
 import threading
 import time
-from collections.abc import Callable, Iterator
+import urllib.parse
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from forgespace.errors import LockTimeoutError
-from forgespace.layout import ID_PATTERN, META_DIRNAME, RESERVED_IDS, CacheLayout
+from forgespace.errors import (
+    CacheAccessError,
+    CacheFullError,
+    ForgespaceError,
+    LockTimeoutError,
+    UnsafeCacheEntryError,
+)
+from forgespace.layout import META_DIRNAME, CacheLayout, is_valid_id
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +65,14 @@ BUSY_TIMEOUT_S = 30.0
 REBUILD_LOCK_TIMEOUT_S = 600.0
 REBUILD_HOLDER = "index-rebuild"
 WAL_AUTOCHECKPOINT_PAGES = 10000
+# A read-only fallback connection is reused for this long before the normal open is tried again
+# (space may have been freed); writes always try the normal open first.
+DEGRADED_RETRY_S = 1.0
+# An I/O error with less free space than this is taken for a full disk (SQLite reports some
+# ENOSPC cases, e.g. growing the -shm file, as SQLITE_IOERR_*, not SQLITE_FULL).
+NEARLY_FULL_BYTES = 1 << 20
+# Result codes that mean the file is damaged or not a database: only these move it aside.
+_DAMAGE_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
@@ -81,7 +106,6 @@ CREATE INDEX IF NOT EXISTS lease_pins_lease ON lease_pins (lease_id);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 """
 
-_UPSERT_ENTRY = "INSERT OR REPLACE INTO entries VALUES (?,?,?,?,?,?,?,?,?)"
 _BUMP_COUNTER = "INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = " + (
     "value + excluded.value"
 )
@@ -143,67 +167,182 @@ def default_holder() -> str:
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
+def _is_damage(exc: BaseException) -> bool:
+    """Whether an sqlite3 error says the database file itself is damaged (or not a database),
+    as opposed to the environment failing (full disk, read-only, permissions, busy)."""
+    if not isinstance(exc, sqlite3.DatabaseError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None:
+        # No result code: exactly DatabaseError is how the module reports corruption.
+        return type(exc) is sqlite3.DatabaseError
+    return code & 0xFF in _DAMAGE_CODES
+
+
 def _recovering(method: _F) -> _F:
     """Run an index method; if the database turns out to be damaged under an open connection
     (overwritten in place, truncated...), rebuild it from disk and run the method once more.
-    A failed transaction was rolled back, so running it again cannot count anything twice."""
+    A failed transaction was rolled back, so running it again cannot count anything twice.
+    Failures that are not damage (full disk, read-only, permissions) become CacheFullError /
+    CacheAccessError and never rebuild anything."""
 
     @functools.wraps(method)
     def wrapper(self: CacheIndex, *args: Any, **kwargs: Any) -> Any:
         try:
             return method(self, *args, **kwargs)
-        except sqlite3.DatabaseError as exc:
-            # Exactly DatabaseError: SQLITE_CORRUPT / SQLITE_NOTADB. Its subclasses (locked,
-            # busy, constraint, misuse) are not damage and propagate.
-            if type(exc) is not sqlite3.DatabaseError:
-                raise
+        except sqlite3.Error as exc:
+            if not _is_damage(exc):
+                mapped = self._env_error(exc, "use")
+                if mapped is exc:
+                    raise
+                raise mapped from exc
+            if self._local.degraded is not None:
+                # The read-only fallback reads without locks: a write by another process can
+                # show as a torn page. Not damage: read once more through a fresh connection.
+                self._drop_conn()
+                return method(self, *args, **kwargs)
             self._recover(exc)
             return method(self, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
 
 
+# A full or read-only cache is reported once per process (pid: a forked child warns for itself),
+# not once per hit.
+_warned_pid = -1
+
+
+def make_cache_dirs(layout: CacheLayout, dirs: Iterable[Path]) -> None:
+    """Create the cache's internal directories (and CACHE_DIR) if missing; a read-only
+    filesystem, a permission error or a CACHE_DIR that is not a directory raise a
+    CacheAccessError naming the path."""
+    from forgespace.cache import fsops  # one name at a time, never through a planted link
+
+    root = layout.root
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for d in dirs:
+            try:
+                os.close(fsops.open_dir(root, fsops.parts_under(root, d), create=True))
+            except UnsafeCacheEntryError as exc:
+                if d == layout.meta_dir:
+                    raise  # everything internal lives below it: nothing can work around it
+                # Refused, never followed; the operations that need it refuse too, and
+                # `cache verify` reports it. Everything else keeps working.
+                log.warning("%s", exc)
+    except OSError as exc:
+        if os.path.exists(root) and not os.path.isdir(root):
+            raise CacheAccessError(
+                errno.ENOTDIR, f"CACHE_DIR {root} is not a directory (it must be one)"
+            ) from exc
+        raise CacheAccessError.from_os_error(exc, "create the cache directory") from exc
+
+
 class _Local(threading.local):
     conn: sqlite3.Connection | None = None
     pid: int = -1
     ino: tuple[int, int] | None = None
+    # Set when ``conn`` is the read-only fallback: why the normal open failed, and until when
+    # to keep using the fallback for reads.
+    degraded: Exception | None = None
+    degraded_until: float = 0.0
 
 
 class CacheIndex:
     """Entries, leases and counters of one CACHE_DIR (see the module docstring)."""
 
-    def __init__(self, layout: CacheLayout, *, lease_ttl: float) -> None:
-        """Open (creating if needed) the index; rebuild it from disk if deleted or corrupt."""
+    def __init__(self, layout: CacheLayout, *, lease_ttl: float, create: bool = True) -> None:
+        """Open (creating if needed) the index; rebuild it from disk if deleted or corrupt.
+
+        With ``create=False`` (read-only commands) CACHE_DIR and ``.forgespace`` are never
+        created: a missing ``.forgespace`` raises CacheAccessError (ENOENT); callers check
+        first. On a full or read-only cache the index is opened read-only (see the module
+        docstring)."""
         self.layout = layout
         self.path = layout.index_path
         self.lease_ttl = float(lease_ttl)
         self._local = _Local()
         self._open_lock = threading.Lock()
-        layout.meta_dir.mkdir(parents=True, exist_ok=True)
+        if create:
+            make_cache_dirs(layout, [layout.meta_dir])
+        elif not layout.meta_dir.is_dir():
+            raise CacheAccessError(
+                errno.ENOENT, f"no cache index: {layout.meta_dir} does not exist"
+            )
         self._conn()
 
     # --- connections ---------------------------------------------------------------------
-    def _conn(self) -> sqlite3.Connection:
+    def _conn(self, *, write: bool = False) -> sqlite3.Connection:
         loc = self._local
         pid = os.getpid()
         if loc.conn is not None and loc.pid != pid:
             _FORK_INHERITED.append(loc.conn)
-            loc.conn = None
+            loc.conn, loc.degraded = None, None
         try:
             st = os.stat(self.path)
             ino: tuple[int, int] | None = (st.st_dev, st.st_ino)
         except FileNotFoundError:
             ino = None
         if loc.conn is not None and ino is not None and ino == loc.ino:
-            return loc.conn
+            if loc.degraded is None:
+                return loc.conn
+            if not write and time.monotonic() < loc.degraded_until:
+                return loc.conn
+            # A read-only fallback: try the normal open again (space may have been freed).
         # First use in this thread/process, or the file was deleted or replaced under us.
-        if loc.conn is not None:
-            with contextlib.suppress(sqlite3.Error):
-                loc.conn.close()
-            loc.conn = None
-        conn, ino = self._open_valid()
+        self._drop_conn()
+        try:
+            conn, ino = self._open_valid()
+        except (CacheFullError, CacheAccessError) as exc:
+            if write:
+                raise
+            conn, ino = self._open_read_only(exc)
+            loc.degraded, loc.degraded_until = exc, time.monotonic() + DEGRADED_RETRY_S
         loc.conn, loc.pid, loc.ino = conn, pid, ino
         return conn
+
+    def _drop_conn(self) -> None:
+        """Close this thread's connection (never one inherited across fork)."""
+        loc = self._local
+        if loc.conn is not None and loc.pid == os.getpid():
+            with contextlib.suppress(sqlite3.Error):
+                loc.conn.close()
+        loc.conn, loc.ino, loc.degraded = None, None, None
+
+    def _open_read_only(self, why: Exception) -> tuple[sqlite3.Connection, tuple[int, int]]:
+        """A read-only connection that needs no -wal/-shm writes (``immutable``), for reading
+        the index on a full or read-only filesystem. Raises ``why`` if that fails too.
+
+        It does not see changes still in another process's WAL (a normal close checkpoints
+        them into the file): reads may lag a little, which is acceptable for status, ls and
+        gc's plan; every deletion is still re-checked under the target's lock."""
+        global _warned_pid
+        uri = "file:" + urllib.parse.quote(os.fspath(self.path)) + "?immutable=1"
+        try:
+            conn = sqlite3.connect(
+                uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                check_same_thread=False,
+            )  # fmt: skip
+            try:
+                row = conn.execute("SELECT version FROM schema_version").fetchone()
+                if row is None or row[0] != SCHEMA_VERSION:
+                    raise why
+                st = os.stat(self.path)
+            except BaseException:
+                conn.close()
+                raise
+        except (sqlite3.Error, OSError):
+            raise why from None
+        if _warned_pid != os.getpid():
+            _warned_pid = os.getpid()
+            then = (
+                " and skipping index writes that can wait (hits, gc records) without another "
+                "warning while this lasts"
+                if isinstance(why, CacheFullError)
+                else ""
+            )
+            log.warning("%s; reading the cache index read-only%s", why, then)
+        return conn, (st.st_dev, st.st_ino)
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(
@@ -212,12 +351,51 @@ class CacheIndex:
         conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
         return conn
 
+    def _drop_planted_files(self) -> None:
+        """SQLite opens the index and its ``-wal``/``-shm`` by path, following symlinks: a
+        link planted under one of those names would make it write outside CACHE_DIR. Before
+        every connect, such a link (or any non-regular or hard-linked file) is removed — the
+        link itself, never what it points to; a planted index is moved aside (rebuilt)."""
+        for suffix in ("", "-wal", "-shm"):
+            path = f"{self.path}{suffix}"
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            except OSError:
+                return  # unreadable metadata: the open below reports it
+            if stat_mod.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                continue
+            log.warning(
+                "cache index file %s is a %s, not a file forgespace made; removed it (the "
+                "entry itself, never what it points to)",
+                path,
+                "symbolic link" if stat_mod.S_ISLNK(st.st_mode) else "planted entry",
+            )
+            with contextlib.suppress(OSError):  # read-only: no write can follow it either
+                if suffix:
+                    os.unlink(path)
+                else:
+                    os.replace(path, f"{self.path}.corrupt")
+
     def _try_open(self) -> tuple[sqlite3.Connection, tuple[int, int]] | None:
-        """A ready connection, or None if the index is missing, empty, corrupt or foreign."""
+        """A ready connection, or None if the index is missing, empty, corrupt or foreign.
+        Raises CacheFullError / CacheAccessError / LockTimeoutError when the environment,
+        not the file, is at fault (the caller must not rebuild then)."""
+        self._drop_planted_files()
         if not self.path.exists():
             return None
-        conn = self._connect()
         try:
+            conn = self._connect()
+        except sqlite3.Error as exc:
+            raise self._env_error(exc, "open") from exc
+        try:
+            known = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+            ).fetchone()
+            if known is None:  # empty, or some other database: not ours
+                conn.close()
+                return None
             row = conn.execute("SELECT version FROM schema_version").fetchone()
             if row is None or row[0] != SCHEMA_VERSION:
                 conn.close()
@@ -235,9 +413,17 @@ class CacheIndex:
             # Remember which file this connection opened: a later stat showing another inode
             # means the index was deleted or replaced, and the connection must be reopened.
             st = os.stat(self.path)
-        except (sqlite3.DatabaseError, OSError):
+        except sqlite3.Error as exc:
             conn.close()
-            return None
+            if _is_damage(exc):
+                return None
+            raise self._env_error(exc, "open") from exc
+        except FileNotFoundError:
+            conn.close()
+            return None  # deleted meanwhile: recreate it
+        except OSError as exc:
+            conn.close()
+            raise CacheAccessError.from_os_error(exc, "open the cache index") from exc
         return conn, (st.st_dev, st.st_ino)
 
     def _open_valid(self) -> tuple[sqlite3.Connection, tuple[int, int]]:
@@ -259,7 +445,14 @@ class CacheIndex:
     @contextlib.contextmanager
     def _rebuild_flock(self) -> Iterator[None]:
         lock_path = self.layout.meta_dir / "index.lock"
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        from forgespace.cache import fsops  # O_NOFOLLOW, regular single-link file
+
+        try:
+            fd = fsops.open_lock(self.layout.root, lock_path)
+        except OSError as exc:
+            if isinstance(exc, ForgespaceError):
+                raise  # a planted entry: refused with its own error, never followed
+            raise self._os_error(exc, "create or rebuild the cache index") from exc
         try:
             deadline = time.monotonic() + REBUILD_LOCK_TIMEOUT_S
             while True:
@@ -282,6 +475,19 @@ class CacheIndex:
             os.close(fd)  # closing releases the flock
 
     def _create_or_rebuild(self) -> None:
+        try:
+            self._create_or_rebuild_now()
+        except sqlite3.Error as exc:
+            if _is_damage(exc):
+                raise
+            raise self._env_error(exc, "create") from exc
+        except OSError as exc:
+            if isinstance(exc, CacheFullError | CacheAccessError):
+                raise
+            raise self._os_error(exc, "create or rebuild the cache index") from exc
+
+    def _create_or_rebuild_now(self) -> None:
+        self._drop_planted_files()
         existed = self.path.exists() and self.path.stat().st_size > 0
         if existed:
             aside = self.path.with_name(self.path.name + ".corrupt")
@@ -347,28 +553,91 @@ class CacheIndex:
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One short write transaction (BEGIN IMMEDIATE: take the write lock up front)."""
-        conn = self._conn()
+        conn = self._conn(write=True)
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
-            raise self._busy_error(exc) from exc
+            raise self._env_error(exc, "write") from exc
         try:
             yield conn
             conn.execute("COMMIT")
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error) and not _is_damage(exc):
+                mapped = self._env_error(exc, "write")
+                if mapped is not exc:
+                    raise mapped from exc
             raise
 
-    def _busy_error(self, exc: sqlite3.OperationalError) -> Exception:
-        if "locked" in str(exc) or "busy" in str(exc):
+    def _env_error(self, exc: sqlite3.Error, doing: str) -> Exception:
+        """What a failure that is not damage means for the caller (``doing``: open, write,
+        create, use): a LockTimeoutError (busy), a CacheFullError (no space), a
+        CacheAccessError (read-only, permissions, I/O), or ``exc`` itself for anything else
+        (a programming error)."""
+        code = getattr(exc, "sqlite_errorcode", None)
+        primary = None if code is None else code & 0xFF
+        name = getattr(exc, "sqlite_errorname", None) or type(exc).__name__
+        if primary in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
             return LockTimeoutError(
                 f"timed out after {BUSY_TIMEOUT_S:.0f}s waiting for the cache index "
                 f"{self.path} (another process holds its write lock)",
                 lock_path=str(self.path),
                 holder="another forgespace process writing the index",
             )
+        if primary == sqlite3.SQLITE_FULL or (
+            primary == sqlite3.SQLITE_IOERR
+            and _free_bytes(self.layout.meta_dir) < NEARLY_FULL_BYTES
+        ):
+            return CacheFullError(
+                errno.ENOSPC,
+                f"no space left on device in the cache {self.layout.root}: could not {doing} "
+                f"the cache index {self.path} ({name}); the index is intact (free space, e.g. "
+                "with `forgespace cache gc` or `cache evict`)",
+            )
+        if primary in (
+            sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM,
+            sqlite3.SQLITE_IOERR, sqlite3.SQLITE_AUTH,
+        ):  # fmt: skip
+            err, why = _access_problem(self.path)
+            return CacheAccessError(
+                err, f"cannot {doing} the cache index {self.path}: {why} ({name})"
+            )
         return exc
+
+    def _os_error(self, exc: OSError, doing: str) -> Exception:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return CacheFullError(
+                exc.errno,
+                f"no space left on device in the cache {self.layout.root}: could not {doing} "
+                f"({exc.filename}: {exc.strerror})",
+            )
+        return CacheAccessError.from_os_error(exc, doing)
+
+    def try_write(self, what: str, write: Callable[..., object], *args: Any, **kwargs: Any) -> bool:
+        """Run the index write ``write(*args, **kwargs)``; when the cache filesystem is full,
+        skip it (one warning per process) and return False. A read-only or not-our-user's
+        cache still raises CacheAccessError: the command cannot do its job there.
+
+        For writes the caller can do without: the hit path's access record and lease (the hit
+        is served anyway), gc's and evict's records after a deletion (the next gc reconciles
+        the index with the disk)."""
+        global _warned_pid
+        try:
+            write(*args, **kwargs)
+        except CacheFullError as exc:
+            if _warned_pid != os.getpid():
+                _warned_pid = os.getpid()
+                log.warning(
+                    "%s; skipped writing the cache index (%s) and will skip such writes "
+                    "without another warning while this lasts",
+                    exc,
+                    what,
+                )
+            else:
+                log.debug("skipped writing the cache index (%s): %s", what, exc)
+            return False
+        return True
 
     def _recover(self, exc: BaseException) -> None:
         """Drop this thread's connection and rebuild a damaged index (unless another process
@@ -376,13 +645,9 @@ class CacheIndex:
         log.warning(
             "cache index %s failed (%s); checking it and rebuilding if damaged", self.path, exc
         )
-        loc = self._local
-        if loc.conn is not None and loc.pid == os.getpid():
-            with contextlib.suppress(sqlite3.Error):
-                loc.conn.close()
-        loc.conn, loc.ino = None, None
+        self._drop_conn()
         with self._open_lock, self._rebuild_flock():
-            got = self._try_open()
+            got = self._try_open()  # raises (does not rebuild) if the environment is at fault
             if got is not None and _healthy(got[0]):
                 got[0].close()
                 return
@@ -392,10 +657,7 @@ class CacheIndex:
 
     def close(self) -> None:
         """Close this thread's connection (others close when their thread ends)."""
-        loc = self._local
-        if loc.conn is not None and loc.pid == os.getpid():
-            loc.conn.close()
-        loc.conn = None
+        self._drop_conn()
 
     # --- entries --------------------------------------------------------------------------
     @_recovering
@@ -628,10 +890,35 @@ class CacheIndex:
 
 # --- helpers -------------------------------------------------------------------------------
 def _healthy(conn: sqlite3.Connection) -> bool:
+    """False only when ``PRAGMA quick_check`` finds damage; a check that cannot run for
+    another reason (full disk, I/O, busy) raises instead of condemning the file."""
     try:
         return conn.execute("PRAGMA quick_check").fetchone()[0] == "ok"
-    except sqlite3.DatabaseError:
-        return False
+    except sqlite3.Error as exc:
+        if _is_damage(exc):
+            return False
+        raise
+
+
+def _free_bytes(path: Path) -> int:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return NEARLY_FULL_BYTES  # unknown: do not claim the disk is full
+    return st.f_bavail * st.f_frsize
+
+
+def _access_problem(path: Path) -> tuple[int, str]:
+    """(errno, words) for why ``path`` (the index) cannot be opened or written."""
+    try:
+        if os.statvfs(path.parent).f_flag & os.ST_RDONLY:
+            return errno.EROFS, "the cache filesystem is mounted read-only"
+    except OSError:
+        pass
+    for p in (path.parent, path):
+        if os.path.exists(p) and not os.access(p, os.W_OK):
+            return errno.EACCES, f"permission denied (uid {os.geteuid()} cannot write {p})"
+    return errno.EIO, "I/O error"
 
 
 def _entry_row(e: EntryRecord) -> tuple[object, ...]:
@@ -697,10 +984,6 @@ def _rebuild_leases(entries: list[EntryRecord], now: float, ttl: float) -> list[
     return leases
 
 
-def _is_id(name: str) -> bool:
-    return bool(ID_PATTERN.match(name)) and name not in RESERVED_IDS
-
-
 def tree_size(path: Path) -> tuple[int, int]:
     """(bytes, files) of the regular files under ``path`` (or of ``path`` itself); no symlinks
     followed. Only a rebuild walks workspaces like this."""
@@ -751,7 +1034,7 @@ def scan_entries(
     except FileNotFoundError:
         return found
     for top in tops:
-        if top.name == META_DIRNAME or not _is_id(top.name):
+        if top.name == META_DIRNAME or not is_valid_id(top.name):
             continue
         if only is not None and top.name != only:
             continue
@@ -782,7 +1065,7 @@ def scan_entries(
                     continue
                 key, kind, run_id, mode = f"{tid}/shared", "cow-shared", None, "copy-on-write"
                 parts = [Path(child.path)]
-            elif _is_id(name):
+            elif is_valid_id(name):
                 if not is_dir:
                     continue
                 cow = has_cow_shared

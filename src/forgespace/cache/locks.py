@@ -22,6 +22,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import logging
 import os
 import socket
 import threading
@@ -30,30 +31,41 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from forgespace.errors import LockTimeoutError
+from forgespace.cache import fsops
+from forgespace.errors import LockTimeoutError, UnsafeCacheEntryError
 
 _HOST = socket.gethostname()
+log = logging.getLogger(__name__)
 
 
-def _open_lock_file(path: Path) -> int:
-    try:
-        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+def _open_lock_file(path: Path, root: Path | None) -> int:
+    # O_NOFOLLOW from the lock directory's fd, regular single-link file checked (fsops).
+    return fsops.open_lock(path.parent if root is None else root, path)
 
 
 def read_holder(path: Path) -> str:
-    """What the last exclusive holder wrote into the lock file ('' when nothing)."""
+    """What the last exclusive holder wrote into the lock file ('' when nothing).
+
+    Never follows a symlink: a planted link must not make us quote another file."""
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read(512).strip()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return ""
+    try:
+        return _holder_text(fd)
+    finally:
+        os.close(fd)
+
+
+def _holder_text(fd: int) -> str:
+    try:
+        return os.pread(fd, 512, 0).decode("utf-8", "replace").strip()
     except OSError:
         return ""
 
 
-def _describe_holder(path: Path, exclusive_wanted: bool) -> str:
-    text = read_holder(path)
+def _describe_holder(fd: int) -> str:
+    text = _holder_text(fd)
     if not text:
         return "shared holders (cache hits or copy-on-write copies in progress)"
     head, _, purpose = text.partition(" purpose=")
@@ -84,14 +96,21 @@ def flock(
     blocking: bool = True,
     what: str = "",
     purpose: str = "",
+    root: Path | None = None,
 ) -> Iterator[int]:
     """Hold an flock on ``path`` (created if missing) for the ``with`` body.
 
     ``blocking=False`` raises LockTimeoutError at once when the lock is busy;
     otherwise the wait is bounded by ``timeout`` seconds (None = wait forever, only
     for internal use) and the error names ``what`` and the holder.
+
+    ``root`` (CACHE_DIR) is where the walk to the lock file starts: every directory below it
+    is opened without following symlinks, and a lock file that is a symlink, not a regular
+    file or hard-linked is refused with UnsafeCacheEntryError (never truncated or written).
+    Without ``root`` only the lock file itself is checked. A lock file deleted meanwhile is
+    re-created.
     """
-    fd = _open_lock_file(path)
+    fd = _open_lock_file(path, root)
     op = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
     try:
         try:
@@ -99,9 +118,9 @@ def flock(
         except BlockingIOError:
             if not blocking:
                 raise LockTimeoutError(
-                    f"{what or path} is locked by {_describe_holder(path, exclusive)}",
+                    f"{what or path} is locked by {_describe_holder(fd)}",
                     lock_path=str(path),
-                    holder=read_holder(path),
+                    holder=_holder_text(fd),
                 ) from None
             _wait(fd, op, path, timeout, what)
         if exclusive:
@@ -110,7 +129,10 @@ def flock(
                 f"purpose={purpose or 'write'}\n"
             )
             os.ftruncate(fd, 0)
-            os.pwrite(fd, info.encode(), 0)
+            # Who holds it is only for others' error messages: a full disk must not stop the
+            # holder (gc and evict are how an operator frees one).
+            with contextlib.suppress(OSError):
+                os.pwrite(fd, info.encode(), 0)
         try:
             yield fd
         finally:
@@ -133,9 +155,9 @@ def _wait(fd: int, op: int, path: Path, timeout: float | None, what: str) -> Non
             mode = "exclusive" if op == fcntl.LOCK_EX else "shared"
             raise LockTimeoutError(
                 f"timed out after {timeout:.3g}s waiting for the {mode} lock on {what or path}; "
-                f"held by {_describe_holder(path, op == fcntl.LOCK_EX)}; lock file {path}",
+                f"held by {_describe_holder(fd)}; lock file {path}",
                 lock_path=str(path),
-                holder=read_holder(path),
+                holder=_holder_text(fd),
             )
         sleep = delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic()))
         time.sleep(sleep)
@@ -152,54 +174,93 @@ class OwnerToken:
     ``token`` belong to a live process.
 
     One per (process, owners dir); forked children re-create their own on first use.
+    ``root`` (CACHE_DIR) is where the walk to ``owners_dir`` starts (never following a
+    symlink below it); without it ``owners_dir`` is trusted as given.
     """
 
     _lock = threading.Lock()
     _by_dir: dict[tuple[int, str], OwnerToken] = {}
 
-    def __init__(self, owners_dir: Path) -> None:
-        owners_dir.mkdir(parents=True, exist_ok=True)
-        for _ in range(10):
-            self.token = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
-            self.path = owners_dir / f"{self.token}.lock"
-            # Locked under a temporary name, then renamed: the final name never exists
-            # unlocked, so no cleaner can mistake a just-created owner for a dead one.
-            tmp = owners_dir / f".{self.token}.new"
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            info = f"pid={os.getpid()} host={_HOST} since={time.time():.3f}\n"
-            os.pwrite(fd, info.encode(), 0)
-            try:
-                os.rename(tmp, self.path)
-            except FileNotFoundError:
-                # a cleaner took the temporary file in the instant before our flock
-                os.close(fd)
-                continue
-            self._fd = fd
-            return
+    def __init__(self, owners_dir: Path, *, root: Path | None = None) -> None:
+        dfd = _owners_fd(owners_dir, root, create=True)
+        try:
+            for _ in range(10):
+                self.token = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+                self.path = owners_dir / f"{self.token}.lock"
+                # Locked under a temporary name, then renamed: the final name never exists
+                # unlocked, so no cleaner can mistake a just-created owner for a dead one.
+                # O_EXCL never follows a planted link.
+                tmp = f".{self.token}.new"
+                fd = os.open(
+                    tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=dfd
+                )
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                info = f"pid={os.getpid()} host={_HOST} since={time.time():.3f}\n"
+                os.pwrite(fd, info.encode(), 0)
+                try:
+                    os.rename(tmp, self.path.name, src_dir_fd=dfd, dst_dir_fd=dfd)
+                except FileNotFoundError:
+                    # a cleaner took the temporary file in the instant before our flock
+                    os.close(fd)
+                    continue
+                self._fd = fd
+                return
+        finally:
+            os.close(dfd)
         raise OSError(f"could not create an owner lock in {owners_dir}")
 
+    def alive(self) -> bool:
+        """Whether our lock file is still the one we hold (a run may have deleted it)."""
+        try:
+            st = os.stat(self.path, follow_symlinks=False)
+        except OSError:
+            return False
+        own = os.fstat(self._fd)
+        return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
     @classmethod
-    def for_dir(cls, owners_dir: Path) -> OwnerToken:
+    def for_dir(cls, owners_dir: Path, *, root: Path | None = None) -> OwnerToken:
         key = (os.getpid(), str(owners_dir))
         with cls._lock:
             tok = cls._by_dir.get(key)
-            if tok is None or not tok.path.exists():
-                tok = cls(owners_dir)
+            if tok is None or not tok.alive():
+                tok = cls(owners_dir, root=root)
                 cls._by_dir[key] = tok
             return tok
 
 
-def owner_is_dead(owners_dir: Path, token: str) -> bool:
+def _owners_fd(owners_dir: Path, root: Path | None, *, create: bool = False) -> int:
+    if root is None:
+        if create:
+            owners_dir.mkdir(parents=True, exist_ok=True)
+        return os.open(owners_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    return fsops.open_dir(root, fsops.parts_under(root, owners_dir), create=create)
+
+
+def _open_owner(owners_dir: Path, name: str, root: Path | None) -> int | None:
+    """The owner lock file ``name`` opened without following links; None when it is missing.
+    A planted entry (symlink, non-regular, hard-linked) raises UnsafeCacheEntryError."""
+    try:
+        return fsops.open_lock(
+            owners_dir if root is None else root, owners_dir / name, create=False
+        )
+    except FileNotFoundError:
+        return None
+
+
+def owner_is_dead(owners_dir: Path, token: str, *, root: Path | None = None) -> bool:
     """True when no live process holds the owner lock named ``token``.
 
     Takes the lock non-blocking: success means its holder died (the kernel released
-    it). The lock file is then removed, while held, so nobody can pick it up again.
+    it). A planted entry in place of the lock file (a symlink...) is never followed: the
+    owner then counts as alive (its staging directory is kept) and a warning names it.
     """
-    path = owners_dir / f"{token}.lock"
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    except FileNotFoundError:
+        fd = _open_owner(owners_dir, f"{token}.lock", root)
+    except UnsafeCacheEntryError as exc:
+        log.warning("%s", exc)
+        return False
+    if fd is None:
         return True
     try:
         try:
@@ -215,16 +276,19 @@ def owner_is_dead(owners_dir: Path, token: str) -> bool:
         os.close(fd)
 
 
-def remove_dead_owner(owners_dir: Path, token: str) -> None:
+def remove_dead_owner(owners_dir: Path, token: str, *, root: Path | None = None) -> None:
     """Delete a dead owner's lock file (call only after its staging dirs are gone).
 
     ``token`` may also be a file name ``.{token}.new`` (an owner killed while creating
-    its lock file)."""
+    its lock file). A planted entry under that name is left alone (``cache verify``
+    reports it)."""
     name = token if token.endswith(".new") else f"{token}.lock"
-    path = owners_dir / name
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    except FileNotFoundError:
+        fd = _open_owner(owners_dir, name, root)
+    except UnsafeCacheEntryError as exc:
+        log.warning("%s", exc)
+        return
+    if fd is None:
         return
     try:
         try:
@@ -232,7 +296,14 @@ def remove_dead_owner(owners_dir: Path, token: str) -> None:
         except BlockingIOError:
             return
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+            dfd = _owners_fd(owners_dir, root)
+            try:
+                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                own = os.fstat(fd)
+                if (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino):
+                    os.unlink(name, dir_fd=dfd)
+            finally:
+                os.close(dfd)
     finally:
         os.close(fd)
 

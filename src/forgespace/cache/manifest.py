@@ -21,7 +21,10 @@ import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
+from forgespace.cache import fsops
+
 MANIFEST_VERSION = 1
+_NEW_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def manifest_path(meta_dir: Path, target_id: str, kind: str) -> Path:
@@ -32,12 +35,33 @@ def stamp_path(meta_dir: Path, target_id: str, kind: str) -> Path:
     return meta_dir / "manifests" / f"{target_id}.{kind}.stamp"
 
 
+# Records live in {CACHE_DIR}/.forgespace/manifests: reached through directory fds from
+# CACHE_DIR, never through a planted link (fsops).
+_IN_ROOT = (".forgespace", "manifests")
+
+
+def _root_of(path: Path) -> Path:
+    return path.parents[2]
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    tmp = f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    with fsops.dir_fd(_root_of(path), _IN_ROOT, create=True) as d:
+        fd = os.open(tmp, _NEW_FLAGS, 0o644, dir_fd=d)
+        try:
+            with open(fd, "wb", closefd=False) as f:
+                f.write(data)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path.name, src_dir_fd=d, dst_dir_fd=d)
+
+
+def _read(path: str | Path) -> bytes:
+    p = Path(path)
+    with fsops.dir_fd(_root_of(p), _IN_ROOT) as d:
+        fd = os.open(p.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d)
+    with open(fd, "rb") as f:
+        return f.read()
 
 
 def write_manifest(path: Path, files: Iterable[tuple[str, int, int]]) -> None:
@@ -49,7 +73,7 @@ def write_manifest(path: Path, files: Iterable[tuple[str, int, int]]) -> None:
 def read_manifest(path: Path) -> dict[str, tuple[int, int]] | None:
     """path -> (size, mtime_ns), or None when there is no usable manifest."""
     try:
-        doc = json.loads(path.read_bytes())
+        doc = json.loads(_read(path))
     except (OSError, ValueError):
         return None
     if not isinstance(doc, dict) or doc.get("version") != MANIFEST_VERSION:
@@ -67,17 +91,23 @@ def write_stamp(path: Path, workspace: Path) -> None:
 
 def read_stamp(path: str | Path) -> str | None:
     try:
-        with open(path, encoding="ascii") as f:
-            return f.read().strip()
+        return _read(path).decode("ascii").strip()
     except (OSError, ValueError):
         return None
 
 
 def remove_records(meta_dir: Path, target_id: str, kind: str) -> None:
     """Forget the manifest and stamp of an entry (eviction calls this after removing it)."""
-    for p in (manifest_path(meta_dir, target_id, kind), stamp_path(meta_dir, target_id, kind)):
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
+    try:
+        with fsops.dir_fd(meta_dir.parent, _IN_ROOT) as d:
+            for p in (
+                manifest_path(meta_dir, target_id, kind),
+                stamp_path(meta_dir, target_id, kind),
+            ):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(p.name, dir_fd=d)
+    except FileNotFoundError:
+        return
 
 
 def compare_tree(root: Path, expected: dict[str, tuple[int, int]]) -> list[str]:

@@ -86,18 +86,6 @@ def observe_get(mode: str, hit: bool, seconds: float, downloaded_bytes: int = 0)
         DOWNLOADED_BYTES.inc(downloaded_bytes)
 
 
-def observe_get_target(*, mode: str, downloaded: bool, seconds: float) -> None:
-    """What workspace.py calls after each get_target (downloads are counted separately by
-    ``record_downloaded``): a call that did not download is a hit."""
-    observe_get(mode, not downloaded, seconds)
-
-
-def record_downloaded(nbytes: float) -> None:
-    """What workspace.py calls after each completed object download."""
-    DOWNLOADS.inc()
-    DOWNLOADED_BYTES.inc(max(0.0, nbytes))
-
-
 def observe_eviction(reason: str, freed_bytes: int) -> None:
     """Record one evicted item and the bytes it freed."""
     EVICTIONS.labels(reason=reason).inc()

@@ -16,7 +16,6 @@ import errno
 import logging
 import os
 import re
-import shutil
 import time
 import uuid
 from pathlib import Path
@@ -125,17 +124,26 @@ def _unescape(field: bytes) -> str:
     return os.fsdecode(_OCTAL.sub(lambda m: bytes([int(m.group(1), 8)]), field))
 
 
-def mounts_under(root: str | os.PathLike[str]) -> list[Path]:
+def mounts_under(root: str | os.PathLike[str], *, fstype: str | None = None) -> list[Path]:
     """Mount points strictly below ``root`` (not ``root`` itself), deepest first, read from
-    /proc/self/mountinfo (its octal escapes for spaces, tabs, newlines and backslashes decoded)."""
+    /proc/self/mountinfo (its octal escapes for spaces, tabs, newlines and backslashes decoded).
+    ``fstype`` keeps only mounts of that filesystem type (``"overlay"``: the ones we make)."""
     base = os.path.realpath(os.fspath(root))
     prefix = base.rstrip("/") + "/"
     found: list[str] = []
+    want = fstype.encode() if fstype is not None else None
     with open(_MOUNTINFO, "rb") as f:
         for line in f:
             fields = line.split(b" ")
             if len(fields) < 5:
                 continue
+            if want is not None:
+                # optional fields end with "-", then the filesystem type
+                try:
+                    if fields[fields.index(b"-", 5) + 1] != want:
+                        continue
+                except (ValueError, IndexError):
+                    continue
             mp = _unescape(fields[4])
             if mp.startswith(prefix):
                 found.append(mp)
@@ -180,4 +188,7 @@ def probe_overlay(scratch_dir: str | os.PathLike[str]) -> None:
         if mounted:
             with contextlib.suppress(OSError):
                 unmount(base / "mnt", timeout=1.0)
-        shutil.rmtree(base, ignore_errors=True)
+        from forgespace.cache import fsops
+
+        with contextlib.suppress(OSError):
+            fsops.remove(Path(scratch_dir), base)

@@ -35,11 +35,12 @@ import stat
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from forgespace.cache import fsops
 from forgespace.cache import manifest as mf
 from forgespace.cache.locks import (
     OwnerToken,
@@ -52,6 +53,7 @@ from forgespace.cache.locks import (
 )
 from forgespace.config import Settings
 from forgespace.errors import (
+    CacheAccessError,
     CacheFullError,
     CleanupRefusedError,
     ForgespaceError,
@@ -90,39 +92,6 @@ class GetResult:
     run_id: str | None
 
 
-def _rmtree(path: Path) -> None:
-    """Remove a tree even when it was made read-only (shared copies are 0555)."""
-
-    def onerror(func: Callable[..., Any], p: str, exc_info: Any) -> None:
-        if isinstance(exc_info[1], FileNotFoundError):
-            return
-        parent = os.path.dirname(p)
-        try:
-            os.chmod(parent, 0o755)
-            if os.path.isdir(p) and not os.path.islink(p):
-                os.chmod(p, 0o755)
-            func(p)
-        except FileNotFoundError:
-            return
-        except OSError:
-            if func is os.rmdir or func is os.unlink:
-                shutil.rmtree(p, ignore_errors=True)
-
-    shutil.rmtree(path, onerror=onerror)
-
-
-def _rename_dir(src: Path, dst: Path) -> None:
-    """rename(2) a directory that may be read-only: moving a directory to another parent
-    needs write permission on it (to update its '..') unless we are root."""
-    try:
-        os.rename(src, dst)
-    except PermissionError:
-        mode = stat.S_IMODE(os.lstat(src).st_mode)
-        os.chmod(src, mode | 0o700)
-        os.rename(src, dst)
-        os.chmod(dst, mode)
-
-
 def _is_nospace(exc: BaseException) -> bool:
     seen: set[int] = set()
     cur: BaseException | None = exc
@@ -149,16 +118,25 @@ class WorkspaceCache:
     cleanup and gc never need the store).
     """
 
-    def __init__(self, settings: Settings, store: Store | None = None) -> None:
-        from forgespace.cache.index import CacheIndex
+    def __init__(
+        self, settings: Settings, store: Store | None = None, *, read_only: bool = False
+    ) -> None:
+        """``read_only`` (``cache verify`` without ``--repair``): create nothing; CACHE_DIR
+        and its ``.forgespace`` must exist (CacheAccessError otherwise)."""
+        from forgespace.cache.index import CacheIndex, make_cache_dirs
 
         self.settings = settings
         self.layout = CacheLayout(Path(settings.cache_dir))
         self._store = store
-        for d in (self.layout.locks_dir, self.layout.tmp_dir, self.layout.trash_dir):
-            d.mkdir(parents=True, exist_ok=True)
+        self._root = self.layout.root
+        if not read_only:
+            make_cache_dirs(
+                self.layout, (self.layout.locks_dir, self.layout.tmp_dir, self.layout.trash_dir)
+            )
         self._owners_dir = self.layout.meta_dir / "owners"
-        self.index: CacheIndex = CacheIndex(self.layout, lease_ttl=settings.cache_lease_ttl)
+        self.index: CacheIndex = CacheIndex(
+            self.layout, lease_ttl=settings.cache_lease_ttl, create=not read_only
+        )
         self._tls = threading.local()
         self._file_targets: set[str] = set()  # ids whose object is not an archive (immutable)
         self._hit_path_cache: dict[str, tuple[str, str]] = {}
@@ -172,7 +150,7 @@ class WorkspaceCache:
         faults = os.environ.get(_FAULT_ENV, "")
         self._faults = frozenset(p for p in faults.split(",") if p)
         self.cow_backend = settings.cow_backend
-        if self.cow_backend == "overlay":
+        if self.cow_backend == "overlay" and not read_only:
             from forgespace.cache import overlay
 
             # Fail at start-up, not at the first copy-on-write run.
@@ -206,15 +184,29 @@ class WorkspaceCache:
         purpose: str = "",
     ) -> Iterator[None]:
         """Hold the per-target lock. Waits at most ``timeout`` (default
-        CACHE_LOCK_TIMEOUT); ``blocking=False`` raises LockTimeoutError at once."""
-        with flock(
-            self.layout.lock_path(target_id),
-            exclusive=exclusive,
-            timeout=self.settings.cache_lock_timeout if timeout is None else timeout,
-            blocking=blocking,
-            what=f"target {target_id}",
-            purpose=purpose,
-        ):
+        CACHE_LOCK_TIMEOUT); ``blocking=False`` raises LockTimeoutError at once. A lock file
+        that cannot be opened (read-only cache, permission denied) raises CacheAccessError; a
+        planted one (symlink, hard link) UnsafeCacheEntryError."""
+        held = contextlib.ExitStack()
+        try:
+            held.enter_context(
+                flock(
+                    self.layout.lock_path(target_id),
+                    exclusive=exclusive,
+                    timeout=self.settings.cache_lock_timeout if timeout is None else timeout,
+                    blocking=blocking,
+                    what=f"target {target_id}",
+                    purpose=purpose,
+                    root=self._root,
+                )
+            )
+        except OSError as exc:
+            if isinstance(exc, ForgespaceError):
+                raise
+            # fsops opens relative to a directory fd: name the whole path, not just the file
+            exc.filename = str(self.layout.lock_path(target_id))
+            raise CacheAccessError.from_os_error(exc, f"lock target {target_id}") from exc
+        with held:  # only taking the lock is translated above, never the body's errors
             yield
 
     # --- public API ----------------------------------------------------------------------
@@ -315,7 +307,8 @@ class WorkspaceCache:
                 with self.target_lock(tid, exclusive=False, timeout=waiter.remaining()):
                     path = self._shared_complete(tid)
                     if path is not None:
-                        self.index.access(key, lease=lease, hit=True)
+                        # a full disk must not cost the hit: the record is skipped, with a warning
+                        self.index.try_write("hit", self.index.access, key, lease=lease, hit=True)
                         log.info("Cache HIT: %s (mode: shared)", tid)
                         return GetResult(path, False, "shared", tid, rid)
             except _Tampered as t:
@@ -335,7 +328,7 @@ class WorkspaceCache:
                     path = None
                     self._discard(self.layout.shared_workspace(tid))
                 if path is not None:
-                    self.index.access(key, lease=lease, hit=True)
+                    self.index.try_write("hit", self.index.access, key, lease=lease, hit=True)
                     log.info("Cache HIT: %s (mode: shared)", tid)
                     return GetResult(path, False, "shared", tid, rid)
                 downloaded = self._publish_shared(tid, tampered)
@@ -352,7 +345,6 @@ class WorkspaceCache:
 
         self.sweep_leftovers(tid)
         target = self.layout.shared_target(tid)
-        tdir = self.layout.target_dir(tid)
         with self._staging(tid, "shared") as stage:
             downloaded = False
             if target.exists():
@@ -373,13 +365,12 @@ class WorkspaceCache:
                 mf.write_manifest(
                     mf.manifest_path(self.layout.meta_dir, tid, "shared"), stats.manifest
                 )
-            tdir.mkdir(parents=True, exist_ok=True)
             if fetched:
-                os.rename(stage / "target", target)
+                fsops.rename_into(self._root, stage / "target", target)
                 self._fault("shared-target-published")
             if kind is not None:
                 ws = self.layout.shared_workspace(tid)
-                _rename_dir(stage / "workspace", ws)
+                fsops.rename_into(self._root, stage / "workspace", ws)
                 mf.write_stamp(mf.stamp_path(self.layout.meta_dir, tid, "shared"), ws)
             else:
                 self._file_targets.add(tid)
@@ -405,15 +396,25 @@ class WorkspaceCache:
         shared_key = f"{tid}/shared"
         pins = (run_key, shared_key) if self.cow_backend == "overlay" else (run_key,)
         lease = self._lease(run_key, tid, rid, pins)
-        # Before staging, so gc never takes the run directory we are about to create.
-        self.index.add_lease(lease)
+        # Before staging, so gc never takes the run directory we are about to create. On a
+        # full cache a hit (the run's directory exists) is served without it; anything that
+        # creates a directory records it first (_require_lease).
+        leased = [self.index.try_write("lease", self.index.add_lease, lease)]
         try:
-            return self._get_cow_locked(tid, rid, lease)
+            return self._get_cow_locked(tid, rid, lease, leased)
         except BaseException:
-            self.index.end_lease(lease.lease_id)
+            self.index.try_write("end lease", self.index.end_lease, lease.lease_id)
             raise
 
-    def _get_cow_locked(self, tid: str, rid: str, lease: LeaseRecord) -> GetResult:
+    def _require_lease(self, lease: LeaseRecord, leased: list[bool]) -> None:
+        """Record ``lease`` now if try_write skipped it (raises CacheFullError if still full)."""
+        if not leased[0]:
+            self.index.add_lease(lease)
+            leased[0] = True
+
+    def _get_cow_locked(
+        self, tid: str, rid: str, lease: LeaseRecord, leased: list[bool]
+    ) -> GetResult:
         shared_dir = self.layout.cow_shared_dir(tid)
         published = downloaded = False
         waiter = _Waiter(self, tid)
@@ -427,9 +428,12 @@ class WorkspaceCache:
                 if existing is not None and (
                     shared_dir.is_dir() or self._run_dir_mode(tid, rid) != "isolated"
                 ):
-                    self.index.access(f"{tid}/{rid}", lease=lease, hit=not published)
+                    self.index.try_write(
+                        "hit", self.index.access, f"{tid}/{rid}", lease=lease, hit=not published
+                    )
                     log.info("Cache HIT: %s (mode: copy-on-write)", tid)
                     return GetResult(existing, downloaded, "copy-on-write", tid, rid)
+                self._require_lease(lease, leased)
                 if shared_dir.is_dir():
                     # The shared lock keeps gc off shared/ while we copy from it.
                     path = self._make_cow_run(tid, rid)
@@ -468,7 +472,7 @@ class WorkspaceCache:
         except (OSError, ForgespaceError) as exc:
             log.warning("overlay of run %s of %s is lost (%s); rebuilding the run", rid, tid, exc)
             self._discard(self.layout.run_dir(tid, rid))
-            _rmtree(base)
+            fsops.remove(self._root, base)
             return None
 
     def _publish_cow_shared(self, tid: str) -> bool:
@@ -486,8 +490,7 @@ class WorkspaceCache:
                 mf.write_manifest(
                     mf.manifest_path(self.layout.meta_dir, tid, "cow"), stats.manifest
                 )
-            self.layout.target_dir(tid).mkdir(parents=True, exist_ok=True)
-            os.rename(stage, self.layout.cow_shared_dir(tid))
+            fsops.rename_into(self._root, stage, self.layout.cow_shared_dir(tid))
             if stats is not None:
                 mf.write_stamp(
                     mf.stamp_path(self.layout.meta_dir, tid, "cow"),
@@ -545,17 +548,17 @@ class WorkspaceCache:
         from forgespace.cache import overlay
 
         base = self.layout.overlay_dir / tid / rid
-        if base.exists():  # leftover of an earlier, dead attempt of this very run
-            for m in overlay.mounts_under(base):
-                overlay.unmount(m)
-            _rmtree(base)
-        (base / "upper").mkdir(parents=True)
-        (base / "work").mkdir()
+        if os.path.lexists(base):  # leftover of an earlier, dead attempt of this very run
+            fsops.unmount_under([base], root=self._root)
+            fsops.remove(self._root, base)
+        with fsops.dir_fd(self._root, fsops.parts_under(self._root, base), create=True) as bfd:
+            os.mkdir("upper", dir_fd=bfd)
+            os.mkdir("work", dir_fd=bfd)
         mountpoint.mkdir()
         try:
             overlay.mount_overlay(lower, base / "upper", base / "work", mountpoint)
         except BaseException:
-            _rmtree(base)
+            fsops.remove(self._root, base)
             raise
         return "overlay"
 
@@ -563,13 +566,14 @@ class WorkspaceCache:
     def _get_isolated(self, tid: str, rid: str) -> GetResult:
         run_key = f"{tid}/{rid}"
         lease = self._lease(run_key, tid, rid, (run_key,))
-        self.index.add_lease(lease)
+        leased = [self.index.try_write("lease", self.index.add_lease, lease)]
         try:
             existing = self._run_result(tid, rid)
             if existing is not None:
-                self.index.access(run_key, lease=lease, hit=True)
+                self.index.try_write("hit", self.index.access, run_key, lease=lease, hit=True)
                 log.info("Cache HIT: %s (mode: isolated)", tid)
                 return GetResult(existing, False, "isolated", tid, rid)
+            self._require_lease(lease, leased)
             self.sweep_leftovers(tid)
             with self._staging(tid, f"run-{rid}") as stage:
                 src = self._download(tid, stage / "target", "isolated")
@@ -584,7 +588,7 @@ class WorkspaceCache:
             self.index.access(run_key, lease=lease, hit=False)
             return GetResult(path, True, "isolated", tid, rid)
         except BaseException:
-            self.index.end_lease(lease.lease_id)
+            self.index.try_write("end lease", self.index.end_lease, lease.lease_id)
             raise
 
     # --- helpers shared by the modes ------------------------------------------------------
@@ -621,9 +625,8 @@ class WorkspaceCache:
             else self.target_lock(tid, exclusive=False, purpose="publish run")
         )
         with lock:
-            self.layout.target_dir(tid).mkdir(parents=True, exist_ok=True)
             try:
-                os.rename(stage, run_dir)
+                fsops.rename_into(self._root, stage, run_dir, keep_mode=False)
             except OSError as exc:
                 if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                     raise
@@ -669,9 +672,13 @@ class WorkspaceCache:
     @contextlib.contextmanager
     def _staging(self, tid: str, purpose: str) -> Iterator[Path]:
         """A fresh staging dir owned by this process; removed on exit unless renamed away."""
-        token = OwnerToken.for_dir(self._owners_dir).token
-        stage = self.layout.tmp_dir / staging_name(tid, purpose, token, uuid.uuid4().hex[:8])
-        stage.mkdir(parents=True)
+        token = OwnerToken.for_dir(self._owners_dir, root=self._root).token
+        name = staging_name(tid, purpose, token, uuid.uuid4().hex[:8])
+        stage = self.layout.tmp_dir / name
+        with fsops.dir_fd(
+            self._root, fsops.parts_under(self._root, stage.parent), create=True
+        ) as t:
+            os.mkdir(name, dir_fd=t)
         try:
             yield stage
         finally:
@@ -784,32 +791,13 @@ class WorkspaceCache:
         time.sleep(120)  # bounded: the test kills us long before
 
     def _discard(self, path: Path) -> None:
-        """Rename into trash, then delete: nobody ever sees half a directory."""
-        # cut: a staging dir's name may already be near NAME_MAX (trash names are never parsed)
-        dest = self.layout.trash_dir / f"{path.name[:200]}~{uuid.uuid4().hex[:8]}"
-        try:
-            _rename_dir(path, dest) if path.is_dir() and not path.is_symlink() else os.rename(
-                path, dest
-            )
-        except FileNotFoundError:
-            return
-        except OSError:
-            dest = path  # e.g. crossing a mount: delete in place as a last resort
-        if dest.is_dir() and not dest.is_symlink():
-            _rmtree(dest)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                dest.unlink()
+        """Rename into trash, then delete: nobody ever sees half a directory (fsops)."""
+        fsops.discard(self._root, path)
 
     def _unmount_under(self, path: Path) -> None:
         if self.cow_backend != "overlay" and not (self.layout.overlay_dir).exists():
             return
-        try:
-            from forgespace.cache import overlay
-        except ImportError:
-            return
-        for m in sorted(overlay.mounts_under(path), key=lambda p: len(str(p)), reverse=True):
-            overlay.unmount(m)
+        fsops.unmount_under([path], root=self._root)
 
     # --- leftovers -----------------------------------------------------------------------
     def sweep_leftovers(self, target_id: str | None = None) -> list[Path]:
@@ -821,10 +809,7 @@ class WorkspaceCache:
         """
         removed: list[Path] = []
         tokens_alive: set[str] = set()
-        try:
-            names = os.listdir(self.layout.tmp_dir)
-        except FileNotFoundError:
-            names = []
+        names = fsops.listdir(self._root, fsops.parts_under(self._root, self.layout.tmp_dir))
         dead_cache: dict[str, bool] = {}
         for name in names:
             parsed = parse_staging_name(name)
@@ -836,7 +821,7 @@ class WorkspaceCache:
                 continue
             dead = dead_cache.get(token)
             if dead is None:
-                dead = dead_cache[token] = owner_is_dead(self._owners_dir, token)
+                dead = dead_cache[token] = owner_is_dead(self._owners_dir, token, root=self._root)
             if not dead:
                 tokens_alive.add(token)
                 continue
@@ -847,34 +832,32 @@ class WorkspaceCache:
             rid = purpose.removeprefix("run-")
             if purpose.startswith("run-") and "#" in rid:  # a long run id, cut in the name
                 with contextlib.suppress(OSError):
-                    for child in os.listdir(self.layout.overlay_dir / tid):
+                    ov_tid = fsops.parts_under(self._root, self.layout.overlay_dir / tid)
+                    for child in fsops.listdir(self._root, ov_tid):
                         if purpose_matches(purpose, f"run-{child}"):
                             rid = child
                             break
             ov = self.layout.overlay_dir / tid / rid
             # the dead run's overlay upper/work dirs, unless that run got published later
             published = os.path.lexists(self.layout.run_dir(tid, rid))
-            if purpose.startswith("run-") and ov.is_dir() and not published:
+            if purpose.startswith("run-") and os.path.lexists(ov) and not published:
                 self._unmount_under(ov)
-                _rmtree(ov)
+                fsops.remove(self._root, ov)
                 removed.append(ov)
-        trash = os.listdir(self.layout.trash_dir) if target_id is None else []
-        for name in trash:
-            p = self.layout.trash_dir / name
-            with contextlib.suppress(FileNotFoundError):
-                if p.is_dir() and not p.is_symlink():
-                    _rmtree(p)
-                else:
-                    p.unlink()
-                removed.append(p)
-        if target_id is None and self._owners_dir.is_dir():
-            for name in os.listdir(self._owners_dir):
+        if target_id is None:
+            removed.extend(
+                self.layout.trash_dir / n for n in fsops.clear_dir(self._root, fsops.TRASH)
+            )
+            owners = fsops.parts_under(self._root, self._owners_dir)
+            for name in fsops.listdir(self._root, owners):
                 if name.endswith(".new"):  # killed while creating its lock; free if dead
-                    remove_dead_owner(self._owners_dir, name)
+                    remove_dead_owner(self._owners_dir, name, root=self._root)
                     continue
                 token = name.removesuffix(".lock")
-                if token not in tokens_alive and owner_is_dead(self._owners_dir, token):
-                    remove_dead_owner(self._owners_dir, token)
+                if token not in tokens_alive and owner_is_dead(
+                    self._owners_dir, token, root=self._root
+                ):
+                    remove_dead_owner(self._owners_dir, token, root=self._root)
         if removed:
             log.info("removed %d leftover(s) of dead processes: %s", len(removed), removed[:5])
         return removed
@@ -909,9 +892,9 @@ class WorkspaceCache:
             self._unmount_under(run_dir)
             self._discard(run_dir)
         ov = self.layout.overlay_dir / tid / rid
-        if ov.exists():
+        if os.path.lexists(ov):
             self._unmount_under(ov)
-            _rmtree(ov)
+            fsops.remove(self._root, ov)
         self.index.remove(f"{tid}/{rid}")
         self.index.end_lease(f"{tid}/{rid}")
 
@@ -983,6 +966,12 @@ class WorkspaceCache:
         return tid, rid
 
     # --- verification --------------------------------------------------------------------
+    def audit_internal(self) -> list[str]:
+        """Entries planted where the cache expects its own (symlinks, non-directories, mount
+        points, hard-linked lock files): one line each, naming the path. Reads only; every
+        such entry is refused by the operations that meet it (fsops)."""
+        return fsops.audit(self._root)
+
     def verify_shared(self, target_id: str) -> list[str]:
         """Full check of the shared workspace and the copy-on-write shared copy of a target
         against their publish-time manifests: one line per difference ('' prefix-free,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -50,6 +51,17 @@ EXIT_CODES: list[tuple[type[BaseException], int]] = [
 ]
 
 
+# OS errors that mean "this path cannot be used as it is" (permissions, read-only, full, not a
+# directory...): a user's or operator's problem, reported in one line, never a traceback.
+USER_OS_ERRNOS = frozenset(
+    {
+        errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR,
+        errno.EISDIR, errno.EEXIST, errno.ENOENT, errno.ENAMETOOLONG, errno.ELOOP,
+        errno.ENOTEMPTY, errno.EBUSY,
+    }
+)  # fmt: skip
+
+
 def exit_code_for(exc: BaseException) -> int:
     for kind, code in EXIT_CODES:
         if isinstance(exc, kind):
@@ -92,6 +104,21 @@ def main(argv: list[str] | None = None) -> None:
     except (typer.Abort, KeyboardInterrupt):
         err_console.print("aborted")
         sys.exit(130)
+    except OSError as exc:
+        # A path the user pointed us at (STORAGE_DIR, a workspace, a file to upload) that
+        # cannot be read or written: one line naming the command, the path and the reason.
+        if exc.errno not in USER_OS_ERRNOS:
+            raise
+        words = [a for a in (sys.argv[1:] if argv is None else argv)[:2] if not a.startswith("-")]
+        where = f" {exc.filename}:" if exc.filename is not None else ""
+        err_console.print(
+            f"[red]error:[/red] {escape(' '.join(['forgespace', *words]))}:{escape(where)} "
+            f"{escape(exc.strerror or str(exc))}",
+            highlight=False,
+            markup=True,
+            soft_wrap=True,
+        )
+        sys.exit(1)
     except Exception as exc:  # click usage errors carry their own exit code
         import click
 

@@ -7,7 +7,10 @@ nor ls nor gc walks workspace files: sizes come from the index.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import stat
 import sys
 import time
 from collections import defaultdict
@@ -25,12 +28,46 @@ if TYPE_CHECKING:
 JSON_HELP = "Print one JSON document on stdout (shape in docs/operations.md)."
 
 
-def _index(settings: Settings) -> CacheIndex:
-    # status/ls/verify only read the index: no need to build the whole engine.
+def _existing_cache(settings: Settings) -> bool:
+    """Whether CACHE_DIR holds a forgespace cache. Read-only commands never create one: on a
+    missing CACHE_DIR (or one without ``.forgespace/``) they report an empty cache and say so
+    on stderr (exit 0); a CACHE_DIR that is not a directory is an error."""
+    from forgespace.errors import CacheAccessError
+    from forgespace.layout import META_DIRNAME
+
+    root = settings.cache_dir
+    for path, missing in (
+        (root, f"CACHE_DIR {root} does not exist (nothing cached yet)"),
+        (root / META_DIRNAME, f"CACHE_DIR {root} has no {META_DIRNAME}/ (nothing cached yet)"),
+    ):
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            err_console.print(f"note: {missing}", highlight=False)
+            return False
+        except NotADirectoryError:
+            st = None
+        except OSError as exc:
+            raise CacheAccessError.from_os_error(exc, "read the cache directory") from exc
+        if st is None or not stat.S_ISDIR(st.st_mode):
+            what = "CACHE_DIR" if path == root else "the cache's bookkeeping directory"
+            raise CacheAccessError(
+                errno.ENOTDIR, f"{what} {path} is not a directory (it must be one)"
+            )
+    return True
+
+
+def _index(settings: Settings) -> CacheIndex | None:
+    """The index, read-only where the cache allows no more; None when there is no cache."""
+    # status/ls only read the index: no need to build the whole engine.
     from forgespace.cache.index import CacheIndex
     from forgespace.layout import CacheLayout
 
-    return CacheIndex(CacheLayout(settings.cache_dir), lease_ttl=settings.cache_lease_ttl)
+    if not _existing_cache(settings):
+        return None
+    return CacheIndex(
+        CacheLayout(settings.cache_dir), lease_ttl=settings.cache_lease_ttl, create=False
+    )
 
 
 def _when(ts: float | None) -> str:
@@ -84,10 +121,16 @@ def _entry_doc(e: EntryRecord, leases: int) -> dict[str, Any]:
 
 
 # --- status -------------------------------------------------------------------------------
-def status_doc(settings: Settings, index: CacheIndex) -> dict[str, Any]:
-    """The document `cache status --json` prints."""
-    summary = index.summary()
-    counters = index.counters()
+def status_doc(settings: Settings, index: CacheIndex | None) -> dict[str, Any]:
+    """The document `cache status --json` prints (``index`` None: no cache yet, all zero)."""
+    from forgespace.cache.index import KINDS, CacheSummary
+
+    if index is None:
+        summary = CacheSummary(0, 0, 0, None, dict.fromkeys(KINDS, 0), 0)
+        counters: dict[str, int] = {}
+    else:
+        summary = index.summary()
+        counters = index.counters()
     total, oldest = summary.bytes, summary.oldest_access
     return {
         "cache_dir": str(settings.cache_dir),
@@ -156,8 +199,10 @@ def status(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> Non
 
 
 # --- ls -----------------------------------------------------------------------------------
-def ls_doc(index: CacheIndex) -> dict[str, Any]:
+def ls_doc(index: CacheIndex | None) -> dict[str, Any]:
     """The document `cache ls --json` prints: targets, most recently accessed first."""
+    if index is None:
+        return {"targets": []}
     entries = index.entries()
     per_key = _leases_by_key(index.live_leases())
     targets: dict[str, list[EntryRecord]] = defaultdict(list)
@@ -285,10 +330,16 @@ def evict(
 
 # --- verify -------------------------------------------------------------------------------
 def verify_doc(cache: Any, *, repair: bool) -> dict[str, Any]:
-    """Index vs disk, and modified shared workspaces; with ``repair`` fix what it can."""
+    """Index vs disk, and modified shared workspaces; with ``repair`` fix what it can.
+    ``cache`` None: there is no cache yet (consistent, nothing to check)."""
     from forgespace.cache.eviction import entry_paths
     from forgespace.cache.index import scan_entries
 
+    if cache is None:
+        return {
+            "ok": True, "entries_indexed": 0, "entries_on_disk": 0, "missing_from_index": [],
+            "missing_on_disk": [], "modified": {}, "unsafe": [], "repaired": [],
+        }  # fmt: skip
     index, layout = cache.index, cache.layout
     indexed = {e.key: e for e in index.entries()}
     on_disk = {e.key: e for e in scan_entries(layout, with_sizes=False)}
@@ -305,6 +356,8 @@ def verify_doc(cache: Any, *, repair: bool) -> dict[str, Any]:
             diffs = verify_shared(tid)
             if diffs:
                 modified[tid] = diffs
+    audit = getattr(cache, "audit_internal", None)
+    unsafe: list[str] = audit() if audit is not None else []
     repaired: list[str] = []
     if repair:
         if missing_from_index or missing_on_disk:
@@ -320,7 +373,7 @@ def verify_doc(cache: Any, *, repair: bool) -> dict[str, Any]:
 
                 if evict_entry(cache, f"{tid}/shared"):
                     repaired.append(f"{tid}/shared removed (modified); the next run re-downloads")
-    ok = not (missing_from_index or missing_on_disk or modified)
+    ok = not (missing_from_index or missing_on_disk or modified or unsafe)
     return {
         "ok": ok,
         "entries_indexed": len(indexed),
@@ -329,6 +382,7 @@ def verify_doc(cache: Any, *, repair: bool) -> dict[str, Any]:
         "missing_on_disk": missing_on_disk,
         "modified": modified,
         "repaired": repaired,
+        "unsafe": unsafe,
     }
 
 
@@ -348,7 +402,13 @@ def verify(
     """
     from forgespace.cache.workspace import WorkspaceCache
 
-    doc = verify_doc(WorkspaceCache(load_settings()), repair=repair)
+    settings = load_settings()
+    if repair:
+        doc = verify_doc(WorkspaceCache(settings), repair=True)
+    elif _existing_cache(settings):
+        doc = verify_doc(WorkspaceCache(settings, read_only=True), repair=False)
+    else:
+        doc = verify_doc(None, repair=False)
     if as_json:
         _print_json(doc)
     else:
@@ -361,6 +421,8 @@ def verify(
             t.add_row("on disk, not in the index", k)
         for k in doc["missing_on_disk"]:
             t.add_row("in the index, not on disk", k)
+        for line in doc["unsafe"]:
+            t.add_row("planted where the cache expects its own entry", line)
         for tid, diffs in doc["modified"].items():
             for d in diffs[:20]:
                 t.add_row(f"modified shared workspace of {tid}", d)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,7 +12,7 @@ import typer
 from rich.markup import escape
 
 from forgespace.cli.app import app, err_console, load_settings
-from forgespace.errors import ForgespaceError
+from forgespace.errors import ForgespaceError, StorageError
 from forgespace.storage.base import ProgressFn
 
 # Below this a bar would only flicker: small uploads finish before it could be read.
@@ -87,6 +88,14 @@ def upload(
     except OSError as exc:
         if isinstance(exc, ForgespaceError):
             raise
+        source = os.path.abspath(path)
+        failed = os.path.abspath(exc.filename) if isinstance(exc.filename, str) else ""
+        if failed and failed != source and not failed.startswith(source + os.sep):
+            # Not the user's PATH but the store (a STORAGE_DIR we may not write): exit 1.
+            raise StorageError(
+                f"cannot upload {path}: cannot write to the {store.display_name}: "
+                f"{exc.filename}: {exc.strerror or exc}"
+            ) from exc
         # e.g. a file vanishing or unreadable mid-upload: say which, without a traceback
         raise typer.BadParameter(f"cannot upload {path}: {exc}", param_hint="PATH") from exc
     err_console.print(f"uploaded {escape(str(path))} to the {store.display_name}", highlight=False)

@@ -42,6 +42,7 @@ from temporalio.exceptions import ApplicationError
 from forgespace.errors import (
     BackendUnavailableError,
     ForgespaceError,
+    SandboxStartError,
     StorageError,
     TargetNotFoundError,
     UnsafeArchiveError,
@@ -69,7 +70,9 @@ RESULT_FORMATS = {
     "json": ("json", "application/json"),
     "sarif": ("sarif", "application/sarif+json"),
 }
-_WORKFLOW_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
+# Longer than a target id (Temporal workflow ids), same characters; fullmatch (a trailing
+# newline must not pass).
+_WORKFLOW_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 
 
 class RunReleasedError(ForgespaceError):
@@ -81,6 +84,7 @@ _NON_RETRYABLE: tuple[type[BaseException], ...] = (
     UnsafeArchiveError,
     BackendUnavailableError,
     RunReleasedError,
+    SandboxStartError,
 )
 
 
@@ -440,7 +444,7 @@ class CacheActivities:
         stored as JSON (with a warning), and with the s3 backend the location is the object's
         URL ``{S3_ENDPOINT}/{S3_RESULTS_BUCKET}/{key}`` (the local backend: the file's path).
         """
-        if not isinstance(workflow_id, str) or not _WORKFLOW_ID.match(workflow_id):
+        if not isinstance(workflow_id, str) or not _WORKFLOW_ID.fullmatch(workflow_id):
             raise ApplicationError(
                 f"invalid workflow_id {workflow_id!r}: expected 1-255 characters of "
                 "A-Z a-z 0-9 . _ - starting with a letter or digit",

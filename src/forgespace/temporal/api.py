@@ -55,8 +55,11 @@ __all__ = [
     "MEMO_KEY",
     "PREPARE_ACTIVITY",
     "RELEASE_ACTIVITY",
+    "RUN_TOOL_ACTIVITY",
     "UPLOAD_RESULTS_ACTIVITY",
     "PreparedWorkspace",
+    "ToolRequest",
+    "ToolResult",
     "WorkflowRequest",
     "Workspace",
     "WorkspaceOptions",
@@ -72,6 +75,7 @@ GET_TARGET_ACTIVITY = "get_target"
 CLEANUP_ACTIVITY = "cleanup_cache"
 RELEASE_ACTIVITY = "release_run"
 UPLOAD_RESULTS_ACTIVITY = "upload_results"
+RUN_TOOL_ACTIVITY = "forgespace_run_tool"
 
 # Memo key under which run_in_workspace records the workspace it got (the runner reads it to
 # report the path and whether the target was downloaded or served from the cache).
@@ -120,6 +124,39 @@ class PreparedWorkspace:
     workspace_isolation: str
     task_queue: str
     host: str
+
+
+@dataclass
+class ToolRequest:
+    """One external command for ``forgespace_run_tool`` (built by ``Workspace.run_tool``).
+
+    ``argv[0] == "python"`` means the worker's interpreter; ``cwd`` is relative to the
+    workspace; ``env`` is added to the sandbox's allow-listed environment; ``limits`` maps
+    ``address_space``/``file_size`` (bytes), ``cpu_seconds``, ``processes`` to a number or
+    None (unlimited), defaults for those left out.
+    """
+
+    workspace: str
+    workspace_isolation: str
+    argv: list[str]
+    cwd: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    timeout_seconds: float = 600.0
+    limits: dict[str, int | None] | None = None
+    output_bytes: int = 65536
+
+
+@dataclass
+class ToolResult:
+    """What ``forgespace_run_tool`` returns: exit code (None when it timed out and was
+    killed), the last ``output_bytes`` of stdout and stderr, and whether it was sandboxed."""
+
+    exit_code: int | None
+    stdout: str
+    stderr: str
+    timed_out: bool
+    sandboxed: bool
+    duration_seconds: float
 
 
 @dataclass(frozen=True)
@@ -225,6 +262,49 @@ class Workspace:
             # workspace an activity still writes to.
             cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
         )
+
+    async def run_tool(
+        self,
+        argv: list[str],
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: timedelta = timedelta(minutes=10),
+        limits: Mapping[str, int | None] | None = None,
+        output_bytes: int = 65536,
+        retry_policy: RetryPolicy | None = None,
+    ) -> ToolResult:
+        """Run ``argv`` in this workspace's sandbox on its host and return a ``ToolResult``.
+
+        The command sees the workspace (read-only for a shared run) and nothing else of the
+        host's data, has no network and runs as uid 65534 (see ``forgespace.sandbox``). It is
+        killed, with all it started, after ``timeout`` or when the run is cancelled. One
+        attempt by default (a tool that writes is rarely safe to repeat); a sandbox that
+        cannot start fails the activity as non-retryable ``SandboxStartError``.
+        """
+        request = ToolRequest(
+            workspace=self.path,
+            workspace_isolation=self.workspace_isolation,
+            argv=list(argv),
+            cwd=cwd,
+            env=dict(env or {}),
+            timeout_seconds=timeout.total_seconds(),
+            limits=dict(limits) if limits is not None else None,
+            output_bytes=output_bytes,
+        )
+        result = await self.execute(
+            RUN_TOOL_ACTIVITY,
+            request,
+            start_to_close_timeout=timeout + timedelta(minutes=2),
+            heartbeat_timeout=timedelta(seconds=60),
+            retry_policy=retry_policy
+            or RetryPolicy(
+                maximum_attempts=1, non_retryable_error_types=["ValueError", "SandboxStartError"]
+            ),
+            result_type=ToolResult,
+        )
+        assert isinstance(result, ToolResult)
+        return result
 
     async def upload_results(
         self, results: Any, results_format: str = "json", workflow_id: str | None = None

@@ -420,6 +420,7 @@ async def run_job(
     server: DevServer | None = None
     worker_task: asyncio.Task[None] | None = None
     stop = asyncio.Event()
+    infos: list[WorkerInfo] = []
     try:
         address = settings.temporal_address
         if not address:
@@ -430,7 +431,7 @@ async def run_job(
         client = await connect(address, settings.temporal_namespace)
         if server is not None:
             loaded = discover(job.workflows_dirs, bundled=job.bundled, load=True)
-            worker_task = await _start_worker(settings, client, job, loaded, stop, address)
+            worker_task = await _start_worker(settings, client, job, loaded, stop, address, infos)
         console.print(f"uploading {job.path} to the {store.display_name} ...", highlight=False)
         target_id = await asyncio.to_thread(store.upload_target, job.path)
         console.print(f"target id {target_id}", highlight=False)
@@ -472,6 +473,8 @@ async def run_job(
         f"cache: {len(states)} runs, {downloads} download(s), {hits} served from the cache",
         highlight=False,
     )
+    if infos:  # the in-process worker's sandbox (a cluster's workers log their own)
+        console.print(infos[0].sandbox, highlight=False)
     if job.sarif is not None:
         write_sarif(report, job.sarif, console)
     return report
@@ -484,10 +487,11 @@ async def _start_worker(
     packages: list[WorkflowPackage],
     stop: asyncio.Event,
     address: str,
+    infos: list[WorkerInfo],
 ) -> asyncio.Task[None]:
-    """The embedded run's in-process worker, once it polls (its start-up error otherwise)."""
+    """The embedded run's in-process worker, once it polls (its start-up error otherwise);
+    its WorkerInfo is appended to ``infos``."""
     ready = asyncio.Event()
-    infos: list[WorkerInfo] = []
 
     def on_ready(info: WorkerInfo) -> None:
         infos.append(info)

@@ -59,6 +59,8 @@ class WorkerInfo:
     namespace: str
     workflows: list[str] = field(default_factory=list)
     metrics_port: int | None = None
+    #: The sandbox probe's verdict, one line (``SandboxStatus.describe``).
+    sandbox: str = ""
 
 
 async def connect(address: str, namespace: str) -> Client:
@@ -178,11 +180,16 @@ async def run_worker(
     ``{vertical}-queue``)."""
     from temporalio.worker import Worker
 
+    from forgespace import sandbox
     from forgespace.cache.workspace import WorkspaceCache
     from forgespace.temporal.affinity import HostAffinityInterceptor
+    from forgespace.temporal.tools import run_tool
 
     if packages is None:
         packages = discover(workflows_dirs, bundled=bundled, load=True)
+    # Probe before polling: FORGESPACE_SANDBOX=bwrap on a host where bwrap cannot work stops
+    # the worker here with the reason; auto falls back with one warning per worker start.
+    box = sandbox.configure(settings)
     cache = cache or WorkspaceCache(settings)
     host = socket.gethostname()
     host_queue = host_task_queue(task_queue, settings.cache_dir, host)
@@ -194,7 +201,7 @@ async def run_worker(
         max_workers=pollers * slots, thread_name_prefix="forgespace-activity"
     )
     storage = CacheActivities(cache, host_queue=host_queue, host=host, executor=executor)
-    activities = _collect_activities(storage.activities(), packages)
+    activities = _collect_activities([*storage.activities(), run_tool], packages)
     workflows = [p.workflow for p in packages if p.workflow is not None]
     # Workflows learn their metadata.yaml mode from here (no I/O in workflow code), so an
     # override is logged whoever started the run.
@@ -233,6 +240,7 @@ async def run_worker(
         namespace=client.namespace,
         workflows=[p.name for p in packages],
         metrics_port=port,
+        sandbox=box.status.describe(),
     )
     sweeper: asyncio.Task[None] | None = None
     try:
@@ -262,7 +270,7 @@ def _print_ready(info: WorkerInfo) -> None:
     print(
         f"forgespace worker ready: task queue {info.task_queue}, host queue {info.host_queue}, "
         f"Temporal {info.address} ({info.namespace}), "
-        f"workflows: {', '.join(info.workflows) or 'none'}",
+        f"workflows: {', '.join(info.workflows) or 'none'}; {info.sandbox}",
         file=sys.stderr,
         flush=True,
     )

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import queue
-import signal
 import stat
 import subprocess
 import threading
@@ -14,6 +12,9 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from forgespace.sandbox import ToolProcess
+from forgespace.sandbox import kill_tool as kill_group
 
 #: A tool reports progress through this callback; activities pass ``activity.heartbeat``.
 Heartbeat = Callable[[dict[str, Any]], None]
@@ -131,13 +132,14 @@ def tree_digest(root: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def kill_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGKILL the process group of ``proc`` (started with ``start_new_session=True``)."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=10)
+def sandbox_note(tool: ToolProcess) -> str:
+    """Said with a failed tool's error: what the sandbox withheld from it, if it had one."""
+    if not tool.sandboxed:
+        return ""
+    return (
+        " (it ran in the sandbox: no network, nothing but its workspace visible, "
+        "/tmp private; see docs/deployment.md)"
+    )
 
 
 def pump_lines(

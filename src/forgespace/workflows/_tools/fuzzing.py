@@ -18,12 +18,12 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from forgespace import sandbox
 from forgespace.workflows._tools.common import (
     SKIP_DIRS,
     Heartbeat,
@@ -32,6 +32,7 @@ from forgespace.workflows._tools.common import (
     iter_files,
     pump_lines,
     resolve_inside,
+    sandbox_note,
     workspace_root,
 )
 
@@ -127,11 +128,13 @@ def run_atheris(
     timeout_seconds: float = 60,
     max_crashes: int = 0,
     heartbeat: Heartbeat | None = None,
+    limits: sandbox.Limits = sandbox.DEFAULT_LIMITS,
 ) -> dict[str, Any]:
     """Fuzz the workspace's ``TestOneInput`` and return the results (JSON-able).
 
     Stops after ``max_iterations`` inputs or ``timeout_seconds``, whichever comes first,
-    or once ``max_crashes`` distinct crashes are found (0 = keep fuzzing).
+    or once ``max_crashes`` distinct crashes are found (0 = keep fuzzing). The harness runs
+    in the process's sandbox (``forgespace.sandbox.current()``) with ``limits``.
     """
     root = workspace_root(workspace)
     max_iterations = _positive_int(max_iterations, "max_iterations")
@@ -158,8 +161,7 @@ def run_atheris(
         f"-artifact_prefix={crashes}{os.sep}native-",
         str(corpus),
     ]
-    env = dict(os.environ)
-    env["PYTHONUNBUFFERED"] = "1"
+    env = sandbox.tool_env({"PYTHONUNBUFFERED": "1"})
     # The target's own modules resolve from its file's folder (the harness puts it first),
     # then from the target root and its src/ layout, so fuzz/fuzz_x.py can import mypkg.
     base = root.parent if root.is_file() else root
@@ -174,15 +176,11 @@ def run_atheris(
     crashes_total = 0
     stop_event = ""
 
-    proc = subprocess.Popen(
-        cmd,
-        cwd=str(target.parent),
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # one process group, so a timeout kills everything it started
+    # Its own session and, sandboxed, its own PID namespace: a timeout kills all it started.
+    tool = sandbox.current().popen(
+        cmd, workspace=root, writable=True, cwd=target.parent, env=env, limits=limits
     )
+    proc = tool.proc
     deadline = started + timeout + GRACE_SECONDS
 
     def on_line(line: str) -> None:
@@ -217,6 +215,8 @@ def run_atheris(
         deadline=deadline,
     )
     returncode = proc.returncode
+    tool.check_started(tail)
+    tool.close()
     elapsed = time.monotonic() - started
     live = _live(stats, started, corpus)
     throttle(live, force=True)
@@ -230,8 +230,8 @@ def run_atheris(
         stopped = "native_crash"
     elif returncode != 0:
         raise ToolError(
-            f"the atheris harness for {target_name!r} exited with code {returncode}:\n"
-            + "\n".join(tail)
+            f"the atheris harness for {target_name!r} exited with code {returncode}"
+            f"{sandbox_note(tool)}:\n" + "\n".join(tail)
         )
     elif elapsed >= timeout or stats["executions"] < max_iterations:
         stopped = "timeout"

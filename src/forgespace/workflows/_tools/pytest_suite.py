@@ -16,18 +16,19 @@ import json
 import os
 import re
 import shlex
-import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
+from forgespace import sandbox
 from forgespace.workflows._tools.common import (
     Heartbeat,
     Throttle,
     ToolError,
     pump_lines,
+    sandbox_note,
     workspace_root,
 )
 
@@ -57,8 +58,12 @@ def run_pytest_suite(
     pytest_args: str | list[str] | None = None,
     timeout_seconds: float = 600,
     heartbeat: Heartbeat | None = None,
+    limits: sandbox.Limits = sandbox.DEFAULT_LIMITS,
 ) -> dict[str, Any]:
     """Run the workspace's pytest suite with coverage; return counts, coverage and failures.
+
+    The suite runs in the process's sandbox (``forgespace.sandbox.current()``): its tests see
+    their workspace and nothing else of the host's data, have no network and run as uid 65534.
 
     Result: ``{"tests", "passed", "failed", "errors", "skipped", "coverage_percent",
     "exit_code", "duration_seconds", "failures": [...], "reports": {...}}``.
@@ -75,10 +80,8 @@ def run_pytest_suite(
     cov_json = reports / "coverage.json"
     data_file = root / ".coverage"
 
-    env = dict(os.environ)
     # Make sure nothing reaches for the network, even if a conftest tries pip.
-    env.update({"PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env = sandbox.tool_env({"PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
     paths = [str(root / "src")] if (root / "src").is_dir() else []
     # Kept after the target's own folders: the worker may itself run from a PYTHONPATH.
     inherited = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
@@ -107,15 +110,9 @@ def run_pytest_suite(
     tail: collections.deque[str] = collections.deque(maxlen=80)
     counts = collections.Counter[str]()
     started = time.monotonic()
-    proc = subprocess.Popen(
-        cmd,
-        cwd=str(root),
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    box = sandbox.current()
+    tool = box.popen(cmd, workspace=root, writable=True, cwd=root, env=env, limits=limits)
+    proc = tool.proc
 
     def on_line(line: str) -> None:
         tail.append(line)
@@ -134,17 +131,20 @@ def run_pytest_suite(
 
     timed_out = pump_lines(proc, on_line, on_tick, deadline=started + float(timeout_seconds))
     code = proc.returncode
+    tool.check_started(tail)
+    tool.close()
     duration = time.monotonic() - started
     if timed_out:
         raise ToolError(f"the test suite did not finish within {float(timeout_seconds):g} s")
     if code not in _RAN or not junit.exists():
         meaning = _EXIT_MEANING.get(code, "failed")
         raise ToolError(
-            f"pytest {meaning} (exit code {code}); last output:\n" + "\n".join(list(tail)[-30:])
+            f"pytest {meaning} (exit code {code}){sandbox_note(tool)}; last output:\n"
+            + "\n".join(list(tail)[-30:])
         )
 
     summary = parse_junit(junit)
-    coverage = _coverage_json(data_file, cov_json, env, root)
+    coverage = _coverage_json(box, data_file, cov_json, env, root, limits)
     done = {k: summary[k] for k in ("passed", "failed", "errors")}
     throttle({"phase": "done", **done}, force=True)
     return {
@@ -159,10 +159,17 @@ def run_pytest_suite(
     }
 
 
-def _coverage_json(data_file: Path, out: Path, env: dict[str, str], root: Path) -> float | None:
+def _coverage_json(
+    box: sandbox.Sandbox,
+    data_file: Path,
+    out: Path,
+    env: dict[str, str],
+    root: Path,
+    limits: sandbox.Limits,
+) -> float | None:
     if not data_file.exists():
         return None
-    proc = subprocess.run(
+    proc = box.run(
         [
             sys.executable,
             "-m",
@@ -173,10 +180,11 @@ def _coverage_json(data_file: Path, out: Path, env: dict[str, str], root: Path) 
             str(out),
             "--quiet",
         ],
-        cwd=str(root),
+        workspace=root,
+        writable=True,
+        cwd=root,
         env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
+        limits=limits,
         timeout=300,
     )
     if proc.returncode != 0 or not out.exists():

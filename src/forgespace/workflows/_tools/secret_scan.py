@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from forgespace import sandbox
 from forgespace.workflows._tools import sarif
 from forgespace.workflows._tools.common import (
     Heartbeat,
@@ -30,8 +30,10 @@ from forgespace.workflows._tools.common import (
     ToolError,
     fingerprint,
     iter_files,
+    kill_group,
     mask,
     relative_name,
+    sandbox_note,
     workspace_root,
 )
 
@@ -106,14 +108,18 @@ def detect_secrets_scan(
         out_path = Path(tmp) / "out.json"
         err_path = Path(tmp) / "err.log"
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
-            proc = subprocess.Popen(
+            # Output goes to files of ours through inherited descriptors: the sandbox itself
+            # sees only the workspace (read-only) and its private /tmp.
+            tool = sandbox.current().popen(
                 [sys.executable, "-m", __name__, str(root), str(int(max_file_bytes))],
-                cwd=tmp,
-                env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"),
-                stdin=subprocess.DEVNULL,
+                workspace=root,
+                writable=False,
+                cwd="/tmp",
+                env=sandbox.tool_env({"PYTHONDONTWRITEBYTECODE": "1"}),
                 stdout=out,
                 stderr=err,
             )
+            proc = tool.proc
             started = time.monotonic()
             try:
                 while proc.poll() is None:
@@ -125,14 +131,19 @@ def detect_secrets_scan(
                     time.sleep(0.2)
             except BaseException:
                 # Timed out, or the activity was cancelled through its heartbeat.
-                proc.kill()
-                proc.wait()
+                kill_group(tool)
+                tool.close()
                 raise
+        tool.check_started(err_path.read_text(errors="replace").splitlines()[-5:])
+        tool.close()
         if proc.returncode != 0:
             # Only the last line (the exception) is shown: the rest could quote file content.
             lines = err_path.read_text(errors="replace").strip().splitlines()
             last = lines[-1][:300] if lines else ""
-            raise ToolError(f"detect-secrets failed with exit code {proc.returncode}: {last}")
+            raise ToolError(
+                f"detect-secrets failed with exit code {proc.returncode}"
+                f"{sandbox_note(tool)}: {last}"
+            )
         report = json.loads(out_path.read_text())
 
     findings = report["findings"]

@@ -1,8 +1,9 @@
 """Read-only static assessment of a workspace: bandit plus a file scanner, as SARIF 2.1.0.
 
 Nothing is written into the workspace (it is shared by concurrent runs and read-only):
-bandit runs in a subprocess whose working directory is a temporary directory elsewhere,
-with bytecode writing off, and the file scanner only reads.
+bandit runs in the process's sandbox (``forgespace.sandbox.current()``) with the workspace
+bound read-only, its private ``/tmp`` as working directory and bytecode writing off; its
+report comes back on stdout. The file scanner only reads.
 
 The file scanner flags sensitive file names (private keys, ``.env``, keystores...),
 world-writable files and directories, and large binary files; each flagged file carries
@@ -18,11 +19,11 @@ import re
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from forgespace import sandbox
 from forgespace.workflows._tools import sarif
 from forgespace.workflows._tools.common import (
     SKIP_DIRS,
@@ -30,8 +31,10 @@ from forgespace.workflows._tools.common import (
     Throttle,
     ToolError,
     iter_files,
+    kill_group,
     mask,
     relative_name,
+    sandbox_note,
     sha256_file,
     workspace_root,
 )
@@ -145,53 +148,56 @@ def run_bandit(
     Code snippets are left out of the findings on purpose: bandit's ``code`` field would
     copy hard-coded passwords it flags into the results.
     """
-    with tempfile.TemporaryDirectory(prefix="forgespace-bandit-") as tmp:
-        out_file = Path(tmp) / "bandit.json"
-        cmd = [
-            sys.executable,
-            "-m",
-            "bandit",
-            "-r" if root.is_dir() else "",
-            str(root),
-            "-f",
-            "json",
-            "-q",
-            "--exit-zero",
-            "-o",
-            str(out_file),
-        ]
-        env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
-        started = time.monotonic()
-        proc = subprocess.Popen(
-            [c for c in cmd if c],
-            cwd=tmp,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+    cmd = [
+        sys.executable,
+        "-m",
+        "bandit",
+        *(["-r"] if root.is_dir() else []),
+        str(root),
+        "-f",
+        "json",
+        "-q",
+        "--exit-zero",
+    ]
+    env = sandbox.tool_env({"PYTHONDONTWRITEBYTECODE": "1"})
+    started = time.monotonic()
+    tool = sandbox.current().popen(
+        cmd,
+        workspace=root,
+        writable=False,
+        cwd="/tmp",
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc = tool.proc
+    try:
+        while True:
+            try:
+                stdout, stderr = proc.communicate(timeout=1.0)
+                break
+            except subprocess.TimeoutExpired:
+                elapsed = time.monotonic() - started
+                if elapsed > timeout_seconds:
+                    raise ToolError(f"bandit did not finish within {timeout_seconds:g} s") from None
+                if throttle is not None:
+                    throttle({"phase": "bandit", "elapsed_seconds": round(elapsed, 1)})
+    except BaseException:
+        # Timed out, or the activity was cancelled through its heartbeat: no orphan scan.
+        kill_group(tool)
+        tool.close()
+        raise
+    tool.check_started(stderr.decode("utf-8", "replace").splitlines())
+    tool.close()
+    try:
+        report = json.loads(stdout) if proc.returncode == 0 else None
+    except json.JSONDecodeError:
+        report = None
+    if not isinstance(report, dict):
+        msg = (stderr or stdout).decode("utf-8", "replace")[-2000:]
+        raise ToolError(
+            f"bandit failed with exit code {proc.returncode}{sandbox_note(tool)}: {msg}"
         )
-        try:
-            while True:
-                try:
-                    stdout, stderr = proc.communicate(timeout=1.0)
-                    break
-                except subprocess.TimeoutExpired:
-                    elapsed = time.monotonic() - started
-                    if elapsed > timeout_seconds:
-                        raise ToolError(
-                            f"bandit did not finish within {timeout_seconds:g} s"
-                        ) from None
-                    if throttle is not None:
-                        throttle({"phase": "bandit", "elapsed_seconds": round(elapsed, 1)})
-        except BaseException:
-            # Timed out, or the activity was cancelled through its heartbeat: no orphan scan.
-            proc.kill()
-            proc.communicate()
-            raise
-        if proc.returncode != 0 or not out_file.exists():
-            msg = (stderr or stdout).decode("utf-8", "replace")[-2000:]
-            raise ToolError(f"bandit failed with exit code {proc.returncode}: {msg}")
-        report = json.loads(out_file.read_text())
 
     findings = []
     for r in report.get("results", []):

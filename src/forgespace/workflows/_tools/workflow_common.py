@@ -80,7 +80,7 @@ async def run_tool(
             retry_policy=RetryPolicy(
                 initial_interval=timedelta(seconds=1),
                 maximum_attempts=2,
-                non_retryable_error_types=["ValueError", "ToolError"],
+                non_retryable_error_types=["ValueError", "ToolError", "SandboxStartError"],
             ),
         )
         locations = {"json": await ws.upload_results(result, "json")}
@@ -135,11 +135,15 @@ def tool_activity_call(
     call: Callable[[], dict[str, Any]],
 ) -> dict[str, Any]:
     """Run a tool call in an activity, mapping bad input and tool failures to ApplicationErrors."""
+    from forgespace.errors import SandboxStartError
     from forgespace.workflows._tools.common import ToolError
 
     try:
         return fit_payload(call())
     except ValueError as exc:
         raise ApplicationError(str(exc), type="ValueError", non_retryable=True) from exc
+    except SandboxStartError as exc:
+        # bwrap could not set the sandbox up: another attempt on this host would fail alike.
+        raise ApplicationError(str(exc), type="SandboxStartError", non_retryable=True) from exc
     except ToolError as exc:
         raise ApplicationError(str(exc), type="ToolError", non_retryable=True) from exc
