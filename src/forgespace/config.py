@@ -23,13 +23,24 @@ _SIZE_UNITS: dict[str, int] = {
     "mib": 2**20,
     "gib": 2**30,
     "tib": 2**40,
+    # docker/k8s habits: one-letter SI suffixes (like kB/MB/GB/TB) and Ki/Mi/Gi/Ti (IEC).
+    "k": 10**3,
+    "m": 10**6,
+    "g": 10**9,
+    "t": 10**12,
+    "ki": 2**10,
+    "mi": 2**20,
+    "gi": 2**30,
+    "ti": 2**40,
 }
+# The smallest CACHE_MAX_SIZE accepted: a smaller one is a unit forgotten (10 = 10 bytes).
+MIN_CACHE_MAX_SIZE = 2**20
 _DURATION_UNITS: dict[str, float] = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _NUMBER_UNIT = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*$")
 
 SIZE_FORMS = (
-    "a byte count or a number with kB/MB/GB/TB (powers of 1000) or KiB/MiB/GiB/TiB "
-    "(powers of 1024), e.g. 10GB, 1.5GiB, 500MB"
+    "a byte count or a number with kB/MB/GB/TB or K/M/G/T (powers of 1000) or KiB/MiB/GiB/TiB "
+    "or Ki/Mi/Gi/Ti (powers of 1024), e.g. 10GB, 10G, 1.5GiB, 10Gi, 500MB"
 )
 DURATION_FORMS = "seconds or a number with s, m, h, d or w, e.g. 90, 30m, 1.5h, 7d"
 
@@ -63,6 +74,20 @@ def parse_duration(value: str | float | int, *, name: str = "duration") -> float
     if not m or unit not in _DURATION_UNITS:
         raise ConfigError(f"invalid {name} {value!r}: expected {DURATION_FORMS}")
     return float(Decimal(m.group(1)) * Decimal(_DURATION_UNITS[unit]))
+
+
+def _cache_limit(value: str, *, name: str) -> int:
+    """A cache size limit: ``parse_size``, and at least 1 MiB (a smaller limit is nearly always
+    a forgotten unit, and would evict every unleased workspace at once)."""
+    size = parse_size(value, name=name)
+    if size < MIN_CACHE_MAX_SIZE:
+        number = value.strip()
+        hint = f" — did you mean {number}GB?" if number.replace(".", "", 1).isdigit() else ""
+        raise ConfigError(
+            f"invalid {name} {value!r}: {size} bytes is below the 1 MiB minimum{hint} "
+            f"(expected {SIZE_FORMS})"
+        )
+    return size
 
 
 def _parse_bool(value: str, *, name: str) -> bool:
@@ -140,7 +165,7 @@ class Settings:
         }
         for var, field in sizes.items():
             if (v := get(var)) is not None:
-                kw[field] = parse_size(v, name=var)
+                kw[field] = _cache_limit(v, name=var)
         for var, field in durations.items():
             if (v := get(var)) is not None:
                 kw[field] = parse_duration(v, name=var)

@@ -21,7 +21,8 @@
      ├── BackendUnavailableError             the configured copy-on-write backend cannot work here
      │    └── SandboxUnavailableError        FORGESPACE_SANDBOX=bwrap, and bwrap cannot work here
      ├── SandboxStartError                   bwrap could not set up a tool's sandbox
-     └── WorkflowMetadataError (ValueError)  a workflow package's metadata.yaml is invalid
+     ├── WorkflowMetadataError (ValueError)  a workflow package's metadata.yaml is invalid
+     └── WorkflowParameterError (ValueError) a run's parameters do not fit the workflow's schema
 
 Stdlib mix-ins let callers catch what they already know (``FileNotFoundError``,
 ``ValueError``...) while ``except ForgespaceError`` catches everything of ours.
@@ -142,3 +143,7 @@ class SandboxStartError(ForgespaceError):
     def __init__(self, message: str, *, reason: str = "") -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class WorkflowParameterError(ForgespaceError, ValueError):
+    """A run's parameters do not fit its workflow's metadata.yaml schema (or cannot be read)."""

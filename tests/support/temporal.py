@@ -153,18 +153,27 @@ class WorkerProcess:
 
 
 def start_worker_process(
-    env: dict[str, str], task_queue: str, log: Path, *extra: str
+    env: dict[str, str],
+    task_queue: str,
+    log: Path,
+    *extra: str,
+    workflows_dir: Path = FIXTURE_WORKFLOWS,
+    wrap: Sequence[str] = (),
 ) -> WorkerProcess:
-    """Start `forgespace worker` for the fixture packages on ``task_queue`` (no bundled ones)."""
-    cmd = cli_command(
-        "worker",
-        "--task-queue",
-        task_queue,
-        "--workflows-dir",
-        str(FIXTURE_WORKFLOWS),
-        "--no-bundled",
-        *extra,
-    )
+    """Start `forgespace worker` for the fixture packages (or ``workflows_dir``'s) on
+    ``task_queue`` (no bundled ones); ``wrap`` is a command prefix (e.g. a namespace launcher)."""
+    cmd = [
+        *wrap,
+        *cli_command(
+            "worker",
+            "--task-queue",
+            task_queue,
+            "--workflows-dir",
+            str(workflows_dir),
+            "--no-bundled",
+            *extra,
+        ),
+    ]
     env = {**env, "FORGESPACE_LOG_LEVEL": "INFO"}
     with open(log, "wb") as f:
         proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=f, stderr=f)

@@ -21,6 +21,7 @@ from forgespace.errors import (
     TargetNotFoundError,
     UnsafeArchiveError,
     WorkflowMetadataError,
+    WorkflowParameterError,
 )
 
 app = typer.Typer(
@@ -45,6 +46,7 @@ EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (InvalidIdError, 2),
     (InvalidModeError, 2),
     (WorkflowMetadataError, 2),
+    (WorkflowParameterError, 2),
     (ForgespaceError, 1),
 ]
 
@@ -73,7 +75,10 @@ def load_settings() -> Settings:
 
 
 def setup_logging() -> None:
-    level = os.environ.get("FORGESPACE_LOG_LEVEL", "INFO").upper()
+    # LOG_LEVEL: FuzzForge's worker variable, accepted as an alias.
+    level = (
+        os.environ.get("FORGESPACE_LOG_LEVEL") or os.environ.get("LOG_LEVEL") or "INFO"
+    ).upper()
     logging.basicConfig(
         level=getattr(logging, level, logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

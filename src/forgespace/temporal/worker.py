@@ -6,9 +6,10 @@
 - the *host* worker polls this host's own queue (``host_task_queue``): get_target, the
   workflows' activities and cleanup_cache run there, next to the workspace on disk.
 
-Both register every activity (storage activities plus the packages' ACTIVITIES), so
-FuzzForge-style workflows that call ``get_target`` on the default queue still work on a single
-host. Connection: TEMPORAL_ADDRESS / TEMPORAL_NAMESPACE (unset address = an embedded dev server).
+Both register every activity (storage activities plus the packages' activities). Workflows
+that call ``get_target`` themselves on the default queue (FuzzForge style) are pinned to the
+host of their ``get_target`` by ``HostAffinityInterceptor``, so they work on many hosts too.
+Connection: TEMPORAL_ADDRESS / TEMPORAL_NAMESPACE (unset address = an embedded dev server).
 """
 
 from __future__ import annotations
@@ -114,15 +115,29 @@ def _start_metrics(port: int) -> int | None:
 
 
 def max_activities() -> int:
-    """Activities one Temporal worker runs at once (FORGESPACE_MAX_CONCURRENT_ACTIVITIES)."""
-    raw = os.environ.get("FORGESPACE_MAX_CONCURRENT_ACTIVITIES", "").strip()
-    if not raw:
-        return DEFAULT_MAX_ACTIVITIES
-    if not raw.isdigit() or int(raw) < 1:
-        raise ConfigError(
-            f"invalid FORGESPACE_MAX_CONCURRENT_ACTIVITIES {raw!r}: expected a whole number >= 1"
+    """Activities one Temporal worker runs at once (FORGESPACE_MAX_CONCURRENT_ACTIVITIES, or
+    FuzzForge's MAX_CONCURRENT_ACTIVITIES)."""
+    for var in ("FORGESPACE_MAX_CONCURRENT_ACTIVITIES", "MAX_CONCURRENT_ACTIVITIES"):
+        raw = os.environ.get(var, "").strip()
+        if not raw:
+            continue
+        if not raw.isdigit() or int(raw) < 1:
+            raise ConfigError(f"invalid {var} {raw!r}: expected a whole number >= 1")
+        return int(raw)
+    return DEFAULT_MAX_ACTIVITIES
+
+
+def select_vertical(packages: list[WorkflowPackage], vertical: str | None) -> list[WorkflowPackage]:
+    """The packages of ``vertical`` (all when None); none of it is an error naming the known."""
+    if not vertical:
+        return packages
+    chosen = [p for p in packages if p.metadata.vertical == vertical]
+    if not chosen:
+        known = ", ".join(sorted({p.metadata.vertical for p in packages if p.metadata.vertical}))
+        raise WorkflowMetadataError(
+            f"no workflow package has vertical {vertical!r}; verticals found: {known or 'none'}"
         )
-    return int(raw)
+    return chosen
 
 
 def _collect_activities(storage: list[Any], packages: list[WorkflowPackage]) -> list[Any]:
@@ -157,14 +172,17 @@ async def run_worker(
     on_ready: Callable[[WorkerInfo], None] | None = None,
     cache: WorkspaceCache | None = None,
     sweep: bool = True,
+    extra_task_queues: Sequence[str] = (),
 ) -> None:
     """Serve until ``stop`` is set, then shut down gracefully (in-flight activities finish
     within GRACEFUL_SHUTDOWN). Raises WorkflowMetadataError before polling anything when a
-    package is invalid."""
+    package is invalid. ``extra_task_queues`` are polled like ``task_queue`` (FuzzForge's
+    ``{vertical}-queue``)."""
     from temporalio.worker import Worker
 
     from forgespace import sandbox
     from forgespace.cache.workspace import WorkspaceCache
+    from forgespace.temporal.affinity import HostAffinityInterceptor
     from forgespace.temporal.tools import run_tool
 
     if packages is None:
@@ -178,13 +196,16 @@ async def run_worker(
     slots = max_activities()
     # Every running activity holds at most one thread, so two workers of `slots` activities
     # each never wait for a thread (a sync activity queued for a thread could not heartbeat).
-    executor = ThreadPoolExecutor(max_workers=2 * slots, thread_name_prefix="forgespace-activity")
+    pollers = 2 + len(extra_task_queues)
+    executor = ThreadPoolExecutor(
+        max_workers=pollers * slots, thread_name_prefix="forgespace-activity"
+    )
     storage = CacheActivities(cache, host_queue=host_queue, host=host, executor=executor)
     activities = _collect_activities([*storage.activities(), run_tool], packages)
     workflows = [p.workflow for p in packages if p.workflow is not None]
     # Workflows learn their metadata.yaml mode from here (no I/O in workflow code), so an
     # override is logged whoever started the run.
-    register_metadata_modes({p.name: p.workspace_isolation for p in packages})
+    register_metadata_modes({p.workflow_type: p.workspace_isolation for p in packages})
     common: dict[str, Any] = {
         "activities": activities,
         "activity_executor": executor,
@@ -197,7 +218,17 @@ async def run_worker(
         "max_heartbeat_throttle_interval": HEARTBEAT_THROTTLE,
         "default_heartbeat_throttle_interval": HEARTBEAT_THROTTLE,
     }
-    shared_worker = Worker(client, task_queue=task_queue, workflows=workflows, **common)
+    shared_workers = [
+        Worker(
+            client,
+            task_queue=queue,
+            workflows=workflows,
+            # Workflows that call get_target themselves get their activities pinned to its host.
+            interceptors=[HostAffinityInterceptor()],
+            **common,
+        )
+        for queue in (task_queue, *extra_task_queues)
+    ]
     host_worker = Worker(client, task_queue=host_queue, **common)
     stop = stop or asyncio.Event()
     port = _start_metrics(metrics_port) if metrics_port is not None else None
@@ -213,7 +244,9 @@ async def run_worker(
     )
     sweeper: asyncio.Task[None] | None = None
     try:
-        async with shared_worker, host_worker:
+        async with contextlib.AsyncExitStack() as workers:
+            for w in (*shared_workers, host_worker):
+                await workers.enter_async_context(w)
             if sweep:
                 sweeper = asyncio.create_task(
                     _sweep_loop(cache, settings.cache_cleanup_interval, stop)
@@ -250,13 +283,15 @@ async def serve(
     workflows_dirs: Sequence[str | Path] = (),
     bundled: bool = True,
     metrics_port: int | None = None,
+    vertical: str | None = None,
 ) -> None:
     """`forgespace worker`: validate packages, connect (or start the embedded dev server),
-    serve until SIGTERM/SIGINT."""
+    serve until SIGTERM/SIGINT. With ``vertical`` only that vertical's packages are served,
+    and ``{vertical}-queue`` (FuzzForge's queue naming) is polled as well."""
     from forgespace.temporal.devserver import DevServer
 
     # Invalid metadata stops start-up before anything connects or polls.
-    packages = discover(workflows_dirs, bundled=bundled, load=True)
+    packages = select_vertical(discover(workflows_dirs, bundled=bundled, load=True), vertical)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -283,6 +318,7 @@ async def serve(
             metrics_port=metrics_port,
             stop=stop,
             on_ready=_print_ready,
+            extra_task_queues=[f"{vertical}-queue"] if vertical else [],
         )
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):

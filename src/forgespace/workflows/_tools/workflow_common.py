@@ -5,10 +5,10 @@ the tool's activity there with a heartbeat timeout, store the results through
 ``upload_results`` (JSON, plus the SARIF log when the tool makes one) and return
 ``{"findings", "workspace", "result"}``.
 
-Activity side (``tool_activity_call``): check the parameters against the ones the tool
-accepts, turn bad input into a non-retryable ``ApplicationError``, pass heartbeats through
-(``activity.heartbeat``) and stop the tool when the activity is cancelled, and keep the
-result under Temporal's payload size limit.
+Activity side (``tool_activity_call``): turn bad input (parameters are checked against
+metadata.yaml by ``forgespace.temporal.parameters.bundled_parameters``) into a non-retryable
+``ApplicationError``, pass heartbeats through (``activity.heartbeat``) and stop the tool when
+the activity is cancelled, and keep the result under Temporal's payload size limit.
 
 Workflows import this module through ``workflow.unsafe.imports_passed_through()``; it does no
 I/O at import.
@@ -98,16 +98,6 @@ async def run_tool(
         return {"findings": findings, "workspace": ws.path, "result": result}
 
     return await run_in_workspace(request, body)
-
-
-def check_parameters(parameters: Mapping[str, Any], accepted: Mapping[str, Any]) -> dict[str, Any]:
-    """``accepted`` defaults overlaid with ``parameters``; unknown names are a ValueError."""
-    unknown = sorted(set(parameters) - set(accepted))
-    if unknown:
-        raise ValueError(
-            f"unknown parameter(s) {', '.join(unknown)}; accepted: {', '.join(sorted(accepted))}"
-        )
-    return {**accepted, **parameters}
 
 
 def activity_heartbeat(details: dict[str, Any]) -> None:
