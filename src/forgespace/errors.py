@@ -16,7 +16,8 @@
      ├── BackendUnavailableError             the configured copy-on-write backend cannot work here
      │    └── SandboxUnavailableError        FORGESPACE_SANDBOX=bwrap, and bwrap cannot work here
      ├── SandboxStartError                   bwrap could not set up a tool's sandbox
-     └── WorkflowMetadataError (ValueError)  a workflow package's metadata.yaml is invalid
+     ├── WorkflowMetadataError (ValueError)  a workflow package's metadata.yaml is invalid
+     └── MissingExtraError (ImportError)     a command needs an optional extra that is not installed
 
 Stdlib mix-ins let callers catch what they already know (``FileNotFoundError``,
 ``ValueError``...) while ``except ForgespaceError`` catches everything of ours.
@@ -96,3 +97,14 @@ class SandboxStartError(ForgespaceError):
     def __init__(self, message: str, *, reason: str = "") -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class MissingExtraError(ForgespaceError, ImportError):
+    """A command or tool needs an optional extra (``forgespace[temporal]``...) not installed.
+
+    ``extra`` is the extra's name, ``modules`` the modules found missing."""
+
+    def __init__(self, message: str, *, extra: str, modules: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.extra = extra
+        self.modules = modules

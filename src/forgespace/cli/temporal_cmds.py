@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from forgespace.cli.app import app, err_console, load_settings
+from forgespace.extras import require_extra
 
 WorkflowsDirs = Annotated[
     list[Path] | None,
@@ -39,6 +40,7 @@ def worker(
 
     Connects to TEMPORAL_ADDRESS / TEMPORAL_NAMESPACE; an unset address starts an embedded
     dev server."""
+    require_extra("temporal", "forgespace worker")
     from forgespace.temporal.worker import serve
 
     settings = load_settings()
@@ -60,6 +62,7 @@ def workflows(
     bundled: Bundled = True,
 ) -> None:
     """List the discovered workflows with their workspace isolation modes."""
+    require_extra("temporal", "forgespace workflows")
     from rich.table import Table
 
     from forgespace.cli.app import out_console
@@ -115,6 +118,7 @@ def run(
     ] = 7200.0,
 ) -> None:
     """Upload PATH and run WORKFLOW on it N times at once; summary per run and cache figures."""
+    require_extra("temporal", "forgespace run")
     from forgespace.temporal.runner import RunInputError, RunJob, parse_params, run_job
 
     try:
