@@ -252,6 +252,7 @@ class WorkspaceCache:
         t0 = time.perf_counter()
         self._tls.downloaded_bytes = 0
         self._tls.progress = progress
+        self._tls.published = False
         if mode is IsolationMode.SHARED:
             res = self._get_shared(target_id, run_id)
         elif mode is IsolationMode.COPY_ON_WRITE:
@@ -261,6 +262,10 @@ class WorkspaceCache:
             assert run_id is not None
             res = self._get_isolated(target_id, run_id)
         self._observe(res, time.perf_counter() - t0)
+        if self._tls.published:
+            # After the lease is taken, so live leases count this run. A hit publishes
+            # nothing and skips this (its lease shows at the next publish/cleanup/sweep).
+            self._refresh_gauges()
         return res
 
     # --- shared --------------------------------------------------------------------------
@@ -649,6 +654,7 @@ class WorkspaceCache:
         from forgespace.cache.index import EntryRecord
 
         self.index.publish(EntryRecord(key, tid, kind, rid, mode, nbytes, files, now, now))
+        self._tls.published = True
 
     def _lease(
         self, lease_id: str, tid: str, rid: str | None, pins: tuple[str, ...]
@@ -774,6 +780,15 @@ class WorkspaceCache:
             seconds=seconds,
             downloaded_bytes=getattr(self._tls, "downloaded_bytes", 0),
         )
+
+    def _refresh_gauges(self) -> None:
+        """Cache size, entries and live leases gauges from the index (SQL aggregates)."""
+        if self._metrics is None:
+            return
+        try:
+            self._metrics.refresh_from_index(self.index, self.settings.cache_max_size)
+        except Exception as exc:  # the gauges must never fail the call that changed the cache
+            log.debug("metrics: could not refresh the cache gauges: %s", exc)
 
     def _fault(self, phase: str) -> None:
         if phase not in self._faults:
@@ -902,6 +917,7 @@ class WorkspaceCache:
                 self.index.end_lease(f"{key}#{run_id}")
             else:
                 self.index.end_any_lease(key)
+            self._refresh_gauges()
             return
         rid = rest
         run_dir = self.layout.run_dir(tid, rid)
@@ -914,6 +930,7 @@ class WorkspaceCache:
             _rmtree(ov)
         self.index.remove(f"{tid}/{rid}")
         self.index.end_lease(f"{tid}/{rid}")
+        self._refresh_gauges()
 
     def _parse_cleanup_path(
         self, path: str | os.PathLike[str], mode: IsolationMode

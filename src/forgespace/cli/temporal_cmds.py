@@ -31,9 +31,17 @@ def worker(
     metrics_port: Annotated[
         int | None,
         typer.Option(
-            "--metrics-port", help="Serve Prometheus metrics on this port (off when unset)."
+            "--metrics-port",
+            help="Serve /metrics and /healthz on this port (off when unset; 0: any).",
         ),
     ] = None,
+    metrics_addr: Annotated[
+        str,
+        typer.Option(
+            "--metrics-addr",
+            help="Address the metrics and /healthz server binds (0.0.0.0: every interface).",
+        ),
+    ] = "127.0.0.1",
     bundled: Bundled = True,
 ) -> None:
     """Serve workflows and activities until SIGTERM/SIGINT.
@@ -51,6 +59,7 @@ def worker(
             workflows_dirs=workflows_dir or [],
             bundled=bundled,
             metrics_port=metrics_port,
+            metrics_addr=metrics_addr,
         )
     )
 
