@@ -30,6 +30,7 @@ from forgespace.config import Settings
 from forgespace.errors import ConfigError, WorkflowMetadataError
 from forgespace.temporal.activities import CacheActivities, host_task_queue
 from forgespace.temporal.api import register_metadata_modes
+from forgespace.temporal.client import connect
 from forgespace.temporal.discovery import WorkflowPackage, discover
 from forgespace.temporal.health import WorkerHealth
 
@@ -64,20 +65,6 @@ class WorkerInfo:
     metrics_port: int | None = None
     #: The sandbox probe's verdict, one line (``SandboxStatus.describe``).
     sandbox: str = ""
-
-
-async def connect(address: str, namespace: str) -> Client:
-    """A Temporal client; the error names the address when the server cannot be reached."""
-    from temporalio.client import Client
-
-    from forgespace.temporal.devserver import DevServerError
-
-    try:
-        return await asyncio.wait_for(Client.connect(address, namespace=namespace), timeout=30)
-    except Exception as exc:
-        raise DevServerError(
-            f"cannot connect to Temporal at {address} (namespace {namespace}): {exc}"
-        ) from exc
 
 
 async def _sweep_loop(cache: WorkspaceCache, interval: float, stop: asyncio.Event) -> None:
@@ -317,7 +304,7 @@ async def serve(
                 address,
                 address,
             )
-        client = await connect(address, settings.temporal_namespace)
+        client = await connect(settings, address=address)
         await run_worker(
             settings,
             client,
