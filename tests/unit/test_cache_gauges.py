@@ -73,3 +73,63 @@ def test_gauges_move_at_eviction(cache: WorkspaceCache, settings: Settings, tmp_
     # A sweep with a limit of one byte evicts the unleased entry (LRU).
     WorkspaceCache(settings.with_(cache_max_size=1)).gc()
     assert gauges() == (0, 0, 0)
+
+
+def test_oldest_lease_gauge_is_the_creation_time_of_the_oldest_live_lease(
+    cache: WorkspaceCache, settings: Settings, tmp_path: Path
+) -> None:
+    store = open_store(settings)
+    a = store.upload_target(make_project(tmp_path / "a", files=3, seed="a"))
+    first = cache.get_target(a, "r1", "isolated")
+    cache.get_target(a, "r2", "isolated")
+    leases = cache.index.live_leases()
+    assert metrics.value("forgespace_cache_oldest_lease_created_timestamp_seconds") == min(
+        le.created for le in leases
+    )
+    cache.cleanup_cache(first, "isolated")
+    (left,) = cache.index.live_leases()
+    assert metrics.value("forgespace_cache_oldest_lease_created_timestamp_seconds") == left.created
+    cache.cleanup_cache(cache.get_target(a, "r2", "isolated"), "isolated")
+    assert metrics.value("forgespace_cache_oldest_lease_created_timestamp_seconds") == 0
+
+
+def test_a_failed_download_is_counted_by_error_type(
+    cache: WorkspaceCache, settings: Settings, tmp_path: Path
+) -> None:
+    from forgespace.errors import IntegrityError
+
+    store = open_store(settings)
+    a = store.upload_target(make_project(tmp_path / "a", files=3, seed="a"))
+    obj = Path(settings.storage_dir) / a / "target"
+    obj.write_bytes(obj.read_bytes()[:-10])  # the object no longer matches what it carries
+    before = metrics.value("forgespace_cache_download_failures_total", error="IntegrityError")
+    with pytest.raises(IntegrityError):
+        cache.get_target(a, "r1", "isolated")
+    after = metrics.value("forgespace_cache_download_failures_total", error="IntegrityError")
+    assert after == before + 1
+
+
+def test_worker_sweeps_are_counted_and_stamped(cache: WorkspaceCache) -> None:
+    import asyncio
+
+    from forgespace.temporal.worker import _sweep_loop
+
+    class Broken:
+        def gc(self) -> None:
+            raise OSError("disk on fire")
+
+    async def one_pass(c: object) -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(_sweep_loop(c, 3600, stop))  # type: ignore[arg-type]
+        await asyncio.sleep(0.5)  # the first sweep runs at start-up
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+    ok0 = metrics.value("forgespace_cache_sweeps_total", outcome="ok")
+    failed0 = metrics.value("forgespace_cache_sweeps_total", outcome="failed")
+    asyncio.run(one_pass(Broken()))
+    assert metrics.value("forgespace_cache_sweeps_total", outcome="failed") == failed0 + 1
+    metrics.LAST_SWEEP.set(0)
+    asyncio.run(one_pass(cache))
+    assert metrics.value("forgespace_cache_sweeps_total", outcome="ok") == ok0 + 1
+    assert metrics.value("forgespace_cache_last_sweep_success_timestamp_seconds") > 0

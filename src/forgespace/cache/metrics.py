@@ -68,6 +68,26 @@ CACHE_LIMIT_BYTES = Gauge(
 )
 CACHE_ENTRIES = Gauge("forgespace_cache_entries", "Cache entries in the index", registry=REGISTRY)
 LIVE_LEASES = Gauge("forgespace_cache_live_leases", "Unexpired leases", registry=REGISTRY)
+OLDEST_LEASE = Gauge(
+    "forgespace_cache_oldest_lease_created_timestamp_seconds",
+    "When the oldest unexpired lease was taken (Unix time; 0 when there is none)",
+    registry=REGISTRY,
+)
+DOWNLOAD_FAILURES = Counter(
+    "forgespace_cache_download_failures",
+    "Downloads from the store that failed (after the store's own retries), by error type",
+    ["error"],
+    registry=REGISTRY,
+)
+SWEEPS = Counter(
+    "forgespace_cache_sweeps", "Periodic cache sweeps of the worker, by outcome (ok, failed)",
+    ["outcome"], registry=REGISTRY,
+)  # fmt: skip
+LAST_SWEEP = Gauge(
+    "forgespace_cache_last_sweep_success_timestamp_seconds",
+    "When the worker's periodic sweep last succeeded (Unix time)",
+    registry=REGISTRY,
+)
 GET_DURATION = Histogram(
     "forgespace_get_target_duration_seconds",
     "Wall time of get_target, by mode and outcome (hit or miss)",
@@ -101,21 +121,43 @@ def observe_eviction(reason: str, freed_bytes: int) -> None:
 
 
 def set_cache_state(
-    cache_bytes: int, live_leases: int, *, entries: int | None = None, limit: int | None = None
+    cache_bytes: int,
+    live_leases: int,
+    *,
+    entries: int | None = None,
+    limit: int | None = None,
+    oldest_lease: float | None = None,
 ) -> None:
-    """Set the gauges (after gc, or periodically by the worker)."""
+    """Set the gauges (``refresh_from_index`` computes them from the index)."""
     CACHE_BYTES.set(cache_bytes)
     LIVE_LEASES.set(live_leases)
     if entries is not None:
         CACHE_ENTRIES.set(entries)
     if limit is not None:
         CACHE_LIMIT_BYTES.set(limit)
+    if oldest_lease is not None:
+        OLDEST_LEASE.set(oldest_lease)
 
 
 def refresh_from_index(index: CacheIndex, limit: int | None = None) -> None:
-    """Set the gauges from the index (cheap: SQL aggregates, no filesystem walk)."""
+    """Set the gauges from the index (cheap: SQL aggregates and the live leases, one row per
+    running run; no filesystem walk)."""
     s = index.summary()
-    set_cache_state(s.bytes, s.live_leases, entries=s.entries, limit=limit)
+    leases = index.live_leases() if s.live_leases else []
+    oldest = min((le.created for le in leases), default=0.0)
+    set_cache_state(s.bytes, s.live_leases, entries=s.entries, limit=limit, oldest_lease=oldest)
+
+
+def observe_download_failure(exc: BaseException) -> None:
+    """Count one failed download by the error's type."""
+    DOWNLOAD_FAILURES.labels(error=type(exc).__name__).inc()
+
+
+def observe_sweep(ok: bool) -> None:
+    """Count one periodic sweep; a successful one also stamps the time."""
+    SWEEPS.labels(outcome="ok" if ok else "failed").inc()
+    if ok:
+        LAST_SWEEP.set_to_current_time()
 
 
 def snapshot() -> dict[str, float]:

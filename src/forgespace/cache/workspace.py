@@ -725,6 +725,8 @@ class WorkspaceCache:
                 tid, dest, progress if (self._faults or caller is not None) else None
             )
         except BaseException as exc:
+            if isinstance(exc, Exception) and self._metrics is not None:
+                self._metrics.observe_download_failure(exc)
             self._raise_if_full(exc, dest.parent, info.size)
             raise
         self.index.count("downloads")

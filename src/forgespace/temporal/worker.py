@@ -77,6 +77,7 @@ async def _sweep_loop(cache: WorkspaceCache, interval: float, stop: asyncio.Even
             freed = getattr(report, "freed_bytes", None)
             plan = getattr(report, "plan", None) or []
             log.info("cache sweep: %d entries evicted, %s bytes freed", len(plan), freed)
+            _observe_sweep(True)
         except (ImportError, AttributeError, NotImplementedError) as exc:
             # The eviction module may not be installed in this build yet.
             if not warned:
@@ -84,8 +85,16 @@ async def _sweep_loop(cache: WorkspaceCache, interval: float, stop: asyncio.Even
                 warned = True
         except Exception:
             log.exception("cache sweep failed (will retry in %.0fs)", interval)
+            _observe_sweep(False)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=max(interval, 1.0))
+
+
+def _observe_sweep(ok: bool) -> None:
+    with contextlib.suppress(ImportError):  # metrics are optional (prometheus_client missing)
+        from forgespace.cache.metrics import observe_sweep
+
+        observe_sweep(ok)
 
 
 def _start_metrics(port: int, addr: str, health: WorkerHealth) -> MetricsServer | None:
