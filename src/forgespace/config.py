@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -134,6 +134,13 @@ class Settings:
     s3_use_ssl: bool = False
     temporal_address: str | None = None
     temporal_namespace: str = "default"
+    #: mTLS client certificate and key (PEM files, both or neither) and the CA that signed the
+    #: server's certificate (PEM; unset = the system's roots). Any of them turns TLS on.
+    temporal_tls_cert: Path | None = None
+    temporal_tls_key: Path | None = None
+    temporal_tls_ca: Path | None = None
+    #: Temporal Cloud API key (sent as a bearer token; implies TLS). Never shown in a repr.
+    temporal_api_key: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -163,12 +170,12 @@ class Settings:
             "CACHE_LEASE_TTL": "cache_lease_ttl",
             "CACHE_LOCK_TIMEOUT": "cache_lock_timeout",
         }
-        for var, field in sizes.items():
+        for var, name in sizes.items():
             if (v := get(var)) is not None:
-                kw[field] = _cache_limit(v, name=var)
-        for var, field in durations.items():
+                kw[name] = _cache_limit(v, name=var)
+        for var, name in durations.items():
             if (v := get(var)) is not None:
-                kw[field] = parse_duration(v, name=var)
+                kw[name] = parse_duration(v, name=var)
         if (v := get("CACHE_COW_BACKEND")) is not None:
             kw["cow_backend"] = _choice(v, name="CACHE_COW_BACKEND", allowed=COW_BACKENDS)
         if (v := get("FORGESPACE_SANDBOX")) is not None:
@@ -187,9 +194,29 @@ class Settings:
             "TEMPORAL_ADDRESS": "temporal_address",
             "TEMPORAL_NAMESPACE": "temporal_namespace",
         }
-        for var, field in plain.items():
+        for var, name in plain.items():
             if (v := get(var)) is not None:
-                kw[field] = v
+                kw[name] = v
+        tls_files = {
+            "TEMPORAL_TLS_CERT": "temporal_tls_cert",
+            "TEMPORAL_TLS_KEY": "temporal_tls_key",
+            "TEMPORAL_TLS_CA": "temporal_tls_ca",
+        }
+        for var, name in tls_files.items():
+            if (v := get(var)) is not None:
+                kw[name] = Path(v).expanduser()
+        if ("temporal_tls_cert" in kw) != ("temporal_tls_key" in kw):
+            given, missing = (
+                ("TEMPORAL_TLS_CERT", "TEMPORAL_TLS_KEY")
+                if "temporal_tls_cert" in kw
+                else ("TEMPORAL_TLS_KEY", "TEMPORAL_TLS_CERT")
+            )
+            raise ConfigError(
+                f"{given} is set but {missing} is not: a client certificate needs its key "
+                "(set both PEM files for mTLS, or neither)"
+            )
+        if (v := get("TEMPORAL_API_KEY")) is not None:
+            kw["temporal_api_key"] = v.strip()
         return cls(**kw)
 
     def with_(self, **changes: Any) -> Settings:

@@ -22,7 +22,8 @@
      │    └── SandboxUnavailableError        FORGESPACE_SANDBOX=bwrap, and bwrap cannot work here
      ├── SandboxStartError                   bwrap could not set up a tool's sandbox
      ├── WorkflowMetadataError (ValueError)  a workflow package's metadata.yaml is invalid
-     └── WorkflowParameterError (ValueError) a run's parameters do not fit the workflow's schema
+     ├── WorkflowParameterError (ValueError) a run's parameters do not fit the workflow's schema
+     └── MissingExtraError (ImportError)     a command needs an optional extra that is not installed
 
 Stdlib mix-ins let callers catch what they already know (``FileNotFoundError``,
 ``ValueError``...) while ``except ForgespaceError`` catches everything of ours.
@@ -147,3 +148,14 @@ class SandboxStartError(ForgespaceError):
 
 class WorkflowParameterError(ForgespaceError, ValueError):
     """A run's parameters do not fit its workflow's metadata.yaml schema (or cannot be read)."""
+
+
+class MissingExtraError(ForgespaceError, ImportError):
+    """A command or tool needs an optional extra (``forgespace[temporal]``...) not installed.
+
+    ``extra`` is the extra's name, ``modules`` the modules found missing."""
+
+    def __init__(self, message: str, *, extra: str, modules: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.extra = extra
+        self.modules = modules

@@ -244,6 +244,7 @@ class WorkspaceCache:
         t0 = time.perf_counter()
         self._tls.downloaded_bytes = 0
         self._tls.progress = progress
+        self._tls.published = False
         if mode is IsolationMode.SHARED:
             res = self._get_shared(target_id, run_id)
         elif mode is IsolationMode.COPY_ON_WRITE:
@@ -253,6 +254,10 @@ class WorkspaceCache:
             assert run_id is not None
             res = self._get_isolated(target_id, run_id)
         self._observe(res, time.perf_counter() - t0)
+        if self._tls.published:
+            # After the lease is taken, so live leases count this run. A hit publishes
+            # nothing and skips this (its lease shows at the next publish/cleanup/sweep).
+            self._refresh_gauges()
         return res
 
     # --- shared --------------------------------------------------------------------------
@@ -652,6 +657,7 @@ class WorkspaceCache:
         from forgespace.cache.index import EntryRecord
 
         self.index.publish(EntryRecord(key, tid, kind, rid, mode, nbytes, files, now, now))
+        self._tls.published = True
 
     def _lease(
         self, lease_id: str, tid: str, rid: str | None, pins: tuple[str, ...]
@@ -726,6 +732,8 @@ class WorkspaceCache:
                 tid, dest, progress if (self._faults or caller is not None) else None
             )
         except BaseException as exc:
+            if isinstance(exc, Exception) and self._metrics is not None:
+                self._metrics.observe_download_failure(exc)
             self._raise_if_full(exc, dest.parent, info.size)
             raise
         self.index.count("downloads")
@@ -781,6 +789,15 @@ class WorkspaceCache:
             seconds=seconds,
             downloaded_bytes=getattr(self._tls, "downloaded_bytes", 0),
         )
+
+    def _refresh_gauges(self) -> None:
+        """Cache size, entries and live leases gauges from the index (SQL aggregates)."""
+        if self._metrics is None:
+            return
+        try:
+            self._metrics.refresh_from_index(self.index, self.settings.cache_max_size)
+        except Exception as exc:  # the gauges must never fail the call that changed the cache
+            log.debug("metrics: could not refresh the cache gauges: %s", exc)
 
     def _fault(self, phase: str) -> None:
         if phase not in self._faults:
@@ -885,6 +902,7 @@ class WorkspaceCache:
                 self.index.end_lease(f"{key}#{run_id}")
             else:
                 self.index.end_any_lease(key)
+            self._refresh_gauges()
             return
         rid = rest
         run_dir = self.layout.run_dir(tid, rid)
@@ -897,6 +915,7 @@ class WorkspaceCache:
             fsops.remove(self._root, ov)
         self.index.remove(f"{tid}/{rid}")
         self.index.end_lease(f"{tid}/{rid}")
+        self._refresh_gauges()
 
     def _parse_cleanup_path(
         self, path: str | os.PathLike[str], mode: IsolationMode

@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from forgespace.cli.app import app, err_console, load_settings
+from forgespace.extras import require_extra
 
 WorkflowsDirs = Annotated[
     list[Path] | None,
@@ -41,9 +42,17 @@ def worker(
     metrics_port: Annotated[
         int | None,
         typer.Option(
-            "--metrics-port", help="Serve Prometheus metrics on this port (off when unset)."
+            "--metrics-port",
+            help="Serve /metrics and /healthz on this port (off when unset; 0: any).",
         ),
     ] = None,
+    metrics_addr: Annotated[
+        str,
+        typer.Option(
+            "--metrics-addr",
+            help="Address the metrics and /healthz server binds (0.0.0.0: every interface).",
+        ),
+    ] = "127.0.0.1",
     bundled: Bundled = True,
 ) -> None:
     """Serve workflows and activities until SIGTERM/SIGINT.
@@ -51,6 +60,7 @@ def worker(
     Connects to TEMPORAL_ADDRESS / TEMPORAL_NAMESPACE; an unset address starts an embedded
     dev server. FuzzForge's WORKER_VERTICAL, WORKER_TASK_QUEUE, MAX_CONCURRENT_ACTIVITIES and
     LOG_LEVEL are accepted too."""
+    require_extra("temporal", "forgespace worker")
     from forgespace.temporal.worker import serve
 
     settings = load_settings()
@@ -62,6 +72,7 @@ def worker(
             bundled=bundled,
             metrics_port=metrics_port,
             vertical=vertical,
+            metrics_addr=metrics_addr,
         )
     )
 
@@ -83,6 +94,7 @@ def workflows(
     """List the discovered workflows with their workspace isolation modes."""
     if ctx.invoked_subcommand is not None:
         return
+    require_extra("temporal", "forgespace workflows")
     from rich.table import Table
 
     from forgespace.cli.app import out_console
@@ -187,6 +199,7 @@ def run(
     ] = 7200.0,
 ) -> None:
     """Upload PATH and run WORKFLOW on it N times at once; summary per run and cache figures."""
+    require_extra("temporal", "forgespace run")
     from forgespace.temporal.parameters import load_param_file
     from forgespace.temporal.runner import RunInputError, RunJob, parse_params, run_job
 

@@ -428,7 +428,7 @@ async def run_job(
             server.start()  # main thread: the server dies with it
             address = server.address
             console.print(f"embedded Temporal dev server at {address}", highlight=False)
-        client = await connect(address, settings.temporal_namespace)
+        client = await connect(settings, address=address)
         if server is not None:
             loaded = discover(job.workflows_dirs, bundled=job.bundled, load=True)
             worker_task = await _start_worker(settings, client, job, loaded, stop, address, infos)

@@ -135,7 +135,7 @@ def tool_activity_call(
     call: Callable[[], dict[str, Any]],
 ) -> dict[str, Any]:
     """Run a tool call in an activity, mapping bad input and tool failures to ApplicationErrors."""
-    from forgespace.errors import SandboxStartError
+    from forgespace.errors import MissingExtraError, SandboxStartError
     from forgespace.workflows._tools.common import ToolError
 
     try:
@@ -145,5 +145,8 @@ def tool_activity_call(
     except SandboxStartError as exc:
         # bwrap could not set the sandbox up: another attempt on this host would fail alike.
         raise ApplicationError(str(exc), type="SandboxStartError", non_retryable=True) from exc
+    except MissingExtraError as exc:
+        # The tool is not installed on this worker: retrying here cannot help.
+        raise ApplicationError(str(exc), type="MissingExtraError", non_retryable=True) from exc
     except ToolError as exc:
         raise ApplicationError(str(exc), type="ToolError", non_retryable=True) from exc
