@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml
 RUN_ARGS ?= security_assessment examples/vulnerable_app --runs 4
 
 run: setup
+	@case "$(RUN_ARGS)" in *cargo_fuzzing*) ls /usr/lib/llvm-*/lib/libFuzzer.a >/dev/null 2>&1 || \
+	  echo "make run: cargo_fuzzing needs libFuzzer: sudo apt-get install libfuzzer-14-dev librust-arbitrary-dev (as .ci/run does)" >&2;; esac
 	$(VENV)/bin/forgespace run $(RUN_ARGS)
 
 test: setup
