@@ -83,7 +83,7 @@ LIVE_KEYS = ("phase", "executions", "exec_per_sec", "coverage", "corpus_size", "
 
 # libFuzzer status: "#1087\tNEW    cov: 35 ft: 35 corp: 4/22b lim: 14 exec/s: 0 rss: 32Mb ..."
 _STATUS = re.compile(
-    r"^#(?P<execs>\d+)\s+(?P<event>[A-Z]+)\s+(?:cov: (?P<cov>\d+)\s+)?"
+    r"^#(?P<execs>\d+)\s+(?P<event>[A-Za-z]+)\s+(?:cov: (?P<cov>\d+)\s+)?"
     r"(?:ft: (?P<ft>\d+)\s+)?(?:corp: (?P<corp>\d+)/\S+\s+)?"
     r"(?:.*?exec/s: (?P<eps>\d+))?"
 )
@@ -209,9 +209,9 @@ def choose_toolchain(toolchains: Sequence[Toolchain], *, want_nightly: bool) -> 
     return min(toolchains, key=rank)
 
 
-def find_libfuzzer() -> Path:
+def find_libfuzzer(*, llvm_root: Path = Path("/usr/lib")) -> Path:
     """``CUSTOM_LIBFUZZER_PATH`` (crates.io libfuzzer-sys' variable), else the newest
-    ``/usr/lib/llvm-N/lib/libFuzzer.a``; a ToolError saying what to install otherwise."""
+    ``{llvm_root}/llvm-N/lib/libFuzzer.a``; a ToolError saying what to install otherwise."""
     custom = os.environ.get("CUSTOM_LIBFUZZER_PATH")
     if custom:
         path = Path(custom)
@@ -219,7 +219,7 @@ def find_libfuzzer() -> Path:
             raise ToolError(f"CUSTOM_LIBFUZZER_PATH={custom!r} is not a file (libFuzzer.a)")
         return path.resolve()
     candidates = []
-    for p in Path("/usr/lib").glob("llvm-*/lib/libFuzzer.a"):
+    for p in llvm_root.glob("llvm-*/lib/libFuzzer.a"):
         version = p.parent.parent.name.removeprefix("llvm-")
         if version.isdigit():
             candidates.append((int(version), p))
