@@ -32,6 +32,8 @@ $(TEST_STAMP): pyproject.toml | $(VENV)/bin/python
 RUN_ARGS ?= security_assessment examples/vulnerable_app --runs 4
 
 run: $(RUN_STAMP)
+	@case "$(RUN_ARGS)" in *cargo_fuzzing*) ls /usr/lib/llvm-*/lib/libFuzzer.a >/dev/null 2>&1 || \
+	  echo "make run: cargo_fuzzing needs libFuzzer: sudo apt-get install libfuzzer-14-dev librust-arbitrary-dev (as .ci/run does)" >&2;; esac
 	$(VENV)/bin/forgespace run $(RUN_ARGS)
 
 test: $(TEST_STAMP)

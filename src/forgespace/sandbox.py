@@ -13,7 +13,8 @@ under ``bwrap`` (Flatpak's bubblewrap) with:
   ``shadow`` or ``ssl/private``), the interpreter's prefix, the venv and the directories on
   ``sys.path`` (an editable install's ``src/``); never CACHE_DIR, its ``.forgespace/``
   bookkeeping, other targets or other runs, and nothing under ``/home``, ``/root`` or ``/tmp``
-  beyond those;
+  beyond those and what the caller names in ``extra_ro`` (read-only, never the cache: e.g.
+  cargo_fuzzing's one Rust toolchain directory under ``~/.rustup``);
 - a private tmpfs ``/tmp``, its own ``/proc`` and a minimal ``/dev``; the root is read-only;
 - new user, PID, IPC, UTS, cgroup and network namespaces (no network at all: a connect or DNS
   lookup fails at once), ``--die-with-parent``, ``--new-session``, uid/gid 65534 inside and no
