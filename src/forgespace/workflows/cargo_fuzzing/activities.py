@@ -6,21 +6,12 @@ from typing import Any
 
 from temporalio import activity
 
+from forgespace.temporal.parameters import bundled_parameters
 from forgespace.workflows._tools.cargo_fuzz import run_cargo_fuzz
 from forgespace.workflows._tools.workflow_common import (
     activity_heartbeat,
-    check_parameters,
     tool_activity_call,
 )
-
-PARAMETERS: dict[str, Any] = {
-    "target_name": None,
-    "max_iterations": 1_000_000,
-    "timeout_seconds": 60,
-    "max_len": None,
-    "max_crashes": 0,
-    "sanitizer": "address",
-}
 
 
 @activity.defn(name="cargo_fuzz")
@@ -29,8 +20,7 @@ def cargo_fuzz(workspace: str, parameters: dict[str, Any]) -> dict[str, Any]:
     ``{"phase", "executions", "exec_per_sec", "coverage", "corpus_size", "crashes"}``."""
 
     def call() -> dict[str, Any]:
-        # Values are checked against metadata.yaml's schema before the run starts.
-        p = check_parameters(parameters, PARAMETERS)
+        p = bundled_parameters("cargo_fuzzing", parameters)
         return run_cargo_fuzz(
             workspace,
             target_name=p["target_name"] or None,
