@@ -1,27 +1,42 @@
-# Two commands on a fresh clone: `make run` and `make test`. Both build .venv through `make setup`.
+# Two commands on a fresh clone: `make run` (the runtime) and `make test` (plus the test tools).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed
+# Two stamps: `make run` installs the runtime (every extra but the test tools); `make test` adds
+# the test tools. Each reinstalls only when pyproject.toml changes; editable installs keep src/ live.
+RUN_STAMP  := $(VENV)/.installed-run
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: setup run test lint bench clean fuzz
 
-setup: $(STAMP)
+setup: $(TEST_STAMP)
 
-# Reinstall only when the project metadata changes; editable install keeps src/ live.
-$(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[test]'
-	touch $(STAMP)
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+# pip's own progress stays visible: the first install downloads ~150 MB (Temporal's server,
+# atheris...). A venv that already has the test extras has the runtime too.
+$(RUN_STAMP): pyproject.toml | $(VENV)/bin/python
+	@if [ -f $(TEST_STAMP) ] && [ $(TEST_STAMP) -nt pyproject.toml ]; then :; else \
+	  echo "make: installing forgespace[all] (Temporal, the workflows' tools) into $(VENV); the first time takes about a minute"; \
+	  $(PY) -m pip install --progress-bar on -e '.[all]'; fi
+	touch $@
+
+$(TEST_STAMP): pyproject.toml | $(VENV)/bin/python
+	@echo "make: installing forgespace[all,test] (the runtime and the test tools) into $(VENV); the first time takes about a minute"
+	$(PY) -m pip install --progress-bar on -e '.[all,test]'
+	touch $@
 
 # The main job on embedded defaults: a real Temporal dev server and an in-process worker, four
 # concurrent runs of a shared-mode scanner against one download of the bundled example.
 RUN_ARGS ?= security_assessment examples/vulnerable_app --runs 4
 
-run: setup
+run: $(RUN_STAMP)
+	@case "$(RUN_ARGS)" in *cargo_fuzzing*) ls /usr/lib/llvm-*/lib/libFuzzer.a >/dev/null 2>&1 || \
+	  echo "make run: cargo_fuzzing needs libFuzzer: sudo apt-get install libfuzzer-14-dev librust-arbitrary-dev (as .ci/run does)" >&2;; esac
 	$(VENV)/bin/forgespace run $(RUN_ARGS)
 
-test: setup
+test: $(TEST_STAMP)
 	$(PY) -m pytest -q
 
 # Fuzz the archive reader (tar/zip parsing, member checks, extraction) for FUZZ_SECONDS from the

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -23,13 +23,24 @@ _SIZE_UNITS: dict[str, int] = {
     "mib": 2**20,
     "gib": 2**30,
     "tib": 2**40,
+    # docker/k8s habits: one-letter SI suffixes (like kB/MB/GB/TB) and Ki/Mi/Gi/Ti (IEC).
+    "k": 10**3,
+    "m": 10**6,
+    "g": 10**9,
+    "t": 10**12,
+    "ki": 2**10,
+    "mi": 2**20,
+    "gi": 2**30,
+    "ti": 2**40,
 }
+# The smallest CACHE_MAX_SIZE accepted: a smaller one is a unit forgotten (10 = 10 bytes).
+MIN_CACHE_MAX_SIZE = 2**20
 _DURATION_UNITS: dict[str, float] = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _NUMBER_UNIT = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*$")
 
 SIZE_FORMS = (
-    "a byte count or a number with kB/MB/GB/TB (powers of 1000) or KiB/MiB/GiB/TiB "
-    "(powers of 1024), e.g. 10GB, 1.5GiB, 500MB"
+    "a byte count or a number with kB/MB/GB/TB or K/M/G/T (powers of 1000) or KiB/MiB/GiB/TiB "
+    "or Ki/Mi/Gi/Ti (powers of 1024), e.g. 10GB, 10G, 1.5GiB, 10Gi, 500MB"
 )
 DURATION_FORMS = "seconds or a number with s, m, h, d or w, e.g. 90, 30m, 1.5h, 7d"
 
@@ -63,6 +74,20 @@ def parse_duration(value: str | float | int, *, name: str = "duration") -> float
     if not m or unit not in _DURATION_UNITS:
         raise ConfigError(f"invalid {name} {value!r}: expected {DURATION_FORMS}")
     return float(Decimal(m.group(1)) * Decimal(_DURATION_UNITS[unit]))
+
+
+def _cache_limit(value: str, *, name: str) -> int:
+    """A cache size limit: ``parse_size``, and at least 1 MiB (a smaller limit is nearly always
+    a forgotten unit, and would evict every unleased workspace at once)."""
+    size = parse_size(value, name=name)
+    if size < MIN_CACHE_MAX_SIZE:
+        number = value.strip()
+        hint = f" — did you mean {number}GB?" if number.replace(".", "", 1).isdigit() else ""
+        raise ConfigError(
+            f"invalid {name} {value!r}: {size} bytes is below the 1 MiB minimum{hint} "
+            f"(expected {SIZE_FORMS})"
+        )
+    return size
 
 
 def _parse_bool(value: str, *, name: str) -> bool:
@@ -120,6 +145,13 @@ class Settings:
     max_concurrent_activities: int = 32
     temporal_bin: str | None = None
     log_level: str = "INFO"
+    #: mTLS client certificate and key (PEM files, both or neither) and the CA that signed the
+    #: server's certificate (PEM; unset = the system's roots). Any of them turns TLS on.
+    temporal_tls_cert: Path | None = None
+    temporal_tls_key: Path | None = None
+    temporal_tls_ca: Path | None = None
+    #: Temporal Cloud API key (sent as a bearer token; implies TLS). Never shown in a repr.
+    temporal_api_key: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -149,12 +181,12 @@ class Settings:
             "CACHE_LEASE_TTL": "cache_lease_ttl",
             "CACHE_LOCK_TIMEOUT": "cache_lock_timeout",
         }
-        for var, field in sizes.items():
+        for var, name in sizes.items():
             if (v := get(var)) is not None:
-                kw[field] = parse_size(v, name=var)
-        for var, field in durations.items():
+                kw[name] = _cache_limit(v, name=var)
+        for var, name in durations.items():
             if (v := get(var)) is not None:
-                kw[field] = parse_duration(v, name=var)
+                kw[name] = parse_duration(v, name=var)
         if (v := get("CACHE_COW_BACKEND")) is not None:
             kw["cow_backend"] = _choice(v, name="CACHE_COW_BACKEND", allowed=COW_BACKENDS)
         if (v := get("FORGESPACE_SANDBOX")) is not None:
@@ -173,15 +205,37 @@ class Settings:
             "TEMPORAL_ADDRESS": "temporal_address",
             "TEMPORAL_NAMESPACE": "temporal_namespace",
         }
-        for var, field in plain.items():
+        for var, name in plain.items():
             if (v := get(var)) is not None:
-                kw[field] = v
-        if (v := get("FORGESPACE_MAX_CONCURRENT_ACTIVITIES")) is not None:
-            kw["max_concurrent_activities"] = _positive_int(
-                v, name="FORGESPACE_MAX_CONCURRENT_ACTIVITIES"
-            )
+                kw[name] = v
+        # MAX_CONCURRENT_ACTIVITIES and LOG_LEVEL: FuzzForge's worker variables, as aliases.
+        for var in ("FORGESPACE_MAX_CONCURRENT_ACTIVITIES", "MAX_CONCURRENT_ACTIVITIES"):
+            if (v := get(var)) is not None:
+                kw["max_concurrent_activities"] = _positive_int(v, name=var)
+                break
         kw["temporal_bin"] = get("FORGESPACE_TEMPORAL_BIN")
-        kw["log_level"] = (get("FORGESPACE_LOG_LEVEL") or "INFO").strip().upper()
+        level = get("FORGESPACE_LOG_LEVEL") or get("LOG_LEVEL") or "INFO"
+        kw["log_level"] = level.strip().upper()
+        tls_files = {
+            "TEMPORAL_TLS_CERT": "temporal_tls_cert",
+            "TEMPORAL_TLS_KEY": "temporal_tls_key",
+            "TEMPORAL_TLS_CA": "temporal_tls_ca",
+        }
+        for var, name in tls_files.items():
+            if (v := get(var)) is not None:
+                kw[name] = Path(v).expanduser()
+        if ("temporal_tls_cert" in kw) != ("temporal_tls_key" in kw):
+            given, missing = (
+                ("TEMPORAL_TLS_CERT", "TEMPORAL_TLS_KEY")
+                if "temporal_tls_cert" in kw
+                else ("TEMPORAL_TLS_KEY", "TEMPORAL_TLS_CERT")
+            )
+            raise ConfigError(
+                f"{given} is set but {missing} is not: a client certificate needs its key "
+                "(set both PEM files for mTLS, or neither)"
+            )
+        if (v := get("TEMPORAL_API_KEY")) is not None:
+            kw["temporal_api_key"] = v.strip()
         return cls(**kw)
 
     def with_(self, **changes: Any) -> Settings:

@@ -23,7 +23,9 @@
      ├── BackendUnavailableError             the configured copy-on-write backend cannot work here
      │    └── SandboxUnavailableError        FORGESPACE_SANDBOX=bwrap, and bwrap cannot work here
      ├── SandboxStartError                   bwrap could not set up a tool's sandbox
-     └── WorkflowMetadataError (ValueError)  a workflow package's metadata.yaml is invalid
+     ├── WorkflowMetadataError (ValueError)  a workflow package's metadata.yaml is invalid
+     ├── WorkflowParameterError (ValueError) a run's parameters do not fit the workflow's schema
+     └── MissingExtraError (ImportError)     a command needs an optional extra that is not installed
 
 Stdlib mix-ins let callers catch what they already know (``FileNotFoundError``,
 ``ValueError``...) while ``except ForgespaceError`` catches everything of ours.
@@ -167,3 +169,18 @@ class SandboxStartError(ForgespaceError):
     def __init__(self, message: str, *, reason: str = "") -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class WorkflowParameterError(ForgespaceError, ValueError):
+    """A run's parameters do not fit its workflow's metadata.yaml schema (or cannot be read)."""
+
+
+class MissingExtraError(ForgespaceError, ImportError):
+    """A command or tool needs an optional extra (``forgespace[temporal]``...) not installed.
+
+    ``extra`` is the extra's name, ``modules`` the modules found missing."""
+
+    def __init__(self, message: str, *, extra: str, modules: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.extra = extra
+        self.modules = modules

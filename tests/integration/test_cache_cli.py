@@ -127,15 +127,16 @@ def test_ls_json_per_target(populated) -> None:
 
 def test_gc_dry_run_then_gc(populated) -> None:
     env, ids = populated
-    small = {**env, "CACHE_MAX_SIZE": "1"}  # only leases keep entries now
+    # Only leases keep entries now (CACHE_MAX_SIZE cannot go below 1 MiB: a TTL of 0 instead).
+    small = {**env, "CACHE_TTL": "0"}
     cache_dir = Path(env["CACHE_DIR"])
     plan = as_json(small, "cache", "gc", "--dry-run")
     assert set(plan) == GC_KEYS
     assert plan["dry_run"] is True and plan["evicted"] == [] and plan["freed_bytes"] == 0
-    assert [(p["key"], p["reason"]) for p in plan["plan"]] == [(f"{ids['b']}/workspace", "lru")]
+    assert [(p["key"], p["reason"]) for p in plan["plan"]] == [(f"{ids['b']}/workspace", "ttl")]
     assert set(plan["plan"][0]) == PLAN_KEYS
     assert (cache_dir / ids["b"] / "workspace").is_dir()  # dry run: nothing deleted
-    assert "lru" in forgespace(small, "cache", "gc", "--dry-run").stdout
+    assert "ttl" in forgespace(small, "cache", "gc", "--dry-run").stdout
     done = as_json(small, "cache", "gc")
     assert [p["key"] for p in done["evicted"]] == [f"{ids['b']}/workspace"]
     assert done["freed_bytes"] == plan["plan"][0]["bytes"] > 0

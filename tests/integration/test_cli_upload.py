@@ -6,13 +6,13 @@ import os
 import pty
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
 from support.s3server import env_for
 
 from forgespace.config import Settings
+from forgespace.layout import validate_id
 from forgespace.storage import open_store
 
 pytestmark = pytest.mark.integration
@@ -39,7 +39,7 @@ def test_upload_prints_the_id_on_the_last_line(
     proc = run_cli(["upload", str(tree)], any_store_settings)
     assert proc.returncode == 0, proc.stderr
     tid = proc.stdout.strip().splitlines()[-1]
-    assert str(uuid.UUID(tid)) == tid
+    assert validate_id(tid) == tid and tid.startswith("tree-")  # a content id
     info = open_store(any_store_settings).stat_target(tid)
     assert info.size > 0 and info.sha256 is not None
 
@@ -95,4 +95,5 @@ def test_progress_bar_on_a_terminal_for_a_large_upload(settings: Settings, tmp_p
     assert proc.returncode == 0, seen.decode(errors="replace")
     assert b"uploading to local store" in seen
     tid = out.strip().splitlines()[-1]
-    assert str(uuid.UUID(tid)) == tid  # stdout stays clean: the bar went to stderr only
+    # stdout stays clean: the bar went to stderr only
+    assert validate_id(tid) == tid and tid.startswith(("tree-", "file-"))

@@ -35,8 +35,8 @@ def test_eight_processes_per_mode_one_download_each(
     project = make_project(tmp_path / "project", files=300, size=2000)
     want = tree_digest(project)
     cache = WorkspaceCache(settings)
-    tid_shared = cache.store.upload_target(project)
-    tid_cow = cache.store.upload_target(project)
+    tid_shared = cache.store.upload_target(project, target_id="t-shared")
+    tid_cow = cache.store.upload_target(project, target_id="t-cow")
     calls = [(tid_shared, f"s{i}", "shared") for i in range(N)]
     calls += [(tid_cow, f"c{i}", "copy-on-write") for i in range(N)]
 

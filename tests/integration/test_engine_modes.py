@@ -22,7 +22,10 @@ def test_modes_on_both_backends(
     project = make_project(tmp_path / "project", files=25)
     want = tree_digest(project)
     cache = WorkspaceCache(settings)
-    tid = {m: cache.store.upload_target(project) for m in ("isolated", "shared", "cow")}
+    tid = {
+        m: cache.store.upload_target(project, target_id=f"t-{m}")
+        for m in ("isolated", "shared", "cow")
+    }
     f = tmp_path / "tool.bin"
     f.write_bytes(bytes(range(256)) * 40)
     fid = cache.store.upload_target(f)

@@ -298,7 +298,8 @@ def test_gc_killed_mid_deletion_is_finished_by_the_next_gc(
         cache.get_target(tid, workspace_isolation="shared")
     keep = upload(settings, tmp_path, "keep")
     kept = Path(cache.get_target(keep, "live-run", "shared"))
-    env = {**settings_env(settings), "CACHE_MAX_SIZE": "1"}
+    # Every unleased entry goes (CACHE_MAX_SIZE cannot be set below 1 MiB: TTL 0 instead).
+    env = {**settings_env(settings), "CACHE_TTL": "0"}
     trash = cache.layout.trash_dir
     gc = subprocess.Popen(
         [sys.executable, "-c", "from forgespace.cli import main; main()", "cache", "gc"],

@@ -126,19 +126,28 @@ def test_upload_results_stores_json_in_the_store(acts: CacheActivities, settings
     assert sarif.endswith("results.sarif")
 
 
-@pytest.mark.parametrize(
-    ("wid", "fmt", "needle"),
-    [
-        ("../escape", "json", "invalid workflow_id"),
-        ("wf\n", "json", "invalid workflow_id"),  # "$" would let a final newline through
-        ("wf", "xml", "invalid results_format"),
-    ],
-)
-def test_upload_results_refuses_bad_input(
-    acts: CacheActivities, settings: Settings, wid: str, fmt: str, needle: str
+def test_upload_results_stores_other_formats_as_json_like_fuzzforge(acts: CacheActivities) -> None:
+    location = run(acts.upload_results, "wf-3", {"a": 1}, "xml")
+    assert location.endswith("wf-3/results.json")
+    assert json.loads(Path(location).read_text()) == {"a": 1}
+
+
+def test_upload_results_location_is_fuzzforge_url_with_s3() -> None:
+    from forgespace.temporal.activities import _results_url
+
+    assert _results_url("s3://results/wf/results.json", "http://minio:9000/") == (
+        "http://minio:9000/results/wf/results.json"
+    )
+    assert _results_url("s3://results/k", "minio:9000") == "http://minio:9000/results/k"
+    assert _results_url("/store/.results/wf/results.json", None).startswith("/store")
+
+
+@pytest.mark.parametrize("wid", ["../escape", "wf\n"])  # "$" would let a final newline through
+def test_upload_results_refuses_a_bad_workflow_id(
+    acts: CacheActivities, settings: Settings, wid: str
 ) -> None:
-    with pytest.raises(ApplicationError, match=needle) as ei:
-        run(acts.upload_results, wid, {}, fmt)
+    with pytest.raises(ApplicationError, match="invalid workflow_id") as ei:
+        run(acts.upload_results, wid, {}, "json")
     assert ei.value.non_retryable
     results_dir = settings.storage_dir / ".results"
     assert not results_dir.exists() or not any(results_dir.rglob("*"))

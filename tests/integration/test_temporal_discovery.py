@@ -80,15 +80,19 @@ def test_discover_loads_workflow_and_activities_and_gives_modes() -> None:
     assert workflow_mode("fs_marker_shared", [FIXTURE_WORKFLOWS], bundled=False) == "shared"
 
 
-def test_duplicate_names_and_name_mismatch_are_refused(tmp_path: Path) -> None:
+def test_duplicate_names_and_duplicate_workflow_types_are_refused(tmp_path: Path) -> None:
     dirs = tmp_path / "wfs"
     shutil.copytree(FIXTURE_WORKFLOWS / "fs_marker_shared", dirs / "copy_a")
     with pytest.raises(WorkflowMetadataError, match="two workflow packages are named"):
         discover([FIXTURE_WORKFLOWS, dirs], bundled=False)
+    # A metadata name other than the @workflow.defn name is mapped to it...
     meta = dirs / "copy_a" / "metadata.yaml"
     meta.write_text(meta.read_text().replace("name: fs_marker_shared", "name: renamed_wf"))
-    with pytest.raises(WorkflowMetadataError, match="WORKFLOW is named 'fs_marker_shared'"):
-        discover([dirs], bundled=False, load=True)
+    [pkg] = discover([dirs], bundled=False, load=True)
+    assert (pkg.name, pkg.workflow_type) == ("renamed_wf", "fs_marker_shared")
+    # ...but two packages registering one Temporal workflow type on a worker are refused.
+    with pytest.raises(WorkflowMetadataError, match="both define the Temporal workflow type"):
+        discover([FIXTURE_WORKFLOWS, dirs], bundled=False, load=True)
 
 
 def test_missing_workflows_dir_is_an_error(tmp_path: Path) -> None:

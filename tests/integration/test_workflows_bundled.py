@@ -15,7 +15,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 import uuid
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -27,6 +26,7 @@ from temporalio.client import Client
 
 from forgespace.cache.workspace import WorkspaceCache
 from forgespace.config import Settings
+from forgespace.errors import WorkflowParameterError
 from forgespace.storage import open_store
 from forgespace.temporal.api import MEMO_KEY, WorkflowRequest
 from forgespace.temporal.devserver import DevServer
@@ -296,22 +296,23 @@ def test_concurrent_copy_on_write_test_suites_do_not_see_each_other(
     assert not WorkspaceCache(cluster_settings).index.live_leases()
 
 
-def test_bad_parameter_fails_the_run_at_once_with_a_clear_error(
+def test_bad_parameter_is_refused_before_upload_and_start(
     cluster_settings: Settings, task_queue: str
 ) -> None:
+    """forgespace run checks the parameters against metadata.yaml's schema first; a run
+    started straight through Temporal is checked again by the activity (test_tools_activities)."""
     job = RunJob(
         workflow="secret_detection",
         path=EXAMPLES / "vulnerable_app",
         params={"max_file_size": 10},
         task_queue=task_queue,
     )
-
-    started = time.monotonic()
-    [run] = run_bundled_job(cluster_settings, task_queue, job)["runs"]
-    assert time.monotonic() - started < 30  # not retried
-    assert run["status"] == "failed"
-    assert "unknown parameter(s) max_file_size" in run["error"]
-    assert "max_file_bytes" in run["error"]
+    with pytest.raises(WorkflowParameterError) as ei:
+        asyncio.run(run_job(cluster_settings, job))
+    assert "no parameter 'max_file_size'" in str(ei.value)
+    assert "max_file_bytes" in str(ei.value)
+    store_dir = cluster_settings.storage_dir
+    assert not store_dir.exists() or not list(store_dir.rglob("target"))
 
 
 def test_workflows_that_write_refuse_a_shared_workspace(

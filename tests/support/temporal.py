@@ -157,10 +157,12 @@ def start_worker_process(
     task_queue: str,
     log: Path,
     *extra: str,
+    workflows_dir: Path = FIXTURE_WORKFLOWS,
+    wrap: Sequence[str] = (),
     pause: tuple[str, Path] | None = None,
 ) -> WorkerProcess:
-    """Start `forgespace worker` for the fixture packages on ``task_queue`` (no bundled ones).
-
+    """Start `forgespace worker` for the fixture packages (or ``workflows_dir``'s) on
+    ``task_queue`` (no bundled ones); ``wrap`` is a command prefix (e.g. a namespace launcher);
     ``pause`` = (phases, signal dir): the worker's cache pauses there (support.faults)."""
     from support.faults import cli_with_pause
     from support.procs import TESTS_DIR
@@ -170,15 +172,15 @@ def start_worker_process(
         "--task-queue",
         task_queue,
         "--workflows-dir",
-        str(FIXTURE_WORKFLOWS),
+        str(workflows_dir),
         "--no-bundled",
         *extra,
     )
     env = {**env, "FORGESPACE_LOG_LEVEL": "INFO"}
     if pause is None:
-        cmd = cli_command(*args)
+        cmd = [*wrap, *cli_command(*args)]
     else:
-        cmd = cli_with_pause(pause[0], pause[1], *args)
+        cmd = [*wrap, *cli_with_pause(pause[0], pause[1], *args)]
         path = [str(TESTS_DIR), *filter(None, [env.get("PYTHONPATH")])]
         env["PYTHONPATH"] = ":".join(path)
     with open(log, "wb") as f:

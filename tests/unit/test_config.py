@@ -28,6 +28,12 @@ from forgespace.errors import ConfigError
         (" 7 GB ", 7 * 10**9),
         ("100B", 100),
         (4096, 4096),
+        ("10G", 10 * 10**9),
+        ("10g", 10 * 10**9),
+        ("10Gi", 10 * 2**30),
+        ("512Mi", 512 * 2**20),
+        ("2k", 2000),
+        ("1.5T", 1_500_000_000_000),
     ],
 )
 def test_parse_size_accepts_si_iec_decimals_and_bare_bytes(text, expected):
@@ -156,3 +162,17 @@ def test_forgespace_process_variables_are_settings(tmp_path: Path):
         "/opt/temporal",
         "DEBUG",
     )
+
+
+@pytest.mark.parametrize(
+    ("value", "hint"),
+    [("10", "did you mean 10GB?"), ("0", "did you mean 0GB?"), ("512KiB", ""), ("1000kB", "")],
+)
+def test_cache_max_size_below_one_mib_is_refused_with_a_hint(value: str, hint: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"CACHE_MAX_SIZE": value})
+    msg = str(info.value)
+    assert "CACHE_MAX_SIZE" in msg and repr(value) in msg and "1 MiB minimum" in msg
+    assert hint in msg
+    assert Settings.from_env({"CACHE_MAX_SIZE": "1MiB"}).cache_max_size == 2**20
+    assert Settings.from_env({"CACHE_MAX_SIZE": "10Gi"}).cache_max_size == 10 * 2**30

@@ -23,7 +23,7 @@ from forgespace.cache.eviction import collect_garbage, make_room
 from forgespace.cache.index import CacheIndex, EntryRecord
 from forgespace.cache.locks import flock
 from forgespace.cache.staging import OwnerToken
-from forgespace.config import Settings
+from forgespace.config import Settings, parse_size
 from forgespace.errors import CacheFullError
 from forgespace.layout import CacheLayout
 
@@ -96,7 +96,12 @@ class MiniCache:
 def make_cache(tmp_path: Path) -> Callable[..., MiniCache]:
     def make(**env: str) -> MiniCache:
         base = {"CACHE_DIR": str(tmp_path / "cache"), "STORAGE_DIR": str(tmp_path / "store")}
-        return MiniCache(Settings.from_env({**base, **env}))
+        # Limits of a few bytes: below what CACHE_MAX_SIZE accepts, so set past the variable.
+        limit = env.pop("CACHE_MAX_SIZE", None)
+        settings = Settings.from_env({**base, **env})
+        if limit is not None:
+            settings = settings.with_(cache_max_size=parse_size(limit))
+        return MiniCache(settings)
 
     return make
 

@@ -126,7 +126,7 @@ def test_non_archive_target_returned_as_target_file(cache: WorkspaceCache, tmp_p
 def test_logs_hit_and_miss_naming_the_store(
     cache: WorkspaceCache, tid: str, project: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    other = cache.store.upload_target(project)
+    other = cache.store.upload_target(project, target_id="other-target")
     caplog.set_level(logging.INFO, logger="forgespace.cache")
     cache.get_target(tid, "r1", "shared")
     cache.get_target(tid, "r2", "shared")

@@ -116,6 +116,11 @@ class Engine:
         # shared mode's hit path: ids whose object is not an archive (immutable), and the path
         # strings of each target computed once (pathlib was a quarter of a hit's cost)
         self._file_targets: set[str] = set()
+        # How many entries this cache published (the facade refreshes gauges when it moved).
+        self.publications = 0
+        from forgespace.cache import metrics
+
+        self._metrics = metrics
         self._hit_path_cache: dict[str, tuple[str, str]] = {}
 
     @property
@@ -238,6 +243,7 @@ class Engine:
         key = f"{target_id}/{_ENTRY_NAME.get(kind) or run_id}"
         now = time.time()
         self.index.publish(EntryRecord(key, target_id, kind, run_id, mode, nbytes, files, now, now))
+        self.publications += 1
 
     def _lease(
         self, lease_id: str, tid: str, rid: str | None, pins: tuple[str, ...]
@@ -287,6 +293,8 @@ class Engine:
                 tid, dest, progress if (self._hooks is not NO_HOOKS or caller is not None) else None
             )
         except BaseException as exc:
+            if isinstance(exc, Exception):
+                self._metrics.observe_download_failure(exc)
             self._raise_if_full(exc, dest.parent, info.size)
             raise
         self.index.count("downloads")

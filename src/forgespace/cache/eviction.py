@@ -448,10 +448,7 @@ def _update_gauges(cache: CacheLike) -> None:
     from forgespace.cache import metrics
 
     with contextlib.suppress(Exception):
-        s = cache.index.summary()
-        metrics.set_cache_state(
-            s.bytes, s.live_leases, entries=s.entries, limit=cache.settings.cache_max_size
-        )
+        metrics.refresh_from_index(cache.index, cache.settings.cache_max_size)
 
 
 # --- deletion -----------------------------------------------------------------------------

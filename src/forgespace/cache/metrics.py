@@ -2,8 +2,8 @@
 
 The objects live in ``REGISTRY`` (not prometheus_client's global default registry, so importing
 forgespace never clashes with an application's own metrics) and are readable in-process with
-``snapshot()``; ``start_metrics_server(port)`` serves them over HTTP (the worker's
-``--metrics-port``).
+``snapshot()``; ``start_metrics_server(port, addr, health=...)`` serves them over HTTP with a
+``/healthz`` next to them (the worker's ``--metrics-port`` / ``--metrics-addr``).
 
 These are per-process counters (what this process served since it started); the cache-wide,
 persistent counts are in the index (``forgespace cache status``).
@@ -12,15 +12,22 @@ The engine reports each get_target with one call::
 
     metrics.observe_get(mode, hit=..., seconds=..., downloaded_bytes=...)
 
-Eviction reports with ``observe_eviction(reason, bytes)`` and refreshes the gauges with
-``set_cache_state(...)``; ``refresh_from_index(index, limit)`` does the latter from the index.
+Eviction reports with ``observe_eviction(reason, bytes)``. The size, entries and leases gauges
+are set from the index (``refresh_from_index``) at every publish, cleanup and eviction (a
+cache hit changes none of them but the lease count, and skips it: it is the hot path).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import json
+import socket
+import threading
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 if TYPE_CHECKING:
     from forgespace.cache.index import CacheIndex
@@ -61,6 +68,26 @@ CACHE_LIMIT_BYTES = Gauge(
 )
 CACHE_ENTRIES = Gauge("forgespace_cache_entries", "Cache entries in the index", registry=REGISTRY)
 LIVE_LEASES = Gauge("forgespace_cache_live_leases", "Unexpired leases", registry=REGISTRY)
+OLDEST_LEASE = Gauge(
+    "forgespace_cache_oldest_lease_created_timestamp_seconds",
+    "When the oldest unexpired lease was taken (Unix time; 0 when there is none)",
+    registry=REGISTRY,
+)
+DOWNLOAD_FAILURES = Counter(
+    "forgespace_cache_download_failures",
+    "Downloads from the store that failed (after the store's own retries), by error type",
+    ["error"],
+    registry=REGISTRY,
+)
+SWEEPS = Counter(
+    "forgespace_cache_sweeps", "Periodic cache sweeps of the worker, by outcome (ok, failed)",
+    ["outcome"], registry=REGISTRY,
+)  # fmt: skip
+LAST_SWEEP = Gauge(
+    "forgespace_cache_last_sweep_success_timestamp_seconds",
+    "When the worker's periodic sweep last succeeded (Unix time)",
+    registry=REGISTRY,
+)
 GET_DURATION = Histogram(
     "forgespace_get_target_duration_seconds",
     "Wall time of get_target, by mode and outcome (hit or miss)",
@@ -94,21 +121,43 @@ def observe_eviction(reason: str, freed_bytes: int) -> None:
 
 
 def set_cache_state(
-    cache_bytes: int, live_leases: int, *, entries: int | None = None, limit: int | None = None
+    cache_bytes: int,
+    live_leases: int,
+    *,
+    entries: int | None = None,
+    limit: int | None = None,
+    oldest_lease: float | None = None,
 ) -> None:
-    """Set the gauges (after gc, or periodically by the worker)."""
+    """Set the gauges (``refresh_from_index`` computes them from the index)."""
     CACHE_BYTES.set(cache_bytes)
     LIVE_LEASES.set(live_leases)
     if entries is not None:
         CACHE_ENTRIES.set(entries)
     if limit is not None:
         CACHE_LIMIT_BYTES.set(limit)
+    if oldest_lease is not None:
+        OLDEST_LEASE.set(oldest_lease)
 
 
 def refresh_from_index(index: CacheIndex, limit: int | None = None) -> None:
-    """Set the gauges from the index (cheap: SQL aggregates, no filesystem walk)."""
+    """Set the gauges from the index (cheap: SQL aggregates and the live leases, one row per
+    running run; no filesystem walk)."""
     s = index.summary()
-    set_cache_state(s.bytes, s.live_leases, entries=s.entries, limit=limit)
+    leases = index.live_leases() if s.live_leases else []
+    oldest = min((le.created for le in leases), default=0.0)
+    set_cache_state(s.bytes, s.live_leases, entries=s.entries, limit=limit, oldest_lease=oldest)
+
+
+def observe_download_failure(exc: BaseException) -> None:
+    """Count one failed download by the error's type."""
+    DOWNLOAD_FAILURES.labels(error=type(exc).__name__).inc()
+
+
+def observe_sweep(ok: bool) -> None:
+    """Count one periodic sweep; a successful one also stamps the time."""
+    SWEEPS.labels(outcome="ok" if ok else "failed").inc()
+    if ok:
+        LAST_SWEEP.set_to_current_time()
 
 
 def snapshot() -> dict[str, float]:
@@ -128,6 +177,59 @@ def value(name: str, **labels: str) -> float:
     return 0.0 if got is None else float(got)
 
 
-def start_metrics_server(port: int, addr: str = "0.0.0.0") -> None:
-    """Serve ``REGISTRY`` at ``http://addr:port/metrics`` from a daemon thread."""
-    start_http_server(port, addr=addr, registry=REGISTRY)
+#: ``/healthz``'s check: (healthy, JSON-able body). Called on each request, from the server's
+#: request thread; it must be quick.
+HealthCheck = Callable[[], tuple[bool, dict[str, Any]]]
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # scrapes every 15 s: no log line
+        pass
+
+
+class MetricsServer(ThreadingWSGIServer):
+    """The HTTP server behind ``start_metrics_server``; ``close()`` stops it."""
+
+    def close(self) -> None:
+        """Stop serving and release the port."""
+        self.shutdown()
+        self.server_close()
+
+
+def start_metrics_server(
+    port: int, addr: str = "127.0.0.1", *, health: HealthCheck | None = None
+) -> MetricsServer:
+    """Serve ``REGISTRY`` at ``http://addr:port/metrics`` from a daemon thread.
+
+    Loopback by default: exposing the metrics (and ``/healthz``) beyond the host is a choice
+    (``--metrics-addr 0.0.0.0`` in a container whose port is published). With ``health``,
+    ``/healthz`` answers 200 and the check's JSON body when it passes, 503 when it does not.
+    ``port`` 0 takes a free port: read it from ``server.server_port``.
+    """
+    metrics_app = make_wsgi_app(REGISTRY)
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        if health is not None and environ.get("PATH_INFO") == "/healthz":
+            try:
+                ok, body = health()
+            except Exception as exc:  # a broken check is an unhealthy worker, not a 500
+                ok, body = False, {"status": "unhealthy", "problems": [f"health check: {exc}"]}
+            data = json.dumps(body, default=str).encode()
+            start_response(
+                "200 OK" if ok else "503 Service Unavailable",
+                [("Content-Type", "application/json"), ("Content-Length", str(len(data)))],
+            )
+            return [data]
+        return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+
+    # getaddrinfo picks IPv4 or IPv6 from the address ("::1", "0.0.0.0", a host name).
+    family, _, _, _, sockaddr = socket.getaddrinfo(
+        addr, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+
+    class _Server(MetricsServer):
+        address_family = family
+
+    server = make_server(str(sockaddr[0]), port, app, _Server, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="forgespace-metrics", daemon=True).start()
+    return server

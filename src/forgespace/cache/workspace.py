@@ -160,6 +160,7 @@ class WorkspaceCache:
             )
         t0 = time.perf_counter()
         transfer = Transfer(progress)
+        published = self._modes.publications
         if mode is IsolationMode.SHARED:
             res = self._modes.get_shared(target_id, run_id, transfer)
         elif mode is IsolationMode.COPY_ON_WRITE:
@@ -174,7 +175,18 @@ class WorkspaceCache:
             seconds=time.perf_counter() - t0,
             downloaded_bytes=transfer.downloaded_bytes,
         )
+        if self._modes.publications != published:
+            # After the lease is taken, so live leases count this run. A hit publishes
+            # nothing and skips this (its lease shows at the next publish/cleanup/sweep).
+            self._refresh_gauges()
         return res
+
+    def _refresh_gauges(self) -> None:
+        """Cache size, entries and live leases gauges from the index (SQL aggregates)."""
+        try:
+            self._metrics.refresh_from_index(self.index, self.settings.cache_max_size)
+        except Exception as exc:  # the gauges must never fail the call that changed the cache
+            log.debug("metrics: could not refresh the cache gauges: %s", exc)
 
     # --- cleanup and release -----------------------------------------------------------------
     def cleanup_cache(
@@ -199,8 +211,9 @@ class WorkspaceCache:
                 self.index.end_lease(f"{key}#{run_id}")
             else:
                 self.index.end_any_lease(key)
-            return
-        self._remove_run(tid, rest)
+        else:
+            self._remove_run(tid, rest)
+        self._refresh_gauges()
 
     def _remove_run(self, tid: str, rid: str) -> None:
         root = self.layout.root

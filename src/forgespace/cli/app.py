@@ -20,6 +20,7 @@ from forgespace.errors import (
     TargetNotFoundError,
     UnsafeArchiveError,
     WorkflowMetadataError,
+    WorkflowParameterError,
 )
 
 app = typer.Typer(
@@ -44,6 +45,7 @@ EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (InvalidIdError, 2),
     (InvalidModeError, 2),
     (WorkflowMetadataError, 2),
+    (WorkflowParameterError, 2),
     (ForgespaceError, 1),
 ]
 

@@ -62,11 +62,19 @@ def _progress_for(path: Path, what: str) -> Iterator[ProgressFn | None]:
 @app.command()
 def upload(
     path: Annotated[Path, typer.Argument(help="A directory, an archive or a single file.")],
+    target_id: Annotated[
+        str | None,
+        typer.Option(
+            "--id",
+            help="Store under this id instead of the content id (callers that mint their own).",
+        ),
+    ] = None,
 ) -> None:
-    """Upload a target; prints its new id alone on the last line of stdout.
+    """Upload a target; prints its id alone on the last line of stdout.
 
-    A directory is packed into a deterministic tar.gz; a file (an archive or anything
-    else) is uploaded as-is.
+    The id is derived from the content (the same tree or file gives the same id, and content
+    the store already holds is not uploaded again), unless --id names one. A directory is
+    packed into a deterministic tar.gz; a file (an archive or anything else) is uploaded as-is.
     """
     from forgespace.storage import open_store
 
@@ -84,7 +92,7 @@ def upload(
     store = open_store(load_settings())
     try:
         with _progress_for(path, f"uploading to {store.display_name}") as progress:
-            target_id = store.upload_target(path, progress=progress)
+            target_id = store.upload_target(path, progress=progress, target_id=target_id)
     except OSError as exc:
         if isinstance(exc, ForgespaceError):
             raise

@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from forgespace.cli.app import app, err_console, load_settings
+from forgespace.extras import require_extra
 
 WorkflowsDirs = Annotated[
     list[Path] | None,
@@ -25,20 +26,41 @@ TaskQueue = Annotated[str, typer.Option("--task-queue", help="The shared task qu
 
 @app.command()
 def worker(
-    task_queue: TaskQueue = "forgespace",
+    task_queue: Annotated[
+        str,
+        typer.Option("--task-queue", envvar="WORKER_TASK_QUEUE", help="The shared task queue."),
+    ] = "forgespace",
+    vertical: Annotated[
+        str | None,
+        typer.Option(
+            "--vertical",
+            envvar="WORKER_VERTICAL",
+            help="Serve only this vertical's workflows; also poll {vertical}-queue.",
+        ),
+    ] = None,
     workflows_dir: WorkflowsDirs = None,
     metrics_port: Annotated[
         int | None,
         typer.Option(
-            "--metrics-port", help="Serve Prometheus metrics on this port (off when unset)."
+            "--metrics-port",
+            help="Serve /metrics and /healthz on this port (off when unset; 0: any).",
         ),
     ] = None,
+    metrics_addr: Annotated[
+        str,
+        typer.Option(
+            "--metrics-addr",
+            help="Address the metrics and /healthz server binds (0.0.0.0: every interface).",
+        ),
+    ] = "127.0.0.1",
     bundled: Bundled = True,
 ) -> None:
     """Serve workflows and activities until SIGTERM/SIGINT.
 
     Connects to TEMPORAL_ADDRESS / TEMPORAL_NAMESPACE; an unset address starts an embedded
-    dev server."""
+    dev server. FuzzForge's WORKER_VERTICAL, WORKER_TASK_QUEUE, MAX_CONCURRENT_ACTIVITIES and
+    LOG_LEVEL are accepted too."""
+    require_extra("temporal", "forgespace worker")
     from forgespace.temporal.worker import serve
 
     settings = load_settings()
@@ -49,17 +71,30 @@ def worker(
             workflows_dirs=workflows_dir or [],
             bundled=bundled,
             metrics_port=metrics_port,
+            vertical=vertical,
+            metrics_addr=metrics_addr,
         )
     )
 
 
-@app.command()
+workflows_app = typer.Typer(
+    help="List the discovered workflows (`workflows info NAME` for one in detail).",
+    invoke_without_command=True,
+)
+app.add_typer(workflows_app, name="workflows")
+
+
+@workflows_app.callback()
 def workflows(
+    ctx: typer.Context,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list on stdout.")] = False,
     workflows_dir: WorkflowsDirs = None,
     bundled: Bundled = True,
 ) -> None:
     """List the discovered workflows with their workspace isolation modes."""
+    if ctx.invoked_subcommand is not None:
+        return
+    require_extra("temporal", "forgespace workflows")
     from rich.table import Table
 
     from forgespace.cli.app import out_console
@@ -81,6 +116,49 @@ def workflows(
     out_console.print(table)
 
 
+@workflows_app.command("info")
+def workflows_info(
+    name: Annotated[str, typer.Argument(help="Workflow name (see `forgespace workflows`).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object on stdout.")] = False,
+    workflows_dir: WorkflowsDirs = None,
+    bundled: Bundled = True,
+) -> None:
+    """One workflow: description, mode, how it is started, its parameters with defaults."""
+    from forgespace.cli.app import out_console
+    from forgespace.temporal.discovery import discover, find_package
+    from forgespace.temporal.parameters import accepted, defaults, properties
+
+    pkg = find_package(discover(workflows_dir or [], bundled=bundled, load=False), name)
+    dflt = defaults(pkg)
+    params = [
+        {
+            "name": pname,
+            "accepts": accepted(spec),
+            "default": dflt.get(pname),
+            "has_default": pname in dflt,
+            "description": str(spec.get("description", "")).strip(),
+        }
+        for pname, spec in properties(pkg).items()
+    ]
+    info = {**pkg.summary(), "directory": str(pkg.directory), "parameters": params}
+    if as_json:
+        print(json.dumps(info, indent=2, default=str))
+        return
+    lines = [
+        f"{pkg.name} {pkg.metadata.version}  ({pkg.metadata.vertical or 'no vertical'})",
+        pkg.metadata.description,
+        f"workspace_isolation: {pkg.workspace_isolation}",
+        f"package: {pkg.directory}",
+        "parameters:" if params else "parameters: none",
+    ]
+    for p in params:
+        default = f" = {json.dumps(p['default'], default=str)}" if p["has_default"] else ""
+        lines.append(f"  {p['name']} ({p['accepts']}){default}")
+        if p["description"]:
+            lines.append(f"      {p['description']}")
+    out_console.print("\n".join(lines), highlight=False, markup=False, soft_wrap=True)
+
+
 @app.command()
 def run(
     workflow: Annotated[str, typer.Argument(help="Workflow name (see `forgespace workflows`).")],
@@ -96,6 +174,12 @@ def run(
     param: Annotated[
         list[str] | None,
         typer.Option("--param", help="KEY=VALUE workflow parameter (repeatable)."),
+    ] = None,
+    param_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--param-file", help="YAML or JSON mapping of parameters (--param values win)."
+        ),
     ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the report as one JSON object on stdout.")
@@ -115,12 +199,16 @@ def run(
     ] = 7200.0,
 ) -> None:
     """Upload PATH and run WORKFLOW on it N times at once; summary per run and cache figures."""
+    require_extra("temporal", "forgespace run")
+    from forgespace.temporal.parameters import load_param_file
     from forgespace.temporal.runner import RunInputError, RunJob, parse_params, run_job
 
     try:
         params = parse_params(param or [])
     except RunInputError as exc:
         raise typer.BadParameter(str(exc), param_hint="--param") from None
+    if param_file is not None:
+        params = {**load_param_file(param_file), **params}
     settings = load_settings()
     job = RunJob(
         workflow=workflow,

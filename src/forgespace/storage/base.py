@@ -44,8 +44,16 @@ class Store(Protocol):
 
     display_name: str
 
-    def upload_target(self, path: str | Path, progress: ProgressFn | None = None) -> str:
-        """Upload a file as-is, or a directory packed as a deterministic tar.gz; return a new id."""
+    def upload_target(
+        self,
+        path: str | Path,
+        progress: ProgressFn | None = None,
+        *,
+        target_id: str | None = None,
+    ) -> str:
+        """Upload a file as-is, or a directory packed as a deterministic tar.gz. Returns its
+        content id (same content, same id; content already stored is not sent again), or
+        ``target_id`` when given (used as given)."""
         ...
 
     def stat_target(self, target_id: str) -> ObjectInfo:

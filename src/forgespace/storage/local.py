@@ -9,16 +9,18 @@ leaves a half-written object under its final name.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import posixpath
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 from forgespace.errors import StorageError, TargetNotFoundError
 from forgespace.layout import validate_id
 from forgespace.storage.base import ObjectInfo, ProgressFn, target_key, upload_source
-from forgespace.storage.pack import copy_hashing, pack_directory, tree_size
+from forgespace.storage.pack import content_id, copy_hashing, pack_directory, tree_size
 from forgespace.storage.retry import CHUNK_SIZE, PartFile
 
 SIDECAR_NAME = "target.meta.json"
@@ -77,37 +79,86 @@ class LocalStore:
         return self.object_path(target_id).with_name(SIDECAR_NAME)
 
     # --- upload ---------------------------------------------------------------------
-    def upload_target(self, path: str | Path, progress: ProgressFn | None = None) -> str:
-        """Store a file as-is, or a directory packed as a deterministic tar.gz; new uuid4 id."""
+    def upload_target(
+        self,
+        path: str | Path,
+        progress: ProgressFn | None = None,
+        *,
+        target_id: str | None = None,
+    ) -> str:
+        """Store a file as-is, or a directory packed as a deterministic tar.gz.
+
+        Returns the content id (``tree-…``/``file-…``: the same content gives the same id, and
+        content the store already holds is not written again), or ``target_id`` when given
+        (used as given; an object already under it is replaced)."""
         src = upload_source(path)
-        target_id = str(uuid.uuid4())
-        obj = self.object_path(target_id)
-        obj.parent.mkdir(parents=True, exist_ok=True)
-        tmp = obj.with_name(f".target.tmp-{uuid.uuid4().hex[:12]}")
+        if target_id is not None:
+            validate_id(target_id, "target_id")
+        self.root.mkdir(parents=True, exist_ok=True)
+        # Packed/copied beside the objects first: a content id is known only once hashed.
+        tmp = self.root / f".upload-{uuid.uuid4().hex[:12]}.tmp"
         try:
             with open(tmp, "xb") as out:
                 if src.is_dir():
                     total = tree_size(src) if progress is not None else 0
                     cb = (lambda done: progress(done, total)) if progress is not None else None
                     stats = pack_directory(src, out, progress=cb)
-                    size, digest = stats.size, stats.sha256
+                    size, digest, cid = (
+                        stats.size,
+                        stats.sha256,
+                        content_id("tree", stats.tree_digest),
+                    )
                 else:
                     size, digest = copy_hashing(src, out, progress)
+                    cid = content_id("file", digest)
                 out.flush()
                 os.fsync(out.fileno())
+            tid = target_id or cid
+            with self._id_lock(tid):
+                if target_id is None and self._holds(tid):
+                    return tid  # same content, already stored: nothing is written
+                self._publish(tid, tmp, size, digest)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return tid
+
+    @contextlib.contextmanager
+    def _id_lock(self, target_id: str) -> Iterator[None]:
+        """Serialise writers of one id (an object and its sidecar must come from one writer)."""
+        locks = self.root / ".locks"
+        locks.mkdir(exist_ok=True)
+        fd = os.open(locks / f"{target_id}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _holds(self, target_id: str) -> bool:
+        """The object is there, whole, as forgespace recorded it (sidecar size matches)."""
+        meta = self._read_sidecar(target_id)
+        try:
+            size = self.object_path(target_id).stat().st_size
+        except FileNotFoundError:
+            return False
+        return meta is not None and meta.get("size") == size
+
+    def _publish(self, target_id: str, tmp: Path, size: int, digest: str) -> None:
+        obj = self.object_path(target_id)
+        fresh = not obj.parent.exists()
+        obj.parent.mkdir(parents=True, exist_ok=True)
+        try:
             # sidecar first: once the object is visible under its name, its metadata is too
             meta = {"size": size, "sha256": digest, "format": 1}
             _atomic_write_bytes(obj.with_name(SIDECAR_NAME), json.dumps(meta).encode())
             os.replace(tmp, obj)
             _fsync_dir(obj.parent)
         except BaseException:
-            tmp.unlink(missing_ok=True)
-            if not obj.exists():
+            if fresh and not obj.exists():
                 obj.with_name(SIDECAR_NAME).unlink(missing_ok=True)
                 with contextlib.suppress(OSError):
-                    obj.parent.rmdir()  # the fresh id's folder, empty again
+                    obj.parent.rmdir()  # the new id's folder, empty again
             raise
-        return target_id
 
     # --- read -----------------------------------------------------------------------
     def _read_sidecar(self, target_id: str) -> dict[str, object] | None:

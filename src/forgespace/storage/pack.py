@@ -14,6 +14,13 @@ version may pick other matches: same content, other bytes):
 - the gzip header carries no file name and mtime 0.
 
 The archive is streamed to a file while hashed: memory use does not depend on the tree.
+
+**Content ids.** While packing, the tree itself is hashed (``tree_digest``): one record per
+member in the archive's order — its kind, relative path, and for a file its executable bit,
+size and sha256, for a symlink its target — so the digest depends on exactly what extraction
+reproduces and on nothing else (not mtimes, owners, the umask or the compressor's version).
+``content_id`` turns it into the target id ``tree-<40 hex>``; a single file's id is
+``file-<40 hex>`` of its bytes' sha256 (160 bits: collisions are not a practical concern).
 """
 
 from __future__ import annotations
@@ -38,9 +45,15 @@ _GZIP_LEVEL = 1
 PACK_MTIME = 0
 
 
+# Bump when the records hashed into a tree digest change (it changes every content id).
+TREE_DIGEST_VERSION = b"forgespace-tree-v1\n"
+CONTENT_ID_HEX = 40
+
+
 @dataclass(frozen=True)
 class PackStats:
-    """What was packed: archive size and sha256, member counts, content bytes."""
+    """What was packed: archive size and sha256, member counts, content bytes, and the
+    digest of the tree itself (``tree_digest``, independent of how it was compressed)."""
 
     size: int
     sha256: str
@@ -48,6 +61,28 @@ class PackStats:
     dirs: int
     symlinks: int
     content_bytes: int
+    tree_digest: str = ""
+
+
+def content_id(kind: str, digest: str) -> str:
+    """The target id of content: ``tree-…`` for a directory's tree digest, ``file-…`` for a
+    single file's sha256."""
+    if kind not in ("tree", "file"):
+        raise ValueError(f"content id kind must be 'tree' or 'file', got {kind!r}")
+    return f"{kind}-{digest[:CONTENT_ID_HEX]}"
+
+
+class _HashingReader:
+    """A read-only view of a file that hashes what tarfile copies out of it."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self._raw = raw
+        self.hasher = hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._raw.read(n)
+        self.hasher.update(data)
+        return data
 
 
 class _HashingWriter:
@@ -137,6 +172,7 @@ def pack_directory(
     if not root.is_dir():
         raise NotADirectoryError(f"not a directory: {root}")
     sink = _HashingWriter(out)
+    tree = hashlib.sha256(TREE_DIGEST_VERSION)
     files = dirs = links = content = 0
     # filename="" keeps the temp file's name out of the gzip header
     gz = igzip.GzipFile(
@@ -158,15 +194,20 @@ def pack_directory(
                 target = os.readlink(entry.path)
                 _check_link(rel, target)
                 tar.addfile(_tarinfo(rel, st, link=target))
+                tree.update(_record("l", rel, target))
                 links += 1
             elif stat.S_ISDIR(st.st_mode):
                 tar.addfile(_tarinfo(rel, st))
+                tree.update(_record("d", rel))
                 dirs += 1
             elif stat.S_ISREG(st.st_mode):
                 with open(entry.path, "rb") as f:
                     # size from the open file: a file growing meanwhile must not corrupt the tar
                     info = _tarinfo(rel, os.fstat(f.fileno()))
-                    tar.addfile(info, f)
+                    reader = _HashingReader(f)
+                    tar.addfile(info, reader)  # type: ignore[arg-type]
+                kind = "x" if info.mode & 0o111 else "f"
+                tree.update(_record(kind, rel, f"{info.size}:{reader.hasher.hexdigest()}"))
                 files += 1
                 content += info.size
                 if progress is not None:
@@ -184,7 +225,13 @@ def pack_directory(
         dirs=dirs,
         symlinks=links,
         content_bytes=content,
+        tree_digest=tree.hexdigest(),
     )
+
+
+def _record(kind: str, rel: str, extra: str = "") -> bytes:
+    # NUL cannot occur in a path or a link target: records cannot be confused with each other.
+    return f"{kind}\0{rel}\0{extra}\n".encode("utf-8", "surrogateescape")
 
 
 def pack_to_file(

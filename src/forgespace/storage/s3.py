@@ -31,7 +31,6 @@ import os
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -48,7 +47,7 @@ from forgespace.errors import ConfigError, ForgespaceError, StorageError, Target
 from forgespace.layout import validate_id
 from forgespace.storage.base import ObjectInfo, ProgressFn, target_key, upload_source
 from forgespace.storage.local import check_result_key
-from forgespace.storage.pack import copy_hashing, pack_directory, tree_size
+from forgespace.storage.pack import content_id, copy_hashing, pack_directory, tree_size
 from forgespace.storage.retry import CHUNK_SIZE, PartFile, RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -275,17 +274,30 @@ class S3Store:
             self._ready_buckets.add(bucket)
 
     # --- upload ---------------------------------------------------------------------
-    def upload_target(self, path: str | Path, progress: ProgressFn | None = None) -> str:
-        """Upload a file as-is, or a directory packed as a deterministic tar.gz; new uuid4
-        id. The sha256 goes into the object's metadata."""
+    def upload_target(
+        self,
+        path: str | Path,
+        progress: ProgressFn | None = None,
+        *,
+        target_id: str | None = None,
+    ) -> str:
+        """Upload a file as-is, or a directory packed as a deterministic tar.gz; the sha256
+        goes into the object's metadata.
+
+        Returns the content id (``tree-…``/``file-…``; content the bucket already holds under
+        it is not uploaded again: one HEAD, no object bytes), or ``target_id`` when given
+        (used as given; an object already under it is replaced)."""
         src = upload_source(path)
-        target_id = str(uuid.uuid4())
-        key = target_key(target_id)
+        if target_id is not None:
+            validate_id(target_id, "target_id")
         self._ensure_bucket(self.bucket)
         if src.is_file():
             size, digest = copy_hashing(src, None)
-            self._upload_file(src, key, size, digest, progress)
-            return target_id
+            tid = target_id or content_id("file", digest)
+            if target_id is None and self._holds(tid, size):
+                return tid
+            self._upload_file(src, target_key(tid), size, digest, progress)
+            return tid
         # pack to a temp file (never in RAM), then upload it
         fd, tmp_name = tempfile.mkstemp(prefix="forgespace-pack-", suffix=".tar.gz")
         tmp = Path(tmp_name)
@@ -294,10 +306,22 @@ class S3Store:
                 total = tree_size(src) if progress is not None else 0
                 cb = (lambda done: progress(done, total)) if progress is not None else None
                 stats = pack_directory(src, out, progress=cb)
-            self._upload_file(tmp, key, stats.size, stats.sha256, progress)
+            tid = target_id or content_id("tree", stats.tree_digest)
+            if target_id is None and self._holds(tid, None):
+                return tid
+            self._upload_file(tmp, target_key(tid), stats.size, stats.sha256, progress)
         finally:
             tmp.unlink(missing_ok=True)
-        return target_id
+        return tid
+
+    def _holds(self, target_id: str, size: int | None) -> bool:
+        """The bucket already has this content id's object (of ``size`` bytes, when known: a
+        directory packed by another compressor version has other bytes, same content)."""
+        try:
+            info = self.stat_target(target_id)
+        except TargetNotFoundError:
+            return False
+        return size is None or info.size == size
 
     def _upload_file(
         self, src: Path, key: str, size: int, digest: str, progress: ProgressFn | None

@@ -310,7 +310,7 @@ class CacheActivities:
 
     @activity.defn(name=PREPARE_ACTIVITY)
     async def prepare_workspace(
-        self, target_id: str, run_id: str | None, workspace_isolation: str = "isolated"
+        self, target_id: str, run_id: str | None = None, workspace_isolation: str = "isolated"
     ) -> PreparedWorkspace:
         """get_target plus what the runner reports: downloaded or served from the cache."""
         result = await self._get_async(target_id, run_id, workspace_isolation)
@@ -404,7 +404,12 @@ class CacheActivities:
     async def upload_results(
         self, workflow_id: str, results: Any, results_format: str = "json"
     ) -> str:
-        """Store ``results`` under ``{workflow_id}/results.{json|sarif}``; return the location."""
+        """Store ``results`` under ``{workflow_id}/results.{json|sarif}``; return the location.
+
+        As FuzzForge's activity of the same name: a format other than ``json``/``sarif`` is
+        stored as JSON (with a warning), and with the s3 backend the location is the object's
+        URL ``{S3_ENDPOINT}/{S3_RESULTS_BUCKET}/{key}`` (the local backend: the file's path).
+        """
         if not isinstance(workflow_id, str) or not _WORKFLOW_ID.fullmatch(workflow_id):
             raise ApplicationError(
                 f"invalid workflow_id {workflow_id!r}: expected 1-255 characters of "
@@ -413,16 +418,25 @@ class CacheActivities:
                 non_retryable=True,
             )
         if results_format not in RESULT_FORMATS:
-            raise ApplicationError(
-                f"invalid results_format {results_format!r}: expected one of "
-                + ", ".join(RESULT_FORMATS),
-                type="ValueError",
-                non_retryable=True,
+            activity.logger.warning(
+                "upload_results: format %r is not one of %s; stored as JSON (as FuzzForge does)",
+                results_format,
+                ", ".join(RESULT_FORMATS),
             )
+            results_format = "json"
         ext, content_type = RESULT_FORMATS[results_format]
         data = json.dumps(results, indent=2, sort_keys=True, default=str).encode()
         key = f"{workflow_id}/results.{ext}"
         store = self.cache.store
-        return await self._run(
+        location = await self._run(
             lambda: store.put_result(key, data, content_type), _Progress("upload_results")
         )
+        return _results_url(location, self.cache.settings.s3_endpoint)
+
+
+def _results_url(location: str, endpoint: str | None) -> str:
+    """``s3://bucket/key`` as the URL FuzzForge returns (``{endpoint}/bucket/key``)."""
+    if location.startswith("s3://") and endpoint:
+        base = endpoint if "://" in endpoint else f"http://{endpoint}"
+        return f"{base.rstrip('/')}/{location.removeprefix('s3://')}"
+    return location

@@ -48,6 +48,7 @@ from temporalio.exceptions import TimeoutError as TemporalTimeoutError
 from temporalio.workflow import ActivityCancellationType
 
 __all__ = [
+    "CACHE_MEMO_KEY",
     "CLEANUP_ACTIVITY",
     "GET_TARGET_ACTIVITY",
     "HOST_QUEUE_ACTIVITY",
@@ -62,6 +63,7 @@ __all__ = [
     "WorkflowRequest",
     "Workspace",
     "WorkspaceOptions",
+    "record_workspace",
     "register_metadata_modes",
     "run_in_workspace",
 ]
@@ -78,6 +80,9 @@ RUN_TOOL_ACTIVITY = "forgespace_run_tool"
 # Memo key under which run_in_workspace records the workspace it got (the runner reads it to
 # report the path and whether the target was downloaded or served from the cache).
 MEMO_KEY = "forgespace_workspace"
+# Memo key counting the run's get_target calls: {"downloads": n, "hits": m}, whoever made them
+# (run_in_workspace, or the host-affinity interceptor for workflows calling get_target).
+CACHE_MEMO_KEY = "forgespace_cache"
 
 T = TypeVar("T")
 
@@ -438,6 +443,25 @@ async def _cleanup(ws: Workspace, *, body_failed: bool) -> None:
         raise
 
 
+def record_workspace(prepared: PreparedWorkspace) -> None:
+    """Record a get_target in the run's memo: the latest workspace under ``MEMO_KEY`` and the
+    running download / cache-hit counts under ``CACHE_MEMO_KEY`` (what `forgespace run` sums)."""
+    counts = dict(workflow.memo_value(CACHE_MEMO_KEY, {"downloads": 0, "hits": 0}))
+    counts["downloads" if prepared.downloaded else "hits"] += 1
+    workflow.upsert_memo(
+        {
+            MEMO_KEY: {
+                "path": prepared.path,
+                "downloaded": prepared.downloaded,
+                "host": prepared.host,
+                "task_queue": prepared.task_queue,
+                "workspace_isolation": prepared.workspace_isolation,
+            },
+            CACHE_MEMO_KEY: counts,
+        }
+    )
+
+
 async def run_in_workspace(
     request: WorkflowRequest,
     body: Callable[[Workspace], Awaitable[T]],
@@ -498,17 +522,7 @@ async def run_in_workspace(
             await _cleanup(Workspace(request, prepared, opts), body_failed=True)
             raise asyncio.CancelledError("workflow cancelled while its workspace was prepared")
         workflow.logger.info(f"User code downloaded to: {prepared.path}")
-        workflow.upsert_memo(
-            {
-                MEMO_KEY: {
-                    "path": prepared.path,
-                    "downloaded": prepared.downloaded,
-                    "host": prepared.host,
-                    "task_queue": prepared.task_queue,
-                    "workspace_isolation": prepared.workspace_isolation,
-                }
-            }
-        )
+        record_workspace(prepared)
         ws = Workspace(request, prepared, opts)
         body_failed = True
         host_gone = False

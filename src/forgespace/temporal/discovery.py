@@ -1,20 +1,31 @@
-"""Workflow packages: discovery, metadata.yaml validation, loading WORKFLOW and ACTIVITIES.
+"""Workflow packages: discovery, metadata.yaml validation, finding the workflow and activities.
 
-A package is a folder with ``metadata.yaml`` (FuzzForge's format), ``workflow.py`` exposing
-``WORKFLOW`` (a ``@workflow.defn(name=<metadata name>)`` class) and ``activities.py``
-exposing ``ACTIVITIES`` (a list of ``@activity.defn`` functions). Bundled packages live in
-``forgespace/workflows/<name>/``; more come from ``--workflows-dir`` folders. Folders whose name
-starts with ``_`` or ``.`` are not packages.
+A package is a folder with ``metadata.yaml`` (FuzzForge's format), ``workflow.py`` and
+optionally ``activities.py``, written the way FuzzForge writes them:
+
+- the workflow is ``WORKFLOW`` when ``workflow.py`` exports it, otherwise the one
+  ``@workflow.defn`` class defined in ``workflow.py`` (several are an error naming them). Its
+  Temporal type name is whatever its ``@workflow.defn`` says (the class name when it says
+  nothing); ``forgespace run NAME`` takes the metadata ``name`` and maps it to that type;
+- the activities are ``ACTIVITIES`` when ``activities.py`` exports it, otherwise every
+  ``@activity.defn`` function defined in ``activities.py``.
+
+Bundled packages live in ``forgespace/workflows/<name>/``; more come from ``--workflows-dir``
+folders, and a user package named like a bundled one replaces it (with a warning). Folders whose
+name starts with ``_`` or ``.`` are not packages.
 
 metadata.yaml is the one source of truth for a workflow's ``workspace_isolation``: it is
 validated at start-up (an unknown value stops the worker with ``WorkflowMetadataError`` naming
-the file, the value and the allowed values; a missing one means ``isolated``).
+the file, the value and the allowed values; a missing one means ``isolated``). Its
+``parameters`` must be a valid JSON Schema (``forgespace.temporal.parameters`` validates runs'
+parameters against it).
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import logging
 import sys
 from collections.abc import Iterable, Sequence
@@ -92,6 +103,38 @@ class WorkflowPackage:
     def workspace_isolation(self) -> str:
         return self.metadata.workspace_isolation
 
+    @property
+    def workflow_type(self) -> str:
+        """The Temporal workflow type to start (its ``@workflow.defn`` name once loaded)."""
+        defn = getattr(self.workflow, "__temporal_workflow_definition", None)
+        return str(defn.name) if defn is not None and defn.name else self.name
+
+    @property
+    def takes_target_id(self) -> bool:
+        """Whether the run method takes ``target_id`` (FuzzForge style: positional arguments
+        ``[target_id, *parameters]``) rather than one ``WorkflowRequest``."""
+        params = self._run_parameters()
+        return bool(params) and params[0].name == "target_id"
+
+    def run_arguments(self) -> tuple[list[str] | None, dict[str, Any]]:
+        """The run method's parameters after ``target_id``: their names (``None`` when it
+        takes ``*args``/``**kwargs``, i.e. any) and the Python defaults they declare."""
+        params = self._run_parameters()[1:]
+        if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+            names = None
+        else:
+            names = [p.name for p in params]
+        defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+        return names, defaults
+
+    def _run_parameters(self) -> list[inspect.Parameter]:
+        defn = getattr(self.workflow, "__temporal_workflow_definition", None)
+        run_fn = getattr(defn, "run_fn", None)
+        if run_fn is None:
+            return []
+        params = list(inspect.signature(run_fn).parameters.values())
+        return params[1:]  # self
+
     def summary(self) -> dict[str, str]:
         """The entry `forgespace workflows --json` prints."""
         m = self.metadata
@@ -115,7 +158,7 @@ def load_metadata(path: Path) -> WorkflowMetadata:
             f"{path}: workflow metadata must be a mapping, got {type(raw).__name__}"
         )
     try:
-        return WorkflowMetadata.model_validate(raw)
+        meta = WorkflowMetadata.model_validate(raw)
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
@@ -123,6 +166,10 @@ def load_metadata(path: Path) -> WorkflowMetadata:
             msg = err["msg"].removeprefix("Value error, ")
             problems.append(f"{loc}: {msg}")
         raise WorkflowMetadataError(f"{path}: {'; '.join(problems)}") from None
+    from forgespace.temporal.parameters import check_schema
+
+    check_schema(meta.parameters, where=f"{path}: parameters")
+    return meta
 
 
 def _package_dirs(root: Path) -> list[Path]:
@@ -155,6 +202,7 @@ def discover(
             meta = load_metadata(pkg_dir / "metadata.yaml")
             prefix = f"{BUNDLED_PACKAGE}.{pkg_dir.name}" if is_bundled else pkg_dir.name
             found.append(WorkflowPackage(meta.name, pkg_dir, meta, prefix, is_bundled))
+    found = _user_replaces_bundled(found)
     seen: dict[str, WorkflowPackage] = {}
     for pkg in found:
         if pkg.name in seen:
@@ -166,7 +214,38 @@ def discover(
     if load:
         for pkg in found:
             load_package(pkg)
+        _check_workflow_types(found)
     return found
+
+
+def _user_replaces_bundled(found: list[WorkflowPackage]) -> list[WorkflowPackage]:
+    """Drop each bundled package that a user package of the same name replaces (warning)."""
+    user = {p.name: p for p in found if not p.bundled}
+    out = []
+    for pkg in found:
+        replacement = user.get(pkg.name)
+        if pkg.bundled and replacement is not None:
+            log.warning(
+                "workflow %s: the package in %s replaces the bundled one",
+                pkg.name,
+                replacement.directory,
+            )
+            continue
+        out.append(pkg)
+    return out
+
+
+def _check_workflow_types(packages: Sequence[WorkflowPackage]) -> None:
+    """One worker registers each Temporal workflow type once."""
+    by_type: dict[str, WorkflowPackage] = {}
+    for pkg in packages:
+        other = by_type.setdefault(pkg.workflow_type, pkg)
+        if other is not pkg:
+            raise WorkflowMetadataError(
+                f"workflows {other.name} ({other.directory / 'workflow.py'}) and {pkg.name} "
+                f"({pkg.directory / 'workflow.py'}) both define the Temporal workflow type "
+                f"{pkg.workflow_type!r}; give one a distinct @workflow.defn(name=...)"
+            )
 
 
 def _import(pkg: WorkflowPackage, module: str) -> Any:
@@ -194,36 +273,66 @@ def _import(pkg: WorkflowPackage, module: str) -> Any:
         raise
     except Exception as exc:
         raise WorkflowMetadataError(
-            f"{pkg.directory / (module + '.py')}: cannot import: {type(exc).__name__}: {exc}"
+            f"workflow package {pkg.name}: cannot import {pkg.directory / (module + '.py')}: "
+            f"{type(exc).__name__}: {exc}"
         ) from exc
 
 
+def _defined_here(module: Any, attr: str) -> list[tuple[str, Any]]:
+    """Module attributes carrying ``attr`` (a Temporal definition) and defined in ``module``
+    itself: what it merely imports is another package's (or forgespace's) to register."""
+    return [
+        (name, obj)
+        for name, obj in vars(module).items()
+        if getattr(obj, attr, None) is not None
+        and getattr(obj, "__module__", None) == module.__name__
+    ]
+
+
+def _find_workflow(pkg: WorkflowPackage, wf_mod: Any) -> type:
+    where = pkg.directory / "workflow.py"
+    wf = getattr(wf_mod, "WORKFLOW", None)
+    if wf is not None:
+        if getattr(wf, "__temporal_workflow_definition", None) is None:
+            raise WorkflowMetadataError(f"{where}: WORKFLOW is {wf!r}, not a @workflow.defn class")
+        return wf  # type: ignore[no-any-return]
+    found = _defined_here(wf_mod, "__temporal_workflow_definition")
+    classes = [obj for _, obj in found if inspect.isclass(obj)]
+    if not classes:
+        raise WorkflowMetadataError(
+            f"{where}: defines no @workflow.defn class (and exports no WORKFLOW)"
+        )
+    if len(classes) > 1:
+        names = ", ".join(sorted(c.__name__ for c in classes))
+        raise WorkflowMetadataError(
+            f"{where}: defines several @workflow.defn classes ({names}); keep one per package "
+            "or export the one to serve as WORKFLOW"
+        )
+    return classes[0]  # type: ignore[no-any-return]
+
+
+def _find_activities(pkg: WorkflowPackage, act_mod: Any) -> list[Any]:
+    listed = getattr(act_mod, "ACTIVITIES", None)
+    if listed is None:
+        return [obj for _, obj in _defined_here(act_mod, "__temporal_activity_definition")]
+    acts = list(listed)
+    for a in acts:
+        if getattr(a, "__temporal_activity_definition", None) is None:
+            raise WorkflowMetadataError(
+                f"{pkg.directory / 'activities.py'}: ACTIVITIES holds {a!r}, "
+                "which is not an @activity.defn function"
+            )
+    return acts
+
+
 def load_package(pkg: WorkflowPackage) -> WorkflowPackage:
-    """Import the package's WORKFLOW and ACTIVITIES and check them against metadata.yaml."""
+    """Import the package's workflow class and activities (see the module docstring)."""
     if pkg.workflow is not None:
         return pkg
-    wf_mod = _import(pkg, "workflow")
-    wf = getattr(wf_mod, "WORKFLOW", None)
-    defn = getattr(wf, "__temporal_workflow_definition", None)
-    if wf is None or defn is None:
-        raise WorkflowMetadataError(
-            f"{pkg.directory / 'workflow.py'}: must expose WORKFLOW = a @workflow.defn class"
-        )
-    if defn.name != pkg.name:
-        raise WorkflowMetadataError(
-            f"{pkg.directory / 'workflow.py'}: WORKFLOW is named {defn.name!r} but "
-            f"metadata.yaml names {pkg.name!r}; use @workflow.defn(name={pkg.name!r})"
-        )
+    wf = _find_workflow(pkg, _import(pkg, "workflow"))
     acts: list[Any] = []
     if (pkg.directory / "activities.py").is_file():
-        act_mod = _import(pkg, "activities")
-        acts = list(getattr(act_mod, "ACTIVITIES", None) or [])
-        for a in acts:
-            if getattr(a, "__temporal_activity_definition", None) is None:
-                raise WorkflowMetadataError(
-                    f"{pkg.directory / 'activities.py'}: ACTIVITIES holds {a!r}, "
-                    "which is not an @activity.defn function"
-                )
+        acts = _find_activities(pkg, _import(pkg, "activities"))
     pkg.workflow = wf
     pkg.activities = acts
     return pkg

@@ -26,9 +26,16 @@ from rich.table import Table
 from rich.text import Text
 
 from forgespace.config import Settings
-from forgespace.errors import ForgespaceError
-from forgespace.temporal.api import MEMO_KEY, WorkflowRequest
-from forgespace.temporal.discovery import discover, find_package, resolve_mode
+from forgespace.errors import ForgespaceError, WorkflowParameterError
+from forgespace.temporal.api import CACHE_MEMO_KEY, MEMO_KEY, WorkflowRequest
+from forgespace.temporal.discovery import (
+    WorkflowPackage,
+    discover,
+    find_package,
+    load_package,
+    resolve_mode,
+)
+from forgespace.temporal.parameters import resolve_parameters, start_arguments
 from forgespace.temporal.worker import DEFAULT_TASK_QUEUE, WorkerInfo, connect, run_worker
 
 if TYPE_CHECKING:
@@ -79,10 +86,12 @@ class RunState:
     step: str = ""
     details: str = ""
     workspace: str = ""
-    downloaded: bool | None = None
+    workspace_isolation: str | None = None
+    downloads: int = 0
+    hits: int = 0
     findings: int = 0
     error: str | None = None
-    result: dict[str, Any] = field(default_factory=dict)
+    result: Any = field(default_factory=dict)
     done: bool = False
 
     def report(self) -> dict[str, Any]:
@@ -123,10 +132,16 @@ async def _poll(client: Client, handle: WorkflowHandle[Any, Any], state: RunStat
     with contextlib.suppress(Exception):
         desc = await handle.describe()
         memo = await desc.memo()
-        ws = memo.get(MEMO_KEY) if isinstance(memo, dict) else None
+        memo = memo if isinstance(memo, dict) else {}
+        ws = memo.get(MEMO_KEY)
         if isinstance(ws, dict):
             state.workspace = state.workspace or str(ws.get("path", ""))
-            state.downloaded = bool(ws.get("downloaded"))
+            state.workspace_isolation = ws.get("workspace_isolation") or None
+        # What each of the run's get_target calls reported (recorded worker-side).
+        counts = memo.get(CACHE_MEMO_KEY)
+        if isinstance(counts, dict):
+            state.downloads = int(counts.get("downloads") or 0)
+            state.hits = int(counts.get("hits") or 0)
         if state.done:
             return
         state.status = desc.status.name.lower() if desc.status else "unknown"
@@ -207,15 +222,42 @@ async def _wait_result(handle: WorkflowHandle[Any, Any], state: RunState) -> Non
         state.error = f"{type(exc).__name__}: {exc}"
     else:
         state.status = "completed"
-        if isinstance(result, dict):
+        if isinstance(result, dict) and result.keys() >= FORGESPACE_SHAPE:
             state.findings = int(result.get("findings") or 0)
             state.workspace = str(result.get("workspace") or state.workspace)
             inner = result.get("result")
             state.result = inner if isinstance(inner, dict) else {"value": inner}
         else:
-            state.result = {"value": result}
+            # A design-document / FuzzForge-style workflow: its return value is the result.
+            state.result = result
+            state.findings = count_findings(result)
     finally:
         state.done = True
+
+
+# The keys of what forgespace's own workflows return (run_in_workspace bodies).
+FORGESPACE_SHAPE = frozenset({"findings", "workspace", "result"})
+
+
+def count_findings(result: Any) -> int:
+    """Findings in a return value of another shape: a ``findings`` count or list, a summary's
+    ``total_findings``, or the results of a SARIF log (FuzzForge's habits), else 0."""
+    if not isinstance(result, dict):
+        return 0
+    findings = result.get("findings")
+    if isinstance(findings, bool):
+        return 0
+    if isinstance(findings, int):
+        return findings
+    if isinstance(findings, list):
+        return len(findings)
+    summary = result.get("summary")
+    if isinstance(summary, dict) and isinstance(summary.get("total_findings"), int):
+        return int(summary["total_findings"])
+    sarif = result.get("sarif")
+    if isinstance(sarif, dict) and isinstance(sarif.get("runs"), list):
+        return sum(len(r.get("results") or []) for r in sarif["runs"] if isinstance(r, dict))
+    return 0
 
 
 async def _submit_and_wait(
@@ -228,19 +270,31 @@ async def _submit_and_wait(
     for i in range(job.runs):
         run_id = f"r{i + 1}-{uuid.uuid4().hex[:10]}"
         wid = f"{job.workflow}-{job.target_id}-{run_id}"
-        request = WorkflowRequest(
-            target_id=job.target_id,
-            run_id=run_id,
-            workspace_isolation=job.mode,
-            parameters=dict(job.parameters),
-        )
-        handle = await client.start_workflow(
-            job.workflow,
-            request,
-            id=wid,
-            task_queue=job.task_queue,
-            execution_timeout=job.timeout,
-        )
+        if job.start_args is not None:
+            # FuzzForge style: positional [target_id, *parameters]; the workflow names its run
+            # by Temporal's run id (workflow.info().run_id), so the report does too.
+            handle = await client.start_workflow(
+                job.workflow_type,
+                args=job.start_args,
+                id=wid,
+                task_queue=job.task_queue,
+                execution_timeout=job.timeout,
+            )
+            run_id = handle.result_run_id or run_id
+        else:
+            request = WorkflowRequest(
+                target_id=job.target_id,
+                run_id=run_id,
+                workspace_isolation=job.mode,
+                parameters=dict(job.parameters),
+            )
+            handle = await client.start_workflow(
+                job.workflow_type,
+                request,
+                id=wid,
+                task_queue=job.task_queue,
+                execution_timeout=job.timeout,
+            )
         handles.append(handle)
         states.append(RunState(run_id=run_id, workflow_id=wid, status="running"))
         console.print(f"started run {run_id} (workflow id {wid})", highlight=False)
@@ -299,18 +353,43 @@ async def _submit_and_wait(
 @dataclass
 class JobPlan:
     workflow: str
+    workflow_type: str
     target_id: str
     mode: str
     parameters: dict[str, Any]
     runs: int
     task_queue: str
     timeout: timedelta
+    # Positional start arguments (FuzzForge style); None: one WorkflowRequest.
+    start_args: list[Any] | None = None
+
+
+def plan_mode(pkg: WorkflowPackage, override: str | None, source: str) -> str:
+    """The mode the runs use. A workflow taking ``target_id`` chooses its own mode in its code
+    (its ``get_target`` calls), which forgespace does not rewrite: an override that differs
+    from its metadata.yaml is refused rather than reported as applied."""
+    if pkg.takes_target_id and override:
+        from forgespace.layout import IsolationMode
+
+        if IsolationMode.parse(override).value != pkg.workspace_isolation:
+            raise WorkflowParameterError(
+                f"{source} {override}: workflow {pkg.name} takes target_id and chooses its "
+                f"workspace isolation in its own code (metadata.yaml: "
+                f"{pkg.workspace_isolation}); forgespace cannot change it. Run it without "
+                f"{source}, or change the mode in {pkg.directory}"
+            )
+    return resolve_mode(pkg.workspace_isolation, override, workflow=pkg.name, source=source)
 
 
 async def run_job(
     settings: Settings, job: RunJob, *, console: Console | None = None
 ) -> dict[str, Any]:
-    """Run ``job`` and return the report (the contract's ``--json`` object)."""
+    """Run ``job`` and return the report (the contract's ``--json`` object).
+
+    Order: everything the user can get wrong is checked first (workflow, parameters, mode,
+    the package's import), then the Temporal connection (and, embedded, the in-process
+    worker), and only then is the target uploaded: a mistake never leaves an object behind.
+    """
     from forgespace.storage import open_store
     from forgespace.temporal.devserver import DevServer
 
@@ -320,15 +399,15 @@ async def run_job(
     if not job.path.exists():
         raise RunInputError(f"target path {job.path} does not exist")
     packages = discover(job.workflows_dirs, bundled=job.bundled, load=False)
-    pkg = find_package(packages, job.workflow)
+    pkg = load_package(find_package(packages, job.workflow))
     params = dict(job.params)
     override = job.isolation
     source = "--isolation"
     param_mode = params.pop("workspace_isolation", None)
     if override is None and param_mode is not None:
         override, source = str(param_mode), "parameter workspace_isolation"
-    mode = resolve_mode(pkg.workspace_isolation, override, workflow=pkg.name, source=source)
-    parameters = {**pkg.metadata.default_parameters, **params}
+    mode = plan_mode(pkg, override, source)
+    parameters = resolve_parameters(pkg, params)
 
     if settings.temporal_address and settings.storage_backend == "local":
         log.warning(
@@ -337,18 +416,6 @@ async def run_job(
             settings.storage_dir,
         )
     store = open_store(settings)
-    console.print(f"uploading {job.path} to the {store.display_name} ...", highlight=False)
-    target_id = await asyncio.to_thread(store.upload_target, job.path)
-    console.print(f"target id {target_id}", highlight=False)
-    plan = JobPlan(
-        workflow=pkg.name,
-        target_id=target_id,
-        mode=mode,
-        parameters=parameters,
-        runs=job.runs,
-        task_queue=job.task_queue,
-        timeout=job.timeout,
-    )
 
     server: DevServer | None = None
     worker_task: asyncio.Task[None] | None = None
@@ -361,41 +428,24 @@ async def run_job(
             server.start()  # main thread: the server dies with it
             address = server.address
             console.print(f"embedded Temporal dev server at {address}", highlight=False)
-        client = await connect(address, settings.temporal_namespace)
+        client = await connect(settings, address=address)
         if server is not None:
             loaded = discover(job.workflows_dirs, bundled=job.bundled, load=True)
-            ready = asyncio.Event()
-
-            def on_ready(info: WorkerInfo) -> None:
-                infos.append(info)
-                ready.set()
-
-            worker_task = asyncio.create_task(
-                run_worker(
-                    settings,
-                    client,
-                    task_queue=job.task_queue,
-                    packages=loaded,
-                    stop=stop,
-                    on_ready=on_ready,
-                    sweep=False,
-                )
-            )
-            ready_wait = asyncio.create_task(ready.wait())
-            done, _ = await asyncio.wait(
-                {worker_task, ready_wait},
-                timeout=WORKER_READY_TIMEOUT,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-            if worker_task in done:
-                ready_wait.cancel()
-                worker_task.result()  # raises the worker's start-up error
-            if not ready.is_set():
-                ready_wait.cancel()
-                raise ForgespaceError(
-                    f"in-process worker not ready after {WORKER_READY_TIMEOUT:.0f}s "
-                    f"(task queue {job.task_queue}, Temporal {address})"
-                )
+            worker_task = await _start_worker(settings, client, job, loaded, stop, address, infos)
+        console.print(f"uploading {job.path} to the {store.display_name} ...", highlight=False)
+        target_id = await asyncio.to_thread(store.upload_target, job.path)
+        console.print(f"target id {target_id}", highlight=False)
+        plan = JobPlan(
+            workflow=pkg.name,
+            workflow_type=pkg.workflow_type,
+            target_id=target_id,
+            mode=mode,
+            parameters=parameters,
+            runs=job.runs,
+            task_queue=job.task_queue,
+            timeout=job.timeout,
+            start_args=start_arguments(pkg, target_id, parameters) if pkg.takes_target_id else None,
+        )
         states = await _submit_and_wait(client, plan, console)
     finally:
         stop.set()
@@ -405,8 +455,12 @@ async def run_job(
         if server is not None:
             await asyncio.to_thread(server.stop)
 
-    downloads = sum(1 for s in states if s.downloaded is True)
-    hits = sum(1 for s in states if s.downloaded is False)
+    downloads = sum(s.downloads for s in states)
+    hits = sum(s.hits for s in states)
+    # The mode the runs' get_target calls used (a workflow taking target_id picks its own).
+    seen_modes = {s.workspace_isolation for s in states if s.workspace_isolation}
+    if len(seen_modes) == 1:
+        mode = seen_modes.pop()
     report = {
         "workflow": pkg.name,
         "target_id": target_id,
@@ -426,12 +480,59 @@ async def run_job(
     return report
 
 
+async def _start_worker(
+    settings: Settings,
+    client: Client,
+    job: RunJob,
+    packages: list[WorkflowPackage],
+    stop: asyncio.Event,
+    address: str,
+    infos: list[WorkerInfo],
+) -> asyncio.Task[None]:
+    """The embedded run's in-process worker, once it polls (its start-up error otherwise);
+    its WorkerInfo is appended to ``infos``."""
+    ready = asyncio.Event()
+
+    def on_ready(info: WorkerInfo) -> None:
+        infos.append(info)
+        ready.set()
+
+    worker_task = asyncio.create_task(
+        run_worker(
+            settings,
+            client,
+            task_queue=job.task_queue,
+            packages=packages,
+            stop=stop,
+            on_ready=on_ready,
+            sweep=False,
+        )
+    )
+    ready_wait = asyncio.create_task(ready.wait())
+    done, _ = await asyncio.wait(
+        {worker_task, ready_wait},
+        timeout=WORKER_READY_TIMEOUT,
+        return_when=asyncio.FIRST_COMPLETED,
+    )
+    if worker_task in done:
+        ready_wait.cancel()
+        worker_task.result()  # raises the worker's start-up error
+    if not ready.is_set():
+        ready_wait.cancel()
+        raise ForgespaceError(
+            f"in-process worker not ready after {WORKER_READY_TIMEOUT:.0f}s "
+            f"(task queue {job.task_queue}, Temporal {address})"
+        )
+    return worker_task
+
+
 def write_sarif(report: dict[str, Any], base: Path, console: Console) -> list[Path]:
     """Write each run's ``result["sarif"]``; see ``sarif_paths`` for the file names."""
     runs = report["runs"]
     written: list[Path] = []
     for run, path in zip(runs, sarif_paths(base, [r["run_id"] for r in runs]), strict=True):
-        sarif = (run.get("result") or {}).get("sarif")
+        result = run.get("result")
+        sarif = result.get("sarif") if isinstance(result, dict) else None
         if sarif is None:
             console.print(f"run {run['run_id']}: no SARIF in its result", highlight=False)
             continue

@@ -6,9 +6,10 @@
 - the *host* worker polls this host's own queue (``host_task_queue``): get_target, the
   workflows' activities and cleanup_cache run there, next to the workspace on disk.
 
-Both register every activity (storage activities plus the packages' ACTIVITIES), so
-FuzzForge-style workflows that call ``get_target`` on the default queue still work on a single
-host. Connection: TEMPORAL_ADDRESS / TEMPORAL_NAMESPACE (unset address = an embedded dev server).
+Both register every activity (storage activities plus the packages' activities). Workflows
+that call ``get_target`` themselves on the default queue (FuzzForge style) are pinned to the
+host of their ``get_target`` by ``HostAffinityInterceptor``, so they work on many hosts too.
+Connection: TEMPORAL_ADDRESS / TEMPORAL_NAMESPACE (unset address = an embedded dev server).
 """
 
 from __future__ import annotations
@@ -29,17 +30,22 @@ from forgespace.config import Settings
 from forgespace.errors import ConfigError, WorkflowMetadataError
 from forgespace.temporal.activities import CacheActivities, host_task_queue
 from forgespace.temporal.api import register_metadata_modes
+from forgespace.temporal.client import connect
 from forgespace.temporal.discovery import WorkflowPackage, discover
+from forgespace.temporal.health import WorkerHealth
 
 if TYPE_CHECKING:
     from temporalio.client import Client
 
+    from forgespace.cache.metrics import MetricsServer
     from forgespace.cache.workspace import WorkspaceCache
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TASK_QUEUE = "forgespace"
 GRACEFUL_SHUTDOWN = timedelta(seconds=10)
+# /metrics and /healthz stay on the host unless the operator publishes them (--metrics-addr).
+DEFAULT_METRICS_ADDR = "127.0.0.1"
 # Heartbeat details reach the server at most this long after an activity reports them, so
 # `forgespace run` shows live progress (the SDK's default throttle is 30-60 s).
 HEARTBEAT_THROTTLE = timedelta(seconds=2)
@@ -60,20 +66,6 @@ class WorkerInfo:
     sandbox: str = ""
 
 
-async def connect(address: str, namespace: str) -> Client:
-    """A Temporal client; the error names the address when the server cannot be reached."""
-    from temporalio.client import Client
-
-    from forgespace.temporal.devserver import DevServerError
-
-    try:
-        return await asyncio.wait_for(Client.connect(address, namespace=namespace), timeout=30)
-    except Exception as exc:
-        raise DevServerError(
-            f"cannot connect to Temporal at {address} (namespace {namespace}): {exc}"
-        ) from exc
-
-
 async def _sweep_loop(cache: WorkspaceCache, interval: float, stop: asyncio.Event) -> None:
     """The periodic cache sweep (TTL + LRU) every CACHE_CLEANUP_INTERVAL, first at start-up."""
     loop = asyncio.get_running_loop()
@@ -84,6 +76,7 @@ async def _sweep_loop(cache: WorkspaceCache, interval: float, stop: asyncio.Even
             freed = getattr(report, "freed_bytes", None)
             plan = getattr(report, "plan", None) or []
             log.info("cache sweep: %d entries evicted, %s bytes freed", len(plan), freed)
+            _observe_sweep(True)
         except (ImportError, AttributeError, NotImplementedError) as exc:
             # The eviction module may not be installed in this build yet.
             if not warned:
@@ -91,24 +84,69 @@ async def _sweep_loop(cache: WorkspaceCache, interval: float, stop: asyncio.Even
                 warned = True
         except Exception:
             log.exception("cache sweep failed (will retry in %.0fs)", interval)
+            _observe_sweep(False)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=max(interval, 1.0))
 
 
-def _start_metrics(port: int) -> int | None:
+def _observe_sweep(ok: bool) -> None:
+    with contextlib.suppress(ImportError):  # metrics are optional (prometheus_client missing)
+        from forgespace.cache.metrics import observe_sweep
+
+        observe_sweep(ok)
+
+
+def _start_metrics(port: int, addr: str, health: WorkerHealth) -> MetricsServer | None:
     try:
         from forgespace.cache.metrics import start_metrics_server
     except ImportError as exc:
         log.warning("Prometheus metrics unavailable (%s)", exc)
         return None
     try:
-        start_metrics_server(port)
-    except OSError as exc:
+        server = start_metrics_server(port, addr, health=health)
+    except OSError as exc:  # includes socket.gaierror for a host name that does not resolve
         raise ConfigError(
-            f"invalid --metrics-port {port}: cannot serve metrics there: {exc}"
+            f"invalid --metrics-addr/--metrics-port {addr}:{port}: cannot serve metrics there: "
+            f"{exc}; expected a local address (127.0.0.1, 0.0.0.0, ::) and a free port"
         ) from exc
-    log.info("Prometheus metrics on :%d/metrics", port)
-    return port
+    host = f"[{addr}]" if ":" in addr else addr
+    log.info(
+        "Prometheus metrics on http://%s:%d/metrics, health on /healthz",
+        host,
+        server.server_port,
+    )
+    return server
+
+
+def _temporal_probe(client: Client, loop: asyncio.AbstractEventLoop) -> Callable[[], str | None]:
+    """For /healthz (a server thread): ask the frontend's health service on the worker's loop,
+    bounded to a few seconds; the answer is None when it serves."""
+
+    def problem() -> str | None:
+        address = client.service_client.config.target_host
+        call = client.service_client.check_health(timeout=timedelta(seconds=2))
+        future = asyncio.run_coroutine_threadsafe(call, loop)
+        try:
+            serving = future.result(timeout=3)
+        except Exception as exc:
+            future.cancel()
+            return f"Temporal at {address} not reachable: {exc or type(exc).__name__}"
+        return None if serving else f"Temporal at {address} is up but not serving"
+
+    return problem
+
+
+def select_vertical(packages: list[WorkflowPackage], vertical: str | None) -> list[WorkflowPackage]:
+    """The packages of ``vertical`` (all when None); none of it is an error naming the known."""
+    if not vertical:
+        return packages
+    chosen = [p for p in packages if p.metadata.vertical == vertical]
+    if not chosen:
+        known = ", ".join(sorted({p.metadata.vertical for p in packages if p.metadata.vertical}))
+        raise WorkflowMetadataError(
+            f"no workflow package has vertical {vertical!r}; verticals found: {known or 'none'}"
+        )
+    return chosen
 
 
 def _collect_activities(storage: list[Any], packages: list[WorkflowPackage]) -> list[Any]:
@@ -139,18 +177,22 @@ async def run_worker(
     bundled: bool = True,
     packages: list[WorkflowPackage] | None = None,
     metrics_port: int | None = None,
+    metrics_addr: str = DEFAULT_METRICS_ADDR,
     stop: asyncio.Event | None = None,
     on_ready: Callable[[WorkerInfo], None] | None = None,
     cache: WorkspaceCache | None = None,
     sweep: bool = True,
+    extra_task_queues: Sequence[str] = (),
 ) -> None:
     """Serve until ``stop`` is set, then shut down gracefully (in-flight activities finish
     within GRACEFUL_SHUTDOWN). Raises WorkflowMetadataError before polling anything when a
-    package is invalid."""
+    package is invalid. ``extra_task_queues`` are polled like ``task_queue`` (FuzzForge's
+    ``{vertical}-queue``)."""
     from temporalio.worker import Worker
 
     from forgespace import sandbox
     from forgespace.cache.workspace import WorkspaceCache
+    from forgespace.temporal.affinity import HostAffinityInterceptor
     from forgespace.temporal.tools import run_tool
 
     if packages is None:
@@ -164,13 +206,16 @@ async def run_worker(
     slots = settings.max_concurrent_activities
     # Every running activity holds at most one thread, so two workers of `slots` activities
     # each never wait for a thread (a sync activity queued for a thread could not heartbeat).
-    executor = ThreadPoolExecutor(max_workers=2 * slots, thread_name_prefix="forgespace-activity")
+    pollers = 2 + len(extra_task_queues)
+    executor = ThreadPoolExecutor(
+        max_workers=pollers * slots, thread_name_prefix="forgespace-activity"
+    )
     storage = CacheActivities(cache, host_queue=host_queue, host=host, executor=executor)
     activities = _collect_activities([*storage.activities(), run_tool], packages)
     workflows = [p.workflow for p in packages if p.workflow is not None]
     # Workflows learn their metadata.yaml mode from here (no I/O in workflow code), so an
     # override is logged whoever started the run.
-    register_metadata_modes({p.name: p.workspace_isolation for p in packages})
+    register_metadata_modes({p.workflow_type: p.workspace_isolation for p in packages})
     common: dict[str, Any] = {
         "activities": activities,
         "activity_executor": executor,
@@ -183,10 +228,30 @@ async def run_worker(
         "max_heartbeat_throttle_interval": HEARTBEAT_THROTTLE,
         "default_heartbeat_throttle_interval": HEARTBEAT_THROTTLE,
     }
-    shared_worker = Worker(client, task_queue=task_queue, workflows=workflows, **common)
+    shared_workers = [
+        Worker(
+            client,
+            task_queue=queue,
+            workflows=workflows,
+            # Workflows that call get_target themselves get their activities pinned to its host.
+            interceptors=[HostAffinityInterceptor()],
+            **common,
+        )
+        for queue in (task_queue, *extra_task_queues)
+    ]
     host_worker = Worker(client, task_queue=host_queue, **common)
     stop = stop or asyncio.Event()
-    port = _start_metrics(metrics_port) if metrics_port is not None else None
+    health = WorkerHealth(
+        cache_dir=Path(settings.cache_dir),
+        tmp_dir=cache.layout.tmp_dir,
+        task_queue=task_queue,
+        host_queue=host_queue,
+        temporal_problem=_temporal_probe(client, asyncio.get_running_loop()),
+    )
+    metrics_server = (
+        _start_metrics(metrics_port, metrics_addr, health) if metrics_port is not None else None
+    )
+    port = metrics_server.server_port if metrics_server is not None else None
     info = WorkerInfo(
         task_queue=task_queue,
         host_queue=host_queue,
@@ -199,7 +264,10 @@ async def run_worker(
     )
     sweeper: asyncio.Task[None] | None = None
     try:
-        async with shared_worker, host_worker:
+        async with contextlib.AsyncExitStack() as workers:
+            for w in (*shared_workers, host_worker):
+                await workers.enter_async_context(w)
+            health.workers = (*shared_workers, host_worker)
             if sweep:
                 sweeper = asyncio.create_task(
                     _sweep_loop(cache, settings.cache_cleanup_interval, stop)
@@ -215,6 +283,8 @@ async def run_worker(
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
         executor.shutdown(wait=False, cancel_futures=True)
+        if metrics_server is not None:
+            metrics_server.close()
 
 
 def _print_ready(info: WorkerInfo) -> None:
@@ -236,13 +306,16 @@ async def serve(
     workflows_dirs: Sequence[str | Path] = (),
     bundled: bool = True,
     metrics_port: int | None = None,
+    vertical: str | None = None,
+    metrics_addr: str = DEFAULT_METRICS_ADDR,
 ) -> None:
     """`forgespace worker`: validate packages, connect (or start the embedded dev server),
-    serve until SIGTERM/SIGINT."""
+    serve until SIGTERM/SIGINT. With ``vertical`` only that vertical's packages are served,
+    and ``{vertical}-queue`` (FuzzForge's queue naming) is polled as well."""
     from forgespace.temporal.devserver import DevServer
 
     # Invalid metadata stops start-up before anything connects or polls.
-    packages = discover(workflows_dirs, bundled=bundled, load=True)
+    packages = select_vertical(discover(workflows_dirs, bundled=bundled, load=True), vertical)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -260,15 +333,17 @@ async def serve(
                 address,
                 address,
             )
-        client = await connect(address, settings.temporal_namespace)
+        client = await connect(settings, address=address)
         await run_worker(
             settings,
             client,
             task_queue=task_queue,
             packages=packages,
             metrics_port=metrics_port,
+            metrics_addr=metrics_addr,
             stop=stop,
             on_ready=_print_ready,
+            extra_task_queues=[f"{vertical}-queue"] if vertical else [],
         )
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):

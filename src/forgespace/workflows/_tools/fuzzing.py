@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from forgespace import sandbox
+from forgespace.extras import require_extra
 from forgespace.workflows._tools.common import (
     SKIP_DIRS,
     Heartbeat,
@@ -136,6 +137,7 @@ def run_atheris(
     or once ``max_crashes`` distinct crashes are found (0 = keep fuzzing). The harness runs
     in the process's sandbox (``forgespace.sandbox.current()``) with ``limits``.
     """
+    require_extra("workflows", "the atheris fuzzer", modules=("atheris",))
     root = workspace_root(workspace)
     max_iterations = _positive_int(max_iterations, "max_iterations")
     timeout = _positive_int(timeout_seconds, "timeout_seconds")

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from forgespace import sandbox
+from forgespace.extras import require_extra
 from forgespace.workflows._tools.common import (
     Heartbeat,
     Throttle,
@@ -68,6 +69,7 @@ def run_pytest_suite(
     Result: ``{"tests", "passed", "failed", "errors", "skipped", "coverage_percent",
     "exit_code", "duration_seconds", "failures": [...], "reports": {...}}``.
     """
+    require_extra("workflows", "the target's pytest suite", modules=("pytest", "coverage"))
     root = workspace_root(workspace)
     if not root.is_dir():
         raise ValueError("python_test_suite needs a directory target (a project with tests)")

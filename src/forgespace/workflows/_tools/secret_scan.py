@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from forgespace import sandbox
+from forgespace.extras import require_extra
 from forgespace.workflows._tools import sarif
 from forgespace.workflows._tools.common import (
     Heartbeat,
@@ -100,6 +101,7 @@ def detect_secrets_scan(
     Result: ``{"findings": [...], "summary": {"total", "by_type", "files_scanned",
     "files_skipped"}, "sarif": {...}}``.
     """
+    require_extra("workflows", "the detect-secrets scan", modules=("detect_secrets",))
     root = workspace_root(workspace)
     if isinstance(max_file_bytes, bool) or int(max_file_bytes) <= 0:
         raise ValueError(f"max_file_bytes must be a positive integer, got {max_file_bytes!r}")

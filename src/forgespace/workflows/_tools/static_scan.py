@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from forgespace import sandbox
+from forgespace.extras import require_extra
 from forgespace.workflows._tools import sarif
 from forgespace.workflows._tools.common import (
     SKIP_DIRS,
@@ -148,6 +149,7 @@ def run_bandit(
     Code snippets are left out of the findings on purpose: bandit's ``code`` field would
     copy hard-coded passwords it flags into the results.
     """
+    require_extra("workflows", "the bandit scan", modules=("bandit",))
     cmd = [
         sys.executable,
         "-m",

@@ -5,10 +5,10 @@ the tool's activity there with a heartbeat timeout, store the results through
 ``upload_results`` (JSON, plus the SARIF log when the tool makes one) and return
 ``{"findings", "workspace", "result"}``.
 
-Activity side (``tool_activity_call``): check the parameters against the ones the tool
-accepts, turn bad input into a non-retryable ``ApplicationError``, pass heartbeats through
-(``activity.heartbeat``) and stop the tool when the activity is cancelled, and keep the
-result under Temporal's payload size limit.
+Activity side (``tool_activity_call``): turn bad input (parameters are checked against
+metadata.yaml by ``forgespace.temporal.parameters.bundled_parameters``) into a non-retryable
+``ApplicationError``, pass heartbeats through (``activity.heartbeat``) and stop the tool when
+the activity is cancelled, and keep the result under Temporal's payload size limit.
 
 Workflows import this module through ``workflow.unsafe.imports_passed_through()``; it does no
 I/O at import.
@@ -100,16 +100,6 @@ async def run_tool(
     return await run_in_workspace(request, body)
 
 
-def check_parameters(parameters: Mapping[str, Any], accepted: Mapping[str, Any]) -> dict[str, Any]:
-    """``accepted`` defaults overlaid with ``parameters``; unknown names are a ValueError."""
-    unknown = sorted(set(parameters) - set(accepted))
-    if unknown:
-        raise ValueError(
-            f"unknown parameter(s) {', '.join(unknown)}; accepted: {', '.join(sorted(accepted))}"
-        )
-    return {**accepted, **parameters}
-
-
 def activity_heartbeat(details: dict[str, Any]) -> None:
     """Heartbeat callback for tools: report ``details``, stop when the activity is cancelled."""
     activity.heartbeat(details)
@@ -145,7 +135,7 @@ def tool_activity_call(
     call: Callable[[], dict[str, Any]],
 ) -> dict[str, Any]:
     """Run a tool call in an activity, mapping bad input and tool failures to ApplicationErrors."""
-    from forgespace.errors import SandboxStartError
+    from forgespace.errors import MissingExtraError, SandboxStartError
     from forgespace.workflows._tools.common import ToolError
 
     try:
@@ -155,5 +145,8 @@ def tool_activity_call(
     except SandboxStartError as exc:
         # bwrap could not set the sandbox up: another attempt on this host would fail alike.
         raise ApplicationError(str(exc), type="SandboxStartError", non_retryable=True) from exc
+    except MissingExtraError as exc:
+        # The tool is not installed on this worker: retrying here cannot help.
+        raise ApplicationError(str(exc), type="MissingExtraError", non_retryable=True) from exc
     except ToolError as exc:
         raise ApplicationError(str(exc), type="ToolError", non_retryable=True) from exc

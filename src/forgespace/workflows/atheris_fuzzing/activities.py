@@ -6,19 +6,12 @@ from typing import Any
 
 from temporalio import activity
 
+from forgespace.temporal.parameters import bundled_parameters
 from forgespace.workflows._tools.fuzzing import run_atheris
 from forgespace.workflows._tools.workflow_common import (
     activity_heartbeat,
-    check_parameters,
     tool_activity_call,
 )
-
-PARAMETERS: dict[str, Any] = {
-    "target_file": None,
-    "max_iterations": 1_000_000,
-    "timeout_seconds": 60,
-    "max_crashes": 0,
-}
 
 
 @activity.defn(name="atheris_fuzz")
@@ -27,7 +20,7 @@ def atheris_fuzz(workspace: str, parameters: dict[str, Any]) -> dict[str, Any]:
     ``{"executions", "exec_per_sec", "corpus_size", "crashes"}``."""
 
     def call() -> dict[str, Any]:
-        p = check_parameters(parameters, PARAMETERS)
+        p = bundled_parameters("atheris_fuzzing", parameters)
         return run_atheris(
             workspace,
             target_file=p["target_file"] or None,

@@ -6,14 +6,12 @@ from typing import Any
 
 from temporalio import activity
 
+from forgespace.temporal.parameters import bundled_parameters
 from forgespace.workflows._tools.pytest_suite import run_pytest_suite
 from forgespace.workflows._tools.workflow_common import (
     activity_heartbeat,
-    check_parameters,
     tool_activity_call,
 )
-
-PARAMETERS: dict[str, Any] = {"pytest_args": "", "timeout_seconds": 600}
 
 
 @activity.defn(name="python_test_suite_run")
@@ -21,7 +19,7 @@ def python_test_suite_run(workspace: str, parameters: dict[str, Any]) -> dict[st
     """Run the suite in ``workspace`` (a writable copy); counts, coverage, failed tests."""
 
     def call() -> dict[str, Any]:
-        p = check_parameters(parameters, PARAMETERS)
+        p = bundled_parameters("python_test_suite", parameters)
         return run_pytest_suite(
             workspace,
             pytest_args=p["pytest_args"],

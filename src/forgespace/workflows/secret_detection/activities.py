@@ -6,14 +6,12 @@ from typing import Any
 
 from temporalio import activity
 
-from forgespace.workflows._tools.secret_scan import DEFAULT_MAX_FILE_BYTES, detect_secrets_scan
+from forgespace.temporal.parameters import bundled_parameters
+from forgespace.workflows._tools.secret_scan import detect_secrets_scan
 from forgespace.workflows._tools.workflow_common import (
     activity_heartbeat,
-    check_parameters,
     tool_activity_call,
 )
-
-PARAMETERS: dict[str, Any] = {"max_file_bytes": DEFAULT_MAX_FILE_BYTES, "timeout_seconds": 600}
 
 
 @activity.defn(name="secret_detection_scan")
@@ -21,7 +19,7 @@ def secret_detection_scan(workspace: str, parameters: dict[str, Any]) -> dict[st
     """Scan the workspace for secrets; only masked values leave the scanning subprocess."""
 
     def call() -> dict[str, Any]:
-        p = check_parameters(parameters, PARAMETERS)
+        p = bundled_parameters("secret_detection", parameters)
         return detect_secrets_scan(
             workspace,
             max_file_bytes=p["max_file_bytes"],

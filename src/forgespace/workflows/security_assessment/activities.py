@@ -6,14 +6,12 @@ from typing import Any
 
 from temporalio import activity
 
+from forgespace.temporal.parameters import bundled_parameters
 from forgespace.workflows._tools.static_scan import assess
 from forgespace.workflows._tools.workflow_common import (
     activity_heartbeat,
-    check_parameters,
     tool_activity_call,
 )
-
-PARAMETERS: dict[str, Any] = {"large_file_bytes": 10 * 1024 * 1024, "timeout_seconds": 600}
 
 
 @activity.defn(name="security_assessment_scan")
@@ -21,7 +19,7 @@ def security_assessment_scan(workspace: str, parameters: dict[str, Any]) -> dict
     """Scan the workspace; returns findings, a summary by severity and a SARIF 2.1.0 log."""
 
     def call() -> dict[str, Any]:
-        p = check_parameters(parameters, PARAMETERS)
+        p = bundled_parameters("security_assessment", parameters)
         return assess(
             workspace,
             large_file_bytes=p["large_file_bytes"],
