@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -88,6 +87,8 @@ class WorkspaceCache:
         self._modes = Modes(
             settings=settings, layout=self.layout, index=self.index, store=store, hooks=hooks
         )
+        #: Hold the per-target lock (engine.Engine.target_lock: bounded, names the holder).
+        self.target_lock = self._modes.target_lock
         # Imported here, not on the first get: prometheus_client costs ~80 ms of CPU, which
         # 16 processes waking up together for their first hit would otherwise pay at once.
         from forgespace.cache import metrics
@@ -111,20 +112,6 @@ class WorkspaceCache:
     @store.setter
     def store(self, value: Store) -> None:
         self._modes.store = value
-
-    def target_lock(
-        self,
-        target_id: str,
-        *,
-        exclusive: bool = True,
-        timeout: float | None = None,
-        blocking: bool = True,
-        purpose: str = "",
-    ) -> AbstractContextManager[None]:
-        """Hold the per-target lock (engine.Engine.target_lock)."""
-        return self._modes.target_lock(
-            target_id, exclusive=exclusive, timeout=timeout, blocking=blocking, purpose=purpose
-        )
 
     # --- get ---------------------------------------------------------------------------------
     def get_target(
