@@ -428,9 +428,9 @@ class Sandbox:
         ]
         binds: list[str] = []
         # A checkout (venv, src/) under /tmp, e.g. a CI clone: bound into the private /tmp.
-        for p in self._runtime_paths():
-            if _inside(p, _TMP):
-                binds += ["--ro-bind", str(p), str(p)]
+        for runtime in self._runtime_paths():
+            if _inside(runtime, _TMP):
+                binds += ["--ro-bind", str(runtime), str(runtime)]
         for p in extra_ro:
             real = Path(os.path.realpath(p))
             if not self._allowed_ro(real):
