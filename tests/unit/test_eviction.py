@@ -155,7 +155,7 @@ def test_leases_protect_until_ended_then_the_entry_goes(make_cache) -> None:
     c.index.add_lease(c.index.new_lease("t/r1", "t", "r1", ("t/r1",)))
     assert collect_garbage(c).plan == []
     assert c.on_disk("t/workspace") and c.on_disk("t/r1")
-    c.index.end_any_lease("t/workspace")
+    c.index.end_lease("t/workspace#r0")
     report = collect_garbage(c)
     assert [(p.key, p.reason) for p in report.plan] == [("t/workspace", "ttl")]
     assert not c.on_disk("t/workspace") and c.on_disk("t/r1")

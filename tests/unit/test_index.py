@@ -91,20 +91,35 @@ def test_lease_expiry_is_created_plus_ttl_and_renewal_extends_it(layout: CacheLa
     assert len(index.all_leases()) == 1
 
 
-def test_end_lease_and_end_any_lease_oldest_live_first(index: CacheIndex) -> None:
-    now = time.time()
+def test_end_lease_by_attempt_only_while_that_attempt_owns_it(index: CacheIndex) -> None:
+    from forgespace.cache.index import LeaseOwner
+
+    key = "t/r1"
+    index.add_lease(index.new_lease(key, "t", "r1", (key,), owner=LeaseOwner("a#1", "wf")))
+    # a retry of the same run takes the lease over
+    index.add_lease(index.new_lease(key, "t", "r1", (key,), owner=LeaseOwner("a#2", "wf")))
+    assert not index.end_lease(key, attempt="a#1")
+    assert index.is_leased(key)
+    assert index.end_lease(key, attempt="a#2")
+    assert not index.end_lease(key, attempt="a#2")
+    assert not index.end_lease(key)
+
+
+def test_end_workflow_leases_and_renew(index: CacheIndex) -> None:
+    from forgespace.cache.index import LeaseOwner
+
     key = "t/workspace"
-    index.add_lease(index.new_lease(f"{key}#expired", "t", None, (key,), now=now - 3600))
-    index.add_lease(index.new_lease(f"{key}#old", "t", None, (key,), now=now - 10))
-    index.add_lease(index.new_lease(f"{key}#new", "t", None, (key,), now=now))
-    assert index.end_any_lease(key)
-    assert {le.lease_id for le in index.all_leases()} == {f"{key}#expired", f"{key}#new"}
-    assert index.end_lease(f"{key}#new")
-    assert not index.end_lease(f"{key}#new")
-    assert not index.is_leased(key)
-    assert index.end_any_lease(key)  # only the expired one is left
-    assert not index.end_any_lease(key)
-    assert index.leased_keys() == set()
+    now = time.time()
+    for wf in ("wf-a", "wf-b"):
+        owner = LeaseOwner(f"{wf}/1#1", wf)
+        index.add_lease(index.new_lease(f"{key}#{wf}", "t", wf, (key,), owner=owner, now=now - 50))
+    assert index.renew(workflow_id="wf-a", now=now) == 1
+    by_id = {le.lease_id: le for le in index.all_leases()}
+    assert by_id[f"{key}#wf-a"].expires == pytest.approx(now + index.lease_ttl)
+    assert by_id[f"{key}#wf-b"].expires == pytest.approx(now - 50 + index.lease_ttl)
+    assert index.end_workflow_leases(key, "wf-b") == 1
+    assert index.end_workflow_leases(key, "wf-b") == 0
+    assert [le.workflow_id for le in index.all_leases()] == ["wf-a"]
 
 
 def test_lease_pins_several_entries(index: CacheIndex) -> None:

@@ -180,15 +180,6 @@ def test_leases_recorded_per_mode_and_ended_by_cleanup(cache: WorkspaceCache, ti
     cache.cleanup_cache(iso, "isolated")
 
 
-def test_shared_cleanup_without_run_id_ends_one_lease(cache: WorkspaceCache, tid: str) -> None:
-    ws = cache.get_target(tid, "a", "shared")
-    cache.get_target(tid, "b", "shared")
-    cache.cleanup_cache(ws, "shared")
-    assert len(cache.index.live_leases()) == 1
-    cache.cleanup_cache(ws, "shared")
-    assert cache.index.live_leases() == []
-
-
 @pytest.mark.parametrize(
     ("target_id", "run_id", "mode", "error"),
     [

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from forgespace.cache import fsops, staging
 from forgespace.cache.hooks import NO_HOOKS, CacheHooks, Phase
-from forgespace.cache.index import CacheIndex, EntryRecord, LeaseRecord
+from forgespace.cache.index import CacheIndex, EntryRecord, LeaseOwner, LeaseRecord
 from forgespace.cache.locks import flock
 from forgespace.config import Settings
 from forgespace.errors import (
@@ -246,9 +246,16 @@ class Engine:
         self.publications += 1
 
     def _lease(
-        self, lease_id: str, tid: str, rid: str | None, pins: tuple[str, ...]
+        self, lease_id: str, tid: str, rid: str | None, pins: tuple[str, ...], owner: LeaseOwner
     ) -> LeaseRecord:
-        return self.index.new_lease(lease_id, tid, rid, pins)
+        return self.index.new_lease(lease_id, tid, rid, pins, owner=owner)
+
+    def _end_own_lease(self, lease: LeaseRecord) -> None:
+        """A failed get ends the lease it took, unless a later attempt of the same run took
+        it over meanwhile (the lease is then that attempt's, and so is the run directory)."""
+        self.index.try_write(
+            "end lease", self.index.end_lease, lease.lease_id, attempt=lease.attempt
+        )
 
     def _staging(self, tid: str, purpose: str) -> contextlib.AbstractContextManager[Path]:
         return staging.staging_dir(self.layout, tid, purpose)

@@ -32,6 +32,7 @@ Entry keys are paths relative to CACHE_DIR:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import functools
@@ -43,6 +44,7 @@ import stat as stat_mod
 import threading
 import time
 import urllib.parse
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +61,13 @@ from forgespace.layout import META_DIRNAME, CacheLayout, is_valid_id
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Version 1 lacked the lease owner columns; it is migrated in place (leases kept).
+_MIGRATE_FROM_1 = (
+    "ALTER TABLE leases ADD COLUMN attempt TEXT",
+    "ALTER TABLE leases ADD COLUMN workflow_id TEXT",
+    "ALTER TABLE leases ADD COLUMN workflow_run_id TEXT",
+)
 KINDS = ("shared", "cow-shared", "run")
 # How long a statement waits for another process's write transaction before giving up.
 BUSY_TIMEOUT_S = 30.0
@@ -97,7 +105,10 @@ CREATE TABLE IF NOT EXISTS leases (
     pins TEXT NOT NULL,
     holder TEXT NOT NULL,
     created REAL NOT NULL,
-    expires REAL NOT NULL
+    expires REAL NOT NULL,
+    attempt TEXT,
+    workflow_id TEXT,
+    workflow_run_id TEXT
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS lease_pins (
     key TEXT NOT NULL,
@@ -133,11 +144,35 @@ class EntryRecord:
 
 
 @dataclass(frozen=True)
+class LeaseOwner:
+    """Who takes a lease: one attempt of one call, and the Temporal workflow it serves.
+
+    ``attempt`` identifies the call that took the lease (a Temporal activity attempt, or one
+    library call): ending or releasing "by attempt" touches a lease only while that attempt
+    still owns it, so a stale attempt returning late never ends its retry's lease.
+    ``workflow_id``/``workflow_run_id`` (Temporal runs) let the worker's sweep ask Temporal
+    whether the run is still open, heartbeats renew the workflow's leases, and a shared
+    cleanup without a run id end the leases of its own workflow only.
+    """
+
+    attempt: str
+    workflow_id: str | None = None
+    workflow_run_id: str | None = None
+
+    @classmethod
+    def fresh(cls) -> LeaseOwner:
+        """An owner for one library call (``host:pid:random``)."""
+        return cls(f"{default_holder()}:{uuid.uuid4().hex[:12]}")
+
+
+@dataclass(frozen=True)
 class LeaseRecord:
     """A run's claim on the entries it uses (``pins`` are entry keys).
 
-    The index stores ``expires = created + lease_ttl`` whatever ``expires`` the record carries,
-    so every process agrees on one TTL; renew a lease by adding it again with a new ``created``.
+    ``created`` is when the lease was taken or last renewed: the index stores
+    ``expires = created + lease_ttl`` whatever ``expires`` the record carries, so every process
+    agrees on one TTL; ``CacheIndex.renew`` (or adding the record again with a new
+    ``created``) renews it. ``attempt`` / ``workflow_*`` record its owner (``LeaseOwner``).
     """
 
     lease_id: str
@@ -147,6 +182,16 @@ class LeaseRecord:
     holder: str
     created: float
     expires: float
+    attempt: str | None = None
+    workflow_id: str | None = None
+    workflow_run_id: str | None = None
+
+    @property
+    def owner(self) -> LeaseOwner | None:
+        """The owner recorded with the lease (None for leases of older versions)."""
+        if self.attempt is None:
+            return None
+        return LeaseOwner(self.attempt, self.workflow_id, self.workflow_run_id)
 
 
 @dataclass(frozen=True)
@@ -399,6 +444,9 @@ class CacheIndex:
                 conn.close()
                 return None
             row = conn.execute("SELECT version FROM schema_version").fetchone()
+            if row is not None and row[0] == 1:
+                _migrate_from_1(conn)
+                row = conn.execute("SELECT version FROM schema_version").fetchone()
             if row is None or row[0] != SCHEMA_VERSION:
                 conn.close()
                 return None
@@ -674,12 +722,16 @@ class CacheIndex:
 
     @_recovering
     def access(self, key: str, *, lease: LeaseRecord | None, hit: bool) -> None:
-        """The hit path's one transaction: last_access = now, add ``lease``, count hit/miss."""
+        """The hit path's one transaction: last_access = now, add ``lease`` (renewed: its TTL
+        counts from now, not from the start of a long download; skipped when another attempt
+        took it over meanwhile), count hit/miss."""
         now = time.time()
         with self._write() as c:
             c.execute("UPDATE entries SET last_access = ? WHERE key = ?", (now, key))
             if lease is not None:
-                _insert_lease(c, lease, self.lease_ttl)
+                _insert_lease(
+                    c, dataclasses.replace(lease, created=now), self.lease_ttl, if_owned=True
+                )
             c.execute(
                 _BUMP_COUNTER,
                 ("hits" if hit else "misses", 1),
@@ -749,6 +801,7 @@ class CacheIndex:
         *,
         holder: str | None = None,
         now: float | None = None,
+        owner: LeaseOwner | None = None,
     ) -> LeaseRecord:
         """A LeaseRecord created now that expires after this index's lease TTL."""
         created = time.time() if now is None else now
@@ -760,6 +813,9 @@ class CacheIndex:
             holder=holder or default_holder(),
             created=created,
             expires=created + self.lease_ttl,
+            attempt=owner.attempt if owner else None,
+            workflow_id=owner.workflow_id if owner else None,
+            workflow_run_id=owner.workflow_run_id if owner else None,
         )
 
     @_recovering
@@ -769,27 +825,65 @@ class CacheIndex:
             _insert_lease(c, lease, self.lease_ttl)
 
     @_recovering
-    def end_lease(self, lease_id: str) -> bool:
-        """End a lease; False if there was none with that id."""
+    def end_lease(self, lease_id: str, *, attempt: str | None = None) -> bool:
+        """End a lease; False if there was none with that id. With ``attempt``, only while
+        that attempt still owns it (a retry that took the lease over keeps it)."""
         with self._write() as c:
+            if attempt is not None:
+                row = c.execute(
+                    "SELECT attempt FROM leases WHERE lease_id = ?", (lease_id,)
+                ).fetchone()
+                if row is None or row[0] != attempt:
+                    return False
             c.execute("DELETE FROM lease_pins WHERE lease_id = ?", (lease_id,))
             return c.execute("DELETE FROM leases WHERE lease_id = ?", (lease_id,)).rowcount > 0
 
     @_recovering
-    def end_any_lease(self, entry_key: str) -> bool:
-        """End the oldest live lease pinning ``entry_key`` (else the oldest expired one)."""
-        now = time.time()
+    def lease(self, lease_id: str) -> LeaseRecord | None:
+        """The lease with ``lease_id`` (expired or not), or None."""
+        row = (
+            self._conn().execute("SELECT * FROM leases WHERE lease_id = ?", (lease_id,)).fetchone()
+        )
+        return _lease_from_row(row) if row else None
+
+    @_recovering
+    def end_workflow_leases(self, entry_key: str, workflow_id: str) -> int:
+        """End the leases pinning ``entry_key`` taken by workflow ``workflow_id``; how many."""
         with self._write() as c:
-            row = c.execute(
-                "SELECT l.lease_id FROM lease_pins p JOIN leases l ON l.lease_id = p.lease_id "
-                "WHERE p.key = ? ORDER BY (l.expires <= ?), l.created, l.lease_id LIMIT 1",
-                (entry_key, now),
-            ).fetchone()
-            if row is None:
-                return False
-            c.execute("DELETE FROM lease_pins WHERE lease_id = ?", (row[0],))
-            c.execute("DELETE FROM leases WHERE lease_id = ?", (row[0],))
-            return True
+            ids = [
+                r[0]
+                for r in c.execute(
+                    "SELECT l.lease_id FROM lease_pins p JOIN leases l ON l.lease_id = p.lease_id "
+                    "WHERE p.key = ? AND l.workflow_id = ?",
+                    (entry_key, workflow_id),
+                )
+            ]
+            for lid in ids:
+                c.execute("DELETE FROM lease_pins WHERE lease_id = ?", (lid,))
+                c.execute("DELETE FROM leases WHERE lease_id = ?", (lid,))
+        return len(ids)
+
+    @_recovering
+    def renew(
+        self,
+        *,
+        workflow_id: str | None = None,
+        lease_id: str | None = None,
+        now: float | None = None,
+    ) -> int:
+        """Renew leases (``created = now``, ``expires = now + lease TTL``): those of workflow
+        ``workflow_id``, or the one with ``lease_id``. Returns how many were renewed."""
+        if (workflow_id is None) == (lease_id is None):
+            raise ValueError("renew: give exactly one of workflow_id and lease_id")
+        t = time.time() if now is None else now
+        column, value = ("workflow_id", workflow_id) if workflow_id else ("lease_id", lease_id)
+        with self._write() as c:
+            return int(
+                c.execute(
+                    f"UPDATE leases SET created = ?, expires = ? WHERE {column} = ?",
+                    (t, t + self.lease_ttl, value),
+                ).rowcount
+            )
 
     @_recovering
     def live_leases(self, now: float | None = None) -> list[LeaseRecord]:
@@ -937,19 +1031,53 @@ def _entry_row(e: EntryRecord) -> tuple[object, ...]:
     )
 
 
-def _insert_lease(c: sqlite3.Connection, lease: LeaseRecord, lease_ttl: float) -> None:
-    c.execute(
-        "INSERT OR REPLACE INTO leases VALUES (?,?,?,?,?,?,?)",
-        (
-            lease.lease_id,
-            lease.target_id,
-            lease.run_id,
-            "\n".join(lease.pins),
-            lease.holder,
-            float(lease.created),
-            float(lease.created) + lease_ttl,
-        ),
+def _migrate_from_1(conn: sqlite3.Connection) -> None:
+    """Add the lease owner columns of version 2 (once, whichever process gets there first)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        row = conn.execute("SELECT version FROM schema_version").fetchone()
+        if row is not None and row[0] == 1:
+            for stmt in _MIGRATE_FROM_1:
+                conn.execute(stmt)
+            conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+        conn.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _insert_lease(
+    c: sqlite3.Connection, lease: LeaseRecord, lease_ttl: float, *, if_owned: bool = False
+) -> None:
+    """Add or replace ``lease``. ``if_owned``: only if nobody holds it or its own attempt does
+    (a late attempt finishing after its retry took the run over must not take it back)."""
+    row = (
+        lease.lease_id,
+        lease.target_id,
+        lease.run_id,
+        "\n".join(lease.pins),
+        lease.holder,
+        float(lease.created),
+        float(lease.created) + lease_ttl,
+        lease.attempt,
+        lease.workflow_id,
+        lease.workflow_run_id,
     )
+    insert = (
+        "INSERT OR REPLACE INTO leases (lease_id, target_id, run_id, pins, holder, created, "
+        "expires, attempt, workflow_id, workflow_run_id) "
+    )
+    if if_owned and lease.attempt is not None:
+        done = c.execute(
+            insert + "SELECT ?,?,?,?,?,?,?,?,?,? WHERE NOT EXISTS (SELECT 1 FROM leases "
+            "WHERE lease_id = ? AND attempt IS NOT NULL AND attempt != ?)",
+            (*row, lease.lease_id, lease.attempt),
+        ).rowcount
+        if not done:
+            return
+    else:
+        c.execute(insert + "VALUES (?,?,?,?,?,?,?,?,?,?)", row)
     c.execute("DELETE FROM lease_pins WHERE lease_id = ?", (lease.lease_id,))
     c.executemany(
         "INSERT OR IGNORE INTO lease_pins VALUES (?, ?)", [(k, lease.lease_id) for k in lease.pins]
@@ -966,6 +1094,9 @@ def _lease_from_row(r: tuple[object, ...]) -> LeaseRecord:
         holder=str(r[4]),
         created=float(r[5]),  # type: ignore[arg-type]
         expires=float(r[6]),  # type: ignore[arg-type]
+        attempt=None if r[7] is None else str(r[7]),
+        workflow_id=None if r[8] is None else str(r[8]),
+        workflow_run_id=None if r[9] is None else str(r[9]),
     )
 
 

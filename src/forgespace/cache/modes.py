@@ -25,7 +25,7 @@ from forgespace.cache.hooks import Phase
 from forgespace.errors import ForgespaceError
 
 if TYPE_CHECKING:
-    from forgespace.cache.index import LeaseRecord
+    from forgespace.cache.index import LeaseOwner, LeaseRecord
 
 log = logging.getLogger("forgespace.cache")
 
@@ -75,9 +75,11 @@ class Modes(Engine):
             self._hit_path_cache[tid] = got
         return got
 
-    def get_shared(self, tid: str, rid: str | None, transfer: Transfer) -> GetResult:
+    def get_shared(
+        self, tid: str, rid: str | None, transfer: Transfer, owner: LeaseOwner
+    ) -> GetResult:
         key = f"{tid}/workspace"
-        lease = self._lease(f"{key}#{rid}", tid, rid, (key,)) if rid is not None else None
+        lease = self._lease(f"{key}#{rid}", tid, rid, (key,), owner) if rid is not None else None
         tampered = False
         waiter = Waiter(self, tid)
         while True:
@@ -165,11 +167,11 @@ class Modes(Engine):
         return downloaded
 
     # --- copy-on-write -------------------------------------------------------------------
-    def get_cow(self, tid: str, rid: str, transfer: Transfer) -> GetResult:
+    def get_cow(self, tid: str, rid: str, transfer: Transfer, owner: LeaseOwner) -> GetResult:
         run_key = f"{tid}/{rid}"
         shared_key = f"{tid}/shared"
         pins = (run_key, shared_key) if self.cow_backend == "overlay" else (run_key,)
-        lease = self._lease(run_key, tid, rid, pins)
+        lease = self._lease(run_key, tid, rid, pins, owner)
         # Before staging, so gc never takes the run directory we are about to create. On a
         # full cache a hit (the run's directory exists) is served without it; anything that
         # creates a directory records it first (_require_lease).
@@ -177,14 +179,8 @@ class Modes(Engine):
         try:
             return self._get_cow_locked(tid, rid, lease, leased, transfer)
         except BaseException:
-            self.index.try_write("end lease", self.index.end_lease, lease.lease_id)
+            self._end_own_lease(lease)
             raise
-
-    def _require_lease(self, lease: LeaseRecord, leased: list[bool]) -> None:
-        """Record ``lease`` now if try_write skipped it (raises CacheFullError if still full)."""
-        if not leased[0]:
-            self.index.add_lease(lease)
-            leased[0] = True
 
     def _get_cow_locked(
         self, tid: str, rid: str, lease: LeaseRecord, leased: list[bool], transfer: Transfer
@@ -336,16 +332,20 @@ class Modes(Engine):
         return "overlay"
 
     # --- isolated ------------------------------------------------------------------------
-    def get_isolated(self, tid: str, rid: str, transfer: Transfer) -> GetResult:
+    def get_isolated(self, tid: str, rid: str, transfer: Transfer, owner: LeaseOwner) -> GetResult:
         run_key = f"{tid}/{rid}"
-        lease = self._lease(run_key, tid, rid, (run_key,))
+        lease = self._lease(run_key, tid, rid, (run_key,), owner)
         leased = [self.index.try_write("lease", self.index.add_lease, lease)]
         try:
-            existing = self._run_result(tid, rid)
-            if existing is not None:
-                self.index.try_write("hit", self.index.access, run_key, lease=lease, hit=True)
-                log.info("Cache HIT: %s (mode: isolated)", tid)
-                return GetResult(existing, False, "isolated", tid, rid)
+            # Under the shared lock like the other modes' hits: gc and a stale attempt's
+            # release decide under the exclusive lock, so neither can remove what this
+            # returns between the check and the lease.
+            with self.target_lock(tid, exclusive=False, purpose="isolated hit"):
+                existing = self._run_result(tid, rid)
+                if existing is not None:
+                    self.index.try_write("hit", self.index.access, run_key, lease=lease, hit=True)
+                    log.info("Cache HIT: %s (mode: isolated)", tid)
+                    return GetResult(existing, False, "isolated", tid, rid)
             self._require_lease(lease, leased)
             staging.sweep_leftovers(self.layout, tid)
             with self._staging(tid, f"run-{rid}") as stage:
@@ -358,10 +358,11 @@ class Modes(Engine):
                     self._hooks.reached(Phase.EXTRACTED)
                     nbytes, files, name = nbytes + stats.bytes, files + stats.files, "workspace"
                 path = self._publish_run(tid, rid, stage, name, nbytes, files, "isolated")
+            # Records the lease again: its TTL counts from now, not from the download's start.
             self.index.access(run_key, lease=lease, hit=False)
             return GetResult(path, True, "isolated", tid, rid)
         except BaseException:
-            self.index.try_write("end lease", self.index.end_lease, lease.lease_id)
+            self._end_own_lease(lease)
             raise
 
 

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from forgespace.cache.index import LeaseOwner
 from forgespace.errors import (
     BackendUnavailableError,
     ForgespaceError,
@@ -106,6 +107,17 @@ def host_task_queue(task_queue: str, cache_dir: str | Path, host: str | None = N
     host = host or socket.gethostname()
     digest = hashlib.sha256(str(Path(cache_dir).resolve()).encode()).hexdigest()[:12]
     return f"{task_queue}@{host}-{digest}"
+
+
+def attempt_owner() -> LeaseOwner:
+    """The lease owner of the running activity: this attempt of this activity of this
+    workflow run (a retry is another attempt, and takes the run's lease over)."""
+    info = activity.info()
+    return LeaseOwner(
+        attempt=f"{info.workflow_id}/{info.workflow_run_id}/{info.activity_id}#{info.attempt}",
+        workflow_id=info.workflow_id,
+        workflow_run_id=info.workflow_run_id,
+    )
 
 
 class _Progress:
@@ -274,7 +286,9 @@ class CacheActivities:
             log.exception("%s was cancelled; releasing %s failed", what, result)
 
     # --- get / release ---------------------------------------------------------------------
-    def _get(self, target_id: str, run_id: str | None, mode: str, progress: _Progress) -> Any:
+    def _get(
+        self, target_id: str, run_id: str | None, mode: str, progress: _Progress, owner: LeaseOwner
+    ) -> Any:
         validate_id(target_id, "target_id")
         iso = IsolationMode.parse(mode)
         if run_id is not None:
@@ -284,19 +298,23 @@ class CacheActivities:
             run_id,
             workspace_isolation=iso.value,
             progress=progress.download_callback(),
+            owner=owner,
         )
 
     async def _get_async(self, target_id: str, run_id: str | None, mode: str) -> Any:
         progress = _Progress("get_target", f"target {target_id} for run {run_id}")
         key = (target_id, run_id) if isinstance(run_id, str) else None
+        # Read here, on the event loop: the activity context does not reach the pool's threads.
+        owner = attempt_owner()
 
         def release(_: Any) -> None:
             # Shared without a run id takes no lease, so there is nothing of its own to end.
+            # Only what this attempt took: a retry that took the run over keeps it.
             if run_id is not None:
-                self.cache.release(target_id, run_id, mode)
+                self.cache.release(target_id, run_id, mode, attempt=owner.attempt)
 
         return await self._run(
-            lambda: self._get(target_id, run_id, mode, progress),
+            lambda: self._get(target_id, run_id, mode, progress, owner),
             progress,
             run_key=key,
             on_cancel=release,
@@ -347,11 +365,16 @@ class CacheActivities:
     ) -> None:
         """End the run's lease; isolated/copy-on-write: remove its run directory."""
 
+        owner = attempt_owner()
+
         def call() -> None:
             mode = IsolationMode.parse(workspace_isolation).value
             if run_id is not None:
                 validate_id(run_id, "run_id")
-            self.cache.cleanup_cache(target_path, workspace_isolation=mode, run_id=run_id)
+            # The workflow's id lets a shared cleanup without a run id end its own leases only.
+            self.cache.cleanup_cache(
+                target_path, workspace_isolation=mode, run_id=run_id, owner=owner
+            )
 
         await self._run(call, _Progress("cleanup"))
 

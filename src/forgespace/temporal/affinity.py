@@ -15,6 +15,8 @@ without touching the workflow code, per run:
   ``cleanup_cache``, ``upload_results``, a second ``get_target``) go to that host queue, with
   a schedule-to-start timeout (when the code set none) so a host that disappears fails the
   activity instead of leaving it waiting forever;
+- a ``cleanup_cache(path, mode)`` of a path this run's ``get_target`` returned is given
+  that call's run id as its third argument, so a shared cleanup ends that run's lease only;
 - each ``get_target`` is recorded in the run's memo (``MEMO_KEY``: the first workspace;
   ``CACHE_MEMO_KEY``: downloads and cache hits so far), which is what ``forgespace run``
   reports, for this kind of workflow as for ``run_in_workspace`` ones.
@@ -41,6 +43,7 @@ from temporalio.worker import (
 )
 
 from forgespace.temporal.api import (
+    CLEANUP_ACTIVITY,
     GET_TARGET_ACTIVITY,
     HOST_QUEUE_ACTIVITY,
     PREPARE_ACTIVITY,
@@ -76,6 +79,9 @@ class _PinningOutbound(WorkflowOutboundInterceptor):
     def __init__(self, next: WorkflowOutboundInterceptor) -> None:
         super().__init__(next)
         self._host_queue: str | None = None
+        # Path -> run id of this run's get_target calls: a two-argument shared cleanup_cache
+        # (the design document's form) is given the run id, so it ends that run's lease only.
+        self._run_ids: dict[str, str] = {}
 
     def start_activity(self, input: StartActivityInput) -> workflow.ActivityHandle[Any]:
         if input.task_queue is not None or input.activity == HOST_QUEUE_ACTIVITY:
@@ -84,6 +90,10 @@ class _PinningOutbound(WorkflowOutboundInterceptor):
             # execute_activity awaits what start_activity returns: a task standing for the
             # lookup + prepare sequence behaves like the activity's handle for it.
             return asyncio.ensure_future(self._get_target(input))  # type: ignore[return-value]
+        if input.activity == CLEANUP_ACTIVITY and len(input.args) == 2:
+            run_id = self._run_ids.get(str(input.args[0]))
+            if run_id is not None:
+                input = dataclasses.replace(input, args=[*input.args, run_id])
         if self._host_queue is None:
             return self.next.start_activity(input)
         return self.next.start_activity(self._on_host(input, self._host_queue))
@@ -138,6 +148,8 @@ class _PinningOutbound(WorkflowOutboundInterceptor):
                 raise
             assert isinstance(prepared, PreparedWorkspace)
             self._host_queue = prepared.task_queue
+            if len(input.args) > 1 and isinstance(input.args[1], str):
+                self._run_ids[prepared.path] = input.args[1]
             record_workspace(prepared)
             workflow.logger.info(
                 "get_target of run %s on host %s: %s (%s)",
