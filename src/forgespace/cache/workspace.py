@@ -24,7 +24,7 @@ from forgespace.cache import manifest as mf
 from forgespace.cache.cleanup import parse_cleanup_path
 from forgespace.cache.engine import GetResult, Transfer
 from forgespace.cache.hooks import NO_HOOKS, CacheHooks
-from forgespace.cache.index import LeaseOwner
+from forgespace.cache.index import LeaseOwner, LeaseRecord
 from forgespace.cache.modes import Modes
 from forgespace.config import Settings
 from forgespace.errors import InvalidIdError
@@ -337,6 +337,18 @@ class WorkspaceCache:
                 removed.append(str(run_dir))
             self._refresh_gauges()
         return Released(target_id, run_id, mode.value, before - held(), removed)
+
+    def release_lease(self, lease: LeaseRecord) -> bool:
+        """Release one lease as its run's cleanup would have (a run lease: with its run
+        directory), only while its attempt still owns it. True if something was released."""
+        tid, rid = lease.target_id, lease.run_id
+        if lease.lease_id.startswith(f"{tid}/workspace#") or rid is None:
+            return self.index.end_lease(lease.lease_id, attempt=lease.attempt)
+        if lease.lease_id != f"{tid}/{rid}":
+            return False  # not a lease this cache takes: leave it to its TTL
+        done = self._remove_run(tid, rid, attempt=lease.attempt)
+        self._refresh_gauges()
+        return done
 
     def renew(self, *, workflow_id: str | None = None, lease_id: str | None = None) -> int:
         """Renew leases now (their CACHE_LEASE_TTL counts again from now): every lease of

@@ -35,6 +35,7 @@ from forgespace.temporal.discovery import (
     load_package,
     resolve_mode,
 )
+from forgespace.temporal.leases import DEADLINE_MEMO_KEY
 from forgespace.temporal.parameters import resolve_parameters, start_arguments
 from forgespace.temporal.worker import DEFAULT_TASK_QUEUE, WorkerInfo, connect, run_worker
 
@@ -44,6 +45,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_RUN_TIMEOUT = timedelta(hours=2)
+# How long after its deadline a run has to clean up before the server closes it anyway (the
+# worker's lease sweep then releases what it held).
+DEADLINE_GRACE = timedelta(minutes=10)
 POLL_INTERVAL = 1.0
 LINE_INTERVAL = 5.0
 WORKER_READY_TIMEOUT = 60.0
@@ -278,7 +282,10 @@ async def _submit_and_wait(
                 args=job.start_args,
                 id=wid,
                 task_queue=job.task_queue,
-                execution_timeout=job.timeout,
+                # The deadline is the workflow's own timer (RunDeadline: cancel the body, clean
+                # up, fail); the execution timeout only backs it up, late enough for cleanup.
+                memo={DEADLINE_MEMO_KEY: job.timeout.total_seconds()},
+                execution_timeout=job.timeout + DEADLINE_GRACE,
             )
             run_id = handle.result_run_id or run_id
         else:
@@ -293,7 +300,10 @@ async def _submit_and_wait(
                 request,
                 id=wid,
                 task_queue=job.task_queue,
-                execution_timeout=job.timeout,
+                # The deadline is the workflow's own timer (RunDeadline: cancel the body, clean
+                # up, fail); the execution timeout only backs it up, late enough for cleanup.
+                memo={DEADLINE_MEMO_KEY: job.timeout.total_seconds()},
+                execution_timeout=job.timeout + DEADLINE_GRACE,
             )
         handles.append(handle)
         states.append(RunState(run_id=run_id, workflow_id=wid, status="running"))

@@ -66,11 +66,22 @@ class WorkerInfo:
     sandbox: str = ""
 
 
-async def _sweep_loop(cache: WorkspaceCache, interval: float, stop: asyncio.Event) -> None:
-    """The periodic cache sweep (TTL + LRU) every CACHE_CLEANUP_INTERVAL, first at start-up."""
+async def _sweep_loop(
+    cache: WorkspaceCache, interval: float, stop: asyncio.Event, client: Client | None = None
+) -> None:
+    """The periodic cache sweep every CACHE_CLEANUP_INTERVAL, first at start-up: leases of
+    workflows Temporal says are closed are released (``leases.release_closed_workflows``),
+    then TTL + LRU eviction."""
+    from forgespace.temporal.leases import release_closed_workflows
+
     loop = asyncio.get_running_loop()
     warned = False
     while not stop.is_set():
+        if client is not None:
+            try:
+                await release_closed_workflows(cache, client)
+            except Exception:
+                log.exception("lease sweep failed (will retry in %.0fs)", interval)
         try:
             report = await loop.run_in_executor(None, cache.gc)
             freed = getattr(report, "freed_bytes", None)
@@ -193,6 +204,7 @@ async def run_worker(
     from forgespace import sandbox
     from forgespace.cache.workspace import WorkspaceCache
     from forgespace.temporal.affinity import HostAffinityInterceptor
+    from forgespace.temporal.leases import LeaseRenewal, RunDeadline
     from forgespace.temporal.tools import run_tool
 
     if packages is None:
@@ -211,6 +223,8 @@ async def run_worker(
         max_workers=pollers * slots, thread_name_prefix="forgespace-activity"
     )
     storage = CacheActivities(cache, host_queue=host_queue, host=host, executor=executor)
+    # Heartbeats renew the leases of their workflow (temporal/leases.py).
+    renewal = LeaseRenewal(cache)
     activities = _collect_activities([*storage.activities(), run_tool], packages)
     workflows = [p.workflow for p in packages if p.workflow is not None]
     # Workflows learn their metadata.yaml mode from here (no I/O in workflow code), so an
@@ -234,12 +248,12 @@ async def run_worker(
             task_queue=queue,
             workflows=workflows,
             # Workflows that call get_target themselves get their activities pinned to its host.
-            interceptors=[HostAffinityInterceptor()],
+            interceptors=[HostAffinityInterceptor(), renewal, RunDeadline()],
             **common,
         )
         for queue in (task_queue, *extra_task_queues)
     ]
-    host_worker = Worker(client, task_queue=host_queue, **common)
+    host_worker = Worker(client, task_queue=host_queue, interceptors=[renewal], **common)
     stop = stop or asyncio.Event()
     health = WorkerHealth(
         cache_dir=Path(settings.cache_dir),
@@ -270,7 +284,7 @@ async def run_worker(
             health.workers = (*shared_workers, host_worker)
             if sweep:
                 sweeper = asyncio.create_task(
-                    _sweep_loop(cache, settings.cache_cleanup_interval, stop)
+                    _sweep_loop(cache, settings.cache_cleanup_interval, stop, client)
                 )
             if on_ready is not None:
                 on_ready(info)
