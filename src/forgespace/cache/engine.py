@@ -111,6 +111,8 @@ class Engine:
         self.index = index
         self._store = store
         self._hooks = hooks
+        #: The test seam (forgespace.cache.hooks); gc and make_room report to it too.
+        self.hooks = hooks
         self._root = layout.root
         self.cow_backend = settings.cow_backend
         # shared mode's hit path: ids whose object is not an archive (immutable), and the path
@@ -244,6 +246,7 @@ class Engine:
         now = time.time()
         self.index.publish(EntryRecord(key, target_id, kind, run_id, mode, nbytes, files, now, now))
         self.publications += 1
+        self._hooks.reached(Phase.PUBLISHED)
 
     def _lease(
         self, lease_id: str, tid: str, rid: str | None, pins: tuple[str, ...], owner: LeaseOwner

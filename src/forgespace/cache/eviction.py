@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from forgespace.cache import fsops, staging
+from forgespace.cache.hooks import NO_HOOKS, CacheHooks, Phase
 from forgespace.cache.index import CacheIndex, EntryRecord, scan_entries, tree_size
 from forgespace.config import Settings
 from forgespace.errors import (
@@ -284,6 +285,7 @@ def collect_garbage(cache: CacheLike, *, dry_run: bool = False) -> GcReport:
             seconds=time.perf_counter() - t0,
         )  # fmt: skip
     report = GcReport(plan, 0, total_before, total_before, False, limit=limit)
+    _hooks(cache).reached(Phase.GC_PLANNED)
     # Orphans first: a dead run's overlay is unmounted before its lower layer (the shared
     # copy) can go.
     for item in sorted(plan, key=lambda p: p.reason != "orphan"):
@@ -321,6 +323,11 @@ def collect_garbage(cache: CacheLike, *, dry_run: bool = False) -> GcReport:
 
 
 _INDEXED_KINDS = ("shared", "cow-shared", "run", "stale-row")
+
+
+def _hooks(cache: CacheLike) -> CacheHooks:
+    """The test seam of the cache (forgespace.cache.hooks); none for a bare CacheLike."""
+    return getattr(cache, "hooks", NO_HOOKS)
 
 
 def execute(cache: CacheLike, item: PlannedEviction, report: GcReport) -> bool:
@@ -494,7 +501,9 @@ def make_room(cache: CacheLike, incoming_bytes: int, *, target_id: str) -> None:
     now = time.time()
     leased = index.leased_keys(now)
     report = GcReport([], 0, total, total, False, limit=limit)
-    for item in plan_room(index.entries(), leased, target_id=target_id):
+    plan = plan_room(index.entries(), leased, target_id=target_id)
+    _hooks(cache).reached(Phase.GC_PLANNED)
+    for item in plan:
         if total + incoming_bytes <= limit:
             break
         if execute(cache, item, report):

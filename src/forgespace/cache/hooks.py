@@ -13,7 +13,7 @@ from typing import Protocol
 
 
 class Phase(StrEnum):
-    """The phases, in the order a get_target meets them."""
+    """The phases, in the order a get_target meets them (then gc's)."""
 
     DOWNLOAD = "download"  # the first bytes of the download arrived
     DOWNLOADED = "downloaded"  # the whole object is in staging
@@ -21,6 +21,14 @@ class Phase(StrEnum):
     SHARED_TARGET_PUBLISHED = "shared-target-published"  # shared: {tid}/target in place
     COW_COPIED = "cow-copied"  # copy-on-write: the run's copy is staged
     STAGED_RUN = "staged-run"  # a run directory is complete in staging, not yet renamed
+    # shared / copy-on-write: no complete entry under the shared lock, which is released;
+    # the exclusive lock is not tried yet (whoever takes it must check again)
+    SHARED_MISS = "shared-miss"
+    # an entry is in place and indexed; the caller's access and lease are not recorded yet
+    PUBLISHED = "published"
+    # gc / make_room: the eviction plan is made, nothing of it executed yet (each victim is
+    # checked again under its target lock)
+    GC_PLANNED = "gc-planned"
 
 
 class CacheHooks(Protocol):

@@ -99,6 +99,7 @@ class Modes(Engine):
                     t.args[0],
                     rid or "(no run id)",
                 )
+            self._hooks.reached(Phase.SHARED_MISS)
             with contextlib.ExitStack() as held:
                 if not waiter.try_exclusive(held, "download shared"):
                     continue  # someone else is publishing: wait for it on the shared lock
@@ -213,6 +214,7 @@ class Modes(Engine):
                     if not published:
                         log.info("Cache HIT: %s (mode: copy-on-write)", tid)
                     return GetResult(path, downloaded, "copy-on-write", tid, rid)
+            self._hooks.reached(Phase.SHARED_MISS)
             with contextlib.ExitStack() as held:
                 if waiter.try_exclusive(held, "download copy-on-write") and not shared_dir.is_dir():
                     downloaded = self._publish_cow_shared(tid, transfer)

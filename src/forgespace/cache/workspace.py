@@ -81,6 +81,8 @@ class WorkspaceCache:
         from forgespace.cache.index import CacheIndex, make_cache_dirs
 
         self.settings = settings
+        #: The test seam (forgespace.cache.hooks): gc reports its phase to it too.
+        self.hooks = hooks
         self.layout = CacheLayout(Path(settings.cache_dir))
         if not read_only:
             make_cache_dirs(

@@ -1,0 +1,182 @@
+"""Deterministic races through the cache's hook phases (issue 11, item 2): a child process is
+held exactly between the shared-lock miss and the exclusive attempt, between gc's plan and
+its execution, and between a publish and the lease record, while this process acts; each
+re-check under the lock then decides. No sleeps decide an order: the child waits on an
+event the test sets."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.procs import make_project
+
+from forgespace.cache.hooks import Phase
+from forgespace.cache.workspace import WorkspaceCache
+from forgespace.config import Settings
+from forgespace.storage import open_store
+
+CTX = multiprocessing.get_context("fork")
+WAIT_S = 60.0
+
+
+class HoldAt:
+    """Hooks for a child process: at ``phase`` (first time only) announce and wait for go."""
+
+    def __init__(self, phase: Phase) -> None:
+        self.phase = phase
+        self.arrived = CTX.Event()
+        self.go = CTX.Event()
+        self._held = False
+
+    def reached(self, phase: Phase) -> None:
+        if phase != self.phase or self._held:
+            return
+        self._held = True
+        self.arrived.set()
+        if not self.go.wait(WAIT_S):
+            raise TimeoutError(f"the test never released the hold at {phase}")
+
+
+def _child(settings: Settings, hooks: HoldAt, call: Callable[[WorkspaceCache], Any], out: Any):
+    try:
+        out.put(("ok", call(WorkspaceCache(settings, hooks=hooks))))
+    except BaseException as exc:
+        out.put(("error", repr(exc)))
+
+
+@pytest.fixture
+def held_child() -> Iterator[Callable[..., Any]]:
+    """Start ``call(cache)`` in a forked process whose cache holds at ``phase``; returns
+    (hooks, result getter)."""
+    procs: list[Any] = []
+
+    def start(settings: Settings, phase: Phase, call: Callable[[WorkspaceCache], Any]) -> Any:
+        hooks = HoldAt(phase)
+        out = CTX.Queue()
+        p = CTX.Process(target=_child, args=(settings, hooks, call, out))
+        p.start()
+        procs.append(p)
+        assert hooks.arrived.wait(WAIT_S), f"the child never reached {phase}"
+
+        def result() -> Any:
+            hooks.go.set()
+            status, value = out.get(timeout=WAIT_S)
+            p.join(WAIT_S)
+            assert status == "ok", value
+            return value
+
+        return hooks, result
+
+    yield start
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(10)
+
+
+@pytest.fixture
+def tid(settings: Settings, tmp_path: Path) -> str:
+    return open_store(settings).upload_target(make_project(tmp_path / "project", files=5))
+
+
+def _shared(rid: str) -> Callable[[WorkspaceCache], Any]:
+    def call(cache: WorkspaceCache) -> Any:
+        r = cache.get_target_report(cache_tid(cache), rid, "shared")
+        return r.path, r.downloaded
+
+    return call
+
+
+def cache_tid(cache: WorkspaceCache) -> str:
+    (tid,) = [p.name for p in Path(cache.settings.storage_dir).iterdir() if p.is_dir()]
+    return tid
+
+
+@pytest.mark.parametrize("mode", ["shared", "copy-on-write"])
+def test_a_publish_between_the_shared_miss_and_the_exclusive_lock_is_seen(
+    settings: Settings, tid: str, held_child: Callable[..., Any], mode: str
+) -> None:
+    """The child misses under the shared lock and is held before the exclusive attempt; this
+    process downloads and publishes meanwhile. The child's re-check under the exclusive lock
+    finds the entry: one download in all, and the child reports a hit."""
+
+    def call(cache: WorkspaceCache) -> Any:
+        r = cache.get_target_report(tid, "child", mode)
+        return r.path, r.downloaded
+
+    _, result = held_child(settings, Phase.SHARED_MISS, call)
+    mine = WorkspaceCache(settings).get_target_report(tid, "parent", mode)
+    assert mine.downloaded
+    path, downloaded = result()
+    assert not downloaded and Path(path).is_dir()
+    assert WorkspaceCache(settings).index.counters().get("downloads") == 1
+
+
+def test_an_entry_leased_between_gc_plan_and_execute_is_kept(
+    settings: Settings, tid: str, held_child: Callable[..., Any]
+) -> None:
+    """gc plans to evict an expired, unleased shared workspace and is held before executing;
+    a run takes it meanwhile. gc's re-check under the target lock keeps it."""
+    quick = settings.with_(cache_ttl=1.0)
+    first = WorkspaceCache(quick)
+    ws = first.get_target(tid, "old", "shared")
+    first.cleanup_cache(ws, "shared", run_id="old")
+    time.sleep(1.1)  # past CACHE_TTL: a lower bound, not a race
+
+    def gc(cache: WorkspaceCache) -> Any:
+        report = cache.gc()
+        return [p.key for p in report.plan], [(s.key, s.why) for s in report.skipped]
+
+    _, result = held_child(quick, Phase.GC_PLANNED, gc)
+    assert WorkspaceCache(quick).get_target(tid, "new", "shared") == ws
+    planned, skipped = result()
+    assert f"{tid}/workspace" in planned
+    assert (f"{tid}/workspace", "leased") in skipped
+    assert Path(ws, "run.sh").is_file()
+
+
+def test_make_room_rechecks_a_victim_leased_after_its_plan(
+    settings: Settings, tmp_path: Path, held_child: Callable[..., Any]
+) -> None:
+    """make_room (a download needing space) plans to evict another target's unleased
+    workspace and is held; a run takes that workspace meanwhile: it is kept."""
+    store = open_store(settings)
+    a = store.upload_target(make_project(tmp_path / "a", files=40))
+    b = store.upload_target(make_project(tmp_path / "b", files=40, seed="b"))
+    cache = WorkspaceCache(settings)
+    ws_a = cache.get_target(a, "old", "shared")
+    cache.cleanup_cache(ws_a, "shared", run_id="old")
+    size_a = cache.index.total_bytes()
+    small = settings.with_(cache_max_size=size_a + 1)
+
+    def get_b(c: WorkspaceCache) -> Any:
+        return c.get_target(b, "rb", "shared")
+
+    _, result = held_child(small, Phase.GC_PLANNED, get_b)
+    assert WorkspaceCache(small).get_target(a, "new", "shared") == ws_a
+    assert Path(result()).is_dir()  # proceeds over the limit, with a warning
+    assert Path(ws_a, "run.sh").is_file()
+
+
+@pytest.mark.parametrize("mode", ["shared", "isolated", "copy-on-write"])
+def test_gc_between_publish_and_lease_never_takes_the_new_entry(
+    settings: Settings, tid: str, held_child: Callable[..., Any], mode: str
+) -> None:
+    """The child has published its entry and is held before recording its access and lease;
+    gc with an expired TTL runs meanwhile and must leave what the child is about to return."""
+    quick = settings.with_(cache_ttl=0.001)
+
+    def call(cache: WorkspaceCache) -> Any:
+        return cache.get_target(tid, "child", mode)
+
+    _, result = held_child(quick, Phase.PUBLISHED, call)
+    time.sleep(0.01)  # past CACHE_TTL
+    report = WorkspaceCache(quick).gc()
+    assert report.evicted == []
+    path = result()
+    assert Path(path, "run.sh").is_file()
