@@ -73,6 +73,10 @@ def validate_id(value: object, what: str = "target_id") -> str:
     return value
 
 
+#: Name of the file in a run directory saying which mode made it (CacheLayout.run_mode_file).
+RUN_MODE_FILE = ".forgespace-mode"
+
+
 @dataclass(frozen=True)
 class CacheLayout:
     """Paths of every cache entry under one CACHE_DIR."""
@@ -110,6 +114,11 @@ class CacheLayout:
 
     def run_workspace(self, target_id: str, run_id: str) -> Path:
         return self.run_dir(target_id, run_id) / "workspace"
+
+    def run_mode_file(self, target_id: str, run_id: str) -> Path:
+        """Written at publish: the isolation mode that made the run directory (an index
+        rebuild and cleanup's mode check read it, rather than guess from the shape)."""
+        return self.run_dir(target_id, run_id) / RUN_MODE_FILE
 
     # --- bookkeeping --------------------------------------------------------------
     @property

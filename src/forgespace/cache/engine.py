@@ -32,7 +32,13 @@ from typing import TYPE_CHECKING, Any
 
 from forgespace.cache import fsops, staging
 from forgespace.cache.hooks import NO_HOOKS, CacheHooks, Phase
-from forgespace.cache.index import CacheIndex, EntryRecord, LeaseOwner, LeaseRecord
+from forgespace.cache.index import (
+    CacheIndex,
+    EntryRecord,
+    LeaseOwner,
+    LeaseRecord,
+    read_run_mode,
+)
 from forgespace.cache.locks import flock
 from forgespace.config import Settings
 from forgespace.errors import (
@@ -43,7 +49,7 @@ from forgespace.errors import (
     LockTimeoutError,
     UnsafeArchiveError,
 )
-from forgespace.layout import CacheLayout
+from forgespace.layout import RUN_MODE_FILE, CacheLayout
 
 if TYPE_CHECKING:
     from forgespace.storage.base import ProgressFn, Store
@@ -64,6 +70,10 @@ class GetResult:
     mode: str
     target_id: str
     run_id: str | None
+    #: Served from what was already cached: the same value the index counted (hits or
+    #: misses) and Prometheus observes. A get that published copied or re-extracted what the
+    #: cache held is a miss without a download.
+    hit: bool = True
 
 
 @dataclass
@@ -183,9 +193,13 @@ class Engine:
 
     # --- helpers shared by the modes ------------------------------------------------------
     def _run_dir_mode(self, tid: str, rid: str) -> str | None:
-        """The mode that made run directory ``{tid}/{rid}``: from its shape when that tells
-        (an isolated run keeps its download beside its workspace, a copy-on-write run only its
-        own copy), else (a non-archive target) as the index recorded it; None if unknown."""
+        """The mode that made run directory ``{tid}/{rid}``: as the run directory says (its
+        mode file, written at publish), else from its shape when that tells (an isolated run
+        keeps its download beside its workspace, a copy-on-write run only its own copy), else
+        (a non-archive target) as the index recorded it; None if unknown."""
+        recorded = read_run_mode(self.layout.run_dir(tid, rid))
+        if recorded is not None:
+            return recorded
         run_dir = self.layout.run_dir(tid, rid)
         if os.path.lexists(run_dir / "workspace"):
             return "isolated" if os.path.lexists(run_dir / "target") else "copy-on-write"
@@ -205,6 +219,8 @@ class Engine:
     def _publish_run(
         self, tid: str, rid: str, stage: Path, name: str, nbytes: int, files: int, mode: str
     ) -> str:
+        # The run directory says which mode made it (a rebuild and cleanup read it back).
+        (stage / RUN_MODE_FILE).write_text(mode + "\n")
         self._hooks.reached(Phase.STAGED_RUN)
         run_dir = self.layout.run_dir(tid, rid)
         # The shared lock keeps gc from removing an empty {tid}/ between mkdir and rename;

@@ -57,7 +57,7 @@ from forgespace.errors import (
     LockTimeoutError,
     UnsafeCacheEntryError,
 )
-from forgespace.layout import META_DIRNAME, CacheLayout, is_valid_id
+from forgespace.layout import META_DIRNAME, RUN_MODE_FILE, CacheLayout, is_valid_id
 
 log = logging.getLogger(__name__)
 
@@ -967,21 +967,27 @@ class CacheIndex:
         """Rebuild the index from disk now (``cache verify --repair``); returns entries found.
 
         Live leases and counters are kept; entries are replaced by what the disk holds. Entries
-        found again keep their recorded last access.
+        found again keep their recorded last access. The walk runs outside the transaction
+        (it may take long; gets must not wait for it): an entry published while it walked is
+        newer than the walk, so its row is kept as its publisher wrote it.
         """
+        started = time.time()
         found = scan_entries(self.layout)
         with self._write() as c:
             old = {
                 r[0]: (r[1], r[2])
                 for r in c.execute("SELECT key, created, last_access FROM entries").fetchall()
             }
-            c.execute("DELETE FROM entries")
+            fresh = {k for k, (created, _) in old.items() if created >= started}
+            c.execute("DELETE FROM entries WHERE created < ?", (started,))
             for e in found:
+                if e.key in fresh:
+                    continue  # published during the walk: its publisher's row is the truth
                 row = list(_entry_row(e))
                 if e.key in old:
                     row[7], row[8] = old[e.key]
                 c.execute("INSERT INTO entries VALUES (?,?,?,?,?,?,?,?,?)", row)
-        return len(found)
+        return len(found) + len(fresh - {e.key for e in found})
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -1117,13 +1123,43 @@ def _rebuild_leases(entries: list[EntryRecord], now: float, ttl: float) -> list[
     return leases
 
 
+def read_run_mode(run_dir: Path) -> str | None:
+    """The mode a run directory's mode file records, or None (absent, unreadable, unknown)."""
+    try:
+        fd = os.open(run_dir / RUN_MODE_FILE, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        text = os.read(fd, 64).decode("ascii", "replace").strip()
+    finally:
+        os.close(fd)
+    return text if text in ("isolated", "copy-on-write") else None
+
+
+def _run_mode_on_disk(run_dir: Path, has_cow_shared: bool, look_inside: bool) -> str:
+    """The mode of a run directory: its mode file (written at publish); for directories of
+    older versions, a guess from the shape (cheap listing: from the target's ``shared/``)."""
+    recorded = read_run_mode(run_dir)
+    if recorded is not None:
+        return recorded
+    cow = has_cow_shared
+    if look_inside and not cow:
+        # An isolated run keeps its download beside its workspace; a copy-on-write run
+        # whose shared copy was evicted only has its own copy.
+        inner = set(os.listdir(run_dir))
+        cow = "workspace" in inner and "target" not in inner
+    return "copy-on-write" if cow else "isolated"
+
+
 def tree_size(path: Path) -> tuple[int, int]:
     """(bytes, files) of the regular files under ``path`` (or of ``path`` itself); no symlinks
-    followed. Only a rebuild walks workspaces like this."""
+    followed, no mount point entered (an overlay run's mount shows the shared copy beneath;
+    its own bytes are its upper layer). Only a rebuild walks workspaces like this."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return 0, 0
+    dev = st.st_dev
     if stat_mod.S_ISREG(st.st_mode):
         return st.st_size, 1
     if not stat_mod.S_ISDIR(st.st_mode):
@@ -1140,7 +1176,8 @@ def tree_size(path: Path) -> tuple[int, int]:
             for de in it:
                 try:
                     if de.is_dir(follow_symlinks=False):
-                        stack.append(de.path)
+                        if de.stat(follow_symlinks=False).st_dev == dev:
+                            stack.append(de.path)
                     elif de.is_file(follow_symlinks=False):
                         total += de.stat(follow_symlinks=False).st_size
                         files += 1
@@ -1201,15 +1238,14 @@ def scan_entries(
             elif is_valid_id(name):
                 if not is_dir:
                     continue
-                cow = has_cow_shared
-                if with_sizes and not cow:
-                    # An isolated run keeps its download beside its workspace; a copy-on-write
-                    # run whose shared copy was evicted only has its own copy.
-                    inner = set(os.listdir(child.path))
-                    cow = "workspace" in inner and "target" not in inner
                 key, kind, run_id = f"{tid}/{name}", "run", name
-                mode = "copy-on-write" if cow else "isolated"
+                mode = _run_mode_on_disk(Path(child.path), has_cow_shared, with_sizes)
                 parts = [Path(child.path)]
+                # An overlay run's own bytes are its upper layer (the mount shows the shared
+                # copy beneath, which tree_size does not enter).
+                upper = layout.overlay_dir / tid / name / "upper"
+                if with_sizes and os.path.isdir(upper):
+                    parts.append(upper)
             else:
                 continue
             nbytes = nfiles = 0

@@ -117,7 +117,7 @@ class Modes(Engine):
                 if path is None:  # pragma: no cover - we just published under the lock
                     raise ForgespaceError(f"shared workspace of {tid} vanished after publish")
                 self.index.access(key, lease=lease, hit=False)
-                return GetResult(path, downloaded, "shared", tid, rid)
+                return GetResult(path, downloaded, "shared", tid, rid, hit=False)
 
     def publish_shared(self, tid: str, repair: bool, transfer: Transfer) -> bool:
         """Under the exclusive lock: make {tid}/target and {tid}/workspace complete.
@@ -203,7 +203,9 @@ class Modes(Engine):
                         "hit", self.index.access, f"{tid}/{rid}", lease=lease, hit=not published
                     )
                     log.info("Cache HIT: %s (mode: copy-on-write)", tid)
-                    return GetResult(existing, downloaded, "copy-on-write", tid, rid)
+                    return GetResult(
+                        existing, downloaded, "copy-on-write", tid, rid, hit=not published
+                    )
                 self._require_lease(lease, leased)
                 if shared_dir.is_dir():
                     # The shared lock keeps gc off shared/ while we copy from it.
@@ -213,7 +215,7 @@ class Modes(Engine):
                     self.index.access(f"{tid}/shared", lease=lease, hit=not published)
                     if not published:
                         log.info("Cache HIT: %s (mode: copy-on-write)", tid)
-                    return GetResult(path, downloaded, "copy-on-write", tid, rid)
+                    return GetResult(path, downloaded, "copy-on-write", tid, rid, hit=not published)
             self._hooks.reached(Phase.SHARED_MISS)
             with contextlib.ExitStack() as held:
                 if waiter.try_exclusive(held, "download copy-on-write") and not shared_dir.is_dir():
@@ -362,7 +364,7 @@ class Modes(Engine):
                 path = self._publish_run(tid, rid, stage, name, nbytes, files, "isolated")
             # Records the lease again: its TTL counts from now, not from the download's start.
             self.index.access(run_key, lease=lease, hit=False)
-            return GetResult(path, True, "isolated", tid, rid)
+            return GetResult(path, True, "isolated", tid, rid, hit=False)
         except BaseException:
             self._end_own_lease(lease)
             raise

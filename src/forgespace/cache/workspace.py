@@ -174,7 +174,7 @@ class WorkspaceCache:
             res = self._modes.get_isolated(target_id, run_id, transfer, owner)
         self._metrics.observe_get(
             res.mode,
-            hit=not res.downloaded,
+            hit=res.hit,  # decided where the index counted it
             seconds=time.perf_counter() - t0,
             downloaded_bytes=transfer.downloaded_bytes,
         )
