@@ -73,6 +73,8 @@ def validate_id(value: object, what: str = "target_id") -> str:
     return value
 
 
+#: A tampered shared workspace still in use, moved aside by its repair: ``{tid}/.retired-*``.
+RETIRED_PREFIX = ".retired-"
 #: Name of the file in a run directory saying which mode made it (CacheLayout.run_mode_file).
 RUN_MODE_FILE = ".forgespace-mode"
 

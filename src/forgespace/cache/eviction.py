@@ -48,7 +48,7 @@ from forgespace.errors import (
     LockTimeoutError,
     UnsafeCacheEntryError,
 )
-from forgespace.layout import CacheLayout, is_valid_id
+from forgespace.layout import RETIRED_PREFIX, CacheLayout, is_valid_id
 
 log = logging.getLogger(__name__)
 
@@ -294,6 +294,7 @@ def collect_garbage(cache: CacheLike, *, dry_run: bool = False) -> GcReport:
         staging.remove_dead_owners(cache.layout)
     except UnsafeCacheEntryError as exc:
         log.warning("gc: %s", exc)
+    reclaim_retired(cache)
     _remove_empty_target_dirs(cache)
     report.adopted = adopt_unindexed(cache)
     expired: list[Any] = []
@@ -531,6 +532,35 @@ def make_room(cache: CacheLike, incoming_bytes: int, *, target_id: str) -> None:
 def _is_target_dir(d: os.DirEntry[str]) -> bool:
     # valid ids only: never .forgespace, never a stray name a lock file would be made for
     return is_valid_id(d.name) and d.is_dir(follow_symlinks=False)
+
+
+def reclaim_retired(cache: CacheLike) -> list[Path]:
+    """Delete the tampered shared workspaces a repair kept aside (``{tid}/.retired-*``) once no
+    lease pins the target's shared workspace (checked under the target lock, like any
+    eviction). Returns what went."""
+    gone: list[Path] = []
+    with contextlib.suppress(FileNotFoundError), os.scandir(cache.layout.root) as it:
+        tops = [d for d in it if _is_target_dir(d)]
+    for d in tops:
+        try:
+            with os.scandir(d.path) as inner:
+                retired = [Path(e.path) for e in inner if e.name.startswith(RETIRED_PREFIX)]
+        except OSError:
+            continue
+        if not retired:
+            continue
+        try:
+            with cache.target_lock(d.name, blocking=False):
+                if cache.index.is_leased(f"{d.name}/workspace"):
+                    continue
+                for p in retired:
+                    fsops.discard(cache.layout.root, p)
+                    gone.append(p)
+        except LockTimeoutError:
+            continue
+    if gone:
+        log.info("gc: removed %d retired shared workspace(s) no run uses any more", len(gone))
+    return gone
 
 
 def _remove_empty_target_dirs(cache: CacheLike) -> None:

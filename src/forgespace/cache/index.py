@@ -1255,6 +1255,10 @@ def scan_entries(
                     b, f = tree_size(part)
                     nbytes += b
                     nfiles += f
+                if kind == "run":
+                    # bookkeeping, not the run's content (publish does not count it either)
+                    b, f = tree_size(Path(child.path) / RUN_MODE_FILE)
+                    nbytes, nfiles = nbytes - b, nfiles - f
                 with contextlib.suppress(ValueError):
                     created = min(os.lstat(x).st_mtime for x in parts if os.path.lexists(x))
             found.append(EntryRecord(key, tid, kind, run_id, mode, nbytes, nfiles, created, now))

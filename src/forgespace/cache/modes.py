@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,7 @@ from forgespace.cache import manifest as mf
 from forgespace.cache.engine import Engine, GetResult, Transfer, Waiter, src_size
 from forgespace.cache.hooks import Phase
 from forgespace.errors import ForgespaceError
+from forgespace.layout import RETIRED_PREFIX
 
 if TYPE_CHECKING:
     from forgespace.cache.index import LeaseOwner, LeaseRecord
@@ -106,8 +108,8 @@ class Modes(Engine):
                 try:
                     path = self._shared_complete(tid)
                 except _Tampered:
+                    # Re-extracted beside it and swapped in by publish_shared (retire_workspace)
                     path = None
-                    self._discard(self.layout.shared_workspace(tid))
                 if path is not None:
                     self.index.try_write("hit", self.index.access, key, lease=lease, hit=True)
                     log.info("Cache HIT: %s (mode: shared)", tid)
@@ -152,6 +154,8 @@ class Modes(Engine):
                 self._hooks.reached(Phase.SHARED_TARGET_PUBLISHED)
             if kind is not None:
                 ws = self.layout.shared_workspace(tid)
+                if os.path.lexists(ws):  # a tampered copy: the repaired one is ready beside it
+                    self.retire_workspace(tid)
                 fsops.rename_into(self._root, stage / "workspace", ws)
                 mf.write_stamp(mf.stamp_path(self.layout.meta_dir, tid, "shared"), ws)
             else:
@@ -166,6 +170,24 @@ class Modes(Engine):
             if repair:
                 self.index.count("repairs")
         return downloaded
+
+    def retire_workspace(self, tid: str) -> None:
+        """Under the exclusive lock: move the shared workspace out of the way of its repaired
+        copy. Unleased, it is deleted; leased, runs still work in it (their open directories
+        and cwd), so it is kept as ``{tid}/.retired-*`` until no lease pins the workspace
+        (gc reclaims it: eviction.reclaim_retired)."""
+        ws = self.layout.shared_workspace(tid)
+        if not self.index.is_leased(f"{tid}/workspace"):
+            self._discard(ws)
+            return
+        aside = self.layout.target_dir(tid) / f"{RETIRED_PREFIX}{uuid.uuid4().hex[:12]}"
+        fsops.rename_into(self._root, ws, aside)
+        log.warning(
+            "shared workspace %s is in use by leased runs: kept its modified copy as %s until "
+            "they end; new lookups get the repaired copy",
+            ws,
+            aside.name,
+        )
 
     # --- copy-on-write -------------------------------------------------------------------
     def get_cow(self, tid: str, rid: str, transfer: Transfer, owner: LeaseOwner) -> GetResult:

@@ -434,9 +434,8 @@ class WorkspaceCache:
         with self.target_lock(target_id, exclusive=True, purpose="repair shared"):
             if not self.layout.shared_target(target_id).exists():
                 return False
-            ws = self.layout.shared_workspace(target_id)
-            if ws.exists():
-                fsops.discard(self.layout.root, ws)
+            # Re-extracted beside the live workspace, then swapped in (Modes.retire_workspace:
+            # kept aside while leased runs use it).
             self._modes.publish_shared(target_id, True, Transfer())
             return True
 
