@@ -256,14 +256,18 @@ def staging_dir(layout: CacheLayout, target_id: str, purpose: str) -> Iterator[P
     token = OwnerToken.for_dir(owners_dir(layout), root=root).token
     name = staging_name(target_id, purpose, token, uuid.uuid4().hex[:8])
     stage = layout.tmp_dir / name
-    with fsops.dir_fd(root, fsops.parts_under(root, layout.tmp_dir), create=True) as t:
-        os.mkdir(name, dir_fd=t)
+    # Everything is written through the pinned path (/proc/self/fd/N): a run that swaps
+    # .forgespace/tmp meanwhile cannot redirect a download or an extraction outside.
+    pinned = fsops.make_pinned_dir(root, stage)
     try:
-        yield stage
+        yield pinned
     finally:
-        if os.path.lexists(stage):
-            fsops.unmount_under([stage], root=root)
-            fsops.discard(root, stage)
+        try:
+            if fsops.pinned_still_in_place(pinned):  # not published: ours to remove
+                fsops.unmount_under([stage], root=root)
+                fsops.discard(root, stage)
+        finally:
+            fsops.unpin(pinned)
 
 
 def remove_staging(layout: CacheLayout, item: StagingDir) -> list[Path]:
