@@ -21,6 +21,10 @@ Choices worth knowing:
 - Request checksums are only sent "when required": our own sha256 covers integrity and
   some S3-compatible servers reject the newer default trailing checksums.
 - Buckets (targets, results) are created on first write when missing.
+- Re-uploading content the bucket holds sends no object bytes but restarts its age for
+  ``store prune`` (a self-copy with the same metadata). Prune and re-upload exclude each other
+  through intent markers under ``.forgespace/prune/`` (see ``prune_target``): a plain
+  check-then-DELETE cannot, since S3 offers no lock and a refresh keeps the ETag.
 """
 
 from __future__ import annotations
