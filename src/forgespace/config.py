@@ -139,6 +139,12 @@ class Settings:
     s3_results_bucket: str = "results"
     s3_region: str = "us-east-1"
     s3_use_ssl: bool = False
+    #: `forgespace store prune` removes targets not uploaded for this long (FuzzForge documents
+    #: 7 days for targets and 30 for results) and results older than ``store_result_ttl``.
+    store_target_ttl: float = 7 * 86400.0
+    store_result_ttl: float = 30 * 86400.0
+    #: the local store's temp files of dead uploads are removed by prune only after this long
+    store_temp_grace: float = 3600.0
     temporal_address: str | None = None
     temporal_namespace: str = "default"
     # FORGESPACE_MAX_CONCURRENT_ACTIVITIES, FORGESPACE_TEMPORAL_BIN, FORGESPACE_LOG_LEVEL
@@ -180,6 +186,9 @@ class Settings:
             "CACHE_CLEANUP_INTERVAL": "cache_cleanup_interval",
             "CACHE_LEASE_TTL": "cache_lease_ttl",
             "CACHE_LOCK_TIMEOUT": "cache_lock_timeout",
+            "STORE_TARGET_TTL": "store_target_ttl",
+            "STORE_RESULT_TTL": "store_result_ttl",
+            "STORE_TEMP_GRACE": "store_temp_grace",
         }
         for var, name in sizes.items():
             if (v := get(var)) is not None:

@@ -34,6 +34,8 @@ app = typer.Typer(
 )
 cache_app = typer.Typer(help="Inspect and steer the workspace cache.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
+store_app = typer.Typer(help="List and prune the object store.", no_args_is_help=True)
+app.add_typer(store_app, name="store")
 
 # Human output and progress go to stderr; stdout carries only machine-readable results.
 err_console = Console(stderr=True)
