@@ -86,6 +86,18 @@ def setup_logging() -> None:
     )
 
 
+def quiet_logs(verbose: int) -> None:
+    """For commands with their own progress output (`run`): the Temporal SDK's and forgespace's
+    INFO logs stay hidden (WARNING and above pass) unless ``-v`` (INFO) or ``-vv`` (DEBUG);
+    an explicit FORGESPACE_LOG_LEVEL / LOG_LEVEL wins."""
+    if os.environ.get("FORGESPACE_LOG_LEVEL") or os.environ.get("LOG_LEVEL"):
+        return
+    level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.getLogger().setLevel(level)
+    for name in ("temporalio", "forgespace"):
+        logging.getLogger(name).setLevel(level)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app, map our errors to exit codes."""
     setup_logging()
