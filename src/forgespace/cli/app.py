@@ -6,6 +6,7 @@ import errno
 import logging
 import os
 import sys
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -136,6 +137,29 @@ def main(argv: list[str] | None = None) -> None:
 
         # typer vendors its own click: its usage errors are TyperException, not click's
         if isinstance(exc, click.ClickException | typer.TyperException) and hasattr(exc, "show"):
-            exc.show()
+            if getattr(exc, "ctx", None) is not None and _is_help_request(exc):
+                exc.show()  # `forgespace cache` alone: the help text, as asked
+            else:
+                err_console.print(
+                    f"[red]error:[/red] {escape(usage_error_line(exc))}",
+                    highlight=False,
+                    markup=True,
+                    soft_wrap=True,
+                )
             sys.exit(exc.exit_code)
         raise
+
+
+def _is_help_request(exc: BaseException) -> bool:
+    # click raises NoArgsIsHelpError for a group called without a command (no_args_is_help)
+    return type(exc).__name__ == "NoArgsIsHelpError"
+
+
+def usage_error_line(exc: Any) -> str:
+    """One line for a usage error: the command, what was wrong (click's message, which names
+    the option and what it accepts), and where to look."""
+    ctx = getattr(exc, "ctx", None)
+    command = ctx.command_path if ctx is not None else "forgespace"
+    message = " ".join(str(exc.format_message()).split())
+    hint = f" (see '{command} --help')" if ctx is not None else ""
+    return f"{command}: {message}{hint}"

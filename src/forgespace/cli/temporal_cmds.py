@@ -245,7 +245,7 @@ def run(
             param_hint="--fail-on",
         )
     try:
-        run_timeout = parse_duration(timeout, name="--timeout")
+        run_timeout = parse_duration(timeout, name="duration")
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--timeout") from None
     if run_timeout <= 0:
