@@ -29,15 +29,38 @@ app = typer.Typer(
     name="forgespace",
     help="Workspaces for security-analysis workflow runs.",
     no_args_is_help=True,
-    add_completion=False,
+    # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
+    add_completion=True,
     pretty_exceptions_enable=False,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"forgespace {version('forgespace')}")
+        except PackageNotFoundError:  # running from a source tree that was never installed
+            print("forgespace (not installed: version unknown)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    show_version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Workspaces for security-analysis workflow runs."""
+
+
 cache_app = typer.Typer(help="Inspect and steer the workspace cache.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 
 # Human output and progress go to stderr; stdout carries only machine-readable results.
-err_console = Console(stderr=True)
-out_console = Console()
+err_console = Console(stderr=True, soft_wrap=True)
+out_console = Console(soft_wrap=True)
 
 EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (TargetNotFoundError, 3),

@@ -115,6 +115,16 @@ def _plain() -> bool:
     return not out_console.is_terminal
 
 
+def _bytes_cell(n: int) -> str:
+    """Sizes for people on a terminal, exact byte counts for scripts."""
+    return str(n) if _plain() else _size(n)
+
+
+def _time_cell(ts: float | None) -> str:
+    """An ISO time for scripts; the time and how long ago for people."""
+    return (_iso(ts) or "-") if _plain() else _when(ts)
+
+
 def _render(title: str, columns: list[tuple[str, str]], rows: list[list[str]]) -> None:
     """A table: rich on a terminal (ids never truncated), else plain space-aligned columns
     (header first, full values) that grep/awk/cut can read."""
@@ -320,9 +330,9 @@ def ls(
                 [
                     # plain output repeats the id on every row (each row stands alone for grep)
                     target["target_id"] if i == 0 or plain else "",
-                    e["key"].split("/", 1)[1] + ("" if e["kind"] != "run" else " (run)"),
+                    e["key"].split("/", 1)[1] + ("" if e["kind"] != "run" or plain else " (run)"),
                     e["mode"],
-                    _size(e["bytes"]),
+                    _bytes_cell(e["bytes"]),
                     str(e["files"]),
                     (e["last_access_iso"] or "-") if plain else ago(e["last_access"]),
                     str(e["live_leases"]),
@@ -374,9 +384,9 @@ def gc(
             p.key,
             p.kind,
             p.reason,
-            _size(p.bytes),
-            _when(p.last_access),
-            "-" if dry_run else ("yes" if p.key in done else f"skipped: {skipped.get(p.key)}"),
+            _bytes_cell(p.bytes),
+            _time_cell(p.last_access),
+            "-" if dry_run else ("yes" if p.key in done else f"skipped:{skipped.get(p.key)}"),
         ]
         for p in report.plan
     ]
@@ -451,8 +461,8 @@ def _removal_doc(
 
 def _print_removal(doc: dict[str, Any], verb: str) -> None:
     rows = [
-        [e["target_id"], e["key"].split("/", 1)[1], e["kind"], _size(e["bytes"]),
-         _when(e["last_access"])]
+        [e["target_id"], e["key"].split("/", 1)[1], e["kind"], _bytes_cell(e["bytes"]),
+         _time_cell(e["last_access"])]
         for e in doc["entries"]
     ]  # fmt: skip
     if rows:
