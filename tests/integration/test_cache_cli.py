@@ -119,6 +119,7 @@ def test_ls_json_per_target(populated) -> None:
         "bytes",
         "files",
         "last_access",
+        "last_access_iso",
         "live_leases",
         "entries",
     }

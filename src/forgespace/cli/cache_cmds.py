@@ -298,6 +298,7 @@ def ls_doc(index: CacheIndex | None) -> dict[str, Any]:
                 "bytes": sum(e.bytes for e in es),
                 "files": sum(e.files for e in es),
                 "last_access": max(e.last_access for e in es),
+                "last_access_iso": _iso(max(e.last_access for e in es)),
                 "live_leases": sum(per_key.get(e.key, 0) for e in es),
                 "entries": [_entry_doc(e, per_key.get(e.key, 0)) for e in es],
             }
