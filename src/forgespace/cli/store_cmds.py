@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -17,54 +15,11 @@ import typer
 from rich.markup import escape
 
 from forgespace.cli.app import app, err_console, load_settings, out_console, store_app
+from forgespace.cli.progress import transfer_progress
 from forgespace.errors import ConfigError, ForgespaceError, StorageError
-from forgespace.storage.base import ProgressFn
 
 if TYPE_CHECKING:
     from forgespace.storage.lifecycle import ManagedStore, StoredObject
-
-# Below this a bar would only flicker: small uploads finish before it could be read.
-PROGRESS_MIN_BYTES = 32 * 1024 * 1024
-
-
-def _content_bytes(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    from forgespace.storage.pack import tree_size
-
-    return tree_size(path)
-
-
-@contextmanager
-def _progress_for(path: Path, what: str) -> Iterator[ProgressFn | None]:
-    """A rich bar on stderr when it is a terminal and the upload is large; else None."""
-    if not err_console.is_terminal or _content_bytes(path) < PROGRESS_MIN_BYTES:
-        yield None
-        return
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=err_console,
-        transient=True,
-    ) as bar:
-        task = bar.add_task(what, total=None)
-
-        def progress(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total or None)
-
-        yield progress
 
 
 @app.command()
@@ -99,7 +54,7 @@ def upload(
         )
     store = open_store(load_settings())
     try:
-        with _progress_for(path, f"uploading to {store.display_name}") as progress:
+        with transfer_progress(f"uploading to {store.display_name}") as progress:
             target_id = store.upload_target(path, progress=progress, target_id=target_id)
     except OSError as exc:
         if isinstance(exc, ForgespaceError):
