@@ -616,6 +616,7 @@ async def run_in_workspace(
             if _host_lost(exc) and attempt < opts.host_attempts:
                 # Nobody serves that host queue any more, so its cleanup could not run either.
                 host_gone = True
+                tried.append(task_queue)  # never prefer it again in this run
                 workflow.logger.warning(
                     "host queue %s lost during the run; starting again on another host",
                     task_queue,
