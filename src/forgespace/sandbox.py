@@ -206,6 +206,9 @@ def tool_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+_TMP = Path("/tmp")
+
+
 def _inside(path: Path, base: Path) -> bool:
     return path == base or base in path.parents
 
@@ -322,7 +325,7 @@ class Sandbox:
         out: list[Path] = []
         for c in candidates:
             p = Path(os.path.realpath(c))
-            if not p.exists() or p == Path("/") or _inside(p, Path("/tmp")):
+            if not p.exists() or p == Path("/") or p == _TMP:
                 continue
             if any(_inside(p, Path("/", d)) for d in SYSTEM_DIRS):
                 continue  # already bound as a system directory
@@ -353,7 +356,8 @@ class Sandbox:
             if host.exists():
                 args += ["--ro-bind", str(host), str(host)]
         for p in self._runtime_paths():
-            args += ["--ro-bind", str(p), str(p)]
+            if not _inside(p, _TMP):  # those go after the private /tmp's shields (command())
+                args += ["--ro-bind", str(p), str(p)]
         self._system_args = args
         return list(args)
 
@@ -423,6 +427,10 @@ class Sandbox:
             *self._system_binds(),
         ]
         binds: list[str] = []
+        # A checkout (venv, src/) under /tmp, e.g. a CI clone: bound into the private /tmp.
+        for runtime in self._runtime_paths():
+            if _inside(runtime, _TMP):
+                binds += ["--ro-bind", str(runtime), str(runtime)]
         for p in extra_ro:
             real = Path(os.path.realpath(p))
             if not self._allowed_ro(real):
@@ -432,7 +440,7 @@ class Sandbox:
         # A bind deep below /tmp gets its mount point created in the private (writable) /tmp:
         # its parents there (e.g. a CACHE_DIR under /tmp) would be writable, if invisible to
         # the host. A read-only tmpfs over their top directory makes them refuse writes too.
-        tmp = Path("/tmp")
+        tmp = _TMP
         shields = sorted(
             {
                 tmp / Path(d).relative_to(tmp).parts[0]

@@ -310,3 +310,28 @@ def test_cache_dir_itself_is_never_a_workspace(box: sandbox.Sandbox, cache: Path
         run_py(box, cache, "print(1)")
     with pytest.raises(ValueError, match="cache bookkeeping"):
         run_py(box, cache / ".forgespace", "print(1)")
+
+
+def test_a_checkout_under_tmp_is_visible_read_only_inside(
+    box: sandbox.Sandbox, plain: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A clone under /tmp (a CI checkout) puts the venv and src/ on sys.path below /tmp, which
+    the sandbox's private /tmp would hide: the tool's interpreter could not even start, and
+    `auto` would fall back to running tools unsandboxed. Such paths are bound read-only."""
+    lib = tmp_path / "checkout" / "src"
+    lib.mkdir(parents=True)
+    (lib / "under_tmp_mod.py").write_text("VALUE = 'seen'\n")
+    assert str(lib).startswith("/tmp/")
+    monkeypatch.syspath_prepend(str(lib))
+    fresh = sandbox.Sandbox(box.status, bwrap=box.bwrap, hidden=box.hidden)
+    code = (
+        "import sys, under_tmp_mod\n"
+        f"sys.path.insert(0, {str(lib)!r})\n"
+        "print(under_tmp_mod.VALUE)\n"
+        f"open({str(lib / 'planted.py')!r}, 'w')\n"
+    )
+    env = sandbox.tool_env({"PYTHONPATH": str(lib)})
+    done = run_py(fresh, plain, code, env=env)
+    assert done.stdout.strip() == b"seen", done.stderr
+    assert b"Read-only file system" in done.stderr  # visible, never writable
+    assert not (lib / "planted.py").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -88,6 +89,32 @@ def setup_logging() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app, map our errors to exit codes."""
+    try:
+        _main(argv)
+        code: int | str | None = 0
+    except SystemExit as exc:
+        code = exc.code
+    if "temporalio.bridge" in sys.modules:
+        # The Temporal SDK's Rust threads can outlive the event loop and abort the interpreter
+        # while it finalizes ("PyGILState_Release: thread state ... must be current", SIGABRT
+        # after a clean shutdown; temporalio/sdk-python issue 300). Everything is done and
+        # cleaned up by now: flush what we wrote and leave without finalizing.
+        _exit_without_finalizing(code)
+    sys.exit(code)
+
+
+def _exit_without_finalizing(code: int | str | None) -> None:
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code or 0)
+
+
+def _main(argv: list[str] | None) -> None:
     setup_logging()
     try:
         rc = app(args=argv, standalone_mode=False)
