@@ -113,6 +113,19 @@ def _choice(value: str, *, name: str, allowed: tuple[str, ...]) -> str:
     return v
 
 
+def _locality_wait(value: str) -> float:
+    """FORGESPACE_LOCALITY_WAIT: a duration, or ``off`` (= 0: no locality)."""
+    if value.strip().lower() == "off":
+        return 0.0
+    try:
+        return parse_duration(value, name="FORGESPACE_LOCALITY_WAIT")
+    except ConfigError:
+        raise ConfigError(
+            f"invalid FORGESPACE_LOCALITY_WAIT {value!r}: expected off (or 0) to send runs to "
+            f"any host, or how long to wait for a host holding the target: {DURATION_FORMS}"
+        ) from None
+
+
 COW_BACKENDS = ("copy", "overlay")
 SANDBOX_MODES = ("auto", "bwrap", "none")
 STORAGE_BACKENDS = ("local", "s3")
@@ -158,6 +171,9 @@ class Settings:
     temporal_tls_ca: Path | None = None
     #: Temporal Cloud API key (sent as a bearer token; implies TLS). Never shown in a repr.
     temporal_api_key: str | None = field(default=None, repr=False)
+    #: FORGESPACE_LOCALITY_WAIT: how long a shared/copy-on-write run waits for a busy host that
+    #: holds its target before going to any host (delay scheduling); 0 = locality off.
+    locality_wait: float = 5.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -243,6 +259,8 @@ class Settings:
                 f"{given} is set but {missing} is not: a client certificate needs its key "
                 "(set both PEM files for mTLS, or neither)"
             )
+        if (v := get("FORGESPACE_LOCALITY_WAIT")) is not None:
+            kw["locality_wait"] = _locality_wait(v)
         if (v := get("TEMPORAL_API_KEY")) is not None:
             kw["temporal_api_key"] = v.strip()
         return cls(**kw)

@@ -258,6 +258,26 @@ class LocalStore:
         _atomic_write_bytes(path, data)
         return str(path)
 
+    def result_keys(self, prefix: str) -> list[str]:
+        """Keys under ``{root}/.results/`` starting with ``prefix``, in its folder only."""
+        folder, _, start = prefix.rpartition("/")
+        base = self.root / RESULTS_DIRNAME / check_result_key(folder) if folder else None
+        where = base or self.root / RESULTS_DIRNAME
+        try:
+            names = os.listdir(where)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        # A leading dot is an atomic write's temp file (or not ours).
+        return sorted(
+            f"{folder}/{n}" if folder else n
+            for n in names
+            if n.startswith(start) and not n.startswith(".") and (where / n).is_file()
+        )
+
+    def get_result(self, key: str) -> bytes:
+        """The bytes of ``{root}/.results/{key}``."""
+        return (self.root / RESULTS_DIRNAME / check_result_key(key)).read_bytes()
+
     # --- lifecycle (forgespace store ls / rm / prune) ----------------------------------
     def list_targets(self) -> list[StoredObject]:
         """Every ``{id}/target`` regular file under the root; ``modified`` = its mtime (set

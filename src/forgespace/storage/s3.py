@@ -553,6 +553,38 @@ class S3Store:
         )
         return f"s3://{self.results_bucket}/{norm}"
 
+    def result_keys(self, prefix: str) -> list[str]:
+        """Keys of the results bucket starting with ``prefix``, not below its next ``/``."""
+
+        def list_keys() -> list[str]:
+            keys: list[str] = []
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.results_bucket, Prefix=prefix, Delimiter="/"
+            )
+            try:
+                for page in pages:
+                    keys += [o["Key"] for o in page.get("Contents", [])]
+            except bexc.ClientError as exc:
+                if not _is_not_found(exc):  # no bucket yet: nothing stored
+                    raise
+            return sorted(keys)
+
+        return self._call(f"LIST {self._where(prefix + '*', self.results_bucket)}", list_keys)
+
+    def get_result(self, key: str) -> bytes:
+        """GET a result object; FileNotFoundError (TargetNotFoundError) when it is absent."""
+        norm = check_result_key(key)
+        where = self._where(norm, self.results_bucket)
+
+        def get() -> bytes:
+            body = self.client.get_object(Bucket=self.results_bucket, Key=norm)["Body"]
+            try:
+                return bytes(body.read())
+            finally:
+                body.close()
+
+        return self._call(f"GET {where}", get, not_found=f"no result {where}")
+
     # --- lifecycle (forgespace store ls / rm / prune) ----------------------------------
     def _list(self, bucket: str, prefix: str = "") -> list[dict[str, Any]]:
         """Every object of ``bucket`` under ``prefix`` (paginated); [] when no bucket."""
