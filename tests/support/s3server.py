@@ -542,18 +542,29 @@ _SETTINGS_VARS = {
     "s3_use_ssl": "S3_USE_SSL",
     "temporal_address": "TEMPORAL_ADDRESS",
     "temporal_namespace": "TEMPORAL_NAMESPACE",
+    "sandbox": "FORGESPACE_SANDBOX",
+    "max_concurrent_activities": "FORGESPACE_MAX_CONCURRENT_ACTIVITIES",
+    "temporal_bin": "FORGESPACE_TEMPORAL_BIN",
+    "log_level": "FORGESPACE_LOG_LEVEL",
+    "locality_wait": "FORGESPACE_LOCALITY_WAIT",
 }
+# Variables that are aliases of the ones above (FuzzForge's): never left to contradict them.
+_ALIAS_VARS = ("LOG_LEVEL", "MAX_CONCURRENT_ACTIVITIES", "WORKER_TASK_QUEUE", "WORKER_VERTICAL")
 
 
 def env_for(settings: Settings, base: dict[str, str] | None = None) -> dict[str, str]:
     """A full environment for a subprocess that makes ``Settings.from_env()`` there equal
     ``settings``: ``base`` (default os.environ) with every forgespace variable replaced."""
     env = dict(os.environ if base is None else base)
+    for var in _ALIAS_VARS:
+        env.pop(var, None)
     for f in dataclasses.fields(settings):
         attr = f.name
         var = _SETTINGS_VARS.get(attr, attr.upper())  # a new field: its variable, most likely
         value = getattr(settings, attr)
-        if value is None:
+        if value is None or value == f.default:
+            # unset = the default: an explicit default would read as an operator's choice
+            # (e.g. FORGESPACE_LOG_LEVEL=INFO overrides `run`'s quiet logs)
             env.pop(var, None)
         elif isinstance(value, bool):
             env[var] = "true" if value else "false"

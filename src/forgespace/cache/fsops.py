@@ -193,6 +193,7 @@ def open_lock(root: Path, path: Path, *, create: bool = True) -> int:
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.EOPNOTSUPP):
                 raise _refused(str(path), _found(dfd, parts[-1]), "a lock file") from None
+            exc.filename = str(path)  # opened relative to its directory: name the whole path
             raise
     try:
         st = os.fstat(fd)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from forgespace.cache import fsops
-from forgespace.errors import UnsafeCacheEntryError
+from forgespace.errors import CacheAccessError, ForgespaceError, UnsafeCacheEntryError
 from forgespace.layout import CacheLayout
 
 _HOST = socket.gethostname()
@@ -46,6 +46,17 @@ class OwnerToken:
     _by_dir: dict[tuple[int, str], OwnerToken] = {}
 
     def __init__(self, owners_dir: Path, *, root: Path | None = None) -> None:
+        try:
+            self._create(owners_dir, root)
+        except OSError as exc:
+            if isinstance(exc, ForgespaceError):
+                raise
+            # opened relative to a directory fd: name the whole path, and what was being done
+            if exc.filename is not None and not os.path.isabs(str(exc.filename)):
+                exc.filename = str(owners_dir / str(exc.filename))
+            raise CacheAccessError.from_os_error(exc, "create an owner lock") from exc
+
+    def _create(self, owners_dir: Path, root: Path | None) -> None:
         dfd = _owners_fd(owners_dir, root, create=True)
         try:
             for _ in range(10):
