@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from support.clock import age_entries, expire_leases
 from support.procs import make_project, tree_digest
 
 from forgespace.cache.workspace import WorkspaceCache
@@ -45,13 +46,14 @@ def test_lru_order_is_set_by_get_target_accesses(settings: Settings, tmp_path: P
 
 
 def test_ttl_evicts_what_was_not_accessed_for_cache_ttl(settings: Settings, tmp_path: Path) -> None:
-    settings = settings.with_(cache_ttl=1.0)
+    settings = settings.with_(cache_ttl=3600.0)
     old, new = upload(settings, tmp_path, "old"), upload(settings, tmp_path, "new")
     cache = WorkspaceCache(settings)
     cache.get_target(old, workspace_isolation="shared")
     cache.get_target(new, workspace_isolation="copy-on-write", run_id="r1")
     cache.cleanup_cache(cache.layout.run_workspace(new, "r1"), "copy-on-write")
-    time.sleep(1.2)
+    # Two hours pass for everything published so far...
+    age_entries(settings.cache_dir, [f"{old}/workspace", f"{new}/shared"], 7200)
     cache.get_target(new, workspace_isolation="copy-on-write", run_id="r2")  # touches shared/
     report = cache.gc()
     assert [(p.key, p.reason) for p in report.evicted] == [(f"{old}/workspace", "ttl")]
@@ -61,13 +63,14 @@ def test_ttl_evicts_what_was_not_accessed_for_cache_ttl(settings: Settings, tmp_
 
 
 def test_leases_protect_until_cleanup_ends_them(settings: Settings, tmp_path: Path) -> None:
-    settings = settings.with_(cache_ttl=1.0)
+    settings = settings.with_(cache_ttl=3600.0)
     tid = upload(settings, tmp_path, "t")
     cache = WorkspaceCache(settings)
     shared = cache.get_target(tid, "s1", "shared")
     iso = cache.get_target(tid, "i1", "isolated")
     cow = cache.get_target(tid, "c1", "copy-on-write")
-    time.sleep(1.2)
+    # Two hours pass: TTL too wants every entry gone.
+    age_entries(settings.cache_dir, sorted(keys(cache)), 7200)
     # A limit of 1 byte: LRU too wants everything unleased gone. (The getters use the normal
     # limit, which also bounds an archive's extracted size.)
     report = WorkspaceCache(settings.with_(cache_max_size=1)).gc()
@@ -87,11 +90,10 @@ def test_leases_protect_until_cleanup_ends_them(settings: Settings, tmp_path: Pa
 def test_expired_lease_makes_the_run_directory_an_orphan(
     settings: Settings, tmp_path: Path
 ) -> None:
-    settings = settings.with_(cache_lease_ttl=1.0)
     tid = upload(settings, tmp_path, "t")
     cache = WorkspaceCache(settings)
     gone = cache.get_target(tid, "crashed", "isolated")  # its run never calls cleanup
-    time.sleep(1.2)
+    expire_leases(settings.cache_dir, [f"{tid}/crashed"])  # one lease TTL later
     live = cache.get_target(tid, "live", "isolated")
     report = cache.gc()
     assert [(p.key, p.reason) for p in report.evicted] == [(f"{tid}/crashed", "orphan")]
@@ -258,7 +260,7 @@ def test_overlay_run_pins_the_shared_copy_and_its_dead_mount_is_removed(
     from forgespace.cache import overlay
     from forgespace.errors import BackendUnavailableError
 
-    settings = settings.with_(cow_backend="overlay", cache_lease_ttl=1.0)
+    settings = settings.with_(cow_backend="overlay")
     try:
         cache = WorkspaceCache(settings)
     except BackendUnavailableError as exc:
@@ -269,7 +271,7 @@ def test_overlay_run_pins_the_shared_copy_and_its_dead_mount_is_removed(
     greedy = WorkspaceCache(settings.with_(cache_max_size=1))
     # The live run's lease pins its overlay's lower layer, the shared copy.
     assert greedy.gc().evicted == []
-    time.sleep(1.2)  # the run died without cleanup: its lease expires
+    expire_leases(settings.cache_dir, [f"{tid}/o1"])  # the run died without cleanup
     report = greedy.gc()
     assert {(p.key, p.reason) for p in report.evicted} == {
         (f"{tid}/o1", "orphan"),
