@@ -56,7 +56,7 @@ from forgespace.errors import (
     UnsafeMemberError,
 )
 
-__all__ = ["ArchiveKind", "ExtractStats", "detect_archive", "extract_archive"]
+__all__ = ["ArchiveKind", "ExtractStats", "artifact_kind", "detect_archive", "extract_archive"]
 
 log = logging.getLogger(__name__)
 
@@ -175,12 +175,14 @@ def _is_empty_tar(stream: IO[bytes], first: bytes) -> bool:
     )
 
 
-def detect_archive(path: str | os.PathLike[str]) -> ArchiveKind | None:
+def detect_archive(path: str | os.PathLike[str], *, artifacts: bool = False) -> ArchiveKind | None:
     """Tell what ``path`` holds by its content, never its name.
 
     Returns ``"zip"`` for a zip archive, ``"tar"`` for a tar archive that is plain or compressed
     with gzip, bzip2 or xz, and ``None`` for anything else — including a gzip/bzip2/xz stream
-    whose content is not a tar, which is then a single-file target.
+    whose content is not a tar, which is then a single-file target — and, unless
+    ``artifacts``, for a zip that is a packaged artifact (``artifact_kind``): an APK, JAR or
+    wheel is analysed as the file it is, as FuzzForge hands it to its tools.
     """
     p = os.fspath(path)
     try:
@@ -189,7 +191,7 @@ def detect_archive(path: str | os.PathLike[str]) -> ArchiveKind | None:
     except IsADirectoryError:
         return None
     if head.startswith(_ZIP_MAGICS):
-        return "zip"
+        return "zip" if artifacts or artifact_kind(p) is None else None
     compression = _compression(head)
     try:
         with _open_stream(p, compression, threaded=False) as stream:
@@ -201,6 +203,37 @@ def detect_archive(path: str | os.PathLike[str]) -> ArchiveKind | None:
     except _READ_ERRORS:
         # A damaged compressed stream is not something we can extract: keep it as a file.
         return None
+    return None
+
+
+# Zip-family packages (by the entries their formats require, never by the file name): a target
+# that is one of these stays a file unless it is uploaded with extraction asked for.
+_ARTIFACT_RULES: tuple[tuple[str, tuple[tuple[str, ...], ...]], ...] = (
+    # (kind, alternatives: every pattern of one alternative must match some entry)
+    ("apk", (("AndroidManifest.xml", "classes*.dex"),)),
+    ("aar", (("AndroidManifest.xml", "classes.jar"),)),
+    ("jar", (("META-INF/MANIFEST.MF", "*.class"), ("META-INF/MANIFEST.MF", "WEB-INF/*"))),
+    ("ipa", (("Payload/*.app/*",),)),
+    ("wheel", (("*.dist-info/WHEEL", "*.dist-info/RECORD"),)),
+)
+
+
+def artifact_kind(path: str | os.PathLike[str]) -> str | None:
+    """``"apk"``, ``"aar"``, ``"jar"`` (also war/ear), ``"ipa"`` or ``"wheel"`` when the zip at
+    ``path`` is a packaged artifact, judged by the entries its format requires (a source
+    archive of a project that builds one does not have them at its top level); else None.
+    An unreadable zip is None: extraction reports what is wrong with it."""
+    import fnmatch
+
+    try:
+        with zipfile.ZipFile(os.fspath(path)) as zf:
+            names = [n for n in zf.namelist() if n][:100_000]
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError):
+        return None
+    for kind, alternatives in _ARTIFACT_RULES:
+        for patterns in alternatives:
+            if all(any(fnmatch.fnmatchcase(n, pat) for n in names) for pat in patterns):
+                return kind
     return None
 
 
@@ -911,7 +944,7 @@ def extract_archive(
     directories 0555 at the end), without a second walk.
     """
     s, d = os.fspath(src), os.fspath(dest)
-    kind = detect_archive(s)
+    kind = detect_archive(s, artifacts=True)  # asked to extract: an artifact is extracted too
     if kind is None:
         raise UnsafeArchiveError(
             archive=s,

@@ -32,12 +32,22 @@ def upload(
             help="Store under this id instead of the content id (callers that mint their own).",
         ),
     ] = None,
+    extract: Annotated[
+        bool,
+        typer.Option(
+            "--extract",
+            help="PATH is an archive or a packaged artifact (APK, JAR, wheel...): upload its "
+            "safely extracted contents, so runs get a workspace instead of the file.",
+        ),
+    ] = False,
 ) -> None:
     """Upload a target; prints its id alone on the last line of stdout.
 
     The id is derived from the content (the same tree or file gives the same id, and content
     the store already holds is not uploaded again), unless --id names one. A directory is
     packed into a deterministic tar.gz; a file (an archive or anything else) is uploaded as-is.
+    Runs get an archive extracted in their workspace, except a packaged artifact (APK, AAR, JAR,
+    IPA, wheel), which stays the file it is unless uploaded with --extract.
     """
     from forgespace.storage import open_store
 
@@ -52,7 +62,11 @@ def upload(
         raise typer.BadParameter(
             f"cannot upload {path}: not a regular file or directory", param_hint="PATH"
         )
-    store = open_store(load_settings())
+    settings = load_settings()
+    store = open_store(settings)
+    if extract:
+        _upload_extracted(store, path, settings.cache_max_size, target_id)
+        return
     try:
         with transfer_progress(f"uploading to {store.display_name}") as progress:
             target_id = store.upload_target(path, progress=progress, target_id=target_id)
@@ -244,3 +258,27 @@ def store_prune(
         f"{store.display_name}",
         highlight=False,
     )
+
+
+def _upload_extracted(store: Any, path: Path, max_bytes: int, target_id: str | None) -> None:
+    """`upload --extract`: the archive's contents, extracted by the same safe extractor the
+    cache uses (same limits, same refusals), uploaded as a directory."""
+    import tempfile
+
+    from forgespace.cache.archive import detect_archive, extract_archive
+
+    if not path.is_file() or detect_archive(path, artifacts=True) is None:
+        raise typer.BadParameter(
+            f"cannot extract {path}: --extract takes an archive file (tar, tar.gz, tar.bz2, "
+            "tar.xz, zip, or a zip-packaged artifact such as an APK, JAR or wheel)",
+            param_hint="PATH",
+        )
+    with tempfile.TemporaryDirectory(prefix="forgespace-extract-") as tmp:
+        tree = Path(tmp) / "contents"
+        extract_archive(path, tree, max_bytes=max_bytes)
+        tid = store.upload_target(tree, target_id=target_id)
+    err_console.print(
+        f"uploaded the contents of {escape(str(path))} to the {store.display_name}",
+        highlight=False,
+    )
+    print(tid, flush=True)
