@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import http.client
 import os
+import re
 import select
 import signal
 import socket
@@ -377,17 +378,17 @@ class _ProxyServer(ThreadingHTTPServer):
         self.state = state  # type: ignore[assignment]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+# werkzeug's start-up line; with ``-p 0`` it names the port the kernel gave the server.
+_RUNNING_ON = re.compile(rb"Running on http://127\.0\.0\.1:(\d+)")
 
 
-def _moto_command(port: int) -> list[str]:
+def _moto_command() -> list[str]:
+    # Port 0: moto's server (werkzeug) binds a free port itself and logs which one, so no
+    # other process can take the port between picking and binding it.
     exe = Path(sys.executable).with_name("moto_server")
     if exe.exists():
-        return [str(exe), "-H", "127.0.0.1", "-p", str(port)]
-    return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+        return [str(exe), "-H", "127.0.0.1", "-p", "0"]
+    return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"]
 
 
 def _die_with_parent() -> None:
@@ -400,21 +401,26 @@ def _die_with_parent() -> None:
 
 
 def _start_moto(log_path: Path) -> tuple[subprocess.Popen[bytes], int]:
-    """Start moto on a free port and wait (bounded) until it answers HTTP."""
-    last = ""
-    for _ in range(3):  # the free port may be taken between probe and bind
-        port = _free_port()
-        log = open(log_path, "ab")  # noqa: SIM115 (kept open for the child's lifetime)
-        proc = subprocess.Popen(
-            _moto_command(port),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
-        )
-        log.close()
-        deadline = time.monotonic() + _START_TIMEOUT
-        while time.monotonic() < deadline and proc.poll() is None:
+    """Start moto on a port it picks itself and wait (bounded) until it answers HTTP."""
+    offset = log_path.stat().st_size if log_path.exists() else 0
+    log = open(log_path, "ab")  # noqa: SIM115 (kept open for the child's lifetime)
+    proc = subprocess.Popen(
+        _moto_command(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=_die_with_parent,
+    )
+    log.close()
+    deadline = time.monotonic() + _START_TIMEOUT
+    port: int | None = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        if port is None:
+            with open(log_path, "rb") as f:
+                f.seek(offset)
+                m = _RUNNING_ON.search(f.read())
+            port = int(m.group(1)) if m else None
+        if port is not None:
             try:
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
                 conn.request("GET", "/moto-api/")
@@ -422,9 +428,10 @@ def _start_moto(log_path: Path) -> tuple[subprocess.Popen[bytes], int]:
                 conn.close()
                 return proc, port
             except OSError:
-                time.sleep(0.05)
-        last = log_path.read_text(errors="replace")[-2000:]
-        _stop(proc)
+                pass
+        time.sleep(0.05)
+    last = log_path.read_text(errors="replace")[-2000:]
+    _stop(proc)
     raise RuntimeError(
         f"moto_server did not answer on 127.0.0.1 within {_START_TIMEOUT:.0f}s; log:\n{last}"
     )

@@ -325,16 +325,46 @@ def test_summary_aggregates_in_sql(index: CacheIndex) -> None:
     assert s.entries_by_kind == {"shared": 1, "cow-shared": 1, "run": 1}
 
 
+def _garbage_in_place(layout: CacheLayout, index: CacheIndex) -> None:
+    """Overwrite the index file's first 64 KiB in place (same inode) after checkpointing
+    everything into it, so no WAL frame masks the damage."""
+    index._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    with open(layout.index_path, "r+b") as f:
+        f.write(os.urandom(65536))
+
+
 def test_garbage_written_in_place_under_an_open_connection(
+    layout: CacheLayout, index: CacheIndex, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The connection that was open across the damage is the one that meets it: the call
+    fails inside SQLite, the index is rebuilt from disk and the call runs once more."""
+    make_cache_on_disk(layout.root)
+    index.rebuild()
+    index.count("hits")
+    _garbage_in_place(layout, index)
+    conn = index._conn()
+    # What a long-lived worker's connection sees once its page cache no longer holds the
+    # pages (memory pressure, a larger index): the damaged file itself.
+    conn.execute("PRAGMA shrink_memory")
+    with caplog.at_level(logging.WARNING, logger="forgespace.cache.index"):
+        index.count("misses")
+    want = {"sh/workspace", "cw/shared", "cw/run1", "iso/run2", "single/workspace"}
+    assert {e.key for e in index.entries()} == want
+    assert index.counters() == {"misses": 1}  # counted once, in the rebuilt index
+    messages = [r.getMessage() for r in caplog.records]
+    # Only the open-connection recovery (_recover) logs "failed (...); checking it".
+    assert any("failed (file is not a database); checking it" in m for m in messages), messages
+    assert any("corrupt" in m for m in messages)
+    assert (layout.meta_dir / "index.sqlite.corrupt").exists()
+
+
+def test_garbage_written_in_place_is_rebuilt_by_the_next_connection(
     layout: CacheLayout, index: CacheIndex, caplog: pytest.LogCaptureFixture
 ) -> None:
     make_cache_on_disk(layout.root)
     index.rebuild()
     index.count("hits")
-    index._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)")  # everything in the main file
-    # Same inode, new content (a worker keeps its connection open meanwhile).
-    with open(layout.index_path, "r+b") as f:
-        f.write(os.urandom(65536))
+    _garbage_in_place(layout, index)
     seen: list[set[str]] = []
     with caplog.at_level(logging.WARNING, logger="forgespace.cache.index"):
         # Another thread opens its own connection: it finds garbage and rebuilds...
