@@ -49,6 +49,9 @@ REFUSED: list[tuple[str, str, Callable[[Path, str, Path], Path | str]]] = [
     ("isolated", "outside", lambda r, t, x: x),
     ("isolated", "relative outside", lambda r, t, x: os.path.relpath(x)),
     ("isolated", "empty", lambda r, t, x: ""),
+    # siblings whose name starts with CACHE_DIR's ({CACHE_DIR}X{tid}/...) are outside it
+    ("isolated", "sibling with the cache dir's prefix", lambda r, t, x: f"{r}X{t}/iso"),
+    ("shared", "sibling with the cache dir's prefix", lambda r, t, x: f"{r}X{t}/workspace"),
     ("copy-on-write", "cow shared copy", lambda r, t, x: r / t / "shared"),
     ("copy-on-write", "target dir", lambda r, t, x: r / t),
     ("copy-on-write", "shared workspace", lambda r, t, x: r / t / "workspace"),
@@ -59,7 +62,7 @@ REFUSED: list[tuple[str, str, Callable[[Path, str, Path], Path | str]]] = [
 ]
 
 
-@pytest.mark.parametrize(("mode", "case", "make"), REFUSED, ids=[c for _, c, _ in REFUSED])
+@pytest.mark.parametrize(("mode", "case", "make"), REFUSED, ids=[f"{m}-{c}" for m, c, _ in REFUSED])
 def test_refused_and_nothing_deleted(
     populated: tuple[WorkspaceCache, str],
     tmp_path: Path,
