@@ -409,3 +409,67 @@ def test_real_damage_is_still_moved_aside(index: CacheIndex, layout: CacheLayout
     again = CacheIndex(layout, lease_ttl=3600)
     assert (layout.meta_dir / "index.sqlite.corrupt").exists()
     assert again.entries() == []
+
+
+_HOLD_WRITE_LOCK = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN IMMEDIATE")  # the index's write lock, held until stdin closes
+print("held", flush=True)
+sys.stdin.read()
+conn.execute("ROLLBACK")
+"""
+
+
+def test_a_write_lock_held_past_the_busy_timeout_is_a_lock_timeout(
+    layout: CacheLayout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process holds the index's write lock: the write waits BUSY_TIMEOUT_S, then
+    raises LockTimeoutError naming the index; the index is not taken for damaged."""
+    import subprocess
+    import sys
+
+    from forgespace.cache import index as index_module
+    from forgespace.errors import LockTimeoutError
+
+    monkeypatch.setattr(index_module, "BUSY_TIMEOUT_S", 0.2)
+    idx = CacheIndex(layout, lease_ttl=60)
+    idx.publish(entry("a/workspace"))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_WRITE_LOCK, str(layout.index_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        with pytest.raises(LockTimeoutError, match="another process holds its write lock") as ei:
+            idx.publish(entry("b/workspace"))
+        assert str(layout.index_path) in str(ei.value)
+        assert [e.key for e in idx.entries()] == ["a/workspace"]  # reads still work
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(30)
+    idx.publish(entry("b/workspace"))  # the lock is free again: the same write succeeds
+    assert {e.key for e in idx.entries()} == {"a/workspace", "b/workspace"}
+    assert not list(layout.meta_dir.glob("index.sqlite.corrupt*"))
+
+
+def test_an_index_of_another_schema_version_is_rebuilt(
+    layout: CacheLayout, caplog: pytest.LogCaptureFixture
+) -> None:
+    import sqlite3
+
+    make_cache_on_disk(layout.root)
+    CacheIndex(layout, lease_ttl=60).close()
+    with sqlite3.connect(layout.index_path) as conn:
+        conn.execute("UPDATE schema_version SET version = 99")
+        conn.execute("DELETE FROM entries")
+    with caplog.at_level(logging.WARNING, logger="forgespace.cache.index"):
+        index = CacheIndex(layout, lease_ttl=60)
+    assert len(index.entries()) == 5  # rebuilt from the disk, not read from the foreign file
+    assert any("of another schema version" in r.getMessage() for r in caplog.records)
+    assert (layout.meta_dir / "index.sqlite.corrupt").exists()
+    with sqlite3.connect(layout.index_path) as conn:
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
