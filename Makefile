@@ -63,6 +63,18 @@ $(NONROOT_STAMP): pyproject.toml
 test-nonroot: $(NONROOT_STAMP)
 	.ci/test-nonroot $(NONROOT_VENV)/bin/python $(NONROOT_TESTS)
 
+# Branch coverage of the whole suite, subprocesses included (workers, CLI runs, crash-test
+# children: configuration in pyproject.toml [tool.coverage.run]); data in .coverage-data/,
+# combined, then reported (COVERAGE_ARGS: pytest arguments, e.g. a subset). ~8 min.
+COVERAGE_ARGS ?=
+COV_DATA := $(CURDIR)/.coverage-data
+
+coverage: $(TEST_STAMP)
+	rm -rf $(COV_DATA) && mkdir -p $(COV_DATA)
+	COVERAGE_FILE=$(COV_DATA)/cov $(VENV)/bin/coverage run -m pytest -q $(COVERAGE_ARGS)
+	COVERAGE_FILE=$(COV_DATA)/cov $(VENV)/bin/coverage combine -q $(COV_DATA)
+	COVERAGE_FILE=$(COV_DATA)/cov $(VENV)/bin/coverage report --sort=cover
+
 # Fuzz the archive reader (tar/zip parsing, member checks, extraction) for FUZZ_SECONDS from the
 # committed seeds (fuzz/corpus/archive); new inputs and crash inputs go to fuzz/out/ (ignored by
 # git). Any finding ends it non-zero and prints the input. See docs/testing.md.
