@@ -113,6 +113,19 @@ def _choice(value: str, *, name: str, allowed: tuple[str, ...]) -> str:
     return v
 
 
+def _locality_wait(value: str) -> float:
+    """FORGESPACE_LOCALITY_WAIT: a duration, or ``off`` (= 0: no locality)."""
+    if value.strip().lower() == "off":
+        return 0.0
+    try:
+        return parse_duration(value, name="FORGESPACE_LOCALITY_WAIT")
+    except ConfigError:
+        raise ConfigError(
+            f"invalid FORGESPACE_LOCALITY_WAIT {value!r}: expected off (or 0) to send runs to "
+            f"any host, or how long to wait for a host holding the target: {DURATION_FORMS}"
+        ) from None
+
+
 COW_BACKENDS = ("copy", "overlay")
 SANDBOX_MODES = ("auto", "bwrap", "none")
 STORAGE_BACKENDS = ("local", "s3")
@@ -139,6 +152,12 @@ class Settings:
     s3_results_bucket: str = "results"
     s3_region: str = "us-east-1"
     s3_use_ssl: bool = False
+    #: `forgespace store prune` removes targets not uploaded for this long (FuzzForge documents
+    #: 7 days for targets and 30 for results) and results older than ``store_result_ttl``.
+    store_target_ttl: float = 7 * 86400.0
+    store_result_ttl: float = 30 * 86400.0
+    #: the local store's temp files of dead uploads are removed by prune only after this long
+    store_temp_grace: float = 3600.0
     temporal_address: str | None = None
     temporal_namespace: str = "default"
     # FORGESPACE_MAX_CONCURRENT_ACTIVITIES, FORGESPACE_TEMPORAL_BIN, FORGESPACE_LOG_LEVEL
@@ -152,6 +171,9 @@ class Settings:
     temporal_tls_ca: Path | None = None
     #: Temporal Cloud API key (sent as a bearer token; implies TLS). Never shown in a repr.
     temporal_api_key: str | None = field(default=None, repr=False)
+    #: FORGESPACE_LOCALITY_WAIT: how long a shared/copy-on-write run waits for a busy host that
+    #: holds its target before going to any host (delay scheduling); 0 = locality off.
+    locality_wait: float = 5.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -180,6 +202,9 @@ class Settings:
             "CACHE_CLEANUP_INTERVAL": "cache_cleanup_interval",
             "CACHE_LEASE_TTL": "cache_lease_ttl",
             "CACHE_LOCK_TIMEOUT": "cache_lock_timeout",
+            "STORE_TARGET_TTL": "store_target_ttl",
+            "STORE_RESULT_TTL": "store_result_ttl",
+            "STORE_TEMP_GRACE": "store_temp_grace",
         }
         for var, name in sizes.items():
             if (v := get(var)) is not None:
@@ -234,6 +259,8 @@ class Settings:
                 f"{given} is set but {missing} is not: a client certificate needs its key "
                 "(set both PEM files for mTLS, or neither)"
             )
+        if (v := get("FORGESPACE_LOCALITY_WAIT")) is not None:
+            kw["locality_wait"] = _locality_wait(v)
         if (v := get("TEMPORAL_API_KEY")) is not None:
             kw["temporal_api_key"] = v.strip()
         return cls(**kw)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,9 @@ STATUS_KEYS = {
     "evictions",
     "counters",
     "oldest_access",
+    "oldest_access_iso",
     "oldest_access_age_seconds",
+    "reclaimable_bytes",
     "ttl_seconds",
     "lease_ttl_seconds",
     "cleanup_interval_seconds",
@@ -44,10 +47,12 @@ ENTRY_KEYS = {
     "bytes",
     "files",
     "created",
+    "created_iso",
     "last_access",
+    "last_access_iso",
     "live_leases",
 }
-PLAN_KEYS = {"key", "target_id", "kind", "reason", "bytes", "last_access"}
+PLAN_KEYS = {"key", "target_id", "kind", "reason", "bytes", "last_access", "last_access_iso"}
 GC_KEYS = {
     "dry_run",
     "limit_bytes",
@@ -114,6 +119,7 @@ def test_ls_json_per_target(populated) -> None:
         "bytes",
         "files",
         "last_access",
+        "last_access_iso",
         "live_leases",
         "entries",
     }
@@ -197,3 +203,133 @@ def test_status_rebuilds_a_deleted_index(populated) -> None:
     proc = forgespace(env, "cache", "status", "--json")
     assert "rebuilt" in proc.stderr
     assert json.loads(proc.stdout)["entries"] == 3
+
+
+# --- conventions: piped output, -q, prune, purge, dir, reclaimable, ISO times, get/cleanup ---
+
+
+def test_piped_ls_prints_full_ids_in_plain_columns_and_q_prints_ids_only(populated) -> None:
+    env, ids = populated
+    out = forgespace(env, "cache", "ls").stdout  # stdout is a pipe here
+    lines = out.splitlines()
+    assert lines[0].split() == [
+        "TARGET", "ENTRY", "MODE", "BYTES", "FILES", "LAST_ACCESS", "LEASES"
+    ]  # fmt: skip
+    assert "┃" not in out and "…" not in out
+    rows = [ln.split() for ln in lines[1:]]
+    assert {r[0] for r in rows} == set(ids.values())  # whole ids, copyable into `cache evict`
+    for r in rows:
+        assert len(r) == 7 and int(r[3]) > 0  # plain output: exact bytes and ISO times
+        datetime.fromisoformat(r[5])
+    quiet = forgespace(env, "cache", "ls", "-q").stdout.split()
+    assert quiet == [t["target_id"] for t in as_json(env, "cache", "ls")["targets"]]
+
+
+def test_json_times_have_iso_twins(populated) -> None:
+    env, _ = populated
+    doc = as_json(env, "cache", "ls")
+    for t in doc["targets"]:
+        for e in t["entries"]:
+            for field in ("created", "last_access"):
+                iso = datetime.fromisoformat(e[f"{field}_iso"])
+                assert iso.utcoffset() is not None  # explicit UTC offset
+                assert abs(iso.timestamp() - e[field]) < 1
+    status = as_json(env, "cache", "status")
+    assert abs(datetime.fromisoformat(status["oldest_access_iso"]).timestamp()
+               - status["oldest_access"]) < 1  # fmt: skip
+
+
+def test_status_shows_reclaimable_unleased_bytes(populated) -> None:
+    env, _ = populated
+    entries = [e for t in as_json(env, "cache", "ls")["targets"] for e in t["entries"]]
+    unleased = sum(e["bytes"] for e in entries if e["live_leases"] == 0)
+    status = as_json(env, "cache", "status")
+    assert 0 < status["reclaimable_bytes"] == unleased < status["bytes"]
+    human = forgespace(env, "cache", "status").stdout
+    assert "reclaimable:" in human and "oldest access:" in human
+
+
+def test_prune_removes_only_unleased_entries_older_than_the_age(populated) -> None:
+    env, ids = populated
+    cache_dir = Path(env["CACHE_DIR"])
+    recent = as_json(env, "cache", "prune", "--older-than", "1d")
+    assert recent["entries"] == [] and recent["freed_bytes"] == 0
+    plan = as_json(env, "cache", "prune", "--older-than", "0s", "--dry-run")
+    assert [e["key"] for e in plan["entries"]] == [f"{ids['b']}/workspace"]
+    assert plan["would_free_bytes"] > 0 and (cache_dir / ids["b"] / "workspace").is_dir()
+    assert len(plan["kept"]) == 2  # run-a's shared lease and run-c's isolated run
+    done = as_json(env, "cache", "prune", "--older-than", "0s")
+    assert done["freed_bytes"] == plan["would_free_bytes"]
+    assert not (cache_dir / ids["b"]).exists()
+    assert (cache_dir / ids["a"] / "workspace").is_dir() and (
+        cache_dir / ids["c"] / "run-c"
+    ).is_dir()
+    bad = forgespace(env, "cache", "prune", "--older-than", "2 days", rc=2)
+    [line] = bad.stderr.splitlines()
+    assert line.startswith("error:") and "--older-than" in line and "30m" in line
+
+
+def test_purge_keeps_leased_entries_unless_forced(populated) -> None:
+    env, ids = populated
+    cache_dir = Path(env["CACHE_DIR"])
+    kept = as_json(env, "cache", "purge")
+    assert [e["key"] for e in kept["entries"]] == [f"{ids['b']}/workspace"]
+    assert len(kept["kept"]) == 2
+    assert (cache_dir / ids["a"] / "workspace").is_dir() and (
+        cache_dir / ids["c"] / "run-c"
+    ).is_dir()
+    forced = as_json(env, "cache", "purge", "--force")
+    assert {e["key"] for e in forced["entries"]} == {f"{ids['a']}/workspace", f"{ids['c']}/run-c"}
+    assert as_json(env, "cache", "status")["live_leases"] == 0
+    assert as_json(env, "cache", "ls")["targets"] == []
+    assert sorted(os.listdir(cache_dir)) == [".forgespace"]
+
+
+def test_gc_with_nothing_to_do_says_so(populated) -> None:
+    env, _ = populated
+    out = forgespace(env, "cache", "gc").stdout
+    assert out.startswith("nothing to evict:") and "within the limit" in out
+
+
+def test_cache_dir_prints_it_without_creating_it(tmp_path: Path) -> None:
+    env = {**os.environ, "CACHE_DIR": str(tmp_path / "nope")}
+    assert forgespace(env, "cache", "dir").stdout == f"{tmp_path / 'nope'}\n"
+    assert not (tmp_path / "nope").exists()
+
+
+@pytest.mark.parametrize("mode", ["isolated", "copy-on-write"])
+def test_get_without_run_id_makes_one_and_cleanup_infers_the_mode(
+    settings: Settings, tmp_path: Path, settings_env, mode: str
+) -> None:
+    env = settings_env(settings)
+    tid = open_store(settings).upload_target(make_project(tmp_path / "p", files=3, seed="g"))
+    got = forgespace(env, "get", tid, "--isolation", mode)
+    path = Path(got.stdout.splitlines()[-1])
+    run_id = path.parent.name
+    assert path == settings.cache_dir / tid / run_id / "workspace" and path.is_dir()
+    assert f"run id {run_id}" in got.stderr
+    other = "isolated" if mode == "copy-on-write" else "copy-on-write"
+    refused = forgespace(env, "cleanup", str(path), "--isolation", other, rc=2)
+    [line] = refused.stderr.splitlines()
+    assert f"is a {mode} workspace" in line and "nothing was deleted" in line
+    assert path.is_dir()
+    done = forgespace(env, "cleanup", str(path))  # no --isolation: inferred
+    assert f"({mode})" in done.stderr and not path.parent.exists()
+    assert as_json(env, "cache", "status")["live_leases"] == 0
+
+
+def test_version_and_completion(tmp_path: Path) -> None:
+    from importlib.metadata import version
+
+    assert (
+        forgespace(dict(os.environ), "--version").stdout == f"forgespace {version('forgespace')}\n"
+    )
+    env = {
+        **os.environ,
+        "_FORGESPACE_COMPLETE": "complete_bash",
+        "COMP_WORDS": "forgespace cache p",
+        "COMP_CWORD": "2",
+    }
+    cmd = [str(Path(sys.executable).with_name("forgespace"))]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.stdout.split() == ["prune", "purge"]

@@ -445,7 +445,9 @@ def test_cli_run_json_with_an_isolation_override_sums_each_runs_downloads(
         ),
         (["get", "a/b", "--run-id", "r1"], "invalid target_id 'a/b'"),
         (["get", "t1", "--run-id", "shared"], "invalid run_id 'shared'"),
-        (["get", "t1", "--isolation", "copy-on-write"], "--run-id is required"),
+        # (a missing --run-id is no longer bad input: `get` makes one up and prints it; see
+        # test_cache_cli.test_get_without_run_id_makes_one_and_cleanup_infers_the_mode)
+        (["get", "t1", "--run-id", "r\n1"], "invalid run_id 'r\\n1'"),
         (["cleanup", "/tmp", "--isolation", "Shared"], "invalid workspace_isolation 'Shared'"),
     ],
 )

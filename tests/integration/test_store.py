@@ -182,6 +182,20 @@ def test_put_result(store: Store, any_store_settings: Settings) -> None:
         store.put_result("../escape.json", b"{}")
 
 
+def test_list_and_get_results(store: Store) -> None:
+    """What fleet advertisements travel through: listing one folder, reading one key."""
+    assert store.result_keys("fleet/") == []  # nothing yet (S3: not even the bucket)
+    store.put_result("fleet/q@a.json", b"a")
+    store.put_result("fleet/q@b.json", b"b")
+    store.put_result("fleet/deeper/c.json", b"c")
+    store.put_result("wf-1/results.json", b"{}")
+    assert store.result_keys("fleet/") == ["fleet/q@a.json", "fleet/q@b.json"]
+    assert store.result_keys("fleet/q@b") == ["fleet/q@b.json"]
+    assert store.get_result("fleet/q@a.json") == b"a"
+    with pytest.raises(FileNotFoundError):
+        store.get_result("fleet/none.json")
+
+
 def test_upload_of_missing_path(store: Store, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="nope"):
         store.upload_target(tmp_path / "nope")

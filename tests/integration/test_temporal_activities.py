@@ -98,15 +98,24 @@ def test_slow_calls_heartbeat_their_progress(settings: Settings, tmp_path: Path)
     cache = WorkspaceCache(settings)
     real = cache.get_target_report
 
+    beats: list[Any] = []
+    three_beats = threading.Event()
+
     def slow(*a: Any, **kw: Any) -> Any:
-        time.sleep(0.5)  # e.g. waiting for another process's download
+        # e.g. waiting for another process's download: until three beats said so (a condition,
+        # not a sleep, so a loaded machine only makes it slower, never wrong)
+        assert three_beats.wait(30), beats
         return real(*a, **kw)
+
+    def on_beat(*d: Any) -> None:
+        beats.append(d[0])
+        if sum(1 for b in beats if b["phase"] == "get_target") >= 3:
+            three_beats.set()
 
     cache.get_target_report = slow  # type: ignore[method-assign]
     acts = CacheActivities(cache, host_queue="q", heartbeat_interval=0.05)
-    beats: list[Any] = []
     env = ActivityEnvironment()
-    env.on_heartbeat = lambda *d: beats.append(d[0])
+    env.on_heartbeat = on_beat
     try:
         path = run(acts.get_target, tid, "r1", "isolated", env=env)
     finally:
@@ -115,7 +124,8 @@ def test_slow_calls_heartbeat_their_progress(settings: Settings, tmp_path: Path)
     # while the call waits, beats say so; once it downloads they carry the bytes (test below)
     waiting = [b for b in beats if b["phase"] == "get_target"]
     assert len(waiting) >= 3 and beats[0]["phase"] == "get_target"
-    assert waiting[-1]["elapsed_s"] >= 0.3
+    elapsed = [b["elapsed_s"] for b in waiting]
+    assert elapsed == sorted(elapsed) and elapsed[-1] > elapsed[0] >= 0  # the wait's own clock
 
 
 def test_upload_results_stores_json_in_the_store(acts: CacheActivities, settings: Settings) -> None:
@@ -265,7 +275,8 @@ def test_cancel_mid_download_stops_it_and_leaves_nothing(
     assert isinstance(err, asyncio.CancelledError), err
     # It returned only once the cache call's thread was done: nothing of the run remains.
     assert acts.inflight(tid, "r1") == 0
-    assert store.chunks < 16 and took < 16 * 0.2, (store.chunks, took)
+    # Stopped at the next chunk instead of finishing the download (a count, not a duration).
+    assert store.chunks < 16, (store.chunks, took)
     assert not cache.index.live_leases()
     assert leftovers(settings, tid) == []
     assert not (settings.cache_dir / tid / "workspace").exists()

@@ -313,7 +313,7 @@ def test_runner_shows_heartbeat_details_of_running_activities(
     assert any(
         "fixture_inspect_workspace" in ln and "held_s=" in ln and "of_s=4" in ln for ln in progress
     ), out
-    assert "1 runs, 1 download(s), 0 served from the cache" in out
+    assert "cache: 1 run, 1 download, 0 served from the cache" in out
 
 
 def test_cancelled_run_stops_its_activity_then_cleans_up(

@@ -426,3 +426,43 @@ def test_planted_index_file_link_is_removed_not_written_through(
     assert _snapshot(outside) == before, f"the index wrote through a planted link ({errors})"
     assert not index.is_symlink()
     assert fresh.index.live_leases() is not None  # the index works again
+
+
+@pytest.mark.parametrize("mode", ["isolated", "shared", "copy-on-write"])
+def test_staging_swapped_mid_get_cannot_redirect_writes(
+    settings: Settings, tmp_path: Path, target: str, mode: str
+) -> None:
+    """A run that, while a download is being staged, moves `.forgespace/tmp` away, plants a
+    directory of the staging dir's name outside CACHE_DIR and points `tmp` at it: the rest of
+    the staging (extraction, copy) must still land in the directory forgespace made, never
+    outside. Staging is written through /proc/self/fd/N, pinned when it was made."""
+    from forgespace.cache.hooks import Phase
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+
+    class SwapTmp:
+        done = False
+
+        def reached(self, phase: Phase) -> None:
+            if phase is not Phase.DOWNLOADED or self.done:
+                return
+            self.done = True
+            tmp = settings.cache_dir / ".forgespace" / "tmp"
+            for stage in os.listdir(tmp):  # the attacker sees the staging dir's name...
+                (outside / stage).mkdir()
+                # ...and offers a copy of the download there, so reading it would succeed
+                shutil.copyfile(tmp / stage / "target", outside / stage / "target")
+            tmp.rename(tmp.with_name("tmp.moved"))
+            tmp.symlink_to(outside)
+
+    hooks = SwapTmp()
+    cache = WorkspaceCache(settings, hooks=hooks)
+    errors: dict[str, str] = {}
+    _attempt("get", lambda: cache.get_target(target, "r1", mode), errors)
+    assert hooks.done
+    written = [p for p in outside.rglob("*") if not p.is_dir() and p.name != "target"]
+    assert written == [], f"staging was redirected outside CACHE_DIR: {written} ({errors})"
+    if not errors:  # served: the workspace is the one forgespace built, complete
+        ws = Path(cache.get_target(target, "r1", mode))
+        assert (ws / "run.sh").is_file()

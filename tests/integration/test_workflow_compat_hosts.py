@@ -12,15 +12,14 @@ the other host finds no workspace (the example activities then fail the run). Ne
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support.hosts import namespaces_problem, on_host, start_host_worker
 from support.s3server import env_for
-from support.temporal import WorkerProcess, cli_command, start_worker_process
+from support.temporal import WorkerProcess, cli_command
 
 from forgespace.config import Settings
 from forgespace.temporal.devserver import DevServer
@@ -30,19 +29,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "workflows"
 HOSTS = ("fs-host-a", "fs-host-b")
 RUNS = 12
-# Runs inside `unshare`: a private tmpfs over CACHE_DIR, then the host name, then the worker.
-HOST_SCRIPT = 'mount -t tmpfs fs-cache "$CACHE_DIR" && hostname "$0" && exec "$@"'
-
-
-def _namespaces_work() -> str | None:
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
-        return "needs root and unshare(1) to give each worker its own mount/UTS namespace"
-    probe = subprocess.run(
-        ["unshare", "--mount", "--uts", "--propagation", "private", "--", "true"],
-        capture_output=True,
-        text=True,
-    )
-    return None if probe.returncode == 0 else f"unshare refused: {probe.stderr.strip()}"
 
 
 @pytest.fixture
@@ -54,29 +40,23 @@ def two_hosts(
     worker_processes: list[WorkerProcess],
 ) -> dict[str, WorkerProcess]:
     """Two `forgespace worker` processes serving examples/workflows, one per host."""
-    reason = _namespaces_work()
+    reason = namespaces_problem()
     if reason:
         pytest.skip(reason)
     settings.cache_dir.mkdir(parents=True, exist_ok=True)  # the tmpfs mount point
     env = env_for(settings.with_(temporal_address=temporal_server.address))
     env["TEMPORAL_NAMESPACE"] = temporal_server.namespace
+    # Routing is what these tests check: both hosts must take runs of the one target, which
+    # fleet locality would send to one host (tests/integration/test_fleet_locality.py).
+    env["FORGESPACE_LOCALITY_WAIT"] = "off"
     workers = {}
     for host in HOSTS:
-        wrap = ["unshare", "--mount", "--uts", "--propagation", "private", "--"]
-        wrap += ["sh", "-c", HOST_SCRIPT, host]
-        w = start_worker_process(
-            env, task_queue, tmp_path / f"{host}.log", workflows_dir=EXAMPLES, wrap=wrap
-        )
+        w = start_host_worker(env, task_queue, tmp_path / f"{host}.log", host, EXAMPLES)
         worker_processes.append(w)
         workers[host] = w
     for w in workers.values():
         w.wait_ready()
     return workers
-
-
-def on_host(worker: WorkerProcess, path: str | Path) -> Path:
-    """``path`` as the worker's host sees it (its mount namespace, through /proc)."""
-    return Path(f"/proc/{worker.proc.pid}/root") / Path(path).relative_to("/")
 
 
 def run_on_cluster(

@@ -100,6 +100,7 @@ class S3Server:
     region: str = "us-east-1"
     _counts: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     _served: Counter[tuple[str, str]] = field(default_factory=Counter)
+    _received: Counter[tuple[str, str]] = field(default_factory=Counter)
     _faults: list[_Fault] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -124,11 +125,21 @@ class S3Server:
         with self._lock:
             return sum(n for (b, k), n in self._served.items() if key in (k, f"{b}/{k}"))
 
+    def bytes_received(self, key: str) -> int:
+        """Request body bytes clients sent for object ``key`` (or "bucket/key"): PUTs, parts."""
+        with self._lock:
+            return sum(n for (b, k), n in self._received.items() if key in (k, f"{b}/{k}"))
+
     def reset_counts(self) -> None:
         """Forget every count (faults stay armed)."""
         with self._lock:
             self._counts.clear()
             self._served.clear()
+            self._received.clear()
+
+    def _add_received(self, bucket: str, key: str, n: int) -> None:
+        with self._lock:
+            self._received[(bucket, key)] += n
 
     def _add_served(self, bucket: str, key: str, n: int) -> None:
         with self._lock:
@@ -232,6 +243,13 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
     def _body_chunks(self) -> Iterator[bytes]:
         """The request body as it arrives (Content-Length or chunked), never all in RAM."""
+        bucket, key = split_path(self.path)
+        for data in self._raw_body_chunks():
+            if key:
+                self.server.state._add_received(bucket, key, len(data))
+            yield data
+
+    def _raw_body_chunks(self) -> Iterator[bytes]:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             while True:
                 size_line = self.rfile.readline(65537)
@@ -545,18 +563,29 @@ _SETTINGS_VARS = {
     "s3_use_ssl": "S3_USE_SSL",
     "temporal_address": "TEMPORAL_ADDRESS",
     "temporal_namespace": "TEMPORAL_NAMESPACE",
+    "sandbox": "FORGESPACE_SANDBOX",
+    "max_concurrent_activities": "FORGESPACE_MAX_CONCURRENT_ACTIVITIES",
+    "temporal_bin": "FORGESPACE_TEMPORAL_BIN",
+    "log_level": "FORGESPACE_LOG_LEVEL",
+    "locality_wait": "FORGESPACE_LOCALITY_WAIT",
 }
+# Variables that are aliases of the ones above (FuzzForge's): never left to contradict them.
+_ALIAS_VARS = ("LOG_LEVEL", "MAX_CONCURRENT_ACTIVITIES", "WORKER_TASK_QUEUE", "WORKER_VERTICAL")
 
 
 def env_for(settings: Settings, base: dict[str, str] | None = None) -> dict[str, str]:
     """A full environment for a subprocess that makes ``Settings.from_env()`` there equal
     ``settings``: ``base`` (default os.environ) with every forgespace variable replaced."""
     env = dict(os.environ if base is None else base)
+    for var in _ALIAS_VARS:
+        env.pop(var, None)
     for f in dataclasses.fields(settings):
         attr = f.name
         var = _SETTINGS_VARS.get(attr, attr.upper())  # a new field: its variable, most likely
         value = getattr(settings, attr)
-        if value is None:
+        if value is None or value == f.default:
+            # unset = the default: an explicit default would read as an operator's choice
+            # (e.g. FORGESPACE_LOG_LEVEL=INFO overrides `run`'s quiet logs)
             env.pop(var, None)
         elif isinstance(value, bool):
             env[var] = "true" if value else "false"

@@ -93,8 +93,12 @@ def test_fuzzing_goes_on_after_a_crash_and_dedups_by_stack(tmp_path: Path) -> No
     assert types == ["builtins.KeyError", "builtins.ValueError"]
     # Both bugs are hit many times, but each distinct stack is reported once.
     assert result["crashes_total"] > 2
-    assert result["executions"] == 20_000
-    assert result["stopped"] == "max_iterations"
+    # Whichever limit came first (a loaded machine may reach the time budget), the budget holds.
+    assert result["stopped"] in ("max_iterations", "timeout")
+    if result["stopped"] == "max_iterations":
+        assert result["executions"] == 20_000
+    else:
+        assert 0 < result["executions"] < 20_000
     for f in result["findings"]:
         first = base64.b64decode(f["input_base64"])[:1]
         assert first == (b"A" if f["exception_type"] == "builtins.ValueError" else b"B")

@@ -332,7 +332,8 @@ class Engine:
         # The staging dir is removed by _staging's exit; say so in the error.
         raise CacheFullError(
             errno.ENOSPC,
-            f"no space left on device in the cache {self.layout.root} while writing {stage} "
+            f"no space left on device in the cache {self.layout.root} while writing "
+            f"{fsops.shown(stage)} "
             f"(object {size} bytes, {free} bytes free now); the partial entry was removed "
             f"and the cache is unchanged",
         ) from exc

@@ -30,8 +30,10 @@ import errno
 import logging
 import os
 import stat
+import threading
 import uuid
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from forgespace.errors import UnsafeCacheEntryError
@@ -191,6 +193,7 @@ def open_lock(root: Path, path: Path, *, create: bool = True) -> int:
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.EOPNOTSUPP):
                 raise _refused(str(path), _found(dfd, parts[-1]), "a lock file") from None
+            exc.filename = str(path)  # opened relative to its directory: name the whole path
             raise
     try:
         st = os.fstat(fd)
@@ -383,24 +386,115 @@ def discard(root: Path, path: str | os.PathLike[str]) -> None:
         os.close(pfd)
 
 
+# Pinned directories (staging): made once through directory fds, then written through
+# ``/proc/self/fd/N/...``, which the kernel resolves to exactly that directory whatever happens
+# to the names above it. A run that swaps ``.forgespace/tmp`` for a symlink (or another
+# directory) while a download or an extraction is under way cannot redirect the writes.
+_PROC_FD = Path("/proc/self/fd")
+
+
+@dataclass(frozen=True)
+class _Pin:
+    fd: int  # the directory itself
+    parent_fd: int  # the directory it was made in
+    name: str
+    real: Path
+
+
+_PINNED: dict[Path, _Pin] = {}
+_PINNED_LOCK = threading.Lock()
+
+
+def make_pinned_dir(root: Path, path: Path) -> Path:
+    """Create the directory ``path`` (below ``root``, reached through directory fds) and return
+    the path to write in it from now on: ``/proc/self/fd/N`` for this very directory (``path``
+    itself where ``/proc`` is not mounted). Release it with ``unpin``."""
+    parts = parts_under(root, path)
+    parent = open_dir(root, parts[:-1], create=True)
+    try:
+        os.mkdir(parts[-1], 0o777, dir_fd=parent)
+        fd = open_child_dir(parent, parts[-1], shown=str(path))
+    except BaseException:
+        os.close(parent)
+        raise
+    pinned = _PROC_FD / str(fd)
+    if not os.path.isdir(pinned):
+        pinned = path
+    with _PINNED_LOCK:
+        _PINNED[pinned] = _Pin(fd, parent, parts[-1], path)
+    return pinned
+
+
+def pinned_still_in_place(pinned: Path) -> bool:
+    """Whether the pinned directory still sits under the name it was made with (it has not
+    been renamed away, i.e. published)."""
+    pin = _PINNED[pinned]
+    try:
+        st = os.stat(pin.name, dir_fd=pin.parent_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(pin.fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
+
+def unpin(pinned: Path) -> Path:
+    """Forget a pinned directory (closing its fds); returns its real path."""
+    with _PINNED_LOCK:
+        pin = _PINNED.pop(pinned)
+    os.close(pin.fd)
+    os.close(pin.parent_fd)
+    return pin.real
+
+
+def shown(path: Path) -> Path:
+    """``path`` for messages: a path inside a pinned directory with its real location."""
+    for pinned, pin in list(_PINNED.items()):
+        if path == pinned or pinned in path.parents:
+            return pin.real / path.relative_to(pinned)
+    return path
+
+
+def _source_fd(root: Path, src: Path) -> tuple[int, str, bool]:
+    """(fd of ``src``'s directory, ``src``'s name in it, whether the caller must close it):
+    a pinned directory or an entry of one is renamed from the fds taken when it was made."""
+    pin = _PINNED.get(src)
+    if pin is not None:
+        return pin.parent_fd, pin.name, False
+    pin = _PINNED.get(src.parent)
+    if pin is not None:
+        return pin.fd, src.name, False
+    sp = parts_under(root, src)
+    return open_dir(root, sp[:-1]), sp[-1], True
+
+
 def rename_into(root: Path, src: Path, dst: Path, *, keep_mode: bool = True) -> None:
-    """rename(2) ``src`` to ``dst`` (both below ``root``), each reached through directory fds
-    (``dst``'s parent is created when missing). Publishing never writes through a planted
-    link: a symlinked target directory is refused, not followed outside CACHE_DIR.
+    """rename(2) ``src`` to ``dst`` (both below ``root``, or ``src`` a pinned directory or an
+    entry of one), each reached through directory fds (``dst``'s parent is created when
+    missing). Publishing never writes through a planted link: a symlinked target directory is
+    refused, not followed outside CACHE_DIR.
 
     A read-only directory moved to another parent needs u+w for its '..' (non-root): it
     gets it for the rename and its mode back after (``keep_mode``)."""
-    sp, dp = parts_under(root, src), parts_under(root, dst)
-    with dir_fd(root, sp[:-1]) as sfd, dir_fd(root, dp[:-1], create=True) as dfd:
+    sfd, name, close = _source_fd(root, src)
+    try:
+        _rename_from(sfd, name, root, dst, keep_mode=keep_mode)
+    finally:
+        if close:
+            os.close(sfd)
+
+
+def _rename_from(sfd: int, name: str, root: Path, dst: Path, *, keep_mode: bool) -> None:
+    dp = parts_under(root, dst)
+    with dir_fd(root, dp[:-1], create=True) as dfd:
         try:
-            os.rename(sp[-1], dp[-1], src_dir_fd=sfd, dst_dir_fd=dfd)
+            os.rename(name, dp[-1], src_dir_fd=sfd, dst_dir_fd=dfd)
             return
         except PermissionError:
-            st = os.stat(sp[-1], dir_fd=sfd, follow_symlinks=False)
+            st = os.stat(name, dir_fd=sfd, follow_symlinks=False)
             if not stat.S_ISDIR(st.st_mode):
                 raise
-        _make_owner_rwx(sfd, sp[-1], st)
-        os.rename(sp[-1], dp[-1], src_dir_fd=sfd, dst_dir_fd=dfd)
+        _make_owner_rwx(sfd, name, st)
+        os.rename(name, dp[-1], src_dir_fd=sfd, dst_dir_fd=dfd)
         if keep_mode:
             os.chmod(dp[-1], stat.S_IMODE(st.st_mode), dir_fd=dfd, follow_symlinks=False)
 

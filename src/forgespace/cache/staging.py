@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from forgespace.cache import fsops
-from forgespace.errors import UnsafeCacheEntryError
+from forgespace.errors import CacheAccessError, ForgespaceError, UnsafeCacheEntryError
 from forgespace.layout import CacheLayout
 
 _HOST = socket.gethostname()
@@ -46,6 +46,17 @@ class OwnerToken:
     _by_dir: dict[tuple[int, str], OwnerToken] = {}
 
     def __init__(self, owners_dir: Path, *, root: Path | None = None) -> None:
+        try:
+            self._create(owners_dir, root)
+        except OSError as exc:
+            if isinstance(exc, ForgespaceError):
+                raise
+            # opened relative to a directory fd: name the whole path, and what was being done
+            if exc.filename is not None and not os.path.isabs(str(exc.filename)):
+                exc.filename = str(owners_dir / str(exc.filename))
+            raise CacheAccessError.from_os_error(exc, "create an owner lock") from exc
+
+    def _create(self, owners_dir: Path, root: Path | None) -> None:
         dfd = _owners_fd(owners_dir, root, create=True)
         try:
             for _ in range(10):
@@ -256,14 +267,18 @@ def staging_dir(layout: CacheLayout, target_id: str, purpose: str) -> Iterator[P
     token = OwnerToken.for_dir(owners_dir(layout), root=root).token
     name = staging_name(target_id, purpose, token, uuid.uuid4().hex[:8])
     stage = layout.tmp_dir / name
-    with fsops.dir_fd(root, fsops.parts_under(root, layout.tmp_dir), create=True) as t:
-        os.mkdir(name, dir_fd=t)
+    # Everything is written through the pinned path (/proc/self/fd/N): a run that swaps
+    # .forgespace/tmp meanwhile cannot redirect a download or an extraction outside.
+    pinned = fsops.make_pinned_dir(root, stage)
     try:
-        yield stage
+        yield pinned
     finally:
-        if os.path.lexists(stage):
-            fsops.unmount_under([stage], root=root)
-            fsops.discard(root, stage)
+        try:
+            if fsops.pinned_still_in_place(pinned):  # not published: ours to remove
+                fsops.unmount_under([stage], root=root)
+                fsops.discard(root, stage)
+        finally:
+            fsops.unpin(pinned)
 
 
 def remove_staging(layout: CacheLayout, item: StagingDir) -> list[Path]:

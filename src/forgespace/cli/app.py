@@ -7,6 +7,7 @@ import errno
 import logging
 import os
 import sys
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -29,15 +30,40 @@ app = typer.Typer(
     name="forgespace",
     help="Workspaces for security-analysis workflow runs.",
     no_args_is_help=True,
-    add_completion=False,
+    # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
+    add_completion=True,
     pretty_exceptions_enable=False,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"forgespace {version('forgespace')}")
+        except PackageNotFoundError:  # running from a source tree that was never installed
+            print("forgespace (not installed: version unknown)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    show_version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Workspaces for security-analysis workflow runs."""
+
+
 cache_app = typer.Typer(help="Inspect and steer the workspace cache.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
+store_app = typer.Typer(help="List and prune the object store.", no_args_is_help=True)
+app.add_typer(store_app, name="store")
 
 # Human output and progress go to stderr; stdout carries only machine-readable results.
-err_console = Console(stderr=True)
-out_console = Console()
+err_console = Console(stderr=True, soft_wrap=True)
+out_console = Console(soft_wrap=True)
 
 EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (TargetNotFoundError, 3),
@@ -85,6 +111,18 @@ def setup_logging() -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+
+
+def quiet_logs(verbose: int) -> None:
+    """For commands with their own progress output (`run`): the Temporal SDK's and forgespace's
+    INFO logs stay hidden (WARNING and above pass) unless ``-v`` (INFO) or ``-vv`` (DEBUG);
+    an explicit FORGESPACE_LOG_LEVEL / LOG_LEVEL wins."""
+    if os.environ.get("FORGESPACE_LOG_LEVEL") or os.environ.get("LOG_LEVEL"):
+        return
+    level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.getLogger().setLevel(level)
+    for name in ("temporalio", "forgespace"):
+        logging.getLogger(name).setLevel(level)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -151,6 +189,29 @@ def _main(argv: list[str] | None) -> None:
 
         # typer vendors its own click: its usage errors are TyperException, not click's
         if isinstance(exc, click.ClickException | typer.TyperException) and hasattr(exc, "show"):
-            exc.show()
+            if getattr(exc, "ctx", None) is not None and _is_help_request(exc):
+                exc.show()  # `forgespace cache` alone: the help text, as asked
+            else:
+                err_console.print(
+                    f"[red]error:[/red] {escape(usage_error_line(exc))}",
+                    highlight=False,
+                    markup=True,
+                    soft_wrap=True,
+                )
             sys.exit(exc.exit_code)
         raise
+
+
+def _is_help_request(exc: BaseException) -> bool:
+    # click raises NoArgsIsHelpError for a group called without a command (no_args_is_help)
+    return type(exc).__name__ == "NoArgsIsHelpError"
+
+
+def usage_error_line(exc: Any) -> str:
+    """One line for a usage error: the command, what was wrong (click's message, which names
+    the option and what it accepts), and where to look."""
+    ctx = getattr(exc, "ctx", None)
+    command = ctx.command_path if ctx is not None else "forgespace"
+    message = " ".join(str(exc.format_message()).split())
+    hint = f" (see '{command} --help')" if ctx is not None else ""
+    return f"{command}: {message}{hint}"

@@ -195,14 +195,63 @@ def run(
     workflows_dir: WorkflowsDirs = None,
     bundled: Bundled = True,
     timeout: Annotated[
-        float, typer.Option("--timeout", help="Seconds each run may take before it is ended.")
-    ] = 7200.0,
+        str,
+        typer.Option(
+            "--timeout",
+            help="How long each run may take before it is ended: 2h, 90m, 45s, or seconds.",
+        ),
+    ] = "2h",
+    fail_on: Annotated[
+        str | None,
+        typer.Option(
+            "--fail-on",
+            help="Exit 1 when a finding at or above this severity exists: high, medium or low "
+            "(SARIF error=high, warning=medium, note=low; unranked findings count as high).",
+        ),
+    ] = None,
+    ui: Annotated[
+        bool,
+        typer.Option(
+            "--ui", help="Embedded dev server: serve Temporal's Web UI on a free loopback port."
+        ),
+    ] = False,
+    verbose: Annotated[
+        int,
+        typer.Option(
+            "--verbose", "-v", count=True, help="Show the SDK's and worker's logs (-vv: debug)."
+        ),
+    ] = 0,
 ) -> None:
-    """Upload PATH and run WORKFLOW on it N times at once; summary per run and cache figures."""
-    require_extra("temporal", "forgespace run")
-    from forgespace.temporal.parameters import load_param_file
-    from forgespace.temporal.runner import RunInputError, RunJob, parse_params, run_job
+    """Upload PATH and run WORKFLOW on it N times at once; summary per run and cache figures.
 
+    Ctrl-C (or SIGTERM) cancels the runs, waits up to 30 s for their cleanup, and exits 130."""
+    require_extra("temporal", "forgespace run")
+    from forgespace.cli.app import quiet_logs
+    from forgespace.config import parse_duration
+    from forgespace.temporal.parameters import load_param_file
+    from forgespace.temporal.runner import (
+        RunInputError,
+        RunInterrupted,
+        RunJob,
+        parse_params,
+        run_job,
+    )
+    from forgespace.temporal.summary import SEVERITIES, at_or_above, severities
+
+    quiet_logs(verbose)
+    if fail_on is not None and fail_on.strip().lower() not in SEVERITIES:
+        raise typer.BadParameter(
+            f"{fail_on!r}: expected one of {', '.join(reversed(SEVERITIES))}",
+            param_hint="--fail-on",
+        )
+    try:
+        run_timeout = parse_duration(timeout, name="duration")
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--timeout") from None
+    if run_timeout <= 0:
+        raise typer.BadParameter(
+            f"{timeout!r}: must be more than 0 (e.g. 2h, 90m, 600)", param_hint="--timeout"
+        )
     try:
         params = parse_params(param or [])
     except RunInputError as exc:
@@ -219,13 +268,29 @@ def run(
         task_queue=task_queue,
         workflows_dirs=workflows_dir or [],
         bundled=bundled,
-        timeout=timedelta(seconds=timeout),
+        timeout=timedelta(seconds=run_timeout),
         sarif=sarif,
+        ui=ui,
     )
-    report = asyncio.run(run_job(settings, job, console=err_console))
+    try:
+        report = asyncio.run(run_job(settings, job, console=err_console))
+    except RunInterrupted as exc:
+        err_console.print(str(exc), highlight=False, markup=False, soft_wrap=True)
+        sys.exit(130)
     if as_json:
         print(json.dumps(report, indent=2, default=str))
+    # sys.exit, not typer.Exit: main() runs click with standalone_mode=False, which turns
+    # typer.Exit into a return value that main() does not pass on.
     if any(r["status"] != "completed" for r in report["runs"]):
-        # sys.exit, not typer.Exit: main() runs click with standalone_mode=False, which turns
-        # typer.Exit into a return value that main() does not pass on.
         sys.exit(1)
+    if fail_on is not None:
+        threshold = fail_on.strip().lower()
+        hits = sum(
+            at_or_above(severities(r["result"], r["findings"]), threshold) for r in report["runs"]
+        )
+        if hits:
+            err_console.print(
+                f"--fail-on {threshold}: {hits} finding(s) at or above {threshold}",
+                highlight=False,
+            )
+            sys.exit(1)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 import uuid
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -15,16 +17,11 @@ _MODES_HELP = "isolated, shared or copy-on-write"
 
 def _check_input(isolation: str, target_id: str | None, run_id: str | None) -> None:
     """Refuse a bad mode or id before the cache directory is even created."""
-    from forgespace.errors import InvalidIdError
     from forgespace.layout import IsolationMode, validate_id
 
-    mode = IsolationMode.parse(isolation)
+    IsolationMode.parse(isolation)
     if target_id is not None:
         validate_id(target_id, "target_id")
-        if run_id is None and mode is not IsolationMode.SHARED:
-            raise InvalidIdError(
-                f"--run-id is required for --isolation {mode.value} (only shared accepts none)"
-            )
     if run_id is not None:
         validate_id(run_id, "run_id")
 
@@ -32,32 +29,87 @@ def _check_input(isolation: str, target_id: str | None, run_id: str | None) -> N
 @app.command()
 def get(
     target_id: str = typer.Argument(..., help="Target id (as printed by `forgespace upload`)."),
-    run_id: str | None = typer.Option(None, "--run-id", help="Run id (required unless shared)."),
+    run_id: str | None = typer.Option(
+        None, "--run-id", help="Run id (isolated/copy-on-write: one is made up when omitted)."
+    ),
     isolation: str = typer.Option("isolated", "--isolation", help=_MODES_HELP),
 ) -> None:
-    """Materialise a target's workspace; prints its path alone on the last line."""
+    """Materialise a target's workspace; prints its path alone on the last line.
+
+    Without --run-id, isolated and copy-on-write get a new run id (printed on stderr); shared
+    takes no lease then. `forgespace cleanup PATH` ends the run."""
     from forgespace.cache.workspace import WorkspaceCache
+    from forgespace.cli.progress import transfer_progress
+    from forgespace.layout import IsolationMode
 
     _check_input(isolation, target_id, run_id)
-    res = WorkspaceCache(load_settings()).get_target_report(target_id, run_id, isolation)
+    mode = IsolationMode.parse(isolation)
+    if run_id is None and mode is not IsolationMode.SHARED:
+        run_id = f"cli-{uuid.uuid4().hex[:12]}"
+        err_console.print(
+            f"run id {run_id} (no --run-id given; `forgespace cleanup PATH` ends the run)",
+            highlight=False,
+        )
+    cache = WorkspaceCache(load_settings())
+    with transfer_progress(f"downloading {target_id}") as progress:
+        res = cache.get_target_report(target_id, run_id, mode, progress=progress)
     err_console.print(
         f"{'downloaded' if res.downloaded else 'served from cache'} ({res.mode})", highlight=False
     )
     print(res.path)
 
 
+def infer_mode(cache_root: Path, path: str, index: Any) -> str | None:
+    """The workspace isolation a cleanup PATH belongs to, from where it is and what the index
+    recorded for its run directory; None when it cannot tell (outside CACHE_DIR, a run the
+    index does not know): the engine then checks the path against the given mode."""
+    from forgespace.layout import is_valid_id
+
+    p = os.path.abspath(path)
+    for base in (os.path.abspath(cache_root), os.path.realpath(cache_root)):
+        if p.startswith(base + os.sep):
+            parts = p[len(base) + 1 :].split(os.sep)
+            break
+    else:
+        return None
+    if len(parts) < 2 or not is_valid_id(parts[0]):
+        return None
+    if len(parts) == 2 and parts[1] in ("workspace", "target"):
+        return "shared"
+    if not is_valid_id(parts[1]) or parts[1] in ("workspace", "target", "shared"):
+        return None
+    entry = index.get(f"{parts[0]}/{parts[1]}")
+    return str(entry.mode) if entry is not None and entry.mode else None
+
+
 @app.command()
 def cleanup(
     path: str = typer.Argument(..., help="A path get_target returned (or its run directory)."),
-    isolation: str = typer.Option("isolated", "--isolation", help=_MODES_HELP),
+    isolation: str | None = typer.Option(
+        None,
+        "--isolation",
+        help=f"{_MODES_HELP}; inferred from PATH (given: checked against it)",
+    ),
     run_id: str | None = typer.Option(None, "--run-id", help="shared: end this run's lease."),
 ) -> None:
     """End a run's lease and remove its run directory (shared: removes nothing)."""
     from forgespace.cache.workspace import WorkspaceCache
+    from forgespace.layout import IsolationMode
 
-    _check_input(isolation, None, run_id)
-    WorkspaceCache(load_settings()).cleanup_cache(path, isolation, run_id=run_id)
-    err_console.print(f"cleaned up {path} ({isolation})", highlight=False)
+    if isolation is not None:
+        isolation = IsolationMode.parse(isolation).value
+    _check_input(isolation or "isolated", None, run_id)
+    cache = WorkspaceCache(load_settings())
+    inferred = infer_mode(cache.layout.root, path, cache.index)
+    if isolation is not None and inferred is not None and inferred != isolation:
+        raise typer.BadParameter(
+            f"{path} is a {inferred} workspace but --isolation {isolation} was given "
+            f"(omit --isolation, or pass --isolation {inferred}); nothing was deleted",
+            param_hint="--isolation",
+        )
+    mode = isolation or inferred or "isolated"
+    cache.cleanup_cache(path, mode, run_id=run_id)
+    err_console.print(f"cleaned up {path} ({mode})", highlight=False)
 
 
 def _demo_source() -> Path:

@@ -75,3 +75,12 @@ class Store(Protocol):
     def put_result(self, key: str, data: bytes, content_type: str = "application/json") -> str:
         """Store a workflow result under ``key`` (results bucket / prefix); return its location."""
         ...
+
+    def result_keys(self, prefix: str) -> list[str]:
+        """Result keys starting with ``prefix`` in its folder (not in subfolders), sorted;
+        an empty list when nothing (not even the bucket) exists yet."""
+        ...
+
+    def get_result(self, key: str) -> bytes:
+        """The bytes stored under result ``key``; FileNotFoundError when there are none."""
+        ...

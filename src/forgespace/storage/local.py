@@ -13,18 +13,25 @@ import fcntl
 import json
 import os
 import posixpath
+import stat
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 from forgespace.errors import StorageError, TargetNotFoundError
-from forgespace.layout import validate_id
+from forgespace.layout import is_valid_id, validate_id
 from forgespace.storage.base import ObjectInfo, ProgressFn, target_key, upload_source
+from forgespace.storage.lifecycle import StoredObject
 from forgespace.storage.pack import content_id, copy_hashing, pack_directory, tree_size
 from forgespace.storage.retry import CHUNK_SIZE, PartFile
 
 SIDECAR_NAME = "target.meta.json"
 RESULTS_DIRNAME = ".results"  # a leading dot is never a valid target id: no clash
+LOCKS_DIRNAME = ".locks"  # never deleted (a lock file's holder may have it open)
+UPLOAD_TMP_PREFIX = ".upload-"
+UPLOAD_TMP_SUFFIX = ".tmp"
+ATOMIC_TMP_MARK = ".tmp-"  # _atomic_write_bytes' temp files: ".{name}.tmp-{hex}"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -36,7 +43,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
+    tmp = path.with_name(f".{path.name}{ATOMIC_TMP_MARK}{uuid.uuid4().hex[:12]}")
     try:
         with open(tmp, "xb") as f:
             f.write(data)
@@ -96,36 +103,46 @@ class LocalStore:
             validate_id(target_id, "target_id")
         self.root.mkdir(parents=True, exist_ok=True)
         # Packed/copied beside the objects first: a content id is known only once hashed.
-        tmp = self.root / f".upload-{uuid.uuid4().hex[:12]}.tmp"
+        tmp = self.root / f"{UPLOAD_TMP_PREFIX}{uuid.uuid4().hex[:12]}{UPLOAD_TMP_SUFFIX}"
+        out = open(tmp, "xb")  # noqa: SIM115 (closed in finally, after the publish)
         try:
-            with open(tmp, "xb") as out:
-                if src.is_dir():
-                    total = tree_size(src) if progress is not None else 0
-                    cb = (lambda done: progress(done, total)) if progress is not None else None
-                    stats = pack_directory(src, out, progress=cb)
-                    size, digest, cid = (
-                        stats.size,
-                        stats.sha256,
-                        content_id("tree", stats.tree_digest),
-                    )
-                else:
-                    size, digest = copy_hashing(src, out, progress)
-                    cid = content_id("file", digest)
-                out.flush()
-                os.fsync(out.fileno())
+            # Held until the object is published: prune removes a temp file only when it can
+            # take this lock (its uploader is dead), however old the file looks.
+            fcntl.flock(out.fileno(), fcntl.LOCK_EX)
+            if src.is_dir():
+                total = tree_size(src) if progress is not None else 0
+                cb = (lambda done: progress(done, total)) if progress is not None else None
+                stats = pack_directory(src, out, progress=cb)
+                size, digest = stats.size, stats.sha256
+                cid = content_id("tree", stats.tree_digest)
+            else:
+                size, digest = copy_hashing(src, out, progress)
+                cid = content_id("file", digest)
+            out.flush()
+            os.fsync(out.fileno())
             tid = target_id or cid
             with self._id_lock(tid):
-                if target_id is None and self._holds(tid):
+                if target_id is None and self._holds(tid) and self._refresh(tid):
                     return tid  # same content, already stored: nothing is written
                 self._publish(tid, tmp, size, digest)
         finally:
-            tmp.unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)  # before close: the lock guards it to the end
+            out.close()
         return tid
+
+    def _refresh(self, target_id: str) -> bool:
+        """Restart the age of a re-uploaded object (prune counts from the last upload);
+        False when its times cannot be set (another user's file): the caller re-publishes."""
+        try:
+            os.utime(self.object_path(target_id))
+        except PermissionError:
+            return False
+        return True
 
     @contextlib.contextmanager
     def _id_lock(self, target_id: str) -> Iterator[None]:
         """Serialise writers of one id (an object and its sidecar must come from one writer)."""
-        locks = self.root / ".locks"
+        locks = self.root / LOCKS_DIRNAME
         locks.mkdir(exist_ok=True)
         fd = os.open(locks / f"{target_id}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
@@ -220,6 +237,14 @@ class LocalStore:
     def delete_target(self, target_id: str) -> None:
         """Remove the object and its sidecar; a missing target is not an error."""
         obj = self.object_path(target_id)
+        if not obj.parent.is_dir():
+            return
+        with self._id_lock(target_id):
+            self._remove(target_id)
+
+    def _remove(self, target_id: str) -> None:
+        # object first: a sidecar without its object is never mistaken for a stored target
+        obj = self.object_path(target_id)
         obj.unlink(missing_ok=True)
         obj.with_name(SIDECAR_NAME).unlink(missing_ok=True)
         # absent, or holds files we did not put there: leave them
@@ -232,6 +257,179 @@ class LocalStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write_bytes(path, data)
         return str(path)
+
+    def result_keys(self, prefix: str) -> list[str]:
+        """Keys under ``{root}/.results/`` starting with ``prefix``, in its folder only."""
+        folder, _, start = prefix.rpartition("/")
+        base = self.root / RESULTS_DIRNAME / check_result_key(folder) if folder else None
+        where = base or self.root / RESULTS_DIRNAME
+        try:
+            names = os.listdir(where)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        # A leading dot is an atomic write's temp file (or not ours).
+        return sorted(
+            f"{folder}/{n}" if folder else n
+            for n in names
+            if n.startswith(start) and not n.startswith(".") and (where / n).is_file()
+        )
+
+    def get_result(self, key: str) -> bytes:
+        """The bytes of ``{root}/.results/{key}``."""
+        return (self.root / RESULTS_DIRNAME / check_result_key(key)).read_bytes()
+
+    # --- lifecycle (forgespace store ls / rm / prune) ----------------------------------
+    def list_targets(self) -> list[StoredObject]:
+        """Every ``{id}/target`` regular file under the root; ``modified`` = its mtime (set
+        by the last upload, re-uploads included)."""
+        out: list[StoredObject] = []
+        for name in _listdir(self.root):
+            if not is_valid_id(name):
+                continue
+            try:
+                st = os.lstat(self.root / name / "target")
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            meta = self._read_sidecar(name)
+            sha = meta.get("sha256") if meta is not None else None
+            out.append(
+                StoredObject(
+                    "target", name, st.st_size, st.st_mtime, sha if isinstance(sha, str) else None
+                )
+            )
+        return sorted(out, key=lambda o: o.key)
+
+    def list_results(self) -> list[StoredObject]:
+        """Every result file under ``{root}/.results/`` (temp files of writes excluded)."""
+        base = self.root / RESULTS_DIRNAME
+        out: list[StoredObject] = []
+        for dirpath, _dirs, files in os.walk(base):
+            for name in files:
+                if ATOMIC_TMP_MARK in name and name.startswith("."):
+                    continue
+                path = Path(dirpath) / name
+                try:
+                    st = os.lstat(path)
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    key = path.relative_to(base).as_posix()
+                    out.append(StoredObject("result", key, st.st_size, st.st_mtime))
+        return sorted(out, key=lambda o: o.key)
+
+    def list_leftovers(self, grace: float, now: float | None = None) -> list[StoredObject]:
+        """Temp files of uploads that died (their lock is free) and of interrupted sidecar or
+        result writes, older than ``grace`` seconds. ``.locks/`` is never listed."""
+        now = time.time() if now is None else now
+        found: list[Path] = []
+        for name in _listdir(self.root):
+            path = self.root / name
+            if name.startswith(UPLOAD_TMP_PREFIX) and name.endswith(UPLOAD_TMP_SUFFIX):
+                found.append(path)
+            elif is_valid_id(name):
+                found.extend(path / n for n in _listdir(path) if _is_atomic_tmp(n))
+        for dirpath, _dirs, files in os.walk(self.root / RESULTS_DIRNAME):
+            found.extend(Path(dirpath) / n for n in files if _is_atomic_tmp(n))
+        out: list[StoredObject] = []
+        for path in found:
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(st.st_mode) and now - st.st_mtime >= grace and not _in_use(path):
+                key = path.relative_to(self.root).as_posix()
+                out.append(StoredObject("leftover", key, st.st_size, st.st_mtime))
+        return sorted(out, key=lambda o: o.key)
+
+    def prune_target(self, target_id: str, cutoff: float) -> bool:
+        """Delete the target if its mtime is still before ``cutoff``, checked under the id
+        lock an upload holds while it finds the object already stored and refreshes it."""
+        obj = self.object_path(target_id)
+        if not obj.parent.is_dir():
+            return False
+        with self._id_lock(target_id):
+            try:
+                if os.lstat(obj).st_mtime >= cutoff:
+                    return False  # uploaded again since the plan: still wanted
+            except FileNotFoundError:
+                return False
+            self._remove(target_id)
+        return True
+
+    def prune_result(self, key: str, cutoff: float) -> bool:
+        """Delete ``.results/{key}`` if still last written before ``cutoff``; empty parent
+        directories go with it."""
+        base = self.root / RESULTS_DIRNAME
+        path = base / check_result_key(key)
+        try:
+            if os.lstat(path).st_mtime >= cutoff:
+                return False
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        parent = path.parent
+        while parent != base:
+            try:
+                parent.rmdir()
+            except OSError:
+                break  # not empty (or not ours to remove): stop climbing
+            parent = parent.parent
+        return True
+
+    def remove_leftover(self, obj: StoredObject, grace: float) -> bool:
+        """Remove a leftover named by ``list_leftovers`` if it is still dead and old."""
+        path = self.root / obj.key
+        if obj.kind != "leftover" or ".." in Path(obj.key).parts or LOCKS_DIRNAME in obj.key:
+            raise ValueError(f"not a leftover of {self}: {obj.key!r}")
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False  # an upload is alive and holds it
+            st = os.fstat(fd)
+            if time.time() - st.st_mtime < grace:
+                return False
+            # still the same file under that name (not replaced since we opened it)
+            if os.lstat(path).st_ino != st.st_ino:
+                return False
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        finally:
+            os.close(fd)
+        return True
+
+
+def _listdir(path: Path) -> list[str]:
+    try:
+        return sorted(os.listdir(path))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _is_atomic_tmp(name: str) -> bool:
+    return name.startswith(".") and ATOMIC_TMP_MARK in name
+
+
+def _in_use(path: Path) -> bool:
+    """Whether a live upload holds the file's flock (only upload temp files are locked)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing releases the probe's lock
+    return False
 
 
 __all__ = ["LocalStore", "check_result_key"]

@@ -21,16 +21,23 @@ Choices worth knowing:
 - Request checksums are only sent "when required": our own sha256 covers integrity and
   some S3-compatible servers reject the newer default trailing checksums.
 - Buckets (targets, results) are created on first write when missing.
+- Re-uploading content the bucket holds sends no object bytes but restarts its age for
+  ``store prune`` (a self-copy with the same metadata). Prune and re-upload exclude each other
+  through intent markers under ``.forgespace/prune/`` (see ``prune_target``): a plain
+  check-then-DELETE cannot, since S3 offers no lock and a refresh keeps the ETag.
 """
 
 from __future__ import annotations
 
+import contextlib
+import email.utils
 import http.client
 import logging
 import os
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -44,8 +51,9 @@ from botocore.config import Config
 
 from forgespace.config import Settings
 from forgespace.errors import ConfigError, ForgespaceError, StorageError, TargetNotFoundError
-from forgespace.layout import validate_id
+from forgespace.layout import is_valid_id, validate_id
 from forgespace.storage.base import ObjectInfo, ProgressFn, target_key, upload_source
+from forgespace.storage.lifecycle import StoredObject
 from forgespace.storage.local import check_result_key
 from forgespace.storage.pack import content_id, copy_hashing, pack_directory, tree_size
 from forgespace.storage.retry import CHUNK_SIZE, PartFile, RetryPolicy
@@ -54,6 +62,17 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SHA256_META = "sha256"
+# copy_object copies at most 5 GiB in one request; larger objects are uploaded again instead.
+COPY_OBJECT_MAX = 5 * 1024**3
+# A prune writes "{prefix}{target_id}/{uuid}" before it re-checks and deletes a target, and
+# removes it after; an upload that reuses the target waits while such a marker is live. Not a
+# valid target id ('.'), so never listed as a target. Markers older than the TTL (by the
+# server's clock) are a crashed prune's: ignored, and removed by the next prune.
+PRUNE_MARKER_PREFIX = ".forgespace/prune/"
+PRUNE_MARKER_TTL = 60.0
+# A prune sends its DELETE only within this many seconds of writing its marker (else keeps
+# the target): the DELETE lands long before uploads stop honouring the marker.
+PRUNE_DELETE_DEADLINE = 20.0
 _NOT_FOUND_CODES = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
 _TRANSIENT_CODES = {
     "InternalError",
@@ -294,7 +313,7 @@ class S3Store:
         if src.is_file():
             size, digest = copy_hashing(src, None)
             tid = target_id or content_id("file", digest)
-            if target_id is None and self._holds(tid, size):
+            if target_id is None and self._reuse(tid, size):
                 return tid
             self._upload_file(src, target_key(tid), size, digest, progress)
             return tid
@@ -307,21 +326,81 @@ class S3Store:
                 cb = (lambda done: progress(done, total)) if progress is not None else None
                 stats = pack_directory(src, out, progress=cb)
             tid = target_id or content_id("tree", stats.tree_digest)
-            if target_id is None and self._holds(tid, None):
+            if target_id is None and self._reuse(tid, None):
                 return tid
             self._upload_file(tmp, target_key(tid), stats.size, stats.sha256, progress)
         finally:
             tmp.unlink(missing_ok=True)
         return tid
 
-    def _holds(self, target_id: str, size: int | None) -> bool:
-        """The bucket already has this content id's object (of ``size`` bytes, when known: a
+    def _stored(self, target_id: str, size: int | None) -> ObjectInfo | None:
+        """The bucket's object for this content id (of ``size`` bytes, when known: a
         directory packed by another compressor version has other bytes, same content)."""
         try:
             info = self.stat_target(target_id)
         except TargetNotFoundError:
+            return None
+        return info if size is None or info.size == size else None
+
+    def _reuse(self, target_id: str, size: int | None) -> bool:
+        """Whether the content is already stored and may be used as it is: its age is
+        restarted (a self-copy, so prune counts from this upload), no object bytes are sent.
+
+        False (the caller uploads) when it is absent, changed, too large for a self-copy, or
+        pruned while we looked: after the refresh we wait for any prune that had already
+        re-checked the object (its intent marker, see ``prune_target``) and look again."""
+        info = self._stored(target_id, size)
+        if info is None or info.size > COPY_OBJECT_MAX:
             return False
-        return size is None or info.size == size
+        key = target_key(target_id)
+
+        def refresh() -> bool:
+            kwargs: dict[str, Any] = {
+                "Bucket": self.bucket,
+                "Key": key,
+                "CopySource": {"Bucket": self.bucket, "Key": key},
+                "MetadataDirective": "REPLACE",
+                "Metadata": {SHA256_META: info.sha256} if info.sha256 else {},
+            }
+            if info.etag:
+                kwargs["CopySourceIfMatch"] = info.etag
+            try:
+                self.client.copy_object(**kwargs)
+            except bexc.ClientError as exc:
+                if _is_not_found(exc) or _code(exc)[1] == 412:
+                    return False  # deleted or replaced meanwhile: upload ours
+                raise
+            return True
+
+        if not self._call(f"refreshing {self._where(key)}", refresh):
+            return False
+        self._await_prunes(target_id)
+        return self._stored(target_id, size) is not None
+
+    def _await_prunes(self, target_id: str) -> None:
+        """Wait (bounded) until no live prune intent marker names ``target_id``."""
+        prefix = f"{PRUNE_MARKER_PREFIX}{target_id}/"
+        deadline = time.monotonic() + PRUNE_MARKER_TTL + 5
+        while True:
+            resp = self._call(
+                f"LIST {self._where(prefix)}",
+                lambda: self.client.list_objects_v2(Bucket=self.bucket, Prefix=prefix),
+            )
+            now = _server_time(resp)
+            live = [
+                o
+                for o in resp.get("Contents", [])
+                if now - o["LastModified"].timestamp() < PRUNE_MARKER_TTL
+            ]
+            if not live:
+                return
+            if time.monotonic() > deadline:
+                raise StorageError(
+                    f"gave up waiting for a prune of {target_id} to finish: its marker "
+                    f"{self._where(live[0]['Key'])} is still there",
+                    transient=True,
+                )
+            time.sleep(0.05)
 
     def _upload_file(
         self, src: Path, key: str, size: int, digest: str, progress: ProgressFn | None
@@ -473,6 +552,170 @@ class S3Store:
             ),
         )
         return f"s3://{self.results_bucket}/{norm}"
+
+    def result_keys(self, prefix: str) -> list[str]:
+        """Keys of the results bucket starting with ``prefix``, not below its next ``/``."""
+
+        def list_keys() -> list[str]:
+            keys: list[str] = []
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.results_bucket, Prefix=prefix, Delimiter="/"
+            )
+            try:
+                for page in pages:
+                    keys += [o["Key"] for o in page.get("Contents", [])]
+            except bexc.ClientError as exc:
+                if not _is_not_found(exc):  # no bucket yet: nothing stored
+                    raise
+            return sorted(keys)
+
+        return self._call(f"LIST {self._where(prefix + '*', self.results_bucket)}", list_keys)
+
+    def get_result(self, key: str) -> bytes:
+        """GET a result object; FileNotFoundError (TargetNotFoundError) when it is absent."""
+        norm = check_result_key(key)
+        where = self._where(norm, self.results_bucket)
+
+        def get() -> bytes:
+            body = self.client.get_object(Bucket=self.results_bucket, Key=norm)["Body"]
+            try:
+                return bytes(body.read())
+            finally:
+                body.close()
+
+        return self._call(f"GET {where}", get, not_found=f"no result {where}")
+
+    # --- lifecycle (forgespace store ls / rm / prune) ----------------------------------
+    def _list(self, bucket: str, prefix: str = "") -> list[dict[str, Any]]:
+        """Every object of ``bucket`` under ``prefix`` (paginated); [] when no bucket."""
+
+        def run() -> list[dict[str, Any]]:
+            out: list[dict[str, Any]] = []
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=prefix
+            ):
+                out.extend(page.get("Contents", []))
+            return out
+
+        try:
+            return self._call(f"LIST s3://{bucket}/{prefix}", run, not_found="no bucket")
+        except TargetNotFoundError:
+            return []  # the bucket was never created: nothing stored yet
+
+    def list_targets(self) -> list[StoredObject]:
+        """Every ``{id}/target`` object (valid ids only); ``modified`` = LastModified, which a
+        re-upload restarts. ``sha256`` is None (a listing does not carry metadata)."""
+        out: list[StoredObject] = []
+        for o in self._list(self.bucket):
+            tid, _, rest = o["Key"].partition("/")
+            if rest == "target" and is_valid_id(tid):
+                out.append(
+                    StoredObject("target", tid, int(o["Size"]), o["LastModified"].timestamp())
+                )
+        return sorted(out, key=lambda x: x.key)
+
+    def list_results(self) -> list[StoredObject]:
+        """Every object of the results bucket."""
+        return sorted(
+            (
+                StoredObject("result", o["Key"], int(o["Size"]), o["LastModified"].timestamp())
+                for o in self._list(self.results_bucket)
+            ),
+            key=lambda x: x.key,
+        )
+
+    def list_leftovers(self, grace: float, now: float | None = None) -> list[StoredObject]:
+        """Intent markers of prunes that died (older than the marker TTL and ``grace``)."""
+        now = time.time() if now is None else now
+        limit = max(grace, PRUNE_MARKER_TTL)
+        return sorted(
+            (
+                StoredObject("leftover", o["Key"], int(o["Size"]), o["LastModified"].timestamp())
+                for o in self._list(self.bucket, PRUNE_MARKER_PREFIX)
+                if now - o["LastModified"].timestamp() >= limit
+            ),
+            key=lambda x: x.key,
+        )
+
+    def prune_target(self, target_id: str, cutoff: float) -> bool:
+        """Delete the target if its LastModified is still before ``cutoff``.
+
+        An intent marker is written first and removed after: an upload that reuses this
+        object refreshes it, then waits while a marker is live and looks again (uploading
+        anew if we deleted it). So either our HEAD sees the refresh and we keep the object,
+        or the upload sees our marker (or the deletion) after its refresh."""
+        key = target_key(validate_id(target_id))
+        marker = f"{PRUNE_MARKER_PREFIX}{target_id}/{uuid.uuid4().hex}"
+        self._call(
+            f"PUT {self._where(marker)}",
+            lambda: self.client.put_object(Bucket=self.bucket, Key=marker, Body=b""),
+        )
+        started = time.monotonic()
+        try:
+            try:
+                head = self._call(
+                    f"HEAD {self._where(key)}",
+                    lambda: self.client.head_object(Bucket=self.bucket, Key=key),
+                    not_found=self._not_found(target_id),
+                )
+            except TargetNotFoundError:
+                return False
+            if head["LastModified"].timestamp() >= cutoff:
+                return False  # uploaded again since the plan: still wanted
+            if time.monotonic() - started > PRUNE_DELETE_DEADLINE:
+                log.warning("prune of %s kept it: too slow to delete safely", target_id)
+                return False
+            self.delete_target(target_id)
+            return True
+        finally:
+            try:
+                self._call(
+                    f"DELETE {self._where(marker)}",
+                    lambda: self.client.delete_object(Bucket=self.bucket, Key=marker),
+                )
+            except StorageError as exc:
+                # re-uploads of this id wait until the marker expires (PRUNE_MARKER_TTL)
+                log.warning("could not remove the prune marker %s: %s", marker, exc)
+
+    def prune_result(self, key: str, cutoff: float) -> bool:
+        """Delete the result if its LastModified is still before ``cutoff``."""
+        norm = check_result_key(key)
+        where = self._where(norm, self.results_bucket)
+        try:
+            head = self._call(
+                f"HEAD {where}",
+                lambda: self.client.head_object(Bucket=self.results_bucket, Key=norm),
+                not_found=f"result {norm} not found ({where})",
+            )
+        except TargetNotFoundError:
+            return False
+        if head["LastModified"].timestamp() >= cutoff:
+            return False
+        self._call(
+            f"DELETE {where}",
+            lambda: self.client.delete_object(Bucket=self.results_bucket, Key=norm),
+        )
+        return True
+
+    def remove_leftover(self, obj: StoredObject, grace: float) -> bool:
+        """Remove a dead prune marker named by ``list_leftovers``."""
+        if obj.kind != "leftover" or not obj.key.startswith(PRUNE_MARKER_PREFIX):
+            raise ValueError(f"not a leftover of {self}: {obj.key!r}")
+        self._call(
+            f"DELETE {self._where(obj.key)}",
+            lambda: self.client.delete_object(Bucket=self.bucket, Key=obj.key),
+        )
+        return True
+
+
+def _server_time(resp: dict[str, Any]) -> float:
+    """The server's clock from a response's Date header (markers are aged by it, so client
+    clock skew does not matter); the local clock when absent."""
+    date = resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    if date:
+        with contextlib.suppress(TypeError, ValueError):
+            return email.utils.parsedate_to_datetime(date).timestamp()
+    return time.time()
 
 
 def _info(resp: dict[str, Any], size: int) -> ObjectInfo:

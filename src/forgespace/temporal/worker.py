@@ -193,6 +193,12 @@ async def run_worker(
     from forgespace import sandbox
     from forgespace.cache.workspace import WorkspaceCache
     from forgespace.temporal.affinity import HostAffinityInterceptor
+    from forgespace.temporal.fleet import (
+        FleetActivities,
+        FleetAdvertiser,
+        FleetView,
+        SlotCountingInterceptor,
+    )
     from forgespace.temporal.tools import run_tool
 
     if packages is None:
@@ -211,7 +217,20 @@ async def run_worker(
         max_workers=pollers * slots, thread_name_prefix="forgespace-activity"
     )
     storage = CacheActivities(cache, host_queue=host_queue, host=host, executor=executor)
-    activities = _collect_activities([*storage.activities(), run_tool], packages)
+    # Fleet locality: this host advertises what it holds in the store the fleet shares, and
+    # answers "which host holds this target?" from every host's advertisement.
+    advertiser = FleetAdvertiser(
+        cache,
+        cache.store,
+        host=host,
+        task_queue=task_queue,
+        host_queue=host_queue,
+        slots=slots,
+    )
+    fleet = FleetActivities(FleetView(cache.store, task_queue), settings, host_queue=host_queue)
+    activities = _collect_activities(
+        [*storage.activities(), *fleet.activities(), run_tool], packages
+    )
     workflows = [p.workflow for p in packages if p.workflow is not None]
     # Workflows learn their metadata.yaml mode from here (no I/O in workflow code), so an
     # override is logged whoever started the run.
@@ -239,7 +258,12 @@ async def run_worker(
         )
         for queue in (task_queue, *extra_task_queues)
     ]
-    host_worker = Worker(client, task_queue=host_queue, **common)
+    host_worker = Worker(
+        client,
+        task_queue=host_queue,
+        interceptors=[SlotCountingInterceptor(advertiser)],
+        **common,
+    )
     stop = stop or asyncio.Event()
     health = WorkerHealth(
         cache_dir=Path(settings.cache_dir),
@@ -263,6 +287,7 @@ async def run_worker(
         sandbox=box.status.describe(),
     )
     sweeper: asyncio.Task[None] | None = None
+    advertising: asyncio.Task[None] | None = None
     try:
         async with contextlib.AsyncExitStack() as workers:
             for w in (*shared_workers, host_worker):
@@ -272,12 +297,17 @@ async def run_worker(
                 sweeper = asyncio.create_task(
                     _sweep_loop(cache, settings.cache_cleanup_interval, stop)
                 )
+            advertising = asyncio.create_task(advertiser.run(stop))
             if on_ready is not None:
                 on_ready(info)
             await stop.wait()
             log.info("worker shutting down (in-flight activities get %s)", GRACEFUL_SHUTDOWN)
     finally:
         stop.set()
+        if advertising is not None:
+            # It writes "stopped" on its way out: choosers skip this host at once.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(advertising, timeout=10)
         if sweeper is not None:
             sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
