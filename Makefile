@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 RUN_STAMP  := $(VENV)/.installed-run
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: setup run test lint bench clean fuzz
+.PHONY: setup run test test-nonroot coverage mutation lint bench clean fuzz
 
 setup: $(TEST_STAMP)
 
@@ -39,6 +39,66 @@ run: $(RUN_STAMP)
 test: $(TEST_STAMP)
 	$(PY) -m pytest -q
 
+# The non-root lane: the tests whose behaviour differs for an unprivileged worker (unit, engine,
+# store, CLI, the cache's permission fallbacks) once more as uid 65534 (.ci/test-nonroot). That
+# user needs an interpreter it can execute and read: a venv of its own from the system Python
+# (the main venv's python may be a link into root's home), owned by root, readable by all;
+# ~1 min to build (pip's cache), rebuilt only when pyproject.toml changes. Mount tests skip there.
+NONROOT_PYTHON ?= /usr/bin/python3
+NONROOT_VENV   := .venv-nonroot
+NONROOT_STAMP  := $(NONROOT_VENV)/.installed
+NONROOT_TESTS  ?= tests/unit $(wildcard tests/integration/test_engine_*.py) \
+	tests/integration/test_store.py tests/integration/test_store_faults.py \
+	tests/integration/test_cli_errors.py tests/integration/test_cli_upload.py \
+	tests/integration/test_cache_cli.py tests/integration/test_trust_fs.py \
+	tests/integration/test_gc_concurrency.py
+
+$(NONROOT_STAMP): pyproject.toml
+	rm -rf $(NONROOT_VENV)
+	$(NONROOT_PYTHON) -m venv $(NONROOT_VENV)
+	$(NONROOT_VENV)/bin/python -m pip install -q -e '.[all,test]'
+	chmod -R a+rX $(NONROOT_VENV)
+	touch $@
+
+test-nonroot: $(NONROOT_STAMP)
+	.ci/test-nonroot $(NONROOT_VENV)/bin/python $(NONROOT_TESTS)
+
+# Branch coverage of the whole suite, subprocesses included (workers, CLI runs, crash-test
+# children: configuration in pyproject.toml [tool.coverage.run]); data in .coverage-data/,
+# combined, then reported (COVERAGE_ARGS: pytest arguments, e.g. a subset). ~8 min.
+COVERAGE_ARGS ?=
+COV_DATA := $(CURDIR)/.coverage-data
+
+# The data directory is world-writable (sticky): children the tests run as uid 65534 save
+# their data too. One test is left out: its CLI child runs in a namespace where everything is
+# read-only, so coverage could not save there and its traceback would fail the test.
+COVERAGE_DESELECT := tests/integration/test_cli_errors.py::test_read_only_mount_reads_work_and_writes_say_what_and_where
+
+coverage: $(TEST_STAMP)
+	rm -rf $(COV_DATA) && mkdir -p $(COV_DATA) && chmod 1777 $(COV_DATA)
+	COVERAGE_FILE=$(COV_DATA)/cov $(VENV)/bin/coverage run -m pytest -q \
+	  --deselect $(COVERAGE_DESELECT) $(COVERAGE_ARGS)
+	COVERAGE_FILE=$(COV_DATA)/cov $(VENV)/bin/coverage combine -q $(COV_DATA)
+	COVERAGE_FILE=$(COV_DATA)/cov $(VENV)/bin/coverage report --sort=cover
+	COVERAGE_FILE=$(COV_DATA)/cov $(VENV)/bin/coverage json -q -o $(COV_DATA)/coverage.json
+	@$(PY) -c "import json,sys; t=json.load(open(sys.argv[1]))['totals']; \
+	  print(f\"lines {t['percent_statements_covered']:.1f} %, branches {t['percent_branches_covered']:.1f} %\")" \
+	  $(COV_DATA)/coverage.json
+
+# Mutation testing (mutmut, configured in pyproject.toml [tool.mutmut]) for at most
+# MUTATION_SECONDS; mutmut keeps its results in mutants/ and resumes where it stopped, so
+# repeated runs cover everything. `mutmut results` lists the survivors, `mutmut show NAME`
+# one of them. MUTANTS selects (e.g. "forgespace.cache.cleanup*").
+MUTATION_SECONDS ?= 1800
+MUTANTS ?=
+
+mutation: $(TEST_STAMP)
+	-timeout --signal=INT $(MUTATION_SECONDS) $(VENV)/bin/mutmut run --max-children 2 $(MUTANTS)
+	$(VENV)/bin/mutmut export-cicd-stats >/dev/null 2>&1 || true
+	@$(PY) -c "import json; s=json.load(open('mutants/mutmut-cicd-stats.json')); \
+	  d=s['killed']+s['survived']; print(f\"killed {s['killed']} of {d} tested ({100*s['killed']/max(d,1):.1f} %), \
+	  survived {s['survived']}, of {s['total']} mutants in all\")"
+
 # Fuzz the archive reader (tar/zip parsing, member checks, extraction) for FUZZ_SECONDS from the
 # committed seeds (fuzz/corpus/archive); new inputs and crash inputs go to fuzz/out/ (ignored by
 # git). Any finding ends it non-zero and prints the input. See docs/testing.md.
@@ -52,4 +112,4 @@ lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(NONROOT_VENV) build *.egg-info src/*.egg-info

@@ -92,3 +92,26 @@ def test_enospc_during_download(small_fs: Path, tmp_path: Path) -> None:
     assert str(FS_BYTES + 2**20) in str(ei.value)
     assert _state(cache) == before
     assert os.listdir(cache.layout.tmp_dir) == []
+
+
+def test_enospc_while_copying_a_run_for_copy_on_write(small_fs: Path, tmp_path: Path) -> None:
+    """The shared copy fits (5 MiB of 8), the run's copy does not (tmpfs has no reflinks):
+    CacheFullError, the run's partial copy removed, the shared copy kept for the next run."""
+    settings = Settings.from_env(
+        {"CACHE_DIR": str(small_fs / "cache"), "STORAGE_DIR": str(tmp_path / "store")}
+    )
+    cache = WorkspaceCache(settings)
+    proj = tmp_path / "five"
+    proj.mkdir()
+    for i in range(5):
+        (proj / f"zeros{i}.bin").write_bytes(bytes(2**20))
+    tid = cache.store.upload_target(proj)
+    with pytest.raises(CacheFullError) as ei:
+        cache.get_target(tid, "r1", "copy-on-write")
+    assert "no space left" in str(ei.value) and str(cache.layout.root) in str(ei.value)
+    shared = cache.layout.cow_shared_workspace(tid)
+    assert tree_digest(shared) == tree_digest(proj)  # published before the copy failed
+    assert not (settings.cache_dir / tid / "r1").exists()
+    assert os.listdir(cache.layout.tmp_dir) == []
+    assert [e.key for e in cache.index.entries()] == [f"{tid}/shared"]
+    assert cache.index.live_leases() == []

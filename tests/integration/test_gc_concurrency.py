@@ -245,11 +245,16 @@ def test_metrics_follow_gets_and_evictions_and_are_served(
     assert metrics.value("forgespace_cache_bytes") == 0
     assert metrics.value("forgespace_cache_entries") == 0
     assert metrics.value("forgespace_cache_limit_bytes") == 1
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    metrics.start_metrics_server(port, addr="127.0.0.1")
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    # Port 0: the server binds a free port itself (no probe-then-bind race); stopped here.
+    server = metrics.start_metrics_server(0, addr="127.0.0.1")
+    port = server.server_port
+    try:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+    finally:
+        server.close()
+    with pytest.raises(OSError):  # stopped: nothing listens there any more
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    body = body.decode()
     assert 'forgespace_cache_evictions_total{reason="lru"}' in body
     assert "forgespace_get_target_duration_seconds_bucket" in body
 

@@ -342,3 +342,101 @@ def test_a_stalled_stream_times_out_and_resumes(
     assert time.monotonic() - started < 2.5  # gave up on the silent stream, did not wait it out
     assert (tmp_path / "dest").read_bytes() == data
     assert s3_server.get_count(key) == 2
+
+
+# --- what is not retried, and what servers do that they should not --------------------------
+
+
+@pytest.mark.parametrize("code", ["AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"])
+def test_a_403_is_not_retried(
+    store: S3Store, s3_server: S3Server, tmp_path: Path, code: str
+) -> None:
+    """Bad credentials or a missing permission do not heal by waiting: one request, then an
+    error that names the status and the S3 code and is not transient."""
+    tid, _ = _upload(store, tmp_path, 1000)
+    key = target_key(tid)
+    s3_server.reset_counts()
+    s3_server.inject("error", key=key, times=10, status=403, code=code)
+    with pytest.raises(StorageError, match=f"HTTP 403 {code}") as err:
+        store.download_target(tid, tmp_path / "dest")
+    assert err.value.transient is False
+    assert s3_server.get_count(key) == 1
+    s3_server.clear_faults()
+    s3_server.inject("error", method="HEAD", key=key, times=10, status=403, code=code)
+    with pytest.raises(StorageError, match="HTTP 403") as err:  # a HEAD answer has no body
+        store.stat_target(tid)
+    assert err.value.transient is False
+    assert s3_server.request_count("HEAD", key) == 1
+
+
+def test_a_403_on_upload_is_not_retried(
+    store: S3Store, s3_server: S3Server, tmp_path: Path
+) -> None:
+    _upload(store, tmp_path, 10)  # the bucket exists
+    src = tmp_path / "up"
+    src.write_bytes(b"x" * 1000)
+    s3_server.reset_counts()
+    s3_server.inject("error", method="PUT", key="up-id/target", times=10, status=403,
+                     code="AccessDenied")  # fmt: skip
+    with pytest.raises(StorageError, match="HTTP 403 AccessDenied") as err:
+        store.upload_target(src, target_id="up-id")
+    assert err.value.transient is False
+    assert s3_server.request_count("PUT", "up-id/target") == 1
+
+
+def test_a_bucket_created_by_another_client_meanwhile_is_used(
+    store: S3Store, s3_server: S3Server, s3_settings: Settings
+) -> None:
+    """Two workers auto-create the results bucket at once: the one that loses the race gets
+    BucketAlreadyOwnedByYou and goes on (here: the HEAD says 404, then the create says the
+    bucket exists)."""
+    bucket = store.results_bucket
+    s3_client(s3_settings).create_bucket(Bucket=bucket)
+    s3_server.inject("error", method="HEAD", key=f"{bucket}/", status=404, code="NoSuchBucket")
+    s3_server.inject(
+        "error", method="PUT", key=f"{bucket}/", status=409, code="BucketAlreadyOwnedByYou"
+    )
+    assert store.put_result("r/out.json", b"{}") == f"s3://{bucket}/r/out.json"
+    assert s3_server.pending_faults() == 0
+    got = s3_client(s3_settings).get_object(Bucket=bucket, Key="r/out.json")["Body"].read()
+    assert got == b"{}"
+
+
+def test_a_server_ignoring_range_sends_the_whole_object_again(
+    store: S3Store, s3_server: S3Server, tmp_path: Path
+) -> None:
+    size, cut = 3 * 1024 * 1024, 1024 * 1024
+    tid, data = _upload(store, tmp_path, size)
+    key = target_key(tid)
+    s3_server.reset_counts()
+    s3_server.inject("short", key=key, after_bytes=cut)
+    s3_server.inject("ignore-range", key=key)  # the resume's Range is not honoured: 200
+    info = store.download_target(tid, tmp_path / "dest")
+    assert (tmp_path / "dest").read_bytes() == data  # not the head twice
+    assert info.size == size
+    assert s3_server.get_count(key) == 2
+    assert s3_server.bytes_served(key) == cut + size
+
+
+def test_an_object_that_keeps_changing_gives_up_bounded(
+    store: S3Store, s3_server: S3Server, s3_settings: Settings, tmp_path: Path
+) -> None:
+    tid, _ = _upload(store, tmp_path, 2 * 1024 * 1024)
+    key = target_key(tid)
+    client = s3_client(s3_settings)
+    versions = 0
+
+    def replace(done: int, total: int) -> None:
+        nonlocal versions  # every attempt sees another version of the object
+        versions += 1
+        client.put_object(Bucket=s3_settings.s3_bucket, Key=key, Body=os.urandom(1024 * 1024 + 7))
+
+    s3_server.reset_counts()
+    s3_server.inject("short", key=key, after_bytes=64 * 1024, times=100)
+    with pytest.raises(StorageError, match="kept changing during the download") as err:
+        store.download_target(tid, tmp_path / "dest", progress=replace)
+    assert err.value.transient is True
+    # GETs cut short and resumes refused with 412 alternate; both count against one bound
+    assert s3_server.get_count(key) == FAST.attempts
+    assert not (tmp_path / "dest").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".dest")] == []

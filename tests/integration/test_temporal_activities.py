@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import threading
 import time
@@ -283,28 +284,32 @@ def test_cancel_mid_download_stops_it_and_leaves_nothing(
 
 
 def test_cancel_after_the_call_finished_releases_what_it_got(
-    settings: Settings, tmp_path: Path
+    settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The thread cannot be interrupted (no download: it waits on something else) and then
-    succeeds: the cancelled activity releases the run instead of leaking it."""
+    """The cache call completes (downloaded, published, leased), then the activity is
+    cancelled before the call's thread hands the result over: the cancelled activity releases
+    the run instead of leaking it."""
     tid = make_target(settings, tmp_path)
     cache = WorkspaceCache(settings)
     real = cache.get_target_report
-    gate, entered = threading.Event(), threading.Event()
+    gate, finished = threading.Event(), threading.Event()
 
     def gated(*a: Any, **kw: Any) -> Any:
-        entered.set()
+        result = real(*a, **kw)  # the whole call, download included, before any cancel
+        finished.set()
         assert gate.wait(20)
-        return real(*a, **kw)
+        return result
 
     cache.get_target_report = gated  # type: ignore[method-assign]
     acts = CacheActivities(cache, host_queue="q", heartbeat_interval=0.05)
     env = ActivityEnvironment()
+    held: list[list[str]] = []
 
     async def main() -> BaseException | None:
         task = asyncio.ensure_future(env.run(acts.get_target, tid, "r1", "isolated"))
-        while not entered.is_set():
+        while not finished.is_set():
             await asyncio.sleep(0.01)
+        held.append([le.run_id for le in cache.index.live_leases()])
         env.cancel()
         await asyncio.sleep(0.3)
         assert not task.done()  # still waiting for its thread
@@ -316,10 +321,13 @@ def test_cancel_after_the_call_finished_releases_what_it_got(
         return None
 
     try:
-        err = asyncio.run(main())
+        with caplog.at_level(logging.INFO, logger="forgespace.temporal.activities"):
+            err = asyncio.run(main())
     finally:
         acts.close()
     assert isinstance(err, asyncio.CancelledError), err
+    assert held == [["r1"]]  # the call had got its workspace and its lease
+    assert "was cancelled after it finished; released" in caplog.text
     assert not (settings.cache_dir / tid / "r1").exists()
     assert not cache.index.live_leases()
 

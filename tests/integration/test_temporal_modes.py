@@ -569,6 +569,10 @@ def test_prepare_killed_with_its_worker_then_cancelled_is_released_by_ids(
                 await asyncio.wait_for(h.result(), timeout=40)
             except WorkflowFailureError as exc:
                 cause = exc.cause
+            # release_run did it (the worker here runs no start-up sweep, and the following
+            # run's get of the target would sweep the staging directory too).
+            assert index.live_leases() == []
+            assert list((settings.cache_dir / ".forgespace" / "tmp").iterdir()) == []
             following = await client.execute_workflow(
                 "fs_release_probe",
                 WorkflowRequest(tid, "following", "isolated", {}),

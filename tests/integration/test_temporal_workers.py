@@ -27,7 +27,7 @@ from temporalio.client import Client, WorkflowFailureError
 from forgespace.config import Settings
 from forgespace.storage import open_store
 from forgespace.temporal.api import MEMO_KEY, WorkflowRequest
-from forgespace.temporal.devserver import DevServer, free_port
+from forgespace.temporal.devserver import DevServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -88,16 +88,16 @@ def test_two_worker_processes_with_their_own_caches_run_every_run_on_the_right_h
     run's work lands on the other worker, whose cache lacks the workspace, and fails."""
     tid = open_store(settings).upload_target(make_project(tmp_path))
     caches = [tmp_path / "cache-a", tmp_path / "cache-b"]
-    metrics_port = free_port()
     for i, cache in enumerate(caches):
         env = worker_env(settings, temporal_server, cache)
         extra = ["--workflows-dir", str(NO_AFFINITY_WORKFLOWS)]
-        extra += ["--metrics-port", str(metrics_port)] if i == 0 else []
+        extra += ["--metrics-port", "0"] if i == 0 else []
         worker_processes.append(
             start_worker_process(env, task_queue, tmp_path / f"w{i}.log", *extra)
         )
     for w in worker_processes:
         w.wait_ready()
+    _, metrics_port = worker_processes[0].metrics_endpoint()
 
     params = {"write": True, "hold_seconds": 0.2}
 

@@ -5,7 +5,6 @@ metrics server binds loopback unless told otherwise."""
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 import time
@@ -23,8 +22,6 @@ from forgespace.temporal.devserver import DevServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-METRICS_LINE = re.compile(r"Prometheus metrics on http://(\S+):(\d+)/metrics")
-
 
 def get(url: str) -> tuple[int, dict[str, Any] | str]:
     try:
@@ -37,12 +34,6 @@ def get(url: str) -> tuple[int, dict[str, Any] | str]:
         return status, json.loads(body)
     except json.JSONDecodeError:
         return status, body
-
-
-def metrics_endpoint(worker: WorkerProcess) -> tuple[str, int]:
-    m = METRICS_LINE.search(worker.text())
-    assert m, worker.text()[-2000:]
-    return m.group(1), int(m.group(2))
 
 
 @pytest.fixture
@@ -106,7 +97,7 @@ def test_healthz_is_200_when_healthy_and_503_naming_what_is_wrong(
     worker = start_worker_process(env, task_queue, tmp_path / "w.log", "--metrics-port", "0")
     worker_processes.append(worker)
     worker.wait_ready()
-    addr, port = metrics_endpoint(worker)
+    addr, port = worker.metrics_endpoint()
     assert addr == "127.0.0.1"  # loopback unless --metrics-addr says otherwise
     healthz = f"http://127.0.0.1:{port}/healthz"
 
@@ -158,7 +149,7 @@ def test_metrics_addr_binds_the_given_address(
     worker = start_worker_process(env, task_queue, tmp_path / "w.log", *args)
     worker_processes.append(worker)
     worker.wait_ready()
-    addr, port = metrics_endpoint(worker)
+    addr, port = worker.metrics_endpoint()
     assert addr == "0.0.0.0"
     r = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True)
     if r.returncode == 0:

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import http.client
 import os
+import re
 import select
 import signal
 import socket
@@ -40,7 +41,7 @@ import pytest
 
 from forgespace.config import Settings
 
-FaultKind = Literal["500", "reset", "short", "stall"]
+FaultKind = Literal["500", "error", "reset", "short", "stall", "ignore-range"]
 
 # Hop-by-hop headers are per connection: never forwarded in either direction.
 _HOP_BY_HOP = {
@@ -77,6 +78,8 @@ class _Fault:
     remaining: int
     after_bytes: int
     stall: float = 0.0
+    status: int = 500
+    code: str = "InternalError"
 
     def matches(self, method: str, bucket: str, key: str) -> bool:
         if self.remaining <= 0 or method != self.method:
@@ -152,21 +155,29 @@ class S3Server:
         method: str = "GET",
         after_bytes: int = 64 * 1024,
         stall: float = 5.0,
+        status: int = 500,
+        code: str = "InternalError",
     ) -> None:
         """Make the next ``times`` requests of ``method`` on object ``key`` (any object when
         None; "bucket/key" also accepted) fail with ``fault``:
 
         - "500": an S3 InternalError response; the request never reaches moto;
+        - "error": the same with HTTP ``status`` and S3 error ``code`` (e.g. 403 AccessDenied);
+        - "ignore-range": the request reaches moto without its Range and If-* headers, as a
+          server that ignores them would answer (the whole object, 200);
         - "reset": the real response headers and ``after_bytes`` of the body, then a TCP RST;
         - "short": the same, but an orderly close (the client sees a short read);
         - "stall": the same, then ``stall`` seconds of silence before closing (a read timeout).
         """
-        if fault not in ("500", "reset", "short", "stall"):
-            raise ValueError(
-                f"unknown fault {fault!r}: expected '500', 'reset', 'short' or 'stall'"
-            )
+        kinds = ("500", "error", "reset", "short", "stall", "ignore-range")
+        if fault not in kinds:
+            raise ValueError(f"unknown fault {fault!r}: expected one of {', '.join(kinds)}")
+        if fault == "500":
+            status, code = 500, "InternalError"
         with self._lock:
-            self._faults.append(_Fault(fault, method.upper(), key, times, after_bytes, stall))
+            self._faults.append(
+                _Fault(fault, method.upper(), key, times, after_bytes, stall, status, code)
+            )
 
     def clear_faults(self) -> None:
         """Disarm every pending fault."""
@@ -185,7 +196,7 @@ class S3Server:
             for f in self._faults:
                 if f.matches(method, bucket, key):
                     f.remaining -= 1
-                    fired = _Fault(f.kind, f.method, f.key, 1, f.after_bytes, f.stall)
+                    fired = dataclasses.replace(f, remaining=1)
                     self._faults = [x for x in self._faults if x.remaining > 0]
                     return fired
             return None
@@ -270,11 +281,15 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         bucket, key = split_path(self.path)
         fault = self.server.state._on_request(method, bucket, key)
         chunked_req = "chunked" in self.headers.get("Transfer-Encoding", "").lower()
-        if fault is not None and fault.kind == "500":
+        if fault is not None and fault.kind in ("500", "error"):
             for _ in self._body_chunks():
                 pass
-            self._send_500(key)
+            self._send_error(fault, key)
             return
+        ignored = ("range", "if-match", "if-none-match", "if-modified-since", "if-unmodified-since")
+        drop = set(ignored) if fault is not None and fault.kind == "ignore-range" else set()
+        if drop:
+            fault = None  # relayed in full: only the request was changed
         # Bodies up to _REPLAY_MAX are buffered so the request can be replayed once when a
         # kept-alive upstream connection turns out to have been closed by moto meanwhile.
         length = int(self.headers.get("Content-Length") or 0)
@@ -285,7 +300,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             try:
                 conn.putrequest(method, self.path, skip_host=True, skip_accept_encoding=True)
                 for name, value in self.headers.items():
-                    if name.lower() not in _HOP_BY_HOP:
+                    if name.lower() not in _HOP_BY_HOP and name.lower() not in drop:
                         conn.putheader(name, value)
                 if chunked_req:
                     conn.putheader("Transfer-Encoding", "chunked")
@@ -308,13 +323,13 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                     raise
         self._relay(resp, fault, bucket, key)
 
-    def _send_500(self, key: str) -> None:
+    def _send_error(self, fault: _Fault, key: str) -> None:
         body = (
-            '<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>InternalError</Code>'
+            f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{fault.code}</Code>'
             "<Message>injected by the test proxy</Message>"
             f"<Key>{key}</Key><RequestId>injected</RequestId></Error>"
         ).encode()
-        self.send_response(500)
+        self.send_response(fault.status)
         self.send_header("Content-Type", "application/xml")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -395,17 +410,17 @@ class _ProxyServer(ThreadingHTTPServer):
         self.state = state  # type: ignore[assignment]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+# werkzeug's start-up line; with ``-p 0`` it names the port the kernel gave the server.
+_RUNNING_ON = re.compile(rb"Running on http://127\.0\.0\.1:(\d+)")
 
 
-def _moto_command(port: int) -> list[str]:
+def _moto_command() -> list[str]:
+    # Port 0: moto's server (werkzeug) binds a free port itself and logs which one, so no
+    # other process can take the port between picking and binding it.
     exe = Path(sys.executable).with_name("moto_server")
     if exe.exists():
-        return [str(exe), "-H", "127.0.0.1", "-p", str(port)]
-    return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+        return [str(exe), "-H", "127.0.0.1", "-p", "0"]
+    return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"]
 
 
 def _die_with_parent() -> None:
@@ -418,21 +433,26 @@ def _die_with_parent() -> None:
 
 
 def _start_moto(log_path: Path) -> tuple[subprocess.Popen[bytes], int]:
-    """Start moto on a free port and wait (bounded) until it answers HTTP."""
-    last = ""
-    for _ in range(3):  # the free port may be taken between probe and bind
-        port = _free_port()
-        log = open(log_path, "ab")  # noqa: SIM115 (kept open for the child's lifetime)
-        proc = subprocess.Popen(
-            _moto_command(port),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
-        )
-        log.close()
-        deadline = time.monotonic() + _START_TIMEOUT
-        while time.monotonic() < deadline and proc.poll() is None:
+    """Start moto on a port it picks itself and wait (bounded) until it answers HTTP."""
+    offset = log_path.stat().st_size if log_path.exists() else 0
+    log = open(log_path, "ab")  # noqa: SIM115 (kept open for the child's lifetime)
+    proc = subprocess.Popen(
+        _moto_command(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=_die_with_parent,
+    )
+    log.close()
+    deadline = time.monotonic() + _START_TIMEOUT
+    port: int | None = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        if port is None:
+            with open(log_path, "rb") as f:
+                f.seek(offset)
+                m = _RUNNING_ON.search(f.read())
+            port = int(m.group(1)) if m else None
+        if port is not None:
             try:
                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
                 conn.request("GET", "/moto-api/")
@@ -440,9 +460,10 @@ def _start_moto(log_path: Path) -> tuple[subprocess.Popen[bytes], int]:
                 conn.close()
                 return proc, port
             except OSError:
-                time.sleep(0.05)
-        last = log_path.read_text(errors="replace")[-2000:]
-        _stop(proc)
+                pass
+        time.sleep(0.05)
+    last = log_path.read_text(errors="replace")[-2000:]
+    _stop(proc)
     raise RuntimeError(
         f"moto_server did not answer on 127.0.0.1 within {_START_TIMEOUT:.0f}s; log:\n{last}"
     )

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import signal
 import subprocess
 import sys
@@ -118,6 +119,9 @@ def cli_command(*args: str) -> list[str]:
     return [sys.executable, "-c", "import sys; from forgespace.cli import main; main()", *args]
 
 
+_METRICS_LINE = re.compile(r"Prometheus metrics on http://(\S+):(\d+)/metrics")
+
+
 @dataclass
 class WorkerProcess:
     """A `forgespace worker` subprocess; its stderr goes to ``log``."""
@@ -127,6 +131,13 @@ class WorkerProcess:
 
     def text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def metrics_endpoint(self) -> tuple[str, int]:
+        """(address, port) the worker serves metrics on, as it logged them (started with
+        ``--metrics-port 0``, it binds a free port itself: no probe-then-bind race)."""
+        m = _METRICS_LINE.search(self.text())
+        assert m, self.text()[-2000:]
+        return m.group(1), int(m.group(2))
 
     def wait_ready(self, timeout: float = 45.0) -> None:
         deadline = time.monotonic() + timeout

@@ -487,3 +487,38 @@ def test_one_undeletable_lru_victim_does_not_fail_make_room(make_cache, monkeypa
     make_room(c, 500, target_id="mine")  # 800 + 500 > 1000: one victim must go
     assert not c.on_disk("good/workspace") and c.index.get("good/workspace") is None
     assert c.on_disk("bad/workspace") and c.index.get("bad/workspace") is not None
+
+
+# --- boundaries: "within the limit" includes exactly at it --------------------------------
+
+
+def test_lru_stops_when_the_cache_is_exactly_at_its_limit(make_cache) -> None:
+    c = make_cache(CACHE_MAX_SIZE="1000")
+    c.add("a/workspace", 300, age=50)
+    c.add("b/workspace", 300, age=40)
+    c.add("c/workspace", 400, age=30)
+    c.add("d/workspace", 300, age=20)
+    report = collect_garbage(c)  # 1300 cached: evicting "a" leaves exactly 1000
+    assert [(p.key, p.reason) for p in report.plan] == [("a/workspace", "lru")]
+    assert report.total_after == 1000
+    assert collect_garbage(c).plan == []  # at the limit is within it: nothing more goes
+
+
+def test_make_room_evicts_nothing_when_the_object_fits_exactly(make_cache) -> None:
+    c = make_cache(CACHE_MAX_SIZE="1000")
+    c.add("a/workspace", 300, age=50)
+    c.add("b/workspace", 400, age=40)
+    make_room(c, 300, target_id="new")  # 700 + 300 == 1000
+    assert [e.key for e in c.index.entries()] == ["a/workspace", "b/workspace"]
+
+
+def test_make_room_stops_as_soon_as_the_object_fits_exactly(make_cache, caplog) -> None:
+    c = make_cache(CACHE_MAX_SIZE="1000")
+    c.add("a/workspace", 300, age=50)
+    c.add("b/workspace", 300, age=40)
+    c.add("c/workspace", 400, age=30)
+    with caplog.at_level(logging.WARNING, logger="forgespace.cache.eviction"):
+        make_room(c, 300, target_id="new")  # 1000 + 300: evicting "a" leaves 700 + 300
+    assert [e.key for e in c.index.entries()] == ["b/workspace", "c/workspace"]
+    assert c.on_disk("b/workspace") and not c.on_disk("a/workspace")
+    assert caplog.records == []  # it fits: no "over its limit" warning

@@ -340,16 +340,46 @@ def test_summary_aggregates_in_sql(index: CacheIndex) -> None:
     assert s.entries_by_kind == {"shared": 1, "cow-shared": 1, "run": 1}
 
 
+def _garbage_in_place(layout: CacheLayout, index: CacheIndex) -> None:
+    """Overwrite the index file's first 64 KiB in place (same inode) after checkpointing
+    everything into it, so no WAL frame masks the damage."""
+    index._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    with open(layout.index_path, "r+b") as f:
+        f.write(os.urandom(65536))
+
+
 def test_garbage_written_in_place_under_an_open_connection(
+    layout: CacheLayout, index: CacheIndex, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The connection that was open across the damage is the one that meets it: the call
+    fails inside SQLite, the index is rebuilt from disk and the call runs once more."""
+    make_cache_on_disk(layout.root)
+    index.rebuild()
+    index.count("hits")
+    _garbage_in_place(layout, index)
+    conn = index._conn()
+    # What a long-lived worker's connection sees once its page cache no longer holds the
+    # pages (memory pressure, a larger index): the damaged file itself.
+    conn.execute("PRAGMA shrink_memory")
+    with caplog.at_level(logging.WARNING, logger="forgespace.cache.index"):
+        index.count("misses")
+    want = {"sh/workspace", "cw/shared", "cw/run1", "iso/run2", "single/workspace"}
+    assert {e.key for e in index.entries()} == want
+    assert index.counters() == {"misses": 1}  # counted once, in the rebuilt index
+    messages = [r.getMessage() for r in caplog.records]
+    # Only the open-connection recovery (_recover) logs "failed (...); checking it".
+    assert any("failed (file is not a database); checking it" in m for m in messages), messages
+    assert any("corrupt" in m for m in messages)
+    assert (layout.meta_dir / "index.sqlite.corrupt").exists()
+
+
+def test_garbage_written_in_place_is_rebuilt_by_the_next_connection(
     layout: CacheLayout, index: CacheIndex, caplog: pytest.LogCaptureFixture
 ) -> None:
     make_cache_on_disk(layout.root)
     index.rebuild()
     index.count("hits")
-    index._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)")  # everything in the main file
-    # Same inode, new content (a worker keeps its connection open meanwhile).
-    with open(layout.index_path, "r+b") as f:
-        f.write(os.urandom(65536))
+    _garbage_in_place(layout, index)
     seen: list[set[str]] = []
     with caplog.at_level(logging.WARNING, logger="forgespace.cache.index"):
         # Another thread opens its own connection: it finds garbage and rebuilds...
@@ -394,3 +424,67 @@ def test_real_damage_is_still_moved_aside(index: CacheIndex, layout: CacheLayout
     again = CacheIndex(layout, lease_ttl=3600)
     assert (layout.meta_dir / "index.sqlite.corrupt").exists()
     assert again.entries() == []
+
+
+_HOLD_WRITE_LOCK = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN IMMEDIATE")  # the index's write lock, held until stdin closes
+print("held", flush=True)
+sys.stdin.read()
+conn.execute("ROLLBACK")
+"""
+
+
+def test_a_write_lock_held_past_the_busy_timeout_is_a_lock_timeout(
+    layout: CacheLayout, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process holds the index's write lock: the write waits BUSY_TIMEOUT_S, then
+    raises LockTimeoutError naming the index; the index is not taken for damaged."""
+    import subprocess
+    import sys
+
+    from forgespace.cache import index as index_module
+    from forgespace.errors import LockTimeoutError
+
+    monkeypatch.setattr(index_module, "BUSY_TIMEOUT_S", 0.2)
+    idx = CacheIndex(layout, lease_ttl=60)
+    idx.publish(entry("a/workspace"))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_WRITE_LOCK, str(layout.index_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        with pytest.raises(LockTimeoutError, match="another process holds its write lock") as ei:
+            idx.publish(entry("b/workspace"))
+        assert str(layout.index_path) in str(ei.value)
+        assert [e.key for e in idx.entries()] == ["a/workspace"]  # reads still work
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(30)
+    idx.publish(entry("b/workspace"))  # the lock is free again: the same write succeeds
+    assert {e.key for e in idx.entries()} == {"a/workspace", "b/workspace"}
+    assert not list(layout.meta_dir.glob("index.sqlite.corrupt*"))
+
+
+def test_an_index_of_another_schema_version_is_rebuilt(
+    layout: CacheLayout, caplog: pytest.LogCaptureFixture
+) -> None:
+    import sqlite3
+
+    make_cache_on_disk(layout.root)
+    CacheIndex(layout, lease_ttl=60).close()
+    with sqlite3.connect(layout.index_path) as conn:
+        conn.execute("UPDATE schema_version SET version = 99")
+        conn.execute("DELETE FROM entries")
+    with caplog.at_level(logging.WARNING, logger="forgespace.cache.index"):
+        index = CacheIndex(layout, lease_ttl=60)
+    assert len(index.entries()) == 5  # rebuilt from the disk, not read from the foreign file
+    assert any("of another schema version" in r.getMessage() for r in caplog.records)
+    assert (layout.meta_dir / "index.sqlite.corrupt").exists()
+    with sqlite3.connect(layout.index_path) as conn:
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]

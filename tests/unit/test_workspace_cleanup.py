@@ -49,6 +49,11 @@ REFUSED: list[tuple[str, str, Callable[[Path, str, Path], Path | str]]] = [
     ("isolated", "outside", lambda r, t, x: x),
     ("isolated", "relative outside", lambda r, t, x: os.path.relpath(x)),
     ("isolated", "empty", lambda r, t, x: ""),
+    # siblings whose name starts with CACHE_DIR's ({CACHE_DIR}X{tid}/...) are outside it
+    ("isolated", "sibling with the cache dir's prefix", lambda r, t, x: f"{r}X{t}/iso"),
+    ("shared", "sibling with the cache dir's prefix", lambda r, t, x: f"{r}X{t}/workspace"),
+    ("isolated", "copy-on-write run dir", lambda r, t, x: r / t / "cow"),
+    ("copy-on-write", "isolated run dir", lambda r, t, x: r / t / "iso" / "workspace"),
     ("copy-on-write", "cow shared copy", lambda r, t, x: r / t / "shared"),
     ("copy-on-write", "target dir", lambda r, t, x: r / t),
     ("copy-on-write", "shared workspace", lambda r, t, x: r / t / "workspace"),
@@ -58,8 +63,46 @@ REFUSED: list[tuple[str, str, Callable[[Path, str, Path], Path | str]]] = [
     ("shared", "target dir", lambda r, t, x: r / t),
 ]
 
+# Why each is refused, as the error says it.
+REASONS: dict[tuple[str, str], str] = {
+    ("isolated", "cache dir"): "that is CACHE_DIR itself",
+    ("isolated", "cache dir trailing slash"): "that is CACHE_DIR itself",
+    ("isolated", "target dir"): "that is a whole target directory, not a run directory",
+    ("isolated", "shared workspace"): "that is the shared-mode workspace of the target",
+    ("isolated", "shared target"): "that is the shared-mode workspace of the target",
+    ("isolated", "cow shared copy"): "that is the copy-on-write shared copy",
+    ("isolated", "cow shared workspace"): "that is the copy-on-write shared copy",
+    (
+        "isolated",
+        "inside a workspace",
+    ): "a path inside a run's workspace; pass the run directory or its workspace",
+    ("isolated", "dotdot escape"): "it is outside CACHE_DIR",
+    ("isolated", "bookkeeping"): "'.forgespace' is not a target directory",
+    ("isolated", "bookkeeping tmp"): "'.forgespace' is not a target directory",
+    ("isolated", "outside"): "it is outside CACHE_DIR",
+    ("isolated", "relative outside"): "it is outside CACHE_DIR",
+    ("isolated", "empty"): "empty path",
+    ("isolated", "sibling with the cache dir's prefix"): "it is outside CACHE_DIR",
+    ("shared", "sibling with the cache dir's prefix"): "it is outside CACHE_DIR",
+    (
+        "isolated",
+        "copy-on-write run dir",
+    ): "that is a run directory of workspace_isolation 'copy-on-write'",
+    (
+        "copy-on-write",
+        "isolated run dir",
+    ): "that is a run directory of workspace_isolation 'isolated'",
+    ("copy-on-write", "cow shared copy"): "that is the copy-on-write shared copy",
+    ("copy-on-write", "target dir"): "that is a whole target directory, not a run directory",
+    ("copy-on-write", "shared workspace"): "that is the shared-mode workspace of the target",
+    ("shared", "run dir in shared mode"): "not the shared workspace or target of a target",
+    ("shared", "cow shared in shared mode"): "not the shared workspace or target of a target",
+    ("shared", "cache dir"): "that is CACHE_DIR itself",
+    ("shared", "target dir"): "that is a whole target directory, not a run directory",
+}
 
-@pytest.mark.parametrize(("mode", "case", "make"), REFUSED, ids=[c for _, c, _ in REFUSED])
+
+@pytest.mark.parametrize(("mode", "case", "make"), REFUSED, ids=[f"{m}-{c}" for m, c, _ in REFUSED])
 def test_refused_and_nothing_deleted(
     populated: tuple[WorkspaceCache, str],
     tmp_path: Path,
@@ -75,6 +118,7 @@ def test_refused_and_nothing_deleted(
     with pytest.raises(CleanupRefusedError) as ei:
         cache.cleanup_cache(make(root, tid, outside), mode)
     assert "nothing was deleted" in str(ei.value) and "accepted" in str(ei.value)
+    assert REASONS[(mode, case)] in str(ei.value)  # the refusal says why
     assert isinstance(ei.value, ValueError)
     assert _snapshot(root) == before
     assert (outside / "workspace").is_dir()

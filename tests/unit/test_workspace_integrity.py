@@ -56,7 +56,8 @@ def test_deep_change_found_by_verify_and_repaired(cache: WorkspaceCache, project
     deep = ws / "pkg3" / "sub0" / "f3.py"
     os.chmod(deep, 0o644)
     deep.write_text("tampered, different size")
-    (cow_ws / "pkg0" / "sub0" / "f0.py").unlink()  # root can, despite 0555
+    os.chmod(cow_ws / "pkg0" / "sub0", 0o755)  # what a run owning the files can do (and root)
+    (cow_ws / "pkg0" / "sub0" / "f0.py").unlink()
     diffs = cache.verify_shared(tid)
     assert f"{tid}/workspace: modified: pkg3/sub0/f3.py (size 200 -> 24)" in diffs
     assert f"{tid}/workspace: writable: pkg3/sub0/f3.py" in diffs

