@@ -11,7 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from forgespace.cache.index import CacheIndex, EntryRecord, LeaseRecord, scan_entries
+from forgespace.cache.index import (
+    SCHEMA_VERSION,
+    CacheIndex,
+    EntryRecord,
+    LeaseRecord,
+    scan_entries,
+)
 from forgespace.layout import CacheLayout
 
 
@@ -487,4 +493,4 @@ def test_an_index_of_another_schema_version_is_rebuilt(
     assert any("of another schema version" in r.getMessage() for r in caplog.records)
     assert (layout.meta_dir / "index.sqlite.corrupt").exists()
     with sqlite3.connect(layout.index_path) as conn:
-        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
