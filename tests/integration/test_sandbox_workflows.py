@@ -14,15 +14,14 @@ import asyncio
 import dataclasses
 import json
 import os
-import shutil
 import socket
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from support.temporal import FIXTURE_WORKFLOWS, in_process_worker
+from support.userns import userns_refusal
 from temporalio.client import Client
 
 from forgespace import sandbox
@@ -114,23 +113,10 @@ def TestOneInput(data):
 """
 
 
-def _userns_refusal() -> str | None:
-    bwrap = shutil.which("bwrap")
-    if bwrap is None:
-        pytest.fail("bwrap is missing: install bubblewrap (.ci/run does)")
-    proc = subprocess.run(
-        [bwrap, "--unshare-user", "--uid", "65534", "--ro-bind", "/", "/", "true"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    return None if proc.returncode == 0 else proc.stderr.strip() or f"exit {proc.returncode}"
-
-
 @pytest.fixture
 def sandboxed(settings: Settings, temporal_server: DevServer) -> Settings:
     """Settings that require bubblewrap, pointed at the session's dev server."""
-    refusal = _userns_refusal()
+    refusal = userns_refusal()
     if refusal:
         pytest.skip(f"user namespaces are refused here: {refusal}")
     return dataclasses.replace(

@@ -17,24 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.userns import userns_refusal
 
 from forgespace import sandbox
 from forgespace.config import Settings
 from forgespace.errors import ConfigError, SandboxStartError, SandboxUnavailableError
-
-
-def _userns_refusal() -> str | None:
-    """Why this host refuses an unprivileged-uid user namespace, or None when it works."""
-    bwrap = shutil.which("bwrap")
-    if bwrap is None:
-        pytest.fail("bwrap is missing: install bubblewrap (.ci/run does)")
-    proc = subprocess.run(
-        [bwrap, "--unshare-user", "--uid", "65534", "--ro-bind", "/", "/", "true"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    return None if proc.returncode == 0 else proc.stderr.strip() or f"exit {proc.returncode}"
 
 
 @pytest.fixture(autouse=True)
@@ -48,7 +35,7 @@ def fresh_sandbox_state() -> Iterator[None]:
 
 @pytest.fixture
 def box(tmp_path: Path) -> sandbox.Sandbox:
-    refusal = _userns_refusal()
+    refusal = userns_refusal()
     if refusal:
         pytest.skip(f"user namespaces are refused here: {refusal}")
     settings = Settings.from_env({"CACHE_DIR": str(tmp_path / "cache"), "HOME": str(tmp_path)})
