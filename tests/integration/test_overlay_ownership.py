@@ -203,3 +203,20 @@ def test_a_get_that_fails_after_mounting_leaves_nothing_after_gc(
     # and the run itself, asked again, is built afresh
     ws = Path(cache.get_target(tid, "doomed", "copy-on-write"))
     assert tree_digest(ws) == tree_digest(project)
+
+
+def test_ownership_alone_keeps_an_unmounted_attempt_dir(settings: Settings) -> None:
+    """Without any mount: a live staging attempt's overlay dir is kept by every sweep (its
+    owner lock is held), and reclaimed once that staging directory is gone."""
+    from forgespace.cache import staging
+
+    cache = WorkspaceCache(settings)
+    layout = cache.layout
+    with staging.staging_dir(layout, "t1", "run-r1") as stage:
+        base = staging.overlay_attempt_dir(layout, "t1", "r1", stage)
+        (base / "upper").mkdir(parents=True)
+        assert staging.sweep_overlays(layout) == []
+        assert cache.sweep_leftovers() == []
+        assert (base / "upper").is_dir()
+    assert staging.sweep_overlays(layout) == [base]
+    assert not (layout.overlay_dir / "t1").exists()
