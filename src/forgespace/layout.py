@@ -77,6 +77,9 @@ def validate_id(value: object, what: str = "target_id") -> str:
 RETIRED_PREFIX = ".retired-"
 #: Name of the file in a run directory saying which mode made it (CacheLayout.run_mode_file).
 RUN_MODE_FILE = ".forgespace-mode"
+#: Name of the file in an overlay-backed run directory naming the staging attempt whose
+#: upper/work directories it uses: ``.forgespace/overlay/{tid}/{rid}/{attempt}``.
+OVERLAY_ATTEMPT_FILE = ".forgespace-overlay"
 
 
 @dataclass(frozen=True)
@@ -148,7 +151,8 @@ class CacheLayout:
 
     @property
     def overlay_dir(self) -> Path:
-        """Upper/work directories of overlay-backed copy-on-write runs."""
+        """Upper/work directories of overlay-backed copy-on-write runs: one directory per
+        staging attempt, ``{tid}/{rid}/{staging name}/{upper,work}`` (staging.py owns them)."""
         return self.meta_dir / "overlay"
 
     def lock_path(self, target_id: str) -> Path:

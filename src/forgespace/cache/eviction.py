@@ -12,7 +12,9 @@ Rules, in order (``collect_garbage``):
                 publish's rename and its index write), index rows whose directory is gone, and
                 overlay mounts of dead runs;
 4. ``leftover`` staging directories of dead processes in ``.forgespace/tmp`` (recognised by
-                their owner lock, not by age) and anything left in ``.forgespace/trash``.
+                their owner lock, not by age), anything left in ``.forgespace/trash``, and
+                overlay upper/work dirs that neither a live staging attempt nor a run owns
+                and no mounted overlay uses (staging.sweep_overlays).
 
 Safety: every deletion happens under ``cache.target_lock(tid, blocking=False)``, the same lock a
 get_target of that target holds, so nothing is deleted while a get_target is in flight; a busy
@@ -291,6 +293,11 @@ def collect_garbage(cache: CacheLike, *, dry_run: bool = False) -> GcReport:
     for item in sorted(plan, key=lambda p: p.reason != "orphan"):
         execute(cache, item, report)
     try:
+        # overlay upper/work dirs no live staging attempt or run owns (e.g. its staging
+        # directory went without them): nothing indexes them, so only this finds them
+        gone = staging.sweep_overlays(cache.layout)
+        if gone:
+            log.info("gc: removed %d unowned overlay dir(s): %s", len(gone), gone[:5])
         staging.remove_dead_owners(cache.layout)
     except UnsafeCacheEntryError as exc:
         log.warning("gc: %s", exc)

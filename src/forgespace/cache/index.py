@@ -1243,9 +1243,11 @@ def scan_entries(
                 parts = [Path(child.path)]
                 # An overlay run's own bytes are its upper layer (the mount shows the shared
                 # copy beneath, which tree_size does not enter).
-                upper = layout.overlay_dir / tid / name / "upper"
-                if with_sizes and os.path.isdir(upper):
-                    parts.append(upper)
+                from forgespace.cache.staging import run_overlay_base
+
+                base = run_overlay_base(layout, tid, name) if with_sizes else None
+                if base is not None and os.path.isdir(base / "upper"):
+                    parts.append(base / "upper")
             else:
                 continue
             nbytes = nfiles = 0

@@ -24,7 +24,7 @@ from forgespace.cache import manifest as mf
 from forgespace.cache.engine import Engine, GetResult, Transfer, Waiter, src_size
 from forgespace.cache.hooks import Phase
 from forgespace.errors import ForgespaceError
-from forgespace.layout import RETIRED_PREFIX
+from forgespace.layout import OVERLAY_ATTEMPT_FILE, RETIRED_PREFIX
 
 if TYPE_CHECKING:
     from forgespace.cache.index import LeaseOwner, LeaseRecord
@@ -246,20 +246,21 @@ class Modes(Engine):
 
     def _lost_overlay(self, path: str) -> bool:
         ws = Path(path)
-        return (
-            ws.name == "workspace"
-            and (self.layout.overlay_dir / ws.parent.parent.name / ws.parent.name).is_dir()
-            and not os.path.ismount(ws)
-        )
+        if ws.name != "workspace" or os.path.ismount(ws):
+            return False
+        base = staging.run_overlay_base(self.layout, ws.parent.parent.name, ws.parent.name)
+        return base is not None and base.is_dir()
 
     def _remount_overlay(self, tid: str, rid: str, ws: Path) -> str | None:
         """A run's overlay is gone (e.g. after a reboot) but its upper layer is still on disk:
         mount it again so the run keeps its writes; if that fails, drop the run directory."""
         from forgespace.cache import overlay
 
-        base = self.layout.overlay_dir / tid / rid
+        base = staging.run_overlay_base(self.layout, tid, rid)
         lower = self.layout.cow_shared_workspace(tid)
         try:
+            if base is None:
+                raise FileNotFoundError(f"the upper layer of run {rid} of {tid}")
             if not lower.is_dir():
                 raise FileNotFoundError(lower)
             overlay.mount_overlay(lower, base / "upper", base / "work", ws)
@@ -268,7 +269,7 @@ class Modes(Engine):
         except (OSError, ForgespaceError) as exc:
             log.warning("overlay of run %s of %s is lost (%s); rebuilding the run", rid, tid, exc)
             self._discard(self.layout.run_dir(tid, rid))
-            fsops.remove(self._root, base)
+            fsops.remove(self._root, self.layout.overlay_dir / tid / rid)
             return None
 
     def _publish_cow_shared(self, tid: str, transfer: Transfer) -> bool:
@@ -340,15 +341,19 @@ class Modes(Engine):
         return path
 
     def _stage_overlay(self, tid: str, rid: str, lower: Path, mountpoint: Path) -> str:
+        """Mount the run's overlay in staging, its upper/work directories owned by this
+        staging attempt (staging.overlay_attempt_dir): a retry of the same run id gets its
+        own, and a sweep reclaims them once neither the attempt nor the run owns them."""
         from forgespace.cache import overlay
 
-        base = self.layout.overlay_dir / tid / rid
-        if os.path.lexists(base):  # leftover of an earlier, dead attempt of this very run
-            fsops.unmount_under([base], root=self._root)
-            fsops.remove(self._root, base)
+        stage = mountpoint.parent
+        base = staging.overlay_attempt_dir(self.layout, tid, rid, stage)
         with fsops.dir_fd(self._root, fsops.parts_under(self._root, base), create=True) as bfd:
             os.mkdir("upper", dir_fd=bfd)
             os.mkdir("work", dir_fd=bfd)
+        # Goes with the staging directory into the run directory: the publish rename hands
+        # the upper layer over to the run.
+        (stage / OVERLAY_ATTEMPT_FILE).write_text(base.name + "\n")
         mountpoint.mkdir()
         try:
             overlay.mount_overlay(lower, base / "upper", base / "work", mountpoint)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from forgespace.errors import BackendUnavailableError
 
-__all__ = ["mount_overlay", "mounts_under", "probe_overlay", "unmount"]
+__all__ = ["mount_overlay", "mounts_under", "probe_overlay", "unmount", "upper_dirs"]
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +151,28 @@ def mounts_under(root: str | os.PathLike[str], *, fstype: str | None = None) -> 
                 found.append(mp)
     # Deepest first: unmounting in this order never hits a parent that is still in use.
     return [Path(p) for p in sorted(set(found), key=lambda p: (-p.count("/"), p))]
+
+
+def upper_dirs() -> set[Path]:
+    """The upper directories of every overlay mounted in this mount namespace (from the super
+    options of /proc/self/mountinfo), as given at mount time and resolved: a directory in
+    this set must not be deleted, whatever owns it."""
+    found: set[Path] = set()
+    with open(_MOUNTINFO, "rb") as f:
+        for line in f:
+            fields = line.rstrip(b"\n").split(b" ")
+            try:
+                sep = fields.index(b"-", 5)
+            except ValueError:
+                continue
+            if len(fields) < sep + 4 or fields[sep + 1] != b"overlay":
+                continue
+            # the kernel escapes ',' (and whitespace, '\\') in option values as octal
+            for opt in fields[sep + 3].split(b","):
+                if opt.startswith(b"upperdir="):
+                    upper = _unescape(opt.removeprefix(b"upperdir="))
+                    found.update((Path(upper), Path(os.path.realpath(upper))))
+    return found
 
 
 def probe_overlay(scratch_dir: str | os.PathLike[str]) -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from forgespace.cache import fsops
 from forgespace.errors import CacheAccessError, ForgespaceError, UnsafeCacheEntryError
-from forgespace.layout import CacheLayout
+from forgespace.layout import OVERLAY_ATTEMPT_FILE, CacheLayout
 
 _HOST = socket.gethostname()
 log = logging.getLogger(__name__)
@@ -282,28 +282,131 @@ def staging_dir(layout: CacheLayout, target_id: str, purpose: str) -> Iterator[P
 
 
 def remove_staging(layout: CacheLayout, item: StagingDir) -> list[Path]:
-    """Remove a dead owner's staging directory, and the overlay upper/work directories of
-    the run it staged unless that run got published later. Returns what was removed."""
+    """Remove a dead owner's staging directory and then the overlay upper/work directories
+    of the target that nothing owns any more (sweep_overlays: the dead attempt's go, a live
+    retry's of the same run stay). Returns what was removed."""
     root = layout.root
     fsops.unmount_under([item.path], root=root)
     fsops.discard(root, item.path)
     removed = [item.path]
-    if not item.purpose.startswith("run-"):
-        return removed
-    rid = item.purpose.removeprefix("run-")
-    if "#" in rid:  # a long run id, cut in the name: find the run it stands for
-        with contextlib.suppress(OSError):
-            ov_tid = fsops.parts_under(root, layout.overlay_dir / item.target_id)
-            for child in fsops.listdir(root, ov_tid):
-                if purpose_matches(item.purpose, f"run-{child}"):
-                    rid = child
-                    break
-    ov = layout.overlay_dir / item.target_id / rid
-    if os.path.lexists(ov) and not os.path.lexists(layout.run_dir(item.target_id, rid)):
-        fsops.unmount_under([ov], root=root)
-        fsops.remove(root, ov)
-        removed.append(ov)
+    if item.purpose.startswith("run-"):
+        removed.extend(sweep_overlays(layout, item.target_id))
     return removed
+
+
+# --- overlay upper/work directories ----------------------------------------------------------
+# Each staging attempt of an overlay-backed run has its own ``overlay/{tid}/{rid}/{staging
+# name}/{upper,work}``: a retry of the same run never shares (or deletes) a dead attempt's. The
+# attempt owns it while its staging directory exists and its owner lives; the published run
+# owns it afterwards (its OVERLAY_ATTEMPT_FILE names the attempt, written in staging so the
+# hand-over is the publish rename itself). Anything else is garbage unless it is mounted.
+
+
+def overlay_attempt_dir(layout: CacheLayout, target_id: str, run_id: str, stage: Path) -> Path:
+    """Where the staging attempt ``stage`` (its path or its pinned path) keeps the upper/work
+    directories of run ``run_id``: named after the staging directory."""
+    return layout.overlay_dir / target_id / run_id / fsops.shown(stage).name
+
+
+def run_overlay_base(layout: CacheLayout, target_id: str, run_id: str) -> Path | None:
+    """The directory holding the upper/work directories a published overlay run uses, or
+    None (not an overlay run, or its attempt is unknown). Run directories of older versions
+    kept them at ``overlay/{tid}/{rid}`` itself."""
+    run_base = layout.overlay_dir / target_id / run_id
+    try:
+        fd = os.open(
+            layout.run_dir(target_id, run_id) / OVERLAY_ATTEMPT_FILE,
+            os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+        )
+    except OSError:
+        return run_base if os.path.isdir(run_base / "upper") else None
+    try:
+        attempt = os.read(fd, 1024).decode(errors="replace").strip()
+    finally:
+        os.close(fd)
+    if parse_staging_name(attempt) is None or "/" in attempt:
+        return None  # not a name we write: never follow it anywhere
+    return run_base / attempt
+
+
+def _overlay_owned(
+    layout: CacheLayout, tid: str, rid: str, attempt: str, owners: dict[str, bool]
+) -> bool:
+    """Whether the attempt directory ``attempt`` of run ``rid`` still has an owner (``""``:
+    an older version's ``overlay/{tid}/{rid}`` itself, owned by the run directory alone)."""
+    if attempt == "":
+        return os.path.lexists(layout.run_dir(tid, rid))
+    parsed = parse_staging_name(attempt)
+    # 1. its staging attempt is alive (checked first: publishing hands it to step 2 by the
+    # rename that moves the staging directory, with its OVERLAY_ATTEMPT_FILE, into place)
+    if parsed is not None and os.path.lexists(layout.tmp_dir / attempt):
+        token = parsed[2]
+        if token not in owners:
+            owners[token] = not owner_is_dead(owners_dir(layout), token, root=layout.root)
+        if owners[token]:
+            return True
+    # 2. the published run uses it
+    base = run_overlay_base(layout, tid, rid)
+    return base is not None and base.name == attempt
+
+
+def sweep_overlays(layout: CacheLayout, target_id: str | None = None) -> list[Path]:
+    """Remove overlay upper/work directories (of ``target_id`` or all) that no live staging
+    attempt and no run directory owns, never one that is the upper layer of a mounted
+    overlay. Safe without the target lock. Returns what was removed."""
+    root = layout.root
+    removed: list[Path] = []
+    try:
+        tids = (
+            [target_id]
+            if target_id is not None
+            else fsops.listdir(root, fsops.parts_under(root, layout.overlay_dir))
+        )
+    except FileNotFoundError:
+        return removed
+    mounted: set[Path] | None = None
+    owners: dict[str, bool] = {}
+    for tid in sorted(tids):
+        if tid.startswith("."):  # the start-up probe's scratch space
+            continue
+        tdir = layout.overlay_dir / tid
+        try:
+            rids = fsops.listdir(root, fsops.parts_under(root, tdir))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for rid in sorted(rids):
+            rdir = tdir / rid
+            try:
+                names = fsops.listdir(root, fsops.parts_under(root, rdir))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            # an older version's layout: upper/work directly in the run's directory
+            legacy = "upper" in names or "work" in names
+            for attempt in [""] if legacy else sorted(names):
+                if _overlay_owned(layout, tid, rid, attempt, owners):
+                    continue
+                path = rdir / attempt if attempt else rdir
+                if mounted is None:
+                    mounted = overlay_uppers()
+                upper = path / "upper"
+                if upper in mounted or Path(os.path.realpath(upper)) in mounted:
+                    continue
+                fsops.remove(root, path)
+                removed.append(path)
+            for empty in (rdir, tdir):
+                with contextlib.suppress(OSError):
+                    os.rmdir(empty)
+    return removed
+
+
+def overlay_uppers() -> set[Path]:
+    """Upper directories of mounted overlays (none where mountinfo cannot be read)."""
+    from forgespace.cache import overlay
+
+    try:
+        return overlay.upper_dirs()
+    except OSError:  # pragma: no cover - no /proc
+        return set()
 
 
 def remove_dead_owners(layout: CacheLayout) -> None:
@@ -324,14 +427,16 @@ def remove_dead_owners(layout: CacheLayout) -> None:
 
 
 def sweep_leftovers(layout: CacheLayout, target_id: str | None = None) -> list[Path]:
-    """Remove staging dirs of dead processes (of ``target_id`` or all) and, for a full sweep,
-    the trash and dead owner lock files. Returns what was removed.
+    """Remove staging dirs of dead processes (of ``target_id`` or all), the overlay upper/work
+    dirs nothing owns (sweep_overlays) and, for a full sweep, the trash and dead owner lock
+    files. Returns what was removed.
 
     Safe at any time and without the target lock: a staging dir is only removed when its
     owner's lock is free, i.e. its owner process is dead."""
     removed: list[Path] = []
     for item in dead_staging(layout, target_id):
         removed.extend(remove_staging(layout, item))
+    removed.extend(p for p in sweep_overlays(layout, target_id) if p not in removed)
     if target_id is None:
         trash = fsops.clear_dir(layout.root, fsops.TRASH)
         removed.extend(layout.trash_dir / n for n in trash)
