@@ -180,3 +180,40 @@ def test_gc_between_publish_and_lease_never_takes_the_new_entry(
     assert report.evicted == []
     path = result()
     assert Path(path, "run.sh").is_file()
+
+
+def test_an_isolated_hit_waits_for_gc_deleting_its_lapsed_run(
+    settings: Settings, tid: str, held_child: Callable[..., Any]
+) -> None:
+    """A run's lease lapsed and gc decided (under the exclusive target lock) to delete its run
+    directory; the run's retry asks for its workspace at that moment. The hit checks under the
+    shared lock, so it waits for gc and then builds a fresh copy: it never returns the
+    directory gc is deleting."""
+    import threading
+
+    from support.clock import expire_leases
+
+    cache = WorkspaceCache(settings)
+    first = Path(cache.get_target(tid, "r1", "isolated"))
+    expire_leases(settings.cache_dir, [f"{tid}/r1"])  # the run's worker died a TTL ago
+
+    def gc(c: WorkspaceCache) -> Any:
+        return [(p.key, p.reason) for p in c.gc().evicted]
+
+    _, result = held_child(settings, Phase.GC_VICTIM_CHECKED, gc)  # holds the exclusive lock
+    got: list[str] = []
+    retry = threading.Thread(
+        target=lambda: got.append(WorkspaceCache(settings).get_target(tid, "r1", "isolated"))
+    )
+    retry.start()
+    # Give an unlocked hit every chance to return the doomed path before gc goes on; with the
+    # lock the retry is still waiting whatever the machine's speed (this only bounds how long
+    # the test looks for the bug).
+    retry.join(timeout=2.0)
+    assert result() == [(f"{tid}/r1", "orphan")]
+    retry.join(WAIT_S)
+    assert got, "the retry never returned"
+    path = Path(got[0])
+    assert path == first  # the same run's path, built again
+    assert (path / "run.sh").is_file(), "the retry returned the directory gc deleted"
+    assert f"{tid}/r1" in {e.key for e in WorkspaceCache(settings).index.entries()}

@@ -377,6 +377,7 @@ def _execute(cache: CacheLike, item: PlannedEviction, report: GcReport) -> None:
             if why:
                 report.skipped.append(SkippedEviction(item.key, item.target_id, why))
                 return
+            _hooks(cache).reached(Phase.GC_VICTIM_CHECKED)
             if item.kind == "mount":
                 from forgespace.cache import overlay
 

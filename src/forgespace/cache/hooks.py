@@ -29,6 +29,9 @@ class Phase(StrEnum):
     # gc / make_room: the eviction plan is made, nothing of it executed yet (each victim is
     # checked again under its target lock)
     GC_PLANNED = "gc-planned"
+    # gc / make_room: one victim re-checked under its exclusive target lock (still held), not
+    # yet deleted: a getter of that target must wait on the lock, never return this entry
+    GC_VICTIM_CHECKED = "gc-victim-checked"
 
 
 class CacheHooks(Protocol):
