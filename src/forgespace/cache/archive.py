@@ -54,6 +54,7 @@ from forgespace.errors import (
     IntegrityError,
     UnsafeArchiveError,
     UnsafeMemberError,
+    is_nospace,
 )
 
 __all__ = ["ArchiveKind", "ExtractStats", "artifact_kind", "detect_archive", "extract_archive"]
@@ -972,7 +973,7 @@ def extract_archive(
             # a name refused before the member was known to the extractor (_norm)
             raise UnsafeMemberError(archive=s, member=member, reason=e.reason) from e
         if isinstance(e, OSError) and not isinstance(e, CacheFullError):
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            if is_nospace(e):
                 raise CacheFullError(
                     e.errno, f"no space left extracting {s} into {d} (member {member!r})"
                 ) from e

@@ -56,6 +56,7 @@ from forgespace.errors import (
     ForgespaceError,
     LockTimeoutError,
     UnsafeCacheEntryError,
+    is_nospace,
 )
 from forgespace.layout import META_DIRNAME, RUN_MODE_FILE, CacheLayout, is_valid_id
 
@@ -656,7 +657,7 @@ class CacheIndex:
         return exc
 
     def _os_error(self, exc: OSError, doing: str) -> Exception:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        if is_nospace(exc):
             return CacheFullError(
                 exc.errno,
                 f"no space left on device in the cache {self.layout.root}: could not {doing} "
