@@ -59,6 +59,7 @@ from forgespace.errors import (
     is_nospace,
 )
 from forgespace.layout import META_DIRNAME, RUN_MODE_FILE, CacheLayout, is_valid_id
+from forgespace.storage.pack import tree_usage
 
 log = logging.getLogger(__name__)
 
@@ -1152,41 +1153,6 @@ def _run_mode_on_disk(run_dir: Path, has_cow_shared: bool, look_inside: bool) ->
     return "copy-on-write" if cow else "isolated"
 
 
-def tree_size(path: Path) -> tuple[int, int]:
-    """(bytes, files) of the regular files under ``path`` (or of ``path`` itself); no symlinks
-    followed, no mount point entered (an overlay run's mount shows the shared copy beneath;
-    its own bytes are its upper layer). Only a rebuild walks workspaces like this."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return 0, 0
-    dev = st.st_dev
-    if stat_mod.S_ISREG(st.st_mode):
-        return st.st_size, 1
-    if not stat_mod.S_ISDIR(st.st_mode):
-        return 0, 0
-    total = files = 0
-    stack = [os.fspath(path)]
-    while stack:
-        d = stack.pop()
-        try:
-            it = os.scandir(d)
-        except OSError:
-            continue
-        with it:
-            for de in it:
-                try:
-                    if de.is_dir(follow_symlinks=False):
-                        if de.stat(follow_symlinks=False).st_dev == dev:
-                            stack.append(de.path)
-                    elif de.is_file(follow_symlinks=False):
-                        total += de.stat(follow_symlinks=False).st_size
-                        files += 1
-                except OSError:
-                    continue
-    return total, files
-
-
 def scan_entries(
     layout: CacheLayout, *, with_sizes: bool = True, only: str | None = None
 ) -> list[EntryRecord]:
@@ -1243,7 +1209,7 @@ def scan_entries(
                 mode = _run_mode_on_disk(Path(child.path), has_cow_shared, with_sizes)
                 parts = [Path(child.path)]
                 # An overlay run's own bytes are its upper layer (the mount shows the shared
-                # copy beneath, which tree_size does not enter).
+                # copy beneath, which tree_usage does not enter).
                 upper = layout.overlay_dir / tid / name / "upper"
                 if with_sizes and os.path.isdir(upper):
                     parts.append(upper)
@@ -1253,12 +1219,12 @@ def scan_entries(
             created = now
             if with_sizes:
                 for part in parts:
-                    b, f = tree_size(part)
+                    b, f = tree_usage(part, one_filesystem=True)
                     nbytes += b
                     nfiles += f
                 if kind == "run":
                     # bookkeeping, not the run's content (publish does not count it either)
-                    b, f = tree_size(Path(child.path) / RUN_MODE_FILE)
+                    b, f = tree_usage(Path(child.path) / RUN_MODE_FILE, one_filesystem=True)
                     nbytes, nfiles = nbytes - b, nfiles - f
                 with contextlib.suppress(ValueError):
                     created = min(os.lstat(x).st_mtime for x in parts if os.path.lexists(x))
