@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import fcntl
 import functools
 import logging
 import os
@@ -50,6 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from forgespace.cache.locks import flock
 from forgespace.errors import (
     CacheAccessError,
     CacheFullError,
@@ -496,35 +496,25 @@ class CacheIndex:
 
     @contextlib.contextmanager
     def _rebuild_flock(self) -> Iterator[None]:
+        # locks.flock: reached without following symlinks, a bounded wait naming the holder
         lock_path = self.layout.meta_dir / "index.lock"
-        from forgespace.cache import fsops  # O_NOFOLLOW, regular single-link file
-
-        try:
-            fd = fsops.open_lock(self.layout.root, lock_path)
-        except OSError as exc:
-            if isinstance(exc, ForgespaceError):
-                raise  # a planted entry: refused with its own error, never followed
-            raise self._os_error(exc, "create or rebuild the cache index") from exc
-        try:
-            deadline = time.monotonic() + REBUILD_LOCK_TIMEOUT_S
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError as exc:
-                    if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                        raise
-                    if time.monotonic() > deadline:
-                        raise LockTimeoutError(
-                            f"timed out after {REBUILD_LOCK_TIMEOUT_S:.0f}s waiting for another "
-                            f"process to create or rebuild the cache index {self.path}",
-                            lock_path=str(lock_path),
-                            holder="another process rebuilding the index",
-                        ) from None
-                    time.sleep(0.05)
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(
+                    flock(
+                        lock_path,
+                        timeout=REBUILD_LOCK_TIMEOUT_S,
+                        what=f"the cache index {self.path} (another process is creating or "
+                        "rebuilding it)",
+                        purpose="create or rebuild the cache index",
+                        root=self.layout.root,
+                    )
+                )
+            except OSError as exc:
+                if isinstance(exc, ForgespaceError):
+                    raise  # a planted entry or the timeout: already says what and where
+                raise self._os_error(exc, "create or rebuild the cache index") from exc
             yield
-        finally:
-            os.close(fd)  # closing releases the flock
 
     def _create_or_rebuild(self) -> None:
         try:
