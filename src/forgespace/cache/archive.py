@@ -155,6 +155,8 @@ def _is_tar_header(block: bytes) -> bool:
         recorded = int(field, 8)
     except ValueError:
         return False
+    # The checksum field itself counts as eight spaces (8 * 32 = 256); old tars summed signed
+    # bytes.
     unsigned = sum(block[:148]) + 256 + sum(block[156:_BLOCK])
     if recorded == unsigned:
         return True
@@ -767,18 +769,6 @@ class _TarWalker:
             pos = end
         return out
 
-    def _checksum_ok(self, hdr: bytes) -> bool:
-        try:
-            recorded = int(hdr[148:156].split(b"\0", 1)[0].strip() or b"-1", 8)
-        except ValueError:
-            return False
-        # The checksum field itself counts as eight spaces (8 * 32 = 256).
-        unsigned = sum(hdr) - sum(hdr[148:156]) + 256
-        if recorded == unsigned:
-            return True
-        signed = sum(struct.unpack("148b", hdr[:148])) + 256
-        return recorded == signed + sum(struct.unpack("356b", hdr[156:]))
-
     def run(self) -> None:
         x, r = self.x, self.r
         long_name: str | None = None
@@ -792,7 +782,7 @@ class _TarWalker:
                 raise self._corrupt("truncated in a header")
             if hdr == _ZERO_BLOCK:
                 return
-            if not self._checksum_ok(hdr):
+            if not _is_tar_header(hdr):  # the one checksum test (detection uses it too)
                 raise self._corrupt("a header has a bad checksum")
             kind = hdr[156:157]
             size = self._num(hdr[124:136], "size")
