@@ -27,7 +27,7 @@ def test_a_held_rebuild_lock_times_out_naming_the_index_and_its_holder(
 ) -> None:
     layout = CacheLayout(tmp_path / "cache")
     idx = CacheIndex(layout, lease_ttl=60)
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("fork")
     ready, done = ctx.Event(), ctx.Event()
     holder = ctx.Process(target=_hold, args=(str(layout.root), ready, done))
     holder.start()
