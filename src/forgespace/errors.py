@@ -33,6 +33,8 @@ Stdlib mix-ins let callers catch what they already know (``FileNotFoundError``,
 
 from __future__ import annotations
 
+import errno
+
 
 class ForgespaceError(Exception):
     """Root of every error forgespace raises on purpose."""
@@ -117,6 +119,29 @@ class _PlainOSError(OSError):
 class CacheFullError(ForgespaceError, _PlainOSError):
     """The cache filesystem ran out of space; the partial entry was removed (or, for an index
     write, nothing was changed)."""
+
+
+#: The errnos that mean "the disk (or the user's quota) is full": both become CacheFullError.
+NOSPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_nospace(exc: BaseException, *, chain: bool = False) -> bool:
+    """True when ``exc`` is an OSError for a full disk or quota (ENOSPC, EDQUOT).
+
+    The one test every layer uses before raising CacheFullError. ``chain=True`` also looks
+    down ``__cause__``/``__context__``, for errors that arrive wrapped (e.g. a
+    StorageError raised from the write that filled the disk).
+    """
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno in NOSPACE_ERRNOS:
+            return True
+        if not chain:
+            return False
+        cur = cur.__cause__ or cur.__context__
+    return False
 
 
 class CacheAccessError(ForgespaceError, _PlainOSError):

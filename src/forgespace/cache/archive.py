@@ -54,6 +54,7 @@ from forgespace.errors import (
     IntegrityError,
     UnsafeArchiveError,
     UnsafeMemberError,
+    is_nospace,
 )
 
 __all__ = ["ArchiveKind", "ExtractStats", "artifact_kind", "detect_archive", "extract_archive"]
@@ -154,6 +155,8 @@ def _is_tar_header(block: bytes) -> bool:
         recorded = int(field, 8)
     except ValueError:
         return False
+    # The checksum field itself counts as eight spaces (8 * 32 = 256); old tars summed signed
+    # bytes.
     unsigned = sum(block[:148]) + 256 + sum(block[156:_BLOCK])
     if recorded == unsigned:
         return True
@@ -766,18 +769,6 @@ class _TarWalker:
             pos = end
         return out
 
-    def _checksum_ok(self, hdr: bytes) -> bool:
-        try:
-            recorded = int(hdr[148:156].split(b"\0", 1)[0].strip() or b"-1", 8)
-        except ValueError:
-            return False
-        # The checksum field itself counts as eight spaces (8 * 32 = 256).
-        unsigned = sum(hdr) - sum(hdr[148:156]) + 256
-        if recorded == unsigned:
-            return True
-        signed = sum(struct.unpack("148b", hdr[:148])) + 256
-        return recorded == signed + sum(struct.unpack("356b", hdr[156:]))
-
     def run(self) -> None:
         x, r = self.x, self.r
         long_name: str | None = None
@@ -791,7 +782,7 @@ class _TarWalker:
                 raise self._corrupt("truncated in a header")
             if hdr == _ZERO_BLOCK:
                 return
-            if not self._checksum_ok(hdr):
+            if not _is_tar_header(hdr):  # the one checksum test (detection uses it too)
                 raise self._corrupt("a header has a bad checksum")
             kind = hdr[156:157]
             size = self._num(hdr[124:136], "size")
@@ -972,7 +963,7 @@ def extract_archive(
             # a name refused before the member was known to the extractor (_norm)
             raise UnsafeMemberError(archive=s, member=member, reason=e.reason) from e
         if isinstance(e, OSError) and not isinstance(e, CacheFullError):
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            if is_nospace(e):
                 raise CacheFullError(
                     e.errno, f"no space left extracting {s} into {d} (member {member!r})"
                 ) from e

@@ -25,7 +25,7 @@ from typing import Literal
 
 from forgespace.cache import fsops
 from forgespace.cache.fsutil import current_umask
-from forgespace.errors import CacheFullError
+from forgespace.errors import CacheFullError, is_nospace
 
 __all__ = ["CloneMethod", "CloneStats", "materialize_copy"]
 
@@ -356,7 +356,7 @@ def materialize_copy(
     except BaseException as e:
         if os.path.lexists(d):
             fsops.remove(Path(d).parent, d)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if isinstance(e, OSError) and is_nospace(e):
             raise CacheFullError(e.errno, f"no space left copying {s} to {d}") from e
         raise
     return CloneStats(files=c.files, bytes=c.bytes, method=c.method())

@@ -48,6 +48,7 @@ from forgespace.errors import (
     ForgespaceError,
     LockTimeoutError,
     UnsafeArchiveError,
+    is_nospace,
 )
 from forgespace.layout import RUN_MODE_FILE, CacheLayout
 
@@ -56,7 +57,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("forgespace.cache")
 
-_NOSPACE = (errno.ENOSPC, errno.EDQUOT)
 # The last part of an entry's index key, by kind (a run's is its run id).
 _ENTRY_NAME = {"shared": "workspace", "cow-shared": "shared"}
 
@@ -83,17 +83,6 @@ class Transfer:
 
     progress: ProgressFn | None = None
     downloaded_bytes: int = 0
-
-
-def _is_nospace(exc: BaseException) -> bool:
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if isinstance(cur, OSError) and cur.errno in _NOSPACE:
-            return True
-        cur = cur.__cause__ or cur.__context__
-    return False
 
 
 def _dir_free(path: Path) -> int:
@@ -352,7 +341,7 @@ class Engine:
             raise
 
     def _raise_if_full(self, exc: BaseException, stage: Path, size: int) -> None:
-        if not _is_nospace(exc):
+        if not is_nospace(exc, chain=True):
             return
         free = _dir_free(self.layout.root)
         # The staging dir is removed by _staging's exit; say so in the error.

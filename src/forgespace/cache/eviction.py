@@ -42,7 +42,7 @@ from typing import Any, Protocol
 
 from forgespace.cache import fsops, staging
 from forgespace.cache.hooks import NO_HOOKS, CacheHooks, Phase
-from forgespace.cache.index import CacheIndex, EntryRecord, scan_entries, tree_size
+from forgespace.cache.index import CacheIndex, EntryRecord, scan_entries
 from forgespace.config import Settings
 from forgespace.errors import (
     CacheAccessError,
@@ -51,6 +51,7 @@ from forgespace.errors import (
     UnsafeCacheEntryError,
 )
 from forgespace.layout import RETIRED_PREFIX, CacheLayout, is_valid_id
+from forgespace.storage.pack import tree_usage
 
 log = logging.getLogger(__name__)
 
@@ -252,14 +253,14 @@ def _plan_leftovers(layout: CacheLayout) -> list[PlannedEviction]:
     out = []
     try:
         for d in staging.dead_staging(layout):
-            b, _ = tree_size(d.path)
+            b, _ = tree_usage(d.path, one_filesystem=True)
             out.append(PlannedEviction(_rel(layout, d.path), d.target_id, "staging", "leftover", b))
     except UnsafeCacheEntryError as exc:
         log.warning("gc: %s", exc)  # a planted .forgespace/tmp: never followed
     try:
         for name in sorted(fsops.listdir(layout.root, fsops.TRASH)):
             p = layout.trash_dir / name
-            b, _ = tree_size(p)
+            b, _ = tree_usage(p, one_filesystem=True)
             out.append(PlannedEviction(_rel(layout, p), "", "trash", "leftover", b))
     except UnsafeCacheEntryError as exc:
         log.warning("gc: %s", exc)

@@ -36,6 +36,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from forgespace.atomicfile import write_atomic_at
 from forgespace.errors import UnsafeCacheEntryError
 
 __all__ = [
@@ -170,6 +171,22 @@ def dir_fd(root: Path, parts: Iterable[str], *, create: bool = False) -> Iterato
         yield fd
     finally:
         os.close(fd)
+
+
+def write_atomic(
+    root: Path,
+    parts: Iterable[str],
+    name: str,
+    data: bytes,
+    *,
+    tmp: str,
+    fsync: bool = False,
+    mode: int = 0o666,
+) -> None:
+    """Replace ``name`` in the internal directory ``root/parts`` (created if missing, reached
+    like ``open_dir``) with ``data`` atomically; see ``atomicfile.write_atomic_at``."""
+    with dir_fd(root, parts, create=True) as d:
+        write_atomic_at(d, name, data, tmp=tmp, fsync=fsync, mode=mode)
 
 
 def listdir(root: Path, parts: Iterable[str]) -> list[str]:

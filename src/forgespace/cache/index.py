@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import fcntl
 import functools
 import logging
 import os
@@ -50,14 +49,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from forgespace.cache.locks import flock
 from forgespace.errors import (
     CacheAccessError,
     CacheFullError,
     ForgespaceError,
     LockTimeoutError,
     UnsafeCacheEntryError,
+    is_nospace,
 )
 from forgespace.layout import META_DIRNAME, RUN_MODE_FILE, CacheLayout, is_valid_id
+from forgespace.storage.pack import tree_usage
 
 log = logging.getLogger(__name__)
 
@@ -494,35 +496,25 @@ class CacheIndex:
 
     @contextlib.contextmanager
     def _rebuild_flock(self) -> Iterator[None]:
+        # locks.flock: reached without following symlinks, a bounded wait naming the holder
         lock_path = self.layout.meta_dir / "index.lock"
-        from forgespace.cache import fsops  # O_NOFOLLOW, regular single-link file
-
-        try:
-            fd = fsops.open_lock(self.layout.root, lock_path)
-        except OSError as exc:
-            if isinstance(exc, ForgespaceError):
-                raise  # a planted entry: refused with its own error, never followed
-            raise self._os_error(exc, "create or rebuild the cache index") from exc
-        try:
-            deadline = time.monotonic() + REBUILD_LOCK_TIMEOUT_S
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError as exc:
-                    if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                        raise
-                    if time.monotonic() > deadline:
-                        raise LockTimeoutError(
-                            f"timed out after {REBUILD_LOCK_TIMEOUT_S:.0f}s waiting for another "
-                            f"process to create or rebuild the cache index {self.path}",
-                            lock_path=str(lock_path),
-                            holder="another process rebuilding the index",
-                        ) from None
-                    time.sleep(0.05)
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(
+                    flock(
+                        lock_path,
+                        timeout=REBUILD_LOCK_TIMEOUT_S,
+                        what=f"the cache index {self.path} (another process is creating or "
+                        "rebuilding it)",
+                        purpose="create or rebuild the cache index",
+                        root=self.layout.root,
+                    )
+                )
+            except OSError as exc:
+                if isinstance(exc, ForgespaceError):
+                    raise  # a planted entry or the timeout: already says what and where
+                raise self._os_error(exc, "create or rebuild the cache index") from exc
             yield
-        finally:
-            os.close(fd)  # closing releases the flock
 
     def _create_or_rebuild(self) -> None:
         try:
@@ -656,7 +648,7 @@ class CacheIndex:
         return exc
 
     def _os_error(self, exc: OSError, doing: str) -> Exception:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        if is_nospace(exc):
             return CacheFullError(
                 exc.errno,
                 f"no space left on device in the cache {self.layout.root}: could not {doing} "
@@ -1151,41 +1143,6 @@ def _run_mode_on_disk(run_dir: Path, has_cow_shared: bool, look_inside: bool) ->
     return "copy-on-write" if cow else "isolated"
 
 
-def tree_size(path: Path) -> tuple[int, int]:
-    """(bytes, files) of the regular files under ``path`` (or of ``path`` itself); no symlinks
-    followed, no mount point entered (an overlay run's mount shows the shared copy beneath;
-    its own bytes are its upper layer). Only a rebuild walks workspaces like this."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return 0, 0
-    dev = st.st_dev
-    if stat_mod.S_ISREG(st.st_mode):
-        return st.st_size, 1
-    if not stat_mod.S_ISDIR(st.st_mode):
-        return 0, 0
-    total = files = 0
-    stack = [os.fspath(path)]
-    while stack:
-        d = stack.pop()
-        try:
-            it = os.scandir(d)
-        except OSError:
-            continue
-        with it:
-            for de in it:
-                try:
-                    if de.is_dir(follow_symlinks=False):
-                        if de.stat(follow_symlinks=False).st_dev == dev:
-                            stack.append(de.path)
-                    elif de.is_file(follow_symlinks=False):
-                        total += de.stat(follow_symlinks=False).st_size
-                        files += 1
-                except OSError:
-                    continue
-    return total, files
-
-
 def scan_entries(
     layout: CacheLayout, *, with_sizes: bool = True, only: str | None = None
 ) -> list[EntryRecord]:
@@ -1242,7 +1199,7 @@ def scan_entries(
                 mode = _run_mode_on_disk(Path(child.path), has_cow_shared, with_sizes)
                 parts = [Path(child.path)]
                 # An overlay run's own bytes are its upper layer (the mount shows the shared
-                # copy beneath, which tree_size does not enter).
+                # copy beneath, which tree_usage does not enter).
                 from forgespace.cache.staging import run_overlay_base
 
                 base = run_overlay_base(layout, tid, name) if with_sizes else None
@@ -1254,12 +1211,12 @@ def scan_entries(
             created = now
             if with_sizes:
                 for part in parts:
-                    b, f = tree_size(part)
+                    b, f = tree_usage(part, one_filesystem=True)
                     nbytes += b
                     nfiles += f
                 if kind == "run":
                     # bookkeeping, not the run's content (publish does not count it either)
-                    b, f = tree_size(Path(child.path) / RUN_MODE_FILE)
+                    b, f = tree_usage(Path(child.path) / RUN_MODE_FILE, one_filesystem=True)
                     nbytes, nfiles = nbytes - b, nfiles - f
                 with contextlib.suppress(ValueError):
                     created = min(os.lstat(x).st_mtime for x in parts if os.path.lexists(x))

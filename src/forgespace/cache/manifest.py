@@ -24,7 +24,6 @@ from pathlib import Path
 from forgespace.cache import fsops
 
 MANIFEST_VERSION = 1
-_NEW_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def manifest_path(meta_dir: Path, target_id: str, kind: str) -> Path:
@@ -46,14 +45,7 @@ def _root_of(path: Path) -> Path:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    with fsops.dir_fd(_root_of(path), _IN_ROOT, create=True) as d:
-        fd = os.open(tmp, _NEW_FLAGS, 0o644, dir_fd=d)
-        try:
-            with open(fd, "wb", closefd=False) as f:
-                f.write(data)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path.name, src_dir_fd=d, dst_dir_fd=d)
+    fsops.write_atomic(_root_of(path), _IN_ROOT, path.name, data, tmp=tmp, mode=0o644)
 
 
 def _read(path: str | Path) -> bytes:

@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from forgespace.atomicfile import write_atomic_at
 from forgespace.errors import StorageError, TargetNotFoundError
 from forgespace.layout import is_valid_id, validate_id
 from forgespace.storage.base import ObjectInfo, ProgressFn, target_key, upload_source
@@ -43,17 +44,12 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}{ATOMIC_TMP_MARK}{uuid.uuid4().hex[:12]}")
+    tmp = f".{path.name}{ATOMIC_TMP_MARK}{uuid.uuid4().hex[:12]}"
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+        write_atomic_at(dfd, path.name, data, tmp=tmp, fsync=True)
+    finally:
+        os.close(dfd)
 
 
 def check_result_key(key: str) -> str:

@@ -250,18 +250,46 @@ def pack_to_file(
         raise
 
 
+def tree_usage(path: str | Path, *, one_filesystem: bool = False) -> tuple[int, int]:
+    """(bytes, files) of the regular files under ``path`` (or of ``path`` itself, a regular
+    file); no symlinks followed, ``path`` included. ``one_filesystem`` enters no mount point:
+    the cache sizes its workspaces so (an overlay run's mount shows the shared copy beneath;
+    its own bytes are its upper layer). A missing ``path`` is (0, 0)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return 0, 0
+    dev = st.st_dev
+    if stat.S_ISREG(st.st_mode):
+        return st.st_size, 1
+    if not stat.S_ISDIR(st.st_mode):
+        return 0, 0
+    total = files = 0
+    stack = [os.fspath(path)]
+    while stack:
+        d = stack.pop()
+        try:
+            it = os.scandir(d)
+        except OSError:
+            continue
+        with it:
+            for de in it:
+                try:
+                    if de.is_dir(follow_symlinks=False):
+                        if not one_filesystem or de.stat(follow_symlinks=False).st_dev == dev:
+                            stack.append(de.path)
+                    elif de.is_file(follow_symlinks=False):
+                        total += de.stat(follow_symlinks=False).st_size
+                        files += 1
+                except OSError:
+                    continue
+    return total, files
+
+
 def tree_size(root: str | Path) -> int:
-    """Bytes of the regular files under ``root`` (symlinks not followed): progress totals."""
-    total = 0
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            try:
-                st = os.lstat(os.path.join(dirpath, name))
-            except OSError:
-                continue
-            if stat.S_ISREG(st.st_mode):
-                total += st.st_size
-    return total
+    """Bytes of the regular files under the directory ``root`` (symlinks inside not
+    followed, a symlinked ``root`` is): progress totals for packing."""
+    return tree_usage(os.path.realpath(root))[0]
 
 
 def copy_hashing(

@@ -8,7 +8,6 @@ removed, so a caller never finds a partial or unverified ``dest``.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import queue
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from forgespace.errors import CacheFullError, IntegrityError
+from forgespace.errors import CacheFullError, IntegrityError, is_nospace
 from forgespace.storage.base import ObjectInfo
 
 CHUNK_SIZE = 1 << 20
@@ -81,7 +80,7 @@ class PartFile:
         try:
             self._f.write(data)
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            if is_nospace(exc):
                 raise CacheFullError(
                     exc.errno, f"no space left writing {self.dest} ({self.size} bytes written)"
                 ) from exc
