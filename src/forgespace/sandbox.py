@@ -1,3 +1,5 @@
+# Over 500 lines on purpose: everything a tool's jail is made of (binds, limits, environment,
+# probe, start, kill) in one module, so a security review reads it in one place.
 """Run a workflow's external tools in a bubblewrap sandbox that sees only their workspace.
 
 Every tool a workflow starts (a fuzz harness, bandit, detect-secrets, a target's own test

@@ -1,3 +1,6 @@
+# Over 500 lines on purpose: the one place for every fd-based primitive under CACHE_DIR (walks,
+# lock files, removal, pinned staging, audit); split, the O_NOFOLLOW discipline would be spread
+# over several modules that each must get it right.
 """The one filesystem layer for cache internals: nothing a run can write is ever followed.
 
 Runs execute untrusted code as the worker's user, with write access to CACHE_DIR. Whatever a

@@ -1,3 +1,5 @@
+# Over 500 lines for now: the `forgespace cache` command group with its three renderings (table,
+# plain columns, JSON); one module per command is the next split.
 """`forgespace cache status|ls|gc|prune|purge|evict|verify|dir`: see and steer the cache.
 
 Human output goes to stdout: a rich table on a terminal, plain columns with full ids when

@@ -1,3 +1,5 @@
+# Over 500 lines on purpose: the only place botocore errors are translated (every call, retry,
+# ranged resume, upload, lifecycle listing and result goes through S3Store._call).
 """The S3 / MinIO store: targets at ``s3://{S3_BUCKET}/{target_id}/target``.
 
 This is the only module that sees botocore: every botocore/urllib3 error is translated

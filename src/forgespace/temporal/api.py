@@ -1,3 +1,5 @@
+# Over 500 lines for now: the workflow-side API (Workspace, run_in_workspace) and the host
+# choice with its fallbacks; the host choice is the next piece to move out (to fleet.py).
 """What a workflow package uses from inside a workflow: the request and ``run_in_workspace``.
 
 This module is workflow-safe: importing it does no I/O and touches nothing but the Temporal

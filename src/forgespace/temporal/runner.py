@@ -1,3 +1,5 @@
+# Over 500 lines for now: `forgespace run` end to end (plan, embedded server and worker, submit,
+# live progress, Ctrl-C, the result document); rendering already lives in summary.py.
 """The main job behind `forgespace run`: upload a target, run N workflow runs, report.
 
 Without TEMPORAL_ADDRESS it starts the embedded dev server and an in-process worker; with it,

@@ -1,3 +1,5 @@
+# Over 500 lines for now: the cargo_fuzzing tool (offline build, libFuzzer runs and restarts,
+# status-line parsing, crash dedupe, SARIF); the log parsing is the next piece to move out.
 """Rust fuzzing of a cargo-fuzz project, built offline and run in the workspace's sandbox.
 
 ``run_cargo_fuzz(workspace, ...)`` takes a target laid out as ``cargo fuzz init`` makes it
