@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.faults import HoldAt
 from support.procs import make_project, start_getter, tree_digest, wait_for
 
 from forgespace.cache import overlay
@@ -106,23 +107,7 @@ def test_an_overlay_dir_whose_staging_is_gone_is_reclaimed_by_gc(
     assert cache.sweep_leftovers() == []
 
 
-class _HoldAt:
-    def __init__(self, phase: Phase) -> None:
-        self.phase = phase
-        self.arrived = CTX.Event()
-        self.go = CTX.Event()
-        self._held = False
-
-    def reached(self, phase: Phase) -> None:
-        if phase != self.phase or self._held:
-            return
-        self._held = True
-        self.arrived.set()
-        if not self.go.wait(WAIT_S):
-            raise TimeoutError(f"the test never released the hold at {phase}")
-
-
-def _retry_child(settings: Settings, hooks: _HoldAt, tid: str, rid: str, out: Any) -> None:
+def _retry_child(settings: Settings, hooks: HoldAt, tid: str, rid: str, out: Any) -> None:
     try:
         cache = WorkspaceCache(settings, hooks=hooks)
         ws = Path(cache.get_target(tid, rid, "copy-on-write"))
@@ -144,7 +129,7 @@ def test_a_sweep_keeps_the_upper_layer_of_a_live_retry(
     cache.get_target(tid, "warm", "copy-on-write")
     first = _pause_getter(settings_env(ov_settings), tid, "R", tmp_path / "sig")
 
-    hooks = _HoldAt(Phase.COW_COPIED)
+    hooks = HoldAt(Phase.COW_COPIED)
     out = CTX.Queue()
     retry = CTX.Process(target=_retry_child, args=(ov_settings, hooks, tid, "R", out))
     retry.start()

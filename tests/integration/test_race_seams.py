@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.faults import HoldAt
 from support.procs import make_project
 
 from forgespace.cache.hooks import Phase
@@ -22,24 +23,6 @@ from forgespace.storage import open_store
 
 CTX = multiprocessing.get_context("fork")
 WAIT_S = 60.0
-
-
-class HoldAt:
-    """Hooks for a child process: at ``phase`` (first time only) announce and wait for go."""
-
-    def __init__(self, phase: Phase) -> None:
-        self.phase = phase
-        self.arrived = CTX.Event()
-        self.go = CTX.Event()
-        self._held = False
-
-    def reached(self, phase: Phase) -> None:
-        if phase != self.phase or self._held:
-            return
-        self._held = True
-        self.arrived.set()
-        if not self.go.wait(WAIT_S):
-            raise TimeoutError(f"the test never released the hold at {phase}")
 
 
 def _child(settings: Settings, hooks: HoldAt, call: Callable[[WorkspaceCache], Any], out: Any):

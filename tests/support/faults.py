@@ -10,11 +10,14 @@ worker) in a process whose every WorkspaceCache is built with these hooks.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from forgespace.cache.hooks import Phase
 
 PAUSE_SECONDS = 120.0
 
@@ -59,3 +62,26 @@ if __name__ == "__main__":
 
     sys.argv = ["forgespace", *sys.argv[3:]]
     main()
+
+
+FORK = multiprocessing.get_context("fork")
+HOLD_SECONDS = 60.0
+
+
+class HoldAt:
+    """Hooks for a forked child: at ``phase`` (first time only) set ``arrived`` and wait for
+    the test to set ``go``, so the test acts exactly while the child sits at that phase."""
+
+    def __init__(self, phase: Phase) -> None:
+        self.phase = phase
+        self.arrived = FORK.Event()
+        self.go = FORK.Event()
+        self._held = False
+
+    def reached(self, phase: Phase) -> None:
+        if phase != self.phase or self._held:
+            return
+        self._held = True
+        self.arrived.set()
+        if not self.go.wait(HOLD_SECONDS):
+            raise TimeoutError(f"the test never released the hold at {phase}")
