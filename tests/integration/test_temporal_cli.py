@@ -42,6 +42,39 @@ def make_project(root: Path) -> Path:
     return proj
 
 
+def interrupted_run(
+    env: dict[str, str], tmp_path: Path, workflow: str, *args: str
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """Start `forgespace run WORKFLOW` on a fixture workflow that holds until interrupted, wait
+    until its run body has started (it writes ``started_file``), then send SIGINT. Returns the
+    process (still finishing) and the file its stderr goes to."""
+    started = tmp_path / "started"
+    err = tmp_path / "run.err"
+    with open(err, "wb") as errf:
+        proc = subprocess.Popen(
+            cli_command(
+                "run",
+                workflow,
+                str(make_project(tmp_path)),
+                *args,
+                "--param",
+                f"started_file={started}",
+                *FIXTURE_ARGS,
+            ),
+            env={**env, "COLUMNS": "1000"},
+            stdout=subprocess.PIPE,
+            stderr=errf,
+        )
+    deadline = time.monotonic() + 60
+    while not started.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"the run never started: {err.read_text()}")
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    return proc, err
+
+
 def test_workflows_json_lists_each_package_with_its_mode(settings: Settings) -> None:
     proc = cli(settings, "workflows", "--json", *FIXTURE_ARGS)
     assert proc.returncode == 0, proc.stderr
@@ -198,32 +231,8 @@ def test_sigint_cancels_waits_for_cleanup_and_leaves_no_lease_nor_run_dir(
     runs before the in-process worker stops, exit 130 with one line, nothing on stdout."""
     env = env_for(settings)
     env.pop("TEMPORAL_ADDRESS", None)
-    started = tmp_path / "started"
-    err = tmp_path / "run.err"
-    with open(err, "wb") as errf:
-        proc = subprocess.Popen(
-            cli_command(
-                "run",
-                workflow,
-                str(make_project(tmp_path)),
-                "--json",
-                "--param",
-                "hold_seconds=120",
-                "--param",
-                f"started_file={started}",
-                *FIXTURE_ARGS,
-            ),
-            env={**env, "COLUMNS": "1000"},
-            stdout=subprocess.PIPE,
-            stderr=errf,
-        )
+    proc, err = interrupted_run(env, tmp_path, workflow, "--json", "--param", "hold_seconds=120")
     try:
-        deadline = time.monotonic() + 60
-        while not started.exists():
-            assert proc.poll() is None, err.read_text()
-            assert time.monotonic() < deadline, err.read_text()
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=90)
     finally:
         if proc.poll() is None:
@@ -289,33 +298,16 @@ def test_ctrl_c_cancels_the_submitted_runs(
     worker = start_worker_process(env, task_queue, tmp_path / "w.log")
     worker_processes.append(worker)
     worker.wait_ready()
-    started = tmp_path / "started"
-    err = tmp_path / "run.err"
-    with open(err, "wb") as errf:
-        proc = subprocess.Popen(
-            cli_command(
-                "run",
-                "fs_marker_isolated",
-                str(make_project(tmp_path)),
-                "--task-queue",
-                task_queue,
-                "--param",
-                "hold_seconds=60",
-                "--param",
-                f"started_file={started}",
-                *FIXTURE_ARGS,
-            ),
-            env={**env, "COLUMNS": "1000"},
-            stdout=subprocess.PIPE,
-            stderr=errf,
-        )
+    proc, err = interrupted_run(
+        env,
+        tmp_path,
+        "fs_marker_isolated",
+        "--task-queue",
+        task_queue,
+        "--param",
+        "hold_seconds=60",
+    )
     try:
-        deadline = time.monotonic() + 60
-        while not started.exists():
-            assert proc.poll() is None, err.read_text()
-            assert time.monotonic() < deadline, err.read_text()
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 130
     finally:
         if proc.poll() is None:
