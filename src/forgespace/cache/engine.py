@@ -109,7 +109,6 @@ class Engine:
         self.layout = layout
         self.index = index
         self._store = store
-        self._hooks = hooks
         #: The test seam (forgespace.cache.hooks); gc and make_room report to it too.
         self.hooks = hooks
         self._root = layout.root
@@ -210,7 +209,7 @@ class Engine:
     ) -> str:
         # The run directory says which mode made it (a rebuild and cleanup read it back).
         (stage / RUN_MODE_FILE).write_text(mode + "\n")
-        self._hooks.reached(Phase.STAGED_RUN)
+        self.hooks.reached(Phase.STAGED_RUN)
         run_dir = self.layout.run_dir(tid, rid)
         # The shared lock keeps gc from removing an empty {tid}/ between mkdir and rename;
         # copy-on-write callers already hold it (flock is per open file, so this nests).
@@ -251,7 +250,7 @@ class Engine:
         now = time.time()
         self.index.publish(EntryRecord(key, target_id, kind, run_id, mode, nbytes, files, now, now))
         self.publications += 1
-        self._hooks.reached(Phase.PUBLISHED)
+        self.hooks.reached(Phase.PUBLISHED)
 
     def _lease(
         self, lease_id: str, tid: str, rid: str | None, pins: tuple[str, ...], owner: LeaseOwner
@@ -299,13 +298,13 @@ class Engine:
         def progress(done: int, total: int) -> None:
             if first[0] and done > 0:
                 first[0] = False
-                self._hooks.reached(Phase.DOWNLOAD)
+                self.hooks.reached(Phase.DOWNLOAD)
             if caller is not None:
                 caller(done, total)
 
         try:
             got = store.download_target(
-                tid, dest, progress if (self._hooks is not NO_HOOKS or caller is not None) else None
+                tid, dest, progress if (self.hooks is not NO_HOOKS or caller is not None) else None
             )
         except BaseException as exc:
             if isinstance(exc, Exception):
@@ -315,7 +314,7 @@ class Engine:
         self.index.count("downloads")
         self.index.count("bytes_downloaded", got.size)
         transfer.downloaded_bytes = got.size
-        self._hooks.reached(Phase.DOWNLOADED)
+        self.hooks.reached(Phase.DOWNLOADED)
         return dest
 
     def _extract(self, tid: str, src: Path, dest: Path, *, read_only: bool = False) -> Any:

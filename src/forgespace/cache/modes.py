@@ -101,7 +101,7 @@ class Modes(Engine):
                     t.args[0],
                     rid or "(no run id)",
                 )
-            self._hooks.reached(Phase.SHARED_MISS)
+            self.hooks.reached(Phase.SHARED_MISS)
             with contextlib.ExitStack() as held:
                 if not waiter.try_exclusive(held, "download shared"):
                     continue  # someone else is publishing: wait for it on the shared lock
@@ -145,13 +145,13 @@ class Modes(Engine):
             stats = None
             if kind is not None:
                 stats = self._extract(tid, src, stage / "workspace", read_only=True)
-                self._hooks.reached(Phase.EXTRACTED)
+                self.hooks.reached(Phase.EXTRACTED)
                 mf.write_manifest(
                     mf.manifest_path(self.layout.meta_dir, tid, "shared"), stats.manifest
                 )
             if fetched:
                 fsops.rename_into(self._root, stage / "target", target)
-                self._hooks.reached(Phase.SHARED_TARGET_PUBLISHED)
+                self.hooks.reached(Phase.SHARED_TARGET_PUBLISHED)
             if kind is not None:
                 ws = self.layout.shared_workspace(tid)
                 if os.path.lexists(ws):  # a tampered copy: the repaired one is ready beside it
@@ -238,7 +238,7 @@ class Modes(Engine):
                     if not published:
                         log.info("Cache HIT: %s (mode: copy-on-write)", tid)
                     return GetResult(path, downloaded, "copy-on-write", tid, rid, hit=not published)
-            self._hooks.reached(Phase.SHARED_MISS)
+            self.hooks.reached(Phase.SHARED_MISS)
             with contextlib.ExitStack() as held:
                 if waiter.try_exclusive(held, "download copy-on-write") and not shared_dir.is_dir():
                     downloaded = self._publish_cow_shared(tid, transfer)
@@ -285,7 +285,7 @@ class Modes(Engine):
             stats = None
             if detect_archive(src) is not None:
                 stats = self._extract(tid, src, stage / "workspace", read_only=True)
-                self._hooks.reached(Phase.EXTRACTED)
+                self.hooks.reached(Phase.EXTRACTED)
                 mf.write_manifest(
                     mf.manifest_path(self.layout.meta_dir, tid, "cow"), stats.manifest
                 )
@@ -329,7 +329,7 @@ class Modes(Engine):
                 shutil.copyfile(shared_target, stage / "target")
                 os.chmod(stage / "target", 0o644)
                 method, nbytes, files, name = "copy", shared_target.stat().st_size, 1, "target"
-            self._hooks.reached(Phase.COW_COPIED)
+            self.hooks.reached(Phase.COW_COPIED)
             log.info(
                 "copy-on-write run %s of %s materialised by %s in %.1f ms",
                 rid,
@@ -386,7 +386,7 @@ class Modes(Engine):
                 nbytes, files, name = src.stat().st_size, 1, "target"
                 if detect_archive(src) is not None:
                     stats = self._extract(tid, src, stage / "workspace")
-                    self._hooks.reached(Phase.EXTRACTED)
+                    self.hooks.reached(Phase.EXTRACTED)
                     nbytes, files, name = nbytes + stats.bytes, files + stats.files, "workspace"
                 path = self._publish_run(tid, rid, stage, name, nbytes, files, "isolated")
             # Records the lease again: its TTL counts from now, not from the download's start.
