@@ -226,15 +226,7 @@ class _Copier:
                 top = frames[-1]
                 if top.pending:
                     name, st = top.pending.pop()
-                    nsfd = os.open(name, _DIR_FLAGS, dir_fd=sfd)
-                    if _ident(os.fstat(nsfd)) != _ident(st):
-                        os.close(nsfd)
-                        raise OSError(errno.ESTALE, f"{src}/{top.rel}/{name} changed while copied")
-                    try:
-                        ndfd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
-                    except BaseException:
-                        os.close(nsfd)
-                        raise
+                    nsfd, ndfd = _enter(sfd, dfd, name, st, f"{src}/{top.rel}/{name}")
                     os.close(sfd)
                     os.close(dfd)
                     sfd, dfd = nsfd, ndfd
@@ -247,13 +239,7 @@ class _Copier:
                 if len(frames) == 1:
                     self._dir_meta(dfd, None, top.st)
                     return
-                up_s = os.open("..", _DIR_FLAGS, dir_fd=sfd)
-                up_d = os.open("..", _DIR_FLAGS, dir_fd=dfd)
-                parent = frames[-2]
-                if (_ident(os.fstat(up_s)), _ident(os.fstat(up_d))) != (parent.sid, parent.did):
-                    os.close(up_s)
-                    os.close(up_d)
-                    raise OSError(errno.ESTALE, f"{src}/{top.rel} moved while copied")
+                up_s, up_d = _leave(sfd, dfd, frames[-2], f"{src}/{top.rel}")
                 os.close(sfd)
                 os.close(dfd)
                 sfd, dfd = up_s, up_d
@@ -360,3 +346,28 @@ def materialize_copy(
             raise CacheFullError(e.errno, f"no space left copying {s} to {d}") from e
         raise
     return CloneStats(files=c.files, bytes=c.bytes, method=c.method())
+
+
+def _enter(sfd: int, dfd: int, name: str, st: os.stat_result, shown: str) -> tuple[int, int]:
+    """Open subdirectory ``name`` of the source and of the copy; the source must still be
+    the directory scanned as ``st`` (``O_NOFOLLOW``: a swapped-in link is refused)."""
+    nsfd = os.open(name, _DIR_FLAGS, dir_fd=sfd)
+    if _ident(os.fstat(nsfd)) != _ident(st):
+        os.close(nsfd)
+        raise OSError(errno.ESTALE, f"{shown} changed while copied")
+    try:
+        return nsfd, os.open(name, _DIR_FLAGS, dir_fd=dfd)
+    except BaseException:
+        os.close(nsfd)
+        raise
+
+
+def _leave(sfd: int, dfd: int, parent: _Frame, shown: str) -> tuple[int, int]:
+    """Open ``..`` of the source and the copy, checked against ``parent``'s identities."""
+    up_s = os.open("..", _DIR_FLAGS, dir_fd=sfd)
+    up_d = os.open("..", _DIR_FLAGS, dir_fd=dfd)
+    if (_ident(os.fstat(up_s)), _ident(os.fstat(up_d))) != (parent.sid, parent.did):
+        os.close(up_s)
+        os.close(up_d)
+        raise OSError(errno.ESTALE, f"{shown} moved while copied")
+    return up_s, up_d

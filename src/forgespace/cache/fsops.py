@@ -248,6 +248,9 @@ def _open_for_removal(dfd: int, name: str, st: os.stat_result, shown: str) -> in
     return fd
 
 
+_Frame = tuple[str, int, int, list[str]]
+
+
 def remove_at(dfd: int, name: str, *, shown: str = "") -> None:
     """Remove ``name`` of directory ``dfd`` and everything below it, iteratively.
 
@@ -272,7 +275,7 @@ def remove_at(dfd: int, name: str, *, shown: str = "") -> None:
     except FileNotFoundError:
         return
     # One frame per level: (name in parent, dev, ino, subdirectories still to visit).
-    frames: list[tuple[str, int, int, list[str]]] = [(name, st.st_dev, st.st_ino, [])]
+    frames: list[_Frame] = [(name, st.st_dev, st.st_ino, [])]
     scan = True
     try:
         while True:
@@ -280,23 +283,7 @@ def remove_at(dfd: int, name: str, *, shown: str = "") -> None:
             if scan:
                 pending.extend(_empty_files(cur))
                 scan = False
-            child = None
-            while pending:
-                n = pending.pop()
-                try:
-                    cst = os.stat(n, dir_fd=cur, follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                if not stat.S_ISDIR(cst.st_mode):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(n, dir_fd=cur)
-                    continue
-                if cst.st_dev != frames[-1][1]:
-                    raise _refused(
-                        f"{shown}/.../{n}", "a mount point", "a directory to delete (never crossed)"
-                    )
-                child = (n, cst)
-                break
+            child = _next_subdir(cur, pending, frames[-1][1], shown)
             if child is not None:
                 n, cst = child
                 try:
@@ -320,18 +307,48 @@ def remove_at(dfd: int, name: str, *, shown: str = "") -> None:
                 with contextlib.suppress(FileNotFoundError):
                     os.rmdir(done_name, dir_fd=dfd)
                 return
-            up = os.open("..", DIR_FLAGS, dir_fd=cur)
-            ust = os.fstat(up)
-            if (ust.st_dev, ust.st_ino) != frames[-1][1:3]:
-                os.close(up)
-                raise _refused(shown, "a tree moved while being removed", "a tree to delete")
-            os.close(cur)
-            cur = up
+            cur = _ascend(cur, frames[-1], shown)
             with contextlib.suppress(FileNotFoundError):
                 os.rmdir(done_name, dir_fd=cur)
     finally:
         if cur >= 0:
             os.close(cur)
+
+
+def _next_subdir(
+    cur: int, pending: list[str], dev: int, shown: str
+) -> tuple[str, os.stat_result] | None:
+    """Pop ``pending`` until a subdirectory to descend into turns up (others are unlinked).
+
+    A subdirectory on another device is a mount point: refused, never crossed.
+    """
+    while pending:
+        n = pending.pop()
+        try:
+            cst = os.stat(n, dir_fd=cur, follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISDIR(cst.st_mode):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(n, dir_fd=cur)
+            continue
+        if cst.st_dev != dev:
+            raise _refused(
+                f"{shown}/.../{n}", "a mount point", "a directory to delete (never crossed)"
+            )
+        return n, cst
+    return None
+
+
+def _ascend(cur: int, parent: _Frame, shown: str) -> int:
+    """Open ``..`` of ``cur`` and check it is ``parent`` (not a tree moved meanwhile)."""
+    up = os.open("..", DIR_FLAGS, dir_fd=cur)
+    ust = os.fstat(up)
+    if (ust.st_dev, ust.st_ino) != parent[1:3]:
+        os.close(up)
+        raise _refused(shown, "a tree moved while being removed", "a tree to delete")
+    os.close(cur)
+    return up
 
 
 def _empty_files(fd: int) -> list[str]:

@@ -530,43 +530,14 @@ class CacheIndex:
 
     def _create_or_rebuild_now(self) -> None:
         self._drop_planted_files()
-        existed = self.path.exists() and self.path.stat().st_size > 0
-        if existed:
-            aside = self.path.with_name(self.path.name + ".corrupt")
-            log.warning(
-                "cache index %s is corrupt or of another schema version; moved to %s and "
-                "rebuilding it from the cache directory",
-                self.path,
-                aside.name,
-            )
-            os.replace(self.path, aside)
-        # A stale WAL of a deleted database would be replayed into the new one: remove it.
-        for suffix in ("-wal", "-shm"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(str(self.path) + suffix)
-        with contextlib.suppress(FileNotFoundError):
-            if self.path.stat().st_size == 0:
-                os.unlink(self.path)
+        existed = self._move_aside_damaged()
         entries = scan_entries(self.layout)
-        now = time.time()
         conn = self._connect()
         try:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("BEGIN IMMEDIATE")
-            for stmt in _SCHEMA.split(";"):
-                if stmt.strip():
-                    conn.execute(stmt)
-            conn.execute("DELETE FROM schema_version")
-            for e in entries:
-                conn.execute(
-                    "INSERT OR IGNORE INTO entries VALUES (?,?,?,?,?,?,?,?,?)", _entry_row(e)
-                )
-            # We cannot know which runs are live: protect every run directory and shared
-            # workspace found for one lease TTL (a conservative guess that frees itself).
-            for lease in _rebuild_leases(entries, now, self.lease_ttl):
-                _insert_lease(conn, lease, self.lease_ttl)
-            conn.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
+            self._fill_rebuilt(conn, entries)
             conn.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
@@ -591,6 +562,42 @@ class CacheIndex:
                     len(entries),
                     sum(e.bytes for e in entries),
                 )
+
+    def _move_aside_damaged(self) -> bool:
+        """Move a non-empty index aside as ``.corrupt``, drop its WAL; True if there was one."""
+        existed = self.path.exists() and self.path.stat().st_size > 0
+        if existed:
+            aside = self.path.with_name(self.path.name + ".corrupt")
+            log.warning(
+                "cache index %s is corrupt or of another schema version; moved to %s and "
+                "rebuilding it from the cache directory",
+                self.path,
+                aside.name,
+            )
+            os.replace(self.path, aside)
+        # A stale WAL of a deleted database would be replayed into the new one: remove it.
+        for suffix in ("-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(str(self.path) + suffix)
+        with contextlib.suppress(FileNotFoundError):
+            if self.path.stat().st_size == 0:
+                os.unlink(self.path)
+        return existed
+
+    def _fill_rebuilt(self, conn: sqlite3.Connection, entries: list[EntryRecord]) -> None:
+        """Schema, the entries found on disk and their protective leases, in ``conn``'s
+        open transaction."""
+        for stmt in _SCHEMA.split(";"):
+            if stmt.strip():
+                conn.execute(stmt)
+        conn.execute("DELETE FROM schema_version")
+        for e in entries:
+            conn.execute("INSERT OR IGNORE INTO entries VALUES (?,?,?,?,?,?,?,?,?)", _entry_row(e))
+        # We cannot know which runs are live: protect every run directory and shared
+        # workspace found for one lease TTL (a conservative guess that frees itself).
+        for lease in _rebuild_leases(entries, time.time(), self.lease_ttl):
+            _insert_lease(conn, lease, self.lease_ttl)
+        conn.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -1153,72 +1160,91 @@ def scan_entries(
     are listed (gc's cheap reconciliation): sizes are 0, modes a guess, times now. ``only``
     restricts the scan to one target directory.
     """
-    root = layout.root
     now = time.time()
     found: list[EntryRecord] = []
+    for tid, children in _target_dirs(layout.root, only):
+        names = {c.name for c in children}
+        for child in children:
+            shape = _entry_shape(layout, tid, child, names, with_sizes)
+            if shape is None:
+                continue
+            key, kind, run_id, mode, parts = shape
+            nbytes, nfiles, created = _entry_usage(parts, kind, child, with_sizes, now)
+            found.append(EntryRecord(key, tid, kind, run_id, mode, nbytes, nfiles, created, now))
+    return found
+
+
+def _target_dirs(root: Path, only: str | None) -> Iterator[tuple[str, list[os.DirEntry[str]]]]:
+    """(target id, its sorted children) for each target directory under ``root``."""
     try:
         tops = sorted(os.scandir(root), key=lambda d: d.name)
     except FileNotFoundError:
-        return found
+        return
     for top in tops:
         if top.name == META_DIRNAME or not is_valid_id(top.name):
             continue
-        if only is not None and top.name != only:
+        if (only is not None and top.name != only) or not top.is_dir(follow_symlinks=False):
             continue
-        if not top.is_dir(follow_symlinks=False):
-            continue
-        tid = top.name
         try:
             with os.scandir(top.path) as it:
                 children = sorted(it, key=lambda d: d.name)
         except (FileNotFoundError, NotADirectoryError):
             continue
-        names = {c.name for c in children}
-        has_cow_shared = "shared" in names
-        for child in children:
-            name = child.name
-            try:
-                # d_type from the directory listing: no stat per child
-                is_dir = child.is_dir(follow_symlinks=False)
-            except OSError:
-                continue
-            if name in ("workspace", "target"):
-                if name == "target" and "workspace" in names:
-                    continue  # counted with the workspace
-                key, kind, run_id, mode = f"{tid}/workspace", "shared", None, "shared"
-                parts = [layout.shared_workspace(tid), layout.shared_target(tid)]
-            elif name == "shared":
-                if not is_dir:
-                    continue
-                key, kind, run_id, mode = f"{tid}/shared", "cow-shared", None, "copy-on-write"
-                parts = [Path(child.path)]
-            elif is_valid_id(name):
-                if not is_dir:
-                    continue
-                key, kind, run_id = f"{tid}/{name}", "run", name
-                mode = _run_mode_on_disk(Path(child.path), has_cow_shared, with_sizes)
-                parts = [Path(child.path)]
-                # An overlay run's own bytes are its upper layer (the mount shows the shared
-                # copy beneath, which tree_usage does not enter).
-                from forgespace.cache.staging import run_overlay_base
+        yield top.name, children
 
-                base = run_overlay_base(layout, tid, name) if with_sizes else None
-                if base is not None and os.path.isdir(base / "upper"):
-                    parts.append(base / "upper")
-            else:
-                continue
-            nbytes = nfiles = 0
-            created = now
-            if with_sizes:
-                for part in parts:
-                    b, f = tree_usage(part, one_filesystem=True)
-                    nbytes += b
-                    nfiles += f
-                if kind == "run":
-                    # bookkeeping, not the run's content (publish does not count it either)
-                    b, f = tree_usage(Path(child.path) / RUN_MODE_FILE, one_filesystem=True)
-                    nbytes, nfiles = nbytes - b, nfiles - f
-                with contextlib.suppress(ValueError):
-                    created = min(os.lstat(x).st_mtime for x in parts if os.path.lexists(x))
-            found.append(EntryRecord(key, tid, kind, run_id, mode, nbytes, nfiles, created, now))
-    return found
+
+_Shape = tuple[str, str, str | None, str, list[Path]]
+
+
+def _entry_shape(
+    layout: CacheLayout, tid: str, child: os.DirEntry[str], names: set[str], with_sizes: bool
+) -> _Shape | None:
+    """(key, kind, run id, mode, paths holding its bytes) of one child of a target directory,
+    or None for a child that is no entry."""
+    name = child.name
+    try:
+        is_dir = child.is_dir(follow_symlinks=False)  # d_type from the listing: no stat
+    except OSError:
+        return None
+    if name in ("workspace", "target"):
+        if name == "target" and "workspace" in names:
+            return None  # counted with the workspace
+        parts = [layout.shared_workspace(tid), layout.shared_target(tid)]
+        return f"{tid}/workspace", "shared", None, "shared", parts
+    if not is_dir:
+        return None
+    if name == "shared":
+        return f"{tid}/shared", "cow-shared", None, "copy-on-write", [Path(child.path)]
+    if not is_valid_id(name):
+        return None
+    mode = _run_mode_on_disk(Path(child.path), "shared" in names, with_sizes)
+    parts = [Path(child.path)]
+    # An overlay run's own bytes are its upper layer (the mount shows the shared copy
+    # beneath, which tree_usage does not enter).
+    from forgespace.cache.staging import run_overlay_base
+
+    base = run_overlay_base(layout, tid, name) if with_sizes else None
+    if base is not None and os.path.isdir(base / "upper"):
+        parts.append(base / "upper")
+    return f"{tid}/{name}", "run", name, mode, parts
+
+
+def _entry_usage(
+    parts: list[Path], kind: str, child: os.DirEntry[str], with_sizes: bool, now: float
+) -> tuple[int, int, float]:
+    """(bytes, files, creation time) of an entry; zeros and ``now`` without ``with_sizes``."""
+    if not with_sizes:
+        return 0, 0, now
+    nbytes = nfiles = 0
+    for part in parts:
+        b, f = tree_usage(part, one_filesystem=True)
+        nbytes += b
+        nfiles += f
+    if kind == "run":
+        # bookkeeping, not the run's content (publish does not count it either)
+        b, f = tree_usage(Path(child.path) / RUN_MODE_FILE, one_filesystem=True)
+        nbytes, nfiles = nbytes - b, nfiles - f
+    created = now
+    with contextlib.suppress(ValueError):
+        created = min(os.lstat(x).st_mtime for x in parts if os.path.lexists(x))
+    return nbytes, nfiles, created
