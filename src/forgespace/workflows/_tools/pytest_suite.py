@@ -113,9 +113,7 @@ def run_pytest_suite(
     }
 
 
-def _not_run_error(
-    code: int, tool: sandbox.ToolProcess, tail: collections.deque[str]
-) -> ToolError:
+def _not_run_error(code: int, tool: sandbox.ToolProcess, tail: collections.deque[str]) -> ToolError:
     """pytest did not run the tests (bad arguments, collection crash...): say so with its
     last output."""
     meaning = _EXIT_MEANING.get(code, "failed")
