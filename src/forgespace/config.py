@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
@@ -182,83 +182,15 @@ class Settings:
         Raises ConfigError naming the variable, its value and the accepted forms.
         """
         e = dict(os.environ if env is None else env)
-        home = Path(e.get("HOME") or Path.home())
-        xdg_cache = Path(e.get("XDG_CACHE_HOME") or home / ".cache")
-        xdg_data = Path(e.get("XDG_DATA_HOME") or home / ".local" / "share")
 
         def get(name: str) -> str | None:
             v = e.get(name)
             return v if v not in (None, "") else None
 
-        kw: dict[str, Any] = {
-            "cache_dir": Path(get("CACHE_DIR") or xdg_cache / "forgespace").expanduser(),
-            "storage_dir": Path(
-                get("STORAGE_DIR") or xdg_data / "forgespace" / "store"
-            ).expanduser(),
-        }
-        sizes = {"CACHE_MAX_SIZE": "cache_max_size"}
-        durations = {
-            "CACHE_TTL": "cache_ttl",
-            "CACHE_CLEANUP_INTERVAL": "cache_cleanup_interval",
-            "CACHE_LEASE_TTL": "cache_lease_ttl",
-            "CACHE_LOCK_TIMEOUT": "cache_lock_timeout",
-            "STORE_TARGET_TTL": "store_target_ttl",
-            "STORE_RESULT_TTL": "store_result_ttl",
-            "STORE_TEMP_GRACE": "store_temp_grace",
-        }
-        for var, name in sizes.items():
-            if (v := get(var)) is not None:
-                kw[name] = _cache_limit(v, name=var)
-        for var, name in durations.items():
-            if (v := get(var)) is not None:
-                kw[name] = parse_duration(v, name=var)
-        if (v := get("CACHE_COW_BACKEND")) is not None:
-            kw["cow_backend"] = _choice(v, name="CACHE_COW_BACKEND", allowed=COW_BACKENDS)
-        if (v := get("FORGESPACE_SANDBOX")) is not None:
-            kw["sandbox"] = _choice(v, name="FORGESPACE_SANDBOX", allowed=SANDBOX_MODES)
-        if (v := get("STORAGE_BACKEND")) is not None:
-            kw["storage_backend"] = _choice(v, name="STORAGE_BACKEND", allowed=STORAGE_BACKENDS)
-        if (v := get("S3_USE_SSL")) is not None:
-            kw["s3_use_ssl"] = _parse_bool(v, name="S3_USE_SSL")
-        plain = {
-            "S3_ENDPOINT": "s3_endpoint",
-            "S3_ACCESS_KEY": "s3_access_key",
-            "S3_SECRET_KEY": "s3_secret_key",
-            "S3_BUCKET": "s3_bucket",
-            "S3_RESULTS_BUCKET": "s3_results_bucket",
-            "S3_REGION": "s3_region",
-            "TEMPORAL_ADDRESS": "temporal_address",
-            "TEMPORAL_NAMESPACE": "temporal_namespace",
-        }
-        for var, name in plain.items():
-            if (v := get(var)) is not None:
-                kw[name] = v
-        # MAX_CONCURRENT_ACTIVITIES and LOG_LEVEL: FuzzForge's worker variables, as aliases.
-        for var in ("FORGESPACE_MAX_CONCURRENT_ACTIVITIES", "MAX_CONCURRENT_ACTIVITIES"):
-            if (v := get(var)) is not None:
-                kw["max_concurrent_activities"] = _positive_int(v, name=var)
-                break
-        kw["temporal_bin"] = get("FORGESPACE_TEMPORAL_BIN")
-        level = get("FORGESPACE_LOG_LEVEL") or get("LOG_LEVEL") or "INFO"
-        kw["log_level"] = level.strip().upper()
-        tls_files = {
-            "TEMPORAL_TLS_CERT": "temporal_tls_cert",
-            "TEMPORAL_TLS_KEY": "temporal_tls_key",
-            "TEMPORAL_TLS_CA": "temporal_tls_ca",
-        }
-        for var, name in tls_files.items():
-            if (v := get(var)) is not None:
-                kw[name] = Path(v).expanduser()
-        if ("temporal_tls_cert" in kw) != ("temporal_tls_key" in kw):
-            given, missing = (
-                ("TEMPORAL_TLS_CERT", "TEMPORAL_TLS_KEY")
-                if "temporal_tls_cert" in kw
-                else ("TEMPORAL_TLS_KEY", "TEMPORAL_TLS_CERT")
-            )
-            raise ConfigError(
-                f"{given} is set but {missing} is not: a client certificate needs its key "
-                "(set both PEM files for mTLS, or neither)"
-            )
+        kw: dict[str, Any] = _directories(e, get)
+        kw.update(_parsed_settings(get))
+        kw.update(_string_settings(get))
+        kw.update(_tls_files(get))
         if (v := get("FORGESPACE_LOCALITY_WAIT")) is not None:
             kw["locality_wait"] = _locality_wait(v)
         if (v := get("TEMPORAL_API_KEY")) is not None:
@@ -268,3 +200,102 @@ class Settings:
     def with_(self, **changes: Any) -> Settings:
         """A copy with some fields changed (tests and the CLI use this)."""
         return replace(self, **changes)
+
+
+#: Variables read as a size / a duration, and the Settings field each sets.
+_SIZE_VARS = {"CACHE_MAX_SIZE": "cache_max_size"}
+_DURATION_VARS = {
+    "CACHE_TTL": "cache_ttl",
+    "CACHE_CLEANUP_INTERVAL": "cache_cleanup_interval",
+    "CACHE_LEASE_TTL": "cache_lease_ttl",
+    "CACHE_LOCK_TIMEOUT": "cache_lock_timeout",
+    "STORE_TARGET_TTL": "store_target_ttl",
+    "STORE_RESULT_TTL": "store_result_ttl",
+    "STORE_TEMP_GRACE": "store_temp_grace",
+}
+#: Variables taken as they are.
+_PLAIN_VARS = {
+    "S3_ENDPOINT": "s3_endpoint",
+    "S3_ACCESS_KEY": "s3_access_key",
+    "S3_SECRET_KEY": "s3_secret_key",
+    "S3_BUCKET": "s3_bucket",
+    "S3_RESULTS_BUCKET": "s3_results_bucket",
+    "S3_REGION": "s3_region",
+    "TEMPORAL_ADDRESS": "temporal_address",
+    "TEMPORAL_NAMESPACE": "temporal_namespace",
+}
+_TLS_FILE_VARS = {
+    "TEMPORAL_TLS_CERT": "temporal_tls_cert",
+    "TEMPORAL_TLS_KEY": "temporal_tls_key",
+    "TEMPORAL_TLS_CA": "temporal_tls_ca",
+}
+
+#: Reads one variable of the environment; unset and empty are both None.
+_Getter = Callable[[str], str | None]
+
+
+def _directories(e: Mapping[str, str], get: _Getter) -> dict[str, Any]:
+    """CACHE_DIR and STORAGE_DIR, defaulting under the XDG directories."""
+    home = Path(e.get("HOME") or Path.home())
+    xdg_cache = Path(e.get("XDG_CACHE_HOME") or home / ".cache")
+    xdg_data = Path(e.get("XDG_DATA_HOME") or home / ".local" / "share")
+    return {
+        "cache_dir": Path(get("CACHE_DIR") or xdg_cache / "forgespace").expanduser(),
+        "storage_dir": Path(get("STORAGE_DIR") or xdg_data / "forgespace" / "store").expanduser(),
+    }
+
+
+def _parsed_settings(get: _Getter) -> dict[str, Any]:
+    """The sizes, durations, choices and flags: each checked, a ConfigError otherwise."""
+    kw: dict[str, Any] = {}
+    for var, name in _SIZE_VARS.items():
+        if (v := get(var)) is not None:
+            kw[name] = _cache_limit(v, name=var)
+    for var, name in _DURATION_VARS.items():
+        if (v := get(var)) is not None:
+            kw[name] = parse_duration(v, name=var)
+    if (v := get("CACHE_COW_BACKEND")) is not None:
+        kw["cow_backend"] = _choice(v, name="CACHE_COW_BACKEND", allowed=COW_BACKENDS)
+    if (v := get("FORGESPACE_SANDBOX")) is not None:
+        kw["sandbox"] = _choice(v, name="FORGESPACE_SANDBOX", allowed=SANDBOX_MODES)
+    if (v := get("STORAGE_BACKEND")) is not None:
+        kw["storage_backend"] = _choice(v, name="STORAGE_BACKEND", allowed=STORAGE_BACKENDS)
+    if (v := get("S3_USE_SSL")) is not None:
+        kw["s3_use_ssl"] = _parse_bool(v, name="S3_USE_SSL")
+    return kw
+
+
+def _string_settings(get: _Getter) -> dict[str, Any]:
+    """The plain strings, and the worker's variables (with FuzzForge's names as aliases)."""
+    kw: dict[str, Any] = {}
+    for var, name in _PLAIN_VARS.items():
+        if (v := get(var)) is not None:
+            kw[name] = v
+    # MAX_CONCURRENT_ACTIVITIES and LOG_LEVEL: FuzzForge's worker variables, as aliases.
+    for var in ("FORGESPACE_MAX_CONCURRENT_ACTIVITIES", "MAX_CONCURRENT_ACTIVITIES"):
+        if (v := get(var)) is not None:
+            kw["max_concurrent_activities"] = _positive_int(v, name=var)
+            break
+    kw["temporal_bin"] = get("FORGESPACE_TEMPORAL_BIN")
+    level = get("FORGESPACE_LOG_LEVEL") or get("LOG_LEVEL") or "INFO"
+    kw["log_level"] = level.strip().upper()
+    return kw
+
+
+def _tls_files(get: _Getter) -> dict[str, Any]:
+    """The Temporal TLS files; a certificate without its key (or the reverse) is refused."""
+    kw: dict[str, Any] = {}
+    for var, name in _TLS_FILE_VARS.items():
+        if (v := get(var)) is not None:
+            kw[name] = Path(v).expanduser()
+    if ("temporal_tls_cert" in kw) != ("temporal_tls_key" in kw):
+        given, missing = (
+            ("TEMPORAL_TLS_CERT", "TEMPORAL_TLS_KEY")
+            if "temporal_tls_cert" in kw
+            else ("TEMPORAL_TLS_KEY", "TEMPORAL_TLS_CERT")
+        )
+        raise ConfigError(
+            f"{given} is set but {missing} is not: a client certificate needs its key "
+            "(set both PEM files for mTLS, or neither)"
+        )
+    return kw

@@ -215,6 +215,48 @@ def _inside(path: Path, base: Path) -> bool:
     return path == base or base in path.parents
 
 
+def _tmp_shields(binds: Sequence[str]) -> list[Path]:
+    """Top directories under /tmp to cover with a read-only tmpfs.
+
+    A bind deep below /tmp gets its mount point created in the private (writable) /tmp: its
+    parents there (e.g. a CACHE_DIR under /tmp) would be writable, if invisible to the host.
+    A read-only tmpfs over their top directory makes them refuse writes too.
+    """
+    return sorted(
+        {
+            _TMP / Path(d).relative_to(_TMP).parts[0]
+            for d in binds[2::3]
+            if _inside(Path(d), _TMP) and len(Path(d).relative_to(_TMP).parts) > 1
+        }
+    )
+
+
+def _popen_direct(
+    argv: Sequence[str],
+    cwd: str | os.PathLike[str] | None,
+    environ: Mapping[str, str],
+    limits: Limits,
+    *,
+    stdout: int | IO[Any] | None,
+    stderr: int | IO[Any] | None,
+) -> ToolProcess:
+    """Start a tool unsandboxed (the sandbox is off), still in its own session."""
+    # Limits through prlimit too: a preexec_fn is unsafe in the threaded worker.
+    direct = list(argv)
+    if shutil.which("prlimit") is not None:
+        direct = ["prlimit", *limits.prlimit_args(), "--core=0", "--", *direct]
+    proc = subprocess.Popen(
+        direct,
+        cwd=str(cwd) if cwd is not None else None,
+        env=environ,
+        stdin=subprocess.DEVNULL,
+        stdout=stdout,
+        stderr=stderr,
+        start_new_session=True,
+    )
+    return ToolProcess(proc, None, sandboxed=False)
+
+
 class ToolProcess:
     """A started tool: ``proc`` (its ``Popen``) and whether its sandbox came up.
 
@@ -402,12 +444,30 @@ class Sandbox:
         """The full command line (prlimit + bwrap + argv) for a sandboxed tool."""
         if self.bwrap is None:
             raise SandboxStartError("bubblewrap is not available", reason="no bwrap")
-        args = [
+        args = self._jail_args(self.bwrap, limits)
+        binds = self._tool_binds(workspace, writable=writable, extra_ro=extra_ro)
+        shields = _tmp_shields(binds)
+        for shield in shields:
+            args += ["--tmpfs", str(shield)]
+        args += binds
+        # Nothing outside the binds and /tmp is writable, not even bwrap's own skeleton dirs.
+        for ro in ["/", *map(str, shields)]:
+            args += ["--remount-ro", ro]
+        if cwd is not None:
+            args += ["--chdir", str(Path(os.path.abspath(cwd)))]
+        if status_fd is not None:
+            args += ["--json-status-fd", str(status_fd)]
+        return [*args, "--", *argv]
+
+    def _jail_args(self, bwrap: str, limits: Limits) -> list[str]:
+        """prlimit and bwrap with what every tool gets: namespaces, uid, no capabilities,
+        private /tmp, /proc and /dev, and the read-only system binds."""
+        return [
             "prlimit",
             *limits.prlimit_args(),
             "--core=0",
             "--",
-            self.bwrap,
+            bwrap,
             "--unshare-all",
             "--unshare-user",
             "--uid",
@@ -428,6 +488,16 @@ class Sandbox:
             "/dev",
             *self._system_binds(),
         ]
+
+    def _tool_binds(
+        self,
+        workspace: str | os.PathLike[str],
+        *,
+        writable: bool,
+        extra_ro: Sequence[str | os.PathLike[str]],
+    ) -> list[str]:
+        """The binds of this tool (each three words: option, source, destination): runtime
+        paths under /tmp, the caller's ``extra_ro`` and the workspace."""
         binds: list[str] = []
         # A checkout (venv, src/) under /tmp, e.g. a CI clone: bound into the private /tmp.
         for runtime in self._runtime_paths():
@@ -439,28 +509,7 @@ class Sandbox:
                 raise ValueError(f"refusing to show {str(p)!r} to a tool: it exposes the cache")
             binds += ["--ro-bind", str(real), str(Path(os.path.abspath(p)))]
         binds += self.workspace_bind(workspace, writable=writable)
-        # A bind deep below /tmp gets its mount point created in the private (writable) /tmp:
-        # its parents there (e.g. a CACHE_DIR under /tmp) would be writable, if invisible to
-        # the host. A read-only tmpfs over their top directory makes them refuse writes too.
-        tmp = _TMP
-        shields = sorted(
-            {
-                tmp / Path(d).relative_to(tmp).parts[0]
-                for d in binds[2::3]
-                if _inside(Path(d), tmp) and len(Path(d).relative_to(tmp).parts) > 1
-            }
-        )
-        for shield in shields:
-            args += ["--tmpfs", str(shield)]
-        args += binds
-        # Nothing outside the binds and /tmp is writable, not even bwrap's own skeleton dirs.
-        for ro in ["/", *map(str, shields)]:
-            args += ["--remount-ro", ro]
-        if cwd is not None:
-            args += ["--chdir", str(Path(os.path.abspath(cwd)))]
-        if status_fd is not None:
-            args += ["--json-status-fd", str(status_fd)]
-        return [*args, "--", *argv]
+        return binds
 
     # -- starting tools --------------------------------------------------------------------
 
@@ -485,20 +534,7 @@ class Sandbox:
         """
         environ = dict(env) if env is not None else tool_env()
         if not self.active:
-            # Limits through prlimit too: a preexec_fn is unsafe in the threaded worker.
-            direct = list(argv)
-            if shutil.which("prlimit") is not None:
-                direct = ["prlimit", *limits.prlimit_args(), "--core=0", "--", *direct]
-            proc = subprocess.Popen(
-                direct,
-                cwd=str(cwd) if cwd is not None else None,
-                env=environ,
-                stdin=subprocess.DEVNULL,
-                stdout=stdout,
-                stderr=stderr,
-                start_new_session=True,
-            )
-            return ToolProcess(proc, None, sandboxed=False)
+            return _popen_direct(argv, cwd, environ, limits, stdout=stdout, stderr=stderr)
         read_fd, write_fd = os.pipe()
         try:
             cmd = self.command(

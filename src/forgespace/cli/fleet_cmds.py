@@ -17,6 +17,8 @@ import typer
 from forgespace.cli.app import app, load_settings, out_console
 
 if TYPE_CHECKING:
+    from rich.table import Table
+
     from forgespace.temporal.fleet import HostAd
 
 fleet_app = typer.Typer(help="See the worker fleet: who holds which targets.", no_args_is_help=True)
@@ -93,21 +95,33 @@ def status(
     if as_json:
         print(json.dumps(doc, indent=2))
         return
-    from rich.table import Table
-
-    from forgespace.cli.cache_cmds import _age, _size
-
     if not doc["hosts"]:
         out_console.print(
             "no host has advertised yet (workers write fleet/<host queue>.json to the store "
             "every few seconds; are they using this store?)"
         )
         return
+    out_console.print(_hosts_table(doc["hosts"]))
+    out_console.print(_targets_table(doc["targets"]))
+    tot = doc["totals"]
+    out_console.print(
+        f"{tot['live_hosts']} of {tot['hosts']} host(s) live, {tot['free_slots']} free slot(s); "
+        f"{tot['targets']} target(s) in {tot['copies']} cop(ies); "
+        f"{tot['downloads']} download(s), {tot['downloads_saved']} saved by cache hits"
+    )
+
+
+def _hosts_table(hosts: list[dict[str, Any]]) -> Table:
+    """One row per host of ``fleet_doc``'s ``hosts``."""
+    from rich.table import Table
+
+    from forgespace.cli.cache_cmds import _age, _size
+
     t = Table(title="forgespace fleet")
     for col in ("host", "task queue", "state", "seen", "free slots", "held", "cache", "downloads"):
         t.add_column(col)
     t.add_column("hits (downloads saved)")
-    for h in doc["hosts"]:
+    for h in hosts:
         held = sum(len(ids) for ids in h["holds"].values())
         state = h["state"] if h["live"] or h["state"] != "serving" else "stale"
         t.add_row(
@@ -121,21 +135,21 @@ def status(
             str(h["downloads"]),
             str(h["hits"]),
         )
-    out_console.print(t)
+    return t
+
+
+def _targets_table(targets: dict[str, dict[str, list[str]]]) -> Table:
+    """Which live hosts hold each target, per mode (``fleet_doc``'s ``targets``)."""
+    from rich.table import Table
+
     tt = Table(title="targets held by live hosts")
     tt.add_column("target")
     tt.add_column("shared on")
     tt.add_column("copy-on-write on")
-    for tid, modes in sorted(doc["targets"].items()):
+    for tid, modes in sorted(targets.items()):
         tt.add_row(
             tid,
             ", ".join(modes.get("shared", [])) or "-",
             ", ".join(modes.get("copy-on-write", [])) or "-",
         )
-    out_console.print(tt)
-    tot = doc["totals"]
-    out_console.print(
-        f"{tot['live_hosts']} of {tot['hosts']} host(s) live, {tot['free_slots']} free slot(s); "
-        f"{tot['targets']} target(s) in {tot['copies']} cop(ies); "
-        f"{tot['downloads']} download(s), {tot['downloads_saved']} saved by cache hits"
-    )
+    return tt

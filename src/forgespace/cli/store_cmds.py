@@ -19,7 +19,7 @@ from forgespace.cli.progress import transfer_progress
 from forgespace.errors import ConfigError, ForgespaceError, StorageError
 
 if TYPE_CHECKING:
-    from forgespace.storage.lifecycle import ManagedStore, StoredObject
+    from forgespace.storage.lifecycle import ManagedStore, PrunePlan, PruneResult, StoredObject
 
 
 @app.command()
@@ -51,17 +51,7 @@ def upload(
     """
     from forgespace.storage import open_store
 
-    # BadParameter: a usage error, exit code 2, with the message below
-    if not path.exists():
-        raise typer.BadParameter(
-            f"cannot upload {path}: no such file or directory "
-            "(expected a directory, an archive or a single file)",
-            param_hint="PATH",
-        )
-    if not (path.is_dir() or path.is_file()):
-        raise typer.BadParameter(
-            f"cannot upload {path}: not a regular file or directory", param_hint="PATH"
-        )
+    _check_upload_path(path)
     settings = load_settings()
     store = open_store(settings)
     if extract:
@@ -73,18 +63,39 @@ def upload(
     except OSError as exc:
         if isinstance(exc, ForgespaceError):
             raise
-        source = os.path.abspath(path)
-        failed = os.path.abspath(exc.filename) if isinstance(exc.filename, str) else ""
-        if failed and failed != source and not failed.startswith(source + os.sep):
-            # Not the user's PATH but the store (a STORAGE_DIR we may not write): exit 1.
-            raise StorageError(
-                f"cannot upload {path}: cannot write to the {store.display_name}: "
-                f"{exc.filename}: {exc.strerror or exc}"
-            ) from exc
-        # e.g. a file vanishing or unreadable mid-upload: say which, without a traceback
-        raise typer.BadParameter(f"cannot upload {path}: {exc}", param_hint="PATH") from exc
+        raise _upload_error(exc, path, store.display_name) from exc
     err_console.print(f"uploaded {escape(str(path))} to the {store.display_name}", highlight=False)
     print(target_id, flush=True)
+
+
+def _check_upload_path(path: Path) -> None:
+    """PATH must be a directory or a regular file."""
+    # BadParameter: a usage error, exit code 2, with the message below
+    if not path.exists():
+        raise typer.BadParameter(
+            f"cannot upload {path}: no such file or directory "
+            "(expected a directory, an archive or a single file)",
+            param_hint="PATH",
+        )
+    if not (path.is_dir() or path.is_file()):
+        raise typer.BadParameter(
+            f"cannot upload {path}: not a regular file or directory", param_hint="PATH"
+        )
+
+
+def _upload_error(exc: OSError, path: Path, store_name: str) -> Exception:
+    """What an OSError during an upload is: the store's fault (StorageError, exit 1) when it
+    names a file outside PATH, else the user's PATH's (a usage error, exit 2)."""
+    source = os.path.abspath(path)
+    failed = os.path.abspath(exc.filename) if isinstance(exc.filename, str) else ""
+    if failed and failed != source and not failed.startswith(source + os.sep):
+        # Not the user's PATH but the store (a STORAGE_DIR we may not write): exit 1.
+        return StorageError(
+            f"cannot upload {path}: cannot write to the {store_name}: "
+            f"{exc.filename}: {exc.strerror or exc}"
+        )
+    # e.g. a file vanishing or unreadable mid-upload: say which, without a traceback
+    return typer.BadParameter(f"cannot upload {path}: {exc}", param_hint="PATH")
 
 
 # --- store ls / rm / prune ---------------------------------------------------------------
@@ -173,27 +184,31 @@ def _duration(value: str | None, option: str, default: float) -> float:
         raise typer.BadParameter(str(exc), param_hint=option) from exc
 
 
+OlderThanOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--older-than",
+        help="Remove targets and results not uploaded for this long (e.g. 30d); "
+        "default: STORE_TARGET_TTL (7d) for targets, STORE_RESULT_TTL (30d) for results.",
+    ),
+]
+TargetsOlderThanOpt = Annotated[
+    str | None,
+    typer.Option("--targets-older-than", help="Age limit for targets only."),
+]
+ResultsOlderThanOpt = Annotated[
+    str | None,
+    typer.Option("--results-older-than", help="Age limit for results only."),
+]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Show what would go; delete nothing.")]
+
+
 @store_app.command("prune")
 def store_prune(
-    older_than: Annotated[
-        str | None,
-        typer.Option(
-            "--older-than",
-            help="Remove targets and results not uploaded for this long (e.g. 30d); "
-            "default: STORE_TARGET_TTL (7d) for targets, STORE_RESULT_TTL (30d) for results.",
-        ),
-    ] = None,
-    targets_older_than: Annotated[
-        str | None,
-        typer.Option("--targets-older-than", help="Age limit for targets only."),
-    ] = None,
-    results_older_than: Annotated[
-        str | None,
-        typer.Option("--results-older-than", help="Age limit for results only."),
-    ] = None,
-    dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Show what would go; delete nothing.")
-    ] = False,
+    older_than: OlderThanOpt = None,
+    targets_older_than: TargetsOlderThanOpt = None,
+    results_older_than: ResultsOlderThanOpt = None,
+    dry_run: DryRunOpt = False,
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Remove targets and results older than their age limit, and the store's leftovers.
@@ -235,6 +250,11 @@ def store_prune(
         }
         print(json.dumps(doc, indent=2))
         return
+    _render_prune(store.display_name, plan, result)
+
+
+def _render_prune(store_name: str, plan: PrunePlan, result: PruneResult | None) -> None:
+    """What prune removed (or, dry run: would remove) as a table, and what it kept."""
     from forgespace.cli.cache_cmds import _size
 
     if result is None:
@@ -255,7 +275,7 @@ def store_prune(
         )
     err_console.print(
         f"pruned {len(result.deleted)} object(s), {_size(result.freed_bytes)} from the "
-        f"{store.display_name}",
+        f"{store_name}",
         highlight=False,
     )
 

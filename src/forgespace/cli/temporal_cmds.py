@@ -7,7 +7,7 @@ import json
 import sys
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -159,6 +159,59 @@ def workflows_info(
     out_console.print("\n".join(lines), highlight=False, markup=False, soft_wrap=True)
 
 
+# `forgespace run`'s options.
+RunsOpt = Annotated[int, typer.Option("--runs", min=1, help="Concurrent runs.")]
+IsolationOpt = Annotated[
+    str | None,
+    typer.Option("--isolation", help="Override metadata.yaml's workspace_isolation."),
+]
+ParamOpt = Annotated[
+    list[str] | None,
+    typer.Option("--param", help="KEY=VALUE workflow parameter (repeatable)."),
+]
+ParamFileOpt = Annotated[
+    Path | None,
+    typer.Option("--param-file", help="YAML or JSON mapping of parameters (--param values win)."),
+]
+ReportJsonOpt = Annotated[
+    bool, typer.Option("--json", help="Print the report as one JSON object on stdout.")
+]
+SarifOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--sarif",
+        help="Write each run's SARIF here (several runs: STEM-RUN_ID.SUFFIX next to it).",
+    ),
+]
+TimeoutOpt = Annotated[
+    str,
+    typer.Option(
+        "--timeout",
+        help="How long each run may take before it is ended: 2h, 90m, 45s, or seconds.",
+    ),
+]
+FailOnOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--fail-on",
+        help="Exit 1 when a finding at or above this severity exists: high, medium or low "
+        "(SARIF error=high, warning=medium, note=low; unranked findings count as high).",
+    ),
+]
+UiOpt = Annotated[
+    bool,
+    typer.Option(
+        "--ui", help="Embedded dev server: serve Temporal's Web UI on a free loopback port."
+    ),
+]
+VerboseOpt = Annotated[
+    int,
+    typer.Option(
+        "--verbose", "-v", count=True, help="Show the SDK's and worker's logs (-vv: debug)."
+    ),
+]
+
+
 @app.command()
 def run(
     workflow: Annotated[str, typer.Argument(help="Workflow name (see `forgespace workflows`).")],
@@ -166,98 +219,31 @@ def run(
         Path,
         typer.Argument(exists=True, help="The target: a directory, an archive or a file."),
     ],
-    runs: Annotated[int, typer.Option("--runs", min=1, help="Concurrent runs.")] = 1,
-    isolation: Annotated[
-        str | None,
-        typer.Option("--isolation", help="Override metadata.yaml's workspace_isolation."),
-    ] = None,
-    param: Annotated[
-        list[str] | None,
-        typer.Option("--param", help="KEY=VALUE workflow parameter (repeatable)."),
-    ] = None,
-    param_file: Annotated[
-        Path | None,
-        typer.Option(
-            "--param-file", help="YAML or JSON mapping of parameters (--param values win)."
-        ),
-    ] = None,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print the report as one JSON object on stdout.")
-    ] = False,
-    sarif: Annotated[
-        Path | None,
-        typer.Option(
-            "--sarif",
-            help="Write each run's SARIF here (several runs: STEM-RUN_ID.SUFFIX next to it).",
-        ),
-    ] = None,
+    runs: RunsOpt = 1,
+    isolation: IsolationOpt = None,
+    param: ParamOpt = None,
+    param_file: ParamFileOpt = None,
+    as_json: ReportJsonOpt = False,
+    sarif: SarifOpt = None,
     task_queue: TaskQueue = "forgespace",
     workflows_dir: WorkflowsDirs = None,
     bundled: Bundled = True,
-    timeout: Annotated[
-        str,
-        typer.Option(
-            "--timeout",
-            help="How long each run may take before it is ended: 2h, 90m, 45s, or seconds.",
-        ),
-    ] = "2h",
-    fail_on: Annotated[
-        str | None,
-        typer.Option(
-            "--fail-on",
-            help="Exit 1 when a finding at or above this severity exists: high, medium or low "
-            "(SARIF error=high, warning=medium, note=low; unranked findings count as high).",
-        ),
-    ] = None,
-    ui: Annotated[
-        bool,
-        typer.Option(
-            "--ui", help="Embedded dev server: serve Temporal's Web UI on a free loopback port."
-        ),
-    ] = False,
-    verbose: Annotated[
-        int,
-        typer.Option(
-            "--verbose", "-v", count=True, help="Show the SDK's and worker's logs (-vv: debug)."
-        ),
-    ] = 0,
+    timeout: TimeoutOpt = "2h",
+    fail_on: FailOnOpt = None,
+    ui: UiOpt = False,
+    verbose: VerboseOpt = 0,
 ) -> None:
     """Upload PATH and run WORKFLOW on it N times at once; summary per run and cache figures.
 
     Ctrl-C (or SIGTERM) cancels the runs, waits up to 30 s for their cleanup, and exits 130."""
     require_extra("temporal", "forgespace run")
     from forgespace.cli.app import quiet_logs
-    from forgespace.config import parse_duration
-    from forgespace.temporal.parameters import load_param_file
-    from forgespace.temporal.runner import (
-        RunInputError,
-        RunInterrupted,
-        RunJob,
-        parse_params,
-        run_job,
-    )
-    from forgespace.temporal.summary import SEVERITIES, at_or_above, severities
+    from forgespace.temporal.runner import RunInterrupted, RunJob, run_job
 
     quiet_logs(verbose)
-    if fail_on is not None and fail_on.strip().lower() not in SEVERITIES:
-        raise typer.BadParameter(
-            f"{fail_on!r}: expected one of {', '.join(reversed(SEVERITIES))}",
-            param_hint="--fail-on",
-        )
-    try:
-        run_timeout = parse_duration(timeout, name="duration")
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--timeout") from None
-    if run_timeout <= 0:
-        raise typer.BadParameter(
-            f"{timeout!r}: must be more than 0 (e.g. 2h, 90m, 600)", param_hint="--timeout"
-        )
-    try:
-        params = parse_params(param or [])
-    except RunInputError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--param") from None
-    if param_file is not None:
-        params = {**load_param_file(param_file), **params}
+    threshold = _fail_on_threshold(fail_on)
+    run_timeout = _run_timeout(timeout)
+    params = _run_params(param, param_file)
     settings = load_settings()
     job = RunJob(
         workflow=workflow,
@@ -283,14 +269,64 @@ def run(
     # typer.Exit into a return value that main() does not pass on.
     if any(r["status"] != "completed" for r in report["runs"]):
         sys.exit(1)
-    if fail_on is not None:
-        threshold = fail_on.strip().lower()
-        hits = sum(
-            at_or_above(severities(r["result"], r["findings"]), threshold) for r in report["runs"]
+    if threshold is not None and _fail_on_hits(report, threshold):
+        sys.exit(1)
+
+
+def _fail_on_threshold(fail_on: str | None) -> str | None:
+    """--fail-on as a severity name (None when not given)."""
+    from forgespace.temporal.summary import SEVERITIES
+
+    if fail_on is None:
+        return None
+    threshold = fail_on.strip().lower()
+    if threshold not in SEVERITIES:
+        raise typer.BadParameter(
+            f"{fail_on!r}: expected one of {', '.join(reversed(SEVERITIES))}",
+            param_hint="--fail-on",
         )
-        if hits:
-            err_console.print(
-                f"--fail-on {threshold}: {hits} finding(s) at or above {threshold}",
-                highlight=False,
-            )
-            sys.exit(1)
+    return threshold
+
+
+def _run_timeout(timeout: str) -> float:
+    """--timeout in seconds (more than 0)."""
+    from forgespace.config import parse_duration
+
+    try:
+        run_timeout = parse_duration(timeout, name="duration")
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--timeout") from None
+    if run_timeout <= 0:
+        raise typer.BadParameter(
+            f"{timeout!r}: must be more than 0 (e.g. 2h, 90m, 600)", param_hint="--timeout"
+        )
+    return run_timeout
+
+
+def _run_params(param: list[str] | None, param_file: Path | None) -> dict[str, Any]:
+    """The workflow parameters: --param-file's mapping, overridden by the --param pairs."""
+    from forgespace.temporal.parameters import load_param_file
+    from forgespace.temporal.runner import RunInputError, parse_params
+
+    try:
+        params = parse_params(param or [])
+    except RunInputError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--param") from None
+    if param_file is not None:
+        params = {**load_param_file(param_file), **params}
+    return params
+
+
+def _fail_on_hits(report: dict[str, Any], threshold: str) -> int:
+    """How many findings of the report are at or above ``threshold`` (said on stderr)."""
+    from forgespace.temporal.summary import at_or_above, severities
+
+    hits = sum(
+        at_or_above(severities(r["result"], r["findings"]), threshold) for r in report["runs"]
+    )
+    if hits:
+        err_console.print(
+            f"--fail-on {threshold}: {hits} finding(s) at or above {threshold}",
+            highlight=False,
+        )
+    return hits

@@ -42,6 +42,7 @@ isolated/copy-on-write run directory) would stay until CACHE_LEASE_TTL.
 from __future__ import annotations
 
 import asyncio
+import enum
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -532,6 +533,18 @@ def record_workspace(prepared: PreparedWorkspace) -> None:
     )
 
 
+class _Again(enum.Enum):
+    """Why ``run_in_workspace`` goes round again, on another host."""
+
+    #: The preferred host did not start the download in time: choose again without it; no
+    #: host attempt is spent.
+    HOST_BUSY = "host busy"
+    #: Nobody serves the chosen host queue: nothing was taken there.
+    NO_WORKER = "no worker"
+    #: The host went away while the body ran: start again elsewhere.
+    HOST_LOST = "host lost"
+
+
 async def run_in_workspace(
     request: WorkflowRequest,
     body: Callable[[Workspace], Awaitable[T]],
@@ -552,6 +565,7 @@ async def run_in_workspace(
     tried: list[str] = []  # preferred host queues that did not start the download in time
     while True:
         attempt += 1
+        last_attempt = attempt >= opts.host_attempts
         task_queue, locality_wait = await choose_host_queue(
             request.target_id, request.workspace_isolation, opts, tried
         )
@@ -563,68 +577,101 @@ async def run_in_workspace(
             attempt,
             request.workspace_isolation,
         )
-        cancelled_before = workflow.cancellation_reason() is not None
-        try:
-            prepared = await _prepare(request, task_queue, opts, locality_wait)
-        except ActivityError as exc:
-            if _host_lost(exc) and locality_wait is not None:
-                # The preferred host did not start it in time (busy, or gone): nothing was
-                # taken there; choose again without it, not spending a host attempt.
-                workflow.logger.info(
-                    "host queue %s did not start the download within %s; choosing again",
-                    task_queue,
-                    locality_wait,
-                )
-                attempt -= 1
-                tried.append(task_queue)
-                continue
-            if _host_lost(exc):
-                # Nobody picked it up there: it took nothing, and a release could not run.
-                if attempt < opts.host_attempts:
-                    workflow.logger.warning(
-                        "host queue %s has no worker; trying another", task_queue
-                    )
-                    continue
-                raise
-            if _may_hold(exc):
-                await _release(request, task_queue, opts, str(exc.cause or exc))
-            if not cancelled_before and workflow.cancellation_reason() is not None:
-                # Cancelled, and the prepare could not confirm it (e.g. its worker died and it
-                # timed out): the run ends as cancelled, as asked, not as failed.
-                raise asyncio.CancelledError(
-                    f"workflow cancelled while its workspace was prepared ({exc.cause or exc})"
-                ) from exc
-            raise
-        except asyncio.CancelledError:
-            # The cancel arrived together with the prepare's result (the SDK then raises
-            # instead of returning it): the run has a workspace whose path we never saw.
-            await _release(request, task_queue, opts, "cancelled as the prepare completed")
-            raise
-        if not cancelled_before and workflow.cancellation_reason() is not None:
-            # The download finished just before the cancellation reached its worker, so the
-            # activity completed and Temporal handed us its result: honour the cancel anyway.
-            await _cleanup(Workspace(request, prepared, opts), body_failed=True)
-            raise asyncio.CancelledError("workflow cancelled while its workspace was prepared")
-        workflow.logger.info(f"User code downloaded to: {prepared.path}")
-        record_workspace(prepared)
+        prepared = await _prepare_workspace(
+            request, task_queue, opts, locality_wait, last_attempt=last_attempt
+        )
+        if prepared is _Again.HOST_BUSY:
+            attempt -= 1
+            tried.append(task_queue)
+            continue
+        if isinstance(prepared, _Again):
+            continue
         ws = Workspace(request, prepared, opts)
-        body_failed = True
-        host_gone = False
-        try:
-            result = await body(ws)
-            body_failed = False
-            return result
-        except ActivityError as exc:
-            if _host_lost(exc) and attempt < opts.host_attempts:
-                # Nobody serves that host queue any more, so its cleanup could not run either.
-                host_gone = True
-                tried.append(task_queue)  # never prefer it again in this run
-                workflow.logger.warning(
-                    "host queue %s lost during the run; starting again on another host",
-                    task_queue,
-                )
-                continue
+        outcome = await _run_body(ws, body, task_queue=task_queue, last_attempt=last_attempt)
+        if isinstance(outcome, _Again):
+            tried.append(task_queue)  # never prefer it again in this run
+            continue
+        return outcome
+
+
+async def _prepare_workspace(
+    request: WorkflowRequest,
+    task_queue: str,
+    opts: WorkspaceOptions,
+    locality_wait: timedelta | None,
+    *,
+    last_attempt: bool,
+) -> PreparedWorkspace | _Again:
+    """The run's workspace on the host of ``task_queue`` (recorded in the memo), or why to try
+    another host. Whatever a failed or cancelled prepare may have taken is released."""
+    cancelled_before = workflow.cancellation_reason() is not None
+    try:
+        prepared = await _prepare(request, task_queue, opts, locality_wait)
+    except ActivityError as exc:
+        if _host_lost(exc) and locality_wait is not None:
+            # The preferred host did not start it in time (busy, or gone): nothing was
+            # taken there; choose again without it, not spending a host attempt.
+            workflow.logger.info(
+                "host queue %s did not start the download within %s; choosing again",
+                task_queue,
+                locality_wait,
+            )
+            return _Again.HOST_BUSY
+        if _host_lost(exc):
+            # Nobody picked it up there: it took nothing, and a release could not run.
+            if not last_attempt:
+                workflow.logger.warning("host queue %s has no worker; trying another", task_queue)
+                return _Again.NO_WORKER
             raise
-        finally:
-            if not host_gone:
-                await _cleanup(ws, body_failed=body_failed)
+        if _may_hold(exc):
+            await _release(request, task_queue, opts, str(exc.cause or exc))
+        if not cancelled_before and workflow.cancellation_reason() is not None:
+            # Cancelled, and the prepare could not confirm it (e.g. its worker died and it
+            # timed out): the run ends as cancelled, as asked, not as failed.
+            raise asyncio.CancelledError(
+                f"workflow cancelled while its workspace was prepared ({exc.cause or exc})"
+            ) from exc
+        raise
+    except asyncio.CancelledError:
+        # The cancel arrived together with the prepare's result (the SDK then raises
+        # instead of returning it): the run has a workspace whose path we never saw.
+        await _release(request, task_queue, opts, "cancelled as the prepare completed")
+        raise
+    if not cancelled_before and workflow.cancellation_reason() is not None:
+        # The download finished just before the cancellation reached its worker, so the
+        # activity completed and Temporal handed us its result: honour the cancel anyway.
+        await _cleanup(Workspace(request, prepared, opts), body_failed=True)
+        raise asyncio.CancelledError("workflow cancelled while its workspace was prepared")
+    workflow.logger.info(f"User code downloaded to: {prepared.path}")
+    record_workspace(prepared)
+    return prepared
+
+
+async def _run_body(
+    ws: Workspace,
+    body: Callable[[Workspace], Awaitable[T]],
+    *,
+    task_queue: str,
+    last_attempt: bool,
+) -> T | _Again:
+    """``body(ws)``, then the workspace's cleanup on its host (also when the body failed),
+    unless the host went away and the run starts again elsewhere."""
+    body_failed = True
+    host_gone = False
+    try:
+        result = await body(ws)
+        body_failed = False
+        return result
+    except ActivityError as exc:
+        if _host_lost(exc) and not last_attempt:
+            # Nobody serves that host queue any more, so its cleanup could not run either.
+            host_gone = True
+            workflow.logger.warning(
+                "host queue %s lost during the run; starting again on another host",
+                task_queue,
+            )
+            return _Again.HOST_LOST
+        raise
+    finally:
+        if not host_gone:
+            await _cleanup(ws, body_failed=body_failed)

@@ -52,6 +52,8 @@ from forgespace.temporal.worker import DEFAULT_TASK_QUEUE, WorkerInfo, connect, 
 if TYPE_CHECKING:
     from temporalio.client import Client, WorkflowHandle
 
+    from forgespace.temporal.devserver import DevServer
+
 log = logging.getLogger(__name__)
 
 DEFAULT_RUN_TIMEOUT = timedelta(hours=2)
@@ -316,87 +318,25 @@ async def _submit_and_wait(
     job: JobPlan,
     console: Console,
 ) -> list[RunState]:
-    states: list[RunState] = []
+    """Start the job's runs, show their progress until each has ended, and return their
+    states. Interrupted (SIGINT/SIGTERM), it cancels the runs and waits for their cleanup."""
     handles: list[WorkflowHandle[Any, Any]] = []
+    states: list[RunState] = []
     for i in range(job.runs):
-        run_id = f"r{i + 1}-{uuid.uuid4().hex[:10]}"
-        wid = f"{job.workflow}-{job.target_id}-{run_id}"
-        if job.start_args is not None:
-            # FuzzForge style: positional [target_id, *parameters]; the workflow names its run
-            # by Temporal's run id (workflow.info().run_id), so the report does too.
-            handle = await client.start_workflow(
-                job.workflow_type,
-                args=job.start_args,
-                id=wid,
-                task_queue=job.task_queue,
-                # The deadline is the workflow's own timer (RunDeadline: cancel the body, clean
-                # up, fail); the execution timeout only backs it up, late enough for cleanup.
-                memo={DEADLINE_MEMO_KEY: job.timeout.total_seconds()},
-                execution_timeout=job.timeout + DEADLINE_GRACE,
-            )
-            run_id = handle.result_run_id or run_id
-        else:
-            request = WorkflowRequest(
-                target_id=job.target_id,
-                run_id=run_id,
-                workspace_isolation=job.mode,
-                parameters=dict(job.parameters),
-            )
-            handle = await client.start_workflow(
-                job.workflow_type,
-                request,
-                id=wid,
-                task_queue=job.task_queue,
-                # The deadline is the workflow's own timer (RunDeadline: cancel the body, clean
-                # up, fail); the execution timeout only backs it up, late enough for cleanup.
-                memo={DEADLINE_MEMO_KEY: job.timeout.total_seconds()},
-                execution_timeout=job.timeout + DEADLINE_GRACE,
-            )
+        handle, state = await _start_run(client, job, i)
         handles.append(handle)
-        states.append(RunState(run_id=run_id, workflow_id=wid, status="running"))
-        console.print(f"started run {run_id} (workflow id {wid})", highlight=False, soft_wrap=True)
+        states.append(state)
+        console.print(
+            f"started run {state.run_id} (workflow id {state.workflow_id})",
+            highlight=False,
+            soft_wrap=True,
+        )
     waiters = [
         asyncio.create_task(_wait_result(h, s)) for h, s in zip(handles, states, strict=True)
     ]
     try:
         title = f"{job.workflow} on {job.target_id} ({job.mode}, {plural(job.runs, 'run')})"
-        started = time.monotonic()
-        # A terminal gets one live line per run; logs (CI, pipes) get a line per run whenever
-        # its step changes, and its heartbeat details at most every LINE_INTERVAL seconds.
-        live = (
-            Live(_live_view(states, title), console=console, auto_refresh=False, transient=True)
-            if console.is_terminal
-            else None
-        )
-        printed: dict[str, tuple[str, str, float]] = {}
-        with live if live is not None else contextlib.nullcontext():
-            while not all(w.done() for w in waiters):
-                await asyncio.wait(waiters, timeout=POLL_INTERVAL)
-                await asyncio.gather(
-                    *(_poll(client, h, s) for h, s in zip(handles, states, strict=True))
-                )
-                now = time.monotonic()
-                if live is not None:
-                    live.update(_live_view(states, f"{title}, {now - started:.0f} s"), refresh=True)
-                    continue
-                for s in states:
-                    if s.done:
-                        continue
-                    last = printed.get(s.run_id)
-                    step_changed = last is None or last[0] != s.step
-                    details_due = (
-                        last is not None
-                        and last[1] != s.details
-                        and (not last[1] or now - last[2] >= LINE_INTERVAL)
-                    )
-                    if step_changed or details_due:
-                        printed[s.run_id] = (s.step, s.details, now)
-                        console.print(
-                            f"[{now - started:5.0f}s] {s.run_id}: {s.status} {s.step} {s.details}",
-                            highlight=False,
-                            markup=False,
-                            soft_wrap=True,
-                        )
+        await _watch(client, handles, states, waiters, Progress(console, states, title))
     except asyncio.CancelledError:
         # Ctrl-C / SIGTERM: do not leave the runs going with nobody waiting for them, and let
         # them clean up before the (embedded) worker goes away.
@@ -410,6 +350,102 @@ async def _submit_and_wait(
     # Final memo read: workspace path and download flag of runs that finished between polls.
     await asyncio.gather(*(_poll(client, h, s) for h, s in zip(handles, states, strict=True)))
     return states
+
+
+async def _start_run(
+    client: Client, job: JobPlan, index: int
+) -> tuple[WorkflowHandle[Any, Any], RunState]:
+    """Start the job's run number ``index`` (from 0)."""
+    run_id = f"r{index + 1}-{uuid.uuid4().hex[:10]}"
+    wid = f"{job.workflow}-{job.target_id}-{run_id}"
+    options: dict[str, Any] = {
+        "id": wid,
+        "task_queue": job.task_queue,
+        # The deadline is the workflow's own timer (RunDeadline: cancel the body, clean up,
+        # fail); the execution timeout only backs it up, late enough for cleanup.
+        "memo": {DEADLINE_MEMO_KEY: job.timeout.total_seconds()},
+        "execution_timeout": job.timeout + DEADLINE_GRACE,
+    }
+    if job.start_args is not None:
+        # FuzzForge style: positional [target_id, *parameters]; the workflow names its run
+        # by Temporal's run id (workflow.info().run_id), so the report does too.
+        handle = await client.start_workflow(job.workflow_type, args=job.start_args, **options)
+        run_id = handle.result_run_id or run_id
+    else:
+        request = WorkflowRequest(
+            target_id=job.target_id,
+            run_id=run_id,
+            workspace_isolation=job.mode,
+            parameters=dict(job.parameters),
+        )
+        handle = await client.start_workflow(job.workflow_type, request, **options)
+    return handle, RunState(run_id=run_id, workflow_id=wid, status="running")
+
+
+async def _watch(
+    client: Client,
+    handles: Sequence[WorkflowHandle[Any, Any]],
+    states: Sequence[RunState],
+    waiters: Sequence[asyncio.Task[None]],
+    progress: Progress,
+) -> None:
+    """Poll the runs every POLL_INTERVAL and show their progress until all have ended."""
+    with progress:
+        while not all(w.done() for w in waiters):
+            await asyncio.wait(waiters, timeout=POLL_INTERVAL)
+            await asyncio.gather(
+                *(_poll(client, h, s) for h, s in zip(handles, states, strict=True))
+            )
+            progress.show()
+
+
+class Progress:
+    """How the runs' progress is shown: a terminal gets one live line per run; logs (CI,
+    pipes) get a line per run whenever its step changes, and its heartbeat details at most
+    every LINE_INTERVAL seconds."""
+
+    def __init__(self, console: Console, states: Sequence[RunState], title: str) -> None:
+        self.console = console
+        self.states = states
+        self.title = title
+        self.started = time.monotonic()
+        self.live = (
+            Live(_live_view(states, title), console=console, auto_refresh=False, transient=True)
+            if console.is_terminal
+            else None
+        )
+        self._printed: dict[str, tuple[str, str, float]] = {}
+
+    def __enter__(self) -> Progress:
+        if self.live is not None:
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.live is not None:
+            self.live.__exit__(None, None, None)
+
+    def show(self) -> None:
+        now = time.monotonic()
+        if self.live is not None:
+            view = _live_view(self.states, f"{self.title}, {now - self.started:.0f} s")
+            self.live.update(view, refresh=True)
+            return
+        for s in self.states:
+            if not s.done and self._line_due(s, now):
+                self._printed[s.run_id] = (s.step, s.details, now)
+                self.console.print(
+                    f"[{now - self.started:5.0f}s] {s.run_id}: {s.status} {s.step} {s.details}",
+                    highlight=False,
+                    markup=False,
+                    soft_wrap=True,
+                )
+
+    def _line_due(self, s: RunState, now: float) -> bool:
+        last = self._printed.get(s.run_id)
+        if last is None or last[0] != s.step:
+            return True
+        return last[1] != s.details and (not last[1] or now - last[2] >= LINE_INTERVAL)
 
 
 @dataclass
@@ -453,24 +489,9 @@ async def run_job(
     worker), and only then is the target uploaded: a mistake never leaves an object behind.
     """
     from forgespace.storage import open_store
-    from forgespace.temporal.devserver import DevServer
 
     console = console or Console(stderr=True)
-    if job.runs < 1:
-        raise RunInputError(f"invalid --runs {job.runs}: expected 1 or more")
-    if not job.path.exists():
-        raise RunInputError(f"target path {job.path} does not exist")
-    packages = discover(job.workflows_dirs, bundled=job.bundled, load=False)
-    pkg = load_package(find_package(packages, job.workflow))
-    params = dict(job.params)
-    override = job.isolation
-    source = "--isolation"
-    param_mode = params.pop("workspace_isolation", None)
-    if override is None and param_mode is not None:
-        override, source = str(param_mode), "parameter workspace_isolation"
-    mode = plan_mode(pkg, override, source)
-    parameters = resolve_parameters(pkg, params)
-
+    pkg, mode, parameters = _check_job(job)
     if settings.temporal_address and settings.storage_backend == "local":
         log.warning(
             "TEMPORAL_ADDRESS is set but STORAGE_BACKEND=local: the cluster's workers can fetch "
@@ -478,33 +499,11 @@ async def run_job(
             settings.storage_dir,
         )
     store = open_store(settings)
-
-    server: DevServer | None = None
-    worker_task: asyncio.Task[None] | None = None
-    stop = asyncio.Event()
-    infos: list[WorkerInfo] = []
+    session = _TemporalSession()
     states: list[RunState] = []
     try:
         with _cancel_on_signals():
-            address = settings.temporal_address
-            if not address:
-                server = DevServer(temporal_bin=settings.temporal_bin, ui=job.ui)
-                server.start()  # main thread: the server dies with it
-                address = server.address
-                console.print(f"embedded Temporal dev server at {address}", highlight=False)
-                if server.ui_url:
-                    console.print(f"Temporal Web UI: {server.ui_url}", highlight=False)
-            elif job.ui:
-                console.print(
-                    "--ui: TEMPORAL_ADDRESS is set; use that cluster's own Web UI",
-                    highlight=False,
-                )
-            client = await connect(settings, address=address)
-            if server is not None:
-                loaded = discover(job.workflows_dirs, bundled=job.bundled, load=True)
-                worker_task = await _start_worker(
-                    settings, client, job, loaded, stop, address, infos
-                )
+            client = await session.open(settings, job, console)
             console.print(f"uploading {job.path} to the {store.display_name} ...", highlight=False)
             target_id = await asyncio.to_thread(store.upload_target, job.path)
             console.print(f"target id {target_id}", highlight=False)
@@ -529,32 +528,97 @@ async def run_job(
             task.uncancel()
         raise RunInterrupted("interrupted before any run started") from None
     finally:
-        stop.set()
-        if worker_task is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(worker_task, timeout=30)
-        if server is not None:
-            await asyncio.to_thread(server.stop)
+        await session.close()
 
+    report = _job_report(pkg.name, target_id, mode, states)
+    if job.sarif is not None:
+        write_sarif(report, job.sarif, console)
+    print_summary(console, report, states, local=session.server is not None)
+    if session.infos:  # the in-process worker's sandbox (a cluster's workers log their own)
+        console.print(session.infos[0].sandbox, highlight=False)
+    return report
+
+
+def _check_job(job: RunJob) -> tuple[WorkflowPackage, str, dict[str, Any]]:
+    """What the user can get wrong, checked before anything connects or uploads: returns the
+    loaded package, the mode of the runs and their validated parameters."""
+    if job.runs < 1:
+        raise RunInputError(f"invalid --runs {job.runs}: expected 1 or more")
+    if not job.path.exists():
+        raise RunInputError(f"target path {job.path} does not exist")
+    packages = discover(job.workflows_dirs, bundled=job.bundled, load=False)
+    pkg = load_package(find_package(packages, job.workflow))
+    params = dict(job.params)
+    override = job.isolation
+    source = "--isolation"
+    param_mode = params.pop("workspace_isolation", None)
+    if override is None and param_mode is not None:
+        override, source = str(param_mode), "parameter workspace_isolation"
+    mode = plan_mode(pkg, override, source)
+    return pkg, mode, resolve_parameters(pkg, params)
+
+
+@dataclass
+class _TemporalSession:
+    """The Temporal side of one `forgespace run`: without TEMPORAL_ADDRESS, the embedded dev
+    server and the in-process worker, which ``close`` stops."""
+
+    server: DevServer | None = None
+    worker_task: asyncio.Task[None] | None = None
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    infos: list[WorkerInfo] = field(default_factory=list)
+
+    async def open(self, settings: Settings, job: RunJob, console: Console) -> Client:
+        """Connect (starting the embedded server and worker first when there is no cluster)."""
+        from forgespace.temporal.devserver import DevServer
+
+        address = settings.temporal_address
+        if not address:
+            self.server = DevServer(temporal_bin=settings.temporal_bin, ui=job.ui)
+            self.server.start()  # main thread: the server dies with it
+            address = self.server.address
+            console.print(f"embedded Temporal dev server at {address}", highlight=False)
+            if self.server.ui_url:
+                console.print(f"Temporal Web UI: {self.server.ui_url}", highlight=False)
+        elif job.ui:
+            console.print(
+                "--ui: TEMPORAL_ADDRESS is set; use that cluster's own Web UI",
+                highlight=False,
+            )
+        client = await connect(settings, address=address)
+        if self.server is not None:
+            loaded = discover(job.workflows_dirs, bundled=job.bundled, load=True)
+            self.worker_task = await _start_worker(
+                settings, client, job, loaded, self.stop, address, self.infos
+            )
+        return client
+
+    async def close(self) -> None:
+        self.stop.set()
+        if self.worker_task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.worker_task, timeout=30)
+        if self.server is not None:
+            await asyncio.to_thread(self.server.stop)
+
+
+def _job_report(
+    workflow: str, target_id: str, mode: str, states: Sequence[RunState]
+) -> dict[str, Any]:
+    """The contract's ``--json`` object."""
     downloads = sum(s.downloads for s in states)
     hits = sum(s.hits for s in states)
     # The mode the runs' get_target calls used (a workflow taking target_id picks its own).
     seen_modes = {s.workspace_isolation for s in states if s.workspace_isolation}
     if len(seen_modes) == 1:
         mode = seen_modes.pop()
-    report = {
-        "workflow": pkg.name,
+    return {
+        "workflow": workflow,
         "target_id": target_id,
         "workspace_isolation": mode,
         "runs": [s.report() for s in states],
         "cache": {"downloads": downloads, "hits": hits},
     }
-    if job.sarif is not None:
-        write_sarif(report, job.sarif, console)
-    print_summary(console, report, states, local=server is not None)
-    if infos:  # the in-process worker's sandbox (a cluster's workers log their own)
-        console.print(infos[0].sandbox, highlight=False)
-    return report
 
 
 @contextlib.contextmanager

@@ -44,6 +44,14 @@ def _argv(request: ToolRequest) -> list[str]:
     return argv
 
 
+def _cwd(request: ToolRequest) -> str:
+    """The tool's working directory: ``request.cwd`` inside the workspace."""
+    rel = PurePosixPath(request.cwd or ".")
+    if rel.is_absolute() or ".." in rel.parts:
+        raise ValueError(f"cwd {request.cwd!r} must be a path relative to the workspace")
+    return str(PurePosixPath(request.workspace) / rel)
+
+
 def run_tool_sync(request: ToolRequest) -> ToolResult:
     """Run ``request`` to completion (or its timeout); heartbeat when inside an activity.
 
@@ -55,18 +63,13 @@ def run_tool_sync(request: ToolRequest) -> ToolResult:
     limits = sandbox.Limits.from_mapping(request.limits)
     if request.timeout_seconds <= 0:
         raise ValueError(f"timeout_seconds must be positive, got {request.timeout_seconds!r}")
-    root = request.workspace
-    rel = PurePosixPath(request.cwd or ".")
-    if rel.is_absolute() or ".." in rel.parts:
-        raise ValueError(f"cwd {request.cwd!r} must be a path relative to the workspace")
-    cwd = str(PurePosixPath(root) / rel)
-    in_activity = activity.in_activity()
+    cwd = _cwd(request)
     box = sandbox.current()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         started = time.monotonic()
         tool = box.popen(
             argv,
-            workspace=root,
+            workspace=request.workspace,
             writable=mode is not IsolationMode.SHARED,
             cwd=cwd,
             env=sandbox.tool_env(request.env),
@@ -74,27 +77,7 @@ def run_tool_sync(request: ToolRequest) -> ToolResult:
             stdout=out,
             stderr=err,
         )
-        timed_out = False
-        try:
-            while True:
-                try:
-                    tool.proc.wait(timeout=HEARTBEAT_INTERVAL)
-                    break
-                except subprocess.TimeoutExpired:
-                    pass
-                elapsed = time.monotonic() - started
-                if elapsed > request.timeout_seconds:
-                    timed_out = True
-                    sandbox.kill_tool(tool)
-                    break
-                if in_activity:
-                    activity.heartbeat({"phase": "tool", "elapsed_seconds": round(elapsed, 1)})
-                    if activity.is_cancelled() or activity.is_worker_shutdown():
-                        raise CancelledError("activity cancelled")
-        except BaseException:
-            sandbox.kill_tool(tool)
-            tool.close()
-            raise
+        timed_out = _wait(tool, started, request.timeout_seconds)
         stderr = _tail(err, request.output_bytes)
         tool.check_started(stderr.splitlines()[-5:])
         tool.close()
@@ -106,6 +89,32 @@ def run_tool_sync(request: ToolRequest) -> ToolResult:
             sandboxed=tool.sandboxed,
             duration_seconds=round(time.monotonic() - started, 3),
         )
+
+
+def _wait(tool: sandbox.ToolProcess, started: float, timeout_seconds: float) -> bool:
+    """Wait for the tool to end, heartbeating inside an activity; True when it was killed at
+    its timeout. Cancelled (or the worker shutting down), the tool is killed and the activity
+    raises CancelledError."""
+    in_activity = activity.in_activity()
+    try:
+        while True:
+            try:
+                tool.proc.wait(timeout=HEARTBEAT_INTERVAL)
+                return False
+            except subprocess.TimeoutExpired:
+                pass
+            elapsed = time.monotonic() - started
+            if elapsed > timeout_seconds:
+                sandbox.kill_tool(tool)
+                return True
+            if in_activity:
+                activity.heartbeat({"phase": "tool", "elapsed_seconds": round(elapsed, 1)})
+                if activity.is_cancelled() or activity.is_worker_shutdown():
+                    raise CancelledError("activity cancelled")
+    except BaseException:
+        sandbox.kill_tool(tool)
+        tool.close()
+        raise
 
 
 @activity.defn(name=RUN_TOOL_ACTIVITY)

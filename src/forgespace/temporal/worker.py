@@ -19,7 +19,7 @@ import contextlib
 import logging
 import signal
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -36,9 +36,11 @@ from forgespace.temporal.health import WorkerHealth
 
 if TYPE_CHECKING:
     from temporalio.client import Client
+    from temporalio.worker import Worker
 
     from forgespace.cache.metrics import MetricsServer
     from forgespace.cache.workspace import WorkspaceCache
+    from forgespace.temporal.fleet import FleetAdvertiser
 
 log = logging.getLogger(__name__)
 
@@ -199,19 +201,8 @@ async def run_worker(
     within GRACEFUL_SHUTDOWN). Raises WorkflowMetadataError before polling anything when a
     package is invalid. ``extra_task_queues`` are polled like ``task_queue`` (FuzzForge's
     ``{vertical}-queue``)."""
-    from temporalio.worker import Worker
-
     from forgespace import sandbox
     from forgespace.cache.workspace import WorkspaceCache
-    from forgespace.temporal.affinity import HostAffinityInterceptor
-    from forgespace.temporal.fleet import (
-        FleetActivities,
-        FleetAdvertiser,
-        FleetView,
-        SlotCountingInterceptor,
-    )
-    from forgespace.temporal.leases import LeaseRenewal, RunDeadline
-    from forgespace.temporal.tools import run_tool
 
     if packages is None:
         packages = discover(workflows_dirs, bundled=bundled, load=True)
@@ -220,15 +211,87 @@ async def run_worker(
     box = sandbox.configure(settings)
     cache = cache or WorkspaceCache(settings)
     host = socket.gethostname()
-    host_queue = host_task_queue(task_queue, settings.cache_dir, host)
-    slots = settings.max_concurrent_activities
-    # Every running activity holds at most one thread, so two workers of `slots` activities
-    # each never wait for a thread (a sync activity queued for a thread could not heartbeat).
-    pollers = 2 + len(extra_task_queues)
-    executor = ThreadPoolExecutor(
-        max_workers=pollers * slots, thread_name_prefix="forgespace-activity"
+    info = WorkerInfo(
+        task_queue=task_queue,
+        host_queue=host_task_queue(task_queue, settings.cache_dir, host),
+        host=host,
+        address=client.service_client.config.target_host,
+        namespace=client.namespace,
+        workflows=[p.name for p in packages],
+        sandbox=box.status.describe(),
     )
-    storage = CacheActivities(cache, host_queue=host_queue, host=host, executor=executor)
+    workers = _temporal_workers(settings, client, cache, packages, info, extra_task_queues)
+    stop = stop or asyncio.Event()
+    health = _worker_health(settings, cache, client, info)
+    metrics_server = (
+        _start_metrics(metrics_port, metrics_addr, health) if metrics_port is not None else None
+    )
+    info.metrics_port = metrics_server.server_port if metrics_server is not None else None
+    sweeper = _sweep_loop(cache, settings.cache_cleanup_interval, stop, client) if sweep else None
+    try:
+        await _serve(workers, health, stop, sweeper=sweeper, on_ready=on_ready, info=info)
+    finally:
+        workers.executor.shutdown(wait=False, cancel_futures=True)
+        if metrics_server is not None:
+            metrics_server.close()
+
+
+def _activity_executor(settings: Settings, *, pollers: int) -> ThreadPoolExecutor:
+    """The threads of the sync activities of ``pollers`` workers."""
+    # Every running activity holds at most one thread, so workers of `slots` activities each
+    # never wait for a thread (a sync activity queued for a thread could not heartbeat).
+    return ThreadPoolExecutor(
+        max_workers=pollers * settings.max_concurrent_activities,
+        thread_name_prefix="forgespace-activity",
+    )
+
+
+def _worker_health(
+    settings: Settings, cache: WorkspaceCache, client: Client, info: WorkerInfo
+) -> WorkerHealth:
+    """What /healthz checks: the cache's disk, the queues' workers and the Temporal frontend."""
+    return WorkerHealth(
+        cache_dir=Path(settings.cache_dir),
+        tmp_dir=cache.layout.tmp_dir,
+        task_queue=info.task_queue,
+        host_queue=info.host_queue,
+        temporal_problem=_temporal_probe(client, asyncio.get_running_loop()),
+    )
+
+
+@dataclass
+class _Workers:
+    """The Temporal workers of one process, the threads of their activities and the fleet
+    advertiser their slots feed."""
+
+    shared: list[Worker]
+    host: Worker
+    advertiser: FleetAdvertiser
+    executor: ThreadPoolExecutor
+
+    @property
+    def all(self) -> tuple[Worker, ...]:
+        return (*self.shared, self.host)
+
+
+def _temporal_workers(
+    settings: Settings,
+    client: Client,
+    cache: WorkspaceCache,
+    packages: list[WorkflowPackage],
+    info: WorkerInfo,
+    extra_task_queues: Sequence[str],
+) -> _Workers:
+    """One worker per shared queue (``info.task_queue`` and the extra ones: workflows and
+    activities) and one on the host's queue (activities only), all with every activity."""
+    from temporalio.worker import Worker
+
+    from forgespace.temporal.affinity import HostAffinityInterceptor
+    from forgespace.temporal.fleet import FleetAdvertiser, SlotCountingInterceptor
+    from forgespace.temporal.leases import LeaseRenewal, RunDeadline
+
+    # Pollers: the shared queue, each extra queue and the host's queue.
+    executor = _activity_executor(settings, pollers=2 + len(extra_task_queues))
     # Heartbeats renew the leases of their workflow (temporal/leases.py).
     renewal = LeaseRenewal(cache)
     # Fleet locality: this host advertises what it holds in the store the fleet shares, and
@@ -236,20 +299,42 @@ async def run_worker(
     advertiser = FleetAdvertiser(
         cache,
         cache.store,
-        host=host,
-        task_queue=task_queue,
-        host_queue=host_queue,
-        slots=slots,
+        host=info.host,
+        task_queue=info.task_queue,
+        host_queue=info.host_queue,
+        slots=settings.max_concurrent_activities,
     )
-    fleet = FleetActivities(FleetView(cache.store, task_queue), settings, host_queue=host_queue)
-    activities = _collect_activities(
-        [*storage.activities(), *fleet.activities(), run_tool], packages
-    )
+    activities = _worker_activities(settings, cache, packages, info, executor)
     workflows = [p.workflow for p in packages if p.workflow is not None]
     # Workflows learn their metadata.yaml mode from here (no I/O in workflow code), so an
     # override is logged whoever started the run.
     register_metadata_modes({p.workflow_type: p.workspace_isolation for p in packages})
-    common: dict[str, Any] = {
+    common = _worker_options(activities, executor, slots=settings.max_concurrent_activities)
+    shared = [
+        Worker(
+            client,
+            task_queue=queue,
+            workflows=workflows,
+            # Workflows that call get_target themselves get their activities pinned to its host.
+            interceptors=[HostAffinityInterceptor(), renewal, RunDeadline()],
+            **common,
+        )
+        for queue in (info.task_queue, *extra_task_queues)
+    ]
+    host_worker = Worker(
+        client,
+        task_queue=info.host_queue,
+        interceptors=[SlotCountingInterceptor(advertiser), renewal],
+        **common,
+    )
+    return _Workers(shared, host_worker, advertiser, executor)
+
+
+def _worker_options(
+    activities: list[Any], executor: ThreadPoolExecutor, *, slots: int
+) -> dict[str, Any]:
+    """The options every worker of the process shares."""
+    return {
         "activities": activities,
         "activity_executor": executor,
         "max_concurrent_activities": slots,
@@ -261,74 +346,62 @@ async def run_worker(
         "max_heartbeat_throttle_interval": HEARTBEAT_THROTTLE,
         "default_heartbeat_throttle_interval": HEARTBEAT_THROTTLE,
     }
-    shared_workers = [
-        Worker(
-            client,
-            task_queue=queue,
-            workflows=workflows,
-            # Workflows that call get_target themselves get their activities pinned to its host.
-            interceptors=[HostAffinityInterceptor(), renewal, RunDeadline()],
-            **common,
-        )
-        for queue in (task_queue, *extra_task_queues)
-    ]
-    host_worker = Worker(
-        client,
-        task_queue=host_queue,
-        interceptors=[SlotCountingInterceptor(advertiser), renewal],
-        **common,
+
+
+def _worker_activities(
+    settings: Settings,
+    cache: WorkspaceCache,
+    packages: list[WorkflowPackage],
+    info: WorkerInfo,
+    executor: ThreadPoolExecutor,
+) -> list[Any]:
+    """The cache's and the fleet's activities, run_tool, and the packages' activities."""
+    from forgespace.temporal.fleet import FleetActivities, FleetView
+    from forgespace.temporal.tools import run_tool
+
+    storage = CacheActivities(cache, host_queue=info.host_queue, host=info.host, executor=executor)
+    fleet = FleetActivities(
+        FleetView(cache.store, info.task_queue), settings, host_queue=info.host_queue
     )
-    stop = stop or asyncio.Event()
-    health = WorkerHealth(
-        cache_dir=Path(settings.cache_dir),
-        tmp_dir=cache.layout.tmp_dir,
-        task_queue=task_queue,
-        host_queue=host_queue,
-        temporal_problem=_temporal_probe(client, asyncio.get_running_loop()),
-    )
-    metrics_server = (
-        _start_metrics(metrics_port, metrics_addr, health) if metrics_port is not None else None
-    )
-    port = metrics_server.server_port if metrics_server is not None else None
-    info = WorkerInfo(
-        task_queue=task_queue,
-        host_queue=host_queue,
-        host=host,
-        address=client.service_client.config.target_host,
-        namespace=client.namespace,
-        workflows=[p.name for p in packages],
-        metrics_port=port,
-        sandbox=box.status.describe(),
-    )
-    sweeper: asyncio.Task[None] | None = None
+    return _collect_activities([*storage.activities(), *fleet.activities(), run_tool], packages)
+
+
+async def _serve(
+    workers: _Workers,
+    health: WorkerHealth,
+    stop: asyncio.Event,
+    *,
+    sweeper: Coroutine[Any, Any, None] | None,
+    on_ready: Callable[[WorkerInfo], None] | None,
+    info: WorkerInfo,
+) -> None:
+    """Run the workers, the cache sweep and the fleet advertisement until ``stop`` is set."""
+    sweeping: asyncio.Task[None] | None = None
     advertising: asyncio.Task[None] | None = None
     try:
-        async with contextlib.AsyncExitStack() as workers:
-            for w in (*shared_workers, host_worker):
-                await workers.enter_async_context(w)
-            health.workers = (*shared_workers, host_worker)
-            if sweep:
-                sweeper = asyncio.create_task(
-                    _sweep_loop(cache, settings.cache_cleanup_interval, stop, client)
-                )
-            advertising = asyncio.create_task(advertiser.run(stop))
+        async with contextlib.AsyncExitStack() as stack:
+            for w in workers.all:
+                await stack.enter_async_context(w)
+            health.workers = workers.all
+            if sweeper is not None:
+                sweeping = asyncio.create_task(sweeper)
+            advertising = asyncio.create_task(workers.advertiser.run(stop))
             if on_ready is not None:
                 on_ready(info)
             await stop.wait()
             log.info("worker shutting down (in-flight activities get %s)", GRACEFUL_SHUTDOWN)
     finally:
         stop.set()
+        if sweeper is not None and sweeping is None:
+            sweeper.close()  # never started: no "coroutine was never awaited" warning
         if advertising is not None:
             # It writes "stopped" on its way out: choosers skip this host at once.
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(advertising, timeout=10)
-        if sweeper is not None:
-            sweeper.cancel()
+        if sweeping is not None:
+            sweeping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
-        executor.shutdown(wait=False, cancel_futures=True)
-        if metrics_server is not None:
-            metrics_server.close()
+                await sweeping
 
 
 def _print_ready(info: WorkerInfo) -> None:

@@ -77,6 +77,100 @@ def load_target(target_file: Path) -> Callable[[bytes], object]:
     return fn
 
 
+class Harness:
+    """The ``TestOneInput`` libFuzzer calls: runs the target's, records each distinct Python
+    exception once (crash input + JSON metadata in ``crash_dir``) and reports figures."""
+
+    def __init__(
+        self,
+        test_one_input: Callable[[bytes], object],
+        crash_dir: Path,
+        *,
+        max_crashes: int,
+        last_run: int,
+    ) -> None:
+        self.test_one_input = test_one_input
+        self.crash_dir = crash_dir
+        self.max_crashes = max_crashes
+        self.last_run = last_run
+        self.here = os.path.abspath(__file__)
+        self.seen: set[str] = set()
+        self.executions = 0
+        self.crashes = 0
+        self.last = time.monotonic()
+
+    def report_stats(self) -> None:
+        _emit(
+            {
+                "event": "stats",
+                "executions": self.executions,
+                "crashes": self.crashes,
+                "unique_crashes": len(self.seen),
+            }
+        )
+
+    def __call__(self, data: bytes) -> None:
+        self.executions += 1
+        now = time.monotonic()
+        if now - self.last >= STATS_INTERVAL:
+            self.last = now
+            self.report_stats()
+        try:
+            self.run_one(data)
+        finally:
+            # libFuzzer's own count may differ from ours by its start-up runs: report the
+            # last few inputs' figures so the final ones are never lost.
+            if self.executions >= self.last_run - 2 > 0:
+                self.report_stats()
+
+    def run_one(self, data: bytes) -> None:
+        try:
+            self.test_one_input(data)
+        except Exception as exc:  # any Python exception the target lets escape is a finding
+            self.crashes += 1
+            self.record(exc, data)
+
+    def record(self, exc: Exception, data: bytes) -> None:
+        """Keep a new distinct crash (input and metadata); stop once there are enough."""
+        frames = _target_frames(exc.__traceback__, self.here)
+        sig = stack_signature(
+            type(exc).__qualname__, [(f.filename, f.name, f.lineno) for f in frames]
+        )
+        if sig in self.seen or len(self.seen) >= MAX_UNIQUE_CRASHES:
+            return
+        self.seen.add(sig)
+        crash_file = self.crash_dir / f"crash-{sig}"
+        crash_file.write_bytes(data)
+        meta = _crash_metadata(sig, exc, frames, self.executions)
+        (self.crash_dir / f"crash-{sig}.json").write_text(json.dumps(meta, indent=2))
+        _emit({"event": "crash", "signature": sig, "file": crash_file.name})
+        self.report_stats()
+        if self.max_crashes and len(self.seen) >= self.max_crashes:
+            _emit({"event": "stop", "reason": "max_crashes"})
+            sys.stdout.flush()
+            os._exit(0)  # libFuzzer has no "stop now, all is well" call
+
+
+def _crash_metadata(
+    sig: str, exc: Exception, frames: list[traceback.FrameSummary], execution: int
+) -> dict[str, object]:
+    return {
+        "signature": sig,
+        "exception_type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+        "exception_message": str(exc)[:2000],
+        "stack": [
+            {"file": f.filename, "function": f.name, "line": f.lineno, "code": f.line}
+            for f in frames
+        ],
+        "traceback": (
+            "Traceback (most recent call last):\n"
+            + "".join(traceback.format_list(frames))
+            + "".join(traceback.format_exception_only(type(exc), exc))
+        )[-8000:],
+        "execution": execution,
+    }
+
+
 def main(argv: list[str]) -> None:
     """Fuzz ``argv[1]``, distinct crashes to ``argv[2]``, stop after ``argv[3]`` of them.
 
@@ -89,78 +183,12 @@ def main(argv: list[str]) -> None:
     crash_dir.mkdir(parents=True, exist_ok=True)
     max_crashes = int(argv[3])
     test_one_input = load_target(target_file)
-    here = os.path.abspath(__file__)
-
-    seen: set[str] = set()
-    state = {"executions": 0, "crashes": 0, "last": time.monotonic()}
-
-    def report_stats() -> None:
-        _emit(
-            {
-                "event": "stats",
-                "executions": state["executions"],
-                "crashes": state["crashes"],
-                "unique_crashes": len(seen),
-            }
-        )
-
     # libFuzzer ends the process with C exit() (no Python exit hooks run), so the figures of
     # the last input are sent when the -runs budget is reached; with -max_total_time the
     # last second of counts is approximate.
     last_run = next((int(a.split("=", 1)[1]) for a in argv[4:] if a.startswith("-runs=")), -1)
-
-    def wrapper(data: bytes) -> None:
-        state["executions"] += 1
-        now = time.monotonic()
-        if now - state["last"] >= STATS_INTERVAL:
-            state["last"] = now
-            report_stats()
-        try:
-            run_one(data)
-        finally:
-            # libFuzzer's own count may differ from ours by its start-up runs: report the
-            # last few inputs' figures so the final ones are never lost.
-            if state["executions"] >= last_run - 2 > 0:
-                report_stats()
-
-    def run_one(data: bytes) -> None:
-        try:
-            test_one_input(data)
-        except Exception as exc:  # any Python exception the target lets escape is a finding
-            state["crashes"] += 1
-            frames = _target_frames(exc.__traceback__, here)
-            sig = stack_signature(
-                type(exc).__qualname__, [(f.filename, f.name, f.lineno) for f in frames]
-            )
-            if sig in seen or len(seen) >= MAX_UNIQUE_CRASHES:
-                return
-            seen.add(sig)
-            crash_file = crash_dir / f"crash-{sig}"
-            crash_file.write_bytes(data)
-            meta = {
-                "signature": sig,
-                "exception_type": f"{type(exc).__module__}.{type(exc).__qualname__}",
-                "exception_message": str(exc)[:2000],
-                "stack": [
-                    {"file": f.filename, "function": f.name, "line": f.lineno, "code": f.line}
-                    for f in frames
-                ],
-                "traceback": (
-                    "Traceback (most recent call last):\n"
-                    + "".join(traceback.format_list(frames))
-                    + "".join(traceback.format_exception_only(type(exc), exc))
-                )[-8000:],
-                "execution": state["executions"],
-            }
-            (crash_dir / f"crash-{sig}.json").write_text(json.dumps(meta, indent=2))
-            _emit({"event": "crash", "signature": sig, "file": crash_file.name})
-            report_stats()
-            if max_crashes and len(seen) >= max_crashes:
-                _emit({"event": "stop", "reason": "max_crashes"})
-                sys.stdout.flush()
-                os._exit(0)  # libFuzzer has no "stop now, all is well" call
-
-    atheris.Setup([argv[0], *argv[4:]], wrapper)
+    harness = Harness(test_one_input, crash_dir, max_crashes=max_crashes, last_run=last_run)
+    atheris.Setup([argv[0], *argv[4:]], harness)
     # libFuzzer ends the process itself (C exit) when its run or time budget is spent;
     # the parent takes the final figures from libFuzzer's "Done N runs" line.
     atheris.Fuzz()

@@ -514,6 +514,42 @@ def _build_error(output: list[str], target: str, code: int | None, note: str) ->
     )
 
 
+@dataclass(frozen=True)
+class FuzzBuild:
+    """What one run builds and fuzzes, decided before cargo starts: the chosen target and
+    toolchain, and where the build, corpus and crash inputs live in the run's workspace."""
+
+    root: Path
+    project: FuzzProject
+    target_name: str
+    toolchain: Toolchain
+    asan: bool
+    notes: list[str]
+    libfuzzer: Path
+    crate: Path
+    cargo_home: Path
+    target_dir: Path
+    corpus: Path
+    artifacts: Path
+    binary: Path
+    triple: str
+    extra_ro: list[Path]
+
+    @property
+    def fuzz_dir(self) -> Path:
+        return self.project.fuzz_dir
+
+
+@dataclass(frozen=True)
+class FuzzBudget:
+    """The limits of the fuzzing phase (run_cargo_fuzz's keyword arguments)."""
+
+    max_iterations: int
+    timeout_seconds: int
+    max_len: int | None
+    max_crashes: int
+
+
 def run_cargo_fuzz(
     workspace: str | os.PathLike[str],
     *,
@@ -531,16 +567,41 @@ def run_cargo_fuzz(
     heartbeat details are ``{"phase", "executions", "exec_per_sec", "coverage",
     "corpus_size", "crashes"}``.
     """
-    root = workspace_root(workspace)
-    project = find_project(root)
+    build = prepare_build(workspace_root(workspace), target_name, sanitizer=sanitizer)
+    box = sandbox.current()
+    stats: dict[str, Any] = dict.fromkeys(LIVE_KEYS, 0)
+    stats["phase"] = "build"
+    throttle = Throttle(heartbeat)
+    build_seconds = _build_target(build, box, stats, throttle)
+
+    stats["phase"] = "fuzz"
+    budget = FuzzBudget(max_iterations, timeout_seconds, max_len, max_crashes)
+    campaign = FuzzCampaign(build, budget, box, stats, throttle)
+    campaign.run()
+    live = _live(stats, campaign.started)
+    throttle(live, force=True)
+    return _fuzz_result(build, campaign, live, build_seconds)
+
+
+def _choose_target(root: Path, project: FuzzProject, target_name: str | None) -> str:
+    """The fuzz target asked for (it must exist), else the first by name."""
     if target_name is None:
-        target_name = sorted(project.targets)[0]
-    elif target_name not in project.targets:
+        return sorted(project.targets)[0]
+    if target_name not in project.targets:
         raise ValueError(
             f"target_name {target_name!r} is not a fuzz target of "
             f"{_rel(root, project.fuzz_dir / 'Cargo.toml')}; available: "
             f"{', '.join(sorted(project.targets))}"
         )
+    return target_name
+
+
+def prepare_build(root: Path, target_name: str | None, *, sanitizer: str) -> FuzzBuild:
+    """Find the project, its target, a toolchain and libFuzzer, and lay out the run's
+    directories in the workspace (the patched libfuzzer-sys crate, ``CARGO_HOME``, the
+    target's corpus and crash directories)."""
+    project = find_project(root)
+    target_name = _choose_target(root, project, target_name)
     toolchain = choose_toolchain(find_toolchains(), want_nightly=sanitizer == "address")
     asan = sanitizer == "address" and toolchain.nightly
     notes: list[str] = []
@@ -552,223 +613,278 @@ def run_cargo_fuzz(
         )
     libfuzzer = find_libfuzzer()
     arbitrary = find_debian_arbitrary()
-    box = sandbox.current()
-
-    fuzz_dir = project.fuzz_dir
-    target_dir = fuzz_dir / "target"
+    target_dir = project.fuzz_dir / "target"
     support = target_dir / "forgespace"
     support.mkdir(parents=True, exist_ok=True)
     crate = _patched_crate(support, arbitrary)
     cargo_home = support / "cargo-home"
     cargo_home.mkdir(exist_ok=True)
-    corpus = fuzz_dir / "corpus" / target_name
-    artifacts = fuzz_dir / "artifacts" / target_name
+    corpus = project.fuzz_dir / "corpus" / target_name
+    artifacts = project.fuzz_dir / "artifacts" / target_name
     corpus.mkdir(parents=True, exist_ok=True)
     artifacts.mkdir(parents=True, exist_ok=True)
     triple = host_triple()
-    binary = target_dir / triple / "release" / target_name
     extra_ro = [toolchain.root, libfuzzer.parent]
     if arbitrary is not None:
         extra_ro.append(DEBIAN_CRATES)
+    return FuzzBuild(
+        root=root,
+        project=project,
+        target_name=target_name,
+        toolchain=toolchain,
+        asan=asan,
+        notes=notes,
+        libfuzzer=libfuzzer,
+        crate=crate,
+        cargo_home=cargo_home,
+        target_dir=target_dir,
+        corpus=corpus,
+        artifacts=artifacts,
+        binary=target_dir / triple / "release" / target_name,
+        triple=triple,
+        extra_ro=extra_ro,
+    )
 
+
+def _build_env(build: FuzzBuild) -> dict[str, str]:
+    """cargo's environment: everything it writes stays in the run's copy of the target."""
     rustflags = [*COVERAGE_FLAGS, "-Cdebuginfo=line-tables-only"]
-    if asan:
+    if build.asan:
         rustflags.append("-Zsanitizer=address")
-    build_env = sandbox.tool_env(
+    env = sandbox.tool_env(
         {
-            "CARGO_HOME": str(cargo_home),
-            "CARGO_TARGET_DIR": str(target_dir),
+            "CARGO_HOME": str(build.cargo_home),
+            "CARGO_TARGET_DIR": str(build.target_dir),
             "CARGO_TERM_COLOR": "never",
             "CARGO_TERM_PROGRESS_WHEN": "never",
             "CARGO_INCREMENTAL": "0",
             # Symbolised frames in panic backtraces and sanitizer reports (cargo strips
             # debug info from release builds unless the profile keeps it).
             "CARGO_PROFILE_RELEASE_DEBUG": "line-tables-only",
-            "RUSTC": str(toolchain.rustc),
+            "RUSTC": str(build.toolchain.rustc),
             "RUSTFLAGS": " ".join(rustflags),
-            "CUSTOM_LIBFUZZER_PATH": str(libfuzzer),
+            "CUSTOM_LIBFUZZER_PATH": str(build.libfuzzer),
         }
     )
-    build_env["PATH"] = os.pathsep.join([str(toolchain.cargo.parent), build_env["PATH"]])
-    build_cmd = [
-        str(toolchain.cargo),
+    env["PATH"] = os.pathsep.join([str(build.toolchain.cargo.parent), env["PATH"]])
+    return env
+
+
+def _build_command(build: FuzzBuild) -> list[str]:
+    return [
+        str(build.toolchain.cargo),
         "build",
         "--offline",
         "--release",
         "--manifest-path",
-        str(fuzz_dir / "Cargo.toml"),
+        str(build.fuzz_dir / "Cargo.toml"),
         "--bin",
-        target_name,
+        build.target_name,
         "--target",
-        triple,
+        build.triple,
         "--config",
-        f"patch.crates-io.libfuzzer-sys.path={str(crate)!r}",
+        f"patch.crates-io.libfuzzer-sys.path={str(build.crate)!r}",
     ]
-    stats: dict[str, Any] = {
-        "phase": "build",
-        "executions": 0,
-        "exec_per_sec": 0,
-        "coverage": 0,
-        "corpus_size": 0,
-        "crashes": 0,
-    }
-    throttle = Throttle(heartbeat)
+
+
+def _build_target(
+    build: FuzzBuild, box: sandbox.Sandbox, stats: dict[str, Any], throttle: Throttle
+) -> float:
+    """Run cargo build in the sandbox, heartbeating; returns its duration in seconds."""
     started = time.monotonic()
     throttle(dict(stats), force=True)
-    build_out: list[str] = []
+    output: list[str] = []
     tool = box.popen(
-        build_cmd,
-        workspace=root,
+        _build_command(build),
+        workspace=build.root,
         writable=True,
-        cwd=fuzz_dir,
-        env=build_env,
+        cwd=build.fuzz_dir,
+        env=_build_env(build),
         limits=sandbox.DEFAULT_LIMITS,
-        extra_ro=extra_ro,
+        extra_ro=build.extra_ro,
     )
     killed = pump_lines(
         tool.proc,
-        build_out.append,
+        output.append,
         lambda: throttle(dict(stats)),
         deadline=started + BUILD_TIMEOUT_SECONDS,
     )
-    tool.check_started(build_out[-20:])
+    tool.check_started(output[-20:])
     tool.close()
     if killed:
         raise ToolError(
-            f"cargo build of the fuzz target {target_name!r} took longer than "
+            f"cargo build of the fuzz target {build.target_name!r} took longer than "
             f"{BUILD_TIMEOUT_SECONDS} s and was stopped"
         )
-    if tool.proc.returncode != 0 or not binary.is_file():
-        raise _build_error(build_out, target_name, tool.proc.returncode, sandbox_note(tool))
-    build_seconds = time.monotonic() - started
+    if tool.proc.returncode != 0 or not build.binary.is_file():
+        raise _build_error(output, build.target_name, tool.proc.returncode, sandbox_note(tool))
+    return time.monotonic() - started
 
-    # -- fuzzing ---------------------------------------------------------------------------
-    stats["phase"] = "fuzz"
-    fuzz_env = sandbox.tool_env(
-        {
-            "RUST_BACKTRACE": "1",
-            # LeakSanitizer is off: leaks are not memory-safety bugs in Rust, and it needs
-            # ptrace, which the sandbox's user namespace does not give it reliably.
-            "ASAN_OPTIONS": "detect_leaks=0:allocator_may_return_null=1:symbolize=1",
-        }
-    )
-    limits = sandbox.DEFAULT_LIMITS
-    if asan:
-        # ASan reserves terabytes of shadow address space; memory stays bounded by
-        # libFuzzer's -rss_limit_mb instead.
-        limits = limits.with_(address_space=None)
-    fuzz_started = time.monotonic()
-    deadline = fuzz_started + timeout_seconds
-    findings: dict[str, dict[str, Any]] = {}
-    crashes_total = 0
-    repeats = 0
-    executed = 0
-    restarts = 0
-    stopped = "timeout"
-    tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
-    while True:
-        remaining = deadline - time.monotonic()
-        runs_left = max_iterations - executed
-        if remaining < 1:
-            stopped = "timeout"
-            break
-        if runs_left <= 0:
-            stopped = "max_iterations"
-            break
+
+class FuzzCampaign:
+    """The fuzzing phase: libFuzzer started again after each crash until the budget is
+    spent, enough distinct crashes are found, or the same crash keeps coming back.
+
+    ``stopped`` says which (``timeout``, ``max_iterations``, ``killed_at_deadline``,
+    ``max_crashes``, ``repeated_crash``); ``findings`` maps a crash signature to its finding.
+    """
+
+    def __init__(
+        self,
+        build: FuzzBuild,
+        budget: FuzzBudget,
+        box: sandbox.Sandbox,
+        stats: dict[str, Any],
+        throttle: Throttle,
+    ) -> None:
+        self.build = build
+        self.budget = budget
+        self.box = box
+        self.stats = stats
+        self.throttle = throttle
+        self.env = sandbox.tool_env(
+            {
+                "RUST_BACKTRACE": "1",
+                # LeakSanitizer is off: leaks are not memory-safety bugs in Rust, and it needs
+                # ptrace, which the sandbox's user namespace does not give it reliably.
+                "ASAN_OPTIONS": "detect_leaks=0:allocator_may_return_null=1:symbolize=1",
+            }
+        )
+        self.limits = sandbox.DEFAULT_LIMITS
+        if build.asan:
+            # ASan reserves terabytes of shadow address space; memory stays bounded by
+            # libFuzzer's -rss_limit_mb instead.
+            self.limits = self.limits.with_(address_space=None)
+        self.findings: dict[str, dict[str, Any]] = {}
+        self.crashes_total = 0
+        self.repeats = 0
+        self.executed = 0
+        self.restarts = 0
+        self.stopped = "timeout"
+        self.started = time.monotonic()
+        self.tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
+
+    def run(self) -> None:
+        """Start libFuzzer until a stop reason comes up (recorded in ``stopped``)."""
+        self.started = time.monotonic()
+        deadline = self.started + self.budget.timeout_seconds
+        while True:
+            remaining = deadline - time.monotonic()
+            runs_left = self.budget.max_iterations - self.executed
+            if remaining < 1:
+                self.stopped = "timeout"
+                return
+            if runs_left <= 0:
+                self.stopped = "max_iterations"
+                return
+            stop = self._fuzz_once(runs_left, remaining)
+            if stop is not None:
+                self.stopped = stop
+                return
+
+    def _fuzzer_args(self, runs_left: int, remaining: float) -> list[str]:
         args = [
-            str(binary),
+            str(self.build.binary),
             f"-runs={runs_left}",
             f"-max_total_time={max(1, int(remaining))}",
-            f"-timeout={min(timeout_seconds, 25)}",
+            f"-timeout={min(self.budget.timeout_seconds, 25)}",
             "-rss_limit_mb=2048",
             "-detect_leaks=0",
             "-print_final_stats=1",
-            f"-artifact_prefix={artifacts}{os.sep}",
+            f"-artifact_prefix={self.build.artifacts}{os.sep}",
         ]
-        if max_len is not None:
-            args.append(f"-max_len={max_len}")
-        args.append(str(corpus))
-        out = FuzzerOutput(stats, executed, tail)
+        if self.budget.max_len is not None:
+            args.append(f"-max_len={self.budget.max_len}")
+        args.append(str(self.build.corpus))
+        return args
 
-        tool = box.popen(
-            args,
-            workspace=root,
+    def _fuzz_once(self, runs_left: int, remaining: float) -> str | None:
+        """One libFuzzer process; the reason to stop, or None to start another one."""
+        out = FuzzerOutput(self.stats, self.executed, self.tail)
+        tool = self.box.popen(
+            self._fuzzer_args(runs_left, remaining),
+            workspace=self.build.root,
             writable=True,
-            cwd=fuzz_dir,
-            env=fuzz_env,
-            limits=limits,
-            extra_ro=extra_ro,
+            cwd=self.build.fuzz_dir,
+            env=self.env,
+            limits=self.limits,
+            extra_ro=self.build.extra_ro,
         )
         killed = pump_lines(
             tool.proc,
             out.feed,
-            lambda: throttle.lazy(lambda: _live(stats, fuzz_started)),
+            lambda: self.throttle.lazy(lambda: _live(self.stats, self.started)),
             deadline=time.monotonic() + remaining + GRACE_SECONDS,
         )
-        tool.check_started(tail)
+        tool.check_started(self.tail)
         tool.close()
-        restarts += 1
-        executed = out.base + out.executions
+        self.restarts += 1
+        self.executed = out.base + out.executions
         if killed:
-            stopped = "killed_at_deadline"
-            break
+            return "killed_at_deadline"
         crash_files = [a for a in out.artifacts if not Path(a).name.startswith("slow-unit-")]
         if not crash_files:
             if tool.proc.returncode != 0:
                 raise ToolError(
-                    f"the fuzz target {target_name!r} exited with code "
-                    f"{tool.proc.returncode}{sandbox_note(tool)}:\n" + "\n".join(tail)
+                    f"the fuzz target {self.build.target_name!r} exited with code "
+                    f"{tool.proc.returncode}{sandbox_note(tool)}:\n" + "\n".join(self.tail)
                 )
-            stopped = "max_iterations" if executed >= max_iterations else "timeout"
-            break
-        crashes_total += 1
-        stats["crashes"] = crashes_total
-        path = Path(crash_files[0])
+            return "max_iterations" if self.executed >= self.budget.max_iterations else "timeout"
+        return self._record_crash(Path(crash_files[0]), out.report)
+
+    def _record_crash(self, path: Path, report: list[str]) -> str | None:
+        """Count a crash (a new finding, or one more of a known one); the reason to stop."""
+        self.crashes_total += 1
+        self.stats["crashes"] = self.crashes_total
+        build = self.build
         if not path.is_absolute():
-            path = fuzz_dir / path
-        info = analyse_report(out.report, path.name.split("-", 1)[0])
-        known = findings.get(info["signature"])
+            path = build.fuzz_dir / path
+        info = analyse_report(report, path.name.split("-", 1)[0])
+        known = self.findings.get(info["signature"])
         if known is not None:
             known["count"] += 1
-            repeats += 1
+            self.repeats += 1
         else:
-            repeats = 0
-            findings[info["signature"]] = _finding(
-                root, fuzz_dir, binary, target_name, path, info, out.report
+            self.repeats = 0
+            self.findings[info["signature"]] = _finding(
+                build.root, build.fuzz_dir, build.binary, build.target_name, path, info, report
             )
-        throttle(_live(stats, fuzz_started), force=True)
-        if max_crashes and len(findings) >= max_crashes:
-            stopped = "max_crashes"
-            break
-        if repeats >= REPEAT_LIMIT:
-            stopped = "repeated_crash"
-            break
-    live = _live(stats, fuzz_started)
-    throttle(live, force=True)
-    found = list(findings.values())
+        self.throttle(_live(self.stats, self.started), force=True)
+        if self.budget.max_crashes and len(self.findings) >= self.budget.max_crashes:
+            return "max_crashes"
+        if self.repeats >= REPEAT_LIMIT:
+            return "repeated_crash"
+        return None
+
+
+def _fuzz_result(
+    build: FuzzBuild, campaign: FuzzCampaign, live: dict[str, Any], build_seconds: float
+) -> dict[str, Any]:
+    """The tool's return value (the activity's result)."""
+    found = list(campaign.findings.values())
     try:
-        corpus_files = sum(1 for _ in corpus.iterdir())
+        corpus_files = sum(1 for _ in build.corpus.iterdir())
     except OSError:
         corpus_files = 0
     return {
-        "target_name": target_name,
-        "fuzz_targets": sorted(project.targets),
-        "toolchain": toolchain.name,
-        "sanitizer": "address" if asan else "none",
-        "libfuzzer": str(libfuzzer),
-        "notes": notes,
+        "target_name": build.target_name,
+        "fuzz_targets": sorted(build.project.targets),
+        "toolchain": build.toolchain.name,
+        "sanitizer": "address" if build.asan else "none",
+        "libfuzzer": str(build.libfuzzer),
+        "notes": build.notes,
         "build_seconds": round(build_seconds, 3),
         "executions": live["executions"],
         "exec_per_sec": live["exec_per_sec"],
         "coverage": live["coverage"],
         "corpus_size": corpus_files,
-        "duration_seconds": round(time.monotonic() - fuzz_started, 3),
-        "stopped": stopped,
-        "fuzzer_starts": restarts,
-        "crashes_total": crashes_total,
+        "duration_seconds": round(time.monotonic() - campaign.started, 3),
+        "stopped": campaign.stopped,
+        "fuzzer_starts": campaign.restarts,
+        "crashes_total": campaign.crashes_total,
         "unique_crashes": len(found),
-        "corpus_dir": _rel(root, corpus),
-        "crash_dir": _rel(root, artifacts),
+        "corpus_dir": _rel(build.root, build.corpus),
+        "crash_dir": _rel(build.root, build.artifacts),
         "findings": found,
         "sarif": to_sarif(found),
     }

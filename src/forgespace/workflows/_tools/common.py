@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from forgespace.sandbox import ToolProcess
 from forgespace.sandbox import kill_tool as kill_group
@@ -142,6 +142,37 @@ def sandbox_note(tool: ToolProcess) -> str:
     )
 
 
+class _LineReader:
+    """Reads a process's stdout in a daemon thread into a bounded queue (``None`` at EOF)."""
+
+    def __init__(self, stdout: IO[bytes]) -> None:
+        self.lines: queue.Queue[bytes | None] = queue.Queue(maxsize=10_000)
+        self._stdout = stdout
+        # Set when the caller stops listening (a callback raised): the reader then drains the
+        # pipe to EOF without queueing, so it never blocks on a full queue nobody empties.
+        self.abandoned = threading.Event()
+        self.thread = threading.Thread(target=self._read, name="tool-output", daemon=True)
+        self.thread.start()
+
+    def _put(self, item: bytes | None) -> None:
+        while not self.abandoned.is_set():
+            try:
+                self.lines.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _read(self) -> None:
+        # The reader owns stdout and closes it itself: closed from another thread while it
+        # still reads, readline would raise "readline of closed file" here.
+        try:
+            for raw in self._stdout:
+                self._put(raw)
+        finally:
+            self._put(None)
+            self._stdout.close()
+
+
 def pump_lines(
     proc: subprocess.Popen[bytes],
     on_line: Callable[[str], None],
@@ -157,32 +188,7 @@ def pump_lines(
     whenever a callback raises (e.g. the activity was cancelled), so no tool outlives its call.
     """
     assert proc.stdout is not None
-    lines: queue.Queue[bytes | None] = queue.Queue(maxsize=10_000)
-    stdout = proc.stdout
-    # Set when the caller stops listening (a callback raised): the reader then drains the pipe
-    # to EOF without queueing, so it never blocks on a full queue nobody empties.
-    abandoned = threading.Event()
-
-    def put(item: bytes | None) -> None:
-        while not abandoned.is_set():
-            try:
-                lines.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def reader() -> None:
-        # The reader owns stdout and closes it itself: closed from another thread while it
-        # still reads, readline would raise "readline of closed file" here.
-        try:
-            for raw in stdout:
-                put(raw)
-        finally:
-            put(None)
-            stdout.close()
-
-    thread = threading.Thread(target=reader, name="tool-output", daemon=True)
-    thread.start()
+    reader = _LineReader(proc.stdout)
     timed_out = False
     try:
         while True:
@@ -190,7 +196,7 @@ def pump_lines(
                 timed_out = True
                 kill_group(proc)
             try:
-                item = lines.get(timeout=interval)
+                item = reader.lines.get(timeout=interval)
             except queue.Empty:
                 on_tick()
                 continue
@@ -199,12 +205,12 @@ def pump_lines(
             on_line(item.decode("utf-8", "replace").rstrip("\r\n"))
             on_tick()
     except BaseException:
-        abandoned.set()
+        reader.abandoned.set()
         kill_group(proc)
         raise
     finally:
         proc.wait()
         # The group is dead: EOF follows unless something outside it holds the pipe open
         # (then the daemon reader ends with that holder, closing stdout as it goes).
-        thread.join(timeout=5)
+        reader.thread.join(timeout=5)
     return timed_out

@@ -148,8 +148,99 @@ def run_atheris(
     crashes = work / "crashes"
     corpus.mkdir(parents=True, exist_ok=True)
     crashes.mkdir(parents=True, exist_ok=True)
+    cmd = _harness_command(target, corpus, crashes, max_crashes, max_iterations, timeout)
 
-    cmd = [
+    out = HarnessOutput(Throttle(heartbeat), corpus)
+    tool, killed = _run_harness(cmd, root, target, out, timeout=timeout, limits=limits)
+    elapsed = time.monotonic() - out.started
+    live = out.live()
+    out.throttle(live, force=True)
+    native = sorted(p for p in crashes.iterdir() if p.name.startswith("native-"))
+    stopped = _stop_reason(
+        out,
+        tool,
+        killed=killed,
+        native_crash=bool(native),
+        timed_out=elapsed >= timeout,
+        max_iterations=max_iterations,
+        target_name=target_name,
+    )
+
+    findings = [_python_finding(root, crashes, p) for p in sorted(crashes.glob("crash-*.json"))]
+    findings += [_native_finding(root, p, list(out.tail)) for p in native]
+    return {
+        "target_file": target_name,
+        "executions": live["executions"],
+        "exec_per_sec": live["exec_per_sec"],
+        "corpus_size": live["corpus_size"],
+        "duration_seconds": round(elapsed, 3),
+        "stopped": stopped,
+        "crashes_total": max(out.crashes_total, len(findings)),
+        "unique_crashes": len(findings),
+        "corpus_dir": _rel(root, str(corpus)),
+        "crash_dir": _rel(root, str(crashes)),
+        "findings": findings,
+    }
+
+
+def _run_harness(
+    cmd: list[str],
+    root: Path,
+    target: Path,
+    out: HarnessOutput,
+    *,
+    timeout: int,
+    limits: sandbox.Limits,
+) -> tuple[sandbox.ToolProcess, bool]:
+    """Run the harness to its end, feeding ``out``; returns it and whether it was killed at
+    the deadline."""
+    # Its own session and, sandboxed, its own PID namespace: a timeout kills all it started.
+    tool = sandbox.current().popen(
+        cmd, workspace=root, writable=True, cwd=target.parent, env=_harness_env(root), limits=limits
+    )
+    killed = pump_lines(
+        tool.proc,
+        out.feed,
+        lambda: out.throttle.lazy(out.live),
+        deadline=out.started + timeout + GRACE_SECONDS,
+    )
+    tool.check_started(out.tail)
+    tool.close()
+    return tool, killed
+
+
+def _stop_reason(
+    out: HarnessOutput,
+    tool: sandbox.ToolProcess,
+    *,
+    killed: bool,
+    native_crash: bool,
+    timed_out: bool,
+    max_iterations: int,
+    target_name: str,
+) -> str:
+    """Why the fuzzing ended; a ToolError when the harness failed without a reason."""
+    if killed:
+        return "killed_at_deadline"
+    if out.stop_event:
+        return out.stop_event
+    if native_crash:
+        return "native_crash"
+    if tool.proc.returncode != 0:
+        raise ToolError(
+            f"the atheris harness for {target_name!r} exited with code {tool.proc.returncode}"
+            f"{sandbox_note(tool)}:\n" + "\n".join(out.tail)
+        )
+    if timed_out or out.stats["executions"] < max_iterations:
+        return "timeout"
+    return "max_iterations"
+
+
+def _harness_command(
+    target: Path, corpus: Path, crashes: Path, max_crashes: int, max_iterations: int, timeout: int
+) -> list[str]:
+    """The harness's command line: its own arguments, then libFuzzer's."""
+    return [
         sys.executable,
         "-m",
         HARNESS_MODULE,
@@ -163,6 +254,9 @@ def run_atheris(
         f"-artifact_prefix={crashes}{os.sep}native-",
         str(corpus),
     ]
+
+
+def _harness_env(root: Path) -> dict[str, str]:
     env = sandbox.tool_env({"PYTHONUNBUFFERED": "1"})
     # The target's own modules resolve from its file's folder (the harness puts it first),
     # then from the target root and its src/ layout, so fuzz/fuzz_x.py can import mypkg.
@@ -170,89 +264,58 @@ def run_atheris(
     paths = [str(base / "src")] if (base / "src").is_dir() else []
     inherited = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join([*paths, str(base), *inherited])
-    stats: dict[str, Any] = {"executions": 0, "exec_per_sec": 0.0, "corpus_size": 0, "crashes": 0}
-    tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
-    throttle = Throttle(heartbeat)
-    started = time.monotonic()
-    stopped = "max_iterations"
-    crashes_total = 0
-    stop_event = ""
+    return env
 
-    # Its own session and, sandboxed, its own PID namespace: a timeout kills all it started.
-    tool = sandbox.current().popen(
-        cmd, workspace=root, writable=True, cwd=target.parent, env=env, limits=limits
-    )
-    proc = tool.proc
-    deadline = started + timeout + GRACE_SECONDS
 
-    def on_line(line: str) -> None:
-        nonlocal crashes_total, stop_event
+class HarnessOutput:
+    """Reads the harness's output lines (``feed``): its ``MARK`` events (figures, crashes,
+    why it stopped) and libFuzzer's status lines keep ``stats`` current; other lines are
+    kept in ``tail`` for error messages."""
+
+    def __init__(self, throttle: Throttle, corpus: Path) -> None:
+        self.throttle = throttle
+        self.corpus = corpus
+        self.stats: dict[str, Any] = {
+            "executions": 0,
+            "exec_per_sec": 0.0,
+            "corpus_size": 0,
+            "crashes": 0,
+        }
+        self.tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
+        self.crashes_total = 0
+        self.stop_event = ""
+        self.started = time.monotonic()
+
+    def live(self) -> dict[str, Any]:
+        """The heartbeat's details now."""
+        return _live(self.stats, self.started, self.corpus)
+
+    def feed(self, line: str) -> None:
         if line.startswith(MARK):
-            try:
-                event = json.loads(line[len(MARK) :])
-            except json.JSONDecodeError:
-                return
-            kind = event.get("event")
-            if kind == "stats":
-                stats["executions"] = max(stats["executions"], int(event["executions"]))
-                stats["crashes"] = int(event["unique_crashes"])
-                crashes_total = int(event["crashes"])
-            elif kind == "crash":
-                stats["crashes"] += 1
-                throttle(_live(stats, started, corpus), force=True)
-            elif kind == "stop":
-                stop_event = str(event.get("reason", ""))
+            self._event(line)
             return
-        tail.append(line)
+        self.tail.append(line)
         if m := _STATUS.match(line):
-            stats["executions"] = max(stats["executions"], int(m.group(1)))
-            stats["corpus_size"] = int(m.group(2))
+            self.stats["executions"] = max(self.stats["executions"], int(m.group(1)))
+            self.stats["corpus_size"] = int(m.group(2))
         elif m := _DONE.match(line):
-            stats["executions"] = max(stats["executions"], int(m.group(1)))
+            self.stats["executions"] = max(self.stats["executions"], int(m.group(1)))
 
-    killed = pump_lines(
-        proc,
-        on_line,
-        lambda: throttle.lazy(lambda: _live(stats, started, corpus)),
-        deadline=deadline,
-    )
-    returncode = proc.returncode
-    tool.check_started(tail)
-    tool.close()
-    elapsed = time.monotonic() - started
-    live = _live(stats, started, corpus)
-    throttle(live, force=True)
-
-    native = sorted(p for p in crashes.iterdir() if p.name.startswith("native-"))
-    if killed:
-        stopped = "killed_at_deadline"
-    elif stop_event:
-        stopped = stop_event
-    elif native:
-        stopped = "native_crash"
-    elif returncode != 0:
-        raise ToolError(
-            f"the atheris harness for {target_name!r} exited with code {returncode}"
-            f"{sandbox_note(tool)}:\n" + "\n".join(tail)
-        )
-    elif elapsed >= timeout or stats["executions"] < max_iterations:
-        stopped = "timeout"
-
-    findings = [_python_finding(root, crashes, p) for p in sorted(crashes.glob("crash-*.json"))]
-    findings += [_native_finding(root, p, list(tail)) for p in native]
-    return {
-        "target_file": target_name,
-        "executions": live["executions"],
-        "exec_per_sec": live["exec_per_sec"],
-        "corpus_size": live["corpus_size"],
-        "duration_seconds": round(elapsed, 3),
-        "stopped": stopped,
-        "crashes_total": max(crashes_total, len(findings)),
-        "unique_crashes": len(findings),
-        "corpus_dir": _rel(root, str(corpus)),
-        "crash_dir": _rel(root, str(crashes)),
-        "findings": findings,
-    }
+    def _event(self, line: str) -> None:
+        try:
+            event = json.loads(line[len(MARK) :])
+        except json.JSONDecodeError:
+            return
+        kind = event.get("event")
+        if kind == "stats":
+            self.stats["executions"] = max(self.stats["executions"], int(event["executions"]))
+            self.stats["crashes"] = int(event["unique_crashes"])
+            self.crashes_total = int(event["crashes"])
+        elif kind == "crash":
+            self.stats["crashes"] += 1
+            self.throttle(self.live(), force=True)
+        elif kind == "stop":
+            self.stop_event = str(event.get("reason", ""))
 
 
 def _live(stats: dict[str, Any], started: float, corpus: Path) -> dict[str, Any]:

@@ -81,7 +81,49 @@ def run_pytest_suite(
     junit = reports / "junit.xml"
     cov_json = reports / "coverage.json"
     data_file = root / ".coverage"
+    env = _suite_env(root, data_file)
+    throttle = Throttle(heartbeat)
+    box = sandbox.current()
+    tool, tail, duration = _run_suite(
+        box,
+        _suite_command(root, data_file, junit, extra),
+        root,
+        env,
+        limits=limits,
+        throttle=throttle,
+        timeout=float(timeout_seconds),
+    )
+    code = tool.proc.returncode
+    if code not in _RAN or not junit.exists():
+        raise _not_run_error(code, tool, tail)
 
+    summary = parse_junit(junit)
+    coverage = _coverage_json(box, data_file, cov_json, env, root, limits)
+    done = {k: summary[k] for k in ("passed", "failed", "errors")}
+    throttle({"phase": "done", **done}, force=True)
+    return {
+        **summary,
+        "coverage_percent": coverage,
+        "exit_code": code,
+        "duration_seconds": round(duration, 3),
+        "reports": {
+            "junit_xml": f"{REPORT_DIR}/junit.xml",
+            "coverage_json": f"{REPORT_DIR}/coverage.json" if coverage is not None else None,
+        },
+    }
+
+
+def _not_run_error(code: int, tool: sandbox.ToolProcess, tail: collections.deque[str]) -> ToolError:
+    """pytest did not run the tests (bad arguments, collection crash...): say so with its
+    last output."""
+    meaning = _EXIT_MEANING.get(code, "failed")
+    return ToolError(
+        f"pytest {meaning} (exit code {code}){sandbox_note(tool)}; last output:\n"
+        + "\n".join(list(tail)[-30:])
+    )
+
+
+def _suite_env(root: Path, data_file: Path) -> dict[str, str]:
     # Make sure nothing reaches for the network, even if a conftest tries pip.
     env = sandbox.tool_env({"PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
     paths = [str(root / "src")] if (root / "src").is_dir() else []
@@ -89,8 +131,11 @@ def run_pytest_suite(
     inherited = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join([*paths, str(root), *inherited])
     env["COVERAGE_FILE"] = str(data_file)
+    return env
 
-    cmd = [
+
+def _suite_command(root: Path, data_file: Path, junit: Path, extra: list[str]) -> list[str]:
+    return [
         sys.executable,
         "-m",
         "coverage",
@@ -108,13 +153,24 @@ def run_pytest_suite(
         "junit_family=xunit2",
         *extra,
     ]
-    throttle = Throttle(heartbeat)
+
+
+def _run_suite(
+    box: sandbox.Sandbox,
+    cmd: list[str],
+    root: Path,
+    env: dict[str, str],
+    *,
+    limits: sandbox.Limits,
+    throttle: Throttle,
+    timeout: float,
+) -> tuple[sandbox.ToolProcess, collections.deque[str], float]:
+    """Run pytest to its end, heartbeating how many tests are done; returns the ended tool,
+    its last output lines and its duration. A ToolError when it ran out of time."""
     tail: collections.deque[str] = collections.deque(maxlen=80)
     counts = collections.Counter[str]()
     started = time.monotonic()
-    box = sandbox.current()
     tool = box.popen(cmd, workspace=root, writable=True, cwd=root, env=env, limits=limits)
-    proc = tool.proc
 
     def on_line(line: str) -> None:
         tail.append(line)
@@ -131,34 +187,13 @@ def run_pytest_suite(
             }
         )
 
-    timed_out = pump_lines(proc, on_line, on_tick, deadline=started + float(timeout_seconds))
-    code = proc.returncode
+    timed_out = pump_lines(tool.proc, on_line, on_tick, deadline=started + timeout)
     tool.check_started(tail)
     tool.close()
     duration = time.monotonic() - started
     if timed_out:
-        raise ToolError(f"the test suite did not finish within {float(timeout_seconds):g} s")
-    if code not in _RAN or not junit.exists():
-        meaning = _EXIT_MEANING.get(code, "failed")
-        raise ToolError(
-            f"pytest {meaning} (exit code {code}){sandbox_note(tool)}; last output:\n"
-            + "\n".join(list(tail)[-30:])
-        )
-
-    summary = parse_junit(junit)
-    coverage = _coverage_json(box, data_file, cov_json, env, root, limits)
-    done = {k: summary[k] for k in ("passed", "failed", "errors")}
-    throttle({"phase": "done", **done}, force=True)
-    return {
-        **summary,
-        "coverage_percent": coverage,
-        "exit_code": code,
-        "duration_seconds": round(duration, 3),
-        "reports": {
-            "junit_xml": f"{REPORT_DIR}/junit.xml",
-            "coverage_json": f"{REPORT_DIR}/coverage.json" if coverage is not None else None,
-        },
-    }
+        raise ToolError(f"the test suite did not finish within {timeout:g} s")
+    return tool, tail, duration
 
 
 def _coverage_json(

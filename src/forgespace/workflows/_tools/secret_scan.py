@@ -106,48 +106,7 @@ def detect_secrets_scan(
     if isinstance(max_file_bytes, bool) or int(max_file_bytes) <= 0:
         raise ValueError(f"max_file_bytes must be a positive integer, got {max_file_bytes!r}")
     throttle = Throttle(heartbeat)
-    with tempfile.TemporaryDirectory(prefix="forgespace-secrets-") as tmp:
-        out_path = Path(tmp) / "out.json"
-        err_path = Path(tmp) / "err.log"
-        with open(out_path, "wb") as out, open(err_path, "wb") as err:
-            # Output goes to files of ours through inherited descriptors: the sandbox itself
-            # sees only the workspace (read-only) and its private /tmp.
-            tool = sandbox.current().popen(
-                [sys.executable, "-m", __name__, str(root), str(int(max_file_bytes))],
-                workspace=root,
-                writable=False,
-                cwd="/tmp",
-                env=sandbox.tool_env({"PYTHONDONTWRITEBYTECODE": "1"}),
-                stdout=out,
-                stderr=err,
-            )
-            proc = tool.proc
-            started = time.monotonic()
-            try:
-                while proc.poll() is None:
-                    if time.monotonic() - started > timeout_seconds:
-                        raise ToolError(
-                            f"detect-secrets did not finish within {timeout_seconds:g} s"
-                        )
-                    throttle.lazy(lambda: {"phase": "detect-secrets", **_last_progress(err_path)})
-                    time.sleep(0.2)
-            except BaseException:
-                # Timed out, or the activity was cancelled through its heartbeat.
-                kill_group(tool)
-                tool.close()
-                raise
-        tool.check_started(err_path.read_text(errors="replace").splitlines()[-5:])
-        tool.close()
-        if proc.returncode != 0:
-            # Only the last line (the exception) is shown: the rest could quote file content.
-            lines = err_path.read_text(errors="replace").strip().splitlines()
-            last = lines[-1][:300] if lines else ""
-            raise ToolError(
-                f"detect-secrets failed with exit code {proc.returncode}"
-                f"{sandbox_note(tool)}: {last}"
-            )
-        report = json.loads(out_path.read_text())
-
+    report = _run_scanner(root, int(max_file_bytes), timeout_seconds, throttle)
     findings = report["findings"]
     if root.is_file():
         for f in findings:
@@ -163,6 +122,59 @@ def detect_secrets_scan(
     }
     throttle({"phase": "done", "findings": len(findings)}, force=True)
     return {"findings": findings, "summary": summary, "sarif": to_sarif(findings)}
+
+
+def _run_scanner(
+    root: Path, max_file_bytes: int, timeout_seconds: float, throttle: Throttle
+) -> dict[str, Any]:
+    """Run this module's scanner (``main``) in the sandbox; return its JSON report."""
+    with tempfile.TemporaryDirectory(prefix="forgespace-secrets-") as tmp:
+        out_path = Path(tmp) / "out.json"
+        err_path = Path(tmp) / "err.log"
+        with open(out_path, "wb") as out, open(err_path, "wb") as err:
+            # Output goes to files of ours through inherited descriptors: the sandbox itself
+            # sees only the workspace (read-only) and its private /tmp.
+            tool = sandbox.current().popen(
+                [sys.executable, "-m", __name__, str(root), str(max_file_bytes)],
+                workspace=root,
+                writable=False,
+                cwd="/tmp",
+                env=sandbox.tool_env({"PYTHONDONTWRITEBYTECODE": "1"}),
+                stdout=out,
+                stderr=err,
+            )
+            _wait_for_scanner(tool, err_path, timeout_seconds, throttle)
+        tool.check_started(err_path.read_text(errors="replace").splitlines()[-5:])
+        tool.close()
+        if tool.proc.returncode != 0:
+            # Only the last line (the exception) is shown: the rest could quote file content.
+            lines = err_path.read_text(errors="replace").strip().splitlines()
+            last = lines[-1][:300] if lines else ""
+            raise ToolError(
+                f"detect-secrets failed with exit code {tool.proc.returncode}"
+                f"{sandbox_note(tool)}: {last}"
+            )
+        report: dict[str, Any] = json.loads(out_path.read_text())
+        return report
+
+
+def _wait_for_scanner(
+    tool: sandbox.ToolProcess, err_path: Path, timeout_seconds: float, throttle: Throttle
+) -> None:
+    """Wait for the scanner to end, heartbeating its progress; killed (with all it started)
+    when it runs out of time or the activity is cancelled."""
+    started = time.monotonic()
+    try:
+        while tool.proc.poll() is None:
+            if time.monotonic() - started > timeout_seconds:
+                raise ToolError(f"detect-secrets did not finish within {timeout_seconds:g} s")
+            throttle.lazy(lambda: {"phase": "detect-secrets", **_last_progress(err_path)})
+            time.sleep(0.2)
+    except BaseException:
+        # Timed out, or the activity was cancelled through its heartbeat.
+        kill_group(tool)
+        tool.close()
+        raise
 
 
 def _last_progress(err_path: Path) -> dict[str, Any]:

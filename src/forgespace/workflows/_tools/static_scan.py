@@ -161,22 +161,35 @@ def run_bandit(
         "-q",
         "--exit-zero",
     ]
-    env = sandbox.tool_env({"PYTHONDONTWRITEBYTECODE": "1"})
-    started = time.monotonic()
     tool = sandbox.current().popen(
         cmd,
         workspace=root,
         writable=False,
         cwd="/tmp",
-        env=env,
+        env=sandbox.tool_env({"PYTHONDONTWRITEBYTECODE": "1"}),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    proc = tool.proc
+    stdout, stderr = _wait_for_bandit(tool, timeout_seconds=timeout_seconds, throttle=throttle)
+    report = _bandit_report(tool, stdout, stderr)
+    findings = [_bandit_finding(root, r) for r in report.get("results", [])]
+    errors = [
+        {"file": relative_name(root, Path(e["filename"])), "reason": e.get("reason", "")}
+        for e in report.get("errors", [])
+    ]
+    return findings, {"errors": errors, "version": _bandit_version()}
+
+
+def _wait_for_bandit(
+    tool: sandbox.ToolProcess, *, timeout_seconds: float, throttle: Throttle | None
+) -> tuple[bytes, bytes]:
+    """bandit's stdout and stderr once it ended, heartbeating while it runs; killed (with
+    all it started) when it runs out of time or the activity is cancelled."""
+    started = time.monotonic()
     try:
         while True:
             try:
-                stdout, stderr = proc.communicate(timeout=1.0)
+                stdout, stderr = tool.proc.communicate(timeout=1.0)
                 break
             except subprocess.TimeoutExpired:
                 elapsed = time.monotonic() - started
@@ -191,42 +204,42 @@ def run_bandit(
         raise
     tool.check_started(stderr.decode("utf-8", "replace").splitlines())
     tool.close()
+    return stdout, stderr
+
+
+def _bandit_report(tool: sandbox.ToolProcess, stdout: bytes, stderr: bytes) -> dict[str, Any]:
+    """bandit's JSON report; a ToolError with its output when it failed."""
     try:
-        report = json.loads(stdout) if proc.returncode == 0 else None
+        report = json.loads(stdout) if tool.proc.returncode == 0 else None
     except json.JSONDecodeError:
         report = None
     if not isinstance(report, dict):
         msg = (stderr or stdout).decode("utf-8", "replace")[-2000:]
         raise ToolError(
-            f"bandit failed with exit code {proc.returncode}{sandbox_note(tool)}: {msg}"
+            f"bandit failed with exit code {tool.proc.returncode}{sandbox_note(tool)}: {msg}"
         )
+    return report
 
-    findings = []
-    for r in report.get("results", []):
-        cwe = r.get("issue_cwe") or {}
-        message = r.get("issue_text", "")
-        if r["test_id"] in _QUOTES_SECRET:
-            message = _QUOTED.sub(lambda m: repr(mask(m.group(1))), message)
-        findings.append(
-            {
-                "tool": "bandit",
-                "rule_id": r["test_id"],
-                "rule_name": r.get("test_name", r["test_id"]),
-                "severity": _BANDIT_SEVERITY.get(r.get("issue_severity", ""), "low"),
-                "confidence": str(r.get("issue_confidence", "")).lower(),
-                "file": relative_name(root, Path(r["filename"])),
-                "line": r.get("line_number"),
-                "column": (r.get("col_offset") or 0) + 1,
-                "message": message,
-                "cwe": cwe.get("id"),
-                "help_uri": r.get("more_info"),
-            }
-        )
-    errors = [
-        {"file": relative_name(root, Path(e["filename"])), "reason": e.get("reason", "")}
-        for e in report.get("errors", [])
-    ]
-    return findings, {"errors": errors, "version": _bandit_version()}
+
+def _bandit_finding(root: Path, r: dict[str, Any]) -> dict[str, Any]:
+    """One bandit result in the findings' shape (secrets it quotes are masked)."""
+    cwe = r.get("issue_cwe") or {}
+    message = r.get("issue_text", "")
+    if r["test_id"] in _QUOTES_SECRET:
+        message = _QUOTED.sub(lambda m: repr(mask(m.group(1))), message)
+    return {
+        "tool": "bandit",
+        "rule_id": r["test_id"],
+        "rule_name": r.get("test_name", r["test_id"]),
+        "severity": _BANDIT_SEVERITY.get(r.get("issue_severity", ""), "low"),
+        "confidence": str(r.get("issue_confidence", "")).lower(),
+        "file": relative_name(root, Path(r["filename"])),
+        "line": r.get("line_number"),
+        "column": (r.get("col_offset") or 0) + 1,
+        "message": message,
+        "cwe": cwe.get("id"),
+        "help_uri": r.get("more_info"),
+    }
 
 
 def _bandit_version() -> str | None:
