@@ -260,20 +260,10 @@ def remove_at(dfd: int, name: str, *, shown: str = "") -> None:
     Entries that vanish meanwhile (another gc removing the same trash) are fine.
     """
     shown = shown or name
-    try:
-        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-    except FileNotFoundError:
+    opened = _open_top(dfd, name, shown)
+    if opened is None:
         return
-    if not stat.S_ISDIR(st.st_mode):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(name, dir_fd=dfd)
-        return
-    if st.st_dev != os.fstat(dfd).st_dev:
-        raise _refused(shown, "a mount point", "a directory to delete (never crossed)")
-    try:
-        cur = _open_for_removal(dfd, name, st, shown)
-    except FileNotFoundError:
-        return
+    cur, st = opened
     # One frame per level: (name in parent, dev, ino, subdirectories still to visit).
     frames: list[_Frame] = [(name, st.st_dev, st.st_ino, [])]
     scan = True
@@ -313,6 +303,25 @@ def remove_at(dfd: int, name: str, *, shown: str = "") -> None:
     finally:
         if cur >= 0:
             os.close(cur)
+
+
+def _open_top(dfd: int, name: str, shown: str) -> tuple[int, os.stat_result] | None:
+    """Open directory ``name`` for removal; unlink it instead if it is no directory, and
+    return None when that (or its vanishing) already finished the job."""
+    try:
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISDIR(st.st_mode):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=dfd)
+        return None
+    if st.st_dev != os.fstat(dfd).st_dev:
+        raise _refused(shown, "a mount point", "a directory to delete (never crossed)")
+    try:
+        return _open_for_removal(dfd, name, st, shown), st
+    except FileNotFoundError:
+        return None
 
 
 def _next_subdir(
