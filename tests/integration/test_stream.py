@@ -254,4 +254,3 @@ def test_a_zip_and_a_plain_file_still_work_from_s3(s3_settings: Settings, tmp_pa
     ftid = cache.store.upload_target(fpath, target_id="a-file")
     got = Path(_get(cache, ftid, "isolated"))
     assert got.name == "target" and got.read_bytes() == fpath.read_bytes()
-

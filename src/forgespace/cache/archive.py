@@ -167,6 +167,12 @@ class _RawView(io.RawIOBase):
 
 
 def _open_stream(path: str | _RawView, compression: str | None, *, threaded: bool) -> IO[bytes]:
+    if isinstance(path, _RawView):
+        # Large reads of the source whatever the decompressor asks for (bz2/lzma: 8 KiB).
+        buffered = io.BufferedReader(path, _CHUNK)
+        if compression is None:
+            return buffered
+        path = cast("_RawView", buffered)
     if compression == "gz":
         if threaded:
             # Inflating in a worker thread (isal releases the GIL) overlaps with our writes.
@@ -176,9 +182,7 @@ def _open_stream(path: str | _RawView, compression: str | None, *, threaded: boo
         return bz2.open(path, "rb")
     if compression == "xz":
         return lzma.open(cast("str | IO[bytes]", path), "rb")
-    if isinstance(path, _RawView):
-        return io.BufferedReader(path, _CHUNK)
-    return open(path, "rb", buffering=_CHUNK)
+    return open(cast("str", path), "rb", buffering=_CHUNK)
 
 
 def _is_tar_header(block: bytes) -> bool:

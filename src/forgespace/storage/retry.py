@@ -111,12 +111,19 @@ class DownloadTap:
                     return 0
                 self._cond.wait()
 
+    def _still_valid(self) -> None:
+        # ``restarted`` comes before the truncation: a read that overlapped it is caught here.
+        with self._cond:
+            if self._void or (self._ended and not self._ok):
+                raise DownloadStopped("the download being extracted failed or restarted")
+
     def read(self, n: int = -1) -> bytes:
         """Up to ``n`` bytes (at least one unless the download ended) from the position."""
         want = self._available(CHUNK_SIZE if n < 0 else n)
         if want == 0:
             return b""
         data = os.pread(self._fd, want, self.pos)
+        self._still_valid()
         self.pos += len(data)
         return data
 
@@ -127,6 +134,7 @@ class DownloadTap:
         if want == 0:
             return 0
         got = os.preadv(self._fd, [view[:want]], self.pos)
+        self._still_valid()
         self.pos += got
         return got
 
