@@ -254,3 +254,50 @@ def test_a_zip_and_a_plain_file_still_work_from_s3(s3_settings: Settings, tmp_pa
     ftid = cache.store.upload_target(fpath, target_id="a-file")
     got = Path(_get(cache, ftid, "isolated"))
     assert got.name == "target" and got.read_bytes() == fpath.read_bytes()
+
+
+_RSS_GETTER = """
+import resource, sys
+from forgespace.cache.workspace import WorkspaceCache
+from forgespace.config import Settings
+cache = WorkspaceCache(Settings.from_env())
+cache.store.stat_target(sys.argv[1])  # warm up client and connection pool first
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+path = cache.get_target(sys.argv[1], "rss", workspace_isolation="isolated")
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(before, after, path)
+"""
+
+
+@pytest.mark.slow
+def test_a_200mb_streamed_get_target_runs_in_bounded_memory(
+    s3_settings: Settings, tmp_path: Path
+) -> None:
+    """Downloading, hashing and extracting at once never buffers the object: the peak RSS of
+    a 200 MB tar.gz get_target grows by well under 100 MB."""
+    import subprocess
+    import sys
+
+    from support.s3server import env_for
+
+    archive = tmp_path / "big.tgz"
+    block = os.urandom(1 << 20)
+    with tarfile.open(archive, "w:gz", compresslevel=1) as tf:
+        for i in range(4):
+            data = b"".join(i.to_bytes(4, "big") + j.to_bytes(4, "big") + block[8:]
+                            for j in range(50))  # fmt: skip
+            _add(tf, f"part{i}.bin", data)
+    store = S3Store.from_settings(s3_settings)
+    tid = store.upload_target(archive, target_id="big-stream")
+    archive.unlink()
+    out = subprocess.run(
+        [sys.executable, "-c", _RSS_GETTER, tid],
+        env=env_for(s3_settings),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    before_kb, after_kb, path = out.stdout.split()
+    assert Path(path, "part3.bin").stat().st_size == 50 << 20
+    assert int(after_kb) - int(before_kb) < 100 * 1024, (before_kb, after_kb)
