@@ -1,7 +1,7 @@
-"""Waiter admission across real processes (issue 17): the index's write lock is taken with our
-own short busy wait (index._begin_immediate) instead of SQLite's sleeping handler. Every lease
-is still recorded, each by the run that took it, and a writer that holds the lock for a while
-delays the others without failing them."""
+"""Waiter admission across real processes (issue 17): the waiters of a download are granted the
+target lock together by the kernel (locks.flock waits in a blocking flock, not by polling) and
+then record their leases at once. Every lease is recorded, each by the run that took it, and a
+writer that holds the index's write lock for a while delays the others without failing them."""
 
 from __future__ import annotations
 

@@ -37,7 +37,6 @@ import errno
 import functools
 import logging
 import os
-import random
 import socket
 import sqlite3
 import stat as stat_mod
@@ -74,12 +73,6 @@ _MIGRATE_FROM_1 = (
 KINDS = ("shared", "cow-shared", "run")
 # How long a statement waits for another process's write transaction before giving up.
 BUSY_TIMEOUT_S = 30.0
-# Taking the write lock: our own wait between tries (seconds, jittered), growing to the cap.
-# SQLite's busy handler sleeps 1, 2, 5, 10, 15, 20, 25, 25... ms: 15 waiters admitted together
-# after a download each paid several of those sleeps (they trickled out over ~100 ms) for
-# write transactions of ~0.1 ms each.
-WRITE_RETRY_FIRST_S = 0.0002
-WRITE_RETRY_CAP_S = 0.002
 # How long opening the index waits for another process that is creating or rebuilding it.
 REBUILD_LOCK_TIMEOUT_S = 600.0
 REBUILD_HOLDER = "index-rebuild"
@@ -604,7 +597,7 @@ class CacheIndex:
         """One short write transaction (BEGIN IMMEDIATE: take the write lock up front)."""
         conn = self._conn(write=True)
         try:
-            _begin_immediate(conn)
+            conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
             raise self._env_error(exc, "write") from exc
         try:
@@ -1050,32 +1043,6 @@ def _migrate_from_1(conn: sqlite3.Connection) -> None:
         with contextlib.suppress(sqlite3.Error):
             conn.execute("ROLLBACK")
         raise
-
-
-def _is_busy(exc: sqlite3.Error) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)
-    return code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
-
-
-def _begin_immediate(conn: sqlite3.Connection) -> None:
-    """BEGIN IMMEDIATE, waiting for another writer with short jittered sleeps (see
-    WRITE_RETRY_FIRST_S) instead of SQLite's busy handler, at most BUSY_TIMEOUT_S; then the
-    last SQLITE_BUSY is raised. Statements inside the transaction keep SQLite's handler."""
-    conn.execute("PRAGMA busy_timeout = 0")
-    try:
-        deadline = time.monotonic() + BUSY_TIMEOUT_S
-        delay = WRITE_RETRY_FIRST_S
-        while True:
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                return
-            except sqlite3.OperationalError as exc:
-                if not _is_busy(exc) or time.monotonic() >= deadline:
-                    raise
-            time.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 1.5, WRITE_RETRY_CAP_S)
-    finally:
-        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
 
 
 def _insert_lease(
