@@ -238,6 +238,29 @@ def test_a_cut_that_resumes_still_extracts_exactly(
     assert tree_digest(path) == tree_digest(want)
 
 
+@pytest.mark.parametrize("mode", ["shared", "isolated"])
+def test_a_download_that_starts_over_is_extracted_from_the_verified_file(
+    s3_settings: Settings, s3_server: S3Server, tmp_path: Path, mode: str
+) -> None:
+    """The resume GET is answered with the whole object (a server ignoring Range): the
+    download starts over, which voids what the extraction read; the workspace is then
+    extracted from the verified file and equals the archive."""
+    cache = WorkspaceCache(s3_settings)
+    archive = _archive(tmp_path / "t.tgz", "w:gz")
+    tid = cache.store.upload_target(archive, target_id="restarted")
+    key = target_key(tid)
+    s3_server.inject("reset", key=key, times=1, after_bytes=BIG)
+    s3_server.inject("ignore-range", key=key, times=1)
+    path = Path(_get(cache, tid, mode))
+    assert s3_server.pending_faults() == 0
+    want = tmp_path / "want"
+    with tarfile.open(archive) as tf:
+        tf.extractall(want, filter="data")
+    assert tree_digest(path) == tree_digest(want)
+    tmp = cache.layout.tmp_dir
+    assert not tmp.is_dir() or os.listdir(tmp) == []
+
+
 def test_a_zip_and_a_plain_file_still_work_from_s3(s3_settings: Settings, tmp_path: Path) -> None:
     """Not streamed (a zip needs its central directory; a file is no archive): extracted or
     kept from the verified file as before."""
