@@ -5,6 +5,7 @@ Run through libFuzzer (see ``make fuzz``)::
     python fuzz/fuzz_archive.py NEW_INPUTS_DIR fuzz/corpus/archive -max_total_time=90
 
 Each input is written to a file and handed to ``detect_archive`` and then ``extract_archive``
+(and, read as a stream, to ``extract_tar_stream``, which must agree: same tree, same refusal)
 with a small byte and member limit, so bombs hit the limits at once. The refusals the module
 documents (``UnsafeArchiveError``, ``IntegrityError``, ``CacheFullError``) are expected; any
 other exception is a finding (libFuzzer stops and keeps the input). After every input the
@@ -34,7 +35,7 @@ import atheris
 # zipfile is the zip parser the reader relies on: instrument it with our module so the fuzzer
 # sees its branches too (it must not be imported before this block for the hook to apply).
 with atheris.instrument_imports(include=["forgespace.cache.archive", "zipfile"]):
-    from forgespace.cache.archive import detect_archive, extract_archive
+    from forgespace.cache.archive import detect_archive, extract_archive, extract_tar_stream
     from forgespace.errors import CacheFullError, IntegrityError, UnsafeArchiveError
 
 from forgespace.cache import fsops  # after the block: only the reader is instrumented
@@ -263,8 +264,55 @@ def TestOneInput(data: bytes) -> None:
         _check_outside(extracted)
         if extracted:
             _check_tree()
+        _check_streamed(kind, _snapshot(DEST) if extracted else None, read_only)
     finally:
         _remove_tree(DEST)
+
+
+Tree = dict[str, tuple[int, bytes]]
+
+
+def _snapshot(root: str) -> Tree:
+    """rel path -> (mode, content or link target) of a tree, for comparing two extractions."""
+    out: Tree = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            if stat.S_ISLNK(st.st_mode):
+                body = os.fsencode(os.readlink(p))
+            elif stat.S_ISREG(st.st_mode):
+                with open(p, "rb") as f:
+                    body = f.read()
+            else:
+                body = b""
+            out[os.path.relpath(p, root)] = (st.st_mode, body)
+    return out
+
+
+def _check_streamed(kind: str | None, by_file: Tree | None, ro: bool) -> None:
+    """The streamed extractor (what a download feeds) must agree with the file extractor: a
+    tar it accepts gives the same tree, one it refuses is refused, anything else is left to
+    the file path (None, nothing created)."""
+    _remove_tree(DEST)
+    with open(ARCHIVE, "rb", buffering=0) as f:
+        try:
+            stats = extract_tar_stream(
+                f, DEST, archive="fuzz", max_bytes=MAX_BYTES, max_members=MAX_MEMBERS, read_only=ro
+            )
+        except EXPECTED:
+            stats, refused = None, True
+        else:
+            refused = False
+    if kind != "tar":
+        if stats is not None or refused or os.path.lexists(DEST):
+            raise InvariantError(f"the streamed extractor took a {kind or 'non-archive'}")
+        return
+    if (by_file is None) != refused:
+        said = ("refused", "accepted") if by_file is None else ("accepted", "refused")
+        raise InvariantError(f"file extraction {said[0]} what the streamed one {said[1]}")
+    if by_file is not None and _snapshot(DEST) != by_file:
+        raise InvariantError("the streamed extraction differs from the file extraction")
 
 
 def main() -> None:

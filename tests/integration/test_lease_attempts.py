@@ -139,14 +139,14 @@ def test_a_failed_stale_attempt_does_not_end_its_retrys_lease(
         except BaseException as exc:
             errors.append(exc)
 
-    real = cache._modes._extract
+    real = cache._modes._extracted  # after the download, streamed or not
 
     def failing(*a: Any, **kw: Any) -> Any:
         if threading.current_thread().name == "stale":
             raise OSError("the stale attempt fails after its retry started")
         return real(*a, **kw)
 
-    cache._modes._extract = failing  # type: ignore[method-assign]
+    cache._modes._extracted = failing  # type: ignore[method-assign]
     t = threading.Thread(target=first, name="stale")
     t.start()
     assert hold.arrived.wait(30)

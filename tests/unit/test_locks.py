@@ -153,3 +153,36 @@ def test_staging_names_round_trip_even_with_dotted_ids() -> None:
     assert parse_staging_name(name) == ("my.target-1", "run-r.2", "123-abcdefabcdef")
     assert parse_staging_name("random-dir") is None
     assert parse_staging_name("a~b~c") is None
+
+
+def test_a_wait_that_timed_out_never_keeps_the_lock(tmp_path: Path) -> None:
+    """A waiter that gave up leaves a blocked helper behind (locks._Grant): once the holder
+    releases, that helper must hand the lock straight back, never keep it."""
+    lock = tmp_path / "T.lock"
+    p = _holder(lock, seconds=0.5)
+    with pytest.raises(LockTimeoutError), flock(lock, timeout=0.05, what="target T"):
+        pass
+    p.wait(30)
+    # the holder is gone: the lock is free within the helper's hand-back, then stays free
+    with flock(lock, timeout=10, what="target T"):
+        pass
+    with flock(lock, blocking=False, what="target T"):
+        pass
+
+
+def test_blocked_waiters_of_every_mode_get_the_lock_when_it_is_released(tmp_path: Path) -> None:
+    lock = tmp_path / "T.lock"
+    p = _holder(lock, seconds=0.3)
+    got: list[str] = []
+
+    def wait(mode: str) -> None:
+        with flock(lock, exclusive=mode == "ex", timeout=30, what="target T"):
+            got.append(mode)
+
+    threads = [threading.Thread(target=wait, args=(m,)) for m in ("sh", "sh", "ex")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    p.wait(30)
+    assert sorted(got) == ["ex", "sh", "sh"]

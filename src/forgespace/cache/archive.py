@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import bz2
 import errno
+import io
 import logging
 import lzma
 import os
@@ -40,9 +41,10 @@ import struct
 import time
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal, cast
+from typing import IO, Literal, Protocol, cast
 
 from isal import igzip, igzip_threaded, isal_zlib
 
@@ -57,7 +59,15 @@ from forgespace.errors import (
     is_nospace,
 )
 
-__all__ = ["ArchiveKind", "ExtractStats", "artifact_kind", "detect_archive", "extract_archive"]
+__all__ = [
+    "ArchiveKind",
+    "ExtractStats",
+    "PositionedSource",
+    "artifact_kind",
+    "detect_archive",
+    "extract_archive",
+    "extract_tar_stream",
+]
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +143,36 @@ def _compression(head: bytes) -> str | None:
     return None
 
 
-def _open_stream(path: str, compression: str | None, *, threaded: bool) -> IO[bytes]:
+class PositionedSource(Protocol):
+    """What ``extract_tar_stream`` reads: ``readinto`` from a position ``seek`` sets (a file
+    opened unbuffered, or storage.retry.DownloadTap following a download)."""
+
+    def readinto(self, buf: memoryview, /) -> int | None: ...
+
+    def seek(self, offset: int, /) -> int: ...
+
+
+class _RawView(io.RawIOBase):
+    """A raw stream over a ``PositionedSource`` from where it stands; closing the view leaves
+    the source alone (detection and extraction each read through a view of their own)."""
+
+    def __init__(self, source: PositionedSource) -> None:
+        self._source = source
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: memoryview) -> int:  # type: ignore[override]
+        return self._source.readinto(buf) or 0
+
+
+def _open_stream(path: str | _RawView, compression: str | None, *, threaded: bool) -> IO[bytes]:
+    if isinstance(path, _RawView):
+        # Large reads of the source whatever the decompressor asks for (bz2/lzma: 8 KiB).
+        buffered = io.BufferedReader(path, _CHUNK)
+        if compression is None:
+            return buffered
+        path = cast("_RawView", buffered)
     if compression == "gz":
         if threaded:
             # Inflating in a worker thread (isal releases the GIL) overlaps with our writes.
@@ -142,8 +181,8 @@ def _open_stream(path: str, compression: str | None, *, threaded: bool) -> IO[by
     if compression == "bz2":
         return bz2.open(path, "rb")
     if compression == "xz":
-        return lzma.open(path, "rb")
-    return open(path, "rb", buffering=_CHUNK)
+        return lzma.open(cast("str | IO[bytes]", path), "rb")
+    return open(cast("str", path), "rb", buffering=_CHUNK)
 
 
 def _is_tar_header(block: bytes) -> bool:
@@ -163,6 +202,15 @@ def _is_tar_header(block: bytes) -> bool:
     signed = sum(struct.unpack("148b", block[:148])) + 256
     signed += sum(struct.unpack("356b", block[156:_BLOCK]))
     return recorded == signed
+
+
+def _starts_tar(stream: IO[bytes]) -> bool:
+    """True when the (decompressed) ``stream`` starts a tar archive: a valid first header, or
+    an empty archive (zero blocks only)."""
+    block = stream.read(_BLOCK)
+    if _is_tar_header(block):
+        return True
+    return len(block) == _BLOCK and not block.strip(b"\0") and _is_empty_tar(stream, block)
 
 
 def _is_empty_tar(stream: IO[bytes], first: bytes) -> bool:
@@ -198,10 +246,7 @@ def detect_archive(path: str | os.PathLike[str], *, artifacts: bool = False) -> 
     compression = _compression(head)
     try:
         with _open_stream(p, compression, threaded=False) as stream:
-            block = stream.read(_BLOCK)
-            if _is_tar_header(block):
-                return "tar"
-            if len(block) == _BLOCK and not block.strip(b"\0") and _is_empty_tar(stream, block):
+            if _starts_tar(stream):
                 return "tar"
     except _READ_ERRORS:
         # A damaged compressed stream is not something we can extract: keep it as a file.
@@ -697,13 +742,17 @@ def _extract_tar(x: _Extractor, src: str) -> None:
     with open(src, "rb") as f:
         compression = _compression(f.read(8))
     with _open_stream(src, compression, threaded=True) as stream:
-        r = _Reader(stream, src)
-        _TarWalker(x, r, src).run()
-        if compression is not None:
-            # Let the decompressor reach its trailer so the stream checksum is verified.
-            for _ in range(_DRAIN_LIMIT // _CHUNK):
-                if not r.read(_CHUNK):
-                    break
+        _walk_tar(x, stream, src, compression)
+
+
+def _walk_tar(x: _Extractor, stream: IO[bytes], src: str, compression: str | None) -> None:
+    r = _Reader(stream, src)
+    _TarWalker(x, r, src).run()
+    if compression is not None:
+        # Let the decompressor reach its trailer so the stream checksum is verified.
+        for _ in range(_DRAIN_LIMIT // _CHUNK):
+            if not r.read(_CHUNK):
+                break
 
 
 _ZERO_BLOCK = bytes(_BLOCK)
@@ -942,6 +991,71 @@ def extract_archive(
             reason="is not an archive this can extract "
             "(accepted: tar, tar.gz, tar.bz2, tar.xz, zip)",
         )
+
+    def fill(x: _Extractor) -> None:
+        if kind == "tar":
+            _extract_tar(x, s)
+        else:
+            _extract_zip(x, s)
+
+    return _run_extraction(s, d, fill, max_bytes, read_only, max_members)
+
+
+def _stream_tar_compression(source: PositionedSource) -> tuple[bool, str | None]:
+    """(whether ``source`` holds a tar, its compression), judged as ``detect_archive`` judges
+    a file: the same magic numbers and the same first-header test."""
+    source.seek(0)
+    head = io.BufferedReader(_RawView(source), _BLOCK).read(_BLOCK)
+    if head.startswith(_ZIP_MAGICS):
+        return False, None
+    compression = _compression(head)
+    source.seek(0)
+    try:
+        with _open_stream(_RawView(source), compression, threaded=False) as stream:
+            return _starts_tar(stream), compression
+    except _READ_ERRORS:
+        return False, compression
+
+
+def extract_tar_stream(
+    source: PositionedSource,
+    dest: str | os.PathLike[str],
+    *,
+    archive: str,
+    max_bytes: int,
+    read_only: bool = False,
+    max_members: int | None = None,
+) -> ExtractStats | None:
+    """Extract a tar (plain, gz, bz2, xz) read from ``source`` while its bytes arrive, with
+    exactly ``extract_archive``'s rules, errors and clean-up; ``archive`` names it in errors.
+
+    Returns None, creating nothing, when ``source`` holds no tar (a zip needs its central
+    directory at the end, anything else is not extracted): the caller deals with the complete
+    file. Exceptions of ``source`` itself propagate unchanged (after ``dest`` is removed)."""
+    is_tar, compression = _stream_tar_compression(source)
+    if not is_tar:
+        return None
+
+    def fill(x: _Extractor) -> None:
+        source.seek(0)
+        # Not the threaded inflater: its worker would block in ``source`` after a refusal.
+        with _open_stream(_RawView(source), compression, threaded=False) as stream:
+            _walk_tar(x, stream, archive, compression)
+
+    d = os.fspath(dest)
+    return _run_extraction(archive, d, fill, max_bytes, read_only, max_members)
+
+
+def _run_extraction(
+    s: str,
+    d: str,
+    fill: Callable[[_Extractor], None],
+    max_bytes: int,
+    read_only: bool,
+    max_members: int | None,
+) -> ExtractStats:
+    """Create ``d``, let ``fill`` write the members, finish; on any failure remove ``d`` and
+    raise the error the module documents (``s`` names the archive)."""
     try:
         os.mkdir(d, 0o755)
     except FileExistsError:
@@ -949,10 +1063,7 @@ def extract_archive(
     x: _Extractor | None = None
     try:
         x = _Extractor(s, d, max_bytes, read_only, max_members)
-        if kind == "tar":
-            _extract_tar(x, s)
-        else:
-            _extract_zip(x, s)
+        fill(x)
         stats = x.finish()
     except BaseException as e:
         member = x.member if x is not None else ""

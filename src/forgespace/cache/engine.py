@@ -53,7 +53,11 @@ from forgespace.errors import (
 from forgespace.layout import RUN_MODE_FILE, CacheLayout
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from forgespace.cache.archive import ExtractStats
     from forgespace.storage.base import ProgressFn, Store
+    from forgespace.storage.retry import DownloadTap
 
 log = logging.getLogger("forgespace.cache")
 
@@ -287,7 +291,64 @@ class Engine:
         self._download(tid, dest, mode, transfer)
         return True
 
-    def _download(self, tid: str, dest: Path, mode: str, transfer: Transfer) -> Path:
+    def _fetch_extracting(
+        self,
+        tid: str,
+        dest: Path,
+        workspace: Path,
+        mode: str,
+        cached: Path,
+        transfer: Transfer,
+        *,
+        read_only: bool,
+    ) -> tuple[bool, ExtractStats | None]:
+        """``_fetch``, extracting a downloaded tar into ``workspace`` while it arrives: (True if
+        downloaded, the extraction's stats or None when the caller still has to extract)."""
+        from forgespace.cache import streamed
+
+        if cached.is_file() or not streamed.ENABLED or not streamed.accepts_tap(self.store):
+            return self._fetch(tid, dest, mode, cached, transfer), None
+        return True, self._download_extracting(tid, dest, workspace, mode, transfer, read_only)
+
+    def _download_extracting(
+        self, tid: str, dest: Path, workspace: Path, mode: str, transfer: Transfer, read_only: bool
+    ) -> ExtractStats | None:
+        """Download to ``dest`` while a helper thread extracts a tar into ``workspace``
+        (cache/streamed.py). Returns only once the download verified: the stats, or None when
+        nothing was extracted (a zip, no archive, a restarted download)."""
+        from forgespace.cache import streamed
+
+        if not streamed.ENABLED or not streamed.accepts_tap(self.store):
+            self._download(tid, dest, mode, transfer)
+            return None
+        job = streamed.StreamedExtraction(
+            tid, workspace, max_bytes=self.settings.cache_max_size, read_only=read_only
+        ).start()
+        try:
+            self._download(tid, dest, mode, transfer, tap=job.tap, check=job.check)
+        except BaseException as exc:
+            job.finish(download_ok=False)
+            if not isinstance(exc, streamed.StopDownload):
+                raise
+        else:
+            job.finish(download_ok=True)
+        if job.error is None or job.stopped_by_download:
+            return job.stats  # None after a restart: extracted again from the verified file
+        with self._extract_errors(tid, workspace, src_size(dest)):
+            raise job.error
+
+    def _download(
+        self,
+        tid: str,
+        dest: Path,
+        mode: str,
+        transfer: Transfer,
+        *,
+        tap: DownloadTap | None = None,
+        check: Callable[[], None] | None = None,
+    ) -> Path:
+        """Download into ``dest``; ``tap`` lets a reader follow it and ``check`` (called with
+        each chunk) may stop it by raising."""
         store = self.store
         info = store.stat_target(tid)
         self._make_room(info.size, tid)
@@ -296,18 +357,22 @@ class Engine:
         caller = transfer.progress
 
         def progress(done: int, total: int) -> None:
+            if check is not None:
+                check()
             if first[0] and done > 0:
                 first[0] = False
                 self.hooks.reached(Phase.DOWNLOAD)
             if caller is not None:
                 caller(done, total)
 
+        wanted = check is not None or self.hooks is not NO_HOOKS or caller is not None
+        extra: dict[str, Any] = {} if tap is None else {"tap": tap}
         try:
-            got = store.download_target(
-                tid, dest, progress if (self.hooks is not NO_HOOKS or caller is not None) else None
-            )
+            got = store.download_target(tid, dest, progress if wanted else None, **extra)
         except BaseException as exc:
-            if isinstance(exc, Exception):
+            from forgespace.cache.streamed import StopDownload
+
+            if isinstance(exc, Exception) and not isinstance(exc, StopDownload):
                 self._metrics.observe_download_failure(exc)
             self._raise_if_full(exc, dest.parent, info.size)
             raise
@@ -317,15 +382,35 @@ class Engine:
         self.hooks.reached(Phase.DOWNLOADED)
         return dest
 
+    def _extracted(
+        self, tid: str, src: Path, dest: Path, streamed: ExtractStats | None, *, read_only: bool
+    ) -> ExtractStats | None:
+        """The workspace's stats: ``streamed`` when extraction already happened while
+        downloading, else ``src`` extracted into ``dest`` when it is an archive (None if not)."""
+        from forgespace.cache.archive import detect_archive
+
+        if streamed is not None:
+            return streamed
+        if detect_archive(src) is None:
+            return None
+        stats: ExtractStats = self._extract(tid, src, dest, read_only=read_only)
+        return stats
+
     def _extract(self, tid: str, src: Path, dest: Path, *, read_only: bool = False) -> Any:
         """Extract safely; ``read_only`` (shared copies) sets 0444/0555 modes in the same pass.
         A refused archive is reported by its target id, not by the staging file's path."""
         from forgespace.cache.archive import extract_archive
 
-        try:
+        with self._extract_errors(tid, dest, src_size(src)):
             return extract_archive(
                 src, dest, max_bytes=self.settings.cache_max_size, read_only=read_only
             )
+
+    @contextlib.contextmanager
+    def _extract_errors(self, tid: str, dest: Path, size: int) -> Iterator[None]:
+        """Report a refused archive by its target id, and a full disk as CacheFullError."""
+        try:
+            yield
         except (UnsafeArchiveError, CorruptArchiveError) as exc:
             # reported by its target id, not by the staging file's path
             where = f": member {exc.member!r}" if exc.member is not None else ""
@@ -336,7 +421,7 @@ class Engine:
                 reason=exc.reason,
             ) from exc
         except BaseException as exc:
-            self._raise_if_full(exc, dest.parent, src.stat().st_size)
+            self._raise_if_full(exc, dest.parent, size)
             raise
 
     def _raise_if_full(self, exc: BaseException, stage: Path, size: int) -> None:

@@ -20,6 +20,7 @@ import fcntl
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -125,24 +126,53 @@ def flock(
 
 
 def _wait(fd: int, op: int, path: Path, timeout: float | None, what: str) -> None:
-    # Polling with a growing sleep keeps the wait bounded without signals (which only
-    # work in the main thread); 1 ms first so short critical sections cost little.
-    deadline = None if timeout is None else time.monotonic() + timeout
-    delay = 0.001
-    while True:
-        if deadline is not None and time.monotonic() >= deadline:
-            mode = "exclusive" if op == fcntl.LOCK_EX else "shared"
-            raise LockTimeoutError(
-                f"timed out after {timeout:.3g}s waiting for the {mode} lock on {what or path}; "
-                f"held by {_describe_holder(fd)}; lock file {path}",
-                lock_path=str(path),
-                holder=_holder_text(fd),
-            )
-        sleep = delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic()))
-        time.sleep(sleep)
-        delay = min(delay * 1.5, 0.05)
+    # A helper thread blocks in flock on a duplicate of ``fd`` (same open file description,
+    # so the same lock) while this thread waits on an event, bounded, without signals (which
+    # only work in the main thread). The kernel grants the lock the moment it is free: the
+    # waiters of a download are admitted together when it publishes, not at their next poll
+    # (polling with a growing sleep let them trickle out up to 50 ms late).
+    grant = _Grant(os.dup(fd), op)
+    threading.Thread(target=grant.run, name=f"flock {path.name}", daemon=True).start()
+    if grant.wait(timeout):
+        return
+    mode = "exclusive" if op == fcntl.LOCK_EX else "shared"
+    raise LockTimeoutError(
+        f"timed out after {timeout:.3g}s waiting for the {mode} lock on {what or path}; "
+        f"held by {_describe_holder(fd)}; lock file {path}",
+        lock_path=str(path),
+        holder=_holder_text(fd),
+    )
+
+
+class _Grant:
+    """One blocking flock on its own descriptor, handed over unless the waiter gave up."""
+
+    def __init__(self, fd: int, op: int) -> None:
+        self.fd, self.op = fd, op
+        self._mutex = threading.Lock()
+        self._done = threading.Event()
+        self._granted = self._abandoned = False
+        self._error: OSError | None = None
+
+    def run(self) -> None:
         try:
-            fcntl.flock(fd, op | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            continue
+            fcntl.flock(self.fd, self.op)
+        except OSError as exc:
+            self._error = exc
+        with self._mutex:
+            self._granted = self._error is None
+            if self._granted and self._abandoned:
+                # The waiter timed out meanwhile: the lock is nobody's, give it back.
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)  # the caller's descriptor keeps the open file description
+        self._done.set()
+
+    def wait(self, timeout: float | None) -> bool:
+        """True once the lock is held; False (the grant abandoned) after ``timeout``."""
+        self._done.wait(timeout)
+        with self._mutex:
+            if self._error is not None:
+                raise self._error
+            if not self._granted:
+                self._abandoned = True
+            return self._granted

@@ -124,12 +124,11 @@ class Modes(Engine):
     def publish_shared(self, tid: str, repair: bool, transfer: Transfer) -> bool:
         """Under the exclusive lock: make {tid}/target and {tid}/workspace complete.
         Returns True when it downloaded (False when it re-extracted a cached target)."""
-        from forgespace.cache.archive import detect_archive
-
         staging.sweep_leftovers(self.layout, tid)
         target = self.layout.shared_target(tid)
         with self._staging(tid, "shared") as stage:
             downloaded = False
+            streamed = None
             if target.exists():
                 # Cached download whose workspace is missing (crash between the two renames,
                 # a half-done eviction, or tampering): re-extract, no new download.
@@ -138,13 +137,13 @@ class Modes(Engine):
             else:
                 src = stage / "target"
                 cached = self.layout.cow_shared_target(tid)
-                downloaded = self._fetch(tid, src, "shared", cached, transfer)
+                downloaded, streamed = self._fetch_extracting(
+                    tid, src, stage / "workspace", "shared", cached, transfer, read_only=True
+                )
                 os.chmod(src, 0o444)
             fetched = downloaded or src != target
-            kind = detect_archive(src)
-            stats = None
-            if kind is not None:
-                stats = self._extract(tid, src, stage / "workspace", read_only=True)
+            stats = self._extracted(tid, src, stage / "workspace", streamed, read_only=True)
+            if stats is not None:
                 self.hooks.reached(Phase.EXTRACTED)
                 mf.write_manifest(
                     mf.manifest_path(self.layout.meta_dir, tid, "shared"), stats.manifest
@@ -152,7 +151,7 @@ class Modes(Engine):
             if fetched:
                 fsops.rename_into(self._root, stage / "target", target)
                 self.hooks.reached(Phase.SHARED_TARGET_PUBLISHED)
-            if kind is not None:
+            if stats is not None:
                 ws = self.layout.shared_workspace(tid)
                 if os.path.lexists(ws):  # a tampered copy: the repaired one is ready beside it
                     self.retire_workspace(tid)
@@ -273,18 +272,17 @@ class Modes(Engine):
             return None
 
     def _publish_cow_shared(self, tid: str, transfer: Transfer) -> bool:
-        from forgespace.cache.archive import detect_archive
-
         staging.sweep_leftovers(self.layout, tid)
         with self._staging(tid, "cow") as stage:
             src = stage / "target"
-            downloaded = self._fetch(
-                tid, src, "copy-on-write", self.layout.shared_target(tid), transfer
+            ws = stage / "workspace"
+            cached = self.layout.shared_target(tid)
+            downloaded, streamed = self._fetch_extracting(
+                tid, src, ws, "copy-on-write", cached, transfer, read_only=True
             )
             os.chmod(src, 0o444)
-            stats = None
-            if detect_archive(src) is not None:
-                stats = self._extract(tid, src, stage / "workspace", read_only=True)
+            stats = self._extracted(tid, src, ws, streamed, read_only=True)
+            if stats is not None:
                 self.hooks.reached(Phase.EXTRACTED)
                 mf.write_manifest(
                     mf.manifest_path(self.layout.meta_dir, tid, "cow"), stats.manifest
@@ -380,12 +378,13 @@ class Modes(Engine):
             self._require_lease(lease, leased)
             staging.sweep_leftovers(self.layout, tid)
             with self._staging(tid, f"run-{rid}") as stage:
-                src = self._download(tid, stage / "target", "isolated", transfer)
-                from forgespace.cache.archive import detect_archive
-
+                src, ws = stage / "target", stage / "workspace"
+                streamed = self._download_extracting(
+                    tid, src, ws, "isolated", transfer, read_only=False
+                )
                 nbytes, files, name = src.stat().st_size, 1, "target"
-                if detect_archive(src) is not None:
-                    stats = self._extract(tid, src, stage / "workspace")
+                stats = self._extracted(tid, src, ws, streamed, read_only=False)
+                if stats is not None:
                     self.hooks.reached(Phase.EXTRACTED)
                     nbytes, files, name = nbytes + stats.bytes, files + stats.files, "workspace"
                 path = self._publish_run(tid, rid, stage, name, nbytes, files, "isolated")

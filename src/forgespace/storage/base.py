@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from forgespace.storage.retry import DownloadTap
 
 # progress(bytes_done, bytes_total); called from the downloading thread, must be cheap.
 ProgressFn = Callable[[int, int], None]
@@ -61,11 +64,18 @@ class Store(Protocol):
         ...
 
     def download_target(
-        self, target_id: str, dest: str | Path, progress: ProgressFn | None = None
+        self,
+        target_id: str,
+        dest: str | Path,
+        progress: ProgressFn | None = None,
+        *,
+        tap: DownloadTap | None = None,
     ) -> ObjectInfo:
         """Stream the object into the file ``dest`` (created/overwritten), verified against
         its size and recorded sha256; retried on transient faults. TargetNotFoundError at
-        once when the object does not exist; IntegrityError when bytes do not match."""
+        once when the object does not exist; IntegrityError when bytes do not match.
+        ``tap`` (optional for a backend: the cache checks the signature) lets another thread
+        read the bytes while they arrive (storage.retry.DownloadTap)."""
         ...
 
     def delete_target(self, target_id: str) -> None:

@@ -25,7 +25,7 @@ from forgespace.layout import is_valid_id, validate_id
 from forgespace.storage.base import ObjectInfo, ProgressFn, target_key, upload_source
 from forgespace.storage.lifecycle import StoredObject
 from forgespace.storage.pack import content_id, copy_hashing, pack_directory, tree_size
-from forgespace.storage.retry import CHUNK_SIZE, PartFile
+from forgespace.storage.retry import CHUNK_SIZE, DownloadTap, PartFile
 
 SIDECAR_NAME = "target.meta.json"
 RESULTS_DIRNAME = ".results"  # a leading dot is never a valid target id: no clash
@@ -209,7 +209,12 @@ class LocalStore:
         return self._info(target_id, st.st_size)
 
     def download_target(
-        self, target_id: str, dest: str | Path, progress: ProgressFn | None = None
+        self,
+        target_id: str,
+        dest: str | Path,
+        progress: ProgressFn | None = None,
+        *,
+        tap: DownloadTap | None = None,
     ) -> ObjectInfo:
         """Copy the object to ``dest`` streamed, verified; nothing at ``dest`` on failure."""
         obj = self.object_path(target_id)
@@ -221,7 +226,7 @@ class LocalStore:
             ) from exc
         except OSError as exc:
             raise StorageError(f"cannot read {obj}: {exc}") from exc
-        with src, PartFile(dest) as part:
+        with src, PartFile(dest, tap) as part:
             expected = self._info(target_id, os.fstat(src.fileno()).st_size)
             while chunk := src.read(CHUNK_SIZE):
                 part.write(chunk)

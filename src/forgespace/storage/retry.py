@@ -4,6 +4,10 @@
 next to ``dest`` while hashed; ``commit`` checks size (always) and sha256 (when the object
 carries one) and only then renames the file into place. On any failure the temp file is
 removed, so a caller never finds a partial or unverified ``dest``.
+
+``DownloadTap`` lets a consumer (the cache's extractor) read the bytes while they arrive: it
+follows the temp file up to what the writer has written, and learns at the end whether the
+download verified. What it read is only trusted by its caller once the download committed.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from forgespace.errors import CacheFullError, IntegrityError, is_nospace
+from forgespace.errors import CacheFullError, ForgespaceError, IntegrityError, is_nospace
 from forgespace.storage.base import ObjectInfo
 
 CHUNK_SIZE = 1 << 20
@@ -39,6 +43,122 @@ class RetryPolicy:
         return d * (1.0 + random.random() * 0.25)
 
 
+class DownloadStopped(ForgespaceError):
+    """What a ``DownloadTap`` reader raises when the download it follows failed or started
+    over: the bytes it read so far are not the object's. The download's own error (raised in
+    the downloading thread) is the one to report."""
+
+
+class DownloadTap:
+    """Follow a download while it is written (see the module docstring).
+
+    The download side (``PartFile``) calls ``started``, ``wrote`` after each buffer is on
+    disk, ``restarted`` when it drops what it wrote, and ``ended``; the reading side calls
+    ``read``/``readinto`` from its own thread, which block until bytes are there. The tap
+    holds its own descriptor of the temp file, so removing or renaming the file never breaks
+    the reader; ``close`` releases it."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._fd = -1
+        self._written = 0
+        self._void = False
+        self._ended = False
+        self._ok = False
+        self.pos = 0
+
+    # -- the download's side ---------------------------------------------------------------
+    def started(self, path: Path) -> None:
+        """The temp file exists (empty): open the reader's own descriptor of it."""
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        with self._cond:
+            self._fd = fd
+            self._cond.notify_all()
+
+    def wrote(self, total: int) -> None:
+        """``total`` bytes of the object are in the temp file now."""
+        with self._cond:
+            self._written = total
+            self._cond.notify_all()
+
+    def restarted(self) -> None:
+        """The temp file was truncated: whatever was read is void."""
+        with self._cond:
+            self._void = True
+            self._written = 0
+            self._cond.notify_all()
+
+    def ended(self, ok: bool) -> None:
+        """The download committed (verified: ``ok``) or gave up; the first word stands."""
+        with self._cond:
+            if self._ended:
+                return
+            self._ended = True
+            self._ok = ok
+            self._cond.notify_all()
+
+    # -- the reader's side -----------------------------------------------------------------
+    def _available(self, n: int) -> int:
+        """Wait until bytes past ``pos`` are written (at most ``n`` of them are returned), or
+        0 at the end of a verified download. Raises DownloadStopped as soon as it failed."""
+        with self._cond:
+            while True:
+                if self._void or (self._ended and not self._ok):
+                    raise DownloadStopped("the download being extracted failed or restarted")
+                if self._fd >= 0 and self._written > self.pos:
+                    return min(n, self._written - self.pos)
+                if self._ended:
+                    return 0
+                self._cond.wait()
+
+    def _still_valid(self) -> None:
+        # ``restarted`` comes before the truncation: a read that overlapped it is caught here.
+        with self._cond:
+            if self._void or (self._ended and not self._ok):
+                raise DownloadStopped("the download being extracted failed or restarted")
+
+    def read(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes (at least one unless the download ended) from the position."""
+        want = self._available(CHUNK_SIZE if n < 0 else n)
+        if want == 0:
+            return b""
+        data = os.pread(self._fd, want, self.pos)
+        self._still_valid()
+        self.pos += len(data)
+        return data
+
+    def readinto(self, buf: memoryview | bytearray) -> int:
+        """Like ``read``, into ``buf``."""
+        view = memoryview(buf).cast("B")
+        want = self._available(len(view))
+        if want == 0:
+            return 0
+        got = os.preadv(self._fd, [view[:want]], self.pos)
+        self._still_valid()
+        self.pos += got
+        return got
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        """Move the read position (absolute offsets only: the reader re-reads the head)."""
+        if whence != os.SEEK_SET or offset < 0:
+            raise ValueError("a download tap seeks to absolute offsets only")
+        self.pos = offset
+        return offset
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        """Release the reader's descriptor (idempotent)."""
+        with self._cond:
+            fd, self._fd = self._fd, -1
+            if not self._ended:  # a reader still waiting must not take this for the end
+                self._ended, self._ok = True, False
+            self._cond.notify_all()
+        if fd >= 0:
+            os.close(fd)
+
+
 class PartFile:
     """The temp file a download streams into; see the module docstring.
 
@@ -50,12 +170,22 @@ class PartFile:
 
     QUEUE_DEPTH = 4
 
-    def __init__(self, dest: str | Path) -> None:
+    def __init__(self, dest: str | Path, tap: DownloadTap | None = None) -> None:
         self.dest = Path(dest)
         self.temp = self.dest.with_name(f".{self.dest.name}.part-{uuid.uuid4().hex[:12]}")
         self._f = open(self.temp, "xb")  # noqa: SIM115 (closed in commit/abort)
         self._hasher = hashlib.sha256()
         self.size = 0
+        # what the helper has written (the tap's reader may read up to here)
+        self._on_disk = 0
+        self._tap = tap
+        if tap is not None:
+            try:
+                tap.started(self.temp)
+            except BaseException:
+                self._f.close()
+                self.temp.unlink(missing_ok=True)
+                raise
         self._error: BaseException | None = None
         self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=self.QUEUE_DEPTH)
         self._writer: threading.Thread | None = threading.Thread(
@@ -86,6 +216,10 @@ class PartFile:
                 ) from exc
             raise
         self._hasher.update(data)
+        if self._tap is not None:
+            self._f.flush()  # the reader reads the file by its own descriptor
+            self._on_disk += len(data)
+            self._tap.wrote(self._on_disk)
 
     def _raise_pending(self) -> None:
         if self._error is not None:
@@ -114,10 +248,12 @@ class PartFile:
     def restart(self) -> None:
         """Drop what was written (the object changed under us: start over)."""
         self._drain()
+        if self._tap is not None:
+            self._tap.restarted()
         self._f.seek(0)
         self._f.truncate()
         self._hasher = hashlib.sha256()
-        self.size = 0
+        self.size = self._on_disk = 0
 
     def commit(self, expected: ObjectInfo, what: str) -> ObjectInfo:
         """Verify against ``expected`` and rename into place; IntegrityError (temp removed)
@@ -141,10 +277,14 @@ class PartFile:
         except BaseException:
             self.abort()
             raise
+        if self._tap is not None:
+            self._tap.ended(ok=True)
         return ObjectInfo(size=self.size, sha256=digest, etag=expected.etag)
 
     def abort(self) -> None:
         """Stop the helper, close and remove the temp file (idempotent)."""
+        if self._tap is not None:
+            self._tap.ended(ok=False)
         self._stop()
         if not self._f.closed:
             self._f.close()

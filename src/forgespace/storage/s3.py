@@ -58,7 +58,7 @@ from forgespace.storage.base import ObjectInfo, ProgressFn, target_key, upload_s
 from forgespace.storage.lifecycle import StoredObject
 from forgespace.storage.local import check_result_key
 from forgespace.storage.pack import content_id, copy_hashing, pack_directory, tree_size
-from forgespace.storage.retry import CHUNK_SIZE, PartFile, RetryPolicy
+from forgespace.storage.retry import CHUNK_SIZE, DownloadTap, PartFile, RetryPolicy
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -447,12 +447,17 @@ class S3Store:
         return _info(resp, int(resp["ContentLength"]))
 
     def download_target(
-        self, target_id: str, dest: str | Path, progress: ProgressFn | None = None
+        self,
+        target_id: str,
+        dest: str | Path,
+        progress: ProgressFn | None = None,
+        *,
+        tap: DownloadTap | None = None,
     ) -> ObjectInfo:
         """One streamed GET into ``dest`` via a temp file, verified, resumed on faults."""
         key = target_key(validate_id(target_id))
         where = self._where(key)
-        with PartFile(dest) as part:
+        with PartFile(dest, tap) as part:
             expected: ObjectInfo | None = None
             failures = 0
             while True:
