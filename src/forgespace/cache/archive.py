@@ -773,6 +773,10 @@ class _TarWalker:
         self.r = r
         self.src = src
         self.global_pax: dict[str, str] = {}
+        # What GNU long-name/long-link and pax headers said about the next member.
+        self.long_name: str | None = None
+        self.long_link: str | None = None
+        self.pax: dict[str, str] = {}
 
     def _corrupt(self, why: str) -> IntegrityError:
         after = f" after member {self.x.member!r}" if self.x.member else ""
@@ -819,84 +823,102 @@ class _TarWalker:
         return out
 
     def run(self) -> None:
-        x, r = self.x, self.r
-        long_name: str | None = None
-        long_link: str | None = None
-        pax: dict[str, str] = {}
         while True:
-            hdr = r.read(_BLOCK)
-            if not hdr:
-                return  # no end-of-archive blocks: tolerated, like GNU tar
-            if len(hdr) < _BLOCK:
-                raise self._corrupt("truncated in a header")
-            if hdr == _ZERO_BLOCK:
+            hdr = self._header()
+            if hdr is None:
                 return
-            if not _is_tar_header(hdr):  # the one checksum test (detection uses it too)
-                raise self._corrupt("a header has a bad checksum")
             kind = hdr[156:157]
             size = self._num(hdr[124:136], "size")
             if size < 0:
                 raise self._corrupt(f"negative size {size}")
-            if kind == b"L":
-                long_name = _nts(self._data(size, "long name"))
+            if self._metadata(kind, size):
                 continue
-            if kind == b"K":
-                long_link = _nts(self._data(size, "long link name"))
-                continue
-            if kind == b"x":
-                pax.update(self._pax(self._data(size, "pax header")))
-                continue
-            if kind == b"g":
-                self.global_pax.update(self._pax(self._data(size, "pax global header")))
-                continue
+            kind, name, linkname, size, mtime_raw = self._member(hdr, kind, size)
+            self.x.enter(name)
+            self._extract(hdr, kind, name, linkname, size, mtime_raw)
 
-            if long_name is not None:
-                name = long_name
-            else:
-                name = _nts(hdr[:100])
-                if hdr[257:263] == b"ustar\x00" and hdr[345] != 0:
-                    name = _nts(hdr[345:500]) + "/" + name
-            linkname = long_link if long_link is not None else _nts(hdr[157:257])
-            mtime_raw: float = self._num(hdr[136:148], "mtime")
-            meta = {**self.global_pax, **pax} if self.global_pax else pax
-            if meta:
-                name = meta.get("path", name)
-                linkname = meta.get("linkpath", linkname)
-                try:
-                    size = int(meta.get("size", size))
-                    mtime_raw = float(meta["mtime"]) if "mtime" in meta else mtime_raw
-                except ValueError:
-                    raise self._corrupt("invalid pax size or mtime") from None
-                if size < 0:
-                    raise self._corrupt(f"negative size {size}")
-                if any(k.startswith("GNU.sparse.") for k in meta):
-                    kind = b"S"
-            long_name = long_link = None
-            pax = {}
+    def _header(self) -> bytes | None:
+        """The next member's header block; None at the end of the archive."""
+        hdr = self.r.read(_BLOCK)
+        if not hdr:
+            return None  # no end-of-archive blocks: tolerated, like GNU tar
+        if len(hdr) < _BLOCK:
+            raise self._corrupt("truncated in a header")
+        if hdr == _ZERO_BLOCK:
+            return None
+        if not _is_tar_header(hdr):  # the one checksum test (detection uses it too)
+            raise self._corrupt("a header has a bad checksum")
+        return hdr
 
-            x.enter(name)
-            rel = _norm(name, "member")
-            perm = self._num(hdr[100:108], "mode") & 0o777
-            mtime = _mtime_ns(mtime_raw)
-            if kind in _REGULAR:
-                if kind != b"7" and name.endswith("/"):
-                    x.directory(rel, perm, mtime)  # pre-POSIX archives mark dirs by a slash
-                else:
-                    x.tar_file(rel, perm, mtime, size, r)
-            elif kind == b"5":
-                x.directory(rel, perm, mtime)
-            elif kind == b"2":
-                x.symlink(rel, linkname, mtime)
-            elif kind == b"1":
-                x.hardlink(rel, linkname)
-            elif kind in (b"3", b"4"):
-                raise x._unsafe("is a device node; device members are not accepted")
-            elif kind == b"6":
-                raise x._unsafe("is a fifo; fifo members are not accepted")
-            elif kind == b"S":
-                raise x._unsafe("is a sparse file; sparse members are not supported")
+    def _metadata(self, kind: bytes, size: int) -> bool:
+        """Read a GNU long name/link or pax header for the next member; False for a member."""
+        if kind == b"L":
+            self.long_name = _nts(self._data(size, "long name"))
+        elif kind == b"K":
+            self.long_link = _nts(self._data(size, "long link name"))
+        elif kind == b"x":
+            self.pax.update(self._pax(self._data(size, "pax header")))
+        elif kind == b"g":
+            self.global_pax.update(self._pax(self._data(size, "pax global header")))
+        else:
+            return False
+        return True
+
+    def _member(self, hdr: bytes, kind: bytes, size: int) -> tuple[bytes, str, str, int, float]:
+        """(kind, name, link name, size, mtime) of a member: its header with the pending long
+        names and pax records applied (and then forgotten)."""
+        if self.long_name is not None:
+            name = self.long_name
+        else:
+            name = _nts(hdr[:100])
+            if hdr[257:263] == b"ustar\x00" and hdr[345] != 0:
+                name = _nts(hdr[345:500]) + "/" + name
+        linkname = self.long_link if self.long_link is not None else _nts(hdr[157:257])
+        mtime_raw: float = self._num(hdr[136:148], "mtime")
+        meta = {**self.global_pax, **self.pax} if self.global_pax else self.pax
+        if meta:
+            name = meta.get("path", name)
+            linkname = meta.get("linkpath", linkname)
+            try:
+                size = int(meta.get("size", size))
+                mtime_raw = float(meta["mtime"]) if "mtime" in meta else mtime_raw
+            except ValueError:
+                raise self._corrupt("invalid pax size or mtime") from None
+            if size < 0:
+                raise self._corrupt(f"negative size {size}")
+            if any(k.startswith("GNU.sparse.") for k in meta):
+                kind = b"S"
+        self.long_name = self.long_link = None
+        self.pax = {}
+        return kind, name, linkname, size, mtime_raw
+
+    def _extract(
+        self, hdr: bytes, kind: bytes, name: str, linkname: str, size: int, mtime_raw: float
+    ) -> None:
+        """Hand one member to the extractor by kind; refuse the kinds never accepted."""
+        x = self.x
+        rel = _norm(name, "member")
+        perm = self._num(hdr[100:108], "mode") & 0o777
+        mtime = _mtime_ns(mtime_raw)
+        if kind in _REGULAR:
+            if kind != b"7" and name.endswith("/"):
+                x.directory(rel, perm, mtime)  # pre-POSIX archives mark dirs by a slash
             else:
-                raise x._unsafe(f"has the unsupported type {kind!r}")
+                x.tar_file(rel, perm, mtime, size, self.r)
+        elif kind == b"5":
+            x.directory(rel, perm, mtime)
+        elif kind == b"2":
+            x.symlink(rel, linkname, mtime)
+        elif kind == b"1":
+            x.hardlink(rel, linkname)
+        elif kind in (b"3", b"4"):
+            raise x._unsafe("is a device node; device members are not accepted")
+        elif kind == b"6":
+            raise x._unsafe("is a fifo; fifo members are not accepted")
+        elif kind == b"S":
+            raise x._unsafe("is a sparse file; sparse members are not supported")
+        else:
+            raise x._unsafe(f"has the unsupported type {kind!r}")
 
 
 def _zip_mtime(zi: zipfile.ZipInfo) -> int | None:
