@@ -476,40 +476,43 @@ class S3Store:
                 except ForgespaceError:
                     raise
                 except _BACKEND_ERRORS as exc:  # translated below, re-raised with `from`
-                    if _is_not_found(exc):
-                        raise TargetNotFoundError(self._not_found(target_id)) from exc
-                    if isinstance(exc, bexc.ClientError) and _code(exc)[1] in (412, 416):
-                        # the object was replaced between attempts: start over (bounded too)
-                        failures += 1
-                        if failures >= self.retry.attempts:
-                            raise StorageError(
-                                f"GET {where}: the object kept changing during the download",
-                                transient=True,
-                            ) from exc
-                        log.warning("%s changed during download; restarting", where)
-                        part.restart()
-                        expected = None
-                        continue
-                    if not _is_transient(exc):
-                        raise StorageError(f"GET {where} failed: {_describe(exc)}") from exc
                     failures += 1
-                    if failures >= self.retry.attempts:
-                        raise StorageError(
-                            f"GET {where} failed after {failures} attempts "
-                            f"({part.size} bytes received): {_describe(exc)}",
-                            transient=True,
-                        ) from exc
-                    delay = self.retry.delay(failures)
-                    log.warning(
-                        "GET %s: %s after %d bytes; resuming in %.2fs",
-                        where,
-                        _describe(exc),
-                        part.size,
-                        delay,
-                    )
-                    time.sleep(delay)
+                    if self._get_failed(exc, target_id, where, part, failures):
+                        expected = None  # the object changed: start over
             assert expected is not None
             return part.commit(expected, f"target {target_id} ({where})")
+
+    def _get_failed(
+        self, exc: Exception, target_id: str, where: str, part: PartFile, failures: int
+    ) -> bool:
+        """Decide about a failed GET: raise when it is final; else wait (a transient fault:
+        resume where it stopped) or restart the file (the object was replaced between
+        attempts: True). Both are bounded by the retry policy's attempts."""
+        if _is_not_found(exc):
+            raise TargetNotFoundError(self._not_found(target_id)) from exc
+        if isinstance(exc, bexc.ClientError) and _code(exc)[1] in (412, 416):
+            if failures >= self.retry.attempts:
+                raise StorageError(
+                    f"GET {where}: the object kept changing during the download",
+                    transient=True,
+                ) from exc
+            log.warning("%s changed during download; restarting", where)
+            part.restart()
+            return True
+        if not _is_transient(exc):
+            raise StorageError(f"GET {where} failed: {_describe(exc)}") from exc
+        if failures >= self.retry.attempts:
+            raise StorageError(
+                f"GET {where} failed after {failures} attempts "
+                f"({part.size} bytes received): {_describe(exc)}",
+                transient=True,
+            ) from exc
+        delay = self.retry.delay(failures)
+        log.warning(
+            "GET %s: %s after %d bytes; resuming in %.2fs", where, _describe(exc), part.size, delay
+        )
+        time.sleep(delay)
+        return False
 
     def _get(self, key: str, part: PartFile, expected: ObjectInfo | None) -> Any:
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
