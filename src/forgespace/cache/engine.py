@@ -320,9 +320,12 @@ class Engine:
     def _extract(self, tid: str, src: Path, dest: Path, *, read_only: bool = False) -> Any:
         """Extract safely; ``read_only`` (shared copies) sets 0444/0555 modes in the same pass.
         A refused archive is reported by its target id, not by the staging file's path."""
+        from forgespace.cache import blobstore
         from forgespace.cache.archive import extract_archive
 
         try:
+            if blobstore.is_manifest(src):  # stored incrementally: built from blobs
+                return blobstore.materialise(self, tid, src, dest, read_only=read_only)
             return extract_archive(
                 src, dest, max_bytes=self.settings.cache_max_size, read_only=read_only
             )
@@ -338,6 +341,15 @@ class Engine:
         except BaseException as exc:
             self._raise_if_full(exc, dest.parent, src.stat().st_size)
             raise
+
+    @staticmethod
+    def _unpack_kind(src: Path) -> str | None:
+        """What ``_extract`` makes a workspace from: an archive's kind, ``"manifest"`` for a
+        target stored incrementally, None for a file target."""
+        from forgespace.cache.archive import detect_archive
+        from forgespace.cache.blobstore import is_manifest
+
+        return detect_archive(src) or ("manifest" if is_manifest(src) else None)
 
     def _raise_if_full(self, exc: BaseException, stage: Path, size: int) -> None:
         if not is_nospace(exc, chain=True):

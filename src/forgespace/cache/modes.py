@@ -57,9 +57,7 @@ class Modes(Engine):
             return str(target) if target.exists() else None
         if not target.exists():
             return None
-        from forgespace.cache.archive import detect_archive
-
-        if detect_archive(target) is None:
+        if self._unpack_kind(target) is None:
             self._file_targets.add(tid)
             return str(target)
         return None  # an archive whose workspace is not (yet/any more) there
@@ -124,7 +122,6 @@ class Modes(Engine):
     def publish_shared(self, tid: str, repair: bool, transfer: Transfer) -> bool:
         """Under the exclusive lock: make {tid}/target and {tid}/workspace complete.
         Returns True when it downloaded (False when it re-extracted a cached target)."""
-        from forgespace.cache.archive import detect_archive
 
         staging.sweep_leftovers(self.layout, tid)
         target = self.layout.shared_target(tid)
@@ -141,7 +138,7 @@ class Modes(Engine):
                 downloaded = self._fetch(tid, src, "shared", cached, transfer)
                 os.chmod(src, 0o444)
             fetched = downloaded or src != target
-            kind = detect_archive(src)
+            kind = self._unpack_kind(src)
             stats = None
             if kind is not None:
                 stats = self._extract(tid, src, stage / "workspace", read_only=True)
@@ -273,7 +270,6 @@ class Modes(Engine):
             return None
 
     def _publish_cow_shared(self, tid: str, transfer: Transfer) -> bool:
-        from forgespace.cache.archive import detect_archive
 
         staging.sweep_leftovers(self.layout, tid)
         with self._staging(tid, "cow") as stage:
@@ -283,7 +279,7 @@ class Modes(Engine):
             )
             os.chmod(src, 0o444)
             stats = None
-            if detect_archive(src) is not None:
+            if self._unpack_kind(src) is not None:
                 stats = self._extract(tid, src, stage / "workspace", read_only=True)
                 self.hooks.reached(Phase.EXTRACTED)
                 mf.write_manifest(
@@ -381,10 +377,9 @@ class Modes(Engine):
             staging.sweep_leftovers(self.layout, tid)
             with self._staging(tid, f"run-{rid}") as stage:
                 src = self._download(tid, stage / "target", "isolated", transfer)
-                from forgespace.cache.archive import detect_archive
 
                 nbytes, files, name = src.stat().st_size, 1, "target"
-                if detect_archive(src) is not None:
+                if self._unpack_kind(src) is not None:
                     stats = self._extract(tid, src, stage / "workspace")
                     self.hooks.reached(Phase.EXTRACTED)
                     nbytes, files, name = nbytes + stats.bytes, files + stats.files, "workspace"
