@@ -51,7 +51,7 @@ from typing import Protocol
 from isal import isal_zlib
 
 from forgespace.errors import ForgespaceError, IntegrityError, StorageError, TargetNotFoundError
-from forgespace.storage.manifest import Entry, FileEntry, Manifest, scan_tree
+from forgespace.storage.manifest import Entry, FileEntry, Manifest
 
 log = logging.getLogger(__name__)
 
@@ -166,12 +166,15 @@ def known_blobs(io: BlobIO) -> dict[str, BlobLoc]:
 
 
 def store_tree(
-    io: BlobIO, src: str | Path, *, progress: Callable[[int], None] | None = None
+    io: BlobIO,
+    src: str | Path,
+    m: Manifest,
+    *,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[Manifest, UploadStats]:
-    """Send the blobs of directory ``src`` the store lacks; returns its manifest with every
-    file's blob location. The caller holds an upload lease (``begin_upload``) until the
-    manifest is published."""
-    m = scan_tree(src)
+    """Send the blobs of directory ``src`` (scanned as ``m`` by ``scan_tree``) the store
+    lacks; returns the manifest with every file's blob location. The caller holds an upload
+    lease (``begin_upload``) from before this call until the manifest is published."""
     known = known_blobs(io)
     stats = UploadStats(files=len(m.files))
     root = Path(src)
@@ -364,17 +367,25 @@ def _decode_into(stream: _Reader, f: FileEntry, sink: BlobSink) -> None:
 # --- sweep -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SweepResult:
-    """What a blob sweep did: packs deleted and their bytes, or why it did not run."""
+    """What a blob sweep did (or, dry, would do): packs deleted as (key, bytes, modified),
+    or why it did not run."""
 
-    deleted: tuple[str, ...] = ()
-    freed_bytes: int = 0
+    deleted: tuple[tuple[str, int, float], ...] = ()
     skipped: str = ""
+
+    @property
+    def freed_bytes(self) -> int:
+        """Bytes of the packs deleted."""
+        return sum(s for _k, s, _m in self.deleted)
 
 
 def sweep_packs(
-    io: BlobIO, live_manifests: Callable[[], Iterable[Manifest]], *, grace: float,
+    io: BlobIO,
+    live_manifests: Callable[[], Iterable[Manifest]],
+    *,
+    grace: float,
     dry_run: bool = False,
-) -> SweepResult:  # fmt: skip
+) -> SweepResult:
     """Delete packs no manifest references, older than ``grace`` seconds (see the module
     docstring for why a concurrent upload is never harmed)."""
     marker = f"{SWEEPS}{uuid.uuid4().hex}"
@@ -390,27 +401,23 @@ def sweep_packs(
         except ForgespaceError as exc:  # a manifest we cannot read may reference any pack
             return SweepResult(skipped=f"a manifest could not be read: {exc}")
         packs, now = io.blob_list(PACKS)
-        doomed = [(k, s) for k, s, m in packs if k[len(PACKS) :] not in live and now - m >= grace]
+        doomed = [p for p in packs if p[0][len(PACKS) :] not in live and now - p[2] >= grace]
         if dry_run:
-            return SweepResult(tuple(k for k, _ in doomed), sum(s for _, s in doomed))
-        deleted: list[tuple[str, int]] = []
-        for key, size in doomed:
+            return SweepResult(tuple(doomed))
+        deleted: list[tuple[str, int, float]] = []
+        for item in doomed:
             if time.monotonic() - started > SWEEP_DEADLINE:
-                return SweepResult(*_done(deleted), skipped="deadline reached; rest kept")
-            io.blob_delete(INDEX + key[len(PACKS) :])  # index first: no upload trusts it now
-            io.blob_delete(key)
-            deleted.append((key, size))
+                return SweepResult(tuple(deleted), skipped="deadline reached; the rest kept")
+            io.blob_delete(INDEX + item[0][len(PACKS) :])  # index first: no upload trusts it
+            io.blob_delete(item[0])
+            deleted.append(item)
         for key, _s, m in leases:
             if now - m >= LEASE_TTL:
                 io.blob_delete(key)  # a crashed upload's
-        return SweepResult(*_done(deleted))
+        return SweepResult(tuple(deleted))
     finally:
         if not dry_run:
             io.blob_delete(marker)
-
-
-def _done(deleted: list[tuple[str, int]]) -> tuple[tuple[str, ...], int]:
-    return tuple(k for k, _ in deleted), sum(s for _, s in deleted)
 
 
 __all__ = [

@@ -33,6 +33,7 @@ from forgespace.storage.manifest import (
     encode_manifest,
     is_manifest,
     parse_manifest,
+    scan_tree,
 )
 from forgespace.storage.pack import content_id, copy_hashing, pack_directory, tree_size
 from forgespace.storage.retry import CHUNK_SIZE, PartFile
@@ -145,11 +146,12 @@ class LocalStore:
 
     def _upload_tree(self, src: Path, progress: ProgressFn | None, target_id: str | None) -> str:
         """A directory as a manifest, sending only the blobs the store lacks."""
+        scanned = scan_tree(src)  # refused trees touch nothing in the store
         lease = blobs.begin_upload(self)
         try:
             total = tree_size(src) if progress is not None else 0
             cb = (lambda done: progress(done, total)) if progress is not None else None
-            m, _stats = blobs.store_tree(self, src, progress=cb)
+            m, _stats = blobs.store_tree(self, src, scanned, progress=cb)
             data = encode_manifest(m)
             tid = target_id or content_id("tree", m.tree)
             tmp = self.root / f"{UPLOAD_TMP_PREFIX}{uuid.uuid4().hex[:12]}{UPLOAD_TMP_SUFFIX}"

@@ -65,6 +65,7 @@ from forgespace.storage.manifest import (
     Manifest,
     encode_manifest,
     parse_manifest,
+    scan_tree,
 )
 from forgespace.storage.pack import content_id, copy_hashing, pack_directory, tree_size
 from forgespace.storage.retry import CHUNK_SIZE, PartFile, RetryPolicy
@@ -351,11 +352,12 @@ class S3Store:
 
     def _upload_tree(self, src: Path, progress: ProgressFn | None, target_id: str | None) -> str:
         """A directory as a manifest, sending only the blob packs the bucket lacks."""
+        scanned = scan_tree(src)  # refused trees touch nothing in the store
         lease = blobs.begin_upload(self)
         try:
             total = tree_size(src) if progress is not None else 0
             cb = (lambda done: progress(done, total)) if progress is not None else None
-            m, _stats = blobs.store_tree(self, src, progress=cb)
+            m, _stats = blobs.store_tree(self, src, scanned, progress=cb)
             data = encode_manifest(m)
             tid = target_id or content_id("tree", m.tree)
             if target_id is None and self._reuse(tid, None):
