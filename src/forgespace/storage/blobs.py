@@ -314,21 +314,30 @@ def fetch_blobs(io: BlobIO, files: Iterable[FileEntry], sink: BlobSink) -> int:
 
 
 class _Reader:
-    """Exactly-n reads over an iterator of chunks."""
+    """Exactly-n reads over an iterator of chunks (an offset into the current chunk: no
+    re-copying of what is left of it on every small read)."""
 
     def __init__(self, chunks: Iterator[bytes], what: str) -> None:
         self._it = chunks
         self._buf = b""
+        self._pos = 0
         self.what = what
 
     def read(self, n: int) -> bytes:
-        while len(self._buf) < n:
+        if self._pos + n <= len(self._buf):
+            self._pos += n
+            return self._buf[self._pos - n : self._pos]
+        parts = [self._buf[self._pos :]]
+        have = len(parts[0])
+        while have < n:
             nxt = next(self._it, None)
             if nxt is None:
                 raise IntegrityError(f"{self.what} ended before the blobs its index names")
-            self._buf += nxt
-        out, self._buf = self._buf[:n], self._buf[n:]
-        return out
+            parts.append(nxt)
+            have += len(nxt)
+        self._buf = b"".join(parts)
+        self._pos = n
+        return self._buf[:n]
 
     def skip(self, n: int) -> None:
         while n > 0:
