@@ -397,6 +397,8 @@ def sweep_packs(
 ) -> SweepResult:
     """Delete packs no manifest references, older than ``grace`` seconds (see the module
     docstring for why a concurrent upload is never harmed)."""
+    if not io.blob_list(PACKS)[0]:
+        return SweepResult()  # nothing to sweep: write nothing (a store may not exist yet)
     marker = f"{SWEEPS}{uuid.uuid4().hex}"
     if not dry_run:
         io.blob_put(marker, b"")

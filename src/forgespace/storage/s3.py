@@ -443,8 +443,10 @@ class S3Store:
                 ]
             return out
 
-        self._ensure_bucket(self.bucket)
-        listing = self._call(f"LIST {self._where(prefix)}", run)
+        try:
+            listing = self._call(f"LIST {self._where(prefix)}", run, not_found="no bucket")
+        except TargetNotFoundError:
+            return [], time.time()  # the bucket was never created: nothing stored yet
         return listing, holder[-1] if holder else time.time()
 
     def blob_delete(self, key: str) -> None:
