@@ -4,7 +4,6 @@ cache's rules, and uploads, downloads and prunes survive SIGKILL and each other.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -56,16 +55,11 @@ def _manifest(store: Any, tid: str, tmp: Path) -> Manifest:
 
 
 def _blob_names(settings: Settings) -> set[str]:
-    return {name for _t, name, _n in blobstore.blob_usage(_Cache(settings))[1]}
+    return blobstore.held_digests(settings.cache_dir)
 
 
-class _Cache:
-    """What blob_usage needs of a cache: its layout."""
-
-    def __init__(self, settings: Settings) -> None:
-        from forgespace.layout import CacheLayout
-
-        self.layout = CacheLayout(settings.cache_dir)
+def _blob_bytes(settings: Settings) -> int:
+    return sum(p.stat().st_size for p in (settings.cache_dir / ".forgespace" / "blobs").iterdir())
 
 
 def _change_one(src: Path, dst: Path, n: int = 1) -> Path:
@@ -157,12 +151,15 @@ def test_workspace_files_never_share_an_inode_with_blobs(tmp_path: Path) -> None
     )
     tid = open_store(settings).upload_target(_project(tmp_path / "v1", files=3))
     ws = Path(WorkspaceCache(settings).get_target(tid, "r", workspace_isolation="isolated"))
-    victim = ws / "run.sh"
-    digest = hashlib.sha256(victim.read_bytes()).hexdigest()
-    blob = tmp_path / "cache" / ".forgespace" / "blobs" / digest
-    assert victim.stat().st_nlink == 1 and victim.stat().st_ino != blob.stat().st_ino
-    victim.write_text("overwritten by the run\n")
-    assert hashlib.sha256(blob.read_bytes()).hexdigest() == digest
+    blob_dir = tmp_path / "cache" / ".forgespace" / "blobs"
+    packs = {p: p.read_bytes() for p in blob_dir.iterdir()}
+    inodes = {p.stat().st_ino for p in packs}
+    for victim in (ws / "run.sh", *ws.rglob("f*.py")):
+        assert victim.stat().st_nlink == 1 and victim.stat().st_ino not in inodes
+        victim.write_text("overwritten by the run\n")
+    assert {p: p.read_bytes() for p in blob_dir.iterdir()} == packs
+    again = WorkspaceCache(settings).get_target(tid, "r2", workspace_isolation="isolated")
+    assert tree_digest(Path(again)) == tree_digest(tmp_path / "v1")
 
 
 # --- bad manifests ------------------------------------------------------------------------
@@ -232,6 +229,8 @@ def test_bad_manifest_is_refused_and_nothing_is_published(
         assert not (tmp_path / "cache" / tid / (rid or "x")).exists()
     assert not (tmp_path / "cache" / "evil").exists() and not (tmp_path / "evil").exists()
     assert _blob_names(settings) <= {good.sha256}  # a blob failing its digest is not kept
+    blob_dir = tmp_path / "cache" / ".forgespace" / "blobs"
+    assert not [p for p in blob_dir.glob("*") if p.name.endswith(".tmp")]
 
 
 # --- eviction -----------------------------------------------------------------------------
@@ -240,7 +239,9 @@ def test_gc_keeps_referenced_blobs_and_evicts_unreferenced_ones(tmp_path: Path) 
     settings = Settings.from_env({**env, "CACHE_TTL": "1h"})
     store = open_store(settings)
     a = store.upload_target(_project(tmp_path / "a", files=5, seed="a", size=150_000))
-    b = store.upload_target(_project(tmp_path / "b", files=5, seed="b", size=60_000))
+    b_src = _project(tmp_path / "b", files=5, seed="b", size=60_000)
+    (b_src / "run.sh").write_text("#!/bin/sh\necho b\n")  # no content in common with a
+    b = store.upload_target(b_src)
     cache = WorkspaceCache(settings)
     cache.get_target(a, None, workspace_isolation="shared")
     cache.get_target(b, None, workspace_isolation="shared")
@@ -263,10 +264,8 @@ def test_gc_keeps_referenced_blobs_and_evicts_unreferenced_ones(tmp_path: Path) 
     assert _blob_names(settings) == of_a | of_b
     small = WorkspaceCache(Settings.from_env({**env, "CACHE_MAX_SIZE": "1MiB"}))
     small.gc()
-    left = _blob_names(settings)
-    assert of_b <= left and left & of_a and of_a - left  # some of a's went, none of b's
-    blob_bytes = blobstore.blob_usage(_Cache(settings))[0]
-    assert small.index.total_bytes() + blob_bytes <= 1024 * 1024
+    assert _blob_names(settings) == of_b  # a's (least recently used) went, none of b's
+    assert small.index.total_bytes() + _blob_bytes(settings) <= 1024 * 1024
 
 
 # --- across processes ---------------------------------------------------------------------
