@@ -11,11 +11,12 @@ default) it measures:
 - an unchanged re-upload of version 1.
 
 Bytes are what the proxy saw: request bodies sent (uploads) and response bodies served
-(downloads), all keys together. Seconds are wall time of single runs (each one a new target
-or a new cache entry; nothing is deleted between timed runs).
+(downloads), all keys together (an upload's "down" bytes are the pack indexes it reads).
+Nothing is deleted between timed runs (each one makes a new target or cache entry).
 
-Run: ``.venv/bin/python bench/incremental.py [--files 20000 --mb 300]`` (``--quick``: 2,000
-files / 30 MB).
+Run: ``.venv/bin/python bench/incremental.py [--files 20000 --mb 300] [--reps 3]``
+(``--quick``: 2,000 files / 30 MB). Seconds are medians over the repetitions, each with fresh
+buckets and caches; classic and incremental runs alternate.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import random
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -97,6 +99,7 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=20000)
     ap.add_argument("--mb", type=int, default=300)
     ap.add_argument("--quick", action="store_true", help="2,000 files / 30 MB")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions (median seconds)")
     args = ap.parse_args()
     files, mb = (2000, 30) if args.quick else (args.files, args.mb)
     base = bench_root() / f"incr-{files}-{mb}MB"
@@ -106,19 +109,35 @@ def main() -> None:
         tag = label.split()[0].replace("%", "pct")
         trees[label] = cached(base / f"v2-{tag}", lambda p, s=share, t=tag: _variant(v1, p, s, t))
     work = Path(tempfile.mkdtemp(prefix="forgespace-bench-incr-"))
+    runs: list[dict[str, dict[str, Any]]] = []
     try:
         with running_s3_server(work) as server:
-            results = {n: _run_path(server, work / n, n, trees) for n in ("classic", "incremental")}
+            for rep in range(args.reps):  # interleaved: load drift hits both paths alike
+                runs.append({n: _run_path(server, work / f"{n}-{rep}", n, trees) for n in PATHS})
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    _report(results, files, mb)
+    _report(_medians(runs), files, mb, args.reps)
+
+
+PATHS = ("classic", "incremental")
+
+
+def _medians(runs: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per path and step: median seconds; bytes of the first run (they do not vary)."""
+    out: dict[str, dict[str, Any]] = {}
+    for n in PATHS:
+        out[n] = {}
+        for step, (_s, up, down, _o) in runs[0][n].items():
+            secs = statistics.median(r[n][step][0] for r in runs)
+            out[n][step] = (secs, up, down, None)
+    return out
 
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:.2f}"
 
 
-def _report(results: dict[str, dict[str, Any]], files: int, mb: int) -> None:
+def _report(results: dict[str, dict[str, Any]], files: int, mb: int, reps: int) -> None:
     c, i = results["classic"], results["incremental"]
     rows = []
     for step in c:
@@ -129,7 +148,8 @@ def _report(results: dict[str, dict[str, Any]], files: int, mb: int) -> None:
         rows.append([step, _mb(cu), _mb(iu), up, _mb(cd), _mb(id_), down,
                      f"{cs:.2f}", f"{is_:.2f}", f"{is_ / cs:.2f}x"])  # fmt: skip
     print_table(
-        f"Incremental vs classic targets, {files} files / {mb} MB, S3 (moto via the proxy)",
+        f"Incremental vs classic targets, {files} files / {mb} MB, S3 (moto via the proxy), "
+        f"median of {reps}",
         ["step", "MB up classic", "MB up incr.", "up ratio", "MB down classic",
          "MB down incr.", "down ratio", "s classic", "s incr.", "time ratio"],
         rows,
