@@ -1,3 +1,5 @@
+# Over 500 lines for now: the blob operations (BlobIO) joined the object ones; they belong in a
+# mixin module of their own (storage/local_blobs.py) at the next change here.
 """The embedded default store: a directory, ``{STORAGE_DIR}/{target_id}/target``.
 
 Next to each object forgespace writes ``target.meta.json`` (size and sha256). Objects
