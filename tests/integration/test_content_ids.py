@@ -100,9 +100,12 @@ def test_reupload_of_stored_content_writes_nothing_locally(tmp_path: Path) -> No
     # Not rewritten (same inode, same bytes); only its age restarts (store prune counts from
     # the last upload).
     assert again.st_ino == st.st_ino and again.st_mtime_ns >= st.st_mtime_ns
-    # Nothing but the object, its sidecar and the id lock was left in the store.
+    # Nothing but the object, its sidecar, the id lock and the shared blobs (no temp file)
+    # was left in the store.
     leftovers = sorted(p.name for p in (tmp_path / "store").iterdir())
-    assert leftovers == [".locks", tid]
+    assert leftovers == [".locks", "_blobs", tid]
+    blob_files = sorted(p.parent.name for p in (tmp_path / "store" / "_blobs").rglob("*.*"))
+    assert blob_files == [], blob_files
 
 
 def test_reupload_to_s3_sends_no_object_bytes(

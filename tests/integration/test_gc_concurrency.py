@@ -19,8 +19,14 @@ from forgespace.config import Settings
 from forgespace.storage import open_store
 
 
-def upload(settings: Settings, tmp_path: Path, name: str, files: int = 20) -> str:
-    return open_store(settings).upload_target(make_project(tmp_path / name, files=files, seed=name))
+def upload(
+    settings: Settings, tmp_path: Path, name: str, files: int = 20, *, classic: bool = False
+) -> str:
+    store = open_store(settings)
+    # classic: one archive per target, so an entry's bytes are all it costs (incremental
+    # targets also keep their blobs, which count toward CACHE_MAX_SIZE: test_incremental.py)
+    store.incremental = not classic  # type: ignore[attr-defined]
+    return store.upload_target(make_project(tmp_path / name, files=files, seed=name))
 
 
 def keys(cache: WorkspaceCache) -> set[str]:
@@ -337,7 +343,7 @@ def test_gc_killed_mid_deletion_is_finished_by_the_next_gc(
 def test_room_is_made_before_a_download(
     settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    a, b, c, d = (upload(settings, tmp_path, n, files=30) for n in "abcd")
+    a, b, c, d = (upload(settings, tmp_path, n, files=30, classic=True) for n in "abcd")
     probe = WorkspaceCache(settings)
     probe.get_target(a, workspace_isolation="shared")
     size = probe.index.get(f"{a}/workspace").bytes  # type: ignore[union-attr]

@@ -83,6 +83,9 @@ def test_archive_file_is_uploaded_as_is(store: Store, tmp_path: Path, tree: Path
 
 
 def test_directory_extracts_to_its_contents(store: Store, tmp_path: Path, tree: Path) -> None:
+    # the classic layout (one tar.gz per directory); the incremental one (the default, a
+    # manifest + blobs) is covered in test_incremental.py
+    store.incremental = False  # type: ignore[attr-defined]
     tid = store.upload_target(tree)
     dest = tmp_path / "target"
     store.download_target(tid, dest)

@@ -387,11 +387,9 @@ class Engine:
     ) -> ExtractStats | None:
         """The workspace's stats: ``streamed`` when extraction already happened while
         downloading, else ``src`` extracted into ``dest`` when it is an archive (None if not)."""
-        from forgespace.cache.archive import detect_archive
-
         if streamed is not None:
             return streamed
-        if detect_archive(src) is None:
+        if self._unpack_kind(src) is None:
             return None
         stats: ExtractStats = self._extract(tid, src, dest, read_only=read_only)
         return stats
@@ -399,9 +397,12 @@ class Engine:
     def _extract(self, tid: str, src: Path, dest: Path, *, read_only: bool = False) -> Any:
         """Extract safely; ``read_only`` (shared copies) sets 0444/0555 modes in the same pass.
         A refused archive is reported by its target id, not by the staging file's path."""
+        from forgespace.cache import blobstore
         from forgespace.cache.archive import extract_archive
 
         with self._extract_errors(tid, dest, src_size(src)):
+            if blobstore.is_manifest(src):  # stored incrementally: built from blobs
+                return blobstore.materialise(self, tid, src, dest, read_only=read_only)
             return extract_archive(
                 src, dest, max_bytes=self.settings.cache_max_size, read_only=read_only
             )
@@ -423,6 +424,15 @@ class Engine:
         except BaseException as exc:
             self._raise_if_full(exc, dest.parent, size)
             raise
+
+    @staticmethod
+    def _unpack_kind(src: Path) -> str | None:
+        """What ``_extract`` makes a workspace from: an archive's kind, ``"manifest"`` for a
+        target stored incrementally, None for a file target."""
+        from forgespace.cache.archive import detect_archive
+        from forgespace.cache.blobstore import is_manifest
+
+        return detect_archive(src) or ("manifest" if is_manifest(src) else None)
 
     def _raise_if_full(self, exc: BaseException, stage: Path, size: int) -> None:
         if not is_nospace(exc, chain=True):

@@ -304,6 +304,9 @@ def collect_garbage(cache: CacheLike, *, dry_run: bool = False) -> GcReport:
         log.warning("gc: %s", exc)
     reclaim_retired(cache)
     _remove_empty_target_dirs(cache)
+    from forgespace.cache import blobstore
+
+    blobstore.sweep(cache)  # blobs no remaining entry references, by the same TTL/LRU rules
     report.adopted = adopt_unindexed(cache)
     expired: list[Any] = []
 

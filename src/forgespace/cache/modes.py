@@ -57,9 +57,7 @@ class Modes(Engine):
             return str(target) if target.exists() else None
         if not target.exists():
             return None
-        from forgespace.cache.archive import detect_archive
-
-        if detect_archive(target) is None:
+        if self._unpack_kind(target) is None:
             self._file_targets.add(tid)
             return str(target)
         return None  # an archive whose workspace is not (yet/any more) there

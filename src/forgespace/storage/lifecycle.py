@@ -17,7 +17,7 @@ from typing import Literal, Protocol, runtime_checkable
 
 from forgespace.storage.base import Store
 
-ObjectKind = Literal["target", "result", "leftover"]
+ObjectKind = Literal["target", "result", "leftover", "blob"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,7 @@ class StoredObject:
     size: int
     modified: float
     sha256: str | None = None
+    # kind "blob": a pack of file contents (forgespace.storage.blobs) no target references
 
     def to_json(self) -> dict[str, object]:
         """The JSON form used by `forgespace store ls|prune --json`."""
@@ -98,11 +99,13 @@ class PrunePlan:
     targets: tuple[StoredObject, ...] = field(default=())
     results: tuple[StoredObject, ...] = field(default=())
     leftovers: tuple[StoredObject, ...] = field(default=())
+    #: blob packs no target references now (more may go once the planned targets are gone)
+    blobs: tuple[StoredObject, ...] = field(default=())
 
     @property
     def objects(self) -> tuple[StoredObject, ...]:
         """Everything the plan names, targets first."""
-        return self.targets + self.results + self.leftovers
+        return self.targets + self.results + self.leftovers + self.blobs
 
     @property
     def expected_freed_bytes(self) -> int:
@@ -113,7 +116,7 @@ class PrunePlan:
         """Delete what the plan names, each object re-checked right before (see module)."""
         deleted: list[StoredObject] = []
         kept: list[StoredObject] = []
-        for obj in self.objects:
+        for obj in self.targets + self.results + self.leftovers:
             if obj.kind == "target":
                 done = store.prune_target(obj.key, self.target_cutoff)
             elif obj.kind == "result":
@@ -121,6 +124,13 @@ class PrunePlan:
             else:
                 done = store.remove_leftover(obj, self.temp_grace)
             (deleted if done else kept).append(obj)
+        sweep = getattr(store, "sweep_blobs", None)
+        if sweep is not None:
+            # after the targets: packs only they referenced go in the same prune
+            swept = sweep(self.temp_grace).deleted
+            gone = {k for k, _s, _m in swept}
+            deleted += [StoredObject("blob", k, size, m) for k, size, m in swept]
+            kept += [o for o in self.blobs if o.key not in gone]
         return PruneResult(tuple(deleted), tuple(kept))
 
 
@@ -146,7 +156,16 @@ def plan_prune(
         targets=tuple(targets),
         results=tuple(results),
         leftovers=tuple(store.list_leftovers(temp_grace, now)),
+        blobs=_unreferenced_blobs(store, temp_grace),
     )
+
+
+def _unreferenced_blobs(store: ManagedStore, grace: float) -> tuple[StoredObject, ...]:
+    """Blob packs a sweep would delete now (stores without blobs: none)."""
+    sweep = getattr(store, "sweep_blobs", None)
+    if sweep is None:
+        return ()
+    return tuple(StoredObject("blob", k, s, m) for k, s, m in sweep(grace, dry_run=True).deleted)
 
 
 __all__ = [

@@ -1,3 +1,5 @@
+# Over 500 lines for now: the blob operations (BlobIO) joined the object ones; they belong in a
+# mixin module of their own (storage/local_blobs.py) at the next change here.
 """The embedded default store: a directory, ``{STORAGE_DIR}/{target_id}/target``.
 
 Next to each object forgespace writes ``target.meta.json`` (size and sha256). Objects
@@ -10,20 +12,31 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import posixpath
+import shutil
 import stat
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from forgespace.atomicfile import write_atomic_at
 from forgespace.errors import StorageError, TargetNotFoundError
 from forgespace.layout import is_valid_id, validate_id
+from forgespace.storage import blobs
 from forgespace.storage.base import ObjectInfo, ProgressFn, target_key, upload_source
 from forgespace.storage.lifecycle import StoredObject
+from forgespace.storage.manifest import (
+    FileEntry,
+    Manifest,
+    encode_manifest,
+    is_manifest,
+    parse_manifest,
+    scan_tree,
+)
 from forgespace.storage.pack import content_id, copy_hashing, pack_directory, tree_size
 from forgespace.storage.retry import CHUNK_SIZE, DownloadTap, PartFile
 
@@ -33,6 +46,7 @@ LOCKS_DIRNAME = ".locks"  # never deleted (a lock file's holder may have it open
 UPLOAD_TMP_PREFIX = ".upload-"
 UPLOAD_TMP_SUFFIX = ".tmp"
 ATOMIC_TMP_MARK = ".tmp-"  # _atomic_write_bytes' temp files: ".{name}.tmp-{hex}"
+BLOBS_TMP = "_blobs/tmp"  # packs being written (flocked by their writer, like upload temps)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -68,8 +82,12 @@ class LocalStore:
 
     display_name = "local store"
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, *, incremental: bool = True) -> None:
         self.root = Path(root)
+        #: Directories are stored as a manifest + shared blobs (forgespace.storage.blobs);
+        #: False stores them as one tar.gz (the classic layout).
+        self.incremental = incremental
+        self.blob_tmp_dir = self.root / BLOBS_TMP
 
     def __repr__(self) -> str:
         return f"LocalStore({str(self.root)!r})"
@@ -98,6 +116,8 @@ class LocalStore:
         if target_id is not None:
             validate_id(target_id, "target_id")
         self.root.mkdir(parents=True, exist_ok=True)
+        if src.is_dir() and self.incremental:
+            return self._upload_tree(src, progress, target_id)
         # Packed/copied beside the objects first: a content id is known only once hashed.
         tmp = self.root / f"{UPLOAD_TMP_PREFIX}{uuid.uuid4().hex[:12]}{UPLOAD_TMP_SUFFIX}"
         out = open(tmp, "xb")  # noqa: SIM115 (closed in finally, after the publish)
@@ -125,6 +145,114 @@ class LocalStore:
             tmp.unlink(missing_ok=True)  # before close: the lock guards it to the end
             out.close()
         return tid
+
+    def _upload_tree(self, src: Path, progress: ProgressFn | None, target_id: str | None) -> str:
+        """A directory as a manifest, sending only the blobs the store lacks."""
+        scanned = scan_tree(src)  # refused trees touch nothing in the store
+        lease = blobs.begin_upload(self)
+        try:
+            total = tree_size(src) if progress is not None else 0
+            cb = (lambda done: progress(done, total)) if progress is not None else None
+            m, _stats = blobs.store_tree(self, src, scanned, progress=cb)
+            data = encode_manifest(m)
+            tid = target_id or content_id("tree", m.tree)
+            tmp = self.root / f"{UPLOAD_TMP_PREFIX}{uuid.uuid4().hex[:12]}{UPLOAD_TMP_SUFFIX}"
+            with open(tmp, "xb") as out:
+                fcntl.flock(out.fileno(), fcntl.LOCK_EX)
+                try:
+                    out.write(data)
+                    out.flush()
+                    os.fsync(out.fileno())
+                    with self._id_lock(tid):
+                        if target_id is None and self._holds(tid) and self._refresh(tid):
+                            return tid
+                        self._publish(tid, tmp, len(data), hashlib.sha256(data).hexdigest())
+                finally:
+                    tmp.unlink(missing_ok=True)
+            return tid
+        finally:
+            blobs.end_upload(self, lease)
+
+    # --- blobs (forgespace.storage.blobs.BlobIO) ---------------------------------------
+    def _blob_path(self, key: str) -> Path:
+        if not key.startswith(blobs.BLOBS_PREFIX):
+            raise ValueError(f"not a blob key: {key!r}")
+        parts = key.split("/")
+        if any(p in ("", ".", "..") for p in parts):
+            raise ValueError(f"not a blob key: {key!r}")
+        return self.root.joinpath(*parts)
+
+    def blob_put(self, key: str, src: Path | bytes) -> None:
+        """Write (or move, from ``blob_tmp_dir``) an object under ``_blobs/``, atomically."""
+        path = self._blob_path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(src, bytes):
+            _atomic_write_bytes(path, src)
+            return
+        if src.parent == self.blob_tmp_dir:
+            os.replace(src, path)  # fsynced by its writer
+        else:
+            tmp = path.with_name(f".{path.name}{ATOMIC_TMP_MARK}{uuid.uuid4().hex[:12]}")
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
+
+    def blob_get(self, key: str) -> bytes:
+        """The object's bytes; TargetNotFoundError when absent."""
+        try:
+            return self._blob_path(key).read_bytes()
+        except FileNotFoundError as exc:
+            raise TargetNotFoundError(f"{key} not found in the local store {self.root}") from exc
+
+    def blob_stream(self, key: str, start: int, end: int) -> Iterator[bytes]:
+        """Bytes [start, end) of the object, read in 1 MiB chunks."""
+        path = self._blob_path(key)
+        try:
+            f = open(path, "rb")  # noqa: SIM115 (closed by the generator)
+        except FileNotFoundError as exc:
+            raise TargetNotFoundError(f"{key} not found in the local store {self.root}") from exc
+
+        def chunks() -> Iterator[bytes]:
+            with f:
+                f.seek(start)
+                left = end - start
+                while left > 0 and (chunk := f.read(min(left, CHUNK_SIZE))):
+                    left -= len(chunk)
+                    yield chunk
+
+        return chunks()
+
+    def blob_list(self, prefix: str) -> tuple[list[tuple[str, int, float]], float]:
+        """Objects directly under the folder ``prefix`` (temp files excluded)."""
+        where = self._blob_path(prefix.rstrip("/"))
+        out = []
+        for name in _listdir(where):
+            if name.startswith("."):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                st = os.lstat(where / name)
+                if stat.S_ISREG(st.st_mode):
+                    out.append((prefix + name, st.st_size, st.st_mtime))
+        return out, time.time()
+
+    def blob_delete(self, key: str) -> None:
+        """Remove the object; missing is fine."""
+        self._blob_path(key).unlink(missing_ok=True)
+
+    def fetch_blobs(self, files: Iterable[FileEntry], sink: blobs.BlobSink) -> int:
+        """Verified blobs of ``files`` into ``sink`` (forgespace.storage.blobs.fetch_blobs)."""
+        return blobs.fetch_blobs(self, files, sink)
+
+    def sweep_blobs(self, grace: float, *, dry_run: bool = False) -> blobs.SweepResult:
+        """Delete packs no stored manifest references (forgespace.storage.blobs)."""
+        return blobs.sweep_packs(self, self._manifests, grace=grace, dry_run=dry_run)
+
+    def _manifests(self) -> Iterator[Manifest]:
+        for obj in self.list_targets():
+            path = self.object_path(obj.key)
+            if is_manifest(path):
+                with contextlib.suppress(FileNotFoundError):  # deleted meanwhile: no longer live
+                    yield parse_manifest(path.read_bytes(), f"target {obj.key}")
 
     def _refresh(self, target_id: str) -> bool:
         """Restart the age of a re-uploaded object (prune counts from the last upload);
@@ -333,6 +461,10 @@ class LocalStore:
                 found.extend(path / n for n in _listdir(path) if _is_atomic_tmp(n))
         for dirpath, _dirs, files in os.walk(self.root / RESULTS_DIRNAME):
             found.extend(Path(dirpath) / n for n in files if _is_atomic_tmp(n))
+        found.extend(self.blob_tmp_dir / n for n in _listdir(self.blob_tmp_dir))
+        for sub in (blobs.PACKS, blobs.INDEX):
+            where = self.root / sub
+            found.extend(where / n for n in _listdir(where) if _is_atomic_tmp(n))
         out: list[StoredObject] = []
         for path in found:
             try:

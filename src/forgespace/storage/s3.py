@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import hashlib
 import http.client
 import logging
 import os
@@ -40,7 +41,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -54,9 +55,18 @@ from botocore.config import Config
 from forgespace.config import Settings
 from forgespace.errors import ConfigError, ForgespaceError, StorageError, TargetNotFoundError
 from forgespace.layout import is_valid_id, validate_id
+from forgespace.storage import blobs
 from forgespace.storage.base import ObjectInfo, ProgressFn, target_key, upload_source
 from forgespace.storage.lifecycle import StoredObject
 from forgespace.storage.local import check_result_key
+from forgespace.storage.manifest import (
+    MANIFEST_MAGIC,
+    FileEntry,
+    Manifest,
+    encode_manifest,
+    parse_manifest,
+    scan_tree,
+)
 from forgespace.storage.pack import content_id, copy_hashing, pack_directory, tree_size
 from forgespace.storage.retry import CHUNK_SIZE, DownloadTap, PartFile, RetryPolicy
 
@@ -177,6 +187,9 @@ class S3Store:
         self.retry = retry or RetryPolicy()
         self._ready_buckets: set[str] = set()
         self._bucket_lock = threading.Lock()
+        #: Directories are stored as a manifest + shared blob packs (forgespace.storage.blobs);
+        #: False stores them as one tar.gz (the classic layout).
+        self.incremental = True
 
     @classmethod
     def from_settings(
@@ -319,6 +332,8 @@ class S3Store:
                 return tid
             self._upload_file(src, target_key(tid), size, digest, progress)
             return tid
+        if self.incremental:
+            return self._upload_tree(src, progress, target_id)
         # pack to a temp file (never in RAM), then upload it
         fd, tmp_name = tempfile.mkstemp(prefix="forgespace-pack-", suffix=".tar.gz")
         tmp = Path(tmp_name)
@@ -334,6 +349,130 @@ class S3Store:
         finally:
             tmp.unlink(missing_ok=True)
         return tid
+
+    def _upload_tree(self, src: Path, progress: ProgressFn | None, target_id: str | None) -> str:
+        """A directory as a manifest, sending only the blob packs the bucket lacks."""
+        scanned = scan_tree(src)  # refused trees touch nothing in the store
+        lease = blobs.begin_upload(self)
+        try:
+            total = tree_size(src) if progress is not None else 0
+            cb = (lambda done: progress(done, total)) if progress is not None else None
+            m, _stats = blobs.store_tree(self, src, scanned, progress=cb)
+            data = encode_manifest(m)
+            tid = target_id or content_id("tree", m.tree)
+            if target_id is None and self._reuse(tid, None):
+                return tid
+            key = target_key(tid)
+            self._call(
+                f"PUT {self._where(key)}",
+                lambda: self.client.put_object(
+                    Bucket=self.bucket,
+                    Key=key,
+                    Body=data,
+                    Metadata={SHA256_META: hashlib.sha256(data).hexdigest()},
+                ),
+            )
+            return tid
+        finally:
+            blobs.end_upload(self, lease)
+
+    # --- blobs (forgespace.storage.blobs.BlobIO) ---------------------------------------
+    def blob_put(self, key: str, src: Path | bytes) -> None:
+        """PUT bytes, or upload a file (multipart when large), under ``key``."""
+        if isinstance(src, bytes):
+            self._call(
+                f"PUT {self._where(key)}",
+                lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=src),
+            )
+            return
+        self._call(
+            f"uploading {src} to {self._where(key)}",
+            lambda: self.client.upload_file(str(src), self.bucket, key, Config=_UPLOAD_CONFIG),
+        )
+
+    def blob_get(self, key: str) -> bytes:
+        """GET the whole object; TargetNotFoundError when absent."""
+        where = self._where(key)
+
+        def get() -> bytes:
+            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+            try:
+                return bytes(body.read())
+            finally:
+                body.close()
+
+        return self._call(f"GET {where}", get, not_found=f"{where} not found")
+
+    def blob_stream(self, key: str, start: int, end: int) -> Iterator[bytes]:
+        """One ranged GET of bytes [start, end); a fault mid-stream is a StorageError
+        (transient: the cache's caller retries the whole get)."""
+        where = self._where(key)
+        resp = self._call(
+            f"GET {where} bytes {start}-{end - 1}",
+            lambda: self.client.get_object(
+                Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end - 1}"
+            ),
+            not_found=f"{where} not found",
+        )
+        body = resp["Body"]
+
+        def chunks() -> Iterator[bytes]:
+            try:
+                while chunk := body.read(CHUNK_SIZE):
+                    yield chunk
+            except _BACKEND_ERRORS as exc:  # translated, re-raised with `from`
+                raise StorageError(f"GET {where}: {_describe(exc)}", transient=True) from exc
+            finally:
+                body.close()
+
+        return chunks()
+
+    def blob_list(self, prefix: str) -> tuple[list[tuple[str, int, float]], float]:
+        """Objects under ``prefix`` with the server's clock (from the listing's Date)."""
+        holder: list[float] = []
+
+        def run() -> list[tuple[str, int, float]]:
+            out: list[tuple[str, int, float]] = []
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=prefix
+            ):
+                holder.append(_server_time(page))
+                out += [
+                    (o["Key"], int(o["Size"]), o["LastModified"].timestamp())
+                    for o in page.get("Contents", [])
+                ]
+            return out
+
+        try:
+            listing = self._call(f"LIST {self._where(prefix)}", run, not_found="no bucket")
+        except TargetNotFoundError:
+            return [], time.time()  # the bucket was never created: nothing stored yet
+        return listing, holder[-1] if holder else time.time()
+
+    def blob_delete(self, key: str) -> None:
+        """DELETE the object; missing is fine."""
+        self._call(
+            f"DELETE {self._where(key)}",
+            lambda: self.client.delete_object(Bucket=self.bucket, Key=key),
+        )
+
+    def fetch_blobs(self, files: Iterable[FileEntry], sink: blobs.BlobSink) -> int:
+        """Verified blobs of ``files`` into ``sink`` (forgespace.storage.blobs.fetch_blobs)."""
+        return blobs.fetch_blobs(self, files, sink)
+
+    def sweep_blobs(self, grace: float, *, dry_run: bool = False) -> blobs.SweepResult:
+        """Delete packs no stored manifest references (forgespace.storage.blobs)."""
+        return blobs.sweep_packs(self, self._manifests, grace=grace, dry_run=dry_run)
+
+    def _manifests(self) -> Iterator[Manifest]:
+        magic = len(MANIFEST_MAGIC)
+        for obj in self.list_targets():
+            key = target_key(obj.key)
+            try:
+                if b"".join(self.blob_stream(key, 0, magic)) == MANIFEST_MAGIC:
+                    yield parse_manifest(self.blob_get(key), f"target {obj.key}")
+            except TargetNotFoundError:
+                continue  # deleted meanwhile: no longer live
 
     def _stored(self, target_id: str, size: int | None) -> ObjectInfo | None:
         """The bucket's object for this content id (of ``size`` bytes, when known: a

@@ -1,0 +1,160 @@
+"""Benchmark incremental targets (manifest + blob packs) against the classic whole-archive path,
+both measured in the same run, through S3 (moto behind the counting test proxy).
+
+A source-like tree (``--files`` / ``--mb``, default 20,000 files / 300 MB) is version 1; three
+version 2s change one file, 1% of the files and 20% of the files (each changed file gets new
+bytes in front). For each path (classic: ``{id}/target`` is one tar.gz; incremental: the
+default) it measures:
+
+- the first upload of version 1 and a cold ``get_target`` of it (shared mode, empty cache);
+- for each version 2: the upload, and a ``get_target`` on the host that holds version 1;
+- an unchanged re-upload of version 1.
+
+Bytes are what the proxy saw: request bodies sent (uploads) and response bodies served
+(downloads), all keys together (an upload's "down" bytes are the pack indexes it reads).
+Nothing is deleted between timed runs (each one makes a new target or cache entry).
+
+Run: ``.venv/bin/python bench/incremental.py [--files 20000 --mb 300] [--reps 3]``
+(``--quick``: 2,000 files / 30 MB). Seconds are medians over the repetitions, each with fresh
+buckets and caches; classic and incremental runs alternate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _common import bench_root, cached, make_tree, print_table  # noqa: E402
+from support.s3server import S3Server, running_s3_server, s3_env  # noqa: E402
+
+from forgespace import Settings, WorkspaceCache  # noqa: E402
+from forgespace.storage.s3 import S3Store  # noqa: E402
+
+VARIANTS = (("1 file", 0.0), ("1% of files", 0.01), ("20% of files", 0.20))
+
+
+def _variant(v1: Path, dest: Path, share: float, tag: str) -> Path:
+    """A copy of ``v1`` with one file (share 0) or ``share`` of its files changed."""
+    tmp = dest.with_name(dest.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(v1, tmp, symlinks=True)
+    files = sorted(p for p in tmp.rglob("*") if p.is_file() and not p.is_symlink())
+    n = max(1, int(len(files) * share))
+    for p in random.Random(tag).sample(files, n):
+        p.write_bytes(f"changed in {tag}\n".encode() + p.read_bytes())
+    tmp.rename(dest)
+    return dest
+
+
+def _io(server: S3Server) -> tuple[int, int]:
+    """(bytes sent to the server, bytes served by it) so far."""
+    with server._lock:
+        return sum(server._received.values()), sum(server._served.values())
+
+
+def _measure(server: S3Server, fn: Callable[[], Any]) -> tuple[float, int, int, Any]:
+    s0, r0 = _io(server)
+    t0 = time.perf_counter()
+    out = fn()
+    secs = time.perf_counter() - t0
+    s1, r1 = _io(server)
+    return secs, s1 - s0, r1 - r0, out
+
+
+def _run_path(server: S3Server, work: Path, name: str, trees: dict[str, Path]) -> dict[str, Any]:
+    """Every measurement for one path (``name``: classic or incremental)."""
+    settings = Settings.from_env({**s3_env(server, work), "CACHE_DIR": str(work / f"cache-{name}")})
+    store = S3Store.from_settings(settings)
+    store.incremental = name == "incremental"
+    cache = WorkspaceCache(settings, store=store)
+    res: dict[str, Any] = {}
+    res["upload v1"] = _measure(server, lambda: store.upload_target(trees["v1"]))
+    tid1 = res["upload v1"][3]
+    res["get v1"] = _measure(server, lambda: cache.get_target(tid1, None, "shared"))
+    for label, _share in VARIANTS:
+        up = _measure(server, lambda label=label: store.upload_target(trees[label]))
+        res[f"upload {label}"] = up
+        res[f"get {label}"] = _measure(
+            server, lambda tid=up[3]: cache.get_target(tid, None, "shared")
+        )
+    res["re-upload v1"] = _measure(server, lambda: store.upload_target(trees["v1"]))
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--files", type=int, default=20000)
+    ap.add_argument("--mb", type=int, default=300)
+    ap.add_argument("--quick", action="store_true", help="2,000 files / 30 MB")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions (median seconds)")
+    args = ap.parse_args()
+    files, mb = (2000, 30) if args.quick else (args.files, args.mb)
+    base = bench_root() / f"incr-{files}-{mb}MB"
+    v1 = cached(base / "v1", lambda p: make_tree(p, files=files, total_bytes=mb << 20))
+    trees = {"v1": v1}
+    for label, share in VARIANTS:
+        tag = label.split()[0].replace("%", "pct")
+        trees[label] = cached(base / f"v2-{tag}", lambda p, s=share, t=tag: _variant(v1, p, s, t))
+    work = Path(tempfile.mkdtemp(prefix="forgespace-bench-incr-"))
+    runs: list[dict[str, dict[str, Any]]] = []
+    try:
+        with running_s3_server(work) as server:
+            for rep in range(args.reps):  # interleaved: load drift hits both paths alike
+                runs.append({n: _run_path(server, work / f"{n}-{rep}", n, trees) for n in PATHS})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    _report(_medians(runs), files, mb, args.reps)
+
+
+PATHS = ("classic", "incremental")
+
+
+def _medians(runs: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per path and step: median seconds; bytes of the first run (they do not vary)."""
+    out: dict[str, dict[str, Any]] = {}
+    for n in PATHS:
+        out[n] = {}
+        for step, (_s, up, down, _o) in runs[0][n].items():
+            secs = statistics.median(r[n][step][0] for r in runs)
+            out[n][step] = (secs, up, down, None)
+    return out
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f}"
+
+
+def _report(results: dict[str, dict[str, Any]], files: int, mb: int, reps: int) -> None:
+    c, i = results["classic"], results["incremental"]
+    rows = []
+    for step in c:
+        cs, cu, cd, _ = c[step]
+        is_, iu, id_, _ = i[step]
+        up = f"{iu / cu:.3f}" if cu else "-"
+        down = f"{id_ / cd:.3f}" if cd else "-"
+        rows.append([step, _mb(cu), _mb(iu), up, _mb(cd), _mb(id_), down,
+                     f"{cs:.2f}", f"{is_:.2f}", f"{is_ / cs:.2f}x"])  # fmt: skip
+    print_table(
+        f"Incremental vs classic targets, {files} files / {mb} MB, S3 (moto via the proxy), "
+        f"median of {reps}",
+        ["step", "MB up classic", "MB up incr.", "up ratio", "MB down classic",
+         "MB down incr.", "down ratio", "s classic", "s incr.", "time ratio"],
+        rows,
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,396 @@
+"""The worker's local blob store, and materialising manifest targets from it.
+
+A target stored as a manifest (``forgespace.storage.manifest``) is downloaded as that small
+object (the engine's usual ``target`` file, under the target lock and in staging like any
+download); then only the blobs this host lacks are fetched (``store.fetch_blobs``: coalesced
+ranged reads, each blob's size and sha256 verified before it is kept) into
+``{CACHE_DIR}/.forgespace/blobs/``: one local *pack* per fetch (``{name}.pack``, the blobs'
+bytes back to back, written as a temp file and renamed once complete) and its index
+(``{name}.idx``: digest, offset, size; written after the pack, so an index never names bytes
+that are not there). One file per fetch, not one per blob: creating files is what a cold get
+spends most of its time on, and a workspace already needs one per file.
+
+The workspace is then built in staging by the archive extractor (the same path, link and size
+rules as an archive: a manifest is untrusted input) with each file's data *copied* from its
+pack (copy_file_range, which shares blocks where the filesystem can; a plain copy otherwise):
+a run can never write through to a blob, and a pack can go without touching any workspace.
+
+Blobs are a cache of the store. Materialisers hold the blob store's lock shared; ``sweep``
+(gc) takes it exclusive and non-blocking (skipping the sweep when busy), so a pack is never
+removed while a get is about to copy from it. A pack holding a blob that the manifest of an
+entry the index holds references is never removed; the others go by CACHE_TTL (a pack's mtime
+is touched on each use) and, least recently used first, while the index's entries plus the
+blob store's bytes exceed CACHE_MAX_SIZE. (A pack only partly referenced stays whole.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import stat
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from forgespace.atomicfile import write_atomic_at
+from forgespace.cache import fsops
+from forgespace.cache.archive import ExtractStats, _Extractor, _norm
+from forgespace.cache.locks import flock
+from forgespace.errors import (
+    CacheFullError,
+    IntegrityError,
+    LockTimeoutError,
+    StorageError,
+    UnsafeArchiveError,
+    UnsafeMemberError,
+    is_nospace,
+)
+from forgespace.storage.manifest import FileEntry, Manifest, is_manifest, parse_manifest
+
+if TYPE_CHECKING:
+    from forgespace.cache.engine import Engine
+
+log = logging.getLogger(__name__)
+
+BLOBS = (fsops.META, "blobs")
+LOCK_NAME = "_blobs.lock"  # never a target id's lock file (ids start with a letter or digit)
+_TMP_SUFFIX = ".tmp"
+_PACK, _IDX = ".pack", ".idx"
+_TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_SRC_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NO_CFR = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM}
+
+__all__ = ["blob_usage", "held_digests", "is_manifest", "materialise", "sweep"]
+
+Held = dict[str, tuple[str, int, int]]  # digest -> (pack name, offset, size)
+
+
+class _Sink:
+    """A ``BlobSink`` appending verified blobs to one new local pack (see the module)."""
+
+    def __init__(self, bfd: int) -> None:
+        self.bfd = bfd
+        self.name = uuid.uuid4().hex
+        self.tmp = f".{self.name}{_PACK}{_TMP_SUFFIX}"
+        self.fd = os.open(self.tmp, _TMP_FLAGS, 0o444, dir_fd=bfd)
+        self.size = 0
+        self.start = 0
+        self.digest = ""
+        self.rows: list[tuple[str, int, int]] = []
+
+    def begin(self, digest: str) -> None:
+        self.digest, self.start = digest, self.size
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+            self.size += n
+
+    def commit(self) -> None:
+        self.rows.append((self.digest, self.start, self.size - self.start))
+
+    def abort(self) -> None:
+        os.ftruncate(self.fd, self.start)
+        self.size = self.start
+
+    def finish(self) -> None:
+        """Publish the pack, then its index."""
+        os.close(self.fd)
+        self.fd = -1
+        os.rename(self.tmp, self.name + _PACK, src_dir_fd=self.bfd, dst_dir_fd=self.bfd)
+        tmp = f".{self.name}{_IDX}{_TMP_SUFFIX}"
+        write_atomic_at(self.bfd, self.name + _IDX, json.dumps(self.rows).encode(), tmp=tmp)
+
+    def discard(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.tmp, dir_fd=self.bfd)
+
+
+def _held(bfd: int) -> Held:
+    """Every blob of the local packs whose pack and index are both there."""
+    names = set(os.listdir(bfd))
+    out: Held = {}
+    for idx in names:
+        name = idx[: -len(_IDX)]
+        if not idx.endswith(_IDX) or idx.startswith(".") or name + _PACK not in names:
+            continue
+        try:
+            fd = os.open(idx, _SRC_FLAGS, dir_fd=bfd)
+            with os.fdopen(fd, "rb") as f:
+                rows = json.loads(f.read())
+            for digest, offset, size in rows:
+                out.setdefault(str(digest), (name + _PACK, int(offset), int(size)))
+        except (OSError, ValueError, TypeError) as exc:
+            log.warning("blob store: ignoring the unreadable index %s: %s", idx, exc)
+    return out
+
+
+def held_digests(root: Path) -> set[str]:
+    """sha256s of the blobs the blob store under CACHE_DIR ``root`` holds."""
+    try:
+        with fsops.dir_fd(root, BLOBS) as bfd:
+            return set(_held(bfd))
+    except FileNotFoundError:
+        return set()
+
+
+def _lock_path(engine: Any) -> Path:
+    return Path(engine.layout.locks_dir) / LOCK_NAME
+
+
+def materialise(
+    engine: Engine, tid: str, manifest_file: Path, dest: Path, *, read_only: bool
+) -> ExtractStats:
+    """Build the workspace of the manifest target ``tid`` at the new directory ``dest``.
+
+    IntegrityError for a manifest that is not valid or a blob that does not match its digest,
+    TargetNotFoundError for a blob the store lacks, UnsafeArchiveError for a path or link the
+    archive rules refuse (``dest`` is removed and nothing is published in every case)."""
+    what = f"target {tid}"
+    m = parse_manifest(manifest_file.read_bytes(), what)
+    limit = engine.settings.cache_max_size
+    for e in m.entries:  # refuse bad names before fetching anything
+        _checked_name(e.path if isinstance(e, FileEntry) else e[1], str(manifest_file))
+    need = sum({f.sha256: f.size for f in m.files}.values())
+    if need > limit:
+        raise UnsafeMemberError(
+            archive=str(manifest_file), member="",
+            reason=f"would take the extracted size to {need} bytes, above the limit of "
+            f"{limit} bytes (CACHE_MAX_SIZE)",
+        )  # fmt: skip
+    root = engine.layout.root
+    sweep(engine, incoming=need)  # unreferenced blobs make room first (skipped when busy)
+    with (
+        flock(_lock_path(engine), exclusive=False, root=root, what="the blob store",
+              timeout=engine.settings.cache_lock_timeout, purpose=f"materialise {tid}"),
+        fsops.dir_fd(root, BLOBS, create=True) as bfd,
+    ):  # fmt: skip
+        held = _held(bfd)
+        missing = [f for f in m.files if f.size and f.sha256 not in held]
+        fetch = sum({f.sha256: f.size for f in missing}.values())
+        engine._make_room(fetch + blob_usage(engine)[0], tid)
+        if missing:
+            held.update(_fetch(engine, bfd, missing, fetch, dest, what))
+        return _build(m, bfd, held, str(manifest_file), dest, limit, read_only)
+
+
+def _fetch(
+    engine: Engine, bfd: int, missing: list[FileEntry], nbytes: int, dest: Path, what: str
+) -> Held:
+    """Fetch ``missing`` blobs into one new local pack; returns where they now are."""
+    store = engine.store
+    if not hasattr(store, "fetch_blobs"):
+        raise StorageError(f"{what} is a manifest but {store!r} cannot fetch blobs")
+    sink = _Sink(bfd)
+    try:
+        got = store.fetch_blobs(missing, sink)
+        sink.finish()
+    except BaseException as exc:
+        sink.discard()
+        if isinstance(exc, OSError):
+            engine._raise_if_full(exc, dest.parent, nbytes)
+        raise
+    engine.index.count("bytes_downloaded", got)
+    log.info("%s: fetched %d blob(s), %d bytes", what, len(sink.rows), got)
+    return {d: (sink.name + _PACK, off, size) for d, off, size in sink.rows}
+
+
+def _checked_name(name: str, src: str) -> str:
+    try:
+        return _norm(name, "member")
+    except UnsafeArchiveError as exc:
+        raise UnsafeMemberError(archive=src, member=name, reason=exc.reason) from exc
+
+
+def _build(
+    m: Manifest, bfd: int, held: Held, src: str, dest: Path, limit: int, read_only: bool
+) -> ExtractStats:
+    """The extractor's rules, with file data copied from the local packs."""
+    os.mkdir(dest, 0o755)
+    x = _Extractor(src, str(dest), limit, read_only)
+    packs: dict[str, int] = {}
+    try:
+        for e in m.entries:
+            name = e.path if isinstance(e, FileEntry) else e[1]
+            x.enter(name)
+            rel = _checked_name(name, src)
+            if isinstance(e, FileEntry):
+                _copy_file(x, bfd, held, packs, rel, e)
+            elif e[0] == "d":
+                x.directory(rel, 0o755, 0)
+            else:
+                x.symlink(rel, e[2], 0)  # type: ignore[misc]
+        stats = x.finish()
+        now = time.time()
+        for fd in packs.values():
+            os.utime(fd, (now, now))  # their last use, for TTL/LRU
+    except BaseException as exc:
+        x.close()
+        fsops.remove(dest.parent, dest)
+        if isinstance(exc, OSError) and is_nospace(exc):
+            raise CacheFullError(exc.errno, f"no space left materialising {dest}") from exc
+        raise
+    finally:
+        for fd in packs.values():
+            os.close(fd)
+    x.close()
+    return stats
+
+
+def _copy_file(
+    x: _Extractor, bfd: int, held: Held, packs: dict[str, int], rel: str, f: FileEntry
+) -> None:
+    x._budget(f.size)
+    perm = 0o755 if f.executable else 0o644
+    if x.read_only:
+        perm = 0o555 if f.executable else 0o444
+    fd = x._create(rel, perm)
+    try:
+        if f.size:
+            pack, offset, size = held[f.sha256]
+            if size != f.size:
+                raise IntegrityError(f"the cached blob {f.sha256} of {rel!r} has {size} bytes")
+            sfd = packs.get(pack)
+            if sfd is None:
+                sfd = packs[pack] = os.open(pack, _SRC_FLAGS, dir_fd=bfd)
+            _copy_range(sfd, fd, offset, size)
+        x._count(f.size)
+        x._finish_file(fd, rel, perm, 0, f.size)
+    finally:
+        os.close(fd)
+
+
+def _copy_range(sfd: int, dfd: int, offset: int, size: int) -> None:
+    """``size`` bytes at ``offset`` of ``sfd`` to ``dfd``: copy_file_range (in-kernel, block
+    sharing where the filesystem can), else pread/write. The clone helper copies whole
+    files; a blob is a range of a pack."""
+    done = 0
+    try:
+        while done < size:
+            n = os.copy_file_range(sfd, dfd, size - done, offset_src=offset + done)
+            if n == 0:
+                raise IntegrityError(f"a local pack ended {size - done} bytes early")
+            done += n
+        return
+    except OSError as exc:
+        if exc.errno not in _NO_CFR or done:
+            raise
+    while done < size:
+        chunk = os.pread(sfd, min(size - done, 1 << 20), offset + done)
+        if not chunk:
+            raise IntegrityError(f"a local pack ended {size - done} bytes early")
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(dfd, view) :]
+        done += len(chunk)
+
+
+def blob_usage(engine: Any) -> tuple[int, list[tuple[float, str, int]]]:
+    """(bytes, [(last use, digest, bytes)]) of the blob store (temp files included)."""
+    out: list[tuple[float, str, int]] = []
+    try:
+        bfd = fsops.open_dir(engine.layout.root, BLOBS)
+    except FileNotFoundError:
+        return 0, []
+    try:
+        for e in os.scandir(bfd):
+            try:
+                st = e.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                out.append((st.st_mtime, e.name, st.st_size))
+    finally:
+        os.close(bfd)
+    return sum(n for _t, _d, n in out), out
+
+
+def _live_digests(engine: Any) -> set[str]:
+    """sha256s the manifests of the index's entries reference (their blobs are kept)."""
+    from forgespace.cache.eviction import entry_paths
+
+    live: set[str] = set()
+    for e in engine.index.entries():
+        for p in entry_paths(engine.layout, e):
+            manifest = p / "target" if p.name != "target" else p
+            if is_manifest(manifest):
+                try:
+                    m = parse_manifest(manifest.read_bytes(), f"{manifest}")
+                except (OSError, IntegrityError):
+                    raise IntegrityError(f"cannot read the manifest {manifest}") from None
+                live.update(f.sha256 for f in m.files)
+    return live
+
+
+def sweep(engine: Any, *, incoming: int = 0) -> tuple[int, int]:
+    """Remove local packs holding no referenced blob (and dead temp files): unused for
+    CACHE_TTL, then least recently used while the cache (entries + blobs + ``incoming``)
+    exceeds CACHE_MAX_SIZE. Skipped (0, 0) when a materialisation holds the blob store.
+    Returns (files removed, bytes freed)."""
+    total, files = blob_usage(engine)
+    if not files:
+        return 0, 0
+    lock = flock(
+        _lock_path(engine),
+        exclusive=True,
+        blocking=False,
+        root=engine.layout.root,
+        what="the blob store",
+        purpose="sweep blobs",
+    )
+    try:
+        with lock, fsops.dir_fd(engine.layout.root, BLOBS) as bfd:
+            try:
+                live = _live_digests(engine)
+            except IntegrityError as exc:
+                log.warning("blob sweep skipped: %s", exc)
+                return 0, 0
+            keep = {pack for d, (pack, _o, _s) in _held(bfd).items() if d in live}
+            over = engine.index.total_bytes() + total + incoming - engine.settings.cache_max_size
+            removed, freed = _remove_packs(bfd, files, keep, over, engine.settings.cache_ttl)
+    except LockTimeoutError:
+        return 0, 0
+    except OSError as exc:
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            return 0, 0
+        raise
+    if removed:
+        log.info("blob store: removed %d unreferenced file(s), %d bytes", removed, freed)
+    return removed, freed
+
+
+def _remove_packs(
+    bfd: int, files: list[tuple[float, str, int]], keep: set[str], over: int, ttl: float
+) -> tuple[int, int]:
+    """Under the exclusive lock: temp files (their writers are gone), packs without an index,
+    and unreferenced packs by TTL then LRU (oldest first); a pack's index goes first."""
+    names = {n for _t, n, _s in files}
+    now = time.time()
+    removed = freed = 0
+    for used, name, size in sorted(files):
+        if name.endswith(_IDX) or name in keep:
+            continue
+        orphan = name.endswith(_PACK) and name[: -len(_PACK)] + _IDX not in names
+        dead = name.endswith(_TMP_SUFFIX) or orphan
+        if not (dead or used < now - ttl or over > 0):
+            continue
+        if name.endswith(_PACK):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name[: -len(_PACK)] + _IDX, dir_fd=bfd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=bfd)
+        removed, freed, over = removed + 1, freed + size, over - size
+    for _t, name, _s in files:  # indexes whose pack is gone
+        if name.endswith(_IDX) and name[: -len(_IDX)] + _PACK not in names:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=bfd)
+    return removed, freed

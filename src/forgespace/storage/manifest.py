@@ -1,0 +1,200 @@
+"""Target manifests: a directory stored as a list of entries whose file data lives in blobs.
+
+A manifest is what ``{target_id}/target`` holds for a directory uploaded incrementally (see
+``forgespace.storage.blobs``): the magic line ``MANIFEST_MAGIC`` and then gzip'd JSON::
+
+    {"format": "forgespace-manifest", "version": 1, "tree": <tree digest>,
+     "entries": [["d", path], ["f", path, exec, size, sha256, pack, offset, length, codec],
+                 ["l", path, link target], ...]}
+
+Entries come in the order of ``pack_directory``'s walk, and the tree digest is computed from the
+same records (``forgespace.storage.pack``), so a directory gets the same ``tree-…`` id whether
+it is stored as an archive or as a manifest.
+
+A manifest read back is untrusted input, exactly like an archive: ``parse_manifest`` checks its
+shape and types only (IntegrityError naming what is wrong); its paths and links are judged by
+the archive safety policy when the cache materialises it, and every blob by its sha256.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import re
+import stat
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from forgespace.errors import IntegrityError, UnsafeArchiveError
+from forgespace.storage.pack import TREE_DIGEST_VERSION, _check_link, _record, _walk
+
+MANIFEST_MAGIC = b"forgespace-manifest-v1\n"
+FORMAT = "forgespace-manifest"
+VERSION = 1
+CODECS = ("raw", "z")  # blob bytes as they are, or one zlib stream
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+# A manifest larger than this is refused before it is inflated (a 20k-file tree is ~1.5 MB).
+MAX_MANIFEST_JSON = 512 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """A regular file: its path, executable bit, size, sha256 and where its blob is stored
+    (``pack`` object, byte ``offset`` and ``length`` there, ``codec``)."""
+
+    path: str
+    executable: bool
+    size: int
+    sha256: str
+    pack: str = ""
+    offset: int = 0
+    length: int = 0
+    codec: str = "raw"
+
+
+Entry = tuple[str, str] | tuple[str, str, str] | FileEntry
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A directory's entries in walk order: ``("d", path)``, ``FileEntry``, ``("l", path,
+    target)``; ``tree`` is its tree digest (the content id's source)."""
+
+    tree: str
+    entries: tuple[Entry, ...]
+
+    @property
+    def files(self) -> list[FileEntry]:
+        """The regular files."""
+        return [e for e in self.entries if isinstance(e, FileEntry)]
+
+
+def is_manifest(path: str | os.PathLike[str]) -> bool:
+    """Whether the file at ``path`` starts with the manifest magic (judged by content)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MANIFEST_MAGIC)) == MANIFEST_MAGIC
+    except (IsADirectoryError, FileNotFoundError):
+        return False
+
+
+def scan_tree(src: str | Path) -> Manifest:
+    """Walk the directory ``src`` (the order and rules of ``pack_directory``) and hash every
+    file: the manifest without blob locations. UnsafeArchiveError for links leaving the tree
+    and for devices, fifos and sockets."""
+    root = Path(src)
+    if not root.is_dir():
+        raise NotADirectoryError(f"not a directory: {root}")
+    tree = hashlib.sha256(TREE_DIGEST_VERSION)
+    entries: list[tuple[str, str] | tuple[str, str, str] | FileEntry] = []
+    for rel, entry in _walk(root):
+        st = entry.stat(follow_symlinks=False)
+        if stat.S_ISLNK(st.st_mode):
+            target = os.readlink(entry.path)
+            _check_link(rel, target)
+            entries.append(("l", rel, target))
+            tree.update(_record("l", rel, target))
+        elif stat.S_ISDIR(st.st_mode):
+            entries.append(("d", rel))
+            tree.update(_record("d", rel))
+        elif stat.S_ISREG(st.st_mode):
+            fe = _hash_file(entry.path, rel)
+            entries.append(fe)
+            kind = "x" if fe.executable else "f"
+            tree.update(_record(kind, rel, f"{fe.size}:{fe.sha256}"))
+        else:
+            raise UnsafeArchiveError(
+                f"{rel!r} is a device, fifo or socket; only regular files, directories "
+                "and symlinks can be uploaded"
+            )
+    return Manifest(tree.hexdigest(), tuple(entries))
+
+
+def _hash_file(path: str, rel: str) -> FileEntry:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        executable = bool(os.fstat(f.fileno()).st_mode & 0o111)
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return FileEntry(rel, executable, size, h.hexdigest())
+
+
+def encode_manifest(m: Manifest) -> bytes:
+    """The bytes stored as the target object."""
+    rows: list[list[object]] = []
+    for e in m.entries:
+        if isinstance(e, FileEntry):
+            rows.append(
+                ["f", e.path, int(e.executable), e.size, e.sha256, e.pack, e.offset, e.length,
+                 e.codec]
+            )  # fmt: skip
+        else:
+            rows.append(list(e))
+    doc = {"format": FORMAT, "version": VERSION, "tree": m.tree, "entries": rows}
+    raw = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return MANIFEST_MAGIC + gzip.compress(raw, compresslevel=6, mtime=0)
+
+
+def parse_manifest(data: bytes, what: str) -> Manifest:
+    """Check and decode a manifest (untrusted); IntegrityError naming ``what`` and the fault."""
+
+    def bad(why: str) -> IntegrityError:
+        return IntegrityError(f"{what} is not a valid forgespace manifest: {why}")
+
+    if not data.startswith(MANIFEST_MAGIC):
+        raise bad("it does not start with the manifest magic line")
+    try:
+        d = zlib.decompressobj(wbits=31)
+        raw = d.decompress(data[len(MANIFEST_MAGIC) :], MAX_MANIFEST_JSON)
+        if d.unconsumed_tail or not d.eof:
+            raise bad("its compressed body is truncated or larger than the limit")
+        doc = json.loads(raw)
+    except (zlib.error, ValueError) as exc:
+        raise bad(f"its body cannot be decoded ({exc})") from exc
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != VERSION:
+        raise bad(f"expected format {FORMAT!r} version {VERSION}")
+    tree, rows = doc.get("tree"), doc.get("entries")
+    if not isinstance(tree, str) or not isinstance(rows, list):
+        raise bad("'tree' must be a string and 'entries' a list")
+    return Manifest(tree, tuple(_entry(r, i, what) for i, r in enumerate(rows)))
+
+
+def _entry(row: object, i: int, what: str) -> tuple[str, str] | tuple[str, str, str] | FileEntry:
+    def fail(why: str) -> IntegrityError:
+        return IntegrityError(f"{what} is not a valid forgespace manifest: entry {i} {why}")
+
+    if not isinstance(row, list) or not row or not all(isinstance(x, (str, int)) for x in row):
+        raise fail("must be a list of strings and integers")
+    kind = row[0]
+    if kind == "d" and len(row) == 2 and isinstance(row[1], str):
+        return ("d", row[1])
+    if kind == "l" and len(row) == 3 and isinstance(row[1], str) and isinstance(row[2], str):
+        return ("l", row[1], row[2])
+    if kind != "f" or len(row) != 9:
+        raise fail("has an unknown kind or the wrong number of fields")
+    _, path, exe, size, digest, pack, offset, length, codec = row
+    ints = (exe, size, offset, length)
+    if not isinstance(path, str) or not all(type(x) is int and x >= 0 for x in ints):
+        raise fail("needs a string path and non-negative integers")
+    if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
+        raise fail("has a sha256 that is not 64 lowercase hex digits")
+    if not isinstance(pack, str) or not _HEX64.fullmatch(pack) or codec not in CODECS:
+        raise fail(f"has a bad blob location (pack {pack!r}, codec {codec!r})")
+    assert isinstance(size, int) and isinstance(offset, int) and isinstance(length, int)
+    return FileEntry(path, bool(exe), size, digest, pack, offset, length, str(codec))
+
+
+__all__ = [
+    "MANIFEST_MAGIC",
+    "FileEntry",
+    "Manifest",
+    "encode_manifest",
+    "is_manifest",
+    "parse_manifest",
+    "scan_tree",
+]

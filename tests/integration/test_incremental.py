@@ -1,0 +1,433 @@
+"""Incremental targets (manifest + blob packs) through both stores and the worker's blob store:
+only what changed is sent and fetched, bad manifests are refused, blobs are evicted by the
+cache's rules, and uploads, downloads and prunes survive SIGKILL and each other."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.procs import TESTS_DIR, make_project, run_getters, tree_digest, wait_for
+
+from forgespace import Settings, WorkspaceCache, open_store
+from forgespace.cache import blobstore
+from forgespace.cache.eviction import evict_target
+from forgespace.errors import IntegrityError, StorageError, TargetNotFoundError, UnsafeArchiveError
+from forgespace.storage import blobs
+from forgespace.storage.manifest import (
+    MANIFEST_MAGIC,
+    FileEntry,
+    Manifest,
+    encode_manifest,
+    is_manifest,
+    parse_manifest,
+)
+from forgespace.storage.pack import content_id
+
+pytestmark = pytest.mark.integration
+Env = Callable[[Settings], dict[str, str]]
+
+
+def _project(root: Path, files: int = 60, seed: str = "p", size: int = 3000) -> Path:
+    make_project(root, files=files, size=size, seed=seed)
+    (root / "empty").mkdir()
+    os.symlink("pkg0/sub0/f0.py", root / "link.py")
+    return root
+
+
+def _packs(store: Any) -> set[str]:
+    return {k[len(blobs.PACKS) :] for k, _s, _m in store.blob_list(blobs.PACKS)[0]}
+
+
+def _manifest(store: Any, tid: str, tmp: Path) -> Manifest:
+    store.download_target(tid, tmp / f"{tid}.manifest")
+    data = (tmp / f"{tid}.manifest").read_bytes()
+    return parse_manifest(data, tid)
+
+
+def _blob_names(settings: Settings) -> set[str]:
+    return blobstore.held_digests(settings.cache_dir)
+
+
+def _blob_bytes(settings: Settings) -> int:
+    return sum(p.stat().st_size for p in (settings.cache_dir / ".forgespace" / "blobs").iterdir())
+
+
+def _change_one(src: Path, dst: Path, n: int = 1) -> Path:
+    shutil.copytree(src, dst, symlinks=True)
+    victims = sorted(dst.rglob("f*.py"))[:n]
+    for v in victims:
+        v.write_bytes(b"changed " + v.read_bytes())
+    return dst
+
+
+# --- transfer only what changed -----------------------------------------------------------
+def test_second_version_sends_and_fetches_only_the_changed_file(
+    any_store_settings: Settings, tmp_path: Path
+) -> None:
+    settings = any_store_settings
+    store: Any = open_store(settings)
+    v1 = _project(tmp_path / "v1")
+    tid1 = store.upload_target(v1)
+    assert tid1.startswith("tree-")
+    assert [t.key for t in store.list_targets()] == [tid1]  # _blobs/ is never a target
+    packs1 = _packs(store)
+    assert len(packs1) == 1
+    cache = WorkspaceCache(settings)
+    for mode, rid in (("shared", None), ("isolated", "r1"), ("copy-on-write", "r2")):
+        ws = Path(cache.get_target(tid1, rid, workspace_isolation=mode))
+        assert tree_digest(ws) == tree_digest(v1), mode
+        assert (ws / "empty").is_dir() and os.access(ws / "run.sh", os.X_OK)
+    blobs_v1 = _blob_names(settings)
+    assert len(blobs_v1) == 60 + 1  # 60 distinct files + run.sh
+
+    v2 = _change_one(v1, tmp_path / "v2")
+    tid2 = store.upload_target(v2)
+    assert tid2 != tid1
+    new = _packs(store) - packs1
+    assert len(new) == 1
+    m2 = _manifest(store, tid2, tmp_path)
+    in_new = [f for f in m2.files if f.pack in new]
+    assert [f.path for f in in_new] == [str(sorted(v2.rglob("f*.py"))[0].relative_to(v2))]
+
+    ws2 = Path(cache.get_target(tid2, None, workspace_isolation="shared"))
+    assert tree_digest(ws2) == tree_digest(v2)
+    assert len(_blob_names(settings) - blobs_v1) == 1  # one blob fetched, the rest reused
+
+    # unchanged re-upload: same id, no new pack
+    assert store.upload_target(v2) == tid2
+    assert _packs(store) == packs1 | new
+
+
+def test_s3_get_of_a_new_version_reads_only_the_new_pack(
+    s3_settings: Settings, s3_server: Any, tmp_path: Path
+) -> None:
+    store: Any = open_store(s3_settings)
+    v1 = _project(tmp_path / "v1")
+    tid1 = store.upload_target(v1)
+    (old_pack,) = _packs(store)
+    cache = WorkspaceCache(s3_settings)
+    cache.get_target(tid1, None, workspace_isolation="shared")
+    s3_server.reset_counts()
+    tid2 = store.upload_target(_change_one(v1, tmp_path / "v2"))
+    (new_pack,) = _packs(store) - {old_pack}
+    sent = s3_server.bytes_received(blobs.PACKS + new_pack)
+    assert 0 < sent < 3000  # one compressed 3 kB file
+    assert s3_server.bytes_received(blobs.PACKS + old_pack) == 0
+    s3_server.reset_counts()
+    cache.get_target(tid2, None, workspace_isolation="shared")
+    assert s3_server.get_count(blobs.PACKS + old_pack) == 0
+    assert s3_server.get_count(blobs.PACKS + new_pack) == 1
+
+
+def test_explicit_id_directory_and_file_targets(
+    any_store_settings: Settings, tmp_path: Path
+) -> None:
+    store: Any = open_store(any_store_settings)
+    v1 = _project(tmp_path / "v1", files=5)
+    assert store.upload_target(v1, target_id="my-project") == "my-project"
+    f = tmp_path / "single.bin"
+    f.write_bytes(os.urandom(1000))
+    fid = store.upload_target(f)
+    cache = WorkspaceCache(any_store_settings)
+    ws = cache.get_target("my-project", "r", workspace_isolation="isolated")
+    assert tree_digest(Path(ws)) == tree_digest(v1)
+    got = cache.get_target(fid, "r", workspace_isolation="isolated")
+    assert Path(got).read_bytes() == f.read_bytes()  # single files stay classic
+
+
+def test_workspace_files_never_share_an_inode_with_blobs(tmp_path: Path) -> None:
+    settings = Settings.from_env(
+        {"CACHE_DIR": str(tmp_path / "cache"), "STORAGE_DIR": str(tmp_path / "store")}
+    )
+    tid = open_store(settings).upload_target(_project(tmp_path / "v1", files=3))
+    ws = Path(WorkspaceCache(settings).get_target(tid, "r", workspace_isolation="isolated"))
+    blob_dir = tmp_path / "cache" / ".forgespace" / "blobs"
+    packs = {p: p.read_bytes() for p in blob_dir.iterdir()}
+    inodes = {p.stat().st_ino for p in packs}
+    for victim in (ws / "run.sh", *ws.rglob("f*.py")):
+        assert victim.stat().st_nlink == 1 and victim.stat().st_ino not in inodes
+        victim.write_text("overwritten by the run\n")
+    assert {p: p.read_bytes() for p in blob_dir.iterdir()} == packs
+    again = WorkspaceCache(settings).get_target(tid, "r2", workspace_isolation="isolated")
+    assert tree_digest(Path(again)) == tree_digest(tmp_path / "v1")
+
+
+# --- bad manifests ------------------------------------------------------------------------
+def _hostile(store: Any, tmp: Path, m: Manifest, name: str) -> str:
+    """Store a crafted manifest as a target (a file upload: stored as-is)."""
+    f = tmp / name
+    f.write_bytes(encode_manifest(m))
+    return str(store.upload_target(f))
+
+
+@pytest.fixture
+def local_with_blob(tmp_path: Path) -> Iterator[tuple[Settings, Any, FileEntry]]:
+    settings = Settings.from_env(
+        {"CACHE_DIR": str(tmp_path / "cache"), "STORAGE_DIR": str(tmp_path / "store")}
+    )
+    store: Any = open_store(settings)
+    src = tmp_path / "one"
+    src.mkdir()
+    (src / "a.txt").write_text("real content\n" * 10)
+    tid = store.upload_target(src)
+    yield settings, store, _manifest(store, tid, tmp_path).files[0]
+
+
+@pytest.mark.parametrize(
+    ("case", "error"),
+    [
+        ("escaping path", UnsafeArchiveError),
+        ("escaping link", UnsafeArchiveError),
+        ("link chain", UnsafeArchiveError),
+        ("write through link", UnsafeArchiveError),
+        ("wrong digest", IntegrityError),
+        ("missing pack", TargetNotFoundError),
+        ("garbage", IntegrityError),
+        ("too big", UnsafeArchiveError),
+    ],
+)
+def test_bad_manifest_is_refused_and_nothing_is_published(
+    local_with_blob: tuple[Settings, Any, FileEntry], tmp_path: Path, case: str, error: type
+) -> None:
+    settings, store, good = local_with_blob
+    other = "0" * 64
+    entries: dict[str, tuple[Any, ...]] = {
+        "escaping path": (FileEntry("../evil", False, good.size, good.sha256, good.pack,
+                                    good.offset, good.length, good.codec),),
+        "escaping link": (("l", "out", "../../.."),),
+        "link chain": (("d", "b"), ("l", "b/up", ".."), ("l", "a", "b/up/..")),
+        "write through link": (("l", "x", "."), FileEntry(
+            "x/a.txt", False, good.size, good.sha256, good.pack, good.offset, good.length,
+            good.codec)),
+        "wrong digest": (FileEntry("a.txt", False, good.size, other, good.pack, good.offset,
+                                   good.length, good.codec),),
+        "missing pack": (FileEntry("a.txt", False, good.size, "1" * 64, "2" * 64, 0, 10, "raw"),),
+        "too big": (FileEntry("a.txt", False, 10**15, "1" * 64, good.pack, 0, 10, "raw"),),
+    }  # fmt: skip
+    if case == "garbage":
+        f = tmp_path / "garbage"
+        f.write_bytes(MANIFEST_MAGIC + b"not gzip at all")
+        tid = store.upload_target(f)
+    else:
+        tid = _hostile(store, tmp_path, Manifest("x", entries[case]), case.replace(" ", "-"))
+    cache = WorkspaceCache(settings)
+    for mode, rid in (("shared", None), ("isolated", "r"), ("copy-on-write", "c")):
+        with pytest.raises(error):
+            cache.get_target(tid, rid, workspace_isolation=mode)
+        assert not (tmp_path / "cache" / tid / "workspace").exists()
+        assert not (tmp_path / "cache" / tid / "shared").exists()
+        assert not (tmp_path / "cache" / tid / (rid or "x")).exists()
+    assert not (tmp_path / "cache" / "evil").exists() and not (tmp_path / "evil").exists()
+    assert _blob_names(settings) <= {good.sha256}  # a blob failing its digest is not kept
+    blob_dir = tmp_path / "cache" / ".forgespace" / "blobs"
+    assert not [p for p in blob_dir.glob("*") if p.name.endswith(".tmp")]
+
+
+# --- eviction -----------------------------------------------------------------------------
+def test_gc_keeps_referenced_blobs_and_evicts_unreferenced_ones(tmp_path: Path) -> None:
+    env = {"CACHE_DIR": str(tmp_path / "cache"), "STORAGE_DIR": str(tmp_path / "store")}
+    settings = Settings.from_env({**env, "CACHE_TTL": "1h"})
+    store = open_store(settings)
+    a = store.upload_target(_project(tmp_path / "a", files=5, seed="a", size=150_000))
+    b_src = _project(tmp_path / "b", files=5, seed="b", size=60_000)
+    (b_src / "run.sh").write_text("#!/bin/sh\necho b\n")  # no content in common with a
+    b = store.upload_target(b_src)
+    cache = WorkspaceCache(settings)
+    cache.get_target(a, None, workspace_isolation="shared")
+    cache.get_target(b, None, workspace_isolation="shared")
+    blob_dir = tmp_path / "cache" / ".forgespace" / "blobs"
+    of_b = {f.sha256 for f in _manifest(store, b, tmp_path).files}
+    of_a = {f.sha256 for f in _manifest(store, a, tmp_path).files} - of_b
+    old = time.time() - 7200
+    for p in blob_dir.iterdir():
+        os.utime(p, (old, old))  # unused for longer than CACHE_TTL
+    cache.gc()
+    assert _blob_names(settings) == of_a | of_b  # both still referenced by live entries
+    evict_target(cache, a)
+    cache.gc()
+    assert _blob_names(settings) == of_b  # a's went by TTL; b's are referenced
+
+    # LRU: blob bytes count toward CACHE_MAX_SIZE. a's blobs again (fresh, unreferenced once
+    # a is evicted) take the cache over 1 MiB: the least recently used go until it fits.
+    cache.get_target(a, None, workspace_isolation="shared")
+    evict_target(cache, a)
+    assert _blob_names(settings) == of_a | of_b
+    small = WorkspaceCache(Settings.from_env({**env, "CACHE_MAX_SIZE": "1MiB"}))
+    small.gc()
+    assert _blob_names(settings) == of_b  # a's (least recently used) went, none of b's
+    assert small.index.total_bytes() + _blob_bytes(settings) <= 1024 * 1024
+
+
+# --- across processes ---------------------------------------------------------------------
+def test_one_download_across_processes(
+    any_store_settings: Settings, settings_env: Env, tmp_path: Path
+) -> None:
+    store = open_store(any_store_settings)
+    src = _project(tmp_path / "v1", files=200)
+    tid = store.upload_target(src)
+    calls = [(tid, None, "shared")] * 3 + [(tid, f"c{i}", "copy-on-write") for i in range(3)]
+    results = run_getters(settings_env(any_store_settings), calls, tmp_path, timeout=120)
+    # one download: the other slot copies the verified manifest, and the blobs are shared
+    assert sum(bool(r["downloaded"]) for r in results) == 1, results
+    assert all(r["digest"] == tree_digest(src) for r in results)
+
+
+def _child(env: dict[str, str], role: str, spec: dict[str, Any]) -> subprocess.Popen[str]:
+    env = {**env, "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), env.get("PYTHONPATH", "")])}
+    return subprocess.Popen(
+        [sys.executable, "-m", "support.incremental", role, json.dumps(spec)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _kill_at(proc: subprocess.Popen[str], signal_file: Path) -> None:
+    try:
+        wait_for(lambda: signal_file.exists() or proc.poll() is not None, 120, "the pause point")
+        assert proc.poll() is None, proc.communicate()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
+def _result(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    return dict(json.loads(out.strip().splitlines()[-1]))
+
+
+# --- SIGKILL ------------------------------------------------------------------------------
+@pytest.mark.parametrize("pause", ["pack-written", "pack-stored"])
+def test_sigkill_during_upload_leaves_no_target_and_a_retry_works(
+    any_store_settings: Settings, settings_env: Env, tmp_path: Path, pause: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    store: Any = open_store(any_store_settings)
+    src = _project(tmp_path / "v1", files=20)
+    sig = tmp_path / "paused"
+    proc = _child(settings_env(any_store_settings), "upload", {
+        "source": str(src), "pause": pause, "signal": str(sig)})  # fmt: skip
+    _kill_at(proc, sig)
+    assert store.list_targets() == []
+    assert len(_packs(store)) == (1 if pause == "pack-stored" else 0)
+    tid = store.upload_target(src)  # the dead upload's lease does not block uploads
+    assert len(_packs(store)) == 1  # a stored pack of the dead upload is reused, not re-sent
+    ws = WorkspaceCache(any_store_settings).get_target(tid, "r", workspace_isolation="isolated")
+    assert tree_digest(Path(ws)) == tree_digest(src)
+    # the dead upload's lease blocks sweeps until it expires; then prune tidies up
+    assert store.sweep_blobs(0.0).skipped
+    monkeypatch.setattr(blobs, "LEASE_TTL", 0.0)
+    assert not store.sweep_blobs(0.0).skipped
+    assert store.blob_list(blobs.LEASES)[0] == []
+    assert len(_packs(store)) == 1  # referenced by the target: kept
+    if any_store_settings.storage_backend == "local":
+        from forgespace.storage.lifecycle import plan_prune
+
+        plan = plan_prune(store, target_ttl=None, result_ttl=None, temp_grace=0.0)
+        plan.execute(store)
+        assert list((tmp_path / "store" / "_blobs" / "tmp").iterdir()) == []
+
+
+def test_sigkill_during_blob_download_publishes_nothing(
+    any_store_settings: Settings, settings_env: Env, tmp_path: Path
+) -> None:
+    store = open_store(any_store_settings)
+    src = _project(tmp_path / "v1", files=20)
+    tid = store.upload_target(src)
+    sig = tmp_path / "paused"
+    proc = _child(settings_env(any_store_settings), "get", {
+        "target_id": tid, "mode": "shared", "pause": "blob-write", "signal": str(sig)})  # fmt: skip
+    _kill_at(proc, sig)
+    blob_dir = tmp_path / "cache" / ".forgespace" / "blobs"
+    assert any(p.name.endswith(".tmp") for p in blob_dir.iterdir())  # killed mid-blob
+    assert not (tmp_path / "cache" / tid / "workspace").exists()
+    cache = WorkspaceCache(any_store_settings)
+    ws = cache.get_target(tid, None, workspace_isolation="shared")
+    assert tree_digest(Path(ws)) == tree_digest(src)
+    cache.gc()
+    assert not any(p.name.endswith(".tmp") for p in blob_dir.iterdir())
+
+
+def test_sigkill_during_prune_keeps_every_referenced_pack(
+    any_store_settings: Settings, settings_env: Env, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    store: Any = open_store(any_store_settings)
+    keep = store.upload_target(_project(tmp_path / "keep", files=5, seed="k"))
+    for seed in ("x", "y"):
+        store.delete_target(store.upload_target(_project(tmp_path / seed, files=5, seed=seed)))
+    assert len(_packs(store)) == 3
+    sig = tmp_path / "paused"
+    spec = {"pause": "deleted", "signal": str(sig)}
+    proc = _child(settings_env(any_store_settings), "sweep", spec)
+    _kill_at(proc, sig)
+    # the dead sweep's marker makes uploads wait until it expires (SWEEP_TTL), no longer
+    with pytest.raises(StorageError, match="blob sweep"):
+        blobs.begin_upload(store, wait=0.0)
+    monkeypatch.setattr(blobs, "SWEEP_TTL", 2.0)
+    t0 = time.monotonic()
+    tid = store.upload_target(_project(tmp_path / "new", files=5, seed="n"))
+    assert time.monotonic() - t0 < 30
+    res = store.sweep_blobs(0.0)
+    assert not res.skipped
+    live = {f.pack for t in (keep, tid) for f in _manifest(store, t, tmp_path).files}
+    assert _packs(store) == live
+    for t in (keep, tid):
+        ws = WorkspaceCache(any_store_settings).get_target(t, None, workspace_isolation="shared")
+        assert Path(ws).is_dir()
+
+
+# --- prune racing uploads -------------------------------------------------------------------
+def test_sweep_and_upload_exclude_each_other(any_store_settings: Settings, tmp_path: Path) -> None:
+    store: Any = open_store(any_store_settings)
+    store.delete_target(store.upload_target(_project(tmp_path / "x", files=3)))
+    lease = blobs.begin_upload(store)
+    res = store.sweep_blobs(0.0)
+    assert res.skipped and res.deleted == ()  # a live upload may reference any pack
+    blobs.end_upload(store, lease)
+    store.blob_put(blobs.SWEEPS + "live", b"")
+    with pytest.raises(StorageError, match="blob sweep"):
+        blobs.begin_upload(store, wait=0.2)
+    store.blob_delete(blobs.SWEEPS + "live")
+    assert len(store.sweep_blobs(0.0).deleted) == 1
+
+
+def test_upload_racing_prune_across_processes_never_loses_a_pack(
+    any_store_settings: Settings, settings_env: Env, tmp_path: Path
+) -> None:
+    env = settings_env(any_store_settings)
+    src = _project(tmp_path / "src", files=10)
+    stop = tmp_path / "stop"
+    sweeper = _child(env, "sweeper", {"stop": str(stop)})
+    churn = _child(env, "churn", {"source": str(src), "iterations": 25, "stop": str(stop)})
+    try:
+        churned = _result(churn)
+    finally:
+        stop.touch()
+    swept = _result(sweeper)
+    assert churned["lost"] == 0
+    assert swept["deleted"] > 0, swept  # the sweeper did delete packs between uploads
+
+
+def test_content_id_is_the_same_in_both_layouts(tmp_path: Path) -> None:
+    from forgespace.storage.local import LocalStore
+
+    src = _project(tmp_path / "src", files=5)
+    incremental = LocalStore(tmp_path / "a").upload_target(src)
+    classic = LocalStore(tmp_path / "b", incremental=False).upload_target(src)
+    assert incremental == classic
+    assert is_manifest(tmp_path / "a" / incremental / "target")
+    assert not is_manifest(tmp_path / "b" / classic / "target")
+    assert content_id("tree", "0" * 64).startswith("tree-")
