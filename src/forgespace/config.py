@@ -129,6 +129,7 @@ def _locality_wait(value: str) -> float:
 COW_BACKENDS = ("copy", "overlay")
 SANDBOX_MODES = ("auto", "bwrap", "none")
 STORAGE_BACKENDS = ("local", "s3")
+STORE_FORMATS = ("manifest", "archive")
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,11 @@ class Settings:
     store_result_ttl: float = 30 * 86400.0
     #: the local store's temp files of dead uploads are removed by prune only after this long
     store_temp_grace: float = 3600.0
+    #: STORE_FORMAT: how `upload_target` stores a directory: ``manifest`` (a manifest at
+    #: ``{id}/target`` plus content-addressed blob packs: a new version sends and fetches only
+    #: what changed) or ``archive`` (a tar.gz at ``{id}/target``, for clients that read the
+    #: store themselves). Both formats are read whatever this says.
+    store_format: str = "manifest"
     temporal_address: str | None = None
     temporal_namespace: str = "default"
     # FORGESPACE_MAX_CONCURRENT_ACTIVITIES, FORGESPACE_TEMPORAL_BIN, FORGESPACE_LOG_LEVEL
@@ -260,6 +266,8 @@ def _parsed_settings(get: _Getter) -> dict[str, Any]:
         kw["sandbox"] = _choice(v, name="FORGESPACE_SANDBOX", allowed=SANDBOX_MODES)
     if (v := get("STORAGE_BACKEND")) is not None:
         kw["storage_backend"] = _choice(v, name="STORAGE_BACKEND", allowed=STORAGE_BACKENDS)
+    if (v := get("STORE_FORMAT")) is not None:
+        kw["store_format"] = _choice(v, name="STORE_FORMAT", allowed=STORE_FORMATS)
     if (v := get("S3_USE_SSL")) is not None:
         kw["s3_use_ssl"] = _parse_bool(v, name="S3_USE_SSL")
     return kw

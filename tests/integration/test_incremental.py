@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from support.procs import TESTS_DIR, make_project, run_getters, tree_digest, wait_for
+from support.s3server import env_for
 
 from forgespace import Settings, WorkspaceCache, open_store
 from forgespace.cache import blobstore
@@ -431,3 +432,42 @@ def test_content_id_is_the_same_in_both_layouts(tmp_path: Path) -> None:
     assert is_manifest(tmp_path / "a" / incremental / "target")
     assert not is_manifest(tmp_path / "b" / classic / "target")
     assert content_id("tree", "0" * 64).startswith("tree-")
+
+
+def test_store_format_archive_keeps_the_classic_layout_and_both_formats_are_read(
+    any_store_settings: Settings, tmp_path: Path
+) -> None:
+    """STORE_FORMAT=archive stores a directory as one tar.gz at ``{id}/target`` (a client
+    that only knows the classic layout can read it); the default stores a manifest. Both
+    give the same content id, and a worker reads either, whatever its own STORE_FORMAT."""
+    import tarfile
+
+    src = _project(tmp_path / "v1", files=8)
+    classic_settings = Settings.from_env(
+        {**env_for(any_store_settings, base={}), "STORE_FORMAT": "archive"}
+    )
+    classic: Any = open_store(classic_settings)
+    tid = classic.upload_target(src, target_id="classic-copy")
+    classic.download_target(tid, tmp_path / "obj")
+    with tarfile.open(tmp_path / "obj", "r:gz") as tar:
+        names = {m.name.removeprefix("./") for m in tar.getmembers()}
+    assert {"run.sh", "link.py", "empty"} <= names
+    assert not is_manifest(tmp_path / "obj")
+
+    manifest_id = open_store(any_store_settings).upload_target(src)
+    assert manifest_id == classic.upload_target(src)  # one content id for both formats
+    open_store(any_store_settings).download_target(manifest_id, tmp_path / "m")
+    assert is_manifest(tmp_path / "m")
+
+    cache = WorkspaceCache(classic_settings)  # an archive-format worker reads a manifest
+    for target in (tid, manifest_id):
+        ws = cache.get_target(target, "r1", workspace_isolation="isolated")
+        assert tree_digest(Path(ws)) == tree_digest(src)
+
+
+def test_a_bad_store_format_is_refused_with_the_accepted_ones() -> None:
+    from forgespace.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="invalid STORE_FORMAT 'tar': expected one of "
+                       "manifest, archive"):  # fmt: skip
+        Settings.from_env({"STORE_FORMAT": "tar"})

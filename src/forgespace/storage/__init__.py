@@ -16,4 +16,4 @@ def open_store(settings: Settings) -> Store:
         return S3Store.from_settings(settings)
     from forgespace.storage.local import LocalStore
 
-    return LocalStore(settings.storage_dir)
+    return LocalStore(settings.storage_dir, incremental=settings.store_format == "manifest")

@@ -239,7 +239,7 @@ class S3Store:
                 f"S3_REGION={settings.s3_region!r}): {exc}; expected an endpoint like "
                 "http://127.0.0.1:9000 and a region name like us-east-1"
             ) from exc
-        return cls(
+        store = cls(
             client,
             settings.s3_bucket,
             settings.s3_results_bucket,
@@ -247,6 +247,8 @@ class S3Store:
             region=settings.s3_region,
             retry=retry,
         )
+        store.incremental = settings.store_format == "manifest"
+        return store
 
     def __repr__(self) -> str:
         return f"S3Store(endpoint={self.endpoint!r}, bucket={self.bucket!r})"
