@@ -173,7 +173,8 @@ def pack_directory(
         raise NotADirectoryError(f"not a directory: {root}")
     sink = _HashingWriter(out)
     tree = hashlib.sha256(TREE_DIGEST_VERSION)
-    files = dirs = links = content = 0
+    counts = {"f": 0, "d": 0, "l": 0}
+    content = 0
     # filename="" keeps the temp file's name out of the gzip header
     gz = igzip.GzipFile(
         filename="",
@@ -189,43 +190,52 @@ def pack_directory(
         ) as tar,
     ):
         for rel, entry in _walk(root):
-            st = entry.stat(follow_symlinks=False)
-            if stat.S_ISLNK(st.st_mode):
-                target = os.readlink(entry.path)
-                _check_link(rel, target)
-                tar.addfile(_tarinfo(rel, st, link=target))
-                tree.update(_record("l", rel, target))
-                links += 1
-            elif stat.S_ISDIR(st.st_mode):
-                tar.addfile(_tarinfo(rel, st))
-                tree.update(_record("d", rel))
-                dirs += 1
-            elif stat.S_ISREG(st.st_mode):
-                with open(entry.path, "rb") as f:
-                    # size from the open file: a file growing meanwhile must not corrupt the tar
-                    info = _tarinfo(rel, os.fstat(f.fileno()))
-                    reader = _HashingReader(f)
-                    tar.addfile(info, reader)  # type: ignore[arg-type]
-                kind = "x" if info.mode & 0o111 else "f"
-                tree.update(_record(kind, rel, f"{info.size}:{reader.hasher.hexdigest()}"))
-                files += 1
-                content += info.size
+            kind, size = _add_member(tar, tree, rel, entry)
+            counts[kind] += 1
+            if kind == "f":
+                content += size
                 if progress is not None:
                     progress(content)
-            else:
-                raise UnsafeArchiveError(
-                    f"{rel!r} is a device, fifo or socket; only regular files, directories "
-                    "and symlinks can be uploaded"
-                )
     sink.flush()
     return PackStats(
         size=sink.size,
         sha256=sink.hasher.hexdigest(),
-        files=files,
-        dirs=dirs,
-        symlinks=links,
+        files=counts["f"],
+        dirs=counts["d"],
+        symlinks=counts["l"],
         content_bytes=content,
         tree_digest=tree.hexdigest(),
+    )
+
+
+def _add_member(
+    tar: tarfile.TarFile, tree: hashlib._Hash, rel: str, entry: os.DirEntry[str]
+) -> tuple[str, int]:
+    """Add one walked entry to ``tar`` and its record to the ``tree`` digest: ("f", size) for
+    a file, ("d", 0) or ("l", 0); UnsafeArchiveError for what cannot be extracted safely."""
+    st = entry.stat(follow_symlinks=False)
+    if stat.S_ISLNK(st.st_mode):
+        target = os.readlink(entry.path)
+        _check_link(rel, target)
+        tar.addfile(_tarinfo(rel, st, link=target))
+        tree.update(_record("l", rel, target))
+        return "l", 0
+    if stat.S_ISDIR(st.st_mode):
+        tar.addfile(_tarinfo(rel, st))
+        tree.update(_record("d", rel))
+        return "d", 0
+    if stat.S_ISREG(st.st_mode):
+        with open(entry.path, "rb") as f:
+            # size from the open file: a file growing meanwhile must not corrupt the tar
+            info = _tarinfo(rel, os.fstat(f.fileno()))
+            reader = _HashingReader(f)
+            tar.addfile(info, reader)  # type: ignore[arg-type]
+        kind = "x" if info.mode & 0o111 else "f"
+        tree.update(_record(kind, rel, f"{info.size}:{reader.hasher.hexdigest()}"))
+        return "f", info.size
+    raise UnsafeArchiveError(
+        f"{rel!r} is a device, fifo or socket; only regular files, directories "
+        "and symlinks can be uploaded"
     )
 
 
