@@ -1,3 +1,5 @@
+# Just over 500 lines: the streamed download-and-extract path joined the staging, fetch and
+# publish helpers every mode shares; streamed.py already holds its thread.
 """The engine's shared machinery: what every isolation mode uses to stage, download, extract
 and publish an entry (one object per cache, holding its collaborators).
 
