@@ -22,6 +22,7 @@ buckets and caches; classic and incremental runs alternate.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import shutil
 import statistics
@@ -37,6 +38,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from _common import bench_root, cached, make_tree, print_table  # noqa: E402
+from support.mounts import MountRefused, loop_btrfs  # noqa: E402
 from support.s3server import S3Server, running_s3_server, s3_env  # noqa: E402
 
 from forgespace import Settings, WorkspaceCache  # noqa: E402
@@ -100,6 +102,14 @@ def main() -> None:
     ap.add_argument("--mb", type=int, default=300)
     ap.add_argument("--quick", action="store_true", help="2,000 files / 30 MB")
     ap.add_argument("--reps", type=int, default=3, help="repetitions (median seconds)")
+    ap.add_argument(
+        "--fs",
+        choices=("btrfs", "tmp"),
+        default="btrfs",
+        help="where caches are written: a loop-mounted btrfs made for the run (default, as "
+        "bench/get_target.py: immune to the root ext4's slow creates after deletes) or the "
+        "temp dir",
+    )
     args = ap.parse_args()
     files, mb = (2000, 30) if args.quick else (args.files, args.mb)
     base = bench_root() / f"incr-{files}-{mb}MB"
@@ -108,15 +118,22 @@ def main() -> None:
     for label, share in VARIANTS:
         tag = label.split()[0].replace("%", "pct")
         trees[label] = cached(base / f"v2-{tag}", lambda p, s=share, t=tag: _variant(v1, p, s, t))
-    work = Path(tempfile.mkdtemp(prefix="forgespace-bench-incr-"))
     runs: list[dict[str, dict[str, Any]]] = []
-    try:
+    with contextlib.ExitStack() as stack:
+        fs_root = Path(tempfile.gettempdir())
+        if args.fs == "btrfs":
+            try:
+                fs_root = stack.enter_context(loop_btrfs(bench_root() / "loop", size=8 << 30))
+                print(f"caches on a loop-mounted btrfs at {fs_root}", flush=True)
+            except MountRefused as exc:
+                print(f"no loop btrfs ({exc}); caches on {fs_root}", flush=True)
+        work = Path(tempfile.mkdtemp(prefix="forgespace-bench-incr-", dir=fs_root))
+        stack.callback(shutil.rmtree, work, ignore_errors=True)
         with running_s3_server(work) as server:
             for rep in range(args.reps):  # interleaved: load drift hits both paths alike
                 runs.append({n: _run_path(server, work / f"{n}-{rep}", n, trees) for n in PATHS})
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     _report(_medians(runs), files, mb, args.reps)
+    print(f"caches on: {args.fs}")
 
 
 PATHS = ("classic", "incremental")

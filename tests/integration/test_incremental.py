@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -471,3 +472,144 @@ def test_a_bad_store_format_is_refused_with_the_accepted_ones() -> None:
     with pytest.raises(ConfigError, match="invalid STORE_FORMAT 'tar': expected one of "
                        "manifest, archive"):  # fmt: skip
         Settings.from_env({"STORE_FORMAT": "tar"})
+
+
+# --- fetch and build overlap ------------------------------------------------------------------
+class _PausingStore:
+    """The real store, whose blob fetch stops after its first verified blob until released:
+    a test sees exactly what the build did meanwhile."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.paused = threading.Event()
+        self.release = threading.Event()
+        self.sink: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def fetch_blobs(self, files: Any, sink: Any) -> int:
+        self.sink = sink
+        outer = self
+
+        class Pausing:
+            commits = 0
+
+            def begin(self, digest: str) -> None:
+                sink.begin(digest)
+
+            def write(self, data: bytes) -> None:
+                sink.write(data)
+
+            def abort(self) -> None:
+                sink.abort()
+
+            def commit(self) -> None:
+                sink.commit()
+                self.commits += 1
+                if self.commits == 1:
+                    outer.paused.set()
+                    assert outer.release.wait(60), "never released"
+
+        return int(self.inner.fetch_blobs(files, Pausing()))
+
+
+def _staged_files(settings: Settings) -> list[Path]:
+    tmp = settings.cache_dir / ".forgespace" / "tmp"
+    return [p for p in tmp.rglob("*") if p.is_file() and "workspace" in p.parts]
+
+
+def test_the_workspace_is_built_while_the_blobs_arrive(tmp_path: Path) -> None:
+    """A cold get of a manifest target creates workspace files from the blobs already
+    verified while the rest are still being fetched (the wire and the file creation overlap),
+    and publishes only once everything arrived."""
+    settings = Settings.from_env(
+        {"CACHE_DIR": str(tmp_path / "cache"), "STORAGE_DIR": str(tmp_path / "store")}
+    )
+    src = _project(tmp_path / "v1", files=30)
+    tid = open_store(settings).upload_target(src)
+    store = _PausingStore(open_store(settings))
+    cache = WorkspaceCache(settings, store=store)
+    got: dict[str, Any] = {}
+    t = threading.Thread(
+        target=lambda: got.update(ws=cache.get_target(tid, None, workspace_isolation="shared"))
+    )
+    t.start()
+    try:
+        assert store.paused.wait(60)
+        wait_for(lambda: _staged_files(settings), 30, "files built while the fetch waits")
+        assert not (settings.cache_dir / tid / "workspace").exists()  # nothing published yet
+    finally:
+        store.release.set()
+        t.join(60)
+    assert tree_digest(Path(got["ws"])) == tree_digest(src)
+    assert _blob_names(settings) == {f.sha256 for f in _manifest(store, tid, tmp_path).files}
+
+
+def test_a_build_refusal_stops_the_fetch_and_keeps_no_partial_pack(
+    local_with_blob: tuple[Settings, Any, FileEntry], tmp_path: Path
+) -> None:
+    """A manifest refused by the build (a file written through a link) while its blobs are
+    still arriving: the build's error, the fetch stopped, its partial pack discarded."""
+    settings, inner, good = local_with_blob
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "b.txt").write_text("other content\n" * 20)
+    ob = _manifest(inner, inner.upload_target(other), tmp_path).files[0]
+    entries = (
+        FileEntry("a.txt", False, good.size, good.sha256, good.pack, good.offset, good.length,
+                  good.codec),
+        ("l", "x", "."),
+        FileEntry("x/b.txt", False, ob.size, ob.sha256, ob.pack, ob.offset, ob.length, ob.codec),
+    )  # fmt: skip
+    tid = _hostile(inner, tmp_path, Manifest("x", entries), "through-link")
+    store = _PausingStore(inner)
+    cache = WorkspaceCache(settings, store=store)
+    errors: list[BaseException] = []
+
+    def get() -> None:
+        try:
+            cache.get_target(tid, "r", workspace_isolation="isolated")
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=get)
+    t.start()
+    try:
+        assert store.paused.wait(60)
+        wait_for(lambda: store.sink is not None and store.sink.cancelled, 30, "the cancel")
+    finally:
+        store.release.set()
+        t.join(60)
+    assert len(errors) == 1 and isinstance(errors[0], UnsafeArchiveError), errors
+    assert "x/b.txt" in str(errors[0])
+    assert not (settings.cache_dir / tid / "r").exists()
+    blob_dir = settings.cache_dir / ".forgespace" / "blobs"
+    assert not [p for p in blob_dir.iterdir() if p.name.endswith(".tmp")]
+    assert _blob_names(settings) == set()  # the stopped fetch published no pack
+
+
+def test_a_fetch_failing_midway_fails_the_get_with_its_own_error(
+    any_store_settings: Settings, tmp_path: Path
+) -> None:
+    """The second of two packs is missing: the first pack's blobs were already built into
+    the workspace when the fetch fails; the get raises the fetch's TargetNotFoundError,
+    publishes nothing and keeps no partial pack."""
+    store: Any = open_store(any_store_settings)
+    a = _project(tmp_path / "a", files=4, seed="a")
+    ma = _manifest(store, store.upload_target(a), tmp_path)
+    b = tmp_path / "b"
+    b.mkdir()
+    (b / "late.txt").write_text("only in the second pack\n" * 30)
+    mb = _manifest(store, store.upload_target(b), tmp_path)
+    late = mb.files[0]
+    assert {f.pack for f in ma.files}.isdisjoint({late.pack})
+    store.blob_delete(blobs.PACKS + late.pack)
+    tid = _hostile(store, tmp_path, Manifest("x", (*ma.entries, late)), "two-packs")
+    cache = WorkspaceCache(any_store_settings)
+    with pytest.raises(TargetNotFoundError):
+        cache.get_target(tid, "r", workspace_isolation="isolated")
+    assert not (any_store_settings.cache_dir / tid / "r").exists()
+    blob_dir = any_store_settings.cache_dir / ".forgespace" / "blobs"
+    assert not [p for p in blob_dir.iterdir() if p.name.endswith(".tmp")]
+    assert _blob_names(any_store_settings) == set()

@@ -31,8 +31,10 @@ import json
 import logging
 import os
 import stat
+import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -69,6 +71,15 @@ __all__ = ["blob_usage", "held_digests", "is_manifest", "materialise", "sweep"]
 Held = dict[str, tuple[str, int, int]]  # digest -> (pack name, offset, size)
 
 
+class _Cancelled(Exception):
+    """Stops a fetch whose workspace build already failed."""
+
+
+class _FetchFailed(Exception):
+    """The builder's signal that the fetch it follows failed (``materialise`` then raises
+    the fetch's own error)."""
+
+
 class _Sink:
     """A ``BlobSink`` appending verified blobs to one new local pack (see the module)."""
 
@@ -81,11 +92,22 @@ class _Sink:
         self.start = 0
         self.digest = ""
         self.rows: list[tuple[str, int, int]] = []
+        # The builder follows the fetch (see ``wait_for``): verified blobs by digest, and how
+        # the fetch ended.
+        self._cond = threading.Condition()
+        self._placed: dict[str, tuple[int, int]] = {}
+        self.ended = False
+        self.error: BaseException | None = None
+        self.cancelled = False
 
     def begin(self, digest: str) -> None:
+        if self.cancelled:
+            raise _Cancelled()
         self.digest, self.start = digest, self.size
 
     def write(self, data: bytes) -> None:
+        if self.cancelled:
+            raise _Cancelled()
         view = memoryview(data)
         while view:
             n = os.write(self.fd, view)
@@ -93,7 +115,29 @@ class _Sink:
             self.size += n
 
     def commit(self) -> None:
-        self.rows.append((self.digest, self.start, self.size - self.start))
+        """The blob just written verified (size and sha256): hand it to the builder."""
+        with self._cond:
+            self.rows.append((self.digest, self.start, self.size - self.start))
+            self._placed.setdefault(self.digest, (self.start, self.size - self.start))
+            self._cond.notify_all()
+
+    def end(self, error: BaseException | None) -> None:
+        """The fetch returned (``error`` None) or raised ``error``."""
+        with self._cond:
+            self.ended, self.error = True, error
+            self._cond.notify_all()
+
+    def wait_for(self, digest: str) -> tuple[int, int]:
+        """(offset, size) in the temp pack of ``digest`` once fetched and verified; the
+        fetch's own error if it failed first."""
+        with self._cond:
+            while digest not in self._placed:
+                if self.error is not None:
+                    raise _FetchFailed()
+                if self.ended:
+                    raise IntegrityError(f"the store sent no blob {digest}")
+                self._cond.wait()
+            return self._placed[digest]
 
     def abort(self) -> None:
         os.ftruncate(self.fd, self.start)
@@ -178,30 +222,69 @@ def materialise(
         missing = [f for f in m.files if f.size and f.sha256 not in held]
         fetch = sum({f.sha256: f.size for f in missing}.values())
         engine._make_room(fetch + blob_usage(engine)[0], tid)
-        if missing:
-            held.update(_fetch(engine, bfd, missing, fetch, dest, what))
-        return _build(m, bfd, held, str(manifest_file), dest, limit, read_only)
+        if not missing:
+            return _build(m, _Blobs(bfd, held, None), str(manifest_file), dest, limit, read_only)
+        job = _Job(engine, tid, m, manifest_file, dest, read_only)
+        return _fetch_and_build(job, bfd, held, missing)
 
 
-def _fetch(
-    engine: Engine, bfd: int, missing: list[FileEntry], nbytes: int, dest: Path, what: str
-) -> Held:
-    """Fetch ``missing`` blobs into one new local pack; returns where they now are."""
+@dataclass(frozen=True)
+class _Job:
+    """One workspace to materialise: for whom, from which manifest, where."""
+
+    engine: Engine
+    tid: str
+    manifest: Manifest
+    manifest_file: Path
+    dest: Path
+    read_only: bool
+
+
+def _fetch_and_build(job: _Job, bfd: int, held: Held, missing: list[FileEntry]) -> ExtractStats:
+    """Fetch ``missing`` blobs into one new local pack on a helper thread while the workspace
+    is built from the blobs as they arrive (each only once verified): the wire and the file
+    creation overlap, as the streamed archive path does. The pack is published only when
+    both succeeded; on any failure it is discarded and the fetch stopped."""
+    engine, what = job.engine, f"target {job.tid}"
     store = engine.store
     if not hasattr(store, "fetch_blobs"):
         raise StorageError(f"{what} is a manifest but {store!r} cannot fetch blobs")
     sink = _Sink(bfd)
+    got: list[int] = []
+
+    def fetch() -> None:
+        try:
+            got.append(store.fetch_blobs(missing, sink))
+        except BaseException as exc:  # handed to the builder and re-raised below
+            sink.end(exc)
+        else:
+            sink.end(None)
+
+    fetcher = threading.Thread(target=fetch, name=f"fetch blobs of {job.tid}", daemon=True)
+    fetcher.start()
     try:
-        got = store.fetch_blobs(missing, sink)
+        limit = engine.settings.cache_max_size
+        blobs = _Blobs(bfd, held, sink)
+        stats = _build(job.manifest, blobs, str(job.manifest_file), job.dest, limit, job.read_only)
+        fetcher.join()
+        if sink.error is not None:
+            raise _FetchFailed()
         sink.finish()
     except BaseException as exc:
+        sink.cancelled = True
+        fetcher.join()
         sink.discard()
-        if isinstance(exc, OSError):
-            engine._raise_if_full(exc, dest.parent, nbytes)
-        raise
-    engine.index.count("bytes_downloaded", got)
-    log.info("%s: fetched %d blob(s), %d bytes", what, len(sink.rows), got)
-    return {d: (sink.name + _PACK, off, size) for d, off, size in sink.rows}
+        if not isinstance(exc, _FetchFailed) or sink.error is None:
+            raise
+    else:
+        engine.index.count("bytes_downloaded", got[0])
+        log.info("%s: fetched %d blob(s), %d bytes", what, len(sink.rows), got[0])
+        return stats
+    # The fetch failed: its own error, raised here (outside the handler: no chained context).
+    failed = sink.error
+    if isinstance(failed, OSError):
+        engine._raise_if_full(failed, job.dest.parent, sum(f.size for f in missing))
+    raise failed
 
 
 def _checked_name(name: str, src: str) -> str:
@@ -211,28 +294,57 @@ def _checked_name(name: str, src: str) -> str:
         raise UnsafeMemberError(archive=src, member=name, reason=exc.reason) from exc
 
 
+class _Blobs:
+    """Where a build reads blob bytes: the local packs (``held``) and, for the blobs being
+    fetched, the new pack as the fetch verifies them (``pending``). Pack fds stay open for
+    the build and are touched at its end (their last use, for TTL/LRU)."""
+
+    def __init__(self, bfd: int, held: Held, pending: _Sink | None) -> None:
+        self.bfd, self.held, self.pending = bfd, held, pending
+        self._fds: dict[str, int] = {}
+
+    def locate(self, digest: str) -> tuple[int, int, int]:
+        """(pack fd, offset, size) of a blob, waiting for it when it is being fetched."""
+        if digest in self.held or self.pending is None:
+            pack, offset, size = self.held[digest]
+        else:
+            offset, size = self.pending.wait_for(digest)
+            pack = self.pending.tmp
+        fd = self._fds.get(pack)
+        if fd is None:
+            fd = self._fds[pack] = os.open(pack, _SRC_FLAGS, dir_fd=self.bfd)
+        return fd, offset, size
+
+    def touch(self) -> None:
+        now = time.time()
+        for fd in self._fds.values():
+            os.utime(fd, (now, now))
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
 def _build(
-    m: Manifest, bfd: int, held: Held, src: str, dest: Path, limit: int, read_only: bool
+    m: Manifest, blobs: _Blobs, src: str, dest: Path, limit: int, read_only: bool
 ) -> ExtractStats:
     """The extractor's rules, with file data copied from the local packs."""
     os.mkdir(dest, 0o755)
     x = _Extractor(src, str(dest), limit, read_only)
-    packs: dict[str, int] = {}
     try:
         for e in m.entries:
             name = e.path if isinstance(e, FileEntry) else e[1]
             x.enter(name)
             rel = _checked_name(name, src)
             if isinstance(e, FileEntry):
-                _copy_file(x, bfd, held, packs, rel, e)
+                _copy_file(x, blobs, rel, e)
             elif e[0] == "d":
                 x.directory(rel, 0o755, 0)
             else:
                 x.symlink(rel, e[2], 0)  # type: ignore[misc]
         stats = x.finish()
-        now = time.time()
-        for fd in packs.values():
-            os.utime(fd, (now, now))  # their last use, for TTL/LRU
+        blobs.touch()
     except BaseException as exc:
         x.close()
         fsops.remove(dest.parent, dest)
@@ -240,15 +352,12 @@ def _build(
             raise CacheFullError(exc.errno, f"no space left materialising {dest}") from exc
         raise
     finally:
-        for fd in packs.values():
-            os.close(fd)
+        blobs.close()
     x.close()
     return stats
 
 
-def _copy_file(
-    x: _Extractor, bfd: int, held: Held, packs: dict[str, int], rel: str, f: FileEntry
-) -> None:
+def _copy_file(x: _Extractor, blobs: _Blobs, rel: str, f: FileEntry) -> None:
     x._budget(f.size)
     perm = 0o755 if f.executable else 0o644
     if x.read_only:
@@ -256,12 +365,9 @@ def _copy_file(
     fd = x._create(rel, perm)
     try:
         if f.size:
-            pack, offset, size = held[f.sha256]
+            sfd, offset, size = blobs.locate(f.sha256)
             if size != f.size:
                 raise IntegrityError(f"the cached blob {f.sha256} of {rel!r} has {size} bytes")
-            sfd = packs.get(pack)
-            if sfd is None:
-                sfd = packs[pack] = os.open(pack, _SRC_FLAGS, dir_fd=bfd)
             _copy_range(sfd, fd, offset, size)
         x._count(f.size)
         x._finish_file(fd, rel, perm, 0, f.size)

@@ -229,7 +229,8 @@ def _send_pack(
                 rows.append((f.sha256, offset, len(data), codec, f.size))
                 offset += len(data)
             out.flush()
-            os.fsync(out.fileno())
+            if tmp_dir is not None:  # moved into place as the stored pack: make it durable
+                os.fsync(out.fileno())
             pack = hasher.hexdigest()
             io.blob_put(PACKS + pack, Path(name))  # the local store moves it into place
     finally:
