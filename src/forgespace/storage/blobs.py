@@ -51,7 +51,8 @@ from typing import Protocol
 from isal import isal_zlib
 
 from forgespace.errors import ForgespaceError, IntegrityError, StorageError, TargetNotFoundError
-from forgespace.storage.manifest import Entry, FileEntry, Manifest
+from forgespace.storage.manifest import Entry, FileEntry, Manifest, encode_manifest, scan_tree
+from forgespace.storage.pack import content_id, tree_size
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +199,28 @@ def store_tree(
         known.update(_send_pack(io, root, batch, stats))
     entries = tuple(_located(e, known) for e in m.entries)
     return Manifest(m.tree, entries), stats
+
+
+@contextlib.contextmanager
+def tree_upload(
+    io: BlobIO,
+    src: Path,
+    progress: Callable[[int, int], None] | None,
+    target_id: str | None,
+) -> Iterator[tuple[str, bytes]]:
+    """Scan directory ``src``, send the blobs the store lacks, and give the caller the target
+    id and the manifest's bytes to publish, all under an upload lease (held until the caller
+    published, so no sweep deletes a pack the manifest is about to reference). A refused tree
+    touches nothing in the store."""
+    scanned = scan_tree(src)
+    lease = begin_upload(io)
+    try:
+        total = tree_size(src) if progress is not None else 0
+        cb = (lambda done: progress(done, total)) if progress is not None else None
+        m, _stats = store_tree(io, src, scanned, progress=cb)
+        yield target_id or content_id("tree", m.tree), encode_manifest(m)
+    finally:
+        end_upload(io, lease)
 
 
 def _located(e: Entry, known: dict[str, BlobLoc]) -> Entry:

@@ -32,10 +32,8 @@ from forgespace.storage.lifecycle import StoredObject
 from forgespace.storage.manifest import (
     FileEntry,
     Manifest,
-    encode_manifest,
     is_manifest,
     parse_manifest,
-    scan_tree,
 )
 from forgespace.storage.pack import content_id, copy_hashing, pack_directory, tree_size
 from forgespace.storage.retry import CHUNK_SIZE, DownloadTap, PartFile
@@ -148,14 +146,7 @@ class LocalStore:
 
     def _upload_tree(self, src: Path, progress: ProgressFn | None, target_id: str | None) -> str:
         """A directory as a manifest, sending only the blobs the store lacks."""
-        scanned = scan_tree(src)  # refused trees touch nothing in the store
-        lease = blobs.begin_upload(self)
-        try:
-            total = tree_size(src) if progress is not None else 0
-            cb = (lambda done: progress(done, total)) if progress is not None else None
-            m, _stats = blobs.store_tree(self, src, scanned, progress=cb)
-            data = encode_manifest(m)
-            tid = target_id or content_id("tree", m.tree)
+        with blobs.tree_upload(self, src, progress, target_id) as (tid, data):
             tmp = self.root / f"{UPLOAD_TMP_PREFIX}{uuid.uuid4().hex[:12]}{UPLOAD_TMP_SUFFIX}"
             with open(tmp, "xb") as out:
                 fcntl.flock(out.fileno(), fcntl.LOCK_EX)
@@ -170,8 +161,6 @@ class LocalStore:
                 finally:
                     tmp.unlink(missing_ok=True)
             return tid
-        finally:
-            blobs.end_upload(self, lease)
 
     # --- blobs (forgespace.storage.blobs.BlobIO) ---------------------------------------
     def _blob_path(self, key: str) -> Path:

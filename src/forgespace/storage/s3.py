@@ -63,9 +63,7 @@ from forgespace.storage.manifest import (
     MANIFEST_MAGIC,
     FileEntry,
     Manifest,
-    encode_manifest,
     parse_manifest,
-    scan_tree,
 )
 from forgespace.storage.pack import content_id, copy_hashing, pack_directory, tree_size
 from forgespace.storage.retry import CHUNK_SIZE, DownloadTap, PartFile, RetryPolicy
@@ -354,14 +352,7 @@ class S3Store:
 
     def _upload_tree(self, src: Path, progress: ProgressFn | None, target_id: str | None) -> str:
         """A directory as a manifest, sending only the blob packs the bucket lacks."""
-        scanned = scan_tree(src)  # refused trees touch nothing in the store
-        lease = blobs.begin_upload(self)
-        try:
-            total = tree_size(src) if progress is not None else 0
-            cb = (lambda done: progress(done, total)) if progress is not None else None
-            m, _stats = blobs.store_tree(self, src, scanned, progress=cb)
-            data = encode_manifest(m)
-            tid = target_id or content_id("tree", m.tree)
+        with blobs.tree_upload(self, src, progress, target_id) as (tid, data):
             if target_id is None and self._reuse(tid, None):
                 return tid
             key = target_key(tid)
@@ -375,8 +366,6 @@ class S3Store:
                 ),
             )
             return tid
-        finally:
-            blobs.end_upload(self, lease)
 
     # --- blobs (forgespace.storage.blobs.BlobIO) ---------------------------------------
     def blob_put(self, key: str, src: Path | bytes) -> None:
