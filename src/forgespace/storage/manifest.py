@@ -154,7 +154,7 @@ def parse_manifest(data: bytes, what: str) -> Manifest:
         if d.unconsumed_tail or not d.eof:
             raise bad("its compressed body is truncated or larger than the limit")
         doc = json.loads(raw)
-    except (zlib.error, ValueError) as exc:
+    except (zlib.error, ValueError, RecursionError) as exc:  # RecursionError: nested too deep
         raise bad(f"its body cannot be decoded ({exc})") from exc
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != VERSION:
         raise bad(f"expected format {FORMAT!r} version {VERSION}")
