@@ -53,3 +53,28 @@ def test_unreadable_pack_index_is_ignored(tmp_path: Path, index: bytes) -> None:
     assert json.loads(gzip.decompress(path.read_bytes()))["pack"] == first
     path.write_bytes(index)
     assert set(blobs.known_blobs(store)) == {known[1]}
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("offset", 10 * 2**63), ("size", 2**63), ("length", 2**63 - 1)],
+    ids=["offset", "size", "offset-plus-length"],
+)
+def test_blob_range_beyond_a_file_offset_is_an_integrity_error(
+    tmp_path: Path, field: str, value: int
+) -> None:
+    """A blob offset past 2**63 - 1 reached LocalStore's seek as a raw ValueError ("cannot fit
+    'int' into an offset-sized integer") on a get; such sizes and ranges are refused when the
+    manifest is read, for every store."""
+    row: dict[str, object] = {"size": 6, "offset": 1, "length": 6}
+    row[field] = value
+    entry = ["f", "a.txt", 0, row["size"], "0" * 64, "1" * 64, row["offset"], row["length"], "raw"]
+    body = {"format": "forgespace-manifest", "version": 1, "tree": "x", "entries": [entry]}
+    data = MANIFEST_MAGIC + gzip.compress(json.dumps(body).encode(), mtime=0)
+    with pytest.raises(IntegrityError, match=r"entry 0 has a size or blob range beyond"):
+        parse_manifest(data, "target t1")
+    row[field] = 2**62  # a large value a file offset can hold is a manifest like any other
+    entry = ["f", "a.txt", 0, row["size"], "0" * 64, "1" * 64, row["offset"], row["length"], "raw"]
+    body["entries"] = [entry]
+    parsed = parse_manifest(MANIFEST_MAGIC + gzip.compress(json.dumps(body).encode()), "t1")
+    assert getattr(parsed.files[0], field) == 2**62
