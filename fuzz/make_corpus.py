@@ -324,6 +324,7 @@ def manifest_seeds(tmp: Path) -> dict[str, bytes]:
         "offset-past-end.manifest": doc(as_file("a.txt", offset=len(pack) + 10)),
         "overlapping-blobs.manifest": doc(as_file("x", mod, offset=mod.offset - 3)),
         "missing-pack.manifest": doc(as_file("a.txt", pack="2" * 64)),
+        "offset-beyond-seek.manifest": doc(as_file("a.txt", offset=10 * 2**63)),
         # not a valid manifest
         "bad-json.manifest": raw_doc(b'{"format": "forgespace-manifest", "version": 1, "tr'),
         "deep-json.manifest": raw_doc(b"[" * 100_000),
@@ -340,6 +341,8 @@ def manifest_seeds(tmp: Path) -> dict[str, bytes]:
         "pack-corrupt-zlib.bin": pack[:z] + bytes([pack[z] ^ 0xFF]) + pack[z + 1 :],
         "pack-corrupt-raw.bin": pack[: a.offset] + b"A" + pack[a.offset + 1 :],
         "index-real.bin": store.blob_get(INDEX + a.pack),
+        "index-deep-json.bin": gzip.compress(b"[" * 100_000, 6, mtime=0),
+        "index-bad-deflate.bin": bytes.fromhex("1f8b08000000000000030105000000"),
     }
 
 

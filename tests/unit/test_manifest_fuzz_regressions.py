@@ -16,7 +16,7 @@ from forgespace.storage import blobs
 from forgespace.storage.local import LocalStore
 from forgespace.storage.manifest import MANIFEST_MAGIC, parse_manifest, scan_tree
 
-# Deeper than any recursion limit CPython's json decoder can meet, yet 150 bytes of gzip.
+# Deeper than any recursion limit CPython's json decoder can meet, yet 133 bytes of gzip.
 DEEP = b"[" * 100_000
 
 
