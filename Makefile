@@ -99,14 +99,16 @@ mutation: $(TEST_STAMP)
 	  d=s['killed']+s['survived']; print(f\"killed {s['killed']} of {d} tested ({100*s['killed']/max(d,1):.1f} %), \
 	  survived {s['survived']}, of {s['total']} mutants in all\")"
 
-# Fuzz the archive reader (tar/zip parsing, member checks, extraction) for FUZZ_SECONDS from the
-# committed seeds (fuzz/corpus/archive); new inputs and crash inputs go to fuzz/out/ (ignored by
-# git). Any finding ends it non-zero and prints the input. See docs/testing.md.
+# Fuzz for FUZZ_SECONDS in all, shared by FUZZ_TARGETS: the archive reader (tar/zip parsing,
+# member checks, extraction) and the inputs of incremental targets (manifests, blob packs), each
+# from its committed seeds (fuzz/corpus/TARGET); new inputs and crash inputs go to fuzz/out/
+# (ignored by git). Any finding ends it non-zero and prints the input. See docs/testing.md.
 FUZZ_SECONDS ?= 90
+FUZZ_TARGETS ?= archive manifest
 FUZZ_ARGS ?=
 
 fuzz: setup
-	fuzz/run.sh $(PY) $(FUZZ_SECONDS) $(FUZZ_ARGS)
+	FUZZ_TARGETS="$(FUZZ_TARGETS)" fuzz/run.sh $(PY) $(FUZZ_SECONDS) $(FUZZ_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy

@@ -1,8 +1,9 @@
-"""Regenerate the seed corpus of ``fuzz_archive.py`` in ``fuzz/corpus/archive/``.
+"""Regenerate the seed corpora: ``fuzz_archive.py``'s in ``fuzz/corpus/archive/`` and
+``fuzz_manifest.py``'s in ``fuzz/corpus/manifest/``.
 
-Run ``.venv/bin/python fuzz/make_corpus.py`` from the repository root. Seeds are small and
-deterministic (fixed mtimes, compressors without timestamps), so regenerating them gives the
-same bytes. Two kinds:
+Run ``.venv/bin/python fuzz/make_corpus.py [archive|manifest]`` from the repository root (both
+when none is named). Seeds are small and deterministic (fixed mtimes, compressors without
+timestamps), so regenerating them gives the same bytes. Two kinds of archive seeds:
 
 - real archives: a small project as tar in GNU, pax and ustar formats, plain and gzip/bzip2/xz,
   zip stored/deflated/bzip2/lzma/zip64, long and unicode names, hard and symbolic links, global
@@ -11,13 +12,21 @@ same bytes. Two kinds:
   (the sentinel they aim at is ``../outside``, the harness's sibling of the destination), plus a
   few refusals only a crafted header reaches (sparse, encrypted zip member, sockets, a chain of
   links that escapes only past PATH_MAX).
+
+Manifest seeds name the blobs of the pack ``_manifest_store.make_store`` builds (the pack the
+harness holds): valid manifests (files, directories, links, executable bits, empty files) and
+hostile ones (escaping, absolute and ``..`` paths, links out, link chains, a file through a
+link, duplicate paths, huge sizes, wrong digests and blob locations, bad JSON, bad gzip, wrong
+magic), plus packs as a store returns them (the real one, truncated, corrupted) and its index.
 """
 
 from __future__ import annotations
 
 import bz2
+import dataclasses
 import gzip
 import io
+import json
 import lzma
 import shutil
 import stat
@@ -30,8 +39,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "corpus" / "archive"
+OUT_MANIFEST = HERE / "corpus" / "manifest"
 sys.path.insert(0, str(HERE.parent / "tests" / "unit"))
 
+from _manifest_store import make_store  # noqa: E402
 from test_archive_corpus import (  # noqa: E402 (the test module is the one home of the builders)
     CORPUS,
     TarMember,
@@ -40,6 +51,14 @@ from test_archive_corpus import (  # noqa: E402 (the test module is the one home
     _hard,
     _sym,
     _tinfo,
+)
+
+from forgespace.storage.blobs import INDEX, PACKS  # noqa: E402
+from forgespace.storage.manifest import (  # noqa: E402
+    MANIFEST_MAGIC,
+    FileEntry,
+    Manifest,
+    encode_manifest,
 )
 
 MTIME = 1_600_000_000
@@ -250,7 +269,102 @@ CRAFTED: dict[str, Callable[[], bytes]] = {
 }
 
 
-def main() -> None:
+def manifest_seeds(tmp: Path) -> dict[str, bytes]:
+    """Manifests over the harness's pack, valid and hostile, and packs as a store returns them."""
+    store, real = make_store(tmp)
+    f = {e.path: e for e in real.files}
+    a, mod, empty = f["a.txt"], f["sub/mod.py"], f["empty"]
+
+    def as_file(path: str, src: FileEntry = a, **change: object) -> FileEntry:
+        return dataclasses.replace(src, path=path, **change)  # type: ignore[arg-type]
+
+    def doc(*entries: object) -> bytes:
+        return encode_manifest(Manifest("x", tuple(entries)))  # type: ignore[arg-type]
+
+    def raw_doc(body: bytes) -> bytes:
+        return MANIFEST_MAGIC + gzip.compress(body, 6, mtime=0)
+
+    real_doc = json.loads(gzip.decompress(encode_manifest(real)[len(MANIFEST_MAGIC) :]))
+    pack = store.blob_get(PACKS + a.pack)
+    z = mod.offset + mod.length // 2  # a byte inside the zlib-compressed blob
+    return {
+        # valid
+        "tree.manifest": encode_manifest(real),
+        "empty-tree.manifest": doc(),
+        "exec-and-empty.manifest": doc(f["run.sh"], empty, as_file("copy", mod)),
+        "dirs-and-links.manifest": doc(
+            ("d", "d"), ("d", "d/e"), ("l", "d/e/up", "../../a"), a, ("l", "d/rel", "e/up")
+        ),
+        "same-blob-twice.manifest": doc(a, as_file("b.txt"), as_file("sub/c.txt")),
+        "read-through-link.manifest": doc(("d", "real"), ("l", "alias", "real"), a),
+        # hostile paths and links
+        "escaping-path.manifest": doc(as_file("../outside/secret")),
+        "absolute-path.manifest": doc(as_file("/outside/secret")),
+        "dotdot-inside.manifest": doc(("d", "a"), as_file("a/../../outside/x")),
+        "link-out.manifest": doc(("l", "out", "../outside")),
+        "link-absolute.manifest": doc(("l", "out", "/outside/secret")),
+        "link-chain.manifest": doc(("d", "b"), ("l", "b/up", ".."), ("l", "c", "b/up/..")),
+        "file-through-link.manifest": doc(("l", "x", "."), as_file("x/a.txt")),
+        "file-through-link-out.manifest": doc(("l", "x", "../outside"), as_file("x/secret")),
+        "dir-through-link.manifest": doc(("l", "x", "."), ("d", "x/d")),
+        "dup-file.manifest": doc(a, as_file("a.txt", mod)),
+        "dup-file-then-dir.manifest": doc(a, ("d", "a.txt"), as_file("a.txt/b")),
+        "dup-dir-then-link.manifest": doc(("d", "d"), ("l", "d", "../outside"), as_file("d/x")),
+        "dup-link-then-file.manifest": doc(("l", "l", "../outside/secret"), as_file("l")),
+        "empty-and-dot-names.manifest": doc(("d", ""), ("d", "."), as_file("./a//b")),
+        "nul-in-name.manifest": doc(as_file("a\0b")),
+        # hostile sizes, digests and blob locations
+        "huge-size.manifest": doc(as_file("big", size=10**15)),
+        "many-copies.manifest": doc(*(as_file(f"c{i}", mod) for i in range(80))),
+        "wrong-digest.manifest": doc(as_file("a.txt", sha256=mod.sha256)),
+        "wrong-size.manifest": doc(as_file("a.txt", size=a.size + 1)),
+        "zero-size-real-digest.manifest": doc(as_file("a.txt", size=0)),
+        "wrong-codec.manifest": doc(as_file("m", mod, codec="raw")),
+        "raw-as-zlib.manifest": doc(as_file("a.txt", codec="z")),
+        "offset-past-end.manifest": doc(as_file("a.txt", offset=len(pack) + 10)),
+        "overlapping-blobs.manifest": doc(as_file("x", mod, offset=mod.offset - 3)),
+        "missing-pack.manifest": doc(as_file("a.txt", pack="2" * 64)),
+        "offset-beyond-seek.manifest": doc(as_file("a.txt", offset=10 * 2**63)),
+        # not a valid manifest
+        "bad-json.manifest": raw_doc(b'{"format": "forgespace-manifest", "version": 1, "tr'),
+        "deep-json.manifest": raw_doc(b"[" * 100_000),
+        "wrong-version.manifest": raw_doc(json.dumps({**real_doc, "version": 2}).encode()),
+        "bad-entry-types.manifest": raw_doc(
+            json.dumps({**real_doc, "entries": [["f", "a", 1.5, -1, "x", "y", 0, 0, "q"]]}).encode()
+        ),
+        "bad-gzip.manifest": MANIFEST_MAGIC + b"\x1f\x8b\x08\x00not gzip at all",
+        "truncated-gzip.manifest": encode_manifest(real)[:-9],
+        "wrong-magic.manifest": b"forgespace-manifest-v2\n" + encode_manifest(real)[23:],
+        # packs (any input without the magic), and the pack's index
+        "pack-real.bin": pack,
+        "pack-truncated.bin": pack[: mod.offset + 4],
+        "pack-corrupt-zlib.bin": pack[:z] + bytes([pack[z] ^ 0xFF]) + pack[z + 1 :],
+        "pack-corrupt-raw.bin": pack[: a.offset] + b"A" + pack[a.offset + 1 :],
+        "index-real.bin": store.blob_get(INDEX + a.pack),
+        "index-deep-json.bin": gzip.compress(b"[" * 100_000, 6, mtime=0),
+        "index-bad-deflate.bin": bytes.fromhex("1f8b08000000000000030105000000"),
+    }
+
+
+def main(which: list[str]) -> None:
+    """Regenerate the corpora named (``archive``, ``manifest``; both when none is named)."""
+    which = which or ["archive", "manifest"]
+    if "manifest" in which:
+        shutil.rmtree(OUT_MANIFEST, ignore_errors=True)
+        OUT_MANIFEST.mkdir(parents=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, data in manifest_seeds(Path(tmp)).items():
+                (OUT_MANIFEST / name).write_bytes(data)
+    if "archive" in which:
+        archive_seeds()
+    for kind, out in (("archive", OUT), ("manifest", OUT_MANIFEST)):
+        if kind in which:
+            files = sorted(out.iterdir())
+            total = sum(p.stat().st_size for p in files)
+            print(f"{len(files)} seeds, {total} bytes in {out.relative_to(HERE.parent)}")
+
+
+def archive_seeds() -> None:
     shutil.rmtree(OUT, ignore_errors=True)
     OUT.mkdir(parents=True)
     for name, make in {**REAL, **CRAFTED}.items():
@@ -269,10 +383,7 @@ def main() -> None:
             elif not kind.startswith("zip"):
                 data = trim_tar(data)
             (OUT / f"{kind}.{'zip' if kind.startswith('zip') else 'bin'}").write_bytes(data)
-    files = sorted(OUT.iterdir())
-    total = sum(p.stat().st_size for p in files)
-    print(f"{len(files)} seeds, {total} bytes in {OUT.relative_to(HERE.parent)}")
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -43,6 +43,7 @@ import os
 import tempfile
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -69,6 +70,10 @@ SWEEP_TTL = 60.0
 SWEEP_DEADLINE = 20.0
 _COMPRESS_MIN = 64  # smaller blobs are stored raw: a zlib header would not pay off
 _CHUNK = 1 << 20
+
+# What reading a damaged index can raise: gzip reports a bad deflate stream as zlib.error (not
+# an OSError), json a structure nested too deep as RecursionError.
+_UNREADABLE_INDEX = (ValueError, KeyError, TypeError, OSError, EOFError, zlib.error, RecursionError)
 
 Listing = list[tuple[str, int, float]]  # (key, size, modified by the store's clock)
 
@@ -161,7 +166,7 @@ def known_blobs(io: BlobIO) -> dict[str, BlobLoc]:
                 out.setdefault(digest, BlobLoc(pack, off, length, codec, size))
         except TargetNotFoundError:
             continue
-        except (ValueError, KeyError, TypeError, OSError, EOFError) as exc:
+        except _UNREADABLE_INDEX as exc:
             log.warning("ignoring the unreadable pack index %s: %s", key, exc)
     return out
 

@@ -38,6 +38,9 @@ CODECS = ("raw", "z")  # blob bytes as they are, or one zlib stream
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 # A manifest larger than this is refused before it is inflated (a 20k-file tree is ~1.5 MB).
 MAX_MANIFEST_JSON = 512 * 1024 * 1024
+# Sizes and blob ranges past this are refused: no file or pack can hold them, and a larger
+# offset cannot even be passed to seek.
+MAX_OFFSET = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -154,7 +157,7 @@ def parse_manifest(data: bytes, what: str) -> Manifest:
         if d.unconsumed_tail or not d.eof:
             raise bad("its compressed body is truncated or larger than the limit")
         doc = json.loads(raw)
-    except (zlib.error, ValueError) as exc:
+    except (zlib.error, ValueError, RecursionError) as exc:  # RecursionError: nested too deep
         raise bad(f"its body cannot be decoded ({exc})") from exc
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != VERSION:
         raise bad(f"expected format {FORMAT!r} version {VERSION}")
@@ -181,6 +184,8 @@ def _entry(row: object, i: int, what: str) -> tuple[str, str] | tuple[str, str, 
     ints = (exe, size, offset, length)
     if not isinstance(path, str) or not all(type(x) is int and x >= 0 for x in ints):
         raise fail("needs a string path and non-negative integers")
+    if not all(x <= MAX_OFFSET for x in (size, offset, offset + length)):
+        raise fail(f"has a size or blob range beyond {MAX_OFFSET} bytes (a file offset's limit)")
     if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
         raise fail("has a sha256 that is not 64 lowercase hex digits")
     if not isinstance(pack, str) or not _HEX64.fullmatch(pack) or codec not in CODECS:
