@@ -613,3 +613,17 @@ def test_a_fetch_failing_midway_fails_the_get_with_its_own_error(
     blob_dir = any_store_settings.cache_dir / ".forgespace" / "blobs"
     assert not [p for p in blob_dir.iterdir() if p.name.endswith(".tmp")]
     assert _blob_names(any_store_settings) == set()
+
+
+def test_a_manifest_larger_than_the_cache_is_refused_by_its_total(
+    local_with_blob: tuple[Settings, Any, FileEntry], tmp_path: Path
+) -> None:
+    """The refusal names the total the manifest would extract and the limit, for the archive
+    as a whole (no member is at fault alone)."""
+    settings, store, good = local_with_blob
+    huge = FileEntry("a.txt", False, 10**15, "1" * 64, good.pack, 0, 10, "raw")
+    tid = _hostile(store, tmp_path, Manifest("x", (huge,)), "huge")
+    with pytest.raises(UnsafeArchiveError) as err:
+        WorkspaceCache(settings).get_target(tid, "r", workspace_isolation="isolated")
+    assert err.value.member is None
+    assert f"{10**15} bytes, above the limit of {settings.cache_max_size} bytes" in str(err.value)

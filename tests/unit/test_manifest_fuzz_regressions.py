@@ -78,3 +78,18 @@ def test_blob_range_beyond_a_file_offset_is_an_integrity_error(
     body["entries"] = [entry]
     parsed = parse_manifest(MANIFEST_MAGIC + gzip.compress(json.dumps(body).encode()), "t1")
     assert getattr(parsed.files[0], field) == 2**62
+
+
+def test_local_store_sidecar_nested_too_deep_is_ignored(tmp_path: Path) -> None:
+    """A sidecar (``target.meta.json``) that json cannot read without recursing past the
+    limit counts as no metadata (the object is then checked by its size, like an object of
+    another client), not a RecursionError ending every get of the target."""
+    store = LocalStore(tmp_path / "store")
+    f = tmp_path / "one.bin"
+    f.write_bytes(b"payload\n")
+    tid = store.upload_target(f)
+    store.object_path(tid).with_name("target.meta.json").write_bytes(DEEP)
+    info = store.stat_target(tid)
+    assert (info.size, info.sha256) == (8, None)
+    store.download_target(tid, tmp_path / "got")
+    assert (tmp_path / "got").read_bytes() == b"payload\n"

@@ -173,7 +173,7 @@ def _held(bfd: int) -> Held:
                 rows = json.loads(f.read())
             for digest, offset, size in rows:
                 out.setdefault(str(digest), (name + _PACK, int(offset), int(size)))
-        except (OSError, ValueError, TypeError) as exc:
+        except (OSError, ValueError, TypeError, RecursionError) as exc:
             log.warning("blob store: ignoring the unreadable index %s: %s", idx, exc)
     return out
 
@@ -206,8 +206,8 @@ def materialise(
         _checked_name(e.path if isinstance(e, FileEntry) else e[1], str(manifest_file))
     need = sum({f.sha256: f.size for f in m.files}.values())
     if need > limit:
-        raise UnsafeMemberError(
-            archive=str(manifest_file), member="",
+        raise UnsafeArchiveError(
+            archive=str(manifest_file),
             reason=f"would take the extracted size to {need} bytes, above the limit of "
             f"{limit} bytes (CACHE_MAX_SIZE)",
         )  # fmt: skip

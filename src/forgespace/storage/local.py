@@ -300,7 +300,7 @@ class LocalStore:
             meta = json.loads(raw)
             if isinstance(meta, dict) and isinstance(meta.get("size"), int):
                 return meta
-        except ValueError:
+        except (ValueError, RecursionError):
             pass
         # An unreadable sidecar is not proof of corruption of the object itself.
         return None
