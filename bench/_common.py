@@ -8,15 +8,17 @@ fresh destination name and everything is removed at the end.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import resource
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 WORDS = (  # noqa: SIM905 - a word list reads better as text
@@ -166,3 +168,20 @@ def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]
     text = "\n".join(lines) + "\n"
     print(text, flush=True)
     return text
+
+
+@contextlib.contextmanager
+def throttled(upstream: str, mb_per_s: float) -> Iterator[str]:
+    """An endpoint reaching ``upstream`` (http://host:port) at ``mb_per_s`` MB/s."""
+    hostport = upstream.split("://", 1)[1]
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("throttle.py")), hostport, str(mb_per_s)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        yield f"http://127.0.0.1:{proc.stdout.readline().strip()}"
+    finally:
+        proc.kill()
+        proc.wait()

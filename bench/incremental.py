@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _common import bench_root, cached, make_tree, print_table  # noqa: E402
+from _common import bench_root, cached, make_tree, print_table, throttled  # noqa: E402
 from support.mounts import MountRefused, loop_btrfs  # noqa: E402
 from support.s3server import S3Server, running_s3_server, s3_env  # noqa: E402
 
@@ -76,9 +76,15 @@ def _measure(server: S3Server, fn: Callable[[], Any]) -> tuple[float, int, int, 
     return secs, s1 - s0, r1 - r0, out
 
 
-def _run_path(server: S3Server, work: Path, name: str, trees: dict[str, Path]) -> dict[str, Any]:
-    """Every measurement for one path (``name``: classic or incremental)."""
-    settings = Settings.from_env({**s3_env(server, work), "CACHE_DIR": str(work / f"cache-{name}")})
+def _run_path(
+    server: S3Server, work: Path, name: str, trees: dict[str, Path], endpoint: str | None
+) -> dict[str, Any]:
+    """Every measurement for one path (``name``: classic or incremental); ``endpoint``: a
+    throttled way to the server (downloads slowed, uploads not)."""
+    env = {**s3_env(server, work), "CACHE_DIR": str(work / f"cache-{name}")}
+    if endpoint is not None:
+        env["S3_ENDPOINT"] = endpoint
+    settings = Settings.from_env(env)
     store = S3Store.from_settings(settings)
     store.incremental = name == "incremental"
     cache = WorkspaceCache(settings, store=store)
@@ -102,6 +108,12 @@ def main() -> None:
     ap.add_argument("--mb", type=int, default=300)
     ap.add_argument("--quick", action="store_true", help="2,000 files / 30 MB")
     ap.add_argument("--reps", type=int, default=3, help="repetitions (median seconds)")
+    ap.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="MB/s of a throttled link for downloads (bench/throttle.py; 0: loopback speed)",
+    )
     ap.add_argument(
         "--fs",
         choices=("btrfs", "tmp"),
@@ -130,10 +142,15 @@ def main() -> None:
         work = Path(tempfile.mkdtemp(prefix="forgespace-bench-incr-", dir=fs_root))
         stack.callback(shutil.rmtree, work, ignore_errors=True)
         with running_s3_server(work) as server:
+            endpoint = None
+            if args.rate:  # through the counting proxy, so bytes are still counted
+                endpoint = stack.enter_context(throttled(server.endpoint, args.rate))
             for rep in range(args.reps):  # interleaved: load drift hits both paths alike
-                runs.append({n: _run_path(server, work / f"{n}-{rep}", n, trees) for n in PATHS})
+                runs.append(
+                    {n: _run_path(server, work / f"{n}-{rep}", n, trees, endpoint) for n in PATHS}
+                )
     _report(_medians(runs), files, mb, args.reps)
-    print(f"caches on: {args.fs}")
+    print(f"caches on: {args.fs}; downloads: {f'{args.rate:g} MB/s' if args.rate else 'loopback'}")
 
 
 PATHS = ("classic", "incremental")

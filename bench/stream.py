@@ -19,15 +19,13 @@ Run: ``TMPDIR=/dev/shm .venv/bin/python bench/stream.py [--files 4000] [--mb 40]
 from __future__ import annotations
 
 import argparse
-import contextlib
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +33,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import boto3  # noqa: E402
-from _common import bench_root, cached, make_tree, print_table  # noqa: E402
+from _common import bench_root, cached, make_tree, print_table, throttled  # noqa: E402
 from botocore.config import Config  # noqa: E402
 from support.s3server import running_s3_server, s3_env  # noqa: E402
 
@@ -44,23 +42,6 @@ from forgespace.cache.workspace import WorkspaceCache  # noqa: E402
 from forgespace.config import Settings  # noqa: E402
 from forgespace.storage.local import LocalStore  # noqa: E402
 from forgespace.storage.s3 import S3Store  # noqa: E402
-
-
-@contextlib.contextmanager
-def throttled(upstream: str, mb_per_s: float) -> Iterator[str]:
-    """An endpoint reaching ``upstream`` (http://host:port) at ``mb_per_s`` MB/s."""
-    hostport = upstream.split("://", 1)[1]
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "bench" / "throttle.py"), hostport, str(mb_per_s)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        yield f"http://127.0.0.1:{proc.stdout.readline().strip()}"
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def _timed(fn: Callable[[], object]) -> float:
