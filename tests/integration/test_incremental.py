@@ -411,9 +411,10 @@ def test_upload_racing_prune_across_processes_never_loses_a_pack(
 ) -> None:
     env = settings_env(any_store_settings)
     src = _project(tmp_path / "src", files=10)
+    flags = {f: str(tmp_path / f) for f in ("stop", "started", "swept")}
     stop = tmp_path / "stop"
-    sweeper = _child(env, "sweeper", {"stop": str(stop)})
-    churn = _child(env, "churn", {"source": str(src), "iterations": 25, "stop": str(stop)})
+    sweeper = _child(env, "sweeper", flags)
+    churn = _child(env, "churn", {"source": str(src), "iterations": 25, "cap": 2000, **flags})
     try:
         churned = _result(churn)
     finally:

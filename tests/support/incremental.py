@@ -98,23 +98,34 @@ def _packs_of(store: Any, tid: str) -> set[str]:
 
 
 def churn(spec: dict[str, Any]) -> dict[str, Any]:
+    """Upload and delete the same tree again and again, counting packs a manifest names that
+    are gone: at least ``iterations`` times, and on until the sweeper has deleted a pack (so
+    the race really happened however slowly either process runs; ``cap`` bounds it)."""
     store: Any = open_store(Settings.from_env())
-    lost = 0
-    for _ in range(int(spec["iterations"])):
+    started, swept = Path(spec["started"]), Path(spec["swept"])
+    deadline = time.monotonic() + 120
+    while not started.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    lost = rounds = 0
+    while rounds < int(spec["iterations"]) or (not swept.exists() and rounds < int(spec["cap"])):
         tid = store.upload_target(spec["source"])
         present = {k[len(blobs.PACKS) :] for k, _s, _m in store.blob_list(blobs.PACKS)[0]}
         lost += len(_packs_of(store, tid) - present)
         store.delete_target(tid)
+        rounds += 1
     Path(spec["stop"]).touch()
-    return {"lost": lost}
+    return {"lost": lost, "rounds": rounds}
 
 
 def sweeper(spec: dict[str, Any]) -> dict[str, Any]:
     store: Any = open_store(Settings.from_env())
     rounds = deleted = 0
+    Path(spec["started"]).touch()
     while not Path(spec["stop"]).exists():
         deleted += len(store.sweep_blobs(0.0).deleted)
         rounds += 1
+        if deleted:
+            Path(spec["swept"]).touch()
     return {"rounds": rounds, "deleted": deleted}
 
 

@@ -60,6 +60,11 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         write_atomic_at(dfd, path.name, data, tmp=tmp, fsync=True)
+    except OSError as exc:
+        # The names are relative to the directory fd: say where, for the user's error line.
+        if isinstance(exc.filename, str) and not os.path.isabs(exc.filename):
+            exc.filename = str(path.parent / exc.filename)
+        raise
     finally:
         os.close(dfd)
 
