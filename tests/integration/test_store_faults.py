@@ -470,7 +470,8 @@ def test_streams_that_keep_ending_early_give_up_bounded(
     s3_server.reset_counts()
     s3_server.inject("short", key=key, after_bytes=64 * 1024)
     s3_server.inject("partial-range", key=key, after_bytes=1024, times=100)
-    with pytest.raises(StorageError, match=r"failed after 4 attempts \(\d+ bytes received\)") as err:
+    bounded = r"failed after 4 attempts \(\d+ bytes received\)"
+    with pytest.raises(StorageError, match=bounded) as err:
         store.download_target(tid, tmp_path / "dest")
     assert err.value.transient is True
     assert "stream ended at" in str(err.value)
