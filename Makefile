@@ -65,8 +65,13 @@ test-nonroot: $(NONROOT_STAMP)
 
 # Branch coverage of the whole suite, subprocesses included (workers, CLI runs, crash-test
 # children: configuration in pyproject.toml [tool.coverage.run]); data in .coverage-data/,
-# combined, then reported (COVERAGE_ARGS: pytest arguments, e.g. a subset). ~8 min.
+# combined, then reported (COVERAGE_ARGS: pytest arguments, e.g. a subset). Tools the tests
+# start in the bubblewrap sandbox are measured too (tests/support/covsandbox.py). Then the
+# non-root lane's tests (COVERAGE_NONROOT, default NONROOT_TESTS; empty: skip) run as uid 65534
+# under coverage too (COVERAGE_PROCESS_START: the lane's venv has coverage's .pth), since CI runs
+# both lanes and only the second reaches the permission fallbacks. ~15 min on a shared machine.
 COVERAGE_ARGS ?=
+COVERAGE_NONROOT ?= $(NONROOT_TESTS)
 COV_DATA := $(CURDIR)/.coverage-data
 
 # The data directory is world-writable (sticky): children the tests run as uid 65534 save
@@ -74,10 +79,13 @@ COV_DATA := $(CURDIR)/.coverage-data
 # read-only, so coverage could not save there and its traceback would fail the test.
 COVERAGE_DESELECT := tests/integration/test_cli_errors.py::test_read_only_mount_reads_work_and_writes_say_what_and_where
 
-coverage: $(TEST_STAMP)
+coverage: $(TEST_STAMP) $(if $(COVERAGE_NONROOT),$(NONROOT_STAMP))
 	rm -rf $(COV_DATA) && mkdir -p $(COV_DATA) && chmod 1777 $(COV_DATA)
 	COVERAGE_FILE=$(COV_DATA)/cov $(VENV)/bin/coverage run -m pytest -q \
 	  --deselect $(COVERAGE_DESELECT) $(COVERAGE_ARGS)
+	$(if $(COVERAGE_NONROOT),COVERAGE_PROCESS_START=$(CURDIR)/pyproject.toml \
+	  COVERAGE_FILE=$(COV_DATA)/cov .ci/test-nonroot $(NONROOT_VENV)/bin/python \
+	  --deselect $(COVERAGE_DESELECT) $(COVERAGE_NONROOT))
 	COVERAGE_FILE=$(COV_DATA)/cov $(VENV)/bin/coverage combine -q $(COV_DATA)
 	COVERAGE_FILE=$(COV_DATA)/cov $(VENV)/bin/coverage report --sort=cover
 	COVERAGE_FILE=$(COV_DATA)/cov $(VENV)/bin/coverage json -q -o $(COV_DATA)/coverage.json
