@@ -522,3 +522,65 @@ def test_make_room_stops_as_soon_as_the_object_fits_exactly(make_cache, caplog) 
     assert [e.key for e in c.index.entries()] == ["b/workspace", "c/workspace"]
     assert c.on_disk("b/workspace") and not c.on_disk("a/workspace")
     assert caplog.records == []  # it fits: no "over its limit" warning
+
+
+@pytest.fixture
+def mounted() -> Iterator[Callable[..., Path]]:
+    """``mounted(path)`` puts a small tmpfs on ``path``, ``mounted(path, lower=dir,
+    layers=dir)`` an overlay of ``dir`` as a copy-on-write run has (root only: skipped
+    otherwise); whatever is still mounted after the test is unmounted."""
+    from support.mounts import MountRefused, tmpfs
+
+    from forgespace.cache import overlay
+
+    stack = contextlib.ExitStack()
+
+    def mount(path: Path, *, lower: Path | None = None, layers: Path | None = None) -> Path:
+        if lower is None:
+            try:
+                return stack.enter_context(tmpfs(path, size="1m"))
+            except MountRefused as exc:
+                pytest.skip(f"cannot mount a tmpfs here: {exc}")
+        assert layers is not None
+        (layers / "upper").mkdir(parents=True)
+        (layers / "work").mkdir()
+        try:
+            overlay.mount_overlay(lower, layers / "upper", layers / "work", path)
+        except OSError as exc:
+            pytest.skip(f"cannot mount an overlay here: {exc}")
+        stack.callback(overlay.unmount, path)
+        return path
+
+    with stack:
+        yield mount
+
+
+def test_mounts_in_live_runs_are_kept_and_in_dead_runs_go_with_the_run(make_cache, mounted) -> None:
+    from forgespace.cache.overlay import mounts_under
+
+    c = make_cache(CACHE_LEASE_TTL="1h")
+    c.add("t/shared", 10)
+    c.add("t/live", 10)
+    c.add("t/dead", 10)
+    c.index.add_lease(c.index.new_lease("t/live", "t", "live", ("t/live",)))
+    lower = c.layout.cow_shared_workspace("t")
+    # copy-on-write runs on the overlay backend: the shared copy under each run's own layers
+    live = mounted(
+        c.layout.run_workspace("t", "live"), lower=lower, layers=c.layout.overlay_dir / "t/live"
+    )
+    dead = mounted(
+        c.layout.run_workspace("t", "dead"), lower=lower, layers=c.layout.overlay_dir / "t/dead"
+    )
+    others = [
+        mounted(c.layout.cow_shared_workspace("t") / "mnt"),  # not in a run directory
+        mounted(c.layout.tmp_dir / "staging-mnt"),  # bookkeeping, not a target
+    ]
+    plan = collect_garbage(c, dry_run=True).plan
+    # the dead run's mount goes with its run directory; the live run's is not planned
+    assert [(p.key, p.kind, p.reason) for p in plan] == [("t/dead", "run", "orphan")]
+    report = collect_garbage(c)
+    assert [(p.key, p.kind) for p in report.evicted] == [("t/dead", "run")]
+    assert report.skipped == []
+    assert sorted(mounts_under(c.layout.root)) == sorted([live, *others])
+    assert not c.on_disk("t/dead") and not (c.layout.overlay_dir / "t/dead").exists()
+    assert c.on_disk("t/live") and c.on_disk("t/shared")
