@@ -582,5 +582,6 @@ def test_mounts_in_live_runs_are_kept_and_in_dead_runs_go_with_the_run(make_cach
     assert [(p.key, p.kind) for p in report.evicted] == [("t/dead", "run")]
     assert report.skipped == []
     assert sorted(mounts_under(c.layout.root)) == sorted([live, *others])
-    assert not c.on_disk("t/dead") and not (c.layout.overlay_dir / "t/dead").exists()
+    assert dead not in mounts_under(c.layout.root) and not c.on_disk("t/dead")
+    assert not (c.layout.overlay_dir / "t/dead").exists()
     assert c.on_disk("t/live") and c.on_disk("t/shared")
