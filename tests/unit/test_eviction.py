@@ -24,7 +24,7 @@ from forgespace.cache.index import CacheIndex, EntryRecord
 from forgespace.cache.locks import flock
 from forgespace.cache.staging import OwnerToken
 from forgespace.config import Settings, parse_size
-from forgespace.errors import CacheFullError
+from forgespace.errors import CacheFullError, LockTimeoutError
 from forgespace.layout import CacheLayout
 
 
@@ -585,3 +585,95 @@ def test_mounts_in_live_runs_are_kept_and_in_dead_runs_go_with_the_run(make_cach
     assert dead not in mounts_under(c.layout.root) and not c.on_disk("t/dead")
     assert not (c.layout.overlay_dir / "t/dead").exists()
     assert c.on_disk("t/live") and c.on_disk("t/shared")
+
+
+def test_gc_json_document_has_the_documented_shape(make_cache) -> None:
+    # `cache gc --json` prints GcReport.to_dict(): the fields docs/operations.md documents
+    c = make_cache(CACHE_TTL="1h", CACHE_MAX_SIZE="150")
+    old = c.add("old/workspace", 100, age=7200)
+    c.add("busy/workspace", 100, age=7000)
+    c.add("new/workspace", 100, age=1)
+
+    def hold_busy(tid: str) -> None:
+        if tid == "busy":
+            raise LockTimeoutError("held by another process")
+
+    c.on_lock = hold_busy
+    doc = collect_garbage(c).to_dict()
+    assert isinstance(doc.pop("plan_seconds"), float) and isinstance(doc.pop("seconds"), float)
+    item = {"key": "old/workspace", "target_id": "old", "kind": "shared", "reason": "ttl",
+            "bytes": 100, "last_access": old.last_access}  # fmt: skip
+    busy = {**item, "key": "busy/workspace", "target_id": "busy"}
+    busy["last_access"] = c.index.get("busy/workspace").last_access  # type: ignore[union-attr]
+    assert doc == {
+        "dry_run": False,
+        "limit_bytes": 150,
+        "total_before": 300,
+        "total_after": 200,
+        "freed_bytes": 100,
+        "plan": [item, busy],
+        "evicted": [item],
+        "skipped": [{"key": "busy/workspace", "target_id": "busy", "why": "target busy"}],
+        "adopted": [],
+    }
+    # an unindexed trash entry has no last access: null, not 0
+    (c.layout.trash_dir / "x~1").mkdir(parents=True)
+    dry = collect_garbage(c, dry_run=True).to_dict()
+    assert dry["plan"][-1] == {"key": ".forgespace/trash/x~1", "target_id": "", "kind": "trash",
+                               "reason": "leftover", "bytes": 0, "last_access": None}  # fmt: skip
+    assert dry["dry_run"] is True and dry["evicted"] == [] and dry["skipped"] == []
+
+
+def test_evict_target_refuses_while_leased_and_force_ends_the_leases(make_cache) -> None:
+    from forgespace.cache import manifest as mf
+    from forgespace.cache.eviction import evict_target
+    from forgespace.errors import CleanupRefusedError
+
+    c = make_cache()
+    c.add("t/workspace", 100)
+    c.add("t/shared", 50)
+    c.add("t/r1", 10)
+    c.add("u/workspace", 7)
+    shared_manifest = mf.manifest_path(c.layout.meta_dir, "t", "shared")
+    mf.write_manifest(shared_manifest, [("src/main.c", 100, 1)])
+    for i in range(6):
+        c.index.add_lease(c.index.new_lease(f"t/workspace#r{i}", "t", f"r{i}", ("t/workspace",)))
+    c.index.add_lease(c.index.new_lease("u/workspace#x", "u", "x", ("u/workspace",)))
+    before = metrics.value("forgespace_cache_evictions_total", reason="operator")
+    with pytest.raises(CleanupRefusedError) as ei:
+        evict_target(c, "t")
+    msg = str(ei.value)
+    assert msg.startswith(
+        "refusing to evict target t: 6 live lease(s) pin it: t/workspace#r0 (held by "
+    )
+    assert msg.count("(held by ") == 5 and " ...; " in msg  # five named, the rest elided
+    assert msg.endswith("; end those runs (cleanup) or pass --force; nothing was deleted")
+    assert c.on_disk("t/workspace") and c.on_disk("t/r1") and len(c.index.entries_of("t")) == 3
+
+    evicted = evict_target(c, "t", force=True)
+    assert sorted((p.key, p.kind, p.reason, p.bytes) for p in evicted) == [
+        ("t/r1", "run", "operator", 10),
+        ("t/shared", "cow-shared", "operator", 50),
+        ("t/workspace", "shared", "operator", 100),
+    ]
+    assert not c.layout.target_dir("t").exists() and not shared_manifest.exists()
+    assert c.index.entries_of("t") == []
+    assert [le.lease_id for le in c.index.live_leases()] == ["u/workspace#x"]  # others' stay
+    assert c.on_disk("u/workspace")
+    assert c.index.counters()["evictions_operator"] == 3
+    assert metrics.value("forgespace_cache_evictions_total", reason="operator") == before + 3
+    assert evict_target(c, "t") == []  # nothing left: nothing to do, no error
+
+
+def test_evict_entry_evicts_one_unleased_entry_of_an_idle_target(make_cache) -> None:
+    from forgespace.cache.eviction import evict_entry
+
+    c = make_cache()
+    c.add("t/shared", 50)
+    c.add("t/workspace", 10)
+    c.index.add_lease(c.index.new_lease("t/workspace#r", "t", "r", ("t/workspace",)))
+    assert evict_entry(c, "t/nothing") is False
+    assert evict_entry(c, "t/workspace") is False and c.on_disk("t/workspace")  # leased
+    assert evict_entry(c, "t/shared") is True
+    assert not c.on_disk("t/shared") and c.index.get("t/shared") is None
+    assert c.index.counters()["evictions_operator"] == 1
