@@ -677,3 +677,19 @@ def test_evict_entry_evicts_one_unleased_entry_of_an_idle_target(make_cache) -> 
     assert evict_entry(c, "t/shared") is True
     assert not c.on_disk("t/shared") and c.index.get("t/shared") is None
     assert c.index.counters()["evictions_operator"] == 1
+
+
+def test_make_room_evicts_victims_as_gc_would_records_and_layers_included(make_cache) -> None:
+    from forgespace.cache import manifest as mf
+
+    c = make_cache(CACHE_MAX_SIZE="1000")
+    c.add("a/workspace", 400, age=50)
+    c.add("b/r1", 400, age=40)  # a run of another target without a lease: an orphan
+    layers = c.layout.overlay_dir / "b" / "r1" / "upper"
+    layers.mkdir(parents=True)  # its overlay layers (overlay backend)
+    manifest = mf.manifest_path(c.layout.meta_dir, "a", "shared")
+    mf.write_manifest(manifest, [("src/main.c", 400, 1)])
+    make_room(c, 1000, target_id="new")
+    assert c.index.entries() == []
+    assert not c.on_disk("a/workspace") and not manifest.exists()  # its records went too
+    assert not c.on_disk("b/r1") and not (c.layout.overlay_dir / "b" / "r1").exists()
