@@ -11,6 +11,7 @@ import errno
 import logging
 import multiprocessing as mp
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -354,8 +355,46 @@ def test_make_room_warns_when_leases_prevent_fitting(make_cache, caplog) -> None
     with caplog.at_level(logging.WARNING, logger="forgespace.cache.eviction"):
         make_room(c, 50, target_id="new")
     (msg,) = [r.getMessage() for r in caplog.records]
-    assert "CACHE_MAX_SIZE=100" in msg and "50 bytes for new" in msg and "1 live lease" in msg
+    assert msg == (
+        "cache over its limit after evicting all it could: cache limit CACHE_MAX_SIZE=100 "
+        "bytes, 90 bytes cached, incoming object 50 bytes for new; 1 live lease(s) pin 1 "
+        "entry; proceeding"
+    )
     assert c.on_disk("l/workspace")
+
+
+def test_make_room_names_the_leased_entries_and_the_busy_ones(make_cache, caplog) -> None:
+    c = make_cache(CACHE_MAX_SIZE="100")
+    c.add("l/workspace", 40)
+    c.add("l/shared", 30)
+    c.add("busy/workspace", 20)
+    c.index.add_lease(c.index.new_lease("l/r", "l", "r", ("l/workspace", "l/shared")))
+
+    def hold_busy(tid: str) -> None:
+        if tid == "busy":
+            raise LockTimeoutError("held by a get_target in flight")
+
+    c.on_lock = hold_busy
+    with caplog.at_level(logging.WARNING, logger="forgespace.cache.eviction"):
+        make_room(c, 50, target_id="new")
+    assert caplog.records[-1].getMessage() == (
+        "cache over its limit after evicting all it could: cache limit CACHE_MAX_SIZE=100 "
+        "bytes, 90 bytes cached, incoming object 50 bytes for new; 1 live lease(s) pin 2 "
+        "entries (busy, not evicted: 1); proceeding"
+    )
+    assert c.on_disk("busy/workspace") and c.on_disk("l/workspace")
+
+
+def test_make_room_goes_on_until_the_object_fits(make_cache) -> None:
+    c = make_cache(CACHE_MAX_SIZE="1000")
+    c.add("a/workspace", 100, age=50)
+    c.add("b/workspace", 800, age=40)
+    c.add("c/workspace", 50, age=30)
+    metrics.CACHE_BYTES.set(-1)  # whatever an earlier test left there
+    make_room(c, 300, target_id="new")  # 950 + 300: "a" alone leaves 850 + 300, "b" too
+    assert [e.key for e in c.index.entries()] == ["c/workspace"]
+    # the gauges follow what make_room evicted
+    assert metrics.value("forgespace_cache_bytes") == 50
 
 
 def test_make_room_refuses_what_the_disk_cannot_hold(make_cache) -> None:
@@ -363,7 +402,13 @@ def test_make_room_refuses_what_the_disk_cannot_hold(make_cache) -> None:
     with pytest.raises(CacheFullError) as info:
         make_room(c, 1 << 60, target_id="huge")
     assert info.value.errno == errno.ENOSPC
-    assert "huge" in str(info.value) and "CACHE_MAX_SIZE=100" in str(info.value)
+    free = shutil.disk_usage(c.layout.root).free
+    assert str(info.value).startswith(
+        f"no room for huge: cache limit CACHE_MAX_SIZE=100 bytes, 0 bytes cached, incoming "
+        f"object {1 << 60} bytes for huge; 0 live lease(s) pin 0 entries; the filesystem has "
+        "only "
+    )
+    assert str(info.value).endswith(" bytes free") and free > 0
 
 
 def test_unindexed_shared_entries_are_adopted_then_evictable(make_cache) -> None:
