@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -151,3 +152,50 @@ def test_group_and_other_write_bits_of_members_are_kept_as_the_archive_says(
     finally:
         os.umask(old)
     assert (dest / "shared.txt").stat().st_mode & 0o777 == 0o666
+
+
+@pytest.mark.parametrize(
+    ("kind", "why"),
+    [
+        (tarfile.FIFOTYPE, "is a fifo; fifo members are not accepted"),
+        (tarfile.CHRTYPE, "is a device node; device members are not accepted"),
+        (tarfile.BLKTYPE, "is a device node; device members are not accepted"),
+        (b"Z", "has the unsupported type b'Z'"),
+    ],
+)
+def test_special_members_are_refused(tmp_path: Path, kind: bytes, why: str) -> None:
+    data = tar_of(member("ok", data=b"x"), member("special", kind))
+    refused(tmp_path, data, UnsafeArchiveError, why, "special")
+
+
+def test_gnu_long_names_and_long_link_targets_are_extracted(tmp_path: Path) -> None:
+    deep = "/".join(["d" * 60] * 4)  # over the 100 bytes of a ustar name field
+    target = "../" * 3 + "t" * 120  # a relative link target over 100 bytes, inside the tree
+    dest = extract(
+        tmp_path,
+        tar_of(member(f"{deep}/f", data=b"deep"), member(f"{deep}/a/b/c/l", SYM, link=target)),
+    )
+    assert (dest / deep / "f").read_bytes() == b"deep"
+    assert os.readlink(dest / deep / "a/b/c/l") == target
+
+
+def test_a_metadata_member_over_the_limit_is_refused(tmp_path: Path) -> None:
+    name = "n" * ((1 << 20) + 1)  # a GNU long name bigger than any path
+    why = f"has {(1 << 20) + 2} bytes of long name; at most {1 << 20} are accepted"
+    refused(tmp_path, tar_of(member(name, data=b"x")), UnsafeArchiveError, why, "")
+
+
+def test_an_archive_without_end_blocks_is_accepted_one_cut_in_a_header_is_not(
+    tmp_path: Path,
+) -> None:
+    whole = tar_of(member("a", data=b"1"), member("b", data=b"2"))
+    body = whole[: 512 * 4]  # both members, no end-of-archive blocks (GNU tar accepts that)
+    dest = extract(tmp_path, body)
+    assert (dest / "a").read_bytes() == b"1" and (dest / "b").read_bytes() == b"2"
+    (tmp_path / "a.tar").unlink()
+    shutil.rmtree(dest)
+    archive = tmp_path / "a.tar"
+    archive.write_bytes(whole[: 512 * 2 + 100])  # the second header cut short
+    with pytest.raises(IntegrityError, match="truncated in a header"):
+        extract_archive(archive, tmp_path / "dest", max_bytes=MAX)
+    assert not (tmp_path / "dest").exists()
