@@ -618,6 +618,7 @@ def test_mounts_in_live_runs_are_kept_and_in_dead_runs_go_with_the_run(make_cach
     )
     others = [
         mounted(c.layout.cow_shared_workspace("t") / "mnt"),  # not in a run directory
+        mounted(c.layout.shared_workspace("t") / "mnt"),  # nor is the shared workspace
         mounted(c.layout.tmp_dir / "staging-mnt"),  # bookkeeping, not a target
     ]
     plan = collect_garbage(c, dry_run=True).plan
@@ -644,8 +645,10 @@ def test_gc_json_document_has_the_documented_shape(make_cache) -> None:
             raise LockTimeoutError("held by another process")
 
     c.on_lock = hold_busy
-    doc = collect_garbage(c).to_dict()
-    assert isinstance(doc.pop("plan_seconds"), float) and isinstance(doc.pop("seconds"), float)
+    report = collect_garbage(c)
+    doc = report.to_dict()
+    assert doc.pop("plan_seconds") == round(report.plan_seconds, 6)  # microseconds
+    assert doc.pop("seconds") == round(report.seconds, 6)
     item = {"key": "old/workspace", "target_id": "old", "kind": "shared", "reason": "ttl",
             "bytes": 100, "last_access": old.last_access}  # fmt: skip
     busy = {**item, "key": "busy/workspace", "target_id": "busy"}
@@ -669,48 +672,87 @@ def test_gc_json_document_has_the_documented_shape(make_cache) -> None:
     assert dry["dry_run"] is True and dry["evicted"] == [] and dry["skipped"] == []
 
 
-def test_evict_target_refuses_while_leased_and_force_ends_the_leases(make_cache) -> None:
+def test_evict_target_refuses_while_leased_and_force_ends_the_leases(make_cache, caplog) -> None:
     from forgespace.cache import manifest as mf
-    from forgespace.cache.eviction import evict_target
+    from forgespace.cache.eviction import PlannedEviction, evict_target
     from forgespace.errors import CleanupRefusedError
 
     c = make_cache()
-    c.add("t/workspace", 100)
-    c.add("t/shared", 50)
-    c.add("t/r1", 10)
+    ws = c.add("t/workspace", 100)
+    cow = c.add("t/shared", 50)
+    run = c.add("t/r1", 10)
     c.add("u/workspace", 7)
     shared_manifest = mf.manifest_path(c.layout.meta_dir, "t", "shared")
     mf.write_manifest(shared_manifest, [("src/main.c", 100, 1)])
     for i in range(6):
-        c.index.add_lease(c.index.new_lease(f"t/workspace#r{i}", "t", f"r{i}", ("t/workspace",)))
+        lease = c.index.new_lease(
+            f"t/workspace#r{i}", "t", f"r{i}", ("t/workspace",), holder=f"h{i}"
+        )
+        c.index.add_lease(lease)
     c.index.add_lease(c.index.new_lease("u/workspace#x", "u", "x", ("u/workspace",)))
     before = metrics.value("forgespace_cache_evictions_total", reason="operator")
     with pytest.raises(CleanupRefusedError) as ei:
         evict_target(c, "t")
-    msg = str(ei.value)
-    assert msg.startswith(
-        "refusing to evict target t: 6 live lease(s) pin it: t/workspace#r0 (held by "
+    named = ", ".join(f"t/workspace#r{i} (held by h{i})" for i in range(5))
+    assert str(ei.value) == (  # five named, the rest elided
+        f"refusing to evict target t: 6 live lease(s) pin it: {named} ...; end those runs "
+        "(cleanup) or pass --force; nothing was deleted"
     )
-    assert msg.count("(held by ") == 5 and " ...; " in msg  # five named, the rest elided
-    assert msg.endswith("; end those runs (cleanup) or pass --force; nothing was deleted")
     assert c.on_disk("t/workspace") and c.on_disk("t/r1") and len(c.index.entries_of("t")) == 3
 
-    evicted = evict_target(c, "t", force=True)
-    assert sorted((p.key, p.kind, p.reason, p.bytes) for p in evicted) == [
-        ("t/r1", "run", "operator", 10),
-        ("t/shared", "cow-shared", "operator", 50),
-        ("t/workspace", "shared", "operator", 100),
-    ]
+    metrics.CACHE_BYTES.set(-1)  # whatever an earlier test left there
+    with caplog.at_level(logging.INFO, logger="forgespace.cache.eviction"):
+        evicted = evict_target(c, "t", force=True)
+    assert set(evicted) == {
+        PlannedEviction(e.key, "t", e.kind, "operator", e.bytes, e.last_access)
+        for e in (ws, cow, run)
+    }
+    assert caplog.records[-1].getMessage() == "evicted target t (3 entries) on request"
     assert not c.layout.target_dir("t").exists() and not shared_manifest.exists()
     assert c.index.entries_of("t") == []
     assert [le.lease_id for le in c.index.live_leases()] == ["u/workspace#x"]  # others' stay
     assert c.on_disk("u/workspace")
     assert c.index.counters()["evictions_operator"] == 3
     assert metrics.value("forgespace_cache_evictions_total", reason="operator") == before + 3
+    assert metrics.value("forgespace_cache_bytes") == 7  # the gauges follow
     assert evict_target(c, "t") == []  # nothing left: nothing to do, no error
 
 
+def test_evict_target_with_one_lease_names_it_and_checks_the_id(make_cache) -> None:
+    from forgespace.cache.eviction import evict_target
+    from forgespace.errors import CleanupRefusedError, InvalidIdError
+
+    c = make_cache()
+    c.add("t/workspace", 100)
+    c.index.add_lease(c.index.new_lease("t/workspace#r", "t", "r", ("t/workspace",), holder="h"))
+    with pytest.raises(CleanupRefusedError) as ei:
+        evict_target(c, "t")
+    assert str(ei.value) == (
+        "refusing to evict target t: 1 live lease(s) pin it: t/workspace#r (held by h); end "
+        "those runs (cleanup) or pass --force; nothing was deleted"
+    )
+    with pytest.raises(InvalidIdError, match=r"^invalid target_id '\.\./t': expected "):
+        evict_target(c, "../t")
+    assert c.on_disk("t/workspace")
+
+
+def test_evict_target_waits_for_a_get_in_flight_at_most_its_timeout(make_cache) -> None:
+    from forgespace.cache.eviction import evict_target
+
+    c = make_cache()
+    c.add("t/workspace", 100)
+    # another holder of the target's lock (a get_target in flight): flock conflicts between
+    # two open file descriptions, even in one process
+    with flock(c.layout.lock_path("t"), what="target t"):
+        started = time.monotonic()
+        with pytest.raises(LockTimeoutError):
+            evict_target(c, "t", timeout=0.2)
+        assert time.monotonic() - started < 60  # bounded, however slow the machine
+    assert c.on_disk("t/workspace")
+
+
 def test_evict_entry_evicts_one_unleased_entry_of_an_idle_target(make_cache) -> None:
+    from forgespace.cache import manifest as mf
     from forgespace.cache.eviction import evict_entry
 
     c = make_cache()
@@ -719,8 +761,11 @@ def test_evict_entry_evicts_one_unleased_entry_of_an_idle_target(make_cache) -> 
     c.index.add_lease(c.index.new_lease("t/workspace#r", "t", "r", ("t/workspace",)))
     assert evict_entry(c, "t/nothing") is False
     assert evict_entry(c, "t/workspace") is False and c.on_disk("t/workspace")  # leased
+    manifest = mf.manifest_path(c.layout.meta_dir, "t", "cow")
+    mf.write_manifest(manifest, [("f", 50, 1)])
     assert evict_entry(c, "t/shared") is True
     assert not c.on_disk("t/shared") and c.index.get("t/shared") is None
+    assert not manifest.exists()  # its records went with it
     assert c.index.counters()["evictions_operator"] == 1
 
 
