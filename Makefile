@@ -88,9 +88,7 @@ coverage: $(TEST_STAMP) $(if $(COVERAGE_NONROOT),$(NONROOT_STAMP))
 	COVERAGE_FILE=$(COV_DATA)/cov $(VENV)/bin/coverage combine -q $(COV_DATA)
 	COVERAGE_FILE=$(COV_DATA)/cov $(VENV)/bin/coverage report --sort=cover
 	COVERAGE_FILE=$(COV_DATA)/cov $(VENV)/bin/coverage json -q -o $(COV_DATA)/coverage.json
-	@$(PY) -c "import json,sys; t=json.load(open(sys.argv[1]))['totals']; \
-	  print(f\"lines {t['percent_statements_covered']:.1f} %, branches {t['percent_branches_covered']:.1f} %\")" \
-	  $(COV_DATA)/coverage.json
+	@$(PY) tests/support/covreport.py $(COV_DATA)/coverage.json
 
 # Mutation testing (mutmut, configured in pyproject.toml [tool.mutmut]) for at most
 # MUTATION_SECONDS; mutmut keeps its results in mutants/ and resumes where it stopped, so
