@@ -783,3 +783,48 @@ def test_make_room_evicts_victims_as_gc_would_records_and_layers_included(make_c
     assert c.index.entries() == []
     assert not c.on_disk("a/workspace") and not manifest.exists()  # its records went too
     assert not c.on_disk("b/r1") and not (c.layout.overlay_dir / "b" / "r1").exists()
+
+
+def test_what_changed_between_the_plan_and_the_lock_is_skipped_and_said_why(make_cache) -> None:
+    # `cache gc --json` reports each skip's reason (docs/operations.md): here the changes a
+    # publish, a cleanup or another gc make after the plan, seen under the target's lock
+    c = make_cache(CACHE_LEASE_TTL="1h")
+    c.index.publish(EntryRecord("back/workspace", "back", "shared", None, "shared", 5, 1, 0, 1))
+    c.index.publish(EntryRecord("twice/workspace", "twice", "shared", None, "shared", 5, 1, 0, 1))
+    c.add("r/r1", 10)  # a run without a lease: an orphan
+    c.add("o/workspace", 20, age=10)  # over the limit below: LRU
+
+    def meanwhile(tid: str) -> None:
+        if tid == "back":  # published again: the row is not stale any more
+            c.layout.shared_workspace("back").mkdir(parents=True)
+        elif tid == "twice":  # another gc dropped the stale row first
+            c.index.remove("twice/workspace")
+        elif tid in ("r", "o"):  # cleaned up (row gone) by its run / an operator meanwhile
+            c.index.remove("r/r1" if tid == "r" else "o/workspace")
+
+    c.on_lock = meanwhile
+    c.settings = c.settings.with_(cache_max_size=15)
+    report = collect_garbage(c)
+    assert sorted((s.key, s.why) for s in report.skipped) == [
+        ("back/workspace", "back on disk"),
+        ("o/workspace", "already gone"),
+        ("r/r1", "already gone"),
+        ("twice/workspace", "already gone"),
+    ]
+    assert report.evicted == []
+    assert c.on_disk("r/r1") and c.on_disk("o/workspace")
+
+
+def test_gc_counts_freed_bytes_and_forgets_copy_on_write_records(make_cache) -> None:
+    from forgespace.cache import manifest as mf
+
+    c = make_cache(CACHE_TTL="1s")
+    c.add("t/shared", 30, age=5)
+    c.add("u/workspace", 12, age=5)
+    cow = mf.manifest_path(c.layout.meta_dir, "t", "cow")
+    mf.write_manifest(cow, [("f", 30, 1)])
+    report = collect_garbage(c)
+    assert {p.key for p in report.evicted} == {"t/shared", "u/workspace"}
+    assert not cow.exists()  # the copy-on-write copy's records went with it
+    assert c.index.counters()["evicted_bytes"] == 42
+    assert c.index.counters()["evictions_ttl"] == 2
