@@ -25,7 +25,7 @@ from forgespace.cache.index import CacheIndex, EntryRecord
 from forgespace.cache.locks import flock
 from forgespace.cache.staging import OwnerToken
 from forgespace.config import Settings, parse_size
-from forgespace.errors import CacheFullError, LockTimeoutError
+from forgespace.errors import BackendUnavailableError, CacheFullError, LockTimeoutError
 from forgespace.layout import CacheLayout
 
 
@@ -591,7 +591,7 @@ def mounted() -> Iterator[Callable[..., Path]]:
         (layers / "work").mkdir()
         try:
             overlay.mount_overlay(lower, layers / "upper", layers / "work", path)
-        except OSError as exc:
+        except (OSError, BackendUnavailableError) as exc:
             pytest.skip(f"cannot mount an overlay here: {exc}")
         stack.callback(overlay.unmount, path)
         return path
