@@ -69,7 +69,7 @@ test-nonroot: $(NONROOT_STAMP)
 # start in the bubblewrap sandbox are measured too (tests/support/covsandbox.py). Then the
 # non-root lane's tests (COVERAGE_NONROOT, default NONROOT_TESTS; empty: skip) run as uid 65534
 # under coverage too (COVERAGE_PROCESS_START: the lane's venv has coverage's .pth), since CI runs
-# both lanes and only the second reaches the permission fallbacks. ~15 min on a shared machine.
+# both lanes and only the second reaches the permission fallbacks. ~25 min on a shared machine.
 COVERAGE_ARGS ?=
 COVERAGE_NONROOT ?= $(NONROOT_TESTS)
 COV_DATA := $(CURDIR)/.coverage-data
