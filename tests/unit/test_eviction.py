@@ -375,6 +375,7 @@ def test_make_room_names_the_leased_entries_and_the_busy_ones(make_cache, caplog
             raise LockTimeoutError("held by a get_target in flight")
 
     c.on_lock = hold_busy
+    metrics.CACHE_BYTES.set(-1)  # whatever an earlier test left there
     with caplog.at_level(logging.WARNING, logger="forgespace.cache.eviction"):
         make_room(c, 50, target_id="new")
     assert caplog.records[-1].getMessage() == (
@@ -382,6 +383,7 @@ def test_make_room_names_the_leased_entries_and_the_busy_ones(make_cache, caplog
         "bytes, 90 bytes cached, incoming object 50 bytes for new; 1 live lease(s) pin 2 "
         "entries (busy, not evicted: 1); proceeding"
     )
+    assert metrics.value("forgespace_cache_bytes") == 90  # the gauges refreshed all the same
     assert c.on_disk("busy/workspace") and c.on_disk("l/workspace")
 
 
@@ -731,6 +733,14 @@ def test_evict_target_with_one_lease_names_it_and_checks_the_id(make_cache) -> N
         "refusing to evict target t: 1 live lease(s) pin it: t/workspace#r (held by h); end "
         "those runs (cleanup) or pass --force; nothing was deleted"
     )
+    for i in range(2, 6):  # five leases: all named, nothing elided
+        c.index.add_lease(
+            c.index.new_lease(f"t/workspace#r{i}", "t", f"r{i}", ("t/workspace",), holder="h")
+        )
+    with pytest.raises(CleanupRefusedError) as ei:
+        evict_target(c, "t")
+    assert str(ei.value).startswith("refusing to evict target t: 5 live lease(s) pin it: ")
+    assert str(ei.value).count("(held by h)") == 5 and " ..." not in str(ei.value)
     with pytest.raises(InvalidIdError, match=r"^invalid target_id '\.\./t': expected "):
         evict_target(c, "../t")
     assert c.on_disk("t/workspace")
