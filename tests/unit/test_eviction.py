@@ -838,3 +838,22 @@ def test_gc_counts_freed_bytes_and_forgets_copy_on_write_records(make_cache) -> 
     assert not cow.exists()  # the copy-on-write copy's records went with it
     assert c.index.counters()["evicted_bytes"] == 42
     assert c.index.counters()["evictions_ttl"] == 2
+
+
+def test_a_planted_trash_is_never_followed_and_gc_says_so(make_cache, tmp_path, caplog) -> None:
+    c = make_cache(CACHE_TTL="1s")
+    c.add("t/workspace", 10, age=5)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    if c.layout.trash_dir.exists():
+        c.layout.trash_dir.rmdir()
+    c.layout.trash_dir.symlink_to(outside)  # a run planted it: deletions would land outside
+    with caplog.at_level(logging.WARNING, logger="forgespace.cache.eviction"):
+        collect_garbage(c)
+    refusal = (
+        f"{c.layout.trash_dir} is a symbolic link (to {str(outside)!r}) where forgespace "
+        "expects a directory; refusing to use it (never followed)"
+    )
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith(refusal) for m in messages), messages  # the deletion's own warning
+    assert list(outside.iterdir()) == []  # nothing was moved through the link
