@@ -855,5 +855,5 @@ def test_a_planted_trash_is_never_followed_and_gc_says_so(make_cache, tmp_path, 
         "expects a directory; refusing to use it (never followed)"
     )
     messages = [r.getMessage() for r in caplog.records]
-    assert any(m.startswith(refusal) for m in messages), messages  # the deletion's own warning
+    assert any(m.startswith(refusal) for m in messages), messages  # said where, and why
     assert list(outside.iterdir()) == []  # nothing was moved through the link
