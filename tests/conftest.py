@@ -14,6 +14,7 @@ pytest_plugins: list[str] = [
     "support.temporal",
     "support.mounts",
     "support.nobody",
+    "support.covsandbox",
 ]
 
 

@@ -333,3 +333,31 @@ def test_version_and_completion(tmp_path: Path) -> None:
     cmd = [str(Path(sys.executable).with_name("forgespace"))]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
     assert proc.stdout.split() == ["prune", "purge"]
+
+
+def test_on_a_terminal_the_commands_print_tables(populated) -> None:
+    from support.cli import run_on_terminal
+
+    env, ids = populated
+    rc, status = run_on_terminal(env, "cache", "status")
+    assert rc == 0 and f"forgespace cache: {env['CACHE_DIR']}" in status
+    assert "entries" in status and "3" in status and "│" in status
+    rc, ls = run_on_terminal(env, "cache", "ls")
+    assert rc == 0 and "┃" in ls  # a table, not the plain columns of a pipe
+    for tid in ids.values():
+        assert tid in ls  # whole ids, never cut
+    rc, gc = run_on_terminal(env, "cache", "gc", "--dry-run")
+    assert rc == 0 and "nothing to evict: " in gc  # all recent, under the limit
+    rc, prune = run_on_terminal(env, "cache", "prune", "--older-than", "0s", "--dry-run")
+    assert rc == 0 and "(dry run: nothing deleted)" in prune
+    # only b's entry: a's shared workspace and c's run are leased by their runs
+    assert ids["b"] in prune and ids["a"] not in prune and ids["c"] not in prune
+    assert "would remove 1 entry, would free" in prune
+    # a tampered shared workspace: verify names it in its table and exits 1
+    cache_dir = Path(env["CACHE_DIR"])
+    victim = next((cache_dir / ids["a"] / "workspace").rglob("*.py"))
+    os.chmod(victim, 0o644)
+    victim.write_text("tampered\n")
+    rc, verify = run_on_terminal(env, "cache", "verify")
+    assert rc == 1 and f"modified shared workspace of {ids['a']}" in verify
+    assert str(victim.relative_to(cache_dir / ids["a"] / "workspace")) in verify

@@ -440,3 +440,41 @@ def test_an_object_that_keeps_changing_gives_up_bounded(
     assert s3_server.get_count(key) == FAST.attempts
     assert not (tmp_path / "dest").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".dest")] == []
+
+
+def test_a_clean_stream_shorter_than_the_object_is_resumed_from_where_it_ended(
+    store: S3Store, s3_server: S3Server, tmp_path: Path
+) -> None:
+    # The first GET is cut (a short read the HTTP layer reports); the resume is answered with
+    # a well-formed 206 that ends early without any error: only the size check notices.
+    size, cut, capped = 3 * 1024 * 1024, 1024 * 1024, 512 * 1024
+    tid, data = _upload(store, tmp_path, size)
+    key = target_key(tid)
+    s3_server.reset_counts()
+    s3_server.inject("short", key=key, after_bytes=cut)
+    s3_server.inject("partial-range", key=key, after_bytes=capped)
+    info = store.download_target(tid, tmp_path / "dest")
+    assert (tmp_path / "dest").read_bytes() == data
+    assert info.size == size
+    # cut, then the capped range, then the rest: nothing fetched twice
+    assert s3_server.get_count(key) == 3
+    assert s3_server.bytes_served(key) == size
+    assert s3_server.pending_faults() == 0
+
+
+def test_streams_that_keep_ending_early_give_up_bounded(
+    store: S3Store, s3_server: S3Server, tmp_path: Path
+) -> None:
+    tid, _ = _upload(store, tmp_path, 2 * 1024 * 1024)
+    key = target_key(tid)
+    s3_server.reset_counts()
+    s3_server.inject("short", key=key, after_bytes=64 * 1024)
+    s3_server.inject("partial-range", key=key, after_bytes=1024, times=100)
+    bounded = r"failed after 4 attempts \(\d+ bytes received\)"
+    with pytest.raises(StorageError, match=bounded) as err:
+        store.download_target(tid, tmp_path / "dest")
+    assert err.value.transient is True
+    assert "stream ended at" in str(err.value)
+    assert s3_server.get_count(key) == FAST.attempts
+    assert not (tmp_path / "dest").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".dest")] == []

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,7 @@ from support.s3server import S3Server
 from forgespace.config import Settings
 from forgespace.errors import TargetNotFoundError
 from forgespace.storage import open_store, target_key
-from forgespace.storage.lifecycle import ManagedStore, plan_prune
+from forgespace.storage.lifecycle import ManagedStore, PrunePlan, plan_prune
 from forgespace.storage.s3 import PRUNE_MARKER_PREFIX, S3Store
 
 pytestmark = pytest.mark.integration
@@ -226,3 +227,28 @@ def test_s3_reupload_during_a_prune_delete_is_stored_again(
     dest = tmp_path / "dest"
     store.download_target(tid, dest)
     assert dest.read_bytes() == data
+
+
+def test_prune_deletes_old_results_and_keeps_what_was_uploaded_after_its_cutoff(
+    any_store_settings: Settings, tmp_path: Path
+) -> None:
+    store = _store(any_store_settings)
+    f = tmp_path / "t.bin"
+    f.write_bytes(b"target bytes")
+    tid = store.upload_target(f)
+    store.put_result("wf-1/results.json", b'{"n": 1}')
+    store.put_result("wf-2/out.sarif", b"{}")
+    ahead = time.time() + 3600  # everything stored is older than this
+    plan = plan_prune(store, target_ttl=0.0, result_ttl=0.0, temp_grace=0.0, now=ahead)
+    assert sorted(o.key for o in plan.results) == ["wf-1/results.json", "wf-2/out.sarif"]
+    assert [o.key for o in plan.targets] == [tid]
+    # executed with a target cutoff the target's last upload is after (as when it is uploaded
+    # again between the plan and the deletion): the target stays, the results go
+    later = PrunePlan(target_cutoff=0.0, result_cutoff=ahead, temp_grace=0.0,
+                      targets=plan.targets, results=plan.results)  # fmt: skip
+    result = later.execute(store)
+    assert sorted(o.key for o in result.deleted) == ["wf-1/results.json", "wf-2/out.sarif"]
+    assert [o.key for o in result.kept] == [tid]
+    assert store.list_results() == [] and [o.key for o in store.list_targets()] == [tid]
+    assert result.freed_bytes == len(b'{"n": 1}') + 2
+    assert later.execute(store).deleted == ()  # gone meanwhile: nothing deleted twice

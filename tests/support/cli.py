@@ -9,6 +9,7 @@ the exit code, one ``error:`` line on stderr, no traceback.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -49,3 +50,46 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], rc: int, *need
     for needle in needles:
         assert needle in errors[0], errors[0]
     return errors[0]
+
+
+def run_on_terminal(
+    env: dict[str, str], *args: str, columns: int = 400, timeout: float = 60
+) -> tuple[int, str]:
+    """Run ``forgespace ARGS`` with stdout on a pseudo-terminal (as in an interactive shell:
+    tables, not plain columns); (exit code, what it printed there). stderr is discarded."""
+    import pty
+    import select
+    import time
+
+    master, slave = pty.openpty()
+    env = {**env, "COLUMNS": str(columns), "LINES": "100", "TERM": "xterm"}
+    env.pop("NO_COLOR", None)
+    proc = subprocess.Popen(
+        [FORGESPACE, *args], env=env, stdin=subprocess.DEVNULL, stdout=slave,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    os.close(slave)
+    out = bytearray()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if not ready:
+                if proc.poll() is not None:
+                    break
+                continue
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+        rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = out.decode(errors="replace").replace("\r\n", "\n")
+    return rc, re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)  # colours and cursor codes off

@@ -41,7 +41,7 @@ import pytest
 
 from forgespace.config import Settings
 
-FaultKind = Literal["500", "error", "reset", "short", "stall", "ignore-range"]
+FaultKind = Literal["500", "error", "reset", "short", "stall", "ignore-range", "partial-range"]
 
 # Hop-by-hop headers are per connection: never forwarded in either direction.
 _HOP_BY_HOP = {
@@ -165,11 +165,15 @@ class S3Server:
         - "error": the same with HTTP ``status`` and S3 error ``code`` (e.g. 403 AccessDenied);
         - "ignore-range": the request reaches moto without its Range and If-* headers, as a
           server that ignores them would answer (the whole object, 200);
+        - "partial-range": a ``Range: bytes=N-`` request reaches moto as ``bytes=N-M`` with
+          ``after_bytes`` bytes at most: a complete, well-formed 206 that ends before the
+          object does (a server or cache that caps its range answers; the client sees a
+          clean stream that is shorter than the object);
         - "reset": the real response headers and ``after_bytes`` of the body, then a TCP RST;
         - "short": the same, but an orderly close (the client sees a short read);
         - "stall": the same, then ``stall`` seconds of silence before closing (a read timeout).
         """
-        kinds = ("500", "error", "reset", "short", "stall", "ignore-range")
+        kinds = ("500", "error", "reset", "short", "stall", "ignore-range", "partial-range")
         if fault not in kinds:
             raise ValueError(f"unknown fault {fault!r}: expected one of {', '.join(kinds)}")
         if fault == "500":
@@ -200,6 +204,15 @@ class S3Server:
                     self._faults = [x for x in self._faults if x.remaining > 0]
                     return fired
             return None
+
+
+def _capped_range(header: str, most: int) -> str:
+    """A Range of ``bytes=N-`` as ``bytes=N-(N+most-1)``; any other range unchanged."""
+    m = re.fullmatch(r"bytes=(\d+)-", header.strip())
+    if m is None:
+        return header
+    start = int(m.group(1))
+    return f"bytes={start}-{start + most - 1}"
 
 
 class _ProxyHandler(BaseHTTPRequestHandler):
@@ -288,6 +301,13 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             return
         ignored = ("range", "if-match", "if-none-match", "if-modified-since", "if-unmodified-since")
         drop = set(ignored) if fault is not None and fault.kind == "ignore-range" else set()
+        headers = list(self.headers.items())
+        if fault is not None and fault.kind == "partial-range":
+            headers = [
+                (n, _capped_range(v, fault.after_bytes) if n.lower() == "range" else v)
+                for n, v in headers
+            ]
+            fault = None  # relayed in full: only the request was changed
         if drop:
             fault = None  # relayed in full: only the request was changed
         # Bodies up to _REPLAY_MAX are buffered so the request can be replayed once when a
@@ -299,7 +319,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             conn = self._conn()
             try:
                 conn.putrequest(method, self.path, skip_host=True, skip_accept_encoding=True)
-                for name, value in self.headers.items():
+                for name, value in headers:
                     if name.lower() not in _HOP_BY_HOP and name.lower() not in drop:
                         conn.putheader(name, value)
                 if chunked_req:

@@ -201,10 +201,10 @@ def start_worker_process(
 
 @pytest.fixture
 def worker_processes() -> Iterator[list[WorkerProcess]]:
-    """Collects worker subprocesses started by a test and stops any still running after it."""
+    """Collects worker subprocesses started by a test and stops any still running after it:
+    SIGTERM first, as an operator would (the worker's own shutdown runs, and coverage saves
+    its data), SIGKILL after 10 s."""
     procs: list[WorkerProcess] = []
     yield procs
     for p in procs:
-        if p.proc.poll() is None:
-            p.proc.kill()
-            p.proc.wait(10)
+        p.stop(timeout=10)

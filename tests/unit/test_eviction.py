@@ -11,6 +11,7 @@ import errno
 import logging
 import multiprocessing as mp
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from forgespace.cache.index import CacheIndex, EntryRecord
 from forgespace.cache.locks import flock
 from forgespace.cache.staging import OwnerToken
 from forgespace.config import Settings, parse_size
-from forgespace.errors import CacheFullError
+from forgespace.errors import BackendUnavailableError, CacheFullError, LockTimeoutError
 from forgespace.layout import CacheLayout
 
 
@@ -354,8 +355,48 @@ def test_make_room_warns_when_leases_prevent_fitting(make_cache, caplog) -> None
     with caplog.at_level(logging.WARNING, logger="forgespace.cache.eviction"):
         make_room(c, 50, target_id="new")
     (msg,) = [r.getMessage() for r in caplog.records]
-    assert "CACHE_MAX_SIZE=100" in msg and "50 bytes for new" in msg and "1 live lease" in msg
+    assert msg == (
+        "cache over its limit after evicting all it could: cache limit CACHE_MAX_SIZE=100 "
+        "bytes, 90 bytes cached, incoming object 50 bytes for new; 1 live lease(s) pin 1 "
+        "entry; proceeding"
+    )
     assert c.on_disk("l/workspace")
+
+
+def test_make_room_names_the_leased_entries_and_the_busy_ones(make_cache, caplog) -> None:
+    c = make_cache(CACHE_MAX_SIZE="100")
+    c.add("l/workspace", 40)
+    c.add("l/shared", 30)
+    c.add("busy/workspace", 20)
+    c.index.add_lease(c.index.new_lease("l/r", "l", "r", ("l/workspace", "l/shared")))
+
+    def hold_busy(tid: str) -> None:
+        if tid == "busy":
+            raise LockTimeoutError("held by a get_target in flight")
+
+    c.on_lock = hold_busy
+    metrics.CACHE_BYTES.set(-1)  # whatever an earlier test left there
+    with caplog.at_level(logging.WARNING, logger="forgespace.cache.eviction"):
+        make_room(c, 50, target_id="new")
+    assert caplog.records[-1].getMessage() == (
+        "cache over its limit after evicting all it could: cache limit CACHE_MAX_SIZE=100 "
+        "bytes, 90 bytes cached, incoming object 50 bytes for new; 1 live lease(s) pin 2 "
+        "entries (busy, not evicted: 1); proceeding"
+    )
+    assert metrics.value("forgespace_cache_bytes") == 90  # the gauges refreshed all the same
+    assert c.on_disk("busy/workspace") and c.on_disk("l/workspace")
+
+
+def test_make_room_goes_on_until_the_object_fits(make_cache) -> None:
+    c = make_cache(CACHE_MAX_SIZE="1000")
+    c.add("a/workspace", 100, age=50)
+    c.add("b/workspace", 800, age=40)
+    c.add("c/workspace", 50, age=30)
+    metrics.CACHE_BYTES.set(-1)  # whatever an earlier test left there
+    make_room(c, 300, target_id="new")  # 950 + 300: "a" alone leaves 850 + 300, "b" too
+    assert [e.key for e in c.index.entries()] == ["c/workspace"]
+    # the gauges follow what make_room evicted
+    assert metrics.value("forgespace_cache_bytes") == 50
 
 
 def test_make_room_refuses_what_the_disk_cannot_hold(make_cache) -> None:
@@ -363,7 +404,13 @@ def test_make_room_refuses_what_the_disk_cannot_hold(make_cache) -> None:
     with pytest.raises(CacheFullError) as info:
         make_room(c, 1 << 60, target_id="huge")
     assert info.value.errno == errno.ENOSPC
-    assert "huge" in str(info.value) and "CACHE_MAX_SIZE=100" in str(info.value)
+    free = shutil.disk_usage(c.layout.root).free
+    assert str(info.value).startswith(
+        f"no room for huge: cache limit CACHE_MAX_SIZE=100 bytes, 0 bytes cached, incoming "
+        f"object {1 << 60} bytes for huge; 0 live lease(s) pin 0 entries; the filesystem has "
+        "only "
+    )
+    assert str(info.value).endswith(" bytes free") and free > 0
 
 
 def test_unindexed_shared_entries_are_adopted_then_evictable(make_cache) -> None:
@@ -522,3 +569,291 @@ def test_make_room_stops_as_soon_as_the_object_fits_exactly(make_cache, caplog) 
     assert [e.key for e in c.index.entries()] == ["b/workspace", "c/workspace"]
     assert c.on_disk("b/workspace") and not c.on_disk("a/workspace")
     assert caplog.records == []  # it fits: no "over its limit" warning
+
+
+@pytest.fixture
+def mounted() -> Iterator[Callable[..., Path]]:
+    """``mounted(path)`` puts a small tmpfs on ``path``, ``mounted(path, lower=dir,
+    layers=dir)`` an overlay of ``dir`` as a copy-on-write run has (root only: skipped
+    otherwise); whatever is still mounted after the test is unmounted."""
+    from support.mounts import MountRefused, tmpfs
+
+    from forgespace.cache import overlay
+
+    stack = contextlib.ExitStack()
+
+    def mount(path: Path, *, lower: Path | None = None, layers: Path | None = None) -> Path:
+        if lower is None:
+            try:
+                return stack.enter_context(tmpfs(path, size="1m"))
+            except MountRefused as exc:
+                pytest.skip(f"cannot mount a tmpfs here: {exc}")
+        assert layers is not None
+        (layers / "upper").mkdir(parents=True)
+        (layers / "work").mkdir()
+        try:
+            overlay.mount_overlay(lower, layers / "upper", layers / "work", path)
+        except (OSError, BackendUnavailableError) as exc:
+            pytest.skip(f"cannot mount an overlay here: {exc}")
+        stack.callback(overlay.unmount, path)
+        return path
+
+    with stack:
+        yield mount
+
+
+def test_mounts_in_live_runs_are_kept_and_in_dead_runs_go_with_the_run(make_cache, mounted) -> None:
+    from forgespace.cache.overlay import mounts_under
+
+    c = make_cache(CACHE_LEASE_TTL="1h")
+    c.add("t/shared", 10)
+    c.add("t/live", 10)
+    c.add("t/dead", 10)
+    c.index.add_lease(c.index.new_lease("t/live", "t", "live", ("t/live",)))
+    lower = c.layout.cow_shared_workspace("t")
+    # copy-on-write runs on the overlay backend: the shared copy under each run's own layers
+    live = mounted(
+        c.layout.run_workspace("t", "live"), lower=lower, layers=c.layout.overlay_dir / "t/live"
+    )
+    dead = mounted(
+        c.layout.run_workspace("t", "dead"), lower=lower, layers=c.layout.overlay_dir / "t/dead"
+    )
+    others = [
+        mounted(c.layout.cow_shared_workspace("t") / "mnt"),  # not in a run directory
+        mounted(c.layout.shared_workspace("t") / "mnt"),  # nor is the shared workspace
+        mounted(c.layout.tmp_dir / "staging-mnt"),  # bookkeeping, not a target
+    ]
+    plan = collect_garbage(c, dry_run=True).plan
+    # the dead run's mount goes with its run directory; the live run's is not planned
+    assert [(p.key, p.kind, p.reason) for p in plan] == [("t/dead", "run", "orphan")]
+    report = collect_garbage(c)
+    assert [(p.key, p.kind) for p in report.evicted] == [("t/dead", "run")]
+    assert report.skipped == []
+    assert sorted(mounts_under(c.layout.root)) == sorted([live, *others])
+    assert dead not in mounts_under(c.layout.root) and not c.on_disk("t/dead")
+    assert not (c.layout.overlay_dir / "t/dead").exists()
+    assert c.on_disk("t/live") and c.on_disk("t/shared")
+
+
+def test_gc_json_document_has_the_documented_shape(make_cache) -> None:
+    # `cache gc --json` prints GcReport.to_dict(): the fields docs/operations.md documents
+    c = make_cache(CACHE_TTL="1h", CACHE_MAX_SIZE="150")
+    old = c.add("old/workspace", 100, age=7200)
+    c.add("busy/workspace", 100, age=7000)
+    c.add("new/workspace", 100, age=1)
+
+    def hold_busy(tid: str) -> None:
+        if tid == "busy":
+            raise LockTimeoutError("held by another process")
+
+    c.on_lock = hold_busy
+    report = collect_garbage(c)
+    doc = report.to_dict()
+    assert doc.pop("plan_seconds") == round(report.plan_seconds, 6)  # microseconds
+    assert doc.pop("seconds") == round(report.seconds, 6)
+    item = {"key": "old/workspace", "target_id": "old", "kind": "shared", "reason": "ttl",
+            "bytes": 100, "last_access": old.last_access}  # fmt: skip
+    busy = {**item, "key": "busy/workspace", "target_id": "busy"}
+    busy["last_access"] = c.index.get("busy/workspace").last_access  # type: ignore[union-attr]
+    assert doc == {
+        "dry_run": False,
+        "limit_bytes": 150,
+        "total_before": 300,
+        "total_after": 200,
+        "freed_bytes": 100,
+        "plan": [item, busy],
+        "evicted": [item],
+        "skipped": [{"key": "busy/workspace", "target_id": "busy", "why": "target busy"}],
+        "adopted": [],
+    }
+    # an unindexed trash entry has no last access: null, not 0
+    (c.layout.trash_dir / "x~1").mkdir(parents=True)
+    dry = collect_garbage(c, dry_run=True).to_dict()
+    assert dry["plan"][-1] == {"key": ".forgespace/trash/x~1", "target_id": "", "kind": "trash",
+                               "reason": "leftover", "bytes": 0, "last_access": None}  # fmt: skip
+    assert dry["dry_run"] is True and dry["evicted"] == [] and dry["skipped"] == []
+
+
+def test_evict_target_refuses_while_leased_and_force_ends_the_leases(make_cache, caplog) -> None:
+    from forgespace.cache import manifest as mf
+    from forgespace.cache.eviction import PlannedEviction, evict_target
+    from forgespace.errors import CleanupRefusedError
+
+    c = make_cache()
+    ws = c.add("t/workspace", 100)
+    cow = c.add("t/shared", 50)
+    run = c.add("t/r1", 10)
+    c.add("u/workspace", 7)
+    shared_manifest = mf.manifest_path(c.layout.meta_dir, "t", "shared")
+    mf.write_manifest(shared_manifest, [("src/main.c", 100, 1)])
+    for i in range(6):
+        lease = c.index.new_lease(
+            f"t/workspace#r{i}", "t", f"r{i}", ("t/workspace",), holder=f"h{i}"
+        )
+        c.index.add_lease(lease)
+    c.index.add_lease(c.index.new_lease("u/workspace#x", "u", "x", ("u/workspace",)))
+    before = metrics.value("forgespace_cache_evictions_total", reason="operator")
+    with pytest.raises(CleanupRefusedError) as ei:
+        evict_target(c, "t")
+    named = ", ".join(f"t/workspace#r{i} (held by h{i})" for i in range(5))
+    assert str(ei.value) == (  # five named, the rest elided
+        f"refusing to evict target t: 6 live lease(s) pin it: {named} ...; end those runs "
+        "(cleanup) or pass --force; nothing was deleted"
+    )
+    assert c.on_disk("t/workspace") and c.on_disk("t/r1") and len(c.index.entries_of("t")) == 3
+
+    metrics.CACHE_BYTES.set(-1)  # whatever an earlier test left there
+    with caplog.at_level(logging.INFO, logger="forgespace.cache.eviction"):
+        evicted = evict_target(c, "t", force=True)
+    assert set(evicted) == {
+        PlannedEviction(e.key, "t", e.kind, "operator", e.bytes, e.last_access)
+        for e in (ws, cow, run)
+    }
+    assert caplog.records[-1].getMessage() == "evicted target t (3 entries) on request"
+    assert not c.layout.target_dir("t").exists() and not shared_manifest.exists()
+    assert c.index.entries_of("t") == []
+    assert [le.lease_id for le in c.index.live_leases()] == ["u/workspace#x"]  # others' stay
+    assert c.on_disk("u/workspace")
+    assert c.index.counters()["evictions_operator"] == 3
+    assert metrics.value("forgespace_cache_evictions_total", reason="operator") == before + 3
+    assert metrics.value("forgespace_cache_bytes") == 7  # the gauges follow
+    assert evict_target(c, "t") == []  # nothing left: nothing to do, no error
+
+
+def test_evict_target_with_one_lease_names_it_and_checks_the_id(make_cache) -> None:
+    from forgespace.cache.eviction import evict_target
+    from forgespace.errors import CleanupRefusedError, InvalidIdError
+
+    c = make_cache()
+    c.add("t/workspace", 100)
+    c.index.add_lease(c.index.new_lease("t/workspace#r", "t", "r", ("t/workspace",), holder="h"))
+    with pytest.raises(CleanupRefusedError) as ei:
+        evict_target(c, "t")
+    assert str(ei.value) == (
+        "refusing to evict target t: 1 live lease(s) pin it: t/workspace#r (held by h); end "
+        "those runs (cleanup) or pass --force; nothing was deleted"
+    )
+    for i in range(2, 6):  # five leases: all named, nothing elided
+        c.index.add_lease(
+            c.index.new_lease(f"t/workspace#r{i}", "t", f"r{i}", ("t/workspace",), holder="h")
+        )
+    with pytest.raises(CleanupRefusedError) as ei:
+        evict_target(c, "t")
+    assert str(ei.value).startswith("refusing to evict target t: 5 live lease(s) pin it: ")
+    assert str(ei.value).count("(held by h)") == 5 and " ..." not in str(ei.value)
+    with pytest.raises(InvalidIdError, match=r"^invalid target_id '\.\./t': expected "):
+        evict_target(c, "../t")
+    assert c.on_disk("t/workspace")
+
+
+def test_evict_target_waits_for_a_get_in_flight_at_most_its_timeout(make_cache) -> None:
+    from forgespace.cache.eviction import evict_target
+
+    c = make_cache()
+    c.add("t/workspace", 100)
+    # another holder of the target's lock (a get_target in flight): flock conflicts between
+    # two open file descriptions, even in one process
+    with flock(c.layout.lock_path("t"), what="target t"):
+        started = time.monotonic()
+        with pytest.raises(LockTimeoutError):
+            evict_target(c, "t", timeout=0.2)
+        assert time.monotonic() - started < 60  # bounded, however slow the machine
+    assert c.on_disk("t/workspace")
+
+
+def test_evict_entry_evicts_one_unleased_entry_of_an_idle_target(make_cache) -> None:
+    from forgespace.cache import manifest as mf
+    from forgespace.cache.eviction import evict_entry
+
+    c = make_cache()
+    c.add("t/shared", 50)
+    c.add("t/workspace", 10)
+    c.index.add_lease(c.index.new_lease("t/workspace#r", "t", "r", ("t/workspace",)))
+    assert evict_entry(c, "t/nothing") is False
+    assert evict_entry(c, "t/workspace") is False and c.on_disk("t/workspace")  # leased
+    manifest = mf.manifest_path(c.layout.meta_dir, "t", "cow")
+    mf.write_manifest(manifest, [("f", 50, 1)])
+    assert evict_entry(c, "t/shared") is True
+    assert not c.on_disk("t/shared") and c.index.get("t/shared") is None
+    assert not manifest.exists()  # its records went with it
+    assert c.index.counters()["evictions_operator"] == 1
+
+
+def test_make_room_evicts_victims_as_gc_would_records_and_layers_included(make_cache) -> None:
+    from forgespace.cache import manifest as mf
+
+    c = make_cache(CACHE_MAX_SIZE="1000")
+    c.add("a/workspace", 400, age=50)
+    c.add("b/r1", 400, age=40)  # a run of another target without a lease: an orphan
+    layers = c.layout.overlay_dir / "b" / "r1" / "upper"
+    layers.mkdir(parents=True)  # its overlay layers (overlay backend)
+    manifest = mf.manifest_path(c.layout.meta_dir, "a", "shared")
+    mf.write_manifest(manifest, [("src/main.c", 400, 1)])
+    make_room(c, 1000, target_id="new")
+    assert c.index.entries() == []
+    assert not c.on_disk("a/workspace") and not manifest.exists()  # its records went too
+    assert not c.on_disk("b/r1") and not (c.layout.overlay_dir / "b" / "r1").exists()
+
+
+def test_what_changed_between_the_plan_and_the_lock_is_skipped_and_said_why(make_cache) -> None:
+    # `cache gc --json` reports each skip's reason (docs/operations.md): here the changes a
+    # publish, a cleanup or another gc make after the plan, seen under the target's lock
+    c = make_cache(CACHE_LEASE_TTL="1h")
+    c.index.publish(EntryRecord("back/workspace", "back", "shared", None, "shared", 5, 1, 0, 1))
+    c.index.publish(EntryRecord("twice/workspace", "twice", "shared", None, "shared", 5, 1, 0, 1))
+    c.add("r/r1", 10)  # a run without a lease: an orphan
+    c.add("o/workspace", 20, age=10)  # over the limit below: LRU
+
+    def meanwhile(tid: str) -> None:
+        if tid == "back":  # published again: the row is not stale any more
+            c.layout.shared_workspace("back").mkdir(parents=True)
+        elif tid == "twice":  # another gc dropped the stale row first
+            c.index.remove("twice/workspace")
+        elif tid in ("r", "o"):  # cleaned up (row gone) by its run / an operator meanwhile
+            c.index.remove("r/r1" if tid == "r" else "o/workspace")
+
+    c.on_lock = meanwhile
+    c.settings = c.settings.with_(cache_max_size=15)
+    report = collect_garbage(c)
+    assert sorted((s.key, s.why) for s in report.skipped) == [
+        ("back/workspace", "back on disk"),
+        ("o/workspace", "already gone"),
+        ("r/r1", "already gone"),
+        ("twice/workspace", "already gone"),
+    ]
+    assert report.evicted == []
+    assert c.on_disk("r/r1") and c.on_disk("o/workspace")
+
+
+def test_gc_counts_freed_bytes_and_forgets_copy_on_write_records(make_cache) -> None:
+    from forgespace.cache import manifest as mf
+
+    c = make_cache(CACHE_TTL="1s")
+    c.add("t/shared", 30, age=5)
+    c.add("u/workspace", 12, age=5)
+    cow = mf.manifest_path(c.layout.meta_dir, "t", "cow")
+    mf.write_manifest(cow, [("f", 30, 1)])
+    report = collect_garbage(c)
+    assert {p.key for p in report.evicted} == {"t/shared", "u/workspace"}
+    assert not cow.exists()  # the copy-on-write copy's records went with it
+    assert c.index.counters()["evicted_bytes"] == 42
+    assert c.index.counters()["evictions_ttl"] == 2
+
+
+def test_a_planted_trash_is_never_followed_and_gc_says_so(make_cache, tmp_path, caplog) -> None:
+    c = make_cache(CACHE_TTL="1s")
+    c.add("t/workspace", 10, age=5)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    if c.layout.trash_dir.exists():
+        c.layout.trash_dir.rmdir()
+    c.layout.trash_dir.symlink_to(outside)  # a run planted it: deletions would land outside
+    with caplog.at_level(logging.WARNING, logger="forgespace.cache.eviction"):
+        collect_garbage(c)
+    refusal = (
+        f"{c.layout.trash_dir} is a symbolic link (to {str(outside)!r}) where forgespace "
+        "expects a directory; refusing to use it (never followed)"
+    )
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith(refusal) for m in messages), messages  # said where, and why
+    assert list(outside.iterdir()) == []  # nothing was moved through the link

@@ -494,3 +494,34 @@ def test_an_index_of_another_schema_version_is_rebuilt(
     assert (layout.meta_dir / "index.sqlite.corrupt").exists()
     with sqlite3.connect(layout.index_path) as conn:
         assert conn.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+
+
+def test_an_index_of_schema_version_1_is_migrated_in_place(layout: CacheLayout) -> None:
+    # Version 1 had no lease owner columns. An upgraded worker keeps its entries, its access
+    # times and its live leases (a rebuild would lose who holds what), and reads old leases as
+    # owner-less.
+    import sqlite3
+
+    from forgespace.cache.index import LeaseOwner
+
+    index = CacheIndex(layout, lease_ttl=3600)
+    index.publish(entry("a/workspace", last_access=1000.0, nbytes=42))
+    index.add_lease(index.new_lease("a/workspace#r1", "a", "r1", ("a/workspace",)))
+    index.close()
+    with sqlite3.connect(layout.index_path) as conn:  # as version 1 wrote it
+        for column in ("attempt", "workflow_id", "workflow_run_id"):
+            conn.execute(f"ALTER TABLE leases DROP COLUMN {column}")
+        conn.execute("UPDATE schema_version SET version = 1")
+    migrated = CacheIndex(layout, lease_ttl=3600)
+    got = migrated.get("a/workspace")
+    assert got is not None and (got.bytes, got.last_access) == (42, 1000.0)
+    lease = migrated.lease("a/workspace#r1")
+    assert lease is not None and lease.owner is None and migrated.is_leased("a/workspace")
+    owner = LeaseOwner("attempt-1", "wf", "run")
+    migrated.add_lease(
+        migrated.new_lease("a/workspace#r2", "a", "r2", ("a/workspace",), owner=owner)
+    )
+    assert migrated.lease("a/workspace#r2").owner == owner  # type: ignore[union-attr]
+    assert not (layout.meta_dir / "index.sqlite.corrupt").exists()  # migrated, not rebuilt
+    with sqlite3.connect(layout.index_path) as conn:
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]

@@ -61,6 +61,7 @@ REFUSED: list[tuple[str, str, Callable[[Path, str, Path], Path | str]]] = [
     ("shared", "cow shared in shared mode", lambda r, t, x: r / t / "shared"),
     ("shared", "cache dir", lambda r, t, x: r),
     ("shared", "target dir", lambda r, t, x: r / t),
+    ("isolated", "not a run id", lambda r, t, x: r / t / "-iso" / "workspace"),
 ]
 
 # Why each is refused, as the error says it.
@@ -99,7 +100,24 @@ REASONS: dict[tuple[str, str], str] = {
     ("shared", "cow shared in shared mode"): "not the shared workspace or target of a target",
     ("shared", "cache dir"): "that is CACHE_DIR itself",
     ("shared", "target dir"): "that is a whole target directory, not a run directory",
+    ("isolated", "not a run id"): "'-iso' is not a run directory",
 }
+
+
+# What each mode accepts, as every refusal of that mode says it.
+ACCEPTED = {
+    "shared": "{CACHE_DIR}/{target_id}/workspace or {CACHE_DIR}/{target_id}/target",
+    "isolated": "{CACHE_DIR}/{target_id}/{run_id}[/workspace|/target]",
+    "copy-on-write": "{CACHE_DIR}/{target_id}/{run_id}[/workspace|/target]",
+}
+
+
+def refusal(raw: str, mode: str, why: str, root: Path) -> str:
+    """The whole refusal message: what was refused and why, what is accepted, nothing lost."""
+    return (
+        f"refusing to clean up {raw!r} (workspace_isolation {mode!r}): {why}; "
+        f"accepted: {ACCEPTED[mode]} inside {root}; nothing was deleted"
+    )
 
 
 @pytest.mark.parametrize(("mode", "case", "make"), REFUSED, ids=[f"{m}-{c}" for m, c, _ in REFUSED])
@@ -115,10 +133,11 @@ def test_refused_and_nothing_deleted(
     outside = _outside(tmp_path)
     before = _snapshot(root)
     leases = cache.index.live_leases()
+    path = make(root, tid, outside)
     with pytest.raises(CleanupRefusedError) as ei:
-        cache.cleanup_cache(make(root, tid, outside), mode)
-    assert "nothing was deleted" in str(ei.value) and "accepted" in str(ei.value)
-    assert REASONS[(mode, case)] in str(ei.value)  # the refusal says why
+        cache.cleanup_cache(path, mode)
+    # the refusal says what, why, what is accepted and that nothing was deleted
+    assert str(ei.value) == refusal(os.fspath(path), mode, REASONS[(mode, case)], root)
     assert isinstance(ei.value, ValueError)
     assert _snapshot(root) == before
     assert (outside / "workspace").is_dir()
@@ -137,10 +156,19 @@ def test_symlinks_refused(populated: tuple[WorkspaceCache, str], tmp_path: Path)
     # a link to a whole target dir that looks like a target id
     (root / "alias-target").symlink_to(root / tid)
     before = _snapshot(root)
-    for p in (root / tid / "evil", root / tid / "evil" / "workspace", alias,
-              alias / "workspace", root / "alias-target" / "iso"):  # fmt: skip
-        with pytest.raises(CleanupRefusedError):
+    real = os.path.realpath(root)
+    links = {
+        root / tid / "evil": f"{real}/{tid}/evil",
+        root / tid / "evil" / "workspace": f"{real}/{tid}/evil",
+        alias: None,  # outside CACHE_DIR (the link is not resolved)
+        alias / "workspace": None,
+        root / "alias-target" / "iso": f"{real}/alias-target",
+    }
+    for p, link in links.items():
+        with pytest.raises(CleanupRefusedError) as ei:
             cache.cleanup_cache(p, "isolated")
+        why = "it is outside CACHE_DIR" if link is None else f"{link} is a symbolic link"
+        assert str(ei.value) == refusal(str(p), "isolated", why, root)
     assert _snapshot(root) == before
     assert (outside / "workspace").is_dir()
     assert (root / tid / "iso" / "workspace").is_dir()
@@ -158,3 +186,22 @@ def test_accepted_forms(populated: tuple[WorkspaceCache, str]) -> None:
     assert os.listdir(cache.layout.trash_dir) == [], "rename-then-delete leaves no trash"
     assert cache.index.get(f"{tid}/iso") is None
     assert cache.index.get(f"{tid}/cow") is None
+
+
+def test_the_target_forms_are_accepted_too(settings: Settings, tmp_path: Path) -> None:
+    # {run}/target (isolated) and {tid}/target (shared) name the same run as their workspace
+    cache = WorkspaceCache(settings)
+    tid = cache.store.upload_target(make_project(tmp_path / "p", files=2))
+    root = cache.layout.root
+    cache.get_target(tid, "iso", "isolated")
+    cache.cleanup_cache(root / tid / "iso" / "target", "isolated")
+    assert not (root / tid / "iso").exists()
+    assert cache.index.get(f"{tid}/iso") is None
+    for form in ("workspace", "target"):
+        rid = f"run-{form}"
+        cache.get_target(tid, rid, "shared")
+        lease = f"{tid}/workspace#{rid}"
+        assert cache.index.lease(lease) is not None
+        cache.cleanup_cache(root / tid / form, "shared", run_id=rid)
+        assert cache.index.lease(lease) is None  # the run's lease ended
+        assert (root / tid / "workspace").is_dir()  # shared removes nothing

@@ -231,7 +231,7 @@ def _plan_mounts(layout: CacheLayout, leased: set[str]) -> list[PlannedEviction]
     out = []
     for mp in overlay.mounts_under(layout.root):
         key = _run_key_of(layout, mp)
-        if key is not None and key not in leased:
+        if key is not None and key[1] not in leased:  # leased holds run keys, not pairs
             out.append(
                 PlannedEviction(str(mp.relative_to(layout.root)), key[0], "mount", "orphan", 0)
             )

@@ -1,0 +1,201 @@
+"""What the extractor does when members of one archive collide or are cut short: a later member
+replaces an earlier file or link of the same name; anything that would turn a directory into
+something else, write through a file, or link to what is not an earlier file is refused,
+naming the archive and the member, and nothing is left behind."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from forgespace.cache.archive import extract_archive
+from forgespace.errors import IntegrityError, UnsafeArchiveError
+
+MAX = 1 << 20
+
+
+def member(name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"", link: str = "") -> tuple:
+    return name, kind, data, link
+
+
+def tar_of(*members: tuple, fmt: int = tarfile.GNU_FORMAT) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tf:
+        for name, kind, data, link in members:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            info.mtime = 1_600_000_000
+            info.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
+            info.linkname = link
+            info.size = len(data) if kind == tarfile.REGTYPE else 0
+            tf.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+    return buf.getvalue()
+
+
+def extract(tmp_path: Path, data: bytes) -> Path:
+    archive = tmp_path / "a.tar"
+    archive.write_bytes(data)
+    extract_archive(archive, tmp_path / "dest", max_bytes=MAX)
+    return tmp_path / "dest"
+
+
+def refused(tmp_path: Path, data: bytes, error: type[Exception], why: str, name: str) -> None:
+    archive = tmp_path / "a.tar"
+    archive.write_bytes(data)
+    with pytest.raises(error) as info:
+        extract_archive(archive, tmp_path / "dest", max_bytes=MAX)
+    msg = str(info.value)
+    assert str(archive) in msg and repr(name) in msg and why in msg, msg
+    assert not (tmp_path / "dest").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tar"]
+
+
+SYM, DIR, LNK = tarfile.SYMTYPE, tarfile.DIRTYPE, tarfile.LNKTYPE
+
+# (members, the member named in the refusal as tar records it, why)
+
+REFUSED = {
+    "a file where a directory is needed": (
+        [member("a", data=b"1"), member("a/b", data=b"2")],
+        "a/b", "needs a directory where the archive put a file ('a')",
+    ),
+    "a file replacing a directory": (
+        [member("d", DIR), member("d/x", data=b"1"), member("d", data=b"2")],
+        "d", "would replace a directory",
+    ),
+    "a symlink replacing a directory": (
+        [member("d", DIR), member("d", SYM, link="elsewhere")],
+        "d", "would replace a directory",
+    ),
+    "a directory where a file was": (
+        [member("d", data=b"1"), member("d", DIR)],
+        "d/", "is a directory where the archive put a file",
+    ),
+    "a directory where a symlink was": (
+        [member("l", SYM, link="x"), member("l", DIR)],
+        "l/", "is a directory where the archive put a symlink",
+    ),
+    "writing through an earlier symlink": (
+        [member("sub", DIR), member("l", SYM, link="sub"), member("l/f", data=b"x")],
+        "l/f", "would be written through the symlink 'l'",
+    ),
+    "a symlink with an empty target": (
+        [member("l", SYM, link="")], "l", "is a symlink with an empty target",
+    ),
+    "a hard link to a later member": (
+        [member("h", LNK, link="f"), member("f", data=b"x")],
+        "h", "is a hard link to 'f', which is not an earlier regular file of the archive",
+    ),
+    "a hard link to a directory": (
+        [member("d", DIR), member("h", LNK, link="d")],
+        "h", "is a hard link to 'd', which is not an earlier regular file of the archive",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_colliding_members_are_refused(tmp_path: Path, case: str) -> None:
+    members, name, why = REFUSED[case]
+    refused(tmp_path, tar_of(*members), UnsafeArchiveError, why, name)
+
+
+def test_a_later_member_replaces_an_earlier_file_or_link(tmp_path: Path) -> None:
+    dest = extract(
+        tmp_path,
+        tar_of(
+            member("f", data=b"first"),
+            member("f", data=b"second"),  # file over file
+            member("l", SYM, link="f"),
+            member("l", data=b"now a file"),  # file over symlink: the link goes, not its target
+            member("g", data=b"g"),
+            member("g", SYM, link="f"),  # symlink over file
+            member("h", data=b"h"),
+            member("h", LNK, link="f"),  # hard link over file
+            member("f2", LNK, link="f"),  # a new name for the file
+            member("self", data=b"s"),
+            member("self", LNK, link="self"),  # a hard link to itself: nothing to do
+        ),
+    )
+    assert (dest / "f").read_bytes() == b"second"
+    assert not (dest / "l").is_symlink() and (dest / "l").read_bytes() == b"now a file"
+    assert os.readlink(dest / "g") == "f"
+    assert (dest / "h").read_bytes() == b"second"
+    assert os.stat(dest / "h").st_ino == os.stat(dest / "f").st_ino
+    assert (dest / "self").read_bytes() == b"s"
+    assert sorted(p.name for p in dest.iterdir()) == ["f", "f2", "g", "h", "l", "self"]
+
+
+@pytest.mark.parametrize("size", [100, 300_000])  # read at once, and in chunks
+def test_a_member_cut_short_is_corruption_naming_it(tmp_path: Path, size: int) -> None:
+    whole = tar_of(member("ok", data=b"fine"), member("big.bin", data=os.urandom(size)))
+    cut = whole[: 512 * 3 + size // 2]  # the second member's data stops half way
+    refused(tmp_path, cut, IntegrityError, "is truncated in this member", "big.bin")
+
+
+def test_group_and_other_write_bits_of_members_are_kept_as_the_archive_says(
+    tmp_path: Path,
+) -> None:
+    # the process umask (022 here) must not silently drop modes the archive records
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        info = tarfile.TarInfo("shared.txt")
+        info.size, info.mode = 2, 0o666
+        tf.addfile(info, io.BytesIO(b"hi"))
+    old = os.umask(0o022)
+    try:
+        dest = extract(tmp_path, buf.getvalue())
+    finally:
+        os.umask(old)
+    assert (dest / "shared.txt").stat().st_mode & 0o777 == 0o666
+
+
+@pytest.mark.parametrize(
+    ("kind", "why"),
+    [
+        (tarfile.FIFOTYPE, "is a fifo; fifo members are not accepted"),
+        (tarfile.CHRTYPE, "is a device node; device members are not accepted"),
+        (tarfile.BLKTYPE, "is a device node; device members are not accepted"),
+        (b"Z", "has the unsupported type b'Z'"),
+    ],
+)
+def test_special_members_are_refused(tmp_path: Path, kind: bytes, why: str) -> None:
+    data = tar_of(member("ok", data=b"x"), member("special", kind))
+    refused(tmp_path, data, UnsafeArchiveError, why, "special")
+
+
+def test_gnu_long_names_and_long_link_targets_are_extracted(tmp_path: Path) -> None:
+    deep = "/".join(["d" * 60] * 4)  # over the 100 bytes of a ustar name field
+    target = "../" * 3 + "t" * 120  # a relative link target over 100 bytes, inside the tree
+    dest = extract(
+        tmp_path,
+        tar_of(member(f"{deep}/f", data=b"deep"), member(f"{deep}/a/b/c/l", SYM, link=target)),
+    )
+    assert (dest / deep / "f").read_bytes() == b"deep"
+    assert os.readlink(dest / deep / "a/b/c/l") == target
+
+
+def test_a_metadata_member_over_the_limit_is_refused(tmp_path: Path) -> None:
+    name = "n" * ((1 << 20) + 1)  # a GNU long name bigger than any path
+    why = f"has {(1 << 20) + 2} bytes of long name; at most {1 << 20} are accepted"
+    refused(tmp_path, tar_of(member(name, data=b"x")), UnsafeArchiveError, why, "")
+
+
+def test_an_archive_without_end_blocks_is_accepted_one_cut_in_a_header_is_not(
+    tmp_path: Path,
+) -> None:
+    whole = tar_of(member("a", data=b"1"), member("b", data=b"2"))
+    body = whole[: 512 * 4]  # both members, no end-of-archive blocks (GNU tar accepts that)
+    dest = extract(tmp_path, body)
+    assert (dest / "a").read_bytes() == b"1" and (dest / "b").read_bytes() == b"2"
+    (tmp_path / "a.tar").unlink()
+    shutil.rmtree(dest)
+    archive = tmp_path / "a.tar"
+    archive.write_bytes(whole[: 512 * 2 + 100])  # the second header cut short
+    with pytest.raises(IntegrityError, match="truncated in a header"):
+        extract_archive(archive, tmp_path / "dest", max_bytes=MAX)
+    assert not (tmp_path / "dest").exists()
