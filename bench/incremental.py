@@ -149,6 +149,8 @@ def main() -> None:
                 runs.append(
                     {n: _run_path(server, work / f"{n}-{rep}", n, trees, endpoint) for n in PATHS}
                 )
+                for n in PATHS:  # a repetition's caches are not used again: room for the next
+                    shutil.rmtree(work / f"{n}-{rep}", ignore_errors=True)
     _report(_medians(runs), files, mb, args.reps)
     print(f"caches on: {args.fs}; downloads: {f'{args.rate:g} MB/s' if args.rate else 'loopback'}")
 

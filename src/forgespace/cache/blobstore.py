@@ -212,7 +212,7 @@ def materialise(
             f"{limit} bytes (CACHE_MAX_SIZE)",
         )  # fmt: skip
     root = engine.layout.root
-    sweep(engine, incoming=need)  # unreferenced blobs make room first (skipped when busy)
+    sweep(engine, incoming=need, only_for_room=True)  # unreferenced blobs make room first
     with (
         flock(_lock_path(engine), exclusive=False, root=root, what="the blob store",
               timeout=engine.settings.cache_lock_timeout, purpose=f"materialise {tid}"),
@@ -437,13 +437,18 @@ def _live_digests(engine: Any) -> set[str]:
     return live
 
 
-def sweep(engine: Any, *, incoming: int = 0) -> tuple[int, int]:
+def sweep(engine: Any, *, incoming: int = 0, only_for_room: bool = False) -> tuple[int, int]:
     """Remove local packs holding no referenced blob (and dead temp files): unused for
     CACHE_TTL, then least recently used while the cache (entries + blobs + ``incoming``)
-    exceeds CACHE_MAX_SIZE. Skipped (0, 0) when a materialisation holds the blob store.
+    exceeds CACHE_MAX_SIZE. Skipped (0, 0) when a materialisation holds the blob store, and
+    with ``only_for_room`` (a get's call) when the cache is within its limit: reading every
+    entry's manifest costs a get more than it saves then, and gc's periodic sweep does TTL.
     Returns (files removed, bytes freed)."""
     total, files = blob_usage(engine)
     if not files:
+        return 0, 0
+    limit = engine.settings.cache_max_size
+    if only_for_room and engine.index.total_bytes() + total + incoming <= limit:
         return 0, 0
     lock = flock(
         _lock_path(engine),
