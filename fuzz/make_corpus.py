@@ -324,6 +324,11 @@ def manifest_seeds(tmp: Path) -> dict[str, bytes]:
         "offset-past-end.manifest": doc(as_file("a.txt", offset=len(pack) + 10)),
         "overlapping-blobs.manifest": doc(as_file("x", mod, offset=mod.offset - 3)),
         "missing-pack.manifest": doc(as_file("a.txt", pack="2" * 64)),
+        # the build finishes from the first pack's copy of a blob, then the fetch of the same
+        # digest from a missing pack fails (found by the fuzzer: the built tree was left)
+        "same-blob-second-pack-missing.manifest": doc(
+            a, as_file("b.txt"), as_file("sub/c.txt", pack="3" * 64)
+        ),
         "offset-beyond-seek.manifest": doc(as_file("a.txt", offset=10 * 2**63)),
         # not a valid manifest
         "bad-json.manifest": raw_doc(b'{"format": "forgespace-manifest", "version": 1, "tr'),

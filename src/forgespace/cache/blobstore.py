@@ -274,6 +274,8 @@ def _fetch_and_build(job: _Job, bfd: int, held: Held, missing: list[FileEntry]) 
         sink.cancelled = True
         fetcher.join()
         sink.discard()
+        if os.path.lexists(job.dest):  # built before the fetch failed: refused all the same
+            fsops.remove(job.dest.parent, job.dest)
         if not isinstance(exc, _FetchFailed) or sink.error is None:
             raise
     else:
