@@ -142,7 +142,9 @@ def run(args: argparse.Namespace, fs_root: Path) -> None:
     work = Path(tempfile.mkdtemp(prefix="fs-bench-get-", dir=fs_root))
     try:
         with running_s3_server(work) as server:
-            base_env = s3_env(server, work)
+            # the archive path (a tar.gz object), as the baselines (boto3 + GNU tar) read it;
+            # incremental targets have their own benchmark, bench/incremental.py
+            base_env = {**s3_env(server, work), "STORE_FORMAT": "archive"}
             settings = Settings.from_env(base_env)
             uploader = WorkspaceCache(settings)
             t0 = time.perf_counter()

@@ -135,7 +135,7 @@ def run(args: argparse.Namespace, tree: Path, work: Path) -> None:
     """Both link speeds, then the table."""
     with running_s3_server(work) as server:
         settings = Settings.from_env(s3_env(server, work)).with_(s3_endpoint=server.upstream)
-        local = LocalStore(work / "local")
+        local = LocalStore(work / "local", incremental=False)  # a tar.gz: what is streamed
         tid = local.upload_target(tree)
         S3Store.from_settings(settings).upload_target(local.object_path(tid), target_id=tid)
         size = local.stat_target(tid).size
