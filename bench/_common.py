@@ -185,3 +185,20 @@ def throttled(upstream: str, mb_per_s: float) -> Iterator[str]:
     finally:
         proc.kill()
         proc.wait()
+
+
+def caches_root(stack: contextlib.ExitStack, fs: str, fallback: Path) -> Path:
+    """Where a benchmark writes its caches: with ``fs`` "btrfs", a loop-mounted btrfs made for
+    the run (unmounted when ``stack`` closes; immune to the root ext4's slow creates after
+    deletes), else ``fallback`` (also when loop mounts are refused here: said on stdout)."""
+    if fs != "btrfs":
+        return fallback
+    from support.mounts import MountRefused, loop_btrfs
+
+    try:
+        root: Path = stack.enter_context(loop_btrfs(bench_root() / "loop", size=8 << 30))
+    except MountRefused as exc:
+        print(f"no loop btrfs ({exc}); caches on {fallback}", flush=True)
+        return fallback
+    print(f"caches on a loop-mounted btrfs at {root}", flush=True)
+    return root

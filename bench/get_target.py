@@ -30,8 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _common import bench_root, cached, make_tree, print_table  # noqa: E402
-from support.mounts import MountRefused, loop_btrfs  # noqa: E402
+from _common import bench_root, cached, caches_root, make_tree, print_table  # noqa: E402
 from support.procs import run_getters  # noqa: E402
 from support.s3server import env_for, running_s3_server, s3_env  # noqa: E402
 
@@ -122,13 +121,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     with contextlib.ExitStack() as stack:
-        fs_root = bench_root()
-        if args.fs == "btrfs":
-            try:
-                fs_root = stack.enter_context(loop_btrfs(bench_root() / "loop", size=8 << 30))
-                print(f"caches on a loop-mounted btrfs at {fs_root}", flush=True)
-            except MountRefused as exc:
-                print(f"no loop btrfs ({exc}); caches on {fs_root}", flush=True)
+        fs_root = caches_root(stack, args.fs, bench_root())
         run(args, fs_root)
 
 

@@ -37,8 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _common import bench_root, cached, make_tree, print_table, throttled  # noqa: E402
-from support.mounts import MountRefused, loop_btrfs  # noqa: E402
+from _common import bench_root, cached, caches_root, make_tree, print_table, throttled  # noqa: E402
 from support.s3server import S3Server, running_s3_server, s3_env  # noqa: E402
 
 from forgespace import Settings, WorkspaceCache  # noqa: E402
@@ -132,13 +131,7 @@ def main() -> None:
         trees[label] = cached(base / f"v2-{tag}", lambda p, s=share, t=tag: _variant(v1, p, s, t))
     runs: list[dict[str, dict[str, Any]]] = []
     with contextlib.ExitStack() as stack:
-        fs_root = Path(tempfile.gettempdir())
-        if args.fs == "btrfs":
-            try:
-                fs_root = stack.enter_context(loop_btrfs(bench_root() / "loop", size=8 << 30))
-                print(f"caches on a loop-mounted btrfs at {fs_root}", flush=True)
-            except MountRefused as exc:
-                print(f"no loop btrfs ({exc}); caches on {fs_root}", flush=True)
+        fs_root = caches_root(stack, args.fs, Path(tempfile.gettempdir()))
         work = Path(tempfile.mkdtemp(prefix="forgespace-bench-incr-", dir=fs_root))
         stack.callback(shutil.rmtree, work, ignore_errors=True)
         with running_s3_server(work) as server:
