@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.procs import TESTS_DIR, make_project, run_getters, tree_digest, wait_for
+from support.procs import make_project, run_getters, start_role, tree_digest, wait_for
 from support.s3server import env_for
 
 from forgespace import Settings, WorkspaceCache, open_store
@@ -285,14 +284,7 @@ def test_one_download_across_processes(
 
 
 def _child(env: dict[str, str], role: str, spec: dict[str, Any]) -> subprocess.Popen[str]:
-    env = {**env, "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), env.get("PYTHONPATH", "")])}
-    return subprocess.Popen(
-        [sys.executable, "-m", "support.incremental", role, json.dumps(spec)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return start_role("incremental", role, spec, env)
 
 
 def _kill_at(proc: subprocess.Popen[str], signal_file: Path) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from support.cli import assert_one_line_error, cli_env, run_forgespace
-from support.procs import TESTS_DIR, wait_for
+from support.procs import start_role, wait_for
 from support.s3server import S3Server
 
 from forgespace.config import Settings
@@ -114,14 +114,7 @@ def test_s3_reupload_restarts_the_age(s3_settings: Settings, tmp_path: Path) -> 
 
 # --- races across processes --------------------------------------------------------------
 def _child(role: str, spec: dict[str, object], env: dict[str, str]) -> subprocess.Popen[str]:
-    env = {**env, "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), env.get("PYTHONPATH", "")])}
-    return subprocess.Popen(
-        [sys.executable, "-m", "support.prune_race", role, json.dumps(spec)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return start_role("prune_race", role, spec, env)
 
 
 def _result(proc: subprocess.Popen[str], timeout: float) -> dict[str, int]:

@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 TESTS_DIR = Path(__file__).resolve().parents[1]
 
@@ -25,6 +26,20 @@ def _child_env(env: dict[str, str], extra: dict[str, str] | None) -> dict[str, s
     out.update(extra or {})
     out["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS_DIR), out.get("PYTHONPATH", "")) if p)
     return out
+
+
+def start_role(
+    module: str, role: str, spec: dict[str, Any], env: dict[str, str]
+) -> subprocess.Popen[str]:
+    """``python -m support.{module} ROLE SPEC_JSON`` with ``env`` (tests/ on PYTHONPATH), its
+    output piped: the child processes of the cross-process race and crash tests."""
+    return subprocess.Popen(
+        [sys.executable, "-m", f"support.{module}", role, json.dumps(spec)],
+        env=_child_env(env, None),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def start_getter(
