@@ -97,7 +97,9 @@ def _every_command(cache: WorkspaceCache, tid: str, errors: dict[str, str]) -> N
     _attempt("evict", lambda: evict_target(cache, tid, force=True), errors)
 
 
-@pytest.mark.parametrize("name", ["trash", "tmp", "locks", "owners", "manifests", "overlay"])
+@pytest.mark.parametrize(
+    "name", ["trash", "tmp", "locks", "owners", "manifests", "overlay", "blobs"]
+)
 def test_planted_internal_directory_is_refused_never_followed(
     settings: Settings, tmp_path: Path, target: str, name: str
 ) -> None:

@@ -65,7 +65,7 @@ LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 META = ".forgespace"
 TRASH = (META, "trash")
 # Directories under .forgespace that forgespace itself reads and writes.
-INTERNAL_DIRS = ("trash", "tmp", "locks", "owners", "manifests", "overlay")
+INTERNAL_DIRS = ("trash", "tmp", "locks", "owners", "manifests", "overlay", "blobs")
 # Lock files live in these; anything there that is not a plain single-link file is planted.
 LOCK_DIRS = ("locks", "owners")
 
