@@ -305,17 +305,33 @@ class _Blobs:
         self.bfd, self.held, self.pending = bfd, held, pending
         self._fds: dict[str, int] = {}
 
-    def locate(self, digest: str) -> tuple[int, int, int]:
-        """(pack fd, offset, size) of a blob, waiting for it when it is being fetched."""
-        if digest in self.held or self.pending is None:
-            pack, offset, size = self.held[digest]
-        else:
+    def locate(self, digest: str) -> tuple[int, int, int, bool]:
+        """(pack fd, offset, size, fresh) of a blob, waiting for it when it is being fetched;
+        ``fresh``: in the pack this fetch is writing."""
+        fresh = digest not in self.held and self.pending is not None
+        if fresh:
+            assert self.pending is not None
             offset, size = self.pending.wait_for(digest)
             pack = self.pending.tmp
+        else:
+            pack, offset, size = self.held[digest]
         fd = self._fds.get(pack)
         if fd is None:
             fd = self._fds[pack] = os.open(pack, _SRC_FLAGS, dir_fd=self.bfd)
-        return fd, offset, size
+        return fd, offset, size, fresh
+
+    def copy_to(self, digest: str, dfd: int, size: int, rel: str) -> None:
+        """Copy the blob ``digest`` (``size`` bytes) to the new file ``dfd``. A blob of the
+        pack being fetched is copied through user space: its pages are still dirty, and on
+        btrfs copy_file_range from dirty pages costs twice a plain copy (it waits for their
+        writeback); a held pack's blob goes through copy_file_range (block sharing)."""
+        sfd, offset, have, fresh = self.locate(digest)
+        if have != size:
+            raise IntegrityError(f"the cached blob {digest} of {rel!r} has {have} bytes")
+        if fresh:
+            _pread_copy(sfd, dfd, offset, size, 0)
+        else:
+            _copy_range(sfd, dfd, offset, size)
 
     def touch(self) -> None:
         now = time.time()
@@ -367,10 +383,7 @@ def _copy_file(x: _Extractor, blobs: _Blobs, rel: str, f: FileEntry) -> None:
     fd = x._create(rel, perm)
     try:
         if f.size:
-            sfd, offset, size = blobs.locate(f.sha256)
-            if size != f.size:
-                raise IntegrityError(f"the cached blob {f.sha256} of {rel!r} has {size} bytes")
-            _copy_range(sfd, fd, offset, size)
+            blobs.copy_to(f.sha256, fd, f.size, rel)
         x._count(f.size)
         x._finish_file(fd, rel, perm, 0, f.size)
     finally:
@@ -392,6 +405,12 @@ def _copy_range(sfd: int, dfd: int, offset: int, size: int) -> None:
     except OSError as exc:
         if exc.errno not in _NO_CFR or done:
             raise
+    _pread_copy(sfd, dfd, offset, size, done)
+
+
+def _pread_copy(sfd: int, dfd: int, offset: int, size: int, done: int) -> None:
+    """Bytes ``[offset + done, offset + size)`` of ``sfd`` appended to ``dfd`` with
+    pread/write."""
     while done < size:
         chunk = os.pread(sfd, min(size - done, 1 << 20), offset + done)
         if not chunk:
