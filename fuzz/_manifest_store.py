@@ -14,7 +14,7 @@ from pathlib import Path
 
 from forgespace.storage import blobs
 from forgespace.storage.local import LocalStore
-from forgespace.storage.manifest import Manifest, scan_tree
+from forgespace.storage.manifest import Manifest, walk_tree
 
 # path -> (content, executable); contents fixed so the pack's bytes (and name) are too.
 FILES: dict[str, tuple[bytes, bool]] = {
@@ -39,10 +39,9 @@ def make_store(root: Path) -> tuple[LocalStore, Manifest]:
     for rel, target in LINKS.items():
         os.symlink(target, src / rel)
     store = LocalStore(root / "store")
-    scanned = scan_tree(src)
     lease = blobs.begin_upload(store)
     try:
-        located, _stats = blobs.store_tree(store, src, scanned)
+        located, _stats = blobs.store_tree(store, walk_tree(src))
     finally:
         blobs.end_upload(store, lease)
     return store, located

@@ -14,7 +14,7 @@ import pytest
 from forgespace.errors import IntegrityError
 from forgespace.storage import blobs
 from forgespace.storage.local import LocalStore
-from forgespace.storage.manifest import MANIFEST_MAGIC, parse_manifest, scan_tree
+from forgespace.storage.manifest import MANIFEST_MAGIC, parse_manifest, walk_tree
 
 # Deeper than any recursion limit CPython's json decoder can meet, yet 133 bytes of gzip.
 DEEP = b"[" * 100_000
@@ -45,7 +45,7 @@ def test_unreadable_pack_index_is_ignored(tmp_path: Path, index: bytes) -> None:
         src = tmp_path / name
         src.mkdir()
         (src / f"{name}.txt").write_text(f"content of {name}\n")
-        m, _stats = blobs.store_tree(store, src, scan_tree(src))
+        m, _stats = blobs.store_tree(store, walk_tree(src))
         known.append(m.files[0].sha256)
     assert set(blobs.known_blobs(store)) == set(known)
     first = blobs.known_blobs(store)[known[0]].pack

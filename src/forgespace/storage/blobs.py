@@ -34,26 +34,38 @@ sweep's); leases older than ``LEASE_TTL`` are a crashed upload's, ignored and re
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import gzip
 import hashlib
+import itertools
 import json
 import logging
 import os
+import stat
 import tempfile
 import time
 import uuid
 import zlib
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Any, BinaryIO, Protocol
 
-from isal import isal_zlib
+from isal import igzip, isal_zlib
 
 from forgespace.errors import ForgespaceError, IntegrityError, StorageError, TargetNotFoundError
-from forgespace.storage.manifest import Entry, FileEntry, Manifest, encode_manifest, scan_tree
-from forgespace.storage.pack import content_id, tree_size
+from forgespace.storage.manifest import (
+    Entry,
+    FileEntry,
+    Manifest,
+    TreeWalk,
+    encode_manifest,
+    tree_digest,
+    walk_tree,
+)
+from forgespace.storage.pack import _GZIP_LEVEL, content_id
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +82,8 @@ SWEEP_TTL = 60.0
 SWEEP_DEADLINE = 20.0
 _COMPRESS_MIN = 64  # smaller blobs are stored raw: a zlib header would not pay off
 _CHUNK = 1 << 20
+_WHOLE_MAX = 4 * _CHUNK  # larger files are read, hashed and compressed chunk by chunk
+_LEVEL = _GZIP_LEVEL  # the classic tar.gz's level: same speed per byte, comparable size
 
 # What reading a damaged index can raise: gzip reports a bad deflate stream as zlib.error (not
 # an OSError), json a structure nested too deep as RecursionError.
@@ -173,37 +187,33 @@ def known_blobs(io: BlobIO) -> dict[str, BlobLoc]:
 
 def store_tree(
     io: BlobIO,
-    src: str | Path,
-    m: Manifest,
+    walk: TreeWalk,
     *,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[Manifest, UploadStats]:
-    """Send the blobs of directory ``src`` (scanned as ``m`` by ``scan_tree``) the store
-    lacks; returns the manifest with every file's blob location. The caller holds an upload
-    lease (``begin_upload``) from before this call until the manifest is published."""
+    """Read each file of ``walk`` (``walk_tree``) once: hash it and, when the store lacks
+    that content, append it to a new pack; returns the manifest with every file's blob
+    location. The digest recorded is always the digest of the bytes stored (both come from
+    the same read: a file changed meanwhile is stored as read, never under another file
+    version's digest). The caller holds an upload lease (``begin_upload``) from before this
+    call until the manifest is published: no sweep deletes a pack the manifest names."""
     known = known_blobs(io)
-    stats = UploadStats(files=len(m.files))
-    root = Path(src)
-    missing: dict[str, FileEntry] = {}
-    for f in m.files:
-        if f.sha256 not in known:
-            missing.setdefault(f.sha256, f)
+    stats = UploadStats()
+    entries: list[Entry] = []
     done = 0
-    batch: list[FileEntry] = []
-    batch_bytes = 0
-    for f in missing.values():
-        batch.append(f)
-        batch_bytes += f.size
-        if batch_bytes >= PACK_MAX:
-            known.update(_send_pack(io, root, batch, stats))
-            batch, batch_bytes = [], 0
-        done += f.size
-        if progress is not None:
-            progress(done)
-    if batch:
-        known.update(_send_pack(io, root, batch, stats))
-    entries = tuple(_located(e, known) for e in m.entries)
-    return Manifest(m.tree, entries), stats
+    with _PackWriter(io, known, stats) as packs:
+        for e in walk.entries:
+            if e[0] != "f":
+                entries.append(e)
+                continue
+            f = packs.add(e[2], e[1])  # type: ignore[misc]
+            entries.append(f)
+            stats.files += 1
+            done += f.size
+            if progress is not None:
+                progress(done)
+    located = [_located(e, known) for e in entries]
+    return Manifest(tree_digest(located), tuple(located)), stats
 
 
 @contextlib.contextmanager
@@ -213,16 +223,16 @@ def tree_upload(
     progress: Callable[[int, int], None] | None,
     target_id: str | None,
 ) -> Iterator[tuple[str, bytes]]:
-    """Scan directory ``src``, send the blobs the store lacks, and give the caller the target
+    """Walk directory ``src``, send the blobs the store lacks, and give the caller the target
     id and the manifest's bytes to publish, all under an upload lease (held until the caller
     published, so no sweep deletes a pack the manifest is about to reference). A refused tree
     touches nothing in the store."""
-    scanned = scan_tree(src)
+    walk = walk_tree(src)
     lease = begin_upload(io)
     try:
-        total = tree_size(src) if progress is not None else 0
+        total = walk.file_bytes
         cb = (lambda done: progress(done, total)) if progress is not None else None
-        m, _stats = store_tree(io, src, scanned, progress=cb)
+        m, _stats = store_tree(io, walk, progress=cb)
         yield target_id or content_id("tree", m.tree), encode_manifest(m)
     finally:
         end_upload(io, lease)
@@ -235,52 +245,195 @@ def _located(e: Entry, known: dict[str, BlobLoc]) -> Entry:
     return replace(e, pack=loc.pack, offset=loc.offset, length=loc.length, codec=loc.codec)
 
 
-def _send_pack(
-    io: BlobIO, root: Path, files: list[FileEntry], stats: UploadStats
-) -> dict[str, BlobLoc]:
-    """Write one pack of ``files`` to a temp file, then PUT it and its index. The temp file
-    is flocked while written: the local store's prune removes it only once its writer died."""
-    tmp_dir = getattr(io, "blob_tmp_dir", None)
-    if tmp_dir is not None:
-        os.makedirs(tmp_dir, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=".pack-", suffix=".tmp", dir=tmp_dir)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            fcntl.flock(out.fileno(), fcntl.LOCK_EX)
-            rows: list[tuple[str, int, int, str, int]] = []
-            hasher = hashlib.sha256()
-            offset = 0
-            for f in files:
-                data, codec = _encode(root / f.path, f)
-                out.write(data)
-                hasher.update(data)
-                rows.append((f.sha256, offset, len(data), codec, f.size))
-                offset += len(data)
+class _PackWriter:
+    """New blobs appended to a pack temp file, each pack PUT (with its index) once past
+    ``PACK_MAX`` on a helper thread while the next one is written, the last one on exit.
+    ``known`` (digest -> location) learns every blob sent. The temp file is flocked while
+    written: the local store's prune removes it only once its writer died."""
+
+    def __init__(self, io: BlobIO, known: dict[str, BlobLoc], stats: UploadStats) -> None:
+        self.io, self.known, self.stats = io, known, stats
+        self.tmp_dir: Path | None = getattr(io, "blob_tmp_dir", None)
+        if self.tmp_dir is not None:
+            os.makedirs(self.tmp_dir, exist_ok=True)
+        self._out: BinaryIO | None = None
+        self._name = ""
+        self._hasher = hashlib.sha256()
+        self._rows: list[tuple[str, int, int, str, int]] = []
+        self._pending: dict[str, int] = {}  # digest -> row, for blobs of the open pack
+        self._offset = 0
+        self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="send pack")
+        self._sent: list[Future[dict[str, BlobLoc]]] = []
+
+    def __enter__(self) -> _PackWriter:
+        return self
+
+    def __exit__(self, kind: object, exc: object, tb: object) -> None:
+        try:
+            if exc is None:
+                self._rotate()
+                for fut in self._sent:  # every pack and index stored before any manifest
+                    self.known.update(fut.result())
+        finally:
+            self._sender.shutdown(wait=True)  # a failed upload stops here, sending no more
+            if self._out is not None:
+                self._discard(self._out, self._name)
+
+    # --- one file ------------------------------------------------------------------
+    def add(self, path: str, rel: str) -> FileEntry:
+        """Read the file once; its entry (stored only if new: store and this upload)."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            raise StorageError(f"{path} was removed while it was being uploaded") from exc
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise StorageError(f"{path} became a symlink while it was being uploaded") from exc
+        with os.fdopen(fd, "rb", buffering=0) as fh:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise StorageError(f"{path} is no longer a regular file; upload it again")
+            executable = bool(st.st_mode & 0o111)
+            head, whole = _read_head(fh, st.st_size) if st.st_size <= _WHOLE_MAX else (b"", False)
+            if whole:
+                digest, size = hashlib.sha256(head).hexdigest(), len(head)
+                if not self._have(digest):
+                    self._append_whole(digest, head)
+            else:  # large (or it grew past the limit while read)
+                digest, size = self._append_streamed(fh, head)
+        return FileEntry(rel, executable, size, digest)
+
+    def _have(self, digest: str) -> bool:
+        return digest in self.known or digest in self._pending
+
+    def _open(self) -> BinaryIO:
+        if self._out is None:
+            fd, self._name = tempfile.mkstemp(prefix=".pack-", suffix=".tmp", dir=self.tmp_dir)
+            self._out = os.fdopen(fd, "w+b")
+            fcntl.flock(self._out.fileno(), fcntl.LOCK_EX)
+            self._hasher, self._rows, self._pending, self._offset = hashlib.sha256(), [], {}, 0
+        return self._out
+
+    def _append_whole(self, digest: str, data: bytes) -> None:
+        blob, codec = _encode(data)
+        out = self._open()
+        out.write(blob)
+        self._hasher.update(blob)
+        self._row(digest, len(blob), codec, len(data))
+
+    def _append_streamed(self, fh: BinaryIO, head: bytes) -> tuple[str, int]:
+        """A large file (``head``: what was read of it already) hashed and compressed in one
+        read, chunk by chunk (memory bounded); cut back off the pack when the store already
+        had it. Compressed when its first chunk shrinks by a tenth."""
+        out = self._open()
+        start, saved = self._offset, self._hasher.copy()
+        h = hashlib.sha256()
+        z: Any = None
+        size = written = 0
+        chunks = itertools.chain([head] if head else [], iter(lambda: fh.read(_CHUNK), b""))
+        for chunk in chunks:
+            h.update(chunk)
+            if not size:
+                z = isal_zlib.compressobj(_LEVEL)
+                piece = z.compress(chunk) + z.flush(isal_zlib.Z_FULL_FLUSH)
+                if len(piece) >= len(chunk) * 0.9:
+                    z, piece = None, chunk
+            else:
+                piece = z.compress(chunk) if z is not None else chunk
+            size += len(chunk)
+            out.write(piece)
+            self._hasher.update(piece)
+            written += len(piece)
+        if z is not None:
+            tail = z.flush()
+            out.write(tail)
+            self._hasher.update(tail)
+            written += len(tail)
+        digest = h.hexdigest()
+        if self._have(digest):  # a duplicate: written for nothing, cut off again
+            out.seek(start)
+            out.truncate()
+            self._hasher = saved
+        else:
+            self._row(digest, written, "z" if z is not None else "raw", size)
+        return digest, size
+
+    def _row(self, digest: str, length: int, codec: str, size: int) -> None:
+        self._pending[digest] = len(self._rows)
+        self._rows.append((digest, self._offset, length, codec, size))
+        self._offset += length
+        if self._offset >= PACK_MAX:
+            self._rotate()
+
+    # --- packs ---------------------------------------------------------------------
+    def _rotate(self) -> None:
+        """Close the open pack and hand it to the sender thread."""
+        out, name = self._out, self._name
+        if out is None:
+            return
+        self._out = None
+        for fut in self._sent:  # an earlier pack's failure ends the upload now
+            failed = fut.exception() if fut.done() else None
+            if failed is not None:
+                self._discard(out, name)
+                raise failed
+        pack, rows = self._hasher.hexdigest(), self._rows
+        self.stats.new_blobs += len(rows)
+        self.stats.sent_bytes += self._offset
+        self.stats.packs.append(pack)
+        # Known as soon as it is queued: a later duplicate in this upload refers to it (the
+        # manifest goes out only once every queued pack is stored).
+        self.known.update({d: BlobLoc(pack, o, n, c, sz) for d, o, n, c, sz in rows})
+        try:
             out.flush()
-            if tmp_dir is not None:  # moved into place as the stored pack: make it durable
+            if self.tmp_dir is not None:  # moved into place as the stored pack: make it durable
                 os.fsync(out.fileno())
-            pack = hasher.hexdigest()
-            io.blob_put(PACKS + pack, Path(name))  # the local store moves it into place
-    finally:
+        except BaseException:
+            self._discard(out, name)
+            raise
+        self._sent.append(self._sender.submit(_send_pack, self.io, out, name, pack, rows))
+
+    @staticmethod
+    def _discard(out: BinaryIO, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(name)
+        out.close()
+
+
+def _send_pack(
+    io: BlobIO, out: BinaryIO, name: str, pack: str, rows: list[tuple[str, int, int, str, int]]
+) -> dict[str, BlobLoc]:
+    """PUT the written pack temp file ``name`` (still open and flocked as ``out``), then its
+    index (after the pack: an index never names a pack that is not stored)."""
+    try:
+        io.blob_put(PACKS + pack, Path(name))  # the local store moves it into place
+    finally:
+        _PackWriter._discard(out, name)
     index = {"pack": pack, "blobs": rows}
-    io.blob_put(INDEX + pack, gzip.compress(json.dumps(index).encode(), mtime=0))
-    stats.new_blobs += len(files)
-    stats.sent_bytes += offset
-    stats.packs.append(pack)
+    io.blob_put(INDEX + pack, igzip.compress(json.dumps(index).encode(), _LEVEL, mtime=0))
     return {d: BlobLoc(pack, off, n, c, s) for d, off, n, c, s in rows}
 
 
-def _encode(path: Path, f: FileEntry) -> tuple[bytes, str]:
-    """The blob of file ``f`` (re-read and re-hashed: a file changed since the scan is an
-    error, not a wrong blob), zlib-compressed when that saves a tenth."""
-    with open(path, "rb") as fh:
-        data = fh.read()
-    if len(data) != f.size or hashlib.sha256(data).hexdigest() != f.sha256:
-        raise StorageError(f"{path} changed while it was being uploaded; upload it again")
+def _read_head(fh: BinaryIO, size_hint: int) -> tuple[bytes, bool]:
+    """Up to ``_WHOLE_MAX + 1`` bytes of the file, and whether that was all of it (read to
+    EOF: its size may have changed since ``size_hint`` was taken)."""
+    parts: list[bytes] = []
+    have, want = 0, min(size_hint, _WHOLE_MAX) + 1
+    while have <= _WHOLE_MAX:
+        chunk = fh.read(want - have if have < want else _CHUNK)
+        if not chunk:
+            return (parts[0] if len(parts) == 1 else b"".join(parts)), True
+        parts.append(chunk)
+        have += len(chunk)
+    return b"".join(parts), False
+
+
+def _encode(data: bytes) -> tuple[bytes, str]:
+    """The blob of ``data``: zlib-compressed (isal level 1, as the classic tar.gz) when that
+    saves a tenth, else raw."""
     if len(data) >= _COMPRESS_MIN:
-        z = isal_zlib.compress(data, 1)
+        z = isal_zlib.compress(data, _LEVEL)
         if len(z) < len(data) * 0.9:
             return z, "z"
     return data, "raw"

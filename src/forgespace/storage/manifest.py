@@ -84,47 +84,57 @@ def is_manifest(path: str | os.PathLike[str]) -> bool:
         return False
 
 
-def scan_tree(src: str | Path) -> Manifest:
-    """Walk the directory ``src`` (the order and rules of ``pack_directory``) and hash every
-    file: the manifest without blob locations. UnsafeArchiveError for links leaving the tree
-    and for devices, fifos and sockets."""
+@dataclass(frozen=True)
+class TreeWalk:
+    """A directory's entries in walk order, without reading any file: ``("d", path)``,
+    ``("l", path, target)``, ``("f", path, absolute path)``; ``file_bytes``: the files'
+    sizes when walked (for progress)."""
+
+    entries: tuple[tuple[str, str] | tuple[str, str, str], ...]
+    file_bytes: int
+
+
+def walk_tree(src: str | Path) -> TreeWalk:
+    """Walk the directory ``src`` (the order and rules of ``pack_directory``) reading no
+    file. UnsafeArchiveError for links leaving the tree and for devices, fifos and sockets:
+    a tree refused here costs no file read and no store request."""
     root = Path(src)
     if not root.is_dir():
         raise NotADirectoryError(f"not a directory: {root}")
-    tree = hashlib.sha256(TREE_DIGEST_VERSION)
-    entries: list[tuple[str, str] | tuple[str, str, str] | FileEntry] = []
+    entries: list[tuple[str, str] | tuple[str, str, str]] = []
+    total = 0
     for rel, entry in _walk(root):
         st = entry.stat(follow_symlinks=False)
         if stat.S_ISLNK(st.st_mode):
             target = os.readlink(entry.path)
             _check_link(rel, target)
             entries.append(("l", rel, target))
-            tree.update(_record("l", rel, target))
         elif stat.S_ISDIR(st.st_mode):
             entries.append(("d", rel))
-            tree.update(_record("d", rel))
         elif stat.S_ISREG(st.st_mode):
-            fe = _hash_file(entry.path, rel)
-            entries.append(fe)
-            kind = "x" if fe.executable else "f"
-            tree.update(_record(kind, rel, f"{fe.size}:{fe.sha256}"))
+            entries.append(("f", rel, entry.path))
+            total += st.st_size
         else:
             raise UnsafeArchiveError(
                 f"{rel!r} is a device, fifo or socket; only regular files, directories "
                 "and symlinks can be uploaded"
             )
-    return Manifest(tree.hexdigest(), tuple(entries))
+    return TreeWalk(tuple(entries), total)
 
 
-def _hash_file(path: str, rel: str) -> FileEntry:
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        executable = bool(os.fstat(f.fileno()).st_mode & 0o111)
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-            size += len(chunk)
-    return FileEntry(rel, executable, size, h.hexdigest())
+def tree_digest(entries: tuple[Entry, ...] | list[Entry]) -> str:
+    """The tree digest of manifest entries (the records ``pack_directory`` hashes: the same
+    tree has the same digest in both layouts)."""
+    tree = hashlib.sha256(TREE_DIGEST_VERSION)
+    for e in entries:
+        if isinstance(e, FileEntry):
+            kind = "x" if e.executable else "f"
+            tree.update(_record(kind, e.path, f"{e.size}:{e.sha256}"))
+        elif e[0] == "l":
+            tree.update(_record("l", e[1], e[2]))  # type: ignore[misc]
+        else:
+            tree.update(_record("d", e[1]))
+    return tree.hexdigest()
 
 
 def encode_manifest(m: Manifest) -> bytes:
@@ -214,8 +224,10 @@ __all__ = [
     "MANIFEST_MAGIC",
     "FileEntry",
     "Manifest",
+    "TreeWalk",
     "encode_manifest",
     "is_manifest",
     "parse_manifest",
-    "scan_tree",
+    "tree_digest",
+    "walk_tree",
 ]
