@@ -64,6 +64,7 @@ _TMP_SUFFIX = ".tmp"
 _PACK, _IDX = ".pack", ".idx"
 _TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _SRC_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FLUSH_AT = 4 << 20  # a fetch's queued bytes written to its temp pack at once (see _Sink)
 _NO_CFR = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM}
 
 __all__ = ["blob_usage", "held_digests", "is_manifest", "materialise", "sweep"]
@@ -81,21 +82,31 @@ class _FetchFailed(Exception):
 
 
 class _Sink:
-    """A ``BlobSink`` appending verified blobs to one new local pack (see the module)."""
+    """A ``BlobSink`` appending verified blobs to one new local pack (see the module).
+
+    Bytes are queued and written to the temp pack a few MiB at a time (one small write per
+    blob made the fetch, not the wire, the slow side of a cold get); a verified blob still
+    queued is handed to the builder from memory, one already written is read back from the
+    pack. Memory: at most ``_FLUSH_AT`` plus one read chunk."""
 
     def __init__(self, bfd: int) -> None:
         self.bfd = bfd
         self.name = uuid.uuid4().hex
         self.tmp = f".{self.name}{_PACK}{_TMP_SUFFIX}"
         self.fd = os.open(self.tmp, _TMP_FLAGS, 0o444, dir_fd=bfd)
-        self.size = 0
+        self.size = 0  # the pack's bytes: written, queued and the current blob's so far
         self.start = 0
         self.digest = ""
         self.rows: list[tuple[str, int, int]] = []
-        # The builder follows the fetch (see ``wait_for``): verified blobs by digest, and how
-        # the fetch ended.
+        self._disk = 0  # bytes written to the temp pack (the queue follows them)
+        self._queue: list[bytes] = []
+        self._queued = 0
+        self._cur: list[bytes] = []  # the current blob's chunks (the queue's tail)
+        # The builder follows the fetch (see ``wait_for``): verified blobs by digest, those
+        # still only in the queue, and how the fetch ended.
         self._cond = threading.Condition()
         self._placed: dict[str, tuple[int, int]] = {}
+        self._memory: dict[str, list[bytes]] = {}
         self.ended = False
         self.error: BaseException | None = None
         self.cancelled = False
@@ -103,22 +114,42 @@ class _Sink:
     def begin(self, digest: str) -> None:
         if self.cancelled:
             raise _Cancelled()
-        self.digest, self.start = digest, self.size
+        self.digest, self.start, self._cur = digest, self.size, []
 
     def write(self, data: bytes) -> None:
         if self.cancelled:
             raise _Cancelled()
-        view = memoryview(data)
-        while view:
-            n = os.write(self.fd, view)
-            view = view[n:]
-            self.size += n
+        if not data:
+            return
+        self._cur.append(data)
+        self._queue.append(data)
+        self._queued += len(data)
+        self.size += len(data)
+        if self._queued >= _FLUSH_AT:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Write the queue to the temp pack; the blobs it held are read from there after."""
+        if self._queue:
+            data = b"".join(self._queue) if len(self._queue) > 1 else self._queue[0]
+            view = memoryview(data)
+            while view:
+                n = os.pwrite(self.fd, view, self._disk)
+                view, self._disk = view[n:], self._disk + n
+            self._queue, self._queued = [], 0
+        with self._cond:  # only once written: no moment when a blob is in neither place
+            self._memory.clear()
 
     def commit(self) -> None:
         """The blob just written verified (size and sha256): hand it to the builder."""
+        if self.start < self._disk:
+            self._flush()  # partly written already: the builder reads all of it from there
         with self._cond:
             self.rows.append((self.digest, self.start, self.size - self.start))
-            self._placed.setdefault(self.digest, (self.start, self.size - self.start))
+            if self.digest not in self._placed:
+                self._placed[self.digest] = (self.start, self.size - self.start)
+                if self.start >= self._disk:
+                    self._memory[self.digest] = self._cur
             self._cond.notify_all()
 
     def end(self, error: BaseException | None) -> None:
@@ -127,9 +158,9 @@ class _Sink:
             self.ended, self.error = True, error
             self._cond.notify_all()
 
-    def wait_for(self, digest: str) -> tuple[int, int]:
-        """(offset, size) in the temp pack of ``digest`` once fetched and verified; the
-        fetch's own error if it failed first."""
+    def wait_for(self, digest: str) -> tuple[int, int, list[bytes] | None]:
+        """(offset, size, its bytes if still in memory) in the temp pack of ``digest`` once
+        fetched and verified; the fetch's own error if it failed first."""
         with self._cond:
             while digest not in self._placed:
                 if self.error is not None:
@@ -137,14 +168,22 @@ class _Sink:
                 if self.ended:
                     raise IntegrityError(f"the store sent no blob {digest}")
                 self._cond.wait()
-            return self._placed[digest]
+            offset, size = self._placed[digest]
+            return offset, size, self._memory.get(digest)
 
     def abort(self) -> None:
-        os.ftruncate(self.fd, self.start)
-        self.size = self.start
+        """Drop the current blob (it did not verify)."""
+        if self.start < self._disk:  # partly written: cut it off the temp pack
+            os.ftruncate(self.fd, self.start)
+            self._disk, self._queue, self._queued = self.start, [], 0
+        elif self._cur:
+            del self._queue[len(self._queue) - len(self._cur) :]
+            self._queued -= self.size - self.start
+        self.size, self._cur = self.start, []
 
     def finish(self) -> None:
         """Publish the pack, then its index."""
+        self._flush()
         os.close(self.fd)
         self.fd = -1
         os.rename(self.tmp, self.name + _PACK, src_dir_fd=self.bfd, dst_dir_fd=self.bfd)
@@ -305,30 +344,37 @@ class _Blobs:
         self.bfd, self.held, self.pending = bfd, held, pending
         self._fds: dict[str, int] = {}
 
-    def locate(self, digest: str) -> tuple[int, int, int, bool]:
-        """(pack fd, offset, size, fresh) of a blob, waiting for it when it is being fetched;
-        ``fresh``: in the pack this fetch is writing."""
-        fresh = digest not in self.held and self.pending is not None
-        if fresh:
-            assert self.pending is not None
-            offset, size = self.pending.wait_for(digest)
-            pack = self.pending.tmp
-        else:
+    def locate(self, digest: str) -> tuple[int, int, int, list[bytes] | None]:
+        """(pack fd, offset, size, its bytes when in memory) of a blob, waiting for it when
+        it is being fetched (a blob of this fetch still queued is in memory)."""
+        if digest in self.held or self.pending is None:
             pack, offset, size = self.held[digest]
+            memory = None
+        else:
+            offset, size, memory = self.pending.wait_for(digest)
+            pack = self.pending.tmp
+            if memory is not None:
+                return -1, offset, size, memory
         fd = self._fds.get(pack)
         if fd is None:
             fd = self._fds[pack] = os.open(pack, _SRC_FLAGS, dir_fd=self.bfd)
-        return fd, offset, size, fresh
+        return fd, offset, size, memory
 
     def copy_to(self, digest: str, dfd: int, size: int, rel: str) -> None:
-        """Copy the blob ``digest`` (``size`` bytes) to the new file ``dfd``. A blob of the
-        pack being fetched is copied through user space: its pages are still dirty, and on
-        btrfs copy_file_range from dirty pages costs twice a plain copy (it waits for their
-        writeback); a held pack's blob goes through copy_file_range (block sharing)."""
-        sfd, offset, have, fresh = self.locate(digest)
+        """Copy the blob ``digest`` (``size`` bytes) to the new file ``dfd``: from memory, or
+        from a pack. A blob of the pack being fetched is copied through user space: its
+        pages may still be dirty, and on btrfs copy_file_range from dirty pages costs twice a
+        plain copy (it waits for their writeback); a held pack's blob goes through
+        copy_file_range (block sharing)."""
+        sfd, offset, have, memory = self.locate(digest)
         if have != size:
             raise IntegrityError(f"the cached blob {digest} of {rel!r} has {have} bytes")
-        if fresh:
+        if memory is not None:
+            for chunk in memory:
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(dfd, view) :]
+        elif digest not in self.held:
             _pread_copy(sfd, dfd, offset, size, 0)
         else:
             _copy_range(sfd, dfd, offset, size)
