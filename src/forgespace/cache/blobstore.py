@@ -64,6 +64,7 @@ _TMP_SUFFIX = ".tmp"
 _PACK, _IDX = ".pack", ".idx"
 _TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _SRC_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+_IOV_MAX = 1024  # buffers one pwritev takes (Linux's IOV_MAX)
 _FLUSH_AT = 4 << 20  # a fetch's queued bytes written to its temp pack at once (see _Sink)
 _NO_CFR = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM}
 
@@ -131,11 +132,7 @@ class _Sink:
     def _flush(self) -> None:
         """Write the queue to the temp pack; the blobs it held are read from there after."""
         if self._queue:
-            data = b"".join(self._queue) if len(self._queue) > 1 else self._queue[0]
-            view = memoryview(data)
-            while view:
-                n = os.pwrite(self.fd, view, self._disk)
-                view, self._disk = view[n:], self._disk + n
+            self._disk = _pwrite_all(self.fd, self._queue, self._disk)
             self._queue, self._queued = [], 0
         with self._cond:  # only once written: no moment when a blob is in neither place
             self._memory.clear()
@@ -196,6 +193,22 @@ class _Sink:
             self.fd = -1
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.tmp, dir_fd=self.bfd)
+
+
+def _pwrite_all(fd: int, chunks: list[bytes], offset: int) -> int:
+    """Write ``chunks`` back to back at ``offset`` (pwritev: no joined copy); returns the
+    offset after them."""
+    views = [memoryview(c) for c in chunks]
+    i = 0
+    while i < len(views):
+        n = os.pwritev(fd, views[i : i + _IOV_MAX], offset)
+        offset += n
+        while i < len(views) and n >= len(views[i]):
+            n -= len(views[i])
+            i += 1
+        if n:  # a short write: the rest of this buffer next time
+            views[i] = views[i][n:]
+    return offset
 
 
 def _held(bfd: int) -> Held:
