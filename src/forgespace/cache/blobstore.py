@@ -65,7 +65,7 @@ _PACK, _IDX = ".pack", ".idx"
 _TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _SRC_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 _IOV_MAX = 1024  # buffers one pwritev takes (Linux's IOV_MAX)
-_FLUSH_AT = 4 << 20  # a fetch's queued bytes written to its temp pack at once (see _Sink)
+_FLUSH_AT = 16 << 20  # a fetch's queued bytes written to its temp pack at once (see _Sink)
 _NO_CFR = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM}
 
 __all__ = ["blob_usage", "held_digests", "is_manifest", "materialise", "sweep"]

@@ -12,8 +12,17 @@ distinct file content, named by its sha256) concatenated into *packs*:
   blob sweep in progress.
 
 No key under ``_blobs/`` can be a target id (ids start with a letter or digit), so listings of
-targets never see them. One pack per upload instead of one object per file: 20,000 PUTs are
-far slower than one, on S3 and on a local disk (one fsync instead of 20,000).
+targets never see them. Packs instead of one object per file: 20,000 PUTs are far slower than
+a few, on S3 and on a local disk (a few fsyncs instead of 20,000).
+
+**Uploads** read each file once (``store_tree``): the tree is walked first without reading
+anything (a tree refused for a link leaving it or a device costs nothing), then every file is
+read, hashed and, when its content is new to the store and to this upload, compressed into the
+open pack (isal level 1, the classic tar.gz's level; a file over ``_WHOLE_MAX`` chunk by
+chunk, cut off the pack again when its digest turns out to be known). The digest recorded is
+the digest of the bytes stored, both taken from the same read. A pack past ``PACK_MAX`` is
+sent (then its index) on a helper thread while the next one is written; the manifest is
+published only after every pack and index is stored.
 
 **Downloads** fetch only the blobs a host lacks, with one ranged GET per run of nearby blobs
 of a pack (gaps up to ``COALESCE_GAP`` are read through), and verify every blob's size and
@@ -74,7 +83,10 @@ PACKS = BLOBS_PREFIX + "packs/"
 INDEX = BLOBS_PREFIX + "index/"
 LEASES = BLOBS_PREFIX + "leases/"
 SWEEPS = BLOBS_PREFIX + "sweeps/"
-PACK_MAX = 48 * 1024 * 1024  # a new pack starts past this many bytes (see _PackWriter)
+# A new pack starts past this many stored bytes: a large tree makes several, so sending one
+# overlaps writing the next (docs/benchmarks.md, incremental targets), and
+# each stays below S3Store's multipart threshold.
+PACK_MAX = 48 * 1024 * 1024
 COALESCE_GAP = 1024 * 1024  # unwanted bytes read through rather than opening another range
 RANGE_MAX = 64 * 1024 * 1024  # bytes one ranged GET asks for at most (unless one blob is larger)
 LEASE_TTL = 3600.0

@@ -1,0 +1,89 @@
+"""The local pack a cold get writes (cache/blobstore.py ``_Sink``): blobs are queued and written
+a few MiB at a time, the builder takes a queued blob from memory and a written one from the
+pack; whichever way a blob goes, the workspace and the pack hold exactly its verified bytes,
+and a blob failing its digest after part of it reached the disk leaves nothing behind."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.procs import tree_digest
+
+from forgespace import Settings, WorkspaceCache, open_store
+from forgespace.cache import blobstore
+from forgespace.errors import IntegrityError
+from forgespace.storage.manifest import FileEntry, Manifest, encode_manifest, parse_manifest
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    monkeypatch.setattr(blobstore, "_FLUSH_AT", 1000)  # most blobs go to disk mid-fetch
+    return Settings.from_env(
+        {"CACHE_DIR": str(tmp_path / "cache"), "STORAGE_DIR": str(tmp_path / "store")}
+    )
+
+
+def _local_packs(settings: Settings) -> dict[str, bytes]:
+    """digest -> bytes, read back from the local packs through their indexes."""
+    blob_dir = settings.cache_dir / ".forgespace" / "blobs"
+    out = {}
+    for idx in blob_dir.glob("*.idx"):
+        pack = idx.with_suffix(".pack").read_bytes()
+        for digest, offset, size in json.loads(idx.read_bytes()):
+            out[digest] = pack[offset : offset + size]
+    return out
+
+
+def test_blobs_queued_or_written_build_the_same_tree(settings: Settings, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    sizes = [10, 900, 999, 1000, 1001, 2500, 7000, 40]
+    for i, n in enumerate(sizes):
+        (src / "d" / f"rand{i}").write_bytes(os.urandom(n))  # raw blobs
+        (src / f"text{i}").write_bytes((f"line {i}\n" * n).encode()[: n * 3])  # compressed
+    (src / "dup").write_bytes((src / "text6").read_bytes())
+    # Read in two chunks, the second below _FLUSH_AT: half on disk, half queued when it
+    # verifies; the last blob of the pack, so no later blob's write flushes it by chance.
+    (src / "zz-last").write_bytes(os.urandom((1 << 20) + 500))
+    tid = open_store(settings).upload_target(src)
+    cache = WorkspaceCache(settings)
+    ws = Path(cache.get_target(tid, None, workspace_isolation="shared"))
+    assert tree_digest(ws) == tree_digest(src)
+    packs = _local_packs(settings)
+    assert all(hashlib.sha256(data).hexdigest() == d for d, data in packs.items())
+    assert len(packs) == len(sizes) * 2 + 1
+    again = Path(cache.get_target(tid, "r", workspace_isolation="isolated"))  # from held packs
+    assert tree_digest(again) == tree_digest(src)
+
+
+def test_a_blob_failing_its_digest_after_reaching_the_disk_leaves_nothing(
+    settings: Settings, tmp_path: Path
+) -> None:
+    store: Any = open_store(settings)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"small and fine\n")
+    (src / "b").write_bytes(os.urandom(5000))  # past _FLUSH_AT: written before it is checked
+    good = store.upload_target(src)
+    dest = tmp_path / "m"
+    store.download_target(good, dest)
+    m = parse_manifest(dest.read_bytes(), good)
+    a, b = m.files
+    forged = FileEntry(b.path, False, b.size, "0" * 64, b.pack, b.offset, b.length, b.codec)
+    bad = tmp_path / "bad-manifest"
+    bad.write_bytes(encode_manifest(Manifest("x", (a, forged))))
+    tid = store.upload_target(bad)
+    with pytest.raises(IntegrityError, match="does not match its digest"):
+        WorkspaceCache(settings).get_target(tid, None, workspace_isolation="shared")
+    assert not (settings.cache_dir / tid / "workspace").exists()
+    blob_dir = settings.cache_dir / ".forgespace" / "blobs"
+    assert [p.name for p in blob_dir.iterdir()] == []  # no pack, no temp file
+    ws = WorkspaceCache(settings).get_target(good, None, workspace_isolation="shared")
+    assert tree_digest(Path(ws)) == tree_digest(src)
