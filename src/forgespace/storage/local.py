@@ -1,5 +1,3 @@
-# Over 500 lines for now: the blob operations (BlobIO) joined the object ones; they belong in a
-# mixin module of their own (storage/local_blobs.py) at the next change here.
 """The embedded default store: a directory, ``{STORAGE_DIR}/{target_id}/target``.
 
 Next to each object forgespace writes ``target.meta.json`` (size and sha256). Objects
@@ -16,21 +14,26 @@ import hashlib
 import json
 import os
 import posixpath
-import shutil
 import stat
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
-from forgespace.atomicfile import write_atomic_at
 from forgespace.errors import StorageError, TargetNotFoundError
 from forgespace.layout import is_valid_id, validate_id
 from forgespace.storage import blobs
 from forgespace.storage.base import ObjectInfo, ProgressFn, target_key, upload_source
 from forgespace.storage.lifecycle import StoredObject
+from forgespace.storage.local_blobs import LocalBlobs
+from forgespace.storage.localfs import (
+    ATOMIC_TMP_MARK,
+    atomic_write_bytes,
+    fsync_dir,
+    is_atomic_tmp,
+    listdir_sorted,
+)
 from forgespace.storage.manifest import (
-    FileEntry,
     Manifest,
     is_manifest,
     parse_manifest,
@@ -43,30 +46,7 @@ RESULTS_DIRNAME = ".results"  # a leading dot is never a valid target id: no cla
 LOCKS_DIRNAME = ".locks"  # never deleted (a lock file's holder may have it open)
 UPLOAD_TMP_PREFIX = ".upload-"
 UPLOAD_TMP_SUFFIX = ".tmp"
-ATOMIC_TMP_MARK = ".tmp-"  # _atomic_write_bytes' temp files: ".{name}.tmp-{hex}"
 BLOBS_TMP = "_blobs/tmp"  # packs being written (flocked by their writer, like upload temps)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = f".{path.name}{ATOMIC_TMP_MARK}{uuid.uuid4().hex[:12]}"
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        write_atomic_at(dfd, path.name, data, tmp=tmp, fsync=True)
-    except OSError as exc:
-        # The names are relative to the directory fd: say where, for the user's error line.
-        if isinstance(exc.filename, str) and not os.path.isabs(exc.filename):
-            exc.filename = str(path.parent / exc.filename)
-        raise
-    finally:
-        os.close(dfd)
 
 
 def check_result_key(key: str) -> str:
@@ -80,7 +60,7 @@ def check_result_key(key: str) -> str:
     return norm
 
 
-class LocalStore:
+class LocalStore(LocalBlobs):
     """Targets as files under ``root`` (STORAGE_DIR); see the module docstring."""
 
     display_name = "local store"
@@ -167,76 +147,7 @@ class LocalStore:
                     tmp.unlink(missing_ok=True)
             return tid
 
-    # --- blobs (forgespace.storage.blobs.BlobIO) ---------------------------------------
-    def _blob_path(self, key: str) -> Path:
-        if not key.startswith(blobs.BLOBS_PREFIX):
-            raise ValueError(f"not a blob key: {key!r}")
-        parts = key.split("/")
-        if any(p in ("", ".", "..") for p in parts):
-            raise ValueError(f"not a blob key: {key!r}")
-        return self.root.joinpath(*parts)
-
-    def blob_put(self, key: str, src: Path | bytes) -> None:
-        """Write (or move, from ``blob_tmp_dir``) an object under ``_blobs/``, atomically."""
-        path = self._blob_path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(src, bytes):
-            _atomic_write_bytes(path, src)
-            return
-        if src.parent == self.blob_tmp_dir:
-            os.replace(src, path)  # fsynced by its writer
-        else:
-            tmp = path.with_name(f".{path.name}{ATOMIC_TMP_MARK}{uuid.uuid4().hex[:12]}")
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, path)
-        _fsync_dir(path.parent)
-
-    def blob_get(self, key: str) -> bytes:
-        """The object's bytes; TargetNotFoundError when absent."""
-        try:
-            return self._blob_path(key).read_bytes()
-        except FileNotFoundError as exc:
-            raise TargetNotFoundError(f"{key} not found in the local store {self.root}") from exc
-
-    def blob_stream(self, key: str, start: int, end: int) -> Iterator[bytes]:
-        """Bytes [start, end) of the object, read in 1 MiB chunks."""
-        path = self._blob_path(key)
-        try:
-            f = open(path, "rb")  # noqa: SIM115 (closed by the generator)
-        except FileNotFoundError as exc:
-            raise TargetNotFoundError(f"{key} not found in the local store {self.root}") from exc
-
-        def chunks() -> Iterator[bytes]:
-            with f:
-                f.seek(start)
-                left = end - start
-                while left > 0 and (chunk := f.read(min(left, CHUNK_SIZE))):
-                    left -= len(chunk)
-                    yield chunk
-
-        return chunks()
-
-    def blob_list(self, prefix: str) -> tuple[list[tuple[str, int, float]], float]:
-        """Objects directly under the folder ``prefix`` (temp files excluded)."""
-        where = self._blob_path(prefix.rstrip("/"))
-        out = []
-        for name in _listdir(where):
-            if name.startswith("."):
-                continue
-            with contextlib.suppress(FileNotFoundError):
-                st = os.lstat(where / name)
-                if stat.S_ISREG(st.st_mode):
-                    out.append((prefix + name, st.st_size, st.st_mtime))
-        return out, time.time()
-
-    def blob_delete(self, key: str) -> None:
-        """Remove the object; missing is fine."""
-        self._blob_path(key).unlink(missing_ok=True)
-
-    def fetch_blobs(self, files: Iterable[FileEntry], sink: blobs.BlobSink) -> int:
-        """Verified blobs of ``files`` into ``sink`` (forgespace.storage.blobs.fetch_blobs)."""
-        return blobs.fetch_blobs(self, files, sink)
-
+    # --- blobs (the BlobIO object operations are LocalBlobs') ---------------------------
     def sweep_blobs(self, grace: float, *, dry_run: bool = False) -> blobs.SweepResult:
         """Delete packs no stored manifest references (forgespace.storage.blobs)."""
         return blobs.sweep_packs(self, self._manifests, grace=grace, dry_run=dry_run)
@@ -285,9 +196,9 @@ class LocalStore:
         try:
             # sidecar first: once the object is visible under its name, its metadata is too
             meta = {"size": size, "sha256": digest, "format": 1}
-            _atomic_write_bytes(obj.with_name(SIDECAR_NAME), json.dumps(meta).encode())
+            atomic_write_bytes(obj.with_name(SIDECAR_NAME), json.dumps(meta).encode())
             os.replace(tmp, obj)
-            _fsync_dir(obj.parent)
+            fsync_dir(obj.parent)
         except BaseException:
             if fresh and not obj.exists():
                 obj.with_name(SIDECAR_NAME).unlink(missing_ok=True)
@@ -378,7 +289,7 @@ class LocalStore:
         """Write ``data`` to ``{root}/.results/{key}`` atomically; returns that path."""
         path = self.root / RESULTS_DIRNAME / check_result_key(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write_bytes(path, data)
+        atomic_write_bytes(path, data)
         return str(path)
 
     def result_keys(self, prefix: str) -> list[str]:
@@ -406,7 +317,7 @@ class LocalStore:
         """Every ``{id}/target`` regular file under the root; ``modified`` = its mtime (set
         by the last upload, re-uploads included)."""
         out: list[StoredObject] = []
-        for name in _listdir(self.root):
+        for name in listdir_sorted(self.root):
             if not is_valid_id(name):
                 continue
             try:
@@ -447,18 +358,18 @@ class LocalStore:
         result writes, older than ``grace`` seconds. ``.locks/`` is never listed."""
         now = time.time() if now is None else now
         found: list[Path] = []
-        for name in _listdir(self.root):
+        for name in listdir_sorted(self.root):
             path = self.root / name
             if name.startswith(UPLOAD_TMP_PREFIX) and name.endswith(UPLOAD_TMP_SUFFIX):
                 found.append(path)
             elif is_valid_id(name):
-                found.extend(path / n for n in _listdir(path) if _is_atomic_tmp(n))
+                found.extend(path / n for n in listdir_sorted(path) if is_atomic_tmp(n))
         for dirpath, _dirs, files in os.walk(self.root / RESULTS_DIRNAME):
-            found.extend(Path(dirpath) / n for n in files if _is_atomic_tmp(n))
-        found.extend(self.blob_tmp_dir / n for n in _listdir(self.blob_tmp_dir))
+            found.extend(Path(dirpath) / n for n in files if is_atomic_tmp(n))
+        found.extend(self.blob_tmp_dir / n for n in listdir_sorted(self.blob_tmp_dir))
         for sub in (blobs.PACKS, blobs.INDEX):
             where = self.root / sub
-            found.extend(where / n for n in _listdir(where) if _is_atomic_tmp(n))
+            found.extend(where / n for n in listdir_sorted(where) if is_atomic_tmp(n))
         out: list[StoredObject] = []
         for path in found:
             try:
@@ -531,17 +442,6 @@ class LocalStore:
         finally:
             os.close(fd)
         return True
-
-
-def _listdir(path: Path) -> list[str]:
-    try:
-        return sorted(os.listdir(path))
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-
-
-def _is_atomic_tmp(name: str) -> bool:
-    return name.startswith(".") and ATOMIC_TMP_MARK in name
 
 
 def _in_use(path: Path) -> bool:
