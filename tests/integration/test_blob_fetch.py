@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -87,3 +88,32 @@ def test_a_blob_failing_its_digest_after_reaching_the_disk_leaves_nothing(
     assert [p.name for p in blob_dir.iterdir()] == []  # no pack, no temp file
     ws = WorkspaceCache(settings).get_target(good, None, workspace_isolation="shared")
     assert tree_digest(Path(ws)) == tree_digest(src)
+
+
+def test_a_blob_inflating_past_its_claimed_size_is_refused_without_inflating_it(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A manifest claiming 100 bytes for a blob that inflates to 32 MB: IntegrityError, and
+    the fetch never holds more than the claim allows (untrusted sizes bound the memory)."""
+    store: Any = open_store(settings)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "zeros").write_bytes(bytes(32 << 20))  # stored as a ~32 KB zlib blob
+    good = store.upload_target(src)
+    dest = tmp_path / "m"
+    store.download_target(good, dest)
+    (z,) = parse_manifest(dest.read_bytes(), good).files
+    assert z.codec == "z" and z.length < 1 << 20
+    forged = FileEntry(z.path, False, 100, "0" * 64, z.pack, z.offset, z.length, z.codec)
+    bad = tmp_path / "bomb-manifest"
+    bad.write_bytes(encode_manifest(Manifest("x", (forged,))))
+    tid = store.upload_target(bad)
+    tracemalloc.start()
+    try:
+        with pytest.raises(IntegrityError, match="does not match its digest"):
+            WorkspaceCache(settings).get_target(tid, None, workspace_isolation="shared")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"{peak} bytes held while refusing a 100-byte claim"
+    assert not (settings.cache_dir / tid / "workspace").exists()

@@ -539,20 +539,26 @@ class _Reader:
 
 
 def _decode_into(stream: _Reader, f: FileEntry, sink: BlobSink) -> None:
+    """Read blob ``f`` off ``stream`` into ``sink``, checking its size and sha256. Inflated
+    output is bounded per call (``_CHUNK`` * 4, and never past one byte more than the size
+    the manifest claims): a small blob that inflates to gigabytes costs no memory."""
     h = hashlib.sha256()
     size = 0
     left = f.length
     d = isal_zlib.decompressobj() if f.codec == "z" else None
     try:
-        while left:
+        while left and size <= f.size:
             raw = stream.read(min(left, _CHUNK))
             left -= len(raw)
-            out = d.decompress(raw) if d is not None else raw
-            size += len(out)
-            if size > f.size:
-                break
-            h.update(out)
-            sink.write(out)
+            while size <= f.size:
+                out = d.decompress(raw, min(f.size - size + 1, 4 * _CHUNK)) if d else raw
+                size += len(out)
+                if size <= f.size:
+                    h.update(out)
+                    sink.write(out)
+                raw = d.unconsumed_tail if d else b""
+                if not raw:
+                    break
         if d is not None and size <= f.size:
             tail = d.flush()
             size += len(tail)
