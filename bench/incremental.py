@@ -11,7 +11,8 @@ default) it measures:
 - an unchanged re-upload of version 1.
 
 Bytes are what the proxy saw: request bodies sent (uploads) and response bodies served
-(downloads), all keys together (an upload's "down" bytes are the pack indexes it reads).
+(downloads), all keys together (an upload's "down" bytes are the pack indexes it reads). A
+second table gives each step's CPU seconds in this process (all threads, the proxy's too).
 Nothing is deleted between timed runs (each one makes a new target or cache entry).
 
 Run: ``.venv/bin/python bench/incremental.py [--files 20000 --mb 300] [--reps 3]``
@@ -66,13 +67,17 @@ def _io(server: S3Server) -> tuple[int, int]:
         return sum(server._received.values()), sum(server._served.values())
 
 
-def _measure(server: S3Server, fn: Callable[[], Any]) -> tuple[float, int, int, Any]:
+def _measure(server: S3Server, fn: Callable[[], Any]) -> tuple[float, int, int, Any, float]:
+    """(seconds, bytes sent, bytes served, what ``fn`` returned, CPU seconds of this process:
+    every thread, the counting proxy's included, not moto's)."""
     s0, r0 = _io(server)
+    c0 = time.process_time()
     t0 = time.perf_counter()
     out = fn()
     secs = time.perf_counter() - t0
+    cpu = time.process_time() - c0
     s1, r1 = _io(server)
-    return secs, s1 - s0, r1 - r0, out
+    return secs, s1 - s0, r1 - r0, out, cpu
 
 
 def _run_path(
@@ -152,13 +157,15 @@ PATHS = ("classic", "incremental")
 
 
 def _medians(runs: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
-    """Per path and step: median seconds; bytes of the first run (they do not vary)."""
+    """Per path and step: median seconds and CPU seconds; bytes of the first run (they do not
+    vary)."""
     out: dict[str, dict[str, Any]] = {}
     for n in PATHS:
         out[n] = {}
-        for step, (_s, up, down, _o) in runs[0][n].items():
+        for step, (_s, up, down, _o, _c) in runs[0][n].items():
             secs = statistics.median(r[n][step][0] for r in runs)
-            out[n][step] = (secs, up, down, None)
+            cpu = statistics.median(r[n][step][4] for r in runs)
+            out[n][step] = (secs, up, down, None, cpu)
     return out
 
 
@@ -169,13 +176,15 @@ def _mb(n: int) -> str:
 def _report(results: dict[str, dict[str, Any]], files: int, mb: int, reps: int) -> None:
     c, i = results["classic"], results["incremental"]
     rows = []
+    cpu_rows = []
     for step in c:
-        cs, cu, cd, _ = c[step]
-        is_, iu, id_, _ = i[step]
+        cs, cu, cd, _, cc = c[step]
+        is_, iu, id_, _, ic = i[step]
         up = f"{iu / cu:.3f}" if cu else "-"
         down = f"{id_ / cd:.3f}" if cd else "-"
         rows.append([step, _mb(cu), _mb(iu), up, _mb(cd), _mb(id_), down,
                      f"{cs:.2f}", f"{is_:.2f}", f"{is_ / cs:.2f}x"])  # fmt: skip
+        cpu_rows.append([step, f"{cc:.2f}", f"{ic:.2f}", f"{ic / cc:.2f}x" if cc else "-"])
     print_table(
         f"Incremental vs classic targets, {files} files / {mb} MB, S3 (moto via the proxy), "
         f"median of {reps}",
@@ -183,6 +192,13 @@ def _report(results: dict[str, dict[str, Any]], files: int, mb: int, reps: int) 
          "MB down incr.", "down ratio", "s classic", "s incr.", "time ratio"],
         rows,
     )  # fmt: skip
+    # CPU seconds of the benchmark process: steadier than wall time on a loaded machine
+    # (other jobs stretch both, not always alike), blind to time spent waiting on the wire.
+    print_table(
+        f"CPU seconds of the client process (all its threads), median of {reps}",
+        ["step", "CPU s classic", "CPU s incr.", "CPU ratio"],
+        cpu_rows,
+    )
 
 
 if __name__ == "__main__":
