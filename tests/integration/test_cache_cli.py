@@ -19,6 +19,8 @@ from forgespace.storage import open_store
 STATUS_KEYS = {
     "cache_dir",
     "bytes",
+    "entry_bytes",
+    "blob_bytes",
     "limit_bytes",
     "used_ratio",
     "entries",
@@ -102,8 +104,16 @@ def test_status_json(populated) -> None:
     assert (doc["hits"], doc["misses"], doc["downloads"]) == (1, 3, 3)
     assert doc["live_leases"] == 2 and doc["bytes"] > 0
     assert doc["limit_bytes"] == 10 * 10**9 and doc["oldest_access_age_seconds"] >= 0
+    # the directories were stored as manifests: their blobs, kept in the local blob store,
+    # count against CACHE_MAX_SIZE beside the entries, and status says so
+    blob_dir = Path(env["CACHE_DIR"]) / ".forgespace" / "blobs"
+    on_disk = sum(p.stat().st_size for p in blob_dir.iterdir())
+    assert doc["blob_bytes"] == on_disk > 0
+    entries = as_json(env, "cache", "ls")["targets"]
+    assert doc["entry_bytes"] == sum(e["bytes"] for t in entries for e in t["entries"])
+    assert doc["bytes"] == doc["entry_bytes"] + doc["blob_bytes"]
     human = forgespace(env, "cache", "status").stdout
-    assert "used" in human and "live leases" in human
+    assert "used" in human and "live leases" in human and "blob store" in human
 
 
 def test_ls_json_per_target(populated) -> None:

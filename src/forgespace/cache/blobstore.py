@@ -66,7 +66,7 @@ _TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _SRC_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NO_CFR = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM}
 
-__all__ = ["blob_usage", "held_digests", "is_manifest", "materialise", "sweep"]
+__all__ = ["blob_usage", "held_digests", "is_manifest", "materialise", "store_usage", "sweep"]
 
 Held = dict[str, tuple[str, int, int]]  # digest -> (pack name, offset, size)
 
@@ -403,10 +403,16 @@ def _copy_range(sfd: int, dfd: int, offset: int, size: int) -> None:
 
 
 def blob_usage(engine: Any) -> tuple[int, list[tuple[float, str, int]]]:
-    """(bytes, [(last use, digest, bytes)]) of the blob store (temp files included)."""
+    """(bytes, [(last use, file name, bytes)]) of the engine's blob store."""
+    return store_usage(engine.layout.root)
+
+
+def store_usage(root: Path) -> tuple[int, list[tuple[float, str, int]]]:
+    """(bytes, [(last use, file name, bytes)]) of the blob store under the cache ``root``
+    (packs, indexes and temp files; none when there is no blob store)."""
     out: list[tuple[float, str, int]] = []
     try:
-        bfd = fsops.open_dir(engine.layout.root, BLOBS)
+        bfd = fsops.open_dir(root, BLOBS)
     except FileNotFoundError:
         return 0, []
     try:
