@@ -44,7 +44,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal, Protocol, cast
+from typing import IO, Any, Literal, Protocol, cast
 
 from isal import igzip, igzip_threaded, isal_zlib
 
@@ -127,6 +127,8 @@ class ExtractStats:
     dirs: int
     bytes: int
     manifest: tuple[tuple[str, int, int], ...]
+    #: A read-only tree built as a btrfs subvolume: its seal (cache/snapshot.SealRecord).
+    seal: Any = None
 
 
 # --------------------------------------------------------------------------------------------

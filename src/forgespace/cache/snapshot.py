@@ -1,0 +1,584 @@
+"""Read-only workspaces of manifest targets as btrfs subvolumes, and new versions made from a
+snapshot of an earlier one (only the differences written).
+
+Where the cache is on btrfs (``fstatfs``), the pristine read-only tree of a manifest target
+(shared mode's ``{tid}/workspace``, copy-on-write's ``{tid}/shared/workspace``) is built in a
+new subvolume instead of a plain directory (no per-file cost), and a *seal* is recorded next
+to its manifest record (``.forgespace/manifests/{tid}.{kind}.seal``): the subvolume's uuid and,
+per entry, what it holds (sha256 and executable bit of a file, a link's target) and what
+only the kernel sets (inode number, ``ctime`` in ns, size, mode). ``ctime`` cannot be set from
+user space: any write, chmod, rename, link or replacement moves it. The build waits for the
+filesystem clock to pass the newest sealed ``ctime`` before it returns (``_settle``), so even
+a change within the same clock tick after publication shows.
+
+A later get of another manifest target whose entries mostly match a sealed tree (a bottom-k
+sketch in the seal's first line estimates the overlap without reading the rest) snapshots that
+tree into its staging directory (``BTRFS_IOC_SNAP_CREATE_V2``, under the source's target lock
+taken shared and non-blocking, so gc cannot remove it meanwhile), then checks the snapshot —
+never the source, which may change under it — against the seal: the snapshot's parent uuid
+must be the sealed subvolume's, and a walk by directory fds must find exactly the sealed
+entries with the sealed inode, ctime, size and mode. Anything else (a run modified the tree, a
+planted symlink, a swapped directory, a different subvolume put in its place) removes the
+snapshot and builds the workspace from blobs as usual, with a warning. Only then are the
+differences applied by the archive extractor's rules (``blobstore._build``): entries that are
+gone or changed are removed, new and changed ones written from verified local blobs.
+
+Trust: a sandboxed run sees the read-only tree through a read-only bind and cannot change it
+at all; an unsandboxed run acts as the worker's user and could rewrite the seal as it could
+rewrite the local blob packs the full build copies from: the seal is exactly as trusted as the
+blob store beside it. Isolated run workspaces are writable by runs and are never built as
+subvolumes nor used as a source.
+
+Removal needs nothing new: an empty subvolume is removed by ``rmdir`` (Linux >= 4.18, as its
+owner too), and ``fsops`` descends into a subvolume (same mount, own ``st_dev``) as into any
+directory. Sizes: the index counts a snapshot-built workspace's logical bytes like any other
+(extents it shares with its source and the blob packs are counted again: eviction errs early).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import heapq
+import json
+import logging
+import os
+import stat
+import struct
+import time
+import uuid
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from forgespace.cache import fsops
+from forgespace.cache import manifest as mf
+from forgespace.cache.archive import _norm
+from forgespace.errors import ForgespaceError, LockTimeoutError, UnsafeArchiveError, is_nospace
+from forgespace.storage.manifest import FileEntry, Manifest
+
+if TYPE_CHECKING:
+    from forgespace.cache.archive import _Extractor
+    from forgespace.cache.engine import Engine
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Base", "SealRecord", "Sealer", "find_base", "on_btrfs", "save_seal"]
+
+BTRFS_SUPER_MAGIC = 0x9123683E
+SUBVOL_ROOT_INO = 256  # BTRFS_FIRST_FREE_OBJECTID: every subvolume's root directory
+_VOL_ARGS = 4096  # struct btrfs_ioctl_vol_args and _v2 are both 4096 bytes
+_SUBVOL_INFO_SIZE = 504  # struct btrfs_ioctl_get_subvol_info_args
+
+
+def _ioc(direction: int, nr: int, size: int) -> int:
+    return (direction << 30) | (size << 16) | (0x94 << 8) | nr
+
+
+_SUBVOL_CREATE = _ioc(1, 14, _VOL_ARGS)  # _IOW(BTRFS_IOCTL_MAGIC, 14, vol_args)
+_SNAP_CREATE_V2 = _ioc(1, 23, _VOL_ARGS)  # _IOW(BTRFS_IOCTL_MAGIC, 23, vol_args_v2)
+_GET_SUBVOL_INFO = _ioc(2, 60, _SUBVOL_INFO_SIZE)  # _IOR(..., 60, get_subvol_info_args)
+_UUID_AT, _PARENT_UUID_AT = 296, 312  # offsets in get_subvol_info_args
+
+SEAL_VERSION = 1
+SKETCH_SIZE = 128
+#: A sealed tree is snapshotted when at least this share of the entries (estimated) match.
+MIN_SIMILARITY = 0.5
+#: At most this many sealed trees (most recently used first) are considered per get.
+MAX_CANDIDATES = 8
+_SEAL_DIR = (fsops.META, "manifests")
+_KINDS = {"shared": ("workspace",), "cow-shared": ("shared", "workspace")}
+_RECORD_KIND = {"shared": "shared", "cow-shared": "cow"}
+
+
+class SnapshotRefused(ForgespaceError):
+    """A sealed tree cannot serve as the base of a snapshot (the reason says why)."""
+
+
+# --- btrfs ---------------------------------------------------------------------------------
+def _fstatfs_type(fd: int) -> int | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        buf = ctypes.create_string_buffer(256)  # struct statfs (120 bytes on 64-bit Linux)
+        if libc.fstatfs(fd, buf) != 0:
+            return None
+        return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF  # f_type comes first
+    except (OSError, AttributeError):
+        return None
+
+
+def on_btrfs(fd: int) -> bool:
+    """Whether the open file ``fd`` is on btrfs (``fstatfs``'s f_type)."""
+    return _fstatfs_type(fd) == BTRFS_SUPER_MAGIC
+
+
+def _name_arg(name: str, head: bytes) -> bytearray:
+    raw = os.fsencode(name)
+    if b"/" in raw or len(head) + len(raw) >= _VOL_ARGS:
+        raise ValueError(f"not a subvolume name: {name!r}")
+    return bytearray((head + raw).ljust(_VOL_ARGS, b"\0"))
+
+
+def create_subvolume(parent_fd: int, name: str) -> None:
+    """A new empty subvolume ``name`` in the directory ``parent_fd`` (like mkdir, mode 0755)."""
+    fcntl.ioctl(parent_fd, _SUBVOL_CREATE, _name_arg(name, struct.pack("q", 0)))
+
+
+def snapshot_into(src_fd: int, parent_fd: int, name: str) -> None:
+    """A writable snapshot of the subvolume ``src_fd`` as ``name`` in ``parent_fd``."""
+    head = struct.pack("qQQ", src_fd, 0, 0) + bytes(32)  # fd, transid, flags, size/qgroup
+    fcntl.ioctl(parent_fd, _SNAP_CREATE_V2, _name_arg(name, head))
+
+
+def subvolume_uuids(fd: int) -> tuple[str, str]:
+    """(uuid, parent uuid) of the subvolume ``fd`` is in, as hex (the parent uuid of a
+    snapshot is its source's)."""
+    buf = bytearray(_SUBVOL_INFO_SIZE)
+    fcntl.ioctl(fd, _GET_SUBVOL_INFO, buf)
+    return buf[_UUID_AT : _UUID_AT + 16].hex(), buf[_PARENT_UUID_AT : _PARENT_UUID_AT + 16].hex()
+
+
+def _is_subvolume_root(fd: int) -> bool:
+    st = os.fstat(fd)
+    return stat.S_ISDIR(st.st_mode) and st.st_ino == SUBVOL_ROOT_INO and on_btrfs(fd)
+
+
+# --- seals ---------------------------------------------------------------------------------
+# An entry: ("d", mode) | ("f", ino, ctime_ns, mtime_ns, size, mode, sha256, executable)
+#           | ("l", ino, ctime_ns, target)
+SealEntry = tuple[Any, ...]
+
+
+def _item_key(rel: str, e: SealEntry) -> bytes:
+    if e[0] == "f":
+        what = f"f\0{e[6]}\0{int(bool(e[7]))}"
+    elif e[0] == "l":
+        what = f"l\0{e[3]}"
+    else:
+        what = "d"
+    return os.fsencode(f"{rel}\0{what}")
+
+
+def _manifest_key(rel: str, e: Any) -> bytes:
+    if isinstance(e, FileEntry):
+        what = f"f\0{e.sha256}\0{int(bool(e.executable))}"
+    elif e[0] == "l":
+        what = f"l\0{e[2]}"
+    else:
+        what = "d"
+    return os.fsencode(f"{rel}\0{what}")
+
+
+def _sketch(keys: Iterable[bytes]) -> list[int]:
+    """Bottom-k of the entries' crc32s: two sketches estimate how much two trees share."""
+    return sorted(heapq.nsmallest(SKETCH_SIZE, {zlib.crc32(k) for k in keys}))
+
+
+def _similarity(a: list[int], b: list[int]) -> float:
+    union = heapq.nsmallest(SKETCH_SIZE, set(a) | set(b))
+    if not union:
+        return 0.0
+    both = set(a) & set(b)
+    return sum(1 for h in union if h in both) / len(union)
+
+
+@dataclass(frozen=True)
+class SealRecord:
+    """What a sealed tree holds (see the module docstring)."""
+
+    uuid: str
+    entries: dict[str, SealEntry]
+
+    def encode(self) -> bytes:
+        head = {
+            "version": SEAL_VERSION,
+            "uuid": self.uuid,
+            "count": len(self.entries),
+            "sketch": _sketch(_item_key(r, e) for r, e in self.entries.items() if r),
+        }
+        body = [[r, *e] for r, e in self.entries.items()]
+        return (
+            json.dumps(head).encode()
+            + b"\n"
+            + json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode(
+                "utf-8", "surrogateescape"
+            )
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> SealRecord:
+        head_raw, _, body_raw = data.partition(b"\n")
+        head = json.loads(head_raw)
+        if head.get("version") != SEAL_VERSION:
+            raise ValueError("not a seal of this version")
+        body = json.loads(body_raw.decode("utf-8", "surrogateescape"))
+        entries = {str(row[0]): tuple(row[1:]) for row in body}
+        if len(entries) != head.get("count"):
+            raise ValueError("a seal whose body does not match its header")
+        return cls(str(head["uuid"]), entries)
+
+
+def seal_name(tid: str, kind: str) -> str:
+    """The seal file's name in ``.forgespace/manifests`` (kind ``shared`` or ``cow``)."""
+    return mf.seal_path(Path("."), tid, kind).name
+
+
+def save_seal(root: Path, tid: str, kind: str, seal: SealRecord | None) -> None:
+    """Record (``seal``) or forget (None) the seal of ``tid``'s read-only tree of ``kind``."""
+    name = seal_name(tid, kind)
+    if seal is None:
+        with contextlib.suppress(FileNotFoundError), fsops.dir_fd(root, _SEAL_DIR) as d:
+            os.unlink(name, dir_fd=d)
+        return
+    tmp = f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    fsops.write_atomic(root, _SEAL_DIR, name, seal.encode(), tmp=tmp, mode=0o644)
+
+
+def _open_seal(root: Path, name: str) -> Any:
+    with fsops.dir_fd(root, _SEAL_DIR) as d:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=d)
+    return open(fd, "rb")
+
+
+class Sealer:
+    """Collects a tree's seal while ``blobstore._build`` writes it (one ``fstat`` per file,
+    taken once the file is final) or while it applies a diff to a verified snapshot."""
+
+    def __init__(self, kept: dict[str, SealEntry] | None = None) -> None:
+        self.kept = kept or {}
+        self.new: dict[str, SealEntry] = {}
+
+    def file(self, rel: str, fd: int, f: FileEntry) -> None:
+        st = os.fstat(fd)
+        self.new[rel] = (
+            "f",
+            st.st_ino,
+            st.st_ctime_ns,
+            st.st_mtime_ns,
+            st.st_size,
+            stat.S_IMODE(st.st_mode),
+            f.sha256,
+            bool(f.executable),
+        )
+
+    def link(self, x: _Extractor, rel: str) -> None:
+        at, n = x._at(rel)
+        st = os.stat(n, dir_fd=at, follow_symlinks=False)
+        self.new[rel] = ("l", st.st_ino, st.st_ctime_ns, x.symlinks[rel])
+
+    def seal(self, x: _Extractor, parent_fd: int) -> SealRecord:
+        """The seal of the finished tree ``x`` built (directories are read-only: 0555) in the
+        directory ``parent_fd`` (where the clock is probed: the tree itself is final)."""
+        entries: dict[str, SealEntry] = {d: ("d", 0o555) for d in sorted(x.known_dirs)}
+        for rel in [*x.files, *x.symlinks]:
+            entries[rel] = self.new.get(rel) or self.kept[rel]
+        _settle(parent_fd, max((e[2] for e in entries.values() if e[0] != "d"), default=0))
+        return SealRecord(subvolume_uuids(x.dfd)[0], entries)
+
+
+def _settle(dfd: int, newest: int) -> None:
+    """Return once the filesystem's clock is past ``newest`` (a ctime in ns): a change made
+    after this can never carry a sealed ctime (ctime ticks can be coarser than a build's last
+    writes). Probed with a scratch file's ctime; bounded (~a clock tick, 1 s at most)."""
+    name = f".seal-clock-{uuid.uuid4().hex}"
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dfd)
+    try:
+        deadline = time.monotonic() + 1.0
+        while os.fstat(fd).st_ctime_ns <= newest and time.monotonic() < deadline:
+            time.sleep(0.001)
+            os.utime(fd)
+    finally:
+        os.close(fd)
+        os.unlink(name, dir_fd=dfd)
+
+
+# --- choosing and using a base -------------------------------------------------------------
+@dataclass
+class Base:
+    """A sealed tree to snapshot for a new version, and what to change in the snapshot."""
+
+    tid: str
+    parts: tuple[str, ...]  # the tree, below CACHE_DIR
+    seal: SealRecord
+    keep: set[str]  # entries the new version has exactly as the sealed tree
+    remove: list[str]  # topmost entries of the sealed tree to remove
+    create: list[Any]  # manifest entries to write, in manifest order
+    named_root: bool = False  # the manifest lists the root directory itself
+    shown: str = ""
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _wanted(m: Manifest) -> dict[str, Any] | None:
+    """rel -> entry of a manifest with unique, normal paths whose parents are directories of
+    it; None otherwise (the full build applies the archive rules to anything else)."""
+    want: dict[str, Any] = {}
+    for e in m.entries:
+        name = e.path if isinstance(e, FileEntry) else e[1]
+        try:
+            rel = _norm(name, "member")
+        except UnsafeArchiveError:
+            return None
+        if rel in want:
+            return None
+        want[rel] = e
+    for rel in want:
+        parent = rel.rpartition("/")[0]
+        if parent and not (parent in want and _is_dir(want[parent])):
+            return None
+    if "" in want and not _is_dir(want[""]):
+        return None
+    return want
+
+
+def _is_dir(e: Any) -> bool:
+    return not isinstance(e, FileEntry) and e[0] == "d"
+
+
+def _same(old: SealEntry | None, e: Any) -> bool:
+    if old is None:
+        return False
+    if isinstance(e, FileEntry):
+        return old[0] == "f" and (old[4], old[6], bool(old[7])) == (
+            e.size,
+            e.sha256,
+            bool(e.executable),
+        )
+    if e[0] == "l":
+        return old[0] == "l" and old[3] == e[2]
+    return old[0] == "d"
+
+
+def plan(tid: str, parts: tuple[str, ...], seal: SealRecord, m: Manifest) -> Base | None:
+    """What turns the sealed tree into ``m``'s (None: ``m`` is not one the diff handles)."""
+    want = _wanted(m)
+    if want is None:
+        return None
+    keep = {rel for rel, e in want.items() if _same(seal.entries.get(rel), e)} | {""}
+    gone = sorted(set(seal.entries) - keep)
+    remove: list[str] = []
+    for rel in gone:  # sorted: a directory comes before everything below it
+        if remove and rel.startswith(remove[-1] + "/"):
+            continue
+        remove.append(rel)
+    create = [e for rel, e in want.items() if rel not in keep]
+    return Base(tid, parts, seal, keep, remove, create, named_root="" in want)
+
+
+def find_base(engine: Engine, tid: str, m: Manifest, dest_parent: Path) -> Base | None:
+    """The sealed tree this host holds that shares most entries with ``m`` (at least
+    MIN_SIMILARITY, estimated from the seals' sketches), with its plan; None when there is
+    none, or the cache is not on btrfs."""
+    if not subvolume_possible(dest_parent):
+        return None
+    want = _wanted(m)
+    if want is None:
+        return None
+    mine = _sketch(_manifest_key(r, e) for r, e in want.items() if r)
+    root = engine.layout.root
+    best: tuple[float, str, str, tuple[str, ...]] | None = None
+    entries = [e for e in engine.index.entries() if e.kind in _KINDS and e.target_id != tid]
+    for e in reversed(entries[-MAX_CANDIDATES:]):  # most recently used first
+        name = seal_name(e.target_id, _RECORD_KIND[e.kind])
+        try:
+            with _open_seal(root, name) as f:
+                head = json.loads(f.readline())
+            score = _similarity(mine, [int(h) for h in head["sketch"]])
+        except (OSError, ValueError, KeyError, TypeError, ForgespaceError):
+            continue
+        if score >= MIN_SIMILARITY and (best is None or score > best[0]):
+            best = (score, e.target_id, name, (e.target_id, *_KINDS[e.kind]))
+    if best is None:
+        return None
+    score, btid, name, parts = best
+    try:
+        with _open_seal(root, name) as f:
+            seal = SealRecord.decode(f.read())
+    except (OSError, ValueError, KeyError, TypeError, IndexError, ForgespaceError) as exc:
+        log.warning("snapshot base %s: unreadable seal (%s); building from blobs", btid, exc)
+        return None
+    base = plan(btid, parts, seal, m)
+    if base is not None:
+        base.shown = f"{root}/{'/'.join(parts)}"
+        log.info(
+            "target %s: snapshot base %s (~%.0f%% shared): %d to remove, %d to write",
+            tid,
+            base.shown,
+            score * 100,
+            len(base.remove),
+            len(base.create),
+        )
+    return base
+
+
+def clone(engine: Engine, base: Base, parent_fd: int, name: str) -> bool:
+    """Snapshot ``base``'s tree as ``name`` in ``parent_fd`` and verify the snapshot against
+    the seal. False (logged, nothing left behind) when the tree cannot be used."""
+    t0 = time.perf_counter()
+    try:
+        with (
+            engine.target_lock(
+                base.tid, exclusive=False, blocking=False, purpose="snapshot as a base"
+            ),
+            fsops.dir_fd(engine.layout.root, base.parts) as src,
+        ):
+            if not _is_subvolume_root(src):
+                raise SnapshotRefused("it is not a btrfs subvolume any more")
+            if subvolume_uuids(src)[0] != base.seal.uuid:
+                raise SnapshotRefused("it is another subvolume than the one sealed")
+            snapshot_into(src, parent_fd, name)
+    except LockTimeoutError:
+        log.info("snapshot base %s is busy (gc or a rebuild): building from blobs", base.shown)
+        return False
+    except (OSError, ForgespaceError) as exc:
+        log.warning("snapshot base %s not used (%s): building from blobs", base.shown, exc)
+        return False
+    base.seconds["snapshot"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    try:
+        fd = fsops.open_child_dir(parent_fd, name, shown=f"snapshot of {base.shown}")
+        try:
+            if subvolume_uuids(fd)[1] != base.seal.uuid:
+                raise SnapshotRefused("the snapshot's source is not the sealed subvolume")
+            why = verify(fd, base.seal)
+        finally:
+            os.close(fd)
+        if why is not None:
+            raise SnapshotRefused(why)
+    except (OSError, ForgespaceError) as exc:
+        log.warning(
+            "snapshot base %s was modified since it was sealed (%s): not used, building from blobs",
+            base.shown,
+            exc,
+        )
+        fsops.remove_at(parent_fd, name, shown=f"snapshot of {base.shown}")
+        return False
+    base.seconds["verify"] = time.perf_counter() - t1
+    return True
+
+
+_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def verify(root_fd: int, seal: SealRecord) -> str | None:
+    """None when the tree at ``root_fd`` holds exactly the sealed entries with the sealed
+    kernel-set attributes; else the first difference found, in words."""
+    entries = seal.entries
+    rst = os.fstat(root_fd)
+    if entries.get("") != ("d", stat.S_IMODE(rst.st_mode)):
+        return "its root directory's mode changed"
+    seen = 1
+    stack: list[tuple[str, tuple[int, int]]] = [("", (rst.st_dev, rst.st_ino))]
+    while stack:
+        rel, ident = stack.pop()
+        fd = root_fd if not rel else os.open(rel, _OPEN_DIR, dir_fd=root_fd)
+        try:
+            dst = os.fstat(fd)
+            if (dst.st_dev, dst.st_ino) != ident:
+                return f"{rel!r} was replaced while being checked"
+            with os.scandir(fd) as it:
+                for de in it:
+                    r = f"{rel}/{de.name}" if rel else de.name
+                    want = entries.get(r)
+                    if want is None:
+                        return f"{r!r} was added"
+                    st = de.stat(follow_symlinks=False)
+                    why = _differs(r, want, st)
+                    if why is not None:
+                        return why
+                    if want[0] == "d":
+                        stack.append((r, (st.st_dev, st.st_ino)))
+                    seen += 1
+        finally:
+            if fd != root_fd:
+                os.close(fd)
+    if seen != len(entries):
+        return f"{len(entries) - seen} sealed entries are missing"
+    return None
+
+
+def _differs(rel: str, want: SealEntry, st: os.stat_result) -> str | None:
+    mode = stat.S_IMODE(st.st_mode)
+    if want[0] == "d":
+        if not stat.S_ISDIR(st.st_mode) or st.st_ino == 2:  # 2: a nested subvolume's stub
+            return f"{rel!r} is no longer the sealed directory"
+        return None if mode == want[1] else f"{rel!r} had its mode changed"
+    if want[0] == "f":
+        ok = stat.S_ISREG(st.st_mode) and (st.st_ino, st.st_ctime_ns, st.st_size, mode) == (
+            want[1],
+            want[2],
+            want[4],
+            want[5],
+        )
+        return None if ok else f"{rel!r} was modified or replaced"
+    ok = stat.S_ISLNK(st.st_mode) and (st.st_ino, st.st_ctime_ns) == (want[1], want[2])
+    return None if ok else f"{rel!r} (a symlink) was modified or replaced"
+
+
+def apply_removals(x: _Extractor, base: Base) -> None:
+    """On a verified snapshot: make the directories about to change writable, remove what
+    the new version no longer has (or has differently), and tell the extractor what the
+    snapshot already holds (its rules then apply to what is written, as in a full build)."""
+    seal = base.seal.entries
+    parents = {r.rpartition("/")[0] for r in base.remove}
+    for e in base.create:
+        rel = _norm(e.path if isinstance(e, FileEntry) else e[1], "member")
+        parents.add(rel.rpartition("/")[0])
+    for p in sorted(parents):
+        if p in base.keep and seal.get(p, ("",))[0] == "d":
+            at, n = x._at(p or ".")
+            fd = os.open(n, _OPEN_DIR, dir_fd=at)
+            try:
+                os.fchmod(fd, 0o755)
+            finally:
+                os.close(fd)
+    for rel in base.remove:
+        at, n = x._at(rel)
+        if seal[rel][0] == "d":
+            fsops.remove_at(at, n, shown=f"{x.dest}/{rel}")
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(n, dir_fd=at)
+    for rel in base.keep:
+        e = seal[rel]
+        if e[0] == "d":
+            x.known_dirs.add(rel)
+            x.ndirs += 1 if rel else 0
+            if rel or base.named_root:
+                x.dir_meta[rel] = (0o755, 0)  # as the full build's ("d", path) entries
+        elif e[0] == "f":
+            x.files[rel] = (e[4], e[3])
+            x.written += e[4]
+        else:
+            x.symlinks[rel] = e[3]
+        x.members += 1
+
+
+def new_subvolume(parent_fd: int, name: str) -> bool:
+    """Create ``name`` in ``parent_fd`` as a new subvolume; where btrfs refuses (a kernel or
+    policy without it), as a plain directory instead (False, logged). A full disk raises."""
+    try:
+        create_subvolume(parent_fd, name)
+        return True
+    except OSError as exc:
+        if is_nospace(exc) or exc.errno == errno.EEXIST:
+            raise
+        log.warning("cannot create a btrfs subvolume (%s): a plain directory instead", exc)
+    os.mkdir(name, 0o755, dir_fd=parent_fd)
+    return False
+
+
+def subvolume_possible(path: Path) -> bool:
+    """Whether a subvolume can be made in the directory ``path`` (it is on btrfs). ``path``
+    is ours (a pinned staging directory is reached through ``/proc/self/fd``: followed)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return on_btrfs(fd)
+    finally:
+        os.close(fd)
