@@ -4,6 +4,7 @@ themselves), across processes, and removed by gc like any entry (as root and as 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -16,6 +17,7 @@ import tempfile
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support.mounts import MountRefused, loop_btrfs
@@ -26,6 +28,8 @@ from forgespace import Settings, WorkspaceCache, open_store
 from forgespace.cache import snapshot
 from forgespace.cache.eviction import evict_target
 from forgespace.cache.manifest import seal_path
+from forgespace.errors import UnsafeArchiveError
+from forgespace.storage.manifest import Manifest, encode_manifest, parse_manifest
 
 pytestmark = [pytest.mark.integration, pytest.mark.btrfs]
 
@@ -337,3 +341,40 @@ def test_an_unprivileged_worker_builds_from_snapshots_and_gc_removes_them(
     assert got["left"] == [".forgespace"] and got["problems"] == []
     trash = base / "cache" / ".forgespace" / "trash"
     assert not trash.exists() or not os.listdir(trash)
+
+
+@pytest.mark.parametrize(
+    "case", ["escaping-link", "absolute-link", "link-chain", "write-through-link"]
+)
+def test_a_hostile_new_version_is_refused_on_the_snapshot_path_too(
+    world: dict[str, object], tmp_path: Path, case: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A manifest is untrusted input: the diff applies the archive rules (links checked
+    through the kept ones too); the refused build leaves nothing, the base is untouched."""
+    store: Any = world["store"]
+    cache = WorkspaceCache(world["settings"], store=store)  # type: ignore[arg-type]
+    t1, t2 = str(world["t1"]), str(world["t2"])
+    w1 = Path(cache.get_target(t1, None, "shared"))
+    before = _listing(w1)
+    store.download_target(t2, tmp_path / "v2.manifest")
+    m = parse_manifest((tmp_path / "v2.manifest").read_bytes(), t2)
+    held = m.files[0]  # a blob the host holds: only the build can refuse
+    extra: tuple[Any, ...] = {
+        "escaping-link": (("l", "out", "../../.."),),
+        "absolute-link": (("l", "abs", "/etc/passwd"),),
+        "link-chain": (("l", "pkg0/up", ".."), ("l", "chain", "pkg0/up/..")),  # via a kept dir
+        "write-through-link": (("l", "x", "pkg1"), dataclasses.replace(held, path="x/new.py")),
+    }[case]
+    (tmp_path / "hostile").write_bytes(encode_manifest(Manifest("x", (*m.entries, *extra))))
+    bad = str(store.upload_target(tmp_path / "hostile"))
+    caplog.set_level(logging.INFO, logger="forgespace.cache")
+    with pytest.raises(UnsafeArchiveError):
+        cache.get_target(bad, None, "shared")
+    # A parent that is not a directory of the manifest is left to the full build's rules.
+    diffed = case != "write-through-link"
+    assert diffed == any("snapshot base" in r.getMessage() for r in caplog.records), caplog.text
+    assert not cache.layout.shared_workspace(bad).exists()
+    tmp = cache.layout.meta_dir / "tmp"
+    assert not tmp.exists() or not [p for p in tmp.rglob("*") if p.name == "workspace"]
+    assert _listing(w1) == before
+    assert not (Path(world["base"]) / "out").exists()  # type: ignore[arg-type]
