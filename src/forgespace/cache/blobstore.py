@@ -371,7 +371,7 @@ def _build(job: _Job, blobs: _Blobs) -> ExtractStats:
                         sealer.link(x, rel)
             stats = x.finish()
             if sealer is not None:
-                stats = dataclasses.replace(stats, seal=sealer.seal(x, pfd))
+                stats = dataclasses.replace(stats, seal=sealer.seal(x))
             blobs.touch()
         except BaseException as exc:
             x.close()

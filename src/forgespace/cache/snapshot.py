@@ -250,34 +250,33 @@ class Sealer:
         st = os.stat(n, dir_fd=at, follow_symlinks=False)
         self.new[rel] = ("l", st.st_ino, st.st_ctime_ns, x.symlinks[rel])
 
-    def seal(self, x: _Extractor, parent_fd: int) -> SealRecord:
-        """The seal of the finished tree ``x`` built (directories are read-only: 0555) in the
-        directory ``parent_fd`` (where the clock is probed: the tree itself is final)."""
+    def seal(self, x: _Extractor) -> SealRecord:
+        """The seal of the finished tree ``x`` built (its directories read-only: 0555)."""
         entries: dict[str, SealEntry] = {}
-        for d in sorted(x.known_dirs):  # all of them: finish() just changed their ctime
-            at, n = x._at(d or ".")
+        for d in sorted(x.known_dirs):
+            if d in x.settled:  # untouched since the verified snapshot
+                entries[d] = self.kept[d]
+                continue
+            at, n = x._at(d or ".")  # finish() just changed its ctime
             st = os.stat(n, dir_fd=at, follow_symlinks=False)
             entries[d] = ("d", st.st_ino, st.st_ctime_ns, stat.S_IMODE(st.st_mode))
         for rel in [*x.files, *x.symlinks]:
             entries[rel] = self.new.get(rel) or self.kept[rel]
-        _settle(parent_fd, max(e[2] for e in entries.values()))
+        _settle(x.dfd, max(e[2] for e in entries.values()))
         return SealRecord(subvolume_uuids(x.dfd)[0], entries)
 
 
-def _settle(dfd: int, newest: int) -> None:
+def _settle(root_fd: int, newest: int) -> None:
     """Return once the filesystem's clock is past ``newest`` (a ctime in ns): a change made
     after this can never carry a sealed ctime (ctime ticks can be coarser than a build's last
-    writes). Probed with a scratch file's ctime; bounded (~a clock tick, 1 s at most)."""
-    name = f".seal-clock-{uuid.uuid4().hex}"
-    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dfd)
-    try:
-        deadline = time.monotonic() + 1.0
-        while os.fstat(fd).st_ctime_ns <= newest and time.monotonic() < deadline:
-            time.sleep(0.001)
-            os.utime(fd)
-    finally:
-        os.close(fd)
-        os.unlink(name, dir_fd=dfd)
+    writes). Probed by touching the tree's root directory, whose own times are not sealed (a
+    new file would cost more: the first write after a snapshot waits for btrfs); bounded
+    (about a clock tick, 1 s at most)."""
+    deadline = time.monotonic() + 1.0
+    os.utime(root_fd)
+    while os.fstat(root_fd).st_ctime_ns <= newest and time.monotonic() < deadline:
+        time.sleep(0.001)
+        os.utime(root_fd)
 
 
 # --- choosing and using a base -------------------------------------------------------------
@@ -336,11 +335,8 @@ def _same(old: SealEntry | None, e: Any) -> bool:
     return old[0] == "d"
 
 
-def plan(tid: str, parts: tuple[str, ...], seal: SealRecord, m: Manifest) -> Base | None:
-    """What turns the sealed tree into ``m``'s (None: ``m`` is not one the diff handles)."""
-    want = _wanted(m)
-    if want is None:
-        return None
+def plan(tid: str, parts: tuple[str, ...], seal: SealRecord, want: dict[str, Any]) -> Base:
+    """What turns the sealed tree into the tree ``want`` (``_wanted``) describes."""
     keep = {rel for rel, e in want.items() if _same(seal.entries.get(rel), e)} | {""}
     gone = sorted(set(seal.entries) - keep)
     remove: list[str] = []
@@ -384,17 +380,16 @@ def find_base(engine: Engine, tid: str, m: Manifest, dest_parent: Path) -> Base 
     except (OSError, ValueError, KeyError, TypeError, IndexError, ForgespaceError) as exc:
         log.warning("snapshot base %s: unreadable seal (%s); building from blobs", btid, exc)
         return None
-    base = plan(btid, parts, seal, m)
-    if base is not None:
-        base.shown = f"{root}/{'/'.join(parts)}"
-        log.info(
-            "target %s: snapshot base %s (~%.0f%% shared): %d to remove, %d to write",
-            tid,
-            base.shown,
-            score * 100,
-            len(base.remove),
-            len(base.create),
-        )
+    base = plan(btid, parts, seal, want)
+    base.shown = f"{root}/{'/'.join(parts)}"
+    log.info(
+        "target %s: snapshot base %s (~%.0f%% shared): %d to remove, %d to write",
+        tid,
+        base.shown,
+        score * 100,
+        len(base.remove),
+        len(base.create),
+    )
     return base
 
 
@@ -543,7 +538,7 @@ def apply_removals(x: _Extractor, base: Base) -> None:
     for e in base.create:
         rel = _norm(e.path if isinstance(e, FileEntry) else e[1], "member")
         parents.add(rel.rpartition("/")[0])
-    for p in sorted(parents):
+    for p in sorted(parents):  # the others keep their final mode and times: finish skips them
         if p in base.keep and seal.get(p, ("",))[0] == "d":
             at, n = x._at(p or ".")
             fd = os.open(n, _OPEN_DIR, dir_fd=at)
@@ -558,6 +553,7 @@ def apply_removals(x: _Extractor, base: Base) -> None:
         else:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(n, dir_fd=at)
+    x.settled = {r for r in base.keep if seal[r][0] == "d"} - parents
     for rel in base.keep:
         e = seal[rel]
         if e[0] == "d":
