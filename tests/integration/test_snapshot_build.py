@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from typing import Any
 import pytest
 from support.mounts import MountRefused, loop_btrfs
 from support.nobody import NOBODY, run_as_nobody
-from support.procs import make_project, run_getters
+from support.procs import make_project, run_getters, start_role, wait_for
 
 from forgespace import Settings, WorkspaceCache, open_store
 from forgespace.cache import snapshot
@@ -378,3 +379,40 @@ def test_a_hostile_new_version_is_refused_on_the_snapshot_path_too(
     assert not tmp.exists() or not [p for p in tmp.rglob("*") if p.name == "workspace"]
     assert _listing(w1) == before
     assert not (Path(world["base"]) / "out").exists()  # type: ignore[arg-type]
+
+
+def test_sigkill_during_a_snapshot_build_leaves_nothing_a_later_get_returns(
+    world: dict[str, object], tmp_path: Path
+) -> None:
+    """Killed while its snapshot waits for a blob: the next get sweeps the staged snapshot
+    (a subvolume) away, builds the version again and no subvolume of the dead build is left."""
+    cache = WorkspaceCache(world["settings"], store=world["store"])  # type: ignore[arg-type]
+    t1, t2 = str(world["t1"]), str(world["t2"])
+    cache.get_target(t1, None, "shared")
+    sig = tmp_path / "paused"
+    env = {**os.environ, **world["env"]}  # type: ignore[dict-item]
+    spec = {"target_id": t2, "mode": "shared", "pause": "blob-write", "signal": str(sig)}
+    proc = start_role("incremental", "get", spec, env)
+    staging = cache.layout.meta_dir / "tmp"
+    try:
+        wait_for(lambda: sig.exists() or proc.poll() is not None, 120, "the pause point")
+        assert proc.poll() is None, proc.communicate()
+        # the builder has its snapshot and waits for the blob being fetched
+        wait_for(lambda: any(staging.rglob("workspace")), 30, "the staged snapshot")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    staged = next(staging.rglob("workspace"))
+    assert staged.stat().st_ino == snapshot.SUBVOL_ROOT_INO
+    assert not cache.layout.shared_workspace(t2).exists()
+    w2 = Path(cache.get_target(t2, None, "shared"))
+    assert _listing(w2) == _full_build(world, t2, "shared")
+    assert not staged.exists()  # the dead build's snapshot was swept
+    out = subprocess.run(
+        ["btrfs", "subvolume", "list", str(Path(world["base"]))],  # type: ignore[arg-type]
+        capture_output=True,
+        text=True,
+    )
+    if out.returncode == 0:
+        mine = [ln for ln in out.stdout.splitlines() if f"{Path(world['base']).name}/" in ln]  # type: ignore[arg-type]
+        assert not [ln for ln in mine if "/.forgespace/" in ln], mine

@@ -204,8 +204,9 @@ def materialise(
     what = f"target {tid}"
     m = parse_manifest(manifest_file.read_bytes(), what)
     limit = engine.settings.cache_max_size
-    for e in m.entries:  # refuse bad names before fetching anything
-        _checked_name(e.path if isinstance(e, FileEntry) else e[1], str(manifest_file))
+    # refuse bad names before fetching anything
+    names = [_checked_name(e.path if isinstance(e, FileEntry) else e[1], str(manifest_file))
+             for e in m.entries]  # fmt: skip
     need = sum({f.sha256: f.size for f in m.files}.values())
     if need > limit:
         raise UnsafeArchiveError(
@@ -226,7 +227,7 @@ def materialise(
         engine._make_room(fetch + blob_usage(engine)[0], tid)
         # A read-only tree on btrfs: from a snapshot of a sealed earlier version when one
         # shares most entries (cache/snapshot.py), else a new subvolume built in full.
-        base = snapshot.find_base(engine, tid, m, dest.parent) if read_only else None
+        base = snapshot.find_base(engine, tid, m, names, dest.parent) if read_only else None
         job = _Job(engine, tid, m, manifest_file, dest, read_only, base)
         if not missing:
             return _build(job, _Blobs(bfd, held, None))

@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, Any
 from forgespace.cache import fsops
 from forgespace.cache import manifest as mf
 from forgespace.cache.archive import _norm
-from forgespace.errors import ForgespaceError, LockTimeoutError, UnsafeArchiveError, is_nospace
+from forgespace.errors import ForgespaceError, LockTimeoutError, is_nospace
 from forgespace.storage.manifest import FileEntry, Manifest
 
 if TYPE_CHECKING:
@@ -295,19 +295,13 @@ class Base:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def _wanted(m: Manifest) -> dict[str, Any] | None:
-    """rel -> entry of a manifest with unique, normal paths whose parents are directories of
-    it; None otherwise (the full build applies the archive rules to anything else)."""
-    want: dict[str, Any] = {}
-    for e in m.entries:
-        name = e.path if isinstance(e, FileEntry) else e[1]
-        try:
-            rel = _norm(name, "member")
-        except UnsafeArchiveError:
-            return None
-        if rel in want:
-            return None
-        want[rel] = e
+def _wanted(m: Manifest, names: list[str]) -> dict[str, Any] | None:
+    """rel -> entry of a manifest (``names``: its entries' normalised paths, in order) with
+    unique paths whose parents are directories of it; None otherwise (the full build applies
+    the archive rules to anything else)."""
+    want = dict(zip(names, m.entries, strict=True))
+    if len(want) != len(names):
+        return None
     for rel in want:
         parent = rel.rpartition("/")[0]
         if parent and not (parent in want and _is_dir(want[parent])):
@@ -348,13 +342,15 @@ def plan(tid: str, parts: tuple[str, ...], seal: SealRecord, want: dict[str, Any
     return Base(tid, parts, seal, keep, remove, create, named_root="" in want)
 
 
-def find_base(engine: Engine, tid: str, m: Manifest, dest_parent: Path) -> Base | None:
-    """The sealed tree this host holds that shares most entries with ``m`` (at least
-    MIN_SIMILARITY, estimated from the seals' sketches), with its plan; None when there is
-    none, or the cache is not on btrfs."""
+def find_base(
+    engine: Engine, tid: str, m: Manifest, names: list[str], dest_parent: Path
+) -> Base | None:
+    """The sealed tree this host holds that shares most content with ``m`` (whose entries'
+    normalised paths are ``names``): at least MIN_SIMILARITY, estimated from the seals'
+    sketches, with its plan; None when there is none, or the cache is not on btrfs."""
     if not subvolume_possible(dest_parent):
         return None
-    want = _wanted(m)
+    want = _wanted(m, names)
     if want is None:
         return None
     mine = _sketch(f.sha256 for f in m.files)
