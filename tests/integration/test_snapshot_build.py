@@ -31,6 +31,7 @@ from forgespace.cache.eviction import evict_target
 from forgespace.cache.manifest import seal_path
 from forgespace.errors import UnsafeArchiveError
 from forgespace.storage.manifest import Manifest, encode_manifest, parse_manifest
+from forgespace.storage.pack import tree_usage
 
 pytestmark = [pytest.mark.integration, pytest.mark.btrfs]
 
@@ -264,6 +265,13 @@ def test_gc_removes_snapshot_built_entries_and_their_seals(world: dict[str, obje
         cache.get_target(tid, None, "shared")
         cache.get_target(tid, "run", "copy-on-write")
     assert not cache.audit_internal()  # subvolumes are not reported as mount points
+    # sizes (index rebuild, eviction) enter a subvolume: same mount, its own st_dev
+    shared_dir = cache.layout.cow_shared_dir(t2)
+    files = [p for p in shared_dir.rglob("*") if p.is_file() and not p.is_symlink()]
+    assert tree_usage(shared_dir, one_filesystem=True) == (
+        sum(p.stat().st_size for p in files),
+        len(files),
+    )
     for tid in (t1, t2):
         for kind in ("shared", "cow"):
             assert seal_path(cache.layout.meta_dir, tid, kind).exists()

@@ -14,6 +14,9 @@ The workspace is then built in staging by the archive extractor (the same path, 
 rules as an archive: a manifest is untrusted input) with each file's data *copied* from its
 pack (copy_file_range, which shares blocks where the filesystem can; a plain copy otherwise):
 a run can never write through to a blob, and a pack can go without touching any workspace.
+On btrfs a read-only tree (shared, copy-on-write's pristine copy) is built as a subvolume and
+sealed, and a later version is a verified snapshot of such a tree with only the differences
+written (cache/snapshot.py); isolated workspaces are always built in full.
 
 Blobs are a cache of the store. Materialisers hold the blob store's lock shared; ``sweep``
 (gc) takes it exclusive and non-blocking (skipping the sweep when busy), so a pack is never
