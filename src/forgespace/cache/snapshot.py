@@ -11,17 +11,22 @@ user space: any write, chmod, rename, link or replacement moves it. The build wa
 filesystem clock to pass the newest sealed ``ctime`` before it returns (``_settle``), so even
 a change within the same clock tick after publication shows.
 
-A later get of another manifest target whose entries mostly match a sealed tree (a bottom-k
-sketch in the seal's first line estimates the overlap without reading the rest) snapshots that
-tree into its staging directory (``BTRFS_IOC_SNAP_CREATE_V2``, under the source's target lock
-taken shared and non-blocking, so gc cannot remove it meanwhile), then checks the snapshot —
-never the source, which may change under it — against the seal: the snapshot's parent uuid
-must be the sealed subvolume's, and a walk by directory fds must find exactly the sealed
-entries with the sealed inode, ctime, size and mode. Anything else (a run modified the tree, a
-planted symlink, a swapped directory, a different subvolume put in its place) removes the
-snapshot and builds the workspace from blobs as usual, with a warning. Only then are the
-differences applied by the archive extractor's rules (``blobstore._build``): entries that are
-gone or changed are removed, new and changed ones written from verified local blobs.
+A later get of another manifest target whose content mostly matches a sealed tree (a bottom-k
+sketch of file digests in the seal's first line estimates the overlap without reading the
+rest) snapshots that tree into its staging directory (``BTRFS_IOC_SNAP_CREATE_V2`` on the
+tree's fd, opened through ``fsops`` without following anything, under the source's target
+lock taken shared and non-blocking, so gc cannot remove it meanwhile), then checks it
+(``_check``): the snapshot's parent uuid must be the sealed subvolume's, the snapshot's top
+level exactly the sealed one, and a walk of the source through that same fd, *after* the
+snapshot, must find exactly the sealed entries with the sealed inode, ctime, size and mode.
+Since a change can never move a ctime back, an intact source after the snapshot proves an
+intact snapshot (and the source's inodes are in memory: ~3x faster than walking the new
+snapshot). Anything else (a run modified the tree, a planted symlink, a swapped directory, a
+different subvolume or a symlink put in its place, a forged seal naming another subvolume)
+removes the snapshot and builds the workspace from blobs as usual, with a warning. Only then
+are the differences applied by the archive extractor's rules (``blobstore._build``): entries
+that are gone or changed are removed, new and changed ones written from verified local blobs,
+and links checked through the kept ones too.
 
 Trust: a sandboxed run sees the read-only tree through a read-only bind and cannot change it
 at all; an unsandboxed run acts as the worker's user and could rewrite the seal as it could
@@ -29,10 +34,12 @@ rewrite the local blob packs the full build copies from: the seal is exactly as 
 blob store beside it. Isolated run workspaces are writable by runs and are never built as
 subvolumes nor used as a source.
 
-Removal needs nothing new: an empty subvolume is removed by ``rmdir`` (Linux >= 4.18, as its
-owner too), and ``fsops`` descends into a subvolume (same mount, own ``st_dev``) as into any
-directory. Sizes: the index counts a snapshot-built workspace's logical bytes like any other
-(extents it shares with its source and the blob packs are counted again: eviction errs early).
+Removal: an empty subvolume is removed by ``rmdir`` (Linux >= 4.18, by its owner too), and
+``fsops`` tells a subvolume (its own ``st_dev``, the same mount: ``forgespace.mounts``) from a
+mount point and descends into it as into any directory, so gc, cleanup and staging sweeps
+remove these trees unchanged. Sizes: the index counts a snapshot-built workspace's logical
+bytes like any other (extents it shares with its source and the blob packs are counted again:
+eviction errs early).
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import functools
 import heapq
 import json
 import logging
@@ -99,11 +107,15 @@ class SnapshotRefused(ForgespaceError):
 
 
 # --- btrfs ---------------------------------------------------------------------------------
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def _fstatfs_type(fd: int) -> int | None:
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
         buf = ctypes.create_string_buffer(256)  # struct statfs (120 bytes on 64-bit Linux)
-        if libc.fstatfs(fd, buf) != 0:
+        if _libc().fstatfs(fd, buf) != 0:
             return None
         return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF  # f_type comes first
     except (OSError, AttributeError):
