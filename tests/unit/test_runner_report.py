@@ -243,7 +243,7 @@ def test_ui_with_a_cluster_points_at_its_own_ui_and_a_dead_cluster_is_named(
     # A bound socket that does not listen: connecting to it is refused at once.
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        address = "127.0.0.1:%d" % sock.getsockname()[1]
+        address = f"127.0.0.1:{sock.getsockname()[1]}"
         settings = Settings.from_env(
             {
                 "CACHE_DIR": str(tmp_path / "cache"),
@@ -308,4 +308,3 @@ def test_a_cleanup_that_does_not_end_in_time_is_reported_not_awaited(
     assert [h.cancelled for h in handles] == [1, 1]
     assert line.startswith("interrupted: 2 runs cancelled, cleanup of 1 not awaited")
     assert "CACHE_LEASE_TTL" in line and "forgespace cache gc" in line
-
