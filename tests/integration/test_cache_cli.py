@@ -403,6 +403,20 @@ def test_version_and_completion(tmp_path: Path) -> None:
     assert proc.stdout.split() == ["prune", "purge"]
 
 
+def test_a_command_group_alone_prints_its_help_not_an_error(tmp_path: Path) -> None:
+    from support.cli import run_forgespace
+
+    env = {**os.environ, "CACHE_DIR": str(tmp_path / "never"), "COLUMNS": "200"}
+    proc = run_forgespace(env, "cache")
+    assert proc.returncode == 2
+    text = proc.stdout + proc.stderr
+    assert "Usage: forgespace cache [OPTIONS] COMMAND [ARGS]..." in text
+    for command in ("status", "ls", "gc", "prune", "purge", "dir", "evict", "verify"):
+        assert f"│ {command} " in text
+    assert "error:" not in text and "Traceback" not in text
+    assert not (tmp_path / "never").exists()
+
+
 def test_on_a_terminal_the_commands_print_tables(populated) -> None:
     from support.cli import run_on_terminal
 
