@@ -192,3 +192,17 @@ def test_repair_drops_a_modified_copy_on_write_copy_and_the_next_run_downloads_i
     assert again.downloaded
     assert tree_digest(Path(again.path)) == tree_digest(project)
     assert verify_cache(cache, repair=False).modified == {}
+
+
+def test_a_manifest_of_another_version_is_no_manifest_and_repair_records_one(
+    cache: WorkspaceCache, project: Path
+) -> None:
+    from forgespace.cache.manifest import manifest_path
+
+    tid = cache.store.upload_target(project)
+    cache.get_target(tid, None, "shared")
+    manifest = manifest_path(cache.layout.meta_dir, tid, "shared")
+    manifest.write_text('{"version": 999, "files": []}')
+    assert cache.verify_shared(tid) == [f"{tid}/workspace: no manifest recorded"]
+    assert cache.repair_shared(tid)
+    assert cache.verify_shared(tid) == []
