@@ -3,7 +3,8 @@
 
 Run ``.venv/bin/python fuzz/make_corpus.py [archive|manifest]`` from the repository root (both
 when none is named). Seeds are small and deterministic (fixed mtimes, compressors without
-timestamps), so regenerating them gives the same bytes. Two kinds of archive seeds:
+timestamps), so regenerating them gives the same bytes; inputs the fuzzer found and that were
+committed (named by their sha1, as libFuzzer names them) are kept. Two kinds of archive seeds:
 
 - real archives: a small project as tar in GNU, pax and ustar formats, plain and gzip/bzip2/xz,
   zip stored/deflated/bzip2/lzma/zip64, long and unicode names, hard and symbolic links, global
@@ -28,7 +29,7 @@ import gzip
 import io
 import json
 import lzma
-import shutil
+import re
 import stat
 import sys
 import tarfile
@@ -40,6 +41,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "corpus" / "archive"
 OUT_MANIFEST = HERE / "corpus" / "manifest"
+#: the name libFuzzer gives an input it found (its sha1): kept when the seeds are regenerated
+_FOUND = re.compile(r"[0-9a-f]{40}")
 sys.path.insert(0, str(HERE.parent / "tests" / "unit"))
 
 from _manifest_store import make_store  # noqa: E402
@@ -355,8 +358,7 @@ def main(which: list[str]) -> None:
     """Regenerate the corpora named (``archive``, ``manifest``; both when none is named)."""
     which = which or ["archive", "manifest"]
     if "manifest" in which:
-        shutil.rmtree(OUT_MANIFEST, ignore_errors=True)
-        OUT_MANIFEST.mkdir(parents=True)
+        _reset(OUT_MANIFEST)
         with tempfile.TemporaryDirectory() as tmp:
             for name, data in manifest_seeds(Path(tmp)).items():
                 (OUT_MANIFEST / name).write_bytes(data)
@@ -369,9 +371,17 @@ def main(which: list[str]) -> None:
             print(f"{len(files)} seeds, {total} bytes in {out.relative_to(HERE.parent)}")
 
 
+def _reset(out: Path) -> None:
+    """Remove the generated seeds of ``out`` (they are written again) but keep the inputs the
+    fuzzer found and that were committed: libFuzzer names those by the sha1 of their bytes."""
+    out.mkdir(parents=True, exist_ok=True)
+    for p in out.iterdir():
+        if not _FOUND.fullmatch(p.name):
+            p.unlink()
+
+
 def archive_seeds() -> None:
-    shutil.rmtree(OUT, ignore_errors=True)
-    OUT.mkdir(parents=True)
+    _reset(OUT)
     for name, make in {**REAL, **CRAFTED}.items():
         (OUT / name).write_bytes(make())
     # The malicious kinds the unit tests know, from their own builders; "outside" is what the

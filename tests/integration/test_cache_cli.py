@@ -19,6 +19,8 @@ from forgespace.storage import open_store
 STATUS_KEYS = {
     "cache_dir",
     "bytes",
+    "entry_bytes",
+    "blob_bytes",
     "limit_bytes",
     "used_ratio",
     "entries",
@@ -102,8 +104,16 @@ def test_status_json(populated) -> None:
     assert (doc["hits"], doc["misses"], doc["downloads"]) == (1, 3, 3)
     assert doc["live_leases"] == 2 and doc["bytes"] > 0
     assert doc["limit_bytes"] == 10 * 10**9 and doc["oldest_access_age_seconds"] >= 0
+    # the directories were stored as manifests: their blobs, kept in the local blob store,
+    # count against CACHE_MAX_SIZE beside the entries, and status says so
+    blob_dir = Path(env["CACHE_DIR"]) / ".forgespace" / "blobs"
+    on_disk = sum(p.stat().st_size for p in blob_dir.iterdir())
+    assert doc["blob_bytes"] == on_disk > 0
+    entries = as_json(env, "cache", "ls")["targets"]
+    assert doc["entry_bytes"] == sum(e["bytes"] for t in entries for e in t["entries"])
+    assert doc["bytes"] == doc["entry_bytes"] + doc["blob_bytes"]
     human = forgespace(env, "cache", "status").stdout
-    assert "used" in human and "live leases" in human
+    assert "used" in human and "live leases" in human and "blob store" in human
 
 
 def test_ls_json_per_target(populated) -> None:
@@ -193,6 +203,37 @@ def test_verify_finds_and_repairs(populated) -> None:
     assert fixed["repaired"] and fixed["ok"] is False  # it reports what it found...
     assert as_json(env, "cache", "verify")["ok"] is True  # ...and afterwards all is well
     assert victim.read_text() != "tampered\n"
+
+
+def test_verify_table_names_each_problem_and_repair_says_what_it_did(populated) -> None:
+    env, ids = populated
+    env = {**env, "COLUMNS": "300"}
+    cache_dir = Path(env["CACHE_DIR"])
+    ws = cache_dir / ids["a"] / "workspace"
+    os.chmod(ws, 0o755)
+    for i in range(25):
+        (ws / f"drop{i:02}.txt").write_text("x")
+    os.rename(cache_dir / ids["c"] / "run-c", cache_dir / ids["c"] / "run-lost")
+    proc = forgespace(env, "cache", "verify", rc=1)
+    rows = [
+        [c.strip() for c in line.strip("│").split("│")]
+        for line in proc.stdout.splitlines()
+        if line.startswith("│")
+    ]
+    assert ["on disk, not in the index", f"{ids['c']}/run-lost"] in rows
+    assert ["in the index, not on disk", f"{ids['c']}/run-c"] in rows
+    modified = [r[1] for r in rows if r[0] == f"modified shared workspace of {ids['a']}"]
+    # 26 differences (the writable directory, 25 files added): 20 shown, the rest counted.
+    assert len(modified) == 21 and modified[-1] == "... 6 more"
+    assert f"{ids['a']}/workspace: added: drop00.txt" in modified
+    assert proc.stdout.splitlines()[-1] == "3 indexed, 3 on disk: problems found"
+
+    fixed = forgespace(env, "cache", "verify", "--repair")
+    assert "repaired: index rebuilt from disk" in fixed.stdout
+    assert f"repaired: {ids['a']}/workspace re-extracted from its cached target" in fixed.stdout
+    assert not (ws / "drop00.txt").exists()
+    clean = forgespace(env, "cache", "verify")
+    assert clean.stdout == "3 indexed, 3 on disk: consistent\n"
 
 
 def test_status_rebuilds_a_deleted_index(populated) -> None:
@@ -285,6 +326,43 @@ def test_purge_keeps_leased_entries_unless_forced(populated) -> None:
     assert sorted(os.listdir(cache_dir)) == [".forgespace"]
 
 
+def test_purge_dry_run_lists_what_would_go_and_says_what_stays(populated) -> None:
+    env, ids = populated
+    cache_dir = Path(env["CACHE_DIR"])
+    before = sorted(os.listdir(cache_dir))
+    proc = forgespace(env, "cache", "purge", "--dry-run")
+    lines = proc.stdout.splitlines()
+    assert lines[0].split() == ["TARGET", "ENTRY", "KIND", "BYTES", "LAST_ACCESS"]
+    assert [line.split()[:3] for line in lines[1:-1]] == [[ids["b"], "workspace", "shared"]]
+    assert lines[-1].startswith("would remove 1 entry, would free ")
+    # What live runs lease is named on stderr, with how to remove it anyway.
+    assert sorted(proc.stderr.splitlines()) == sorted(
+        [
+            f"{ids['a']}/workspace: kept (leased by a live run; --force removes it)",
+            f"{ids['c']}/run-c: kept (leased by a live run; --force removes it)",
+        ]
+    )
+    assert sorted(os.listdir(cache_dir)) == before  # nothing deleted
+    forced = as_json(env, "cache", "purge", "--force", "--dry-run")
+    assert {e["key"] for e in forced["entries"]} == {
+        f"{ids['a']}/workspace",
+        f"{ids['b']}/workspace",
+        f"{ids['c']}/run-c",
+    }
+    assert forced["kept"] == [] and forced["freed_bytes"] == 0 and forced["would_free_bytes"] > 0
+    assert sorted(os.listdir(cache_dir)) == before
+
+
+@pytest.mark.parametrize("args", [["purge"], ["prune", "--older-than", "0s"]])
+def test_purge_and_prune_of_a_cache_never_created_remove_nothing_and_create_nothing(
+    tmp_path: Path, args: list[str]
+) -> None:
+    env = {**os.environ, "CACHE_DIR": str(tmp_path / "never")}
+    proc = forgespace(env, "cache", *args)
+    assert proc.stdout == "removed 0 entries, freed 0 B\n"
+    assert not (tmp_path / "never").exists()
+
+
 def test_gc_with_nothing_to_do_says_so(populated) -> None:
     env, _ = populated
     out = forgespace(env, "cache", "gc").stdout
@@ -333,6 +411,20 @@ def test_version_and_completion(tmp_path: Path) -> None:
     cmd = [str(Path(sys.executable).with_name("forgespace"))]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
     assert proc.stdout.split() == ["prune", "purge"]
+
+
+def test_a_command_group_alone_prints_its_help_not_an_error(tmp_path: Path) -> None:
+    from support.cli import run_forgespace
+
+    env = {**os.environ, "CACHE_DIR": str(tmp_path / "never"), "COLUMNS": "200"}
+    proc = run_forgespace(env, "cache")
+    assert proc.returncode == 2
+    text = proc.stdout + proc.stderr
+    assert "Usage: forgespace cache [OPTIONS] COMMAND [ARGS]..." in text
+    for command in ("status", "ls", "gc", "prune", "purge", "dir", "evict", "verify"):
+        assert f"│ {command} " in text
+    assert "error:" not in text and "Traceback" not in text
+    assert not (tmp_path / "never").exists()
 
 
 def test_on_a_terminal_the_commands_print_tables(populated) -> None:

@@ -92,3 +92,48 @@ def test_fleet_status_table_shows_each_host_and_what_live_hosts_hold(
         "1 of 2 host(s) live, 3 free slot(s); 2 target(s) in 3 cop(ies); "
         "4 download(s), 7 saved by cache hits"
     ) in proc.stdout
+
+
+def test_workflows_table_and_info_without_json(settings: Settings, settings_env: Env) -> None:
+    from support.temporal import FIXTURE_WORKFLOWS
+
+    only_fixtures = ("--workflows-dir", str(FIXTURE_WORKFLOWS), "--no-bundled")
+    wide = run_forgespace(cli_env(settings_env(settings)), "workflows", *only_fixtures)
+    assert wide.returncode == 0, wide.stderr
+    rows = {
+        cells[0]: cells
+        for line in wide.stdout.splitlines()
+        if line.startswith("│")
+        for cells in [[c.strip() for c in line.strip("│").split("│")]]
+    }
+    assert rows["fs_marker_shared"] == [
+        "fs_marker_shared",
+        "shared",
+        "1.0",
+        "test",
+        "Test fixture that inspects its shared workspace",
+    ]
+    assert rows["fs_marker_copy_on_write"][1] == "copy-on-write"
+    # A narrow terminal gets the table without descriptions rather than wrapped ones.
+    narrow_env = cli_env(settings_env(settings), COLUMNS="80")
+    narrow = run_forgespace(narrow_env, "workflows", *only_fixtures)
+    assert narrow.returncode == 0, narrow.stderr
+    assert "fs_marker_isolated" in narrow.stdout and "description" not in narrow.stdout
+    assert max(len(line) for line in narrow.stdout.splitlines()) <= 80
+
+    info = run_forgespace(
+        cli_env(settings_env(settings)), "workflows", "info", "fs_marker_shared", *only_fixtures
+    )
+    assert info.returncode == 0, info.stderr
+    assert info.stdout.splitlines() == [
+        "fs_marker_shared 1.0  (test)",
+        "Test fixture that inspects its shared workspace",
+        "workspace_isolation: shared",
+        f"package: {FIXTURE_WORKFLOWS / 'fs_marker_shared'}",
+        "parameters:",
+        "  write (boolean) = false",
+        "  hold_seconds (number, minimum 0)",
+        "  started_file (string)",
+        "  fail (boolean)",
+        "  sarif (boolean)",
+    ]

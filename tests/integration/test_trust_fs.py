@@ -402,6 +402,31 @@ def test_mount_point_inside_a_run_is_never_crossed(
     assert os.listdir(cache.layout.trash_dir) == []
 
 
+def test_gc_unmounts_only_the_overlays_it_makes(settings: Settings, target: str) -> None:
+    """gc unmounts the overlay mounts forgespace makes in runs no live lease holds; another
+    filesystem mounted in a run directory (an operator's) is neither planned nor unmounted,
+    as the deletion never crosses it either."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    cache = WorkspaceCache(settings)
+    cache.get_target(target, "r1", "isolated")
+    # a directory gc neither evicts (not a run id) nor sees leased: its mounts are planned
+    # on their own
+    mnt = settings.cache_dir / target / "not a run id" / "mnt"
+    mnt.mkdir(parents=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"tmpfs mount refused: {r.stderr.strip()}")
+    try:
+        (mnt / "keep.txt").write_text("keep")
+        assert [p for p in cache.gc(dry_run=True).plan if p.target_id == target] == []
+        doc = cache.gc()
+        assert [e for e in doc.evicted if e.target_id == target] == []
+        assert os.path.ismount(mnt) and (mnt / "keep.txt").read_text() == "keep"
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
 @pytest.mark.parametrize("suffix", ["", "-wal", "-shm"])
 def test_planted_index_file_link_is_removed_not_written_through(
     settings: Settings, tmp_path: Path, target: str, suffix: str

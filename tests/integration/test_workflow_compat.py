@@ -23,7 +23,7 @@ from forgespace.errors import WorkflowMetadataError, WorkflowParameterError
 from forgespace.storage import open_store
 from forgespace.temporal.api import CACHE_MEMO_KEY
 from forgespace.temporal.devserver import DevServer
-from forgespace.temporal.discovery import discover, find_package
+from forgespace.temporal.discovery import discover, find_package, load_package
 from forgespace.temporal.parameters import load_param_file, resolve_parameters, start_arguments
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "workflows"
@@ -112,13 +112,22 @@ def test_activities_imported_from_elsewhere_are_not_registered_twice(tmp_path: P
 
 
 def test_two_workflow_classes_are_an_error_naming_them(tmp_path: Path) -> None:
-    second = DESIGN_EXAMPLE + "\n\n@workflow.defn\nclass OtherWorkflow(MyWorkflow):\n    pass\n"
+    # Two valid classes (a subclass without its own @workflow.run would already fail to import).
+    second = DESIGN_EXAMPLE + (
+        "\n\n@workflow.defn\nclass OtherWorkflow:\n    @workflow.run\n"
+        "    async def run(self, target_id: str) -> None:\n        return None\n"
+    )
     pkg = make_package(tmp_path, "two_wf", second)
     with pytest.raises(WorkflowMetadataError) as ei:
         discover([tmp_path], bundled=False, load=True)
     msg = str(ei.value)
     assert str(pkg / "workflow.py") in msg
-    assert "MyWorkflow" in msg and "OtherWorkflow" in msg
+    assert "defines several @workflow.defn classes (MyWorkflow, OtherWorkflow)" in msg
+    assert "export the one to serve as WORKFLOW" in msg
+    # Exporting one settles it.
+    make_package(tmp_path / "b", "two_wf_exported", second + "\nWORKFLOW = OtherWorkflow\n")
+    [chosen] = discover([tmp_path / "b"], bundled=False, load=True)
+    assert chosen.workflow_type == "OtherWorkflow"
 
 
 def test_no_workflow_class_and_import_errors_name_the_package(tmp_path: Path) -> None:
@@ -131,6 +140,66 @@ def test_no_workflow_class_and_import_errors_name_the_package(tmp_path: Path) ->
     msg = str(ei.value)
     assert "broken_wf" in msg and "toolbox_not_installed" in msg
     assert "ModuleNotFoundError" in msg
+
+
+def test_exports_that_are_not_temporal_definitions_are_named(tmp_path: Path) -> None:
+    make_package(tmp_path / "a", "bad_export_wf", DESIGN_EXAMPLE + "\nWORKFLOW = 42\n")
+    with pytest.raises(WorkflowMetadataError, match=r"WORKFLOW is 42, not a @workflow\.defn class"):
+        discover([tmp_path / "a"], bundled=False, load=True)
+    acts = "def helper(x):\n    return x\n\nACTIVITIES = [helper]\n"
+    pkg = make_package(tmp_path / "b", "bad_acts_wf", DESIGN_EXAMPLE, acts=acts)
+    with pytest.raises(WorkflowMetadataError) as ei:
+        discover([tmp_path / "b"], bundled=False, load=True)
+    msg = str(ei.value)
+    assert str(pkg / "activities.py") in msg
+    assert "ACTIVITIES holds <function helper" in msg
+    assert "not an @activity.defn function" in msg
+
+
+@pytest.mark.parametrize(
+    ("folder", "needle"),
+    [
+        ("my-workflow", "a workflow package folder name must be a Python identifier"),
+        # A folder named like an importable module would import that module instead.
+        ("json", "the folder name 'json' clashes with an importable module elsewhere"),
+    ],
+)
+def test_package_folders_that_cannot_be_imported_by_name_are_refused(
+    tmp_path: Path, folder: str, needle: str
+) -> None:
+    meta = f"name: {folder.replace('-', '_')}_wf\n"
+    pkg = make_package(tmp_path, folder, DESIGN_EXAMPLE, meta=meta)
+    [found] = discover([tmp_path], bundled=False)  # metadata alone is fine
+    with pytest.raises(WorkflowMetadataError) as ei:
+        discover([tmp_path], bundled=False, load=True)
+    assert str(ei.value).startswith(f"{pkg}: ")
+    assert needle in str(ei.value)
+    assert found.workflow is None and not found.takes_target_id  # not loaded: no signature
+
+
+def test_run_arguments_of_a_run_method_taking_any_arguments(tmp_path: Path) -> None:
+    code = (
+        "from typing import Any\nfrom temporalio import workflow\n\n"
+        "@workflow.defn\nclass AnyArgs:\n    @workflow.run\n"
+        "    async def run(self, target_id: str, *args: Any) -> None:\n        return None\n"
+    )
+    make_package(tmp_path, "any_args_wf", code)
+    [pkg] = discover([tmp_path], bundled=False, load=True)
+    # Every parameter of metadata.yaml is passed on: the run method takes them all.
+    assert pkg.run_arguments() == (None, {})
+    assert start_arguments(pkg, "t1", {}) == ["t1"]
+    assert load_package(pkg) is pkg and pkg.workflow is not None  # loaded once
+
+
+def test_metadata_with_empty_mode_or_blank_name(tmp_path: Path) -> None:
+    pkg = make_package(tmp_path / "a", "null_mode_wf", DESIGN_EXAMPLE, meta=(
+        "name: null_mode_wf\nworkspace_isolation:\n"
+    ))  # fmt: skip
+    [found] = discover([tmp_path / "a"], bundled=False)
+    assert found.directory == pkg and found.workspace_isolation == "isolated"
+    make_package(tmp_path / "b", "blank_wf", DESIGN_EXAMPLE, meta="name: '  '\n")
+    with pytest.raises(WorkflowMetadataError, match="name: name must not be empty"):
+        discover([tmp_path / "b"], bundled=False)
 
 
 def test_schema_that_is_not_json_schema_names_the_file(tmp_path: Path) -> None:
@@ -204,6 +273,37 @@ def test_enum_and_maximum_from_the_schema_are_enforced(tmp_path: Path) -> None:
         resolve_parameters(pkg, {"depth": 4})
 
 
+def test_a_type_list_and_a_missing_required_parameter_are_explained(tmp_path: Path) -> None:
+    meta = (
+        "name: required_wf\nparameters:\n  type: object\n  required: [target_kind]\n"
+        "  properties:\n    limit: {type: [integer, 'null']}\n"
+        "    target_kind: {type: string}\n"
+    )
+    make_package(tmp_path, "required_wf", DESIGN_EXAMPLE, meta=meta)
+    [pkg] = discover([tmp_path], bundled=False)
+    with pytest.raises(WorkflowParameterError) as ei:
+        resolve_parameters(pkg, {"limit": "ten"})
+    msg = str(ei.value)
+    assert '--param limit="ten"' in msg and "(accepted: integer or null)" in msg
+    # Not about one value: the schema's own words.
+    assert "'target_kind' is a required property" in msg
+    assert resolve_parameters(pkg, {"target_kind": "dir", "limit": None}) == {
+        "target_kind": "dir",
+        "limit": None,
+    }
+
+
+def test_without_a_schema_the_default_parameters_are_taken_as_they_are(tmp_path: Path) -> None:
+    meta = "name: no_schema_wf\ndefault_parameters:\n  depth: 2\n"
+    make_package(tmp_path, "no_schema_wf", DESIGN_EXAMPLE, meta=meta)
+    [pkg] = discover([tmp_path], bundled=False)
+    assert resolve_parameters(pkg, {}) == {"depth": 2}
+    # Without properties nothing can be passed: a --param is a typo until the schema names it.
+    with pytest.raises(WorkflowParameterError) as ei:
+        resolve_parameters(pkg, {"depth": 3})
+    assert "has no parameter 'depth'; its parameters (metadata.yaml) are: none" in str(ei.value)
+
+
 def test_start_arguments_follow_the_schema_order_and_the_run_signature(tmp_path: Path) -> None:
     wf = (
         "from temporalio import workflow\n\n@workflow.defn\nclass P:\n    @workflow.run\n"
@@ -232,6 +332,8 @@ def test_param_file_yaml_or_json_mapping(tmp_path: Path) -> None:
         load_param_file(tmp_path / "list.yaml")
     with pytest.raises(WorkflowParameterError, match="cannot read"):
         load_param_file(tmp_path / "missing.yaml")
+    (tmp_path / "empty.yaml").write_text("# nothing set here\n")
+    assert load_param_file(tmp_path / "empty.yaml") == {}
 
 
 # --- forgespace run, embedded ---------------------------------------------------------------

@@ -73,6 +73,28 @@ def test_parse_duration_rejects(bad):
         parse_duration(bad, name="CACHE_TTL")
 
 
+@pytest.mark.parametrize(
+    ("parse", "value", "needle"),
+    [
+        # A flag is not a number, though Python counts True as 1.
+        (parse_size, True, "expected a byte count"),
+        (parse_duration, False, "expected seconds or a number with s, m, h, d or w"),
+        (parse_size, -1, "must not be negative"),
+        (parse_duration, -0.5, "must not be negative"),
+    ],
+)
+def test_numbers_from_python_callers_are_checked_too(parse, value, needle):
+    with pytest.raises(ConfigError) as info:
+        parse(value, name="LIMIT")
+    assert f"invalid LIMIT {value!r}: " in str(info.value) and needle in str(info.value)
+
+
+def test_numbers_from_python_callers_are_taken_as_they_are():
+    assert parse_duration(90) == 90.0 and isinstance(parse_duration(90), float)
+    assert parse_duration(1.5) == 1.5
+    assert parse_size(0) == 0
+
+
 def test_defaults_follow_xdg(tmp_path: Path):
     s = Settings.from_env(
         {"XDG_CACHE_HOME": str(tmp_path / "c"), "XDG_DATA_HOME": str(tmp_path / "d")}

@@ -3,6 +3,7 @@ result listing that carries them."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -133,3 +134,57 @@ def test_locality_wait_default_and_bad_value() -> None:
     assert Settings.from_env({"HOME": "/nonexistent"}).locality_wait == 5.0
     with pytest.raises(ConfigError, match=r"FORGESPACE_LOCALITY_WAIT 'soon'.*off"):
         Settings.from_env({"FORGESPACE_LOCALITY_WAIT": "soon", "HOME": "/nonexistent"})
+
+
+def test_reading_ads_skips_what_is_not_one_of_the_queues_advertisements(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = LocalStore(tmp_path / "store")
+    a = ad("q@a")
+    store.put_result(advertisement_key(a.host_queue), a.to_json())
+    store.put_result("fleet/q@notes.txt", b"not an advertisement")  # no .json: not read
+    store.put_result(advertisement_key("q@list"), b"[1, 2]")
+    # Filed under the queue's prefix, but the host says it polls another queue.
+    other = dataclasses.replace(a, host="m", host_queue="q@moved", task_queue="qq")
+    store.put_result(advertisement_key(other.host_queue), other.to_json())
+    assert read_ads(store, "q") == [a]
+    assert "skipping host advertisement fleet/q@list.json" in caplog.text
+    assert "not a JSON object" in caplog.text
+    assert "q@notes" not in caplog.text
+
+
+def test_choose_host_says_why_it_has_no_preference(tmp_path: Path) -> None:
+    import asyncio
+    import time
+
+    from forgespace.temporal.fleet import FleetActivities, FleetView
+
+    store = LocalStore(tmp_path / "store")
+    settings = Settings.from_env(
+        {"CACHE_DIR": str(tmp_path / "cache"), "STORAGE_DIR": str(tmp_path / "store")}
+    )
+    acts = FleetActivities(FleetView(store, "q", ttl=0), settings, host_queue="q@me")
+
+    def choose_host(tid: str, mode: str, exclude: list[str] | None = None) -> Any:
+        return asyncio.run(acts.choose_host(tid, mode, exclude))
+
+    iso = choose_host("t1", "isolated")
+    assert (iso.task_queue, iso.reason, iso.fallback_queue) == (
+        None,
+        "isolated runs download per run",
+        "q@me",
+    )
+    assert choose_host("t1", "shared").reason == "no live host advertised"
+    now = time.time()
+    for host_queue, busy in (("q@busy", 1), ("q@free", 0)):
+        holder = HostAd(
+            host=host_queue.split("@")[1], task_queue="q", host_queue=host_queue, updated=now,
+            slots=1, busy=busy, holds={"shared": ["t1"], "copy-on-write": []},
+        )  # fmt: skip
+        store.put_result(advertisement_key(host_queue), holder.to_json())
+    best = choose_host("t1", "shared")
+    assert (best.task_queue, best.reason, best.wait_seconds) == ("q@free", "holder", 5.0)
+    # The free holder did not start it in time: the run has waited once, so a busy one is
+    # not worth another wait.
+    again = choose_host("t1", "shared", ["q@free"])
+    assert (again.task_queue, again.reason) == (None, "every other host is busy")

@@ -126,6 +126,13 @@ def test_end_workflow_leases_and_renew(index: CacheIndex) -> None:
     assert index.end_workflow_leases(key, "wf-b") == 1
     assert index.end_workflow_leases(key, "wf-b") == 0
     assert [le.workflow_id for le in index.all_leases()] == ["wf-a"]
+    # One lease by its id; asking for both, or for neither, is a caller's mistake.
+    assert index.renew(lease_id=f"{key}#wf-a", now=now + 10) == 1
+    assert index.all_leases()[0].expires == pytest.approx(now + 10 + index.lease_ttl)
+    for both_or_neither in ({}, {"workflow_id": "wf-a", "lease_id": f"{key}#wf-a"}):
+        with pytest.raises(ValueError, match="give exactly one of workflow_id and lease_id"):
+            index.renew(**both_or_neither)  # type: ignore[arg-type]
+    assert index.all_leases()[0].expires == pytest.approx(now + 10 + index.lease_ttl)
 
 
 def test_lease_pins_several_entries(index: CacheIndex) -> None:

@@ -135,3 +135,59 @@ def test_test_suite_lines_name_the_failing_tests_and_coverage() -> None:
 def test_other_shapes_have_nothing_to_list(result: Any) -> None:
     assert findings_of(result) == [] and detail_lines(result) == []
     assert results_location(result) == {}
+
+
+def test_malformed_sarif_parts_are_skipped_and_the_rest_is_read() -> None:
+    result = {
+        "sarif": {
+            "runs": [
+                "not a run",
+                {
+                    "results": [
+                        "not a result",
+                        # A location without a physical one, then one with a file but no line.
+                        {
+                            "ruleId": "R1",
+                            "level": "error",
+                            "message": "plain text message",
+                            "locations": [
+                                {"logicalLocations": []},
+                                {"physicalLocation": {"artifactLocation": {"uri": "a.py"}}},
+                            ],
+                        },
+                        {"ruleId": "R2", "locations": ["garbage"], "message": {"text": "m"}},
+                    ]
+                },
+            ]
+        }
+    }
+    found = findings_of(result)
+    assert [(f.severity, f.where, f.rule, f.message) for f in found] == [
+        ("high", "a.py", "R1", "plain text message"),
+        ("medium", "", "R2", "m"),
+    ]
+
+
+def test_listed_entries_that_are_not_findings_are_skipped() -> None:
+    result = {"findings": ["text", {"path": "x.py", "kind": "leak", "title": "a leak"}, 3]}
+    assert [(f.where, f.rule, f.message) for f in findings_of(result)] == [
+        ("x.py", "leak", "a leak")
+    ]
+
+
+def test_failures_without_a_test_name_are_not_listed() -> None:
+    suite = {
+        "tests": 2,
+        "passed": 0,
+        "failed": 2,
+        "failures": [{"message": "no name"}, "text", {"test": "t::b"}],
+    }
+    assert detail_lines(suite) == ["tests: 0 passed, 2 failed, 0 skipped", "  failed t::b"]
+
+
+def test_a_results_location_given_as_one_path_is_the_json() -> None:
+    assert results_location({"results_location": "/r/out.json"}) == {"json": "/r/out.json"}
+    assert results_location({"results_location": ""}) == {}
+    assert results_location({"results_location": {"json": "/r/j", "sarif": None}}) == {
+        "json": "/r/j"
+    }

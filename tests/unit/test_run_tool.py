@@ -102,3 +102,9 @@ def test_a_bad_request_is_refused_before_anything_runs(
         run_tool_sync(req)
     assert message in str(err.value)
     assert not marker.exists()
+
+
+def test_a_program_other_than_python_runs_as_named(workspace: Path) -> None:
+    (workspace / "data.txt").write_text("one\ntwo\n")
+    got = run_tool_sync(request(workspace, "wc", "-l", "data.txt"))
+    assert got.exit_code == 0 and got.stdout.split() == ["2", "data.txt"]

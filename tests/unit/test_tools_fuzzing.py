@@ -196,3 +196,74 @@ def test_a_harness_in_a_subfolder_imports_the_target_package(tmp_path: Path) -> 
     [finding] = result["findings"]
     assert finding["exception_type"] == "builtins.RuntimeError"
     assert finding["location"] == "src/mylib/__init__.py:3"
+
+
+def test_a_single_file_target_is_fuzzed_under_its_stored_name(tmp_path: Path) -> None:
+    # A single-file target is stored as ".../target", a name Python cannot import.
+    (tmp_path / "t").mkdir()
+    target = tmp_path / "t" / "target"
+    target.write_text("def TestOneInput(data):\n    return len(data)\n")
+    result = run_atheris(target, max_iterations=20, timeout_seconds=60)
+    assert result["target_file"] == "target"
+    assert result["stopped"] == "max_iterations" and result["findings"] == []
+    # Its work files go next to the file, never into it.
+    assert (result["corpus_dir"], result["crash_dir"]) == (".atheris/corpus", ".atheris/crashes")
+    assert (tmp_path / "t" / ".atheris" / "src" / "fuzz_target_module.py").is_file()
+    assert target.read_text() == "def TestOneInput(data):\n    return len(data)\n"
+
+    plain = tmp_path / "p" / "target"
+    plain.parent.mkdir()
+    plain.write_text("x = 1\n")
+    with pytest.raises(ValueError, match=r"the target file 'target' defines no TestOneInput"):
+        run_atheris(plain)
+
+
+def test_a_native_crash_is_a_finding_with_its_input(tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "fuzz_abort.py").write_text(
+        "import os\n\ndef TestOneInput(data):\n    os.abort()  # a crash below Python\n"
+    )
+    result = run_atheris(ws, max_iterations=100, timeout_seconds=60)
+    assert result["stopped"] == "native_crash"
+    [finding] = result["findings"]
+    assert finding["kind"] == "native_crash" and finding["exception_type"] == "crash"
+    assert finding["crash_file"].startswith(".atheris/crashes/native-crash-")
+    assert (ws / finding["crash_file"]).read_bytes() == base64.b64decode(finding["input_base64"])
+    assert "deadly signal" in finding["exception_message"]
+
+
+def test_a_chosen_target_file_is_fuzzed_and_large_files_are_not_candidates(
+    tmp_path: Path,
+) -> None:
+    ws = tmp_path / "ws"
+    (ws / "sub").mkdir(parents=True)
+    # Over 2 MB: generated code, not a harness, even though it names TestOneInput.
+    (ws / "fuzz_generated.py").write_text(
+        "def TestOneInput(data):\n    pass\n" + "#" * 2_000_001 + "\n"
+    )
+    (ws / "sub" / "harness.py").write_text("def TestOneInput(data):\n    pass\n")
+    assert discover_target(ws) == ws / "sub" / "harness.py"
+    result = run_atheris(ws, target_file="sub/harness.py", max_iterations=10, timeout_seconds=60)
+    assert result["target_file"] == "sub/harness.py" and result["stopped"] == "max_iterations"
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"timeout_seconds": True}, "timeout_seconds must be a positive integer, got True"),
+        ({"timeout_seconds": "soon"}, "timeout_seconds must be a positive integer, got 'soon'"),
+        ({"max_iterations": [5]}, r"max_iterations must be a positive integer, got \[5\]"),
+        ({"max_crashes": -1}, "max_crashes must be an integer >= 0, got -1"),
+        ({"max_crashes": True}, "max_crashes must be an integer >= 0, got True"),
+    ],
+)
+def test_bad_numbers_are_refused_before_anything_runs(
+    tmp_path: Path, params: dict[str, Any], message: str
+) -> None:
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "fuzz_x.py").write_text("def TestOneInput(data):\n    pass\n")
+    with pytest.raises(ValueError, match=message):
+        run_atheris(ws, **params)
+    assert not (ws / ".atheris").exists()

@@ -73,3 +73,19 @@ def test_bad_parameters(project: Path, tmp_path: Path) -> None:
     single.write_text("x = 1\n")
     with pytest.raises(ValueError, match="directory target"):
         run_pytest_suite(single)
+
+
+@pytest.mark.parametrize("bad", [0, -1, True])
+def test_a_bad_timeout_is_refused_before_the_suite_runs(project: Path, bad: object) -> None:
+    with pytest.raises(ValueError, match=f"timeout_seconds must be a positive number, got {bad}"):
+        run_pytest_suite(project, timeout_seconds=bad)  # type: ignore[arg-type]
+    assert not (project / ".coverage").exists()
+
+
+def test_skipped_tests_are_counted_apart_from_passed_ones(project: Path) -> None:
+    (project / "tests" / "test_skips.py").write_text(
+        "import pytest\n\n@pytest.mark.skip(reason='later')\ndef test_later():\n    pass\n\n"
+        "def test_now():\n    pass\n"
+    )
+    result = run_pytest_suite(project)
+    assert (result["tests"], result["passed"], result["failed"], result["skipped"]) == (7, 5, 1, 1)

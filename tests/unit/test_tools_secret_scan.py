@@ -85,3 +85,36 @@ def test_binary_and_oversized_files_are_skipped(tmp_path: Path) -> None:
     result = detect_secrets_scan(ws, max_file_bytes=100)
     assert {f["file"] for f in result["findings"]} == {"small.py"}
     assert result["summary"]["files_skipped"] == 2
+
+
+def test_a_single_file_target_is_named_by_its_file(tmp_path: Path) -> None:
+    target = tmp_path / "t" / "target"
+    target.parent.mkdir()
+    target.write_text('aws_key = "AKIAIOSFODNN7EXAMPLE"\n')
+    result = detect_secrets_scan(target)
+    assert [(f["file"], f["line"], f["type"]) for f in result["findings"]] == [
+        ("target", 1, "AWS Access Key")
+    ]
+    [sarif_result] = result["sarif"]["runs"][0]["results"]
+    assert sarif_result["locations"][0]["physicalLocation"]["artifactLocation"]["uri"] == "target"
+    assert "AKIAIOSFODNN7EXAMPLE" not in json.dumps(result)
+
+
+@pytest.mark.parametrize("bad", [0, -5, True])
+def test_a_bad_size_limit_is_refused(tmp_path: Path, bad: Any) -> None:
+    with pytest.raises(ValueError, match=f"max_file_bytes must be a positive integer, got {bad}"):
+        detect_secrets_scan(tmp_path, max_file_bytes=bad)
+
+
+def test_heartbeats_carry_the_scanners_latest_progress(tmp_path: Path) -> None:
+    from forgespace.workflows._tools.secret_scan import PROGRESS, _last_progress
+
+    log = tmp_path / "err.log"
+    assert _last_progress(log) == {}  # not written yet
+    log.write_text(
+        f'{PROGRESS}{{"files_scanned": 3}}\nsome warning\n{PROGRESS}{{"files_scanned": 9}}\n'
+        "another warning\n"
+    )
+    assert _last_progress(log) == {"files_scanned": 9}
+    log.write_text(f'{PROGRESS}{{"files_scanned": 3}}\n{PROGRESS}{{"files_sc')  # cut short
+    assert _last_progress(log) == {}

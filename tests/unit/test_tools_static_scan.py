@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from forgespace.workflows._tools.common import tree_digest
-from forgespace.workflows._tools.static_scan import assess
+from forgespace.workflows._tools.static_scan import assess, scan_files
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "vulnerable_app"
 PLANTED_SECRETS = (
@@ -112,3 +112,35 @@ def test_world_writable_and_large_binary_files(tmp_path: Path) -> None:
 def test_bad_parameter_is_refused(app: Path) -> None:
     with pytest.raises(ValueError, match="large_file_bytes"):
         assess(app, large_file_bytes=0)
+
+
+def test_world_writable_directories_are_flagged_without_a_digest(tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    (ws / "drop").mkdir(parents=True)
+    os.chmod(ws / "drop", 0o777)
+    (ws / "private").mkdir()
+    findings, scanned = scan_files(ws, large_file_bytes=1024)
+    assert scanned == 0
+    assert [(f["rule_id"], f["file"], f["message"], f["sha256"]) for f in findings] == [
+        ("FS002", "drop", "directory is world-writable (mode 777)", None)
+    ]
+
+
+def test_a_single_file_target_is_named_by_its_file_in_every_finding(tmp_path: Path) -> None:
+    # Stored single-file targets are named "target": bandit and the file scanner both say so.
+    target = tmp_path / "t" / "target"
+    target.parent.mkdir()
+    target.write_text("import subprocess\nsubprocess.call('ls', shell=True)\n")
+    os.chmod(target, 0o666)
+    result = assess(target)
+    files = {(f["tool"], f["rule_id"]): f["file"] for f in result["findings"]}
+    assert files[("bandit", "B602")] == "target"
+    assert files[("forgespace-file-scanner", "FS002")] == "target"
+    assert all(name == "target" for name in files.values()), files
+    uris = {
+        r["locations"][0]["physicalLocation"]["artifactLocation"]["uri"]
+        for run in result["sarif"]["runs"]
+        for r in run["results"]
+    }
+    assert uris == {"target"}
+    check_sarif(result["sarif"])

@@ -142,3 +142,67 @@ def test_missing_stamp_is_recorded_by_the_next_hit(cache: WorkspaceCache, projec
     (ws / "added").write_text("x")
     cache.get_target(tid, "b", "shared")
     assert not (ws / "added").exists(), "tamper detection works again"
+
+
+def test_added_files_special_files_and_same_size_rewrites_are_found(
+    cache: WorkspaceCache, project: Path
+) -> None:
+    tid = cache.store.upload_target(project)
+    ws = Path(cache.get_target(tid, None, "shared"))
+    os.chmod(ws, 0o755)  # root can write anyway; the mode change is reported too
+    (ws / "dropped.txt").write_text("x")
+    os.mkfifo(ws / "pipe")
+    (ws / "link").symlink_to("run.sh")  # links are not files the manifest lists: not reported
+    same = ws / "pkg0" / "sub0" / "f0.py"
+    before = same.stat()
+    os.utime(same, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    diffs = cache.verify_shared(tid)
+    assert sorted(diffs) == sorted(
+        f"{tid}/workspace: {d}"
+        for d in (
+            "writable: ./",
+            "added: dropped.txt",
+            "added: pipe (not a regular file)",
+            "modified: pkg0/sub0/f0.py (mtime changed)",
+        )
+    )
+
+
+def test_repair_drops_a_modified_copy_on_write_copy_and_the_next_run_downloads_it(
+    cache: WorkspaceCache, project: Path
+) -> None:
+    from forgespace.cache.verify import verify_cache
+
+    tid = cache.store.upload_target(project)
+    run_ws = cache.get_target(tid, "c1", "copy-on-write")
+    cache.cleanup_cache(run_ws, "copy-on-write")
+    shared_ws = cache.layout.root / tid / "shared" / "workspace"
+    victim = shared_ws / "pkg1" / "sub1" / "f1.py"
+    os.chmod(victim, 0o644)
+    victim.write_text("tampered")
+    report = verify_cache(cache, repair=True)
+    assert report.modified[tid] == [
+        f"{tid}/shared/workspace: modified: pkg1/sub1/f1.py (size 200 -> 8)",
+        f"{tid}/shared/workspace: writable: pkg1/sub1/f1.py",
+    ]
+    # There is no pristine copy beside it to repair from: it goes, and nothing else was wrong.
+    assert report.repaired == [f"{tid}/shared removed (modified); the next run re-downloads"]
+    assert not (cache.layout.root / tid / "shared").exists()
+    again = cache.get_target_report(tid, "c2", "copy-on-write")
+    assert again.downloaded
+    assert tree_digest(Path(again.path)) == tree_digest(project)
+    assert verify_cache(cache, repair=False).modified == {}
+
+
+def test_a_manifest_of_another_version_is_no_manifest_and_repair_records_one(
+    cache: WorkspaceCache, project: Path
+) -> None:
+    from forgespace.cache.manifest import manifest_path
+
+    tid = cache.store.upload_target(project)
+    cache.get_target(tid, None, "shared")
+    manifest = manifest_path(cache.layout.meta_dir, tid, "shared")
+    manifest.write_text('{"version": 999, "files": []}')
+    assert cache.verify_shared(tid) == [f"{tid}/workspace: no manifest recorded"]
+    assert cache.repair_shared(tid)
+    assert cache.verify_shared(tid) == []

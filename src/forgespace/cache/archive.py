@@ -44,7 +44,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal, Protocol, cast
+from typing import IO, Any, Literal, Protocol, cast
 
 from isal import igzip, igzip_threaded, isal_zlib
 
@@ -127,6 +127,8 @@ class ExtractStats:
     dirs: int
     bytes: int
     manifest: tuple[tuple[str, int, int], ...]
+    #: A read-only tree built as a btrfs subvolume: its seal (cache/snapshot.SealRecord).
+    seal: Any = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -441,6 +443,8 @@ class _Extractor:
         self.symlinks: dict[str, str] = {}
         self.files: dict[str, tuple[int, int]] = {}
         self.dir_meta: dict[str, tuple[int, int | None]] = {}
+        #: Directories already final (a verified snapshot's untouched ones): finish skips them.
+        self.settled: set[str] = set()
         self.ndirs = 0
         self.member = ""
         self._anchor: tuple[str, int] | None = None  # (directory rel path, its fd): see _at
@@ -725,7 +729,7 @@ class _Extractor:
                 )
         # Deepest first, so making a directory read-only never blocks its children.
         dirs = self.known_dirs if self.read_only else self.dir_meta
-        for rel in sorted(dirs, key=len, reverse=True):
+        for rel in sorted((d for d in dirs if d not in self.settled), key=len, reverse=True):
             perm, mtime = self.dir_meta.get(rel, (0o555, None))
             at, n = self._at(rel or ".")
             # Times first: once "." is mode 000, a non-root owner can no longer look it up.

@@ -14,6 +14,9 @@ The workspace is then built in staging by the archive extractor (the same path, 
 rules as an archive: a manifest is untrusted input) with each file's data *copied* from its
 pack (copy_file_range, which shares blocks where the filesystem can; a plain copy otherwise):
 a run can never write through to a blob, and a pack can go without touching any workspace.
+On btrfs a read-only tree (shared, copy-on-write's pristine copy) is built as a subvolume and
+sealed, and a later version is a verified snapshot of such a tree with only the differences
+written (cache/snapshot.py); isolated workspaces are always built in full.
 
 Blobs are a cache of the store. Materialisers hold the blob store's lock shared; ``sweep``
 (gc) takes it exclusive and non-blocking (skipping the sweep when busy), so a pack is never
@@ -26,6 +29,7 @@ blob store's bytes exceed CACHE_MAX_SIZE. (A pack only partly referenced stays w
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
@@ -34,12 +38,13 @@ import stat
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from forgespace.atomicfile import write_atomic_at
-from forgespace.cache import fsops
+from forgespace.cache import fsops, snapshot
 from forgespace.cache.archive import ExtractStats, _Extractor, _norm
 from forgespace.cache.locks import flock
 from forgespace.errors import (
@@ -51,7 +56,7 @@ from forgespace.errors import (
     UnsafeMemberError,
     is_nospace,
 )
-from forgespace.storage.manifest import FileEntry, Manifest, is_manifest, parse_manifest
+from forgespace.storage.manifest import Entry, FileEntry, Manifest, is_manifest, parse_manifest
 
 if TYPE_CHECKING:
     from forgespace.cache.engine import Engine
@@ -68,7 +73,7 @@ _IOV_MAX = 1024  # buffers one pwritev takes (Linux's IOV_MAX)
 _FLUSH_AT = 16 << 20  # a fetch's queued bytes written to its temp pack at once (see _Sink)
 _NO_CFR = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM}
 
-__all__ = ["blob_usage", "held_digests", "is_manifest", "materialise", "sweep"]
+__all__ = ["blob_usage", "held_digests", "is_manifest", "materialise", "store_usage", "sweep"]
 
 Held = dict[str, tuple[str, int, int]]  # digest -> (pack name, offset, size)
 
@@ -254,8 +259,9 @@ def materialise(
     what = f"target {tid}"
     m = parse_manifest(manifest_file.read_bytes(), what)
     limit = engine.settings.cache_max_size
-    for e in m.entries:  # refuse bad names before fetching anything
-        _checked_name(e.path if isinstance(e, FileEntry) else e[1], str(manifest_file))
+    # refuse bad names before fetching anything
+    names = [_checked_name(e.path if isinstance(e, FileEntry) else e[1], str(manifest_file))
+             for e in m.entries]  # fmt: skip
     need = sum({f.sha256: f.size for f in m.files}.values())
     if need > limit:
         raise UnsafeArchiveError(
@@ -274,9 +280,12 @@ def materialise(
         missing = [f for f in m.files if f.size and f.sha256 not in held]
         fetch = sum({f.sha256: f.size for f in missing}.values())
         engine._make_room(fetch + blob_usage(engine)[0], tid)
+        # A read-only tree on btrfs: from a snapshot of a sealed earlier version when one
+        # shares most entries (cache/snapshot.py), else a new subvolume built in full.
+        base = snapshot.find_base(engine, tid, m, names, dest.parent) if read_only else None
+        job = _Job(engine, tid, m, manifest_file, dest, read_only, base)
         if not missing:
-            return _build(m, _Blobs(bfd, held, None), str(manifest_file), dest, limit, read_only)
-        job = _Job(engine, tid, m, manifest_file, dest, read_only)
+            return _build(job, _Blobs(bfd, held, None))
         return _fetch_and_build(job, bfd, held, missing)
 
 
@@ -290,6 +299,7 @@ class _Job:
     manifest_file: Path
     dest: Path
     read_only: bool
+    base: snapshot.Base | None = None  # a sealed tree to start from (cache/snapshot.py)
 
 
 def _fetch_and_build(job: _Job, bfd: int, held: Held, missing: list[FileEntry]) -> ExtractStats:
@@ -315,9 +325,7 @@ def _fetch_and_build(job: _Job, bfd: int, held: Held, missing: list[FileEntry]) 
     fetcher = threading.Thread(target=fetch, name=f"fetch blobs of {job.tid}", daemon=True)
     fetcher.start()
     try:
-        limit = engine.settings.cache_max_size
-        blobs = _Blobs(bfd, held, sink)
-        stats = _build(job.manifest, blobs, str(job.manifest_file), job.dest, limit, job.read_only)
+        stats = _build(job, _Blobs(bfd, held, sink))
         fetcher.join()
         if sink.error is not None:
             raise _FetchFailed()
@@ -403,38 +411,69 @@ class _Blobs:
         self._fds.clear()
 
 
-def _build(
-    m: Manifest, blobs: _Blobs, src: str, dest: Path, limit: int, read_only: bool
-) -> ExtractStats:
-    """The extractor's rules, with file data copied from the local packs."""
-    os.mkdir(dest, 0o755)
-    x = _Extractor(src, str(dest), limit, read_only)
+def _build(job: _Job, blobs: _Blobs) -> ExtractStats:
+    """The extractor's rules, with file data copied from the local packs: into a new
+    directory, a new btrfs subvolume (a read-only tree on btrfs, sealed), or a verified
+    snapshot of ``job.base`` where only the differences are written."""
+    m, dest, src = job.manifest, job.dest, str(job.manifest_file)
+    sealer: snapshot.Sealer | None = None
+    pfd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        for e in m.entries:
-            name = e.path if isinstance(e, FileEntry) else e[1]
-            x.enter(name)
-            rel = _checked_name(name, src)
-            if isinstance(e, FileEntry):
-                _copy_file(x, blobs, rel, e)
-            elif e[0] == "d":
-                x.directory(rel, 0o755, 0)
-            else:
-                x.symlink(rel, e[2], 0)  # type: ignore[misc]
-        stats = x.finish()
-        blobs.touch()
-    except BaseException as exc:
+        entries: Iterable[Entry] = m.entries
+        snapped = False
+        if job.read_only and snapshot.on_btrfs(pfd):
+            sealer = snapshot.Sealer()
+            base = job.base
+            snapped = base is not None and snapshot.clone(job.engine, base, pfd, dest.name)
+            if not snapped and not snapshot.new_subvolume(pfd, dest.name):
+                sealer = None  # a plain directory after all (logged)
+        else:
+            os.mkdir(dest, 0o755)
+        x = _Extractor(src, str(dest), job.engine.settings.cache_max_size, job.read_only)
+        try:
+            if snapped and job.base is not None:
+                snapshot.apply_removals(x, job.base)
+                sealer = snapshot.Sealer(job.base.seal.entries)
+                entries = job.base.create
+                log.info(
+                    "target %s: built from a snapshot of %s (snapshot %.0f ms, checked in %.0f ms)",
+                    job.tid,
+                    job.base.shown,
+                    job.base.seconds.get("snapshot", 0) * 1000,
+                    job.base.seconds.get("verify", 0) * 1000,
+                )
+            for e in entries:
+                name = e.path if isinstance(e, FileEntry) else e[1]
+                x.enter(name)
+                rel = _checked_name(name, src)
+                if isinstance(e, FileEntry):
+                    _copy_file(x, blobs, rel, e, sealer)
+                elif e[0] == "d":
+                    x.directory(rel, 0o755, 0)
+                else:
+                    x.symlink(rel, e[2], 0)  # type: ignore[misc]
+                    if sealer is not None:
+                        sealer.link(x, rel)
+            stats = x.finish()
+            if sealer is not None:
+                stats = dataclasses.replace(stats, seal=sealer.seal(x))
+            blobs.touch()
+        except BaseException as exc:
+            x.close()
+            fsops.remove(dest.parent, dest)
+            if isinstance(exc, OSError) and is_nospace(exc):
+                raise CacheFullError(exc.errno, f"no space left materialising {dest}") from exc
+            raise
         x.close()
-        fsops.remove(dest.parent, dest)
-        if isinstance(exc, OSError) and is_nospace(exc):
-            raise CacheFullError(exc.errno, f"no space left materialising {dest}") from exc
-        raise
+        return stats
     finally:
+        os.close(pfd)
         blobs.close()
-    x.close()
-    return stats
 
 
-def _copy_file(x: _Extractor, blobs: _Blobs, rel: str, f: FileEntry) -> None:
+def _copy_file(
+    x: _Extractor, blobs: _Blobs, rel: str, f: FileEntry, sealer: snapshot.Sealer | None = None
+) -> None:
     x._budget(f.size)
     perm = 0o755 if f.executable else 0o644
     if x.read_only:
@@ -445,6 +484,8 @@ def _copy_file(x: _Extractor, blobs: _Blobs, rel: str, f: FileEntry) -> None:
             blobs.copy_to(f.sha256, fd, f.size, rel)
         x._count(f.size)
         x._finish_file(fd, rel, perm, 0, f.size)
+        if sealer is not None:
+            sealer.file(rel, fd, f)
     finally:
         os.close(fd)
 
@@ -481,10 +522,16 @@ def _pread_copy(sfd: int, dfd: int, offset: int, size: int, done: int) -> None:
 
 
 def blob_usage(engine: Any) -> tuple[int, list[tuple[float, str, int]]]:
-    """(bytes, [(last use, digest, bytes)]) of the blob store (temp files included)."""
+    """(bytes, [(last use, file name, bytes)]) of the engine's blob store."""
+    return store_usage(engine.layout.root)
+
+
+def store_usage(root: Path) -> tuple[int, list[tuple[float, str, int]]]:
+    """(bytes, [(last use, file name, bytes)]) of the blob store under the cache ``root``
+    (packs, indexes and temp files; none when there is no blob store)."""
     out: list[tuple[float, str, int]] = []
     try:
-        bfd = fsops.open_dir(engine.layout.root, BLOBS)
+        bfd = fsops.open_dir(root, BLOBS)
     except FileNotFoundError:
         return 0, []
     try:

@@ -229,7 +229,9 @@ def _plan_mounts(layout: CacheLayout, leased: set[str]) -> list[PlannedEviction]
     from forgespace.cache import overlay
 
     out = []
-    for mp in overlay.mounts_under(layout.root):
+    # Only the overlays forgespace makes: any other mount is the operator's, and deletion
+    # never crosses it either (fsops.unmount_under keeps the same rule).
+    for mp in overlay.mounts_under(layout.root, fstype="overlay"):
         key = _run_key_of(layout, mp)
         if key is not None and key[1] not in leased:  # leased holds run keys, not pairs
             out.append(

@@ -9,8 +9,9 @@ run plants there, forgespace must never act outside CACHE_DIR. The rules (docs/o
 
 * Every path below CACHE_DIR is reached from a directory fd, one component at a time, with
   ``O_NOFOLLOW | O_DIRECTORY`` (``open_dir``). A symlink, a non-directory or a mount point
-  (``st_dev`` differs from its parent's) where an internal directory is expected is refused
-  with :class:`UnsafeCacheEntryError` naming it. CACHE_DIR itself is the operator's choice
+  (on another mount than its parent: ``forgespace.mounts``; a btrfs subvolume, which has its own
+  ``st_dev``, is not one) where an internal directory is expected is refused with
+  :class:`UnsafeCacheEntryError` naming it. CACHE_DIR itself is the operator's choice
   and is opened as configured (it may be a symlink the operator made).
 * Lock files are opened ``O_RDWR | O_CREAT | O_NOFOLLOW`` relative to their directory's fd
   and must be a regular file with a single link (``fstat``); only then are they truncated or
@@ -41,6 +42,7 @@ from pathlib import Path
 
 from forgespace.atomicfile import write_atomic_at
 from forgespace.errors import UnsafeCacheEntryError
+from forgespace.mounts import same_mount
 
 __all__ = [
     "INTERNAL_DIRS",
@@ -137,7 +139,7 @@ def open_child_dir(
         if exc.errno in (errno.ENOTDIR, errno.ELOOP):
             raise _refused(shown, _found(dfd, name), "a directory") from None
         raise
-    if same_dev and os.fstat(fd).st_dev != os.fstat(dfd).st_dev:
+    if same_dev and not same_mount(fd, dfd):
         os.close(fd)
         raise _refused(shown, "a mount point", "a directory of the cache's filesystem")
     return fd
@@ -238,6 +240,23 @@ def _make_owner_rwx(dfd: int, name: str, st: os.stat_result) -> None:
         os.chmod(name, stat.S_IMODE(st.st_mode) | 0o700, dir_fd=dfd, follow_symlinks=False)
 
 
+def other_mount(dfd: int, name: str, st: os.stat_result) -> bool:
+    """Whether directory ``name`` of ``dfd`` (``st``: its lstat) is on another mount than
+    ``dfd``: a mount point, never crossed. A btrfs subvolume has its own ``st_dev`` but the
+    same mount (not one); an entry that is no longer ``st`` counts as a mount point."""
+    if st.st_dev == os.fstat(dfd).st_dev:
+        return False
+    try:  # O_PATH: no permission needed on the directory itself (mode 000 trees)
+        fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+    except OSError:
+        return True
+    try:
+        got = os.fstat(fd)
+        return (got.st_dev, got.st_ino) != (st.st_dev, st.st_ino) or not same_mount(fd, dfd)
+    finally:
+        os.close(fd)
+
+
 def _open_for_removal(dfd: int, name: str, st: os.stat_result, shown: str) -> int:
     _make_owner_rwx(dfd, name, st)
     fd = os.open(name, DIR_FLAGS, dir_fd=dfd)
@@ -316,7 +335,7 @@ def _open_top(dfd: int, name: str, shown: str) -> tuple[int, os.stat_result] | N
         with contextlib.suppress(FileNotFoundError):
             os.unlink(name, dir_fd=dfd)
         return None
-    if st.st_dev != os.fstat(dfd).st_dev:
+    if other_mount(dfd, name, st):
         raise _refused(shown, "a mount point", "a directory to delete (never crossed)")
     try:
         return _open_for_removal(dfd, name, st, shown), st
@@ -341,7 +360,7 @@ def _next_subdir(
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(n, dir_fd=cur)
             continue
-        if cst.st_dev != dev:
+        if cst.st_dev != dev and other_mount(cur, n, cst):
             raise _refused(
                 f"{shown}/.../{n}", "a mount point", "a directory to delete (never crossed)"
             )
@@ -651,7 +670,7 @@ def _audit_targets(root: Path, rfd: int, problems: list[str]) -> None:
                 cshown = f"{shown}/{c.name}"
                 if stat.S_ISLNK(cst.st_mode):
                     problems.append(f"{cshown}: {_found(tfd, c.name)} (refused, never followed)")
-                elif stat.S_ISDIR(cst.st_mode) and cst.st_dev != dev:
+                elif stat.S_ISDIR(cst.st_mode) and other_mount(tfd, c.name, cst):
                     problems.append(f"{cshown}: a mount point (never crossed)")
                 elif stat.S_ISDIR(cst.st_mode) and c.name not in ("workspace", "shared"):
                     _audit_run_workspace(tfd, c.name, cshown, dev, ours, problems)
@@ -669,7 +688,7 @@ def _audit_run_workspace(
     wshown = f"{shown}/workspace"
     if stat.S_ISLNK(st.st_mode):
         problems.append(f"{wshown}: a symbolic link (refused, never followed)")
-    elif st.st_dev != dev and os.path.realpath(wshown) not in ours:
+    elif other_mount(tfd, f"{run}/workspace", st) and os.path.realpath(wshown) not in ours:
         problems.append(f"{wshown}: a mount point forgespace did not make (never crossed)")
 
 

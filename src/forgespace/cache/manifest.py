@@ -34,6 +34,11 @@ def stamp_path(meta_dir: Path, target_id: str, kind: str) -> Path:
     return meta_dir / "manifests" / f"{target_id}.{kind}.stamp"
 
 
+def seal_path(meta_dir: Path, target_id: str, kind: str) -> Path:
+    """The seal of a read-only tree built as a btrfs subvolume (cache/snapshot.py)."""
+    return meta_dir / "manifests" / f"{target_id}.{kind}.seal"
+
+
 # Records live in {CACHE_DIR}/.forgespace/manifests: reached through directory fds from
 # CACHE_DIR, never through a planted link (fsops).
 _IN_ROOT = (".forgespace", "manifests")
@@ -89,12 +94,14 @@ def read_stamp(path: str | Path) -> str | None:
 
 
 def remove_records(meta_dir: Path, target_id: str, kind: str) -> None:
-    """Forget the manifest and stamp of an entry (eviction calls this after removing it)."""
+    """Forget the manifest, stamp and seal of an entry (eviction calls this after removing
+    it)."""
     try:
         with fsops.dir_fd(meta_dir.parent, _IN_ROOT) as d:
             for p in (
                 manifest_path(meta_dir, target_id, kind),
                 stamp_path(meta_dir, target_id, kind),
+                seal_path(meta_dir, target_id, kind),
             ):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(p.name, dir_fd=d)

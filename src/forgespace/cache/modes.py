@@ -19,7 +19,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from forgespace.cache import fsops, staging
+from forgespace.cache import fsops, snapshot, staging
 from forgespace.cache import manifest as mf
 from forgespace.cache.engine import Engine, GetResult, Transfer, Waiter, src_size
 from forgespace.cache.hooks import Phase
@@ -146,6 +146,7 @@ class Modes(Engine):
                 mf.write_manifest(
                     mf.manifest_path(self.layout.meta_dir, tid, "shared"), stats.manifest
                 )
+                snapshot.save_seal(self._root, tid, "shared", stats.seal)
             if fetched:
                 fsops.rename_into(self._root, stage / "target", target)
                 self.hooks.reached(Phase.SHARED_TARGET_PUBLISHED)
@@ -285,6 +286,7 @@ class Modes(Engine):
                 mf.write_manifest(
                     mf.manifest_path(self.layout.meta_dir, tid, "cow"), stats.manifest
                 )
+                snapshot.save_seal(self._root, tid, "cow", stats.seal)
             fsops.rename_into(self._root, stage, self.layout.cow_shared_dir(tid))
             if stats is not None:
                 mf.write_stamp(

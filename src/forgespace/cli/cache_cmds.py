@@ -192,6 +192,7 @@ def _entry_doc(e: EntryRecord, leases: int) -> dict[str, Any]:
 # --- status -------------------------------------------------------------------------------
 def status_doc(settings: Settings, index: CacheIndex | None) -> dict[str, Any]:
     """The document `cache status --json` prints (``index`` None: no cache yet, all zero)."""
+    from forgespace.cache.blobstore import store_usage
     from forgespace.cache.index import KINDS, CacheSummary
 
     reclaimable = 0
@@ -203,10 +204,15 @@ def status_doc(settings: Settings, index: CacheIndex | None) -> dict[str, Any]:
         counters = index.counters()
         leased = index.leased_keys()
         reclaimable = sum(e.bytes for e in index.entries() if e.key not in leased)
-    total, oldest = summary.bytes, summary.oldest_access
+    # what counts against CACHE_MAX_SIZE: the entries and the local blob store of incremental
+    # targets (.forgespace/blobs, swept with the same TTL/LRU rules)
+    blob_bytes = 0 if index is None else store_usage(settings.cache_dir)[0]
+    total, oldest = summary.bytes + blob_bytes, summary.oldest_access
     return {
         "cache_dir": str(settings.cache_dir),
         "bytes": total,
+        "entry_bytes": summary.bytes,
+        "blob_bytes": blob_bytes,
         "limit_bytes": settings.cache_max_size,
         "used_ratio": round(total / settings.cache_max_size, 6)
         if settings.cache_max_size
@@ -250,6 +256,7 @@ def status(as_json: bool = typer.Option(False, "--json", help=JSON_HELP)) -> Non
             f"{_size(doc['bytes'])} of {_size(doc['limit_bytes'])}"
             + (f" ({ratio * 100:.1f}%)" if ratio is not None else ""),
         ),
+        ("blob store", f"{_size(doc['blob_bytes'])} (local packs of incremental targets)"),
         ("reclaimable", f"{_size(doc['reclaimable_bytes'])} (not leased by a live run)"),
         (
             "entries",

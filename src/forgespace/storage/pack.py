@@ -38,6 +38,7 @@ from typing import BinaryIO
 from isal import igzip
 
 from forgespace.errors import UnsafeArchiveError
+from forgespace.mounts import mount_id
 
 _COPY_BUFSIZE = 1 << 20
 # isal level 1 packs source trees about as small as zlib level 6 at several times the speed.
@@ -260,9 +261,30 @@ def pack_to_file(
         raise
 
 
+def _mount_of(path: str | Path) -> int | None:
+    """The mount id of ``path`` (not followed if a symlink); None when unknown."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return mount_id(fd)
+    finally:
+        os.close(fd)
+
+
+def _same_mount(de: os.DirEntry[str], dev: int, top: str | Path) -> bool:
+    """Whether the directory ``de`` is on the mount of ``top`` (whose st_dev is ``dev``)."""
+    if de.stat(follow_symlinks=False).st_dev == dev:
+        return True
+    mine = _mount_of(de.path)  # a btrfs subvolume: its own st_dev, the same mount
+    return mine is not None and mine == _mount_of(top)
+
+
 def tree_usage(path: str | Path, *, one_filesystem: bool = False) -> tuple[int, int]:
     """(bytes, files) of the regular files under ``path`` (or of ``path`` itself, a regular
-    file); no symlinks followed, ``path`` included. ``one_filesystem`` enters no mount point:
+    file); no symlinks followed, ``path`` included. ``one_filesystem`` enters no mount point (a
+    btrfs subvolume, which has its own ``st_dev`` on the same mount, is entered):
     the cache sizes its workspaces so (an overlay run's mount shows the shared copy beneath;
     its own bytes are its upper layer). A missing ``path`` is (0, 0)."""
     try:
@@ -286,7 +308,7 @@ def tree_usage(path: str | Path, *, one_filesystem: bool = False) -> tuple[int, 
             for de in it:
                 try:
                     if de.is_dir(follow_symlinks=False):
-                        if not one_filesystem or de.stat(follow_symlinks=False).st_dev == dev:
+                        if not one_filesystem or _same_mount(de, dev, path):
                             stack.append(de.path)
                     elif de.is_file(follow_symlinks=False):
                         total += de.stat(follow_symlinks=False).st_size

@@ -108,7 +108,7 @@ def scan_files(
                 "rule_name": _FILE_RULES[rule_id][0],
                 "severity": severity,
                 "confidence": "high",
-                "file": relative_name(root, path) if path != root else ".",
+                "file": relative_name(root, path),
                 "line": None,
                 "message": message,
                 "sha256": None if is_dir else sha256_file(path),
