@@ -56,6 +56,43 @@ def test_unreadable_pack_index_is_ignored(tmp_path: Path, index: bytes) -> None:
 
 
 @pytest.mark.parametrize(
+    "bad",
+    [
+        {"off": "0"},  # a string offset
+        {"length": -1},
+        {"size": True},  # a bool is not an int here
+        {"codec": "lz4"},
+        {"digest": "A" * 64},  # not lowercase hex
+    ],
+    ids=["string-offset", "negative-length", "bool-size", "unknown-codec", "upper-hex"],
+)
+def test_a_pack_index_with_a_forged_row_is_ignored_whole(
+    tmp_path: Path, bad: dict[str, object], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A pack index is untrusted like a manifest: one row that names no real location makes
+    the whole index ignored (logged), so an upload sends its blobs again rather than trusting
+    a forged location; the index it writes then is read again."""
+    store = LocalStore(tmp_path / "store")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("content of a\n")
+    (src / "b.txt").write_text("content of b\n")
+    m, _stats = blobs.store_tree(store, walk_tree(src))
+    pack = m.files[0].pack
+    path = store.root / "_blobs" / "index" / pack
+    doc = json.loads(gzip.decompress(path.read_bytes()))
+    digest, off, length, codec, size = doc["blobs"][0]
+    row = {"digest": digest, "off": off, "length": length, "codec": codec, "size": size, **bad}
+    doc["blobs"][0] = [row["digest"], row["off"], row["length"], row["codec"], row["size"]]
+    path.write_bytes(gzip.compress(json.dumps(doc).encode(), mtime=0))
+    assert blobs.known_blobs(store) == {}  # the good row of that index is not trusted either
+    assert f"ignoring the unreadable pack index _blobs/index/{pack}" in caplog.text
+    again, stats = blobs.store_tree(store, walk_tree(src))
+    assert stats.new_blobs == 2  # both sent again (the same pack, named by its content)
+    assert set(blobs.known_blobs(store)) == {f.sha256 for f in again.files}
+
+
+@pytest.mark.parametrize(
     ("field", "value"),
     [("offset", 10 * 2**63), ("size", 2**63), ("length", 2**63 - 1)],
     ids=["offset", "size", "offset-plus-length"],

@@ -70,6 +70,7 @@ from forgespace.storage.manifest import (
     FileEntry,
     Manifest,
     TreeWalk,
+    blob_problem,
     encode_manifest,
     tree_digest,
     walk_tree,
@@ -188,12 +189,21 @@ def known_blobs(io: BlobIO) -> dict[str, BlobLoc]:
             continue  # a pack being swept (index goes first) or never finished
         try:
             doc = json.loads(gzip.decompress(io.blob_get(key)))
+            rows: dict[str, BlobLoc] = {}
             for digest, off, length, codec, size in doc["blobs"]:
-                out.setdefault(digest, BlobLoc(pack, off, length, codec, size))
+                # untrusted like a manifest: a row naming no real location would make an
+                # upload skip a blob no pack holds
+                why = blob_problem(digest, pack, off, length, codec, size)
+                if why is not None:
+                    raise ValueError(f"the row for {str(digest)[:80]!r} {why}")
+                rows.setdefault(digest, BlobLoc(pack, off, length, codec, size))
         except TargetNotFoundError:
             continue
         except _UNREADABLE_INDEX as exc:
             log.warning("ignoring the unreadable pack index %s: %s", key, exc)
+            continue
+        for digest, loc in rows.items():  # a whole index or none of it
+            out.setdefault(digest, loc)
     return out
 
 

@@ -196,27 +196,30 @@ def _entry(row: object, i: int, what: str) -> tuple[str, str] | tuple[str, str, 
     if kind != "f" or n != 9:
         raise _bad_entry(what, i, "has an unknown kind or the wrong number of fields")
     _, path, exe, size, digest, pack, offset, length, codec = row
-    if (
-        type(path) is not str
-        or type(exe) is not int
-        or type(size) is not int
-        or type(offset) is not int
-        or type(length) is not int
-        or exe < 0
-        or size < 0
-        or offset < 0
-        or length < 0
-    ):
+    if type(path) is not str or type(exe) is not int or exe < 0:
         raise _bad_entry(what, i, "needs a string path and non-negative integers")
-    if size > MAX_OFFSET or offset + length > MAX_OFFSET:
-        raise _bad_entry(
-            what, i, f"has a size or blob range beyond {MAX_OFFSET} bytes (a file offset's limit)"
-        )
-    if type(digest) is not str or not _HEX64.fullmatch(digest):
-        raise _bad_entry(what, i, "has a sha256 that is not 64 lowercase hex digits")
-    if type(pack) is not str or not _HEX64.fullmatch(pack) or codec not in CODECS:
-        raise _bad_entry(what, i, f"has a bad blob location (pack {pack!r}, codec {codec!r})")
+    why = blob_problem(digest, pack, offset, length, codec, size)
+    if why is not None:
+        raise _bad_entry(what, i, why)
     return FileEntry(path, bool(exe), size, digest, pack, offset, length, str(codec))
+
+
+def blob_problem(
+    digest: object, pack: object, offset: object, length: object, codec: object, size: object
+) -> str | None:
+    """Why a blob's recorded location is not one (untrusted: a manifest's file entry or a
+    pack index's row), or None when it is well formed."""
+    for n in (size, offset, length):
+        if type(n) is not int or n < 0:
+            return "needs non-negative integers for its size, offset and length"
+    assert isinstance(size, int) and isinstance(offset, int) and isinstance(length, int)
+    if size > MAX_OFFSET or offset + length > MAX_OFFSET:
+        return f"has a size or blob range beyond {MAX_OFFSET} bytes (a file offset's limit)"
+    if type(digest) is not str or not _HEX64.fullmatch(digest):
+        return "has a sha256 that is not 64 lowercase hex digits"
+    if type(pack) is not str or not _HEX64.fullmatch(pack) or codec not in CODECS:
+        return f"has a bad blob location (pack {pack!r}, codec {codec!r})"
+    return None
 
 
 def _bad_entry(what: str, i: int, why: str) -> IntegrityError:
@@ -228,6 +231,7 @@ __all__ = [
     "FileEntry",
     "Manifest",
     "TreeWalk",
+    "blob_problem",
     "encode_manifest",
     "is_manifest",
     "parse_manifest",
