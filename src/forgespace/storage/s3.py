@@ -395,26 +395,67 @@ class S3Store:
         return self._call(f"GET {where}", get, not_found=f"{where} not found")
 
     def blob_stream(self, key: str, start: int, end: int) -> Iterator[bytes]:
-        """One ranged GET of bytes [start, end); a fault mid-stream is a StorageError
-        (transient: the cache's caller retries the whole get)."""
+        """Bytes [start, end) of ``key`` by ranged GETs. A stream that breaks or ends early is
+        resumed where it stopped, from the same object version (If-Match), up to the retry
+        policy's attempts; then a transient StorageError (the cache's caller retries the whole
+        get). A server answering with another range than asked is refused, never trusted."""
         where = self._where(key)
-        resp = self._call(
-            f"GET {where} bytes {start}-{end - 1}",
-            lambda: self.client.get_object(
-                Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end - 1}"
-            ),
-            not_found=f"{where} not found",
-        )
-        body = resp["Body"]
+
+        def get(pos: int, etag: str | None) -> Any:
+            kwargs: dict[str, Any] = {
+                "Bucket": self.bucket,
+                "Key": key,
+                "Range": f"bytes={pos}-{end - 1}",
+            }
+            if etag:
+                kwargs["IfMatch"] = etag
+            resp = self._call(
+                f"GET {where} bytes {pos}-{end - 1}",
+                lambda: self.client.get_object(**kwargs),
+                not_found=f"{where} not found",
+            )
+            got = str(resp.get("ContentRange") or "")
+            if not got.startswith(f"bytes {pos}-"):
+                resp["Body"].close()
+                raise StorageError(
+                    f"GET {where}: asked for bytes {pos}-{end - 1}, the server answered "
+                    f"{repr(got) if got else 'the whole object'} (a server that ignores "
+                    "Range cannot serve incremental targets)",
+                    transient=True,
+                )
+            return resp
+
+        first = get(start, None)  # a missing object fails here, before any byte is taken
 
         def chunks() -> Iterator[bytes]:
-            try:
-                while chunk := body.read(CHUNK_SIZE):
-                    yield chunk
-            except _BACKEND_ERRORS as exc:  # translated, re-raised with `from`
-                raise StorageError(f"GET {where}: {_describe(exc)}", transient=True) from exc
-            finally:
-                body.close()
+            resp, pos, failures = first, start, 0
+            etag = first.get("ETag")
+            while True:
+                body = resp["Body"]
+                try:
+                    while pos < end and (chunk := body.read(min(CHUNK_SIZE, end - pos))):
+                        pos += len(chunk)
+                        yield chunk
+                    if pos >= end:
+                        return
+                    fault: BaseException = _ShortRead(f"stream ended at byte {pos} of {end}")
+                except _BACKEND_ERRORS as exc:  # resumed below, or re-raised with `from`
+                    fault = exc
+                finally:
+                    body.close()
+                failures += 1
+                if failures >= self.retry.attempts or not _is_transient(fault):
+                    raise StorageError(
+                        f"GET {where} bytes {start}-{end - 1} failed after {failures} "
+                        f"attempt(s) at byte {pos}: {_describe(fault)}",
+                        transient=True,
+                    ) from fault
+                delay = self.retry.delay(failures)
+                log.warning(
+                    "GET %s: %s at byte %d; resuming in %.2fs", where, _describe(fault), pos, delay
+                )
+                time.sleep(delay)
+                resp = get(pos, etag)
 
         return chunks()
 
@@ -459,6 +500,8 @@ class S3Store:
         magic = len(MANIFEST_MAGIC)
         for obj in self.list_targets():
             key = target_key(obj.key)
+            if obj.size < magic:
+                continue  # too short to be a manifest
             try:
                 if b"".join(self.blob_stream(key, 0, magic)) == MANIFEST_MAGIC:
                     yield parse_manifest(self.blob_get(key), f"target {obj.key}")
