@@ -8,9 +8,12 @@ import gzip
 import io
 import lzma
 import os
+import re
 import stat
+import struct
 import subprocess
 import tarfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -447,3 +450,190 @@ def test_member_count_is_bounded_and_nothing_is_left(tmp_path: Path, kind: str) 
 def test_default_member_limit_follows_the_byte_limit() -> None:
     assert archive_mod.member_limit(10 * 10**9) == 10 * 10**9 // 4096  # 2.4M for 10GB
     assert archive_mod.member_limit(10**6) == 100_000  # small caches keep ordinary projects
+
+
+# --- edges: empty tars, zip metadata, hard links past PATH_MAX, where corruption is ----------
+
+
+@pytest.mark.parametrize(
+    ("content", "kind"),
+    [
+        pytest.param(bytes(512), None, id="one-zero-block"),
+        pytest.param(bytes(1024), "tar", id="two-zero-blocks"),
+        pytest.param(bytes(64 << 10), "tar", id="zero-blocks-at-the-64KiB-bound"),
+        pytest.param(bytes((64 << 10) + 512), None, id="one-block-past-the-bound"),
+        pytest.param(bytes(512) + b"X" * 512, None, id="zero-block-then-data"),
+        pytest.param(bytes(1000), None, id="not-whole-blocks"),
+    ],
+)
+def test_an_empty_tar_is_zero_blocks_only_and_small(
+    tmp_path: Path, content: bytes, kind: str | None
+) -> None:
+    """What GNU tar writes for an empty archive (two or more zero blocks) is an archive; a zero
+    block followed by data, or more zeros than an empty archive has, is a file (a disk image)."""
+    p = tmp_path / "target"
+    p.write_bytes(content)
+    assert detect_archive(p) == kind
+
+
+def test_a_huge_sparse_image_of_zeros_is_a_file_judged_from_its_start(tmp_path: Path) -> None:
+    """1 TiB of zeros (sparse): detection reads no more than an empty archive can hold."""
+    p = tmp_path / "disk.img"
+    with open(p, "wb") as f:
+        f.truncate(1 << 40)
+    assert detect_archive(p) is None
+
+
+def _zip_entry(name: str, data: bytes, *, system: int, mode: int, extra: bytes = b"") -> tuple:
+    zi = zipfile.ZipInfo(name, date_time=(2020, 9, 13, 12, 26, 40))
+    zi.create_system, zi.external_attr, zi.extra = system, mode << 16, extra
+    return zi, data
+
+
+def _ut(flags: int, stamp: int) -> bytes:
+    """An extended-timestamp extra field (0x5455) with one 4-byte time, as Info-ZIP writes."""
+    return struct.pack("<HHBi", 0x5455, 5, flags, stamp)
+
+
+def test_zip_mtimes_come_from_the_extended_timestamp_field_like_unzip(tmp_path: Path) -> None:
+    """Info-ZIP's extended timestamp (UTC, to the second) wins over the DOS time (local, 2 s
+    steps), also after another extra field and before 1970; a field without the mtime flag is
+    passed over; directories get their times too. unzip sets the same (after 1970)."""
+    dos = int(time.mktime((2020, 9, 13, 12, 26, 40, 0, 0, -1)))
+    other = struct.pack("<HH4s", 0xCAFE, 4, b"abcd")
+    entries = [
+        _zip_entry("d/", b"", system=3, mode=0o40755),
+        _zip_entry("d/ut", b"1", system=3, mode=0o100644, extra=other + _ut(1, -86_400 * 366)),
+        _zip_entry("d/atime-only", b"2", system=3, mode=0o100644, extra=_ut(2, 1_234_567_890)),
+        _zip_entry("d/odd", b"3", system=3, mode=0o100644, extra=_ut(3, 1_600_000_001)),
+    ]
+    p = tmp_path / "a.zip"
+    with zipfile.ZipFile(p, "w") as zf:
+        for zi, data in entries:
+            zf.writestr(zi, data)
+    dest = tmp_path / "dest"
+    extract_archive(p, dest, max_bytes=MAX)
+    unzipped = tmp_path / "unzip"
+    subprocess.run(["unzip", "-q", str(p), "-d", str(unzipped)], check=True)
+    want = {"atime-only": dos, "odd": 1_600_000_001, ".": dos}
+    for root in (dest, unzipped):
+        got = {n: int((root / "d" / n).stat().st_mtime) for n in want}
+        assert got == want, root
+    # The field's time is signed (appnote's extrafld.txt): unzip 6 ignores one before 1970.
+    assert (dest / "d/ut").stat().st_mtime == -86_400 * 366
+
+
+def test_a_zip_from_a_non_unix_system_gets_default_modes(tmp_path: Path) -> None:
+    """Its external attributes are not Unix modes (here bits that would read 0777): files are
+    0644, directories 0755, and a directory entry without a Unix type is still a directory."""
+    p = tmp_path / "a.zip"
+    with zipfile.ZipFile(p, "w") as zf:
+        for zi, data in (
+            _zip_entry("d/", b"", system=0, mode=0o777),
+            _zip_entry("d/f", b"x", system=0, mode=0o100777),
+        ):
+            zf.writestr(zi, data)
+    dest = tmp_path / "dest"
+    old = os.umask(0o022)
+    try:
+        extract_archive(p, dest, max_bytes=MAX)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((dest / "d").stat().st_mode) == 0o755
+    assert stat.S_IMODE((dest / "d/f").stat().st_mode) == 0o644
+    assert (dest / "d/f").read_bytes() == b"x"
+
+
+def test_a_zip_member_larger_than_a_chunk_is_recorded_whole(tmp_path: Path) -> None:
+    data = os.urandom((3 << 20) + 7)
+    p = tmp_path / "a.zip"
+    with zipfile.ZipFile(p, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("big.bin", data)
+    stats = extract_archive(p, tmp_path / "dest", max_bytes=MAX)
+    assert (tmp_path / "dest/big.bin").read_bytes() == data
+    assert [m[:2] for m in stats.manifest] == [("big.bin", len(data))]
+    assert stats.bytes == len(data)
+
+
+@pytest.mark.parametrize(
+    ("name", "mode", "data", "member", "reason"),
+    [
+        ("../evil", 0o100644, b"x", "../evil", "contains a '..' component"),
+        (
+            "fifo",
+            0o10644,
+            b"",
+            "fifo",
+            "is a device, fifo or socket; special members are not accepted",
+        ),
+        (
+            "link",
+            0o120777,
+            b"a/" * 2048,
+            "link",
+            "cannot be created: [Errno 36] File name too long",
+        ),
+    ],
+    ids=["traversal", "fifo", "symlink-target-over-the-kernel-limit"],
+)
+def test_refused_zip_members_are_named_with_the_rule(
+    tmp_path: Path, name: str, mode: int, data: bytes, member: str, reason: str
+) -> None:
+    """The member as the zip names it and why; a 4096-byte link target (the kernel takes 4095)
+    is read whole and refused, never cut to fit."""
+    p = tmp_path / "a.zip"
+    with zipfile.ZipFile(p, "w") as zf:
+        zf.writestr("ok", b"fine")
+        zf.writestr(*_zip_entry(name, data, system=3, mode=mode))
+    with pytest.raises(UnsafeArchiveError) as info:
+        extract_archive(p, tmp_path / "dest", max_bytes=MAX)
+    assert (info.value.archive, info.value.member) == (str(p), member)
+    assert info.value.reason.startswith(reason)
+    assert not (tmp_path / "dest").exists()
+
+
+def test_hard_links_deeper_than_path_max_are_made(tmp_path: Path) -> None:
+    """Both ends of the link lie more than PATH_MAX (4096 bytes) below the destination: the
+    link is made from directory fds, and is the same file."""
+    deep = "/".join(["d" * 200] * 22)  # 4,421 bytes
+    p = tmp_path / "a.tar"
+    with tarfile.open(p, "w", format=tarfile.GNU_FORMAT) as tf:
+        ti = tarfile.TarInfo(f"{deep}/f")
+        ti.size = 4
+        tf.addfile(ti, io.BytesIO(b"data"))
+        hl = tarfile.TarInfo(f"{deep}/e/h")
+        hl.type, hl.linkname = tarfile.LNKTYPE, f"{deep}/f"
+        tf.addfile(hl)
+    stats = extract_archive(p, tmp_path / "dest", max_bytes=MAX)
+    fd = os.open(tmp_path / "dest", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in deep.split("/"):
+            nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        f, h = os.stat("f", dir_fd=fd), os.stat("e/h", dir_fd=fd)
+    finally:
+        os.close(fd)
+    assert (f.st_ino, f.st_nlink, h.st_size) == (h.st_ino, 2, 4)
+    assert sorted(m[0].rsplit("/", 2)[-1] for m in stats.manifest) == ["f", "h"]
+
+
+def test_a_stream_cut_inside_a_large_member_says_how_far_it_was_read(tmp_path: Path) -> None:
+    """A download streamed into the extractor ends in the middle of a 3 MiB member: the error
+    gives the decompressed position reached (past the member's first MiB) and the cause."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tf:
+        ti = tarfile.TarInfo("big.bin")
+        ti.size = 3 << 20
+        tf.addfile(ti, io.BytesIO(os.urandom(3 << 20)))
+    p = tmp_path / "a.tgz"
+    p.write_bytes(gzip.compress(raw.getvalue(), 1)[: 2 << 20])
+    with open(p, "rb", buffering=0) as source, pytest.raises(IntegrityError) as info:
+        archive_mod.extract_tar_stream(source, tmp_path / "dest", archive="a.tgz", max_bytes=MAX)
+    err = info.value
+    reason = err.reason  # type: ignore[attr-defined]
+    m = re.fullmatch(r"is corrupt or truncated near byte (\d+): (.+)", reason)
+    assert m, err
+    assert 512 + (1 << 20) <= int(m[1]) <= 512 + (2 << 20)
+    assert m[2] == str(err.__cause__)
+    assert not (tmp_path / "dest").exists()
