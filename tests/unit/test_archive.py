@@ -203,8 +203,13 @@ def test_non_archives_stay_single_files(tmp_path: Path, content: bytes) -> None:
     p = tmp_path / "target.tar.gz"  # a misleading name must not matter
     p.write_bytes(content)
     assert detect_archive(p) is None
-    with pytest.raises(UnsafeArchiveError, match="not an archive"):
+    with pytest.raises(UnsafeArchiveError) as info:
         extract_archive(p, tmp_path / "dest", max_bytes=MAX)
+    assert (info.value.archive, info.value.member, info.value.reason) == (
+        str(p),
+        None,
+        "is not an archive this can extract (accepted: tar, tar.gz, tar.bz2, tar.xz, zip)",
+    )
     assert not (tmp_path / "dest").exists()
 
 
@@ -637,3 +642,70 @@ def test_a_stream_cut_inside_a_large_member_says_how_far_it_was_read(tmp_path: P
     assert 512 + (1 << 20) <= int(m[1]) <= 512 + (2 << 20)
     assert m[2] == str(err.__cause__)
     assert not (tmp_path / "dest").exists()
+
+
+def test_a_packaged_artifact_is_a_file_yet_extracted_when_asked(tmp_path: Path) -> None:
+    """A wheel stays a single-file target (detection), but extracting it is honoured."""
+    p = tmp_path / "pkg.whl"
+    with zipfile.ZipFile(p, "w") as zf:
+        zf.writestr("pkg-1.0.dist-info/WHEEL", b"Wheel-Version: 1.0\n")
+        zf.writestr("pkg-1.0.dist-info/RECORD", b"")
+        zf.writestr("pkg/__init__.py", b"x = 1\n")
+    assert (detect_archive(p), archive_mod.artifact_kind(p)) == (None, "wheel")
+    extract_archive(p, tmp_path / "dest", max_bytes=MAX)
+    assert (tmp_path / "dest/pkg/__init__.py").read_bytes() == b"x = 1\n"
+
+
+def test_the_destination_is_not_world_writable_whatever_the_umask(tmp_path: Path) -> None:
+    p = tmp_path / "a.tar"
+    with tarfile.open(p, "w") as tf:
+        ti = tarfile.TarInfo("f")
+        ti.size = 1
+        tf.addfile(ti, io.BytesIO(b"x"))
+    old = os.umask(0)
+    try:
+        extract_archive(p, tmp_path / "dest", max_bytes=MAX)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "dest").stat().st_mode) == 0o755
+
+
+def _streamed(p: Path, dest: Path) -> IntegrityError:
+    """The error of extracting ``p`` as a download streamed into the extractor."""
+    with open(p, "rb", buffering=0) as source, pytest.raises(IntegrityError) as info:
+        archive_mod.extract_tar_stream(source, dest, archive="a.tgz", max_bytes=MAX)
+    assert not dest.exists()
+    return info.value
+
+
+def test_a_streamed_gzip_with_a_bad_crc_after_the_tar_end_is_refused(tmp_path: Path) -> None:
+    """The end-of-archive blocks come before the gzip trailer: the rest of the stream is read so
+    its CRC is checked (the streamed path inflates in this thread, no read-ahead does it)."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tf:
+        ti = tarfile.TarInfo("f")
+        ti.size = 5
+        tf.addfile(ti, io.BytesIO(b"hello"))
+    gz = bytearray(gzip.compress(raw.getvalue() + bytes(64 << 10), 1))
+    gz[-8] ^= 0xFF  # the CRC32 in the gzip trailer
+    p = tmp_path / "a.tgz"
+    p.write_bytes(bytes(gz))
+    err = _streamed(p, tmp_path / "dest")
+    assert err.archive == "a.tgz"  # type: ignore[attr-defined]
+    assert err.reason.startswith("is corrupt or truncated near byte")  # type: ignore[attr-defined]
+
+
+def test_a_stream_cut_among_small_members_says_how_far_it_was_read(tmp_path: Path) -> None:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tf:
+        for i in range(3000):
+            ti = tarfile.TarInfo(f"f{i}")
+            ti.size = 1000
+            tf.addfile(ti, io.BytesIO(os.urandom(1000)))
+    p = tmp_path / "a.tgz"
+    p.write_bytes(gzip.compress(raw.getvalue(), 1)[: 2 << 20])
+    err = _streamed(p, tmp_path / "dest")
+    m = re.fullmatch(r"is corrupt or truncated near byte (\d+): .+", err.reason)  # type: ignore[attr-defined]
+    assert m, err
+    # past the first MiB of the tar (the cut is at 2 MiB of gzip), within what was there
+    assert 1 << 20 <= int(m[1]) < len(raw.getvalue())

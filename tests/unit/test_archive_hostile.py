@@ -326,3 +326,153 @@ def test_member_mtimes_at_the_edges_of_the_header_fields(tmp_path: Path) -> None
     now = time.time_ns()
     for name in ("max-octal", "far-future", "far-past"):
         assert abs(mtime[name] - now) < 86_400 * 10**9, name
+
+
+def with_field(h: bytes, start: int, value: bytes) -> bytes:
+    """Header ``h`` with ``value`` written at ``start`` and its checksum recomputed."""
+    b = bytearray(h)
+    b[start : start + len(value)] = value
+    b[148:156] = b" " * 8
+    b[148:156] = b"%06o\0 " % sum(b)
+    return bytes(b)
+
+
+def test_header_fields_filled_to_their_last_byte_are_read_like_gnu_tar(tmp_path: Path) -> None:
+    """Names, prefixes, link targets and numbers that fill their fields without a terminator
+    (ustar allows it), numbers left-aligned, a name that is not UTF-8, a positive base-256 mtime
+    and junk in the header's padding: the same tree as GNU tar's, byte for byte."""
+    name100 = b"n" * 100
+    prefix155, tail = b"p" * 155, b"t" * 20
+    link100 = b"l" * 100
+    mtime = b"%012o" % 1_500_000_000  # twelve digits, no terminator
+    members = [
+        with_field(header(name100, size=1), 100, b"00000750"),  # eight digits, no NUL
+        padded(b"1"),
+        with_field(with_field(header(tail, size=1), 345, prefix155), 500, b"JUNK"),
+        padded(b"2"),
+        with_field(header(b"link", typeflag=b"2"), 157, link100),
+        with_field(with_field(header(b"caf\xe9", size=1), 136, mtime), 100, b"755\0\0\0\0\0"),
+        padded(b"3"),
+        with_mtime(header(b"b256", size=1), base256(1_600_000_000)),
+        padded(b"4"),
+    ]
+    ours = extract(tmp_path, tar_bytes(*members))
+    gnu = tmp_path / "gnu"
+    gnu.mkdir()
+    subprocess.run(["tar", "-C", gnu, "-xf", tmp_path / "a.tar"], check=True, capture_output=True)
+
+    def listing(root: Path) -> dict[bytes, tuple[int, int, bytes]]:
+        out = {}
+        for dirpath, dirnames, filenames in os.walk(os.fsencode(root)):
+            for n in dirnames + filenames:
+                p = os.path.join(dirpath, n)
+                st = os.lstat(p)
+                body = os.readlink(p) if os.path.islink(p) else b""
+                if os.path.isfile(p) and not os.path.islink(p):
+                    body = Path(os.fsdecode(p)).read_bytes()
+                rel = os.path.relpath(p, os.fsencode(root))
+                out[rel] = (st.st_mode, int(st.st_mtime) if not os.path.isdir(p) else 0, body)
+        return out
+
+    got = listing(ours)
+    assert got == listing(gnu)
+    assert got[name100][0] & 0o777 == 0o750
+    assert got[prefix155 + b"/" + tail][2] == b"2"
+    assert got[b"link"][2] == link100
+    assert got[b"caf\xe9"][:2] == (0o100755, 1_500_000_000)
+    assert got[b"b256"][1] == 1_600_000_000
+
+
+def test_a_global_pax_header_applies_to_every_later_member_like_gnu_tar(tmp_path: Path) -> None:
+    """A global header's mtime is every following member's, unless the member's own pax
+    header says otherwise; a typeflag 'G' (no such thing) is refused."""
+    g = pax_record("mtime", "1500000000")
+    local = pax_record("mtime", "1400000000")
+    data = tar_bytes(
+        header(b"g", typeflag=b"g", size=len(g)),
+        padded(g),
+        header(b"a", size=1),
+        padded(b"a"),
+        header(b"x", typeflag=b"x", size=len(local)),
+        padded(local),
+        header(b"b", size=1),
+        padded(b"b"),
+    )
+    ours = extract(tmp_path, data)
+    gnu = tmp_path / "gnu"
+    gnu.mkdir()
+    subprocess.run(["tar", "-C", gnu, "-xf", tmp_path / "a.tar"], check=True, capture_output=True)
+    for root in (ours, gnu):
+        assert sorted(os.listdir(root)) == ["a", "b"]
+        assert (root / "a").stat().st_mtime == 1_500_000_000
+        assert (root / "b").stat().st_mtime == 1_400_000_000
+    shutil.rmtree(ours)
+    shutil.rmtree(gnu)
+    (tmp_path / "a.tar").unlink()
+    bogus = tar_bytes(header(b"g", typeflag=b"G", size=len(g)), padded(g))
+    refused(tmp_path, bogus, UnsafeArchiveError, "has the unsupported type b'G'")
+
+
+@pytest.mark.parametrize(
+    ("typeflag", "records"),
+    [(b"S", b""), (b"0", pax_record("GNU.sparse.major", "1"))],
+    ids=["gnu-old-sparse", "pax-sparse"],
+)
+def test_sparse_members_are_refused_by_type_or_pax_record(
+    tmp_path: Path, typeflag: bytes, records: bytes
+) -> None:
+    pax = (header(b"p", typeflag=b"x", size=len(records)) + padded(records)) if records else b""
+    data = tar_bytes(pax, header(b"holes", typeflag=typeflag, size=1), padded(b"x"))
+    refused(
+        tmp_path, data, UnsafeArchiveError, "is a sparse file; sparse members are not supported"
+    )
+
+
+def test_a_pre_posix_directory_is_marked_by_a_slash(tmp_path: Path) -> None:
+    """A regular-file typeflag with a name ending in '/' is a directory (old tars), with its
+    mode and mtime; a contiguous file (typeflag '7') is a file."""
+    data = tar_bytes(
+        with_field(with_mtime(header(b"old/"), b"%011o\0" % 1_400_000_000), 100, b"0000750\0"),
+        header(b"old/f", size=1),
+        padded(b"x"),
+        header(b"contig", typeflag=b"7", size=2),
+        padded(b"cc"),
+    )
+    dest = extract(tmp_path, data)
+    st = (dest / "old").stat()
+    assert (oct(st.st_mode), st.st_mtime) == (oct(0o40750), 1_400_000_000)
+    assert (dest / "old/f").read_bytes() == b"x"
+    assert (dest / "contig").read_bytes() == b"cc"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "why"),
+    [
+        # the mode is read once the member is known, the mtime and size before
+        (100, b"0000z44\0", "after member 'f2': invalid mode field b'0000z44\\x00'"),
+        (136, b"0000000000z\0", "after member 'f1': invalid mtime field b'0000000000z\\x00'"),
+        (124, b"\xff\x80" + bytes(10), f"after member 'f1': negative size {-(1 << 87)}"),
+        (124, b"00000000001\0JUNK"[:12], None),
+    ],
+    ids=["mode", "mtime", "base256-negative-size", "size-ends-at-its-nul"],
+)
+def test_numeric_fields_are_read_up_to_their_terminator_and_refused_naming_them(
+    tmp_path: Path, field: int, value: bytes, why: str | None
+) -> None:
+    bad = with_field(header(b"f2", size=1), field, value)
+    data = tar_bytes(header(b"f1", size=1), padded(b"1"), bad, padded(b"2"))
+    if why is None:  # accepted: the number is what precedes the NUL
+        assert (extract(tmp_path, data) / "f2").read_bytes() == b"2"
+        return
+    refused(tmp_path, data, IntegrityError, f"is corrupt {why}")
+
+
+@pytest.mark.parametrize(
+    ("typeflag", "what"),
+    [(b"K", "long link name"), (b"x", "pax header"), (b"g", "pax global header")],
+)
+def test_each_kind_of_metadata_cut_short_is_named(
+    tmp_path: Path, typeflag: bytes, what: str
+) -> None:
+    data = header(b"m", typeflag=typeflag, size=600) + b"1" * 100
+    refused(tmp_path, data, IntegrityError, f"is corrupt: truncated in its {what}")
