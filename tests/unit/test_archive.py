@@ -4,6 +4,7 @@ raise IntegrityError and leave nothing behind."""
 from __future__ import annotations
 
 import bz2
+import errno
 import gzip
 import io
 import lzma
@@ -273,9 +274,26 @@ def test_existing_destination_is_refused_and_kept(tmp_path: Path, source: Path) 
     dest = tmp_path / "dest"
     dest.mkdir()
     (dest / "keep").write_text("mine")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(FileExistsError) as info:
         extract_archive(archive, dest, max_bytes=MAX)
+    assert info.value.errno == errno.EEXIST
+    assert str(info.value) == f"[Errno 17] extraction destination already exists: {dest}"
     assert (dest / "keep").read_text() == "mine"
+
+
+def test_a_refused_archive_leaves_no_file_descriptor_open(tmp_path: Path) -> None:
+    """A worker extracts for days: each refusal closes what the extraction opened."""
+    p = tmp_path / "a.tar"
+    with tarfile.open(p, "w", format=tarfile.GNU_FORMAT) as tf:
+        ti = tarfile.TarInfo("/".join(["d" * 200] * 22) + "/f")  # deep: a parent fd is cached
+        ti.size = 1
+        tf.addfile(ti, io.BytesIO(b"x"))
+        tf.addfile(tarfile.TarInfo("../escape"), io.BytesIO(b""))
+    before = sorted(os.listdir("/proc/self/fd"))
+    for i in range(3):
+        with pytest.raises(UnsafeArchiveError):
+            extract_archive(p, tmp_path / f"dest{i}", max_bytes=MAX)
+    assert sorted(os.listdir("/proc/self/fd")) == before
 
 
 def test_large_member_streams_in_chunks(tmp_path: Path) -> None:
@@ -382,8 +400,9 @@ def test_full_disk_raises_cache_full_and_leaves_nothing(tmp_path: Path, small_tm
             ti = tarfile.TarInfo(f"d/f{i}")
             ti.size = len(data)
             tf.addfile(ti, io.BytesIO(data))
-    with pytest.raises(CacheFullError, match="no space left"):
+    with pytest.raises(CacheFullError, match="no space left") as info:
         extract_archive(p, small_tmpfs / "dest", max_bytes=MAX)
+    assert info.value.errno == errno.ENOSPC
     assert os.listdir(small_tmpfs) == []
 
 
