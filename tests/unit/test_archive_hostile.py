@@ -316,15 +316,23 @@ def test_member_mtimes_at_the_edges_of_the_header_fields(tmp_path: Path) -> None
         b"far-future": base256(5 * 10**9),
         b"far-past": base256(-5 * 10**9),
     }
-    data = tar_bytes(
-        *(with_mtime(header(name, size=1), field) + padded(b"x") for name, field in members.items())
-    )
-    dest = extract(tmp_path, data)
+    blocks = [
+        with_mtime(header(name, size=1), field) + padded(b"x") for name, field in members.items()
+    ]
+    # pax mtimes of exactly +-2**62 ns (the first values out of range): ignored too
+    for name, value in (
+        (b"pax-2-62", "4611686018.427387904"),
+        (b"pax-minus-2-62", "-4611686018.427387904"),
+    ):
+        rec = pax_record("mtime", value)
+        blocks += [header(b"p", typeflag=b"x", size=len(rec)), padded(rec)]
+        blocks += [header(name, size=1), padded(b"x")]
+    dest = extract(tmp_path, tar_bytes(*blocks))
     mtime = {p.name: p.stat().st_mtime_ns for p in dest.iterdir()}
     assert mtime["year-2100"] == 4_102_444_800 * 10**9
     assert mtime["before-1970"] == -86_400 * 10**9
     now = time.time_ns()
-    for name in ("max-octal", "far-future", "far-past"):
+    for name in ("max-octal", "far-future", "far-past", "pax-2-62", "pax-minus-2-62"):
         assert abs(mtime[name] - now) < 86_400 * 10**9, name
 
 
