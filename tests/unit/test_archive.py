@@ -597,8 +597,9 @@ def test_a_zip_member_larger_than_a_chunk_is_recorded_whole(tmp_path: Path) -> N
             "link",
             "cannot be created: [Errno 36] File name too long",
         ),
+        ("link", 0o120777, b"a" * 5000, "link", "is a symlink with a 5000-byte target"),
     ],
-    ids=["traversal", "fifo", "symlink-target-over-the-kernel-limit"],
+    ids=["traversal", "fifo", "symlink-target-over-the-kernel-limit", "symlink-target-too-long"],
 )
 def test_refused_zip_members_are_named_with_the_rule(
     tmp_path: Path, name: str, mode: int, data: bytes, member: str, reason: str
