@@ -138,6 +138,7 @@ def test_good_archive_extracts_faithfully(tmp_path: Path, source: Path, fmt: str
 
     files = {k: v for k, v in want.items() if v[0] == "file"}
     assert stats.files == len(files)
+    assert stats.dirs == len([v for v in want.values() if v[0] == "dir"])
     assert stats.bytes == sum(len(v[1]) for v in files.values())  # type: ignore[arg-type]
     assert {m[0]: (m[1], m[2]) for m in stats.manifest} == {
         k: (len(v[1]), (dest / k).stat().st_mtime_ns)  # type: ignore[arg-type]
@@ -729,3 +730,78 @@ def test_a_stream_cut_among_small_members_says_how_far_it_was_read(tmp_path: Pat
     assert m, err
     # past the first MiB of the tar (the cut is at 2 MiB of gzip), within what was there
     assert 1 << 20 <= int(m[1]) < len(raw.getvalue())
+
+
+class _CountingSource:
+    """A file read as a download is: counts the bytes delivered before each seek."""
+
+    def __init__(self, f: io.FileIO) -> None:
+        self.f, self.read, self.at_seek = f, 0, []  # type: list[int]
+
+    def readinto(self, buf: memoryview) -> int | None:
+        n = self.f.readinto(buf)
+        self.read += n or 0
+        return n
+
+    def seek(self, offset: int) -> int:
+        self.at_seek.append(self.read)
+        return self.f.seek(offset)
+
+
+def test_a_streamed_target_is_judged_from_its_first_chunk(tmp_path: Path) -> None:
+    """Deciding that a stream holds a tar reads its first block and one chunk at most, never the
+    whole download (extraction follows the bytes as they arrive)."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tf:
+        ti = tarfile.TarInfo("big.bin")
+        ti.size = 8 << 20
+        tf.addfile(ti, io.BytesIO(bytes(8 << 20)))
+    p = tmp_path / "a.tar"
+    p.write_bytes(raw.getvalue())
+    with open(p, "rb", buffering=0) as f:
+        source = _CountingSource(f)
+        archive_mod.extract_tar_stream(
+            source, tmp_path / "dest", archive="a.tar", max_bytes=1 << 30
+        )
+    assert len(source.at_seek) == 3  # detection twice, then extraction from the start
+    assert source.at_seek[2] <= 512 + (1 << 20)
+    assert (tmp_path / "dest/big.bin").stat().st_size == 8 << 20
+
+
+def test_read_only_directories_of_an_archive_do_not_stop_a_non_root_extractor(
+    nobody_dir: Path,
+) -> None:
+    """A mode-000 directory holding a 0700 one with a recorded mtime: modes are applied deepest
+    first, so an unprivileged worker (uid 65534, in a forked process) can still set the inner
+    one's; the tree ends as the archive says."""
+    p = nobody_dir / "a.tar"
+    with tarfile.open(p, "w") as tf:
+        for name, mode in (("locked", 0o000), ("locked/inner", 0o700)):
+            ti = tarfile.TarInfo(name)
+            ti.type, ti.mode, ti.mtime = tarfile.DIRTYPE, mode, MTIME
+            tf.addfile(ti)
+    os.chown(p, 65534, 65534)
+    dest = nobody_dir / "dest"
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop to nobody for good, extract, report
+        os.close(r)
+        try:
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            extract_archive(p, dest, max_bytes=MAX)
+            os.write(w, b"ok")
+        except BaseException as e:  # reported to the parent, whatever it is
+            os.write(w, repr(e).encode()[:4000])
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as pipe:
+        said = pipe.read().decode()
+    os.waitpid(pid, 0)
+    assert said == "ok"
+    assert stat.S_IMODE((dest / "locked").stat().st_mode) == 0o000
+    inner = (dest / "locked/inner").stat()
+    assert (stat.S_IMODE(inner.st_mode), inner.st_mtime) == (0o700, MTIME)
+    os.chmod(dest / "locked", 0o700)  # let the fixture remove it
