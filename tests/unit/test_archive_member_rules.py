@@ -8,11 +8,13 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import stat
 import tarfile
 from pathlib import Path
 
 import pytest
 
+from forgespace.cache import fsops
 from forgespace.cache.archive import extract_archive
 from forgespace.errors import IntegrityError, UnsafeArchiveError
 
@@ -96,6 +98,9 @@ REFUSED = {
         [member("a", SYM, link="d"), member("a", data=b"1"), member("a/x", data=b"2")],
         "a/x", "needs a directory where the archive put a file ('a')",
     ),
+    "a file where the archive root belongs": (
+        [member(".", data=b"x")], ".", "is a file where the archive root belongs",
+    ),
     "a symlink with an empty target": (
         [member("l", SYM, link="")], "l", "is a symlink with an empty target",
     ),
@@ -134,6 +139,7 @@ def test_a_later_member_replaces_an_earlier_file_or_link(tmp_path: Path) -> None
         ),
     )
     assert (dest / "f").read_bytes() == b"second"
+    assert stat.S_IMODE((dest / "f").stat().st_mode) == 0o644  # the replacement's own mode
     assert not (dest / "l").is_symlink() and (dest / "l").read_bytes() == b"now a file"
     assert os.readlink(dest / "g") == "f"
     assert (dest / "h").read_bytes() == b"second"
@@ -287,3 +293,25 @@ def test_a_symlink_at_the_path_max_bound_is_refused_one_byte_shorter_is_kept(
     refused(tmp_path, tar_of(member(at_bound, SYM, link="x")), UnsafeArchiveError, why, at_bound)
     kept = extract(tmp_path, tar_of(member(at_bound[:-1], SYM, link="x")))
     assert os.readlink(kept / at_bound[:-1]) == "x"
+
+
+def test_a_tree_deeper_than_path_max_in_one_byte_names_is_extracted(tmp_path: Path) -> None:
+    """2,100 directories named 'a' (4,200 bytes of path): reached in steps, each under
+    PATH_MAX, however short the names."""
+    deep = "/".join(["a"] * 2100)
+    try:
+        dest = extract(tmp_path, tar_of(member(f"{deep}/f", data=b"bottom")))
+        fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for _ in range(2100):
+                nfd = os.open("a", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+                os.close(fd)
+                fd = nfd
+            with open(os.open("f", os.O_RDONLY, dir_fd=fd), "rb") as f:
+                assert f.read() == b"bottom"
+        finally:
+            os.close(fd)
+    finally:
+        # shutil.rmtree (pytest's clean-up too) recurses once per level: too deep for it
+        if (tmp_path / "dest").exists():
+            fsops.remove(tmp_path, tmp_path / "dest")
