@@ -483,6 +483,16 @@ def test_default_member_limit_follows_the_byte_limit() -> None:
 # --- edges: empty tars, zip metadata, hard links past PATH_MAX, where corruption is ----------
 
 
+def test_a_plain_tar_is_not_taken_for_bzip2_by_its_fourth_byte(tmp_path: Path) -> None:
+    p = tmp_path / "a.tar"
+    with tarfile.open(p, "w") as tf:
+        ti = tarfile.TarInfo("abc1.txt")  # "abc1": a digit where bzip2's level would be
+        ti.size = 1
+        tf.addfile(ti, io.BytesIO(b"x"))
+    assert detect_archive(p) == "tar"
+    assert (extract_archive(p, tmp_path / "dest", max_bytes=MAX).files, 1) == (1, 1)
+
+
 @pytest.mark.parametrize(
     ("content", "kind"),
     [
@@ -681,17 +691,21 @@ def test_a_packaged_artifact_is_a_file_yet_extracted_when_asked(tmp_path: Path) 
 
 
 def test_the_destination_is_not_world_writable_whatever_the_umask(tmp_path: Path) -> None:
+    """Neither the destination nor the parents an archive only implies (no member of their
+    own) are world-writable, even under umask 0; the implied ones are counted."""
     p = tmp_path / "a.tar"
     with tarfile.open(p, "w") as tf:
-        ti = tarfile.TarInfo("f")
+        ti = tarfile.TarInfo("implied/parent/f")
         ti.size = 1
         tf.addfile(ti, io.BytesIO(b"x"))
     old = os.umask(0)
     try:
-        extract_archive(p, tmp_path / "dest", max_bytes=MAX)
+        stats = extract_archive(p, tmp_path / "dest", max_bytes=MAX)
     finally:
         os.umask(old)
-    assert stat.S_IMODE((tmp_path / "dest").stat().st_mode) == 0o755
+    for d in ("", "implied", "implied/parent"):
+        assert stat.S_IMODE((tmp_path / "dest" / d).stat().st_mode) == 0o755, d
+    assert (stats.files, stats.dirs) == (1, 2)
 
 
 def _streamed(p: Path, dest: Path) -> IntegrityError:

@@ -349,6 +349,19 @@ def with_field(h: bytes, start: int, value: bytes) -> bytes:
     return bytes(b)
 
 
+E100 = "é".encode() * 50  # 100 bytes >= 0x80: header sums over 0o77777, signed ones negative
+
+
+def with_checksum(h: bytes, form: bytes, *, signed: bool = False) -> bytes:
+    """Header ``h`` with its checksum written as ``form % sum`` (the sum of the bytes with the
+    field as spaces; signed bytes as old tars summed them)."""
+    b = bytearray(h)
+    b[148:156] = b" " * 8
+    total = sum(struct.unpack("512b", bytes(b))) if signed else sum(b)
+    b[148:156] = form % total
+    return bytes(b)
+
+
 def test_header_fields_filled_to_their_last_byte_are_read_like_gnu_tar(tmp_path: Path) -> None:
     """Names, prefixes, link targets and numbers that fill their fields without a terminator
     (ustar allows it), numbers left-aligned, a name that is not UTF-8, a positive base-256 mtime
@@ -369,6 +382,19 @@ def test_header_fields_filled_to_their_last_byte_are_read_like_gnu_tar(tmp_path:
         padded(b"4"),
         with_field(header(b"n", size=1), 345, b"q"),  # a one-byte prefix
         padded(b"5"),
+        # checksums as other writers put them: six digits and two NULs, seven digits and a
+        # space (no NUL), a sum over 0o77777 (bytes >= 0x80), and the signed sum of old tars
+        with_checksum(header(b"two-nuls", size=1), b"%06o\0\0"),
+        padded(b"6"),
+        with_checksum(header(b"seven-digits", size=1), b"%07o "),
+        padded(b"7"),
+        with_checksum(with_field(header(E100, typeflag=b"2"), 157, E100), b"%06o\0 "),
+        # signed: one byte >= 0x80 in each half of the header around the checksum field
+        with_checksum(
+            with_field(header(b"signed-\xc3\xa9", typeflag=b"2"), 157, b"t\xc3\xa9"),
+            b"%06o\0 ",
+            signed=True,
+        ),
     ]
     ours = extract(tmp_path, tar_bytes(*members))
     gnu = tmp_path / "gnu"
@@ -396,6 +422,9 @@ def test_header_fields_filled_to_their_last_byte_are_read_like_gnu_tar(tmp_path:
     assert got[b"caf\xe9"][:2] == (0o100755, 1_500_000_000)
     assert got[b"b256"][1] == 1_600_000_000
     assert got[b"q/n"][2] == b"5"
+    assert (got[b"two-nuls"][2], got[b"seven-digits"][2]) == (b"6", b"7")
+    assert got[E100][2] == E100  # a link to itself: it resolves nowhere, and stays inside
+    assert got[b"signed-\xc3\xa9"][2] == b"t\xc3\xa9"
 
 
 def test_a_global_pax_header_applies_to_every_later_member_like_gnu_tar(tmp_path: Path) -> None:
