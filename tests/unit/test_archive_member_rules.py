@@ -101,6 +101,11 @@ REFUSED = {
     "a file where the archive root belongs": (
         [member(".", data=b"x")], ".", "is a file where the archive root belongs",
     ),
+    "an empty name": ([member("", data=b"x")], "", "has an empty name"),
+    "an absolute name": (
+        [member("/etc/cron.d/x", data=b"x")],
+        "/etc/cron.d/x", "is an absolute path; only relative paths are accepted",
+    ),
     "a symlink with an empty target": (
         [member("l", SYM, link="")], "l", "is a symlink with an empty target",
     ),
