@@ -539,11 +539,17 @@ def test_zip_mtimes_come_from_the_extended_timestamp_field_like_unzip(tmp_path: 
     passed over; directories get their times too. unzip sets the same (after 1970)."""
     dos = int(time.mktime((2020, 9, 13, 12, 26, 40, 0, 0, -1)))
     other = struct.pack("<HH4s", 0xCAFE, 4, b"abcd")
+    # a field over 32 KiB (alignment padding; an odd size): its size is unsigned
+    padding = struct.pack("<HH", 0xD935, 40_001) + bytes(40_001)
+    short_ut = struct.pack("<HHB3s", 0x5455, 4, 1, b"\x01\x02\x03")  # too short for a time
+    after_two = other + padding + _ut(1, 1_500_000_000)
     entries = [
         _zip_entry("d/", b"", system=3, mode=0o40755),
         _zip_entry("d/ut", b"1", system=3, mode=0o100644, extra=other + _ut(1, -86_400 * 366)),
         _zip_entry("d/atime-only", b"2", system=3, mode=0o100644, extra=_ut(2, 1_234_567_890)),
         _zip_entry("d/odd", b"3", system=3, mode=0o100644, extra=_ut(3, 1_600_000_001)),
+        _zip_entry("d/after-two", b"4", system=3, mode=0o100644, extra=after_two),
+        _zip_entry("d/short", b"5", system=3, mode=0o100644, extra=short_ut + other),
     ]
     p = tmp_path / "a.zip"
     with zipfile.ZipFile(p, "w") as zf:
@@ -553,7 +559,8 @@ def test_zip_mtimes_come_from_the_extended_timestamp_field_like_unzip(tmp_path: 
     extract_archive(p, dest, max_bytes=MAX)
     unzipped = tmp_path / "unzip"
     subprocess.run(["unzip", "-q", str(p), "-d", str(unzipped)], check=True)
-    want = {"atime-only": dos, "odd": 1_600_000_001, ".": dos}
+    want = {"atime-only": dos, "odd": 1_600_000_001, ".": dos, "after-two": 1_500_000_000}
+    want["short"] = dos
     for root in (dest, unzipped):
         got = {n: int((root / "d" / n).stat().st_mtime) for n in want}
         assert got == want, root
@@ -798,6 +805,7 @@ def test_read_only_directories_of_an_archive_do_not_stop_a_non_root_extractor(
             ti.type, ti.mode, ti.mtime = tarfile.DIRTYPE, mode, MTIME
             tf.addfile(ti)
     os.chown(p, 65534, 65534)
+    as_root = extract_archive(p, nobody_dir / "as-root", max_bytes=MAX)  # root passes either way
     dest = nobody_dir / "dest"
     r, w = os.pipe()
     pid = os.fork()
@@ -821,4 +829,6 @@ def test_read_only_directories_of_an_archive_do_not_stop_a_non_root_extractor(
     assert stat.S_IMODE((dest / "locked").stat().st_mode) == 0o000
     inner = (dest / "locked/inner").stat()
     assert (stat.S_IMODE(inner.st_mode), inner.st_mtime) == (0o700, MTIME)
-    os.chmod(dest / "locked", 0o700)  # let the fixture remove it
+    assert as_root.dirs == 2 and tree(nobody_dir / "as-root") == tree(dest)
+    for root in (dest, nobody_dir / "as-root"):
+        os.chmod(root / "locked", 0o700)  # let the fixture remove them
