@@ -792,7 +792,7 @@ def test_a_streamed_target_is_judged_from_its_first_chunk(tmp_path: Path) -> Non
     assert (tmp_path / "dest/big.bin").stat().st_size == 8 << 20
 
 
-def test_read_only_directories_of_an_archive_do_not_stop_a_non_root_extractor(
+def test_read_only_directories_extract_alike_for_root_and_a_non_root_worker(
     nobody_dir: Path,
 ) -> None:
     """A mode-000 directory holding a 0700 one with a recorded mtime: modes are applied deepest
