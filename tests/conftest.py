@@ -15,6 +15,7 @@ pytest_plugins: list[str] = [
     "support.mounts",
     "support.nobody",
     "support.covsandbox",
+    "support.mutation_scope",
 ]
 
 

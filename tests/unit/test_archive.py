@@ -4,13 +4,17 @@ raise IntegrityError and leave nothing behind."""
 from __future__ import annotations
 
 import bz2
+import errno
 import gzip
 import io
 import lzma
 import os
+import re
 import stat
+import struct
 import subprocess
 import tarfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -134,6 +138,7 @@ def test_good_archive_extracts_faithfully(tmp_path: Path, source: Path, fmt: str
 
     files = {k: v for k, v in want.items() if v[0] == "file"}
     assert stats.files == len(files)
+    assert stats.dirs == len([v for v in want.values() if v[0] == "dir"])
     assert stats.bytes == sum(len(v[1]) for v in files.values())  # type: ignore[arg-type]
     assert {m[0]: (m[1], m[2]) for m in stats.manifest} == {
         k: (len(v[1]), (dest / k).stat().st_mtime_ns)  # type: ignore[arg-type]
@@ -200,8 +205,13 @@ def test_non_archives_stay_single_files(tmp_path: Path, content: bytes) -> None:
     p = tmp_path / "target.tar.gz"  # a misleading name must not matter
     p.write_bytes(content)
     assert detect_archive(p) is None
-    with pytest.raises(UnsafeArchiveError, match="not an archive"):
+    with pytest.raises(UnsafeArchiveError) as info:
         extract_archive(p, tmp_path / "dest", max_bytes=MAX)
+    assert (info.value.archive, info.value.member, info.value.reason) == (
+        str(p),
+        None,
+        "is not an archive this can extract (accepted: tar, tar.gz, tar.bz2, tar.xz, zip)",
+    )
     assert not (tmp_path / "dest").exists()
 
 
@@ -265,9 +275,26 @@ def test_existing_destination_is_refused_and_kept(tmp_path: Path, source: Path) 
     dest = tmp_path / "dest"
     dest.mkdir()
     (dest / "keep").write_text("mine")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(FileExistsError) as info:
         extract_archive(archive, dest, max_bytes=MAX)
+    assert info.value.errno == errno.EEXIST
+    assert str(info.value) == f"[Errno 17] extraction destination already exists: {dest}"
     assert (dest / "keep").read_text() == "mine"
+
+
+def test_a_refused_archive_leaves_no_file_descriptor_open(tmp_path: Path) -> None:
+    """A worker extracts for days: each refusal closes what the extraction opened."""
+    p = tmp_path / "a.tar"
+    with tarfile.open(p, "w", format=tarfile.GNU_FORMAT) as tf:
+        ti = tarfile.TarInfo("/".join(["d" * 200] * 22) + "/f")  # deep: a parent fd is cached
+        ti.size = 1
+        tf.addfile(ti, io.BytesIO(b"x"))
+        tf.addfile(tarfile.TarInfo("../escape"), io.BytesIO(b""))
+    before = sorted(os.listdir("/proc/self/fd"))
+    for i in range(3):
+        with pytest.raises(UnsafeArchiveError):
+            extract_archive(p, tmp_path / f"dest{i}", max_bytes=MAX)
+    assert sorted(os.listdir("/proc/self/fd")) == before
 
 
 def test_large_member_streams_in_chunks(tmp_path: Path) -> None:
@@ -374,8 +401,9 @@ def test_full_disk_raises_cache_full_and_leaves_nothing(tmp_path: Path, small_tm
             ti = tarfile.TarInfo(f"d/f{i}")
             ti.size = len(data)
             tf.addfile(ti, io.BytesIO(data))
-    with pytest.raises(CacheFullError, match="no space left"):
+    with pytest.raises(CacheFullError, match="no space left") as info:
         extract_archive(p, small_tmpfs / "dest", max_bytes=MAX)
+    assert info.value.errno == errno.ENOSPC
     assert os.listdir(small_tmpfs) == []
 
 
@@ -401,8 +429,11 @@ def test_written_bytes_are_counted_not_declared_sizes(tmp_path: Path) -> None:
     dest.mkdir()
     x = archive_mod._Extractor("lying.zip", str(dest), 1000)
     try:
-        with pytest.raises(UnsafeArchiveError, match="above the limit of 1000 bytes"):
+        with pytest.raises(UnsafeArchiveError) as info:
             x.file_from("f", 0o644, None, 10, io.BytesIO(bytes(5000)))
+        assert info.value.reason == (  # type: ignore[attr-defined]
+            "took the extracted size above the limit of 1000 bytes (CACHE_MAX_SIZE)"
+        )
     finally:
         x.close()
     assert (dest / "f").stat().st_size <= 1000
@@ -447,3 +478,357 @@ def test_member_count_is_bounded_and_nothing_is_left(tmp_path: Path, kind: str) 
 def test_default_member_limit_follows_the_byte_limit() -> None:
     assert archive_mod.member_limit(10 * 10**9) == 10 * 10**9 // 4096  # 2.4M for 10GB
     assert archive_mod.member_limit(10**6) == 100_000  # small caches keep ordinary projects
+
+
+# --- edges: empty tars, zip metadata, hard links past PATH_MAX, where corruption is ----------
+
+
+def test_a_plain_tar_is_not_taken_for_bzip2_by_its_fourth_byte(tmp_path: Path) -> None:
+    p = tmp_path / "a.tar"
+    with tarfile.open(p, "w") as tf:
+        ti = tarfile.TarInfo("abc1.txt")  # "abc1": a digit where bzip2's level would be
+        ti.size = 1
+        tf.addfile(ti, io.BytesIO(b"x"))
+    assert detect_archive(p) == "tar"
+    assert (extract_archive(p, tmp_path / "dest", max_bytes=MAX).files, 1) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    ("content", "kind"),
+    [
+        pytest.param(bytes(512), None, id="one-zero-block"),
+        pytest.param(bytes(1024), "tar", id="two-zero-blocks"),
+        pytest.param(bytes(64 << 10), "tar", id="zero-blocks-at-the-64KiB-bound"),
+        pytest.param(bytes((64 << 10) + 512), None, id="one-block-past-the-bound"),
+        pytest.param(bytes(512) + b"X" * 512, None, id="zero-block-then-data"),
+        pytest.param(bytes(1000), None, id="not-whole-blocks"),
+    ],
+)
+def test_an_empty_tar_is_zero_blocks_only_and_small(
+    tmp_path: Path, content: bytes, kind: str | None
+) -> None:
+    """What GNU tar writes for an empty archive (two or more zero blocks) is an archive; a zero
+    block followed by data, or more zeros than an empty archive has, is a file (a disk image)."""
+    p = tmp_path / "target"
+    p.write_bytes(content)
+    assert detect_archive(p) == kind
+
+
+def test_a_huge_sparse_image_of_zeros_is_a_file_judged_from_its_start(tmp_path: Path) -> None:
+    """1 TiB of zeros (sparse): detection reads no more than an empty archive can hold."""
+    p = tmp_path / "disk.img"
+    with open(p, "wb") as f:
+        f.truncate(1 << 40)
+    assert detect_archive(p) is None
+
+
+def _zip_entry(name: str, data: bytes, *, system: int, mode: int, extra: bytes = b"") -> tuple:
+    zi = zipfile.ZipInfo(name, date_time=(2020, 9, 13, 12, 26, 40))
+    zi.create_system, zi.external_attr, zi.extra = system, mode << 16, extra
+    return zi, data
+
+
+def _ut(flags: int, stamp: int) -> bytes:
+    """An extended-timestamp extra field (0x5455) with one 4-byte time, as Info-ZIP writes."""
+    return struct.pack("<HHBi", 0x5455, 5, flags, stamp)
+
+
+def test_zip_mtimes_come_from_the_extended_timestamp_field_like_unzip(tmp_path: Path) -> None:
+    """Info-ZIP's extended timestamp (UTC, to the second) wins over the DOS time (local, 2 s
+    steps), also after another extra field and before 1970; a field without the mtime flag is
+    passed over; directories get their times too. unzip sets the same (after 1970)."""
+    dos = int(time.mktime((2020, 9, 13, 12, 26, 40, 0, 0, -1)))
+    other = struct.pack("<HH4s", 0xCAFE, 4, b"abcd")
+    # a field over 32 KiB (alignment padding; an odd size): its size is unsigned
+    padding = struct.pack("<HH", 0xD935, 40_001) + bytes(40_001)
+    short_ut = struct.pack("<HHB3s", 0x5455, 4, 1, b"\x01\x02\x03")  # too short for a time
+    after_two = other + padding + _ut(1, 1_500_000_000)
+    entries = [
+        _zip_entry("d/", b"", system=3, mode=0o40755),
+        _zip_entry("d/ut", b"1", system=3, mode=0o100644, extra=other + _ut(1, -86_400 * 366)),
+        _zip_entry("d/atime-only", b"2", system=3, mode=0o100644, extra=_ut(2, 1_234_567_890)),
+        _zip_entry("d/odd", b"3", system=3, mode=0o100644, extra=_ut(3, 1_600_000_001)),
+        _zip_entry("d/after-two", b"4", system=3, mode=0o100644, extra=after_two),
+        _zip_entry("d/short", b"5", system=3, mode=0o100644, extra=short_ut + other),
+    ]
+    p = tmp_path / "a.zip"
+    with zipfile.ZipFile(p, "w") as zf:
+        for zi, data in entries:
+            zf.writestr(zi, data)
+    dest = tmp_path / "dest"
+    extract_archive(p, dest, max_bytes=MAX)
+    unzipped = tmp_path / "unzip"
+    subprocess.run(["unzip", "-q", str(p), "-d", str(unzipped)], check=True)
+    want = {"atime-only": dos, "odd": 1_600_000_001, ".": dos, "after-two": 1_500_000_000}
+    want["short"] = dos
+    for root in (dest, unzipped):
+        got = {n: int((root / "d" / n).stat().st_mtime) for n in want}
+        assert got == want, root
+    # The field's time is signed (appnote's extrafld.txt): unzip 6 ignores one before 1970.
+    assert (dest / "d/ut").stat().st_mtime == -86_400 * 366
+
+
+def test_a_zip_from_a_non_unix_system_gets_default_modes(tmp_path: Path) -> None:
+    """Its external attributes are not Unix modes (here bits that would read 0777): files are
+    0644, directories 0755, and a directory entry without a Unix type is still a directory."""
+    p = tmp_path / "a.zip"
+    with zipfile.ZipFile(p, "w") as zf:
+        for zi, data in (
+            _zip_entry("d/", b"", system=0, mode=0o777),
+            _zip_entry("d/f", b"x", system=0, mode=0o100777),
+        ):
+            zf.writestr(zi, data)
+    dest = tmp_path / "dest"
+    old = os.umask(0o022)
+    try:
+        extract_archive(p, dest, max_bytes=MAX)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((dest / "d").stat().st_mode) == 0o755
+    assert stat.S_IMODE((dest / "d/f").stat().st_mode) == 0o644
+    assert (dest / "d/f").read_bytes() == b"x"
+
+
+def test_a_zip_member_larger_than_a_chunk_is_recorded_whole(tmp_path: Path) -> None:
+    data = os.urandom((3 << 20) + 7)
+    p = tmp_path / "a.zip"
+    with zipfile.ZipFile(p, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("big.bin", data)
+    stats = extract_archive(p, tmp_path / "dest", max_bytes=MAX)
+    assert (tmp_path / "dest/big.bin").read_bytes() == data
+    assert [m[:2] for m in stats.manifest] == [("big.bin", len(data))]
+    assert stats.bytes == len(data)
+
+
+@pytest.mark.parametrize(
+    ("name", "mode", "data", "member", "reason"),
+    [
+        ("../evil", 0o100644, b"x", "../evil", "contains a '..' component"),
+        (
+            "fifo",
+            0o10644,
+            b"",
+            "fifo",
+            "is a device, fifo or socket; special members are not accepted",
+        ),
+        (
+            "link",
+            0o120777,
+            b"a/" * 2048,
+            "link",
+            "cannot be created: [Errno 36] File name too long",
+        ),
+        ("link", 0o120777, b"a" * 5000, "link", "is a symlink with a 5000-byte target"),
+    ],
+    ids=["traversal", "fifo", "symlink-target-over-the-kernel-limit", "symlink-target-too-long"],
+)
+def test_refused_zip_members_are_named_with_the_rule(
+    tmp_path: Path, name: str, mode: int, data: bytes, member: str, reason: str
+) -> None:
+    """The member as the zip names it and why; a 4096-byte link target (the kernel takes 4095)
+    is read whole and refused, never cut to fit."""
+    p = tmp_path / "a.zip"
+    with zipfile.ZipFile(p, "w") as zf:
+        zf.writestr("ok", b"fine")
+        zf.writestr(*_zip_entry(name, data, system=3, mode=mode))
+    with pytest.raises(UnsafeArchiveError) as info:
+        extract_archive(p, tmp_path / "dest", max_bytes=MAX)
+    assert (info.value.archive, info.value.member) == (str(p), member)
+    assert info.value.reason.startswith(reason)
+    assert not (tmp_path / "dest").exists()
+
+
+def test_hard_links_deeper_than_path_max_are_made(tmp_path: Path) -> None:
+    """Both ends of the link lie more than PATH_MAX (4096 bytes) below the destination: the
+    link is made from directory fds, and is the same file."""
+    deep = "/".join(["d" * 200] * 22)  # 4,421 bytes
+    p = tmp_path / "a.tar"
+    with tarfile.open(p, "w", format=tarfile.GNU_FORMAT) as tf:
+        ti = tarfile.TarInfo(f"{deep}/f")
+        ti.size = 4
+        tf.addfile(ti, io.BytesIO(b"data"))
+        hl = tarfile.TarInfo(f"{deep}/e/h")
+        hl.type, hl.linkname = tarfile.LNKTYPE, f"{deep}/f"
+        tf.addfile(hl)
+    stats = extract_archive(p, tmp_path / "dest", max_bytes=MAX)
+    fd = os.open(tmp_path / "dest", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in deep.split("/"):
+            nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        f, h = os.stat("f", dir_fd=fd), os.stat("e/h", dir_fd=fd)
+    finally:
+        os.close(fd)
+    assert (f.st_ino, f.st_nlink, h.st_size) == (h.st_ino, 2, 4)
+    assert sorted(m[0].rsplit("/", 2)[-1] for m in stats.manifest) == ["f", "h"]
+
+
+def test_a_stream_cut_inside_a_large_member_says_how_far_it_was_read(tmp_path: Path) -> None:
+    """A download streamed into the extractor ends in the middle of a 3 MiB member: the error
+    gives the decompressed position reached (past the member's first MiB) and the cause."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tf:
+        ti = tarfile.TarInfo("big.bin")
+        ti.size = 3 << 20
+        tf.addfile(ti, io.BytesIO(os.urandom(3 << 20)))
+    p = tmp_path / "a.tgz"
+    p.write_bytes(gzip.compress(raw.getvalue(), 1)[: 2 << 20])
+    with open(p, "rb", buffering=0) as source, pytest.raises(IntegrityError) as info:
+        archive_mod.extract_tar_stream(source, tmp_path / "dest", archive="a.tgz", max_bytes=MAX)
+    err = info.value
+    reason = err.reason  # type: ignore[attr-defined]
+    m = re.fullmatch(r"is corrupt or truncated near byte (\d+): (.+)", reason)
+    assert m, err
+    assert 512 + (1 << 20) <= int(m[1]) <= 512 + (2 << 20)
+    assert m[2] == str(err.__cause__)
+    assert not (tmp_path / "dest").exists()
+
+
+def test_a_packaged_artifact_is_a_file_yet_extracted_when_asked(tmp_path: Path) -> None:
+    """A wheel stays a single-file target (detection), but extracting it is honoured."""
+    p = tmp_path / "pkg.whl"
+    with zipfile.ZipFile(p, "w") as zf:
+        zf.writestr("pkg-1.0.dist-info/WHEEL", b"Wheel-Version: 1.0\n")
+        zf.writestr("pkg-1.0.dist-info/RECORD", b"")
+        zf.writestr("pkg/__init__.py", b"x = 1\n")
+    assert (detect_archive(p), archive_mod.artifact_kind(p)) == (None, "wheel")
+    extract_archive(p, tmp_path / "dest", max_bytes=MAX)
+    assert (tmp_path / "dest/pkg/__init__.py").read_bytes() == b"x = 1\n"
+
+
+def test_the_destination_is_not_world_writable_whatever_the_umask(tmp_path: Path) -> None:
+    """Neither the destination nor the parents an archive only implies (no member of their
+    own) are world-writable, even under umask 0; the implied ones are counted."""
+    p = tmp_path / "a.tar"
+    with tarfile.open(p, "w") as tf:
+        ti = tarfile.TarInfo("implied/parent/f")
+        ti.size = 1
+        tf.addfile(ti, io.BytesIO(b"x"))
+    old = os.umask(0)
+    try:
+        stats = extract_archive(p, tmp_path / "dest", max_bytes=MAX)
+    finally:
+        os.umask(old)
+    for d in ("", "implied", "implied/parent"):
+        assert stat.S_IMODE((tmp_path / "dest" / d).stat().st_mode) == 0o755, d
+    assert (stats.files, stats.dirs) == (1, 2)
+
+
+def _streamed(p: Path, dest: Path) -> IntegrityError:
+    """The error of extracting ``p`` as a download streamed into the extractor."""
+    with open(p, "rb", buffering=0) as source, pytest.raises(IntegrityError) as info:
+        archive_mod.extract_tar_stream(source, dest, archive="a.tgz", max_bytes=MAX)
+    assert not dest.exists()
+    return info.value
+
+
+def test_a_streamed_gzip_with_a_bad_crc_after_the_tar_end_is_refused(tmp_path: Path) -> None:
+    """The end-of-archive blocks come before the gzip trailer: the rest of the stream is read so
+    its CRC is checked (the streamed path inflates in this thread, no read-ahead does it)."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tf:
+        ti = tarfile.TarInfo("f")
+        ti.size = 5
+        tf.addfile(ti, io.BytesIO(b"hello"))
+    gz = bytearray(gzip.compress(raw.getvalue() + bytes(64 << 10), 1))
+    gz[-8] ^= 0xFF  # the CRC32 in the gzip trailer
+    p = tmp_path / "a.tgz"
+    p.write_bytes(bytes(gz))
+    err = _streamed(p, tmp_path / "dest")
+    assert err.archive == "a.tgz"  # type: ignore[attr-defined]
+    assert err.reason.startswith("is corrupt or truncated near byte")  # type: ignore[attr-defined]
+
+
+def test_a_stream_cut_among_small_members_says_how_far_it_was_read(tmp_path: Path) -> None:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tf:
+        for i in range(3000):
+            ti = tarfile.TarInfo(f"f{i}")
+            ti.size = 1000
+            tf.addfile(ti, io.BytesIO(os.urandom(1000)))
+    p = tmp_path / "a.tgz"
+    p.write_bytes(gzip.compress(raw.getvalue(), 1)[: 2 << 20])
+    err = _streamed(p, tmp_path / "dest")
+    m = re.fullmatch(r"is corrupt or truncated near byte (\d+): .+", err.reason)  # type: ignore[attr-defined]
+    assert m, err
+    # past the first MiB of the tar (the cut is at 2 MiB of gzip), within what was there
+    assert 1 << 20 <= int(m[1]) < len(raw.getvalue())
+
+
+class _CountingSource:
+    """A file read as a download is: counts the bytes delivered before each seek."""
+
+    def __init__(self, f: io.FileIO) -> None:
+        self.f, self.read, self.at_seek = f, 0, []  # type: list[int]
+
+    def readinto(self, buf: memoryview) -> int | None:
+        n = self.f.readinto(buf)
+        self.read += n or 0
+        return n
+
+    def seek(self, offset: int) -> int:
+        self.at_seek.append(self.read)
+        return self.f.seek(offset)
+
+
+def test_a_streamed_target_is_judged_from_its_first_chunk(tmp_path: Path) -> None:
+    """Deciding that a stream holds a tar reads its first block and one chunk at most, never the
+    whole download (extraction follows the bytes as they arrive)."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tf:
+        ti = tarfile.TarInfo("big.bin")
+        ti.size = 8 << 20
+        tf.addfile(ti, io.BytesIO(bytes(8 << 20)))
+    p = tmp_path / "a.tar"
+    p.write_bytes(raw.getvalue())
+    with open(p, "rb", buffering=0) as f:
+        source = _CountingSource(f)
+        archive_mod.extract_tar_stream(
+            source, tmp_path / "dest", archive="a.tar", max_bytes=1 << 30
+        )
+    assert len(source.at_seek) == 3  # detection twice, then extraction from the start
+    assert source.at_seek[2] <= 512 + (1 << 20)
+    assert (tmp_path / "dest/big.bin").stat().st_size == 8 << 20
+
+
+def test_read_only_directories_extract_alike_for_root_and_a_non_root_worker(
+    nobody_dir: Path,
+) -> None:
+    """A mode-000 directory holding a 0700 one with a recorded mtime: modes are applied deepest
+    first, so an unprivileged worker (uid 65534, in a forked process) can still set the inner
+    one's; the tree ends as the archive says."""
+    p = nobody_dir / "a.tar"
+    with tarfile.open(p, "w") as tf:
+        for name, mode in (("locked", 0o000), ("locked/inner", 0o700)):
+            ti = tarfile.TarInfo(name)
+            ti.type, ti.mode, ti.mtime = tarfile.DIRTYPE, mode, MTIME
+            tf.addfile(ti)
+    os.chown(p, 65534, 65534)
+    as_root = extract_archive(p, nobody_dir / "as-root", max_bytes=MAX)  # root passes either way
+    dest = nobody_dir / "dest"
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop to nobody for good, extract, report
+        os.close(r)
+        try:
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            extract_archive(p, dest, max_bytes=MAX)
+            os.write(w, b"ok")
+        except BaseException as e:  # reported to the parent, whatever it is
+            os.write(w, repr(e).encode()[:4000])
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as pipe:
+        said = pipe.read().decode()
+    os.waitpid(pid, 0)
+    assert said == "ok"
+    assert stat.S_IMODE((dest / "locked").stat().st_mode) == 0o000
+    inner = (dest / "locked/inner").stat()
+    assert (stat.S_IMODE(inner.st_mode), inner.st_mtime) == (0o700, MTIME)
+    assert as_root.dirs == 2 and tree(nobody_dir / "as-root") == tree(dest)
+    for root in (dest, nobody_dir / "as-root"):
+        os.chmod(root / "locked", 0o700)  # let the fixture remove them

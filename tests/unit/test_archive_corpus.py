@@ -317,8 +317,12 @@ def test_corpus_is_large_enough() -> None:
 
 def test_error_names_the_member_and_the_rule(tmp_path: Path) -> None:
     archive = tar_dotdot(tmp_path / "a.tar", tmp_path)
-    with pytest.raises(UnsafeArchiveError, match=r"'\.\./outside/evil'.*'\.\.' component"):
+    with pytest.raises(UnsafeArchiveError) as info:
         extract_archive(archive, tmp_path / "d", max_bytes=MAX)
+    assert (info.value.member, info.value.reason) == (  # type: ignore[attr-defined]
+        "../outside/evil",
+        "contains a '..' component",
+    )
     archive = tgz_compressed_bomb(tmp_path / "b.tgz", tmp_path)
     with pytest.raises(UnsafeArchiveError, match=r"'zeros'.*limit of 1000000 bytes"):
         extract_archive(archive, tmp_path / "d", max_bytes=MAX)

@@ -413,6 +413,27 @@ def test_make_room_refuses_what_the_disk_cannot_hold(make_cache) -> None:
     assert str(info.value).endswith(" bytes free") and free > 0
 
 
+@pytest.mark.parametrize(("free", "fits"), [(50, True), (49, False)])
+def test_make_room_proceeds_when_the_disk_holds_the_object_to_the_byte(
+    make_cache, monkeypatch, caplog, free: int, fits: bool
+) -> None:
+    """Over the limit with nothing evictable, the filesystem's free space decides: exactly the
+    object's size is enough (a warning, then the download); one byte less is CacheFullError."""
+    c = make_cache(CACHE_MAX_SIZE="100")
+    c.add("l/workspace", 90)
+    c.index.add_lease(c.index.new_lease("l/workspace#r", "l", "r", ("l/workspace",)))
+    usage = shutil.disk_usage(c.layout.root)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=free))
+    with caplog.at_level(logging.WARNING, logger="forgespace.cache.eviction"):
+        if fits:
+            make_room(c, 50, target_id="new")
+            assert caplog.records[-1].getMessage().endswith("entry; proceeding")
+        else:
+            with pytest.raises(CacheFullError, match="the filesystem has only 49 bytes free"):
+                make_room(c, 50, target_id="new")
+    assert c.on_disk("l/workspace")
+
+
 def test_unindexed_shared_entries_are_adopted_then_evictable(make_cache) -> None:
     c = make_cache()
     # published on disk, but the process died before its index write

@@ -78,7 +78,9 @@ def test_a_zip_or_a_non_archive_is_not_streamed(tmp_path: Path) -> None:
     import gzip
 
     plain.write_bytes(gzip.compress(b"not a tar\n" * 100))
-    for src in (z, plain):
+    broken = tmp_path / "broken.gz"  # a gzip magic, then nothing that inflates
+    broken.write_bytes(b"\x1f\x8b\x08\x00" + b"garbage after a gzip magic" * 20)
+    for src in (z, plain, broken):
         assert _stream(src, tmp_path / "dest") is None
         assert not (tmp_path / "dest").exists()
 
@@ -168,3 +170,14 @@ def test_a_failed_or_restarted_download_stops_the_reader(tmp_path: Path, how: st
     tap.close()
     shutil.rmtree(tmp_path / "ws", ignore_errors=True)
     assert not [n for n in os.listdir(tmp_path) if ".part-" in n]
+
+
+def test_the_member_limit_holds_for_a_stream(tmp_path: Path) -> None:
+    many = tmp_path / "many.tar"
+    with tarfile.open(many, "w") as tf:
+        for name in ("a", "b", "c"):
+            tf.addfile(tarfile.TarInfo(name))
+    assert _stream(many, tmp_path / "ok", max_members=3) is not None
+    with pytest.raises(UnsafeArchiveError, match="above the limit of 2 members"):
+        _stream(many, tmp_path / "dest", max_members=2)
+    assert not (tmp_path / "dest").exists()
