@@ -512,7 +512,7 @@ def test_a_pack_range_cut_midway_is_resumed_where_it_stopped(
     assert got == pack[start:end]
     # the cut GET and one resumed from where it stopped (after the 2 MiB read whole)
     assert s3_server.get_count(key) - before == 2
-    resumed_at = [int(n) for n in re.findall(r"at byte (\d+); resuming", caplog.text)]
+    resumed_at = [int(n) for n in re.findall(r"\(at byte (\d+)\); resuming", caplog.text)]
     assert len(resumed_at) == 1 and start < resumed_at[0] < end
 
 

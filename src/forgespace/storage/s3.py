@@ -444,17 +444,9 @@ class S3Store:
                 finally:
                     body.close()
                 failures += 1
-                if failures >= self.retry.attempts or not _is_transient(fault):
-                    raise StorageError(
-                        f"GET {where} bytes {start}-{end - 1} failed after {failures} "
-                        f"attempt(s) at byte {pos}: {_describe(fault)}",
-                        transient=True,
-                    ) from fault
-                delay = self.retry.delay(failures)
-                log.warning(
-                    "GET %s: %s at byte %d; resuming in %.2fs", where, _describe(fault), pos, delay
+                self._backoff(
+                    fault, f"GET {where} bytes {start}-{end - 1}", failures, f"at byte {pos}"
                 )
-                time.sleep(delay)
                 resp = get(pos, etag)
 
         return chunks()
@@ -672,20 +664,23 @@ class S3Store:
             log.warning("%s changed during download; restarting", where)
             part.restart()
             return True
+        self._backoff(exc, f"GET {where}", failures, f"{part.size} bytes received")
+        return False
+
+    def _backoff(self, exc: BaseException, what: str, failures: int, at: str) -> None:
+        """After the ``failures``-th fault of a read (``at``: how far it got): raise a
+        StorageError when the fault is final (transient when attempts ran out), else wait the
+        retry policy's delay before the caller resumes."""
         if not _is_transient(exc):
-            raise StorageError(f"GET {where} failed: {_describe(exc)}") from exc
+            raise StorageError(f"{what} failed: {_describe(exc)}") from exc
         if failures >= self.retry.attempts:
             raise StorageError(
-                f"GET {where} failed after {failures} attempts "
-                f"({part.size} bytes received): {_describe(exc)}",
+                f"{what} failed after {failures} attempts ({at}): {_describe(exc)}",
                 transient=True,
             ) from exc
         delay = self.retry.delay(failures)
-        log.warning(
-            "GET %s: %s after %d bytes; resuming in %.2fs", where, _describe(exc), part.size, delay
-        )
+        log.warning("%s: %s (%s); resuming in %.2fs", what, _describe(exc), at, delay)
         time.sleep(delay)
-        return False
 
     def _get(self, key: str, part: PartFile, expected: ObjectInfo | None) -> Any:
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
