@@ -200,3 +200,46 @@ def test_an_isolated_hit_waits_for_gc_deleting_its_lapsed_run(
     assert path == first  # the same run's path, built again
     assert (path / "run.sh").is_file(), "the retry returned the directory gc deleted"
     assert f"{tid}/r1" in {e.key for e in WorkspaceCache(settings).index.entries()}
+
+
+def test_a_staging_directory_whose_owner_holds_its_lock_at_execution_is_kept(
+    settings: Settings, tid: str, held_child: Callable[..., Any]
+) -> None:
+    """gc plans a staging directory whose owner lock nobody holds (a dead owner's leftover)
+    and is held before executing; meanwhile a process holds that owner lock. gc asks again
+    at execution, keeps the directory and says why; once the lock is free, gc removes it."""
+    import fcntl
+    import os
+
+    from forgespace.cache import staging
+
+    cache = WorkspaceCache(settings)
+    cache.get_target(tid, "r1", "isolated")  # the cache's directories exist
+    token = "f" * 32
+    name = staging.staging_name(tid, "download", token, "abcd1234")
+    stage = cache.layout.tmp_dir / name
+    stage.mkdir()
+    (stage / "part").write_bytes(b"half a download")
+    key = str(stage.relative_to(settings.cache_dir))
+
+    def gc(c: WorkspaceCache) -> Any:
+        report = c.gc()
+        planned = [(p.key, p.kind) for p in report.plan]
+        return planned, [(s.key, s.target_id, s.why) for s in report.skipped], report.evicted
+
+    _, result = held_child(settings, Phase.GC_PLANNED, gc)
+    owners = staging.owners_dir(cache.layout)
+    owners.mkdir(parents=True, exist_ok=True)
+    fd = os.open(owners / f"{token}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # the owner is alive now
+        planned, skipped, evicted = result()
+        assert (key, "staging") in planned
+        assert (key, tid, "owner alive") in skipped
+        assert [e for e in evicted if e.key == key] == []
+        assert (stage / "part").read_bytes() == b"half a download"
+    finally:
+        os.close(fd)  # the owner is gone: its lock is free
+    again = WorkspaceCache(settings).gc()
+    assert [e.key for e in again.evicted if e.kind == "staging"] == [key]
+    assert not stage.exists()

@@ -274,6 +274,9 @@ def test_leftovers_of_dead_processes_go_live_ones_stay(make_cache) -> None:
     }
     assert not dead.exists() and live.exists()
     assert os.listdir(c.layout.trash_dir) == []
+    # both count as leftover evictions (`cache status` shows them), the staging one's bytes too
+    counters = c.index.counters()
+    assert (counters.get("evictions_leftover"), counters.get("evicted_bytes")) == (2, 30)
 
 
 def test_stale_rows_and_unindexed_run_dirs_are_reconciled(make_cache) -> None:
