@@ -881,3 +881,32 @@ def test_a_planted_trash_is_never_followed_and_gc_says_so(make_cache, tmp_path, 
     messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith(refusal) for m in messages), messages  # said where, and why
     assert list(outside.iterdir()) == []  # nothing was moved through the link
+
+
+def test_retired_shared_workspaces_go_once_no_lease_pins_the_target(make_cache) -> None:
+    """A repair keeps a tampered shared workspace aside as ``{tid}/.retired-*`` while leased
+    runs still work in it; gc removes it only once no lease pins the target's workspace (and
+    not while another process holds the target's lock), other targets' alike."""
+    c = make_cache()
+    c.add("t/workspace", 10)
+    c.add("u/workspace", 10)
+    kept = []
+    for tid in ("t", "u"):
+        aside = c.layout.target_dir(tid) / ".retired-0123456789ab"
+        (aside / "src").mkdir(parents=True)
+        (aside / "src" / "main.c").write_bytes(b"tampered")
+        os.chmod(aside / "src", 0o555)  # as read-only as the workspace it was
+        kept.append(aside)
+    lease = c.index.new_lease("t/workspace#r1", "t", "r1", ("t/workspace",))
+    c.index.add_lease(lease)
+    collect_garbage(c)
+    assert kept[0].exists() and not kept[1].exists()  # t's is pinned; u's went
+    c.index.end_lease(lease.lease_id)
+    with flock(c.layout.lock_path("t"), exclusive=True, what="target t"):
+        busy = mp.get_context("fork").Process(target=collect_garbage, args=(c,))
+        busy.start()
+        busy.join(60)
+    assert busy.exitcode == 0 and kept[0].exists()  # busy target: skipped, never waited on
+    collect_garbage(c)
+    assert not kept[0].exists()
+    assert c.on_disk("t/workspace") and c.on_disk("u/workspace")
