@@ -13,7 +13,8 @@ default) it measures:
 Bytes are what the proxy saw: request bodies sent (uploads) and response bodies served
 (downloads), all keys together (an upload's "down" bytes are the pack indexes it reads). A
 second table gives each step's CPU seconds in this process (all threads, the proxy's too).
-Nothing is deleted between timed runs (each one makes a new target or cache entry).
+Nothing is deleted between timed runs (each one makes a new target or cache entry), and each
+starts with the page cache written back (``os.sync``), both paths alike.
 
 Run: ``.venv/bin/python bench/incremental.py [--files 20000 --mb 300] [--reps 3]``
 (``--quick``: 2,000 files / 30 MB). Seconds are medians over the repetitions, each with fresh
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import random
 import shutil
 import statistics
@@ -69,7 +71,11 @@ def _io(server: S3Server) -> tuple[int, int]:
 
 def _measure(server: S3Server, fn: Callable[[], Any]) -> tuple[float, int, int, Any, float]:
     """(seconds, bytes sent, bytes served, what ``fn`` returned, CPU seconds of this process:
-    every thread, the counting proxy's included, not moto's)."""
+    every thread, the counting proxy's included, not moto's). Each step starts with the page
+    cache written back (``os.sync``), as on a host where the previous step happened a while
+    ago: otherwise a snapshot of version 1 taken right after its get waits for btrfs to write
+    back its 300 MB first, a cost of the benchmark's back-to-back steps, not of the path."""
+    os.sync()
     s0, r0 = _io(server)
     c0 = time.process_time()
     t0 = time.perf_counter()

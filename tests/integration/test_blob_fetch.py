@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tracemalloc
 from pathlib import Path
@@ -117,3 +118,42 @@ def test_a_blob_inflating_past_its_claimed_size_is_refused_without_inflating_it(
         tracemalloc.stop()
     assert peak < 8 << 20, f"{peak} bytes held while refusing a 100-byte claim"
     assert not (settings.cache_dir / tid / "workspace").exists()
+
+
+def test_a_damaged_local_index_is_ignored_and_its_blobs_fetched_again(
+    settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A local index that is not valid JSON, or has a malformed row, is ignored whole (logged):
+    the get fetches those blobs again instead of trusting part of it. Parsed indexes are kept
+    per process; a changed or removed index is read again, never served from memory."""
+    caplog.set_level(logging.INFO, logger="forgespace")
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"f{i}").write_bytes(os.urandom(3000 + i))
+    tid = open_store(settings).upload_target(src)
+    cache = WorkspaceCache(settings)
+    assert tree_digest(Path(cache.get_target(tid, "r1", "isolated"))) == tree_digest(src)
+    blob_dir = settings.cache_dir / ".forgespace" / "blobs"
+    for bad_row in (False, True):
+        (idx,) = blob_dir.glob("*.idx")  # the pack the last get fetched
+        rows = json.loads(idx.read_bytes())
+        damage = json.dumps([*rows[:2], [rows[2][0], 5]]) if bad_row else "[[not json"
+        idx.write_text(damage)  # another size: not the index read before
+        caplog.clear()
+        ws = Path(cache.get_target(tid, f"r-{bad_row}", "isolated"))
+        assert tree_digest(ws) == tree_digest(src)
+        assert f"ignoring the unreadable index {idx.name}" in caplog.text
+        assert "fetched 3 blob(s)" in caplog.text  # none taken from the damaged index
+        idx.unlink()  # as a sweep would: one pack holds the blobs
+        idx.with_suffix(".pack").unlink()
+    # The pack fetched last is held: the next get fetches nothing.
+    caplog.clear()
+    assert tree_digest(Path(cache.get_target(tid, "r-last", "isolated"))) == tree_digest(src)
+    assert "fetched" not in caplog.text
+    # Remove every pack: nothing is held any more, whatever the process read before.
+    for p in blob_dir.iterdir():
+        p.unlink()
+    caplog.clear()
+    assert tree_digest(Path(cache.get_target(tid, "r-gone", "isolated"))) == tree_digest(src)
+    assert "fetched 3 blob(s)" in caplog.text

@@ -216,23 +216,49 @@ def _pwrite_all(fd: int, chunks: list[bytes], offset: int) -> int:
     return offset
 
 
+# Parsed pack indexes, per blob store (st_dev, st_ino of its directory) and index file: an
+# index is written once (atomically, under a new name) and never changed, so a long-lived
+# worker reads each one once, not on every get (20,000 rows: tens of ms).
+_IndexKey = tuple[str, int, int, int]  # index name, inode, size, mtime_ns
+_index_rows: dict[tuple[int, int], dict[_IndexKey, list[tuple[str, int, int]]]] = {}
+_index_lock = threading.Lock()
+
+
 def _held(bfd: int) -> Held:
     """Every blob of the local packs whose pack and index are both there."""
     names = set(os.listdir(bfd))
+    dst = os.fstat(bfd)
+    with _index_lock:
+        cached = _index_rows.get((dst.st_dev, dst.st_ino), {})
+    fresh: dict[_IndexKey, list[tuple[str, int, int]]] = {}
     out: Held = {}
-    for idx in names:
+    for idx in sorted(names):
         name = idx[: -len(_IDX)]
         if not idx.endswith(_IDX) or idx.startswith(".") or name + _PACK not in names:
             continue
         try:
-            fd = os.open(idx, _SRC_FLAGS, dir_fd=bfd)
-            with os.fdopen(fd, "rb") as f:
-                rows = json.loads(f.read())
-            for digest, offset, size in rows:
-                out.setdefault(str(digest), (name + _PACK, int(offset), int(size)))
+            st = os.stat(idx, dir_fd=bfd, follow_symlinks=False)
+            key = (idx, st.st_ino, st.st_size, st.st_mtime_ns)
+            rows = cached.get(key)
+            if rows is None:
+                rows = _read_index(bfd, idx)
+            fresh[key] = rows
         except (OSError, ValueError, TypeError, RecursionError) as exc:
             log.warning("blob store: ignoring the unreadable index %s: %s", idx, exc)
+            continue
+        pack = name + _PACK
+        for digest, offset, size in rows:
+            out.setdefault(digest, (pack, offset, size))
+    with _index_lock:  # only the indexes there now: a removed pack's rows go
+        _index_rows[(dst.st_dev, dst.st_ino)] = fresh
     return out
+
+
+def _read_index(bfd: int, idx: str) -> list[tuple[str, int, int]]:
+    fd = os.open(idx, _SRC_FLAGS, dir_fd=bfd)
+    with os.fdopen(fd, "rb") as f:
+        rows = json.loads(f.read())
+    return [(str(digest), int(offset), int(size)) for digest, offset, size in rows]
 
 
 def held_digests(root: Path) -> set[str]:
@@ -260,8 +286,7 @@ def materialise(
     m = parse_manifest(manifest_file.read_bytes(), what)
     limit = engine.settings.cache_max_size
     # refuse bad names before fetching anything
-    names = [_checked_name(e.path if isinstance(e, FileEntry) else e[1], str(manifest_file))
-             for e in m.entries]  # fmt: skip
+    names = [_checked_name(_name(e), str(manifest_file)) for e in m.entries]
     need = sum({f.sha256: f.size for f in m.files}.values())
     if need > limit:
         raise UnsafeArchiveError(
@@ -283,7 +308,7 @@ def materialise(
         # A read-only tree on btrfs: from a snapshot of a sealed earlier version when one
         # shares most entries (cache/snapshot.py), else a new subvolume built in full.
         base = snapshot.find_base(engine, tid, m, names, dest.parent) if read_only else None
-        job = _Job(engine, tid, m, manifest_file, dest, read_only, base)
+        job = _Job(engine, tid, m, tuple(names), manifest_file, dest, read_only, base)
         if not missing:
             return _build(job, _Blobs(bfd, held, None))
         return _fetch_and_build(job, bfd, held, missing)
@@ -296,6 +321,7 @@ class _Job:
     engine: Engine
     tid: str
     manifest: Manifest
+    names: tuple[str, ...]  # the entries' checked, normalised paths (in order)
     manifest_file: Path
     dest: Path
     read_only: bool
@@ -347,6 +373,10 @@ def _fetch_and_build(job: _Job, bfd: int, held: Held, missing: list[FileEntry]) 
     if isinstance(failed, OSError):
         engine._raise_if_full(failed, job.dest.parent, sum(f.size for f in missing))
     raise failed
+
+
+def _name(e: Entry) -> str:
+    return e.path if isinstance(e, FileEntry) else e[1]
 
 
 def _checked_name(name: str, src: str) -> str:
@@ -419,7 +449,7 @@ def _build(job: _Job, blobs: _Blobs) -> ExtractStats:
     sealer: snapshot.Sealer | None = None
     pfd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        entries: Iterable[Entry] = m.entries
+        entries: Iterable[tuple[Entry, str]] = zip(m.entries, job.names, strict=True)
         snapped = False
         if job.read_only and snapshot.on_btrfs(pfd):
             sealer = snapshot.Sealer()
@@ -434,7 +464,7 @@ def _build(job: _Job, blobs: _Blobs) -> ExtractStats:
             if snapped and job.base is not None:
                 snapshot.apply_removals(x, job.base)
                 sealer = snapshot.Sealer(job.base.seal.entries)
-                entries = job.base.create
+                entries = ((e, _checked_name(_name(e), src)) for e in job.base.create)
                 log.info(
                     "target %s: built from a snapshot of %s (snapshot %.0f ms, checked in %.0f ms)",
                     job.tid,
@@ -442,10 +472,8 @@ def _build(job: _Job, blobs: _Blobs) -> ExtractStats:
                     job.base.seconds.get("snapshot", 0) * 1000,
                     job.base.seconds.get("verify", 0) * 1000,
                 )
-            for e in entries:
-                name = e.path if isinstance(e, FileEntry) else e[1]
-                x.enter(name)
-                rel = _checked_name(name, src)
+            for e, rel in entries:
+                x.enter(_name(e))
                 if isinstance(e, FileEntry):
                     _copy_file(x, blobs, rel, e, sealer)
                 elif e[0] == "d":

@@ -63,7 +63,7 @@ def _read(path: str | Path) -> bytes:
 
 def write_manifest(path: Path, files: Iterable[tuple[str, int, int]]) -> None:
     """Record the (path, size, mtime_ns) list atomically."""
-    doc = {"version": MANIFEST_VERSION, "files": [list(f) for f in files]}
+    doc = {"version": MANIFEST_VERSION, "files": list(files)}  # tuples encode as lists
     _write_atomic(path, json.dumps(doc, separators=(",", ":")).encode())
 
 

@@ -177,7 +177,69 @@ def parse_manifest(data: bytes, what: str) -> Manifest:
     tree, rows = doc.get("tree"), doc.get("entries")
     if not isinstance(tree, str) or not isinstance(rows, list):
         raise bad("'tree' must be a string and 'entries' a list")
-    return Manifest(tree, tuple(_entry(r, i, what) for i, r in enumerate(rows)))
+    entries = _well_formed(rows)
+    if entries is None:  # something is wrong: find the first fault, row by row
+        entries = tuple(_entry(r, i, what) for i, r in enumerate(rows))
+    return Manifest(tree, entries)
+
+
+def _well_formed(rows: list[object]) -> tuple[Entry, ...] | None:
+    """The entries of ``rows`` when every row is well formed, else None (``_entry`` then
+    names the first fault). The same rules as ``_entry``, checked with fewer calls per row
+    and all digests and pack names at once (``_all_hex64``): a 20,000-file manifest is
+    parsed on every cold get of its target."""
+    out: list[Entry] = []
+    hexes: list[str] = []
+    for row in rows:
+        if type(row) is not list:
+            return None
+        n = len(row)
+        if n == 9 and row[0] == "f":
+            _, path, exe, size, digest, pack, offset, length, codec = row
+            if not (
+                type(path) is str
+                and type(exe) is int
+                and type(size) is int
+                and type(offset) is int
+                and type(length) is int
+                and type(digest) is str
+                and type(pack) is str
+                and len(digest) == 64
+                and len(pack) == 64
+                and exe >= 0
+                and 0 <= size <= MAX_OFFSET
+                and offset >= 0
+                and length >= 0
+                and offset + length <= MAX_OFFSET
+                and (codec == "raw" or codec == "z")
+            ):
+                return None
+            hexes.append(digest)
+            hexes.append(pack)
+            out.append(FileEntry(path, exe != 0, size, digest, pack, offset, length, codec))
+        elif n == 2 and row[0] == "d" and type(row[1]) is str:
+            out.append(("d", row[1]))
+        elif n == 3 and row[0] == "l" and type(row[1]) is str and type(row[2]) is str:
+            out.append(("l", row[1], row[2]))
+        else:
+            return None
+    if not _all_hex64(hexes):
+        return None
+    return tuple(out)
+
+
+def _all_hex64(strings: list[str]) -> bool:
+    """Whether each of ``strings`` (each 64 characters long) is 64 lowercase hex digits, as
+    ``_HEX64`` checks one: together they decode to one byte per two characters (no
+    whitespace, nothing but ASCII hex digits) and none is upper case."""
+    if not strings:
+        return True
+    joined = "".join(strings)
+    try:
+        decoded = bytes.fromhex(joined)
+    except ValueError:
+        return False
+    return 2 * len(decoded) == len(joined) and (joined.islower() or joined.isdigit())
 
 
 def _entry(row: object, i: int, what: str) -> tuple[str, str] | tuple[str, str, str] | FileEntry:
