@@ -5,6 +5,7 @@ naming the archive and the member, and nothing is left behind."""
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import shutil
@@ -282,6 +283,29 @@ def test_a_chain_of_forty_links_the_kernel_follows_out_is_refused_at_its_head(
         if link:
             os.symlink(link, jail / name)
     assert (jail / "c1" / "marker").read_text() == "outside"
+
+
+def test_in_a_chain_one_link_longer_the_first_link_the_kernel_follows_out_is_named(
+    tmp_path: Path,
+) -> None:
+    """The same chain with one link more (41 to follow from c1): the kernel refuses c1 with
+    ELOOP, so c1 leaves nothing; c2 (40 links) does, and the refusal names it."""
+    n = 40
+    chain = [member(f"c{i}", SYM, link=f"c{i + 1}") for i in range(1, n)]
+    chain.append(member(f"c{n}", SYM, link="sub/up/.."))
+    members = [*chain, member("sub", DIR), member("sub/up", SYM, link="..")]
+    why = "is a symlink that resolves outside the destination through the symlink 'sub/up'"
+    refused(tmp_path, tar_of(*members), UnsafeArchiveError, why + " (target 'c3')", "c2")
+    jail = tmp_path / "kernel" / "root"  # the kernel's verdict, as above
+    (jail / "sub").mkdir(parents=True)
+    (tmp_path / "kernel" / "marker").write_text("outside")
+    for name, _, _, link in members:
+        if link:
+            os.symlink(link, jail / name)
+    assert (jail / "c2" / "marker").read_text() == "outside"
+    with pytest.raises(OSError) as info:
+        (jail / "c1" / "marker").read_text()
+    assert info.value.errno == errno.ELOOP
 
 
 def test_a_symlink_at_the_path_max_bound_is_refused_one_byte_shorter_is_kept(

@@ -349,7 +349,7 @@ def _link_escape(symlinks: dict[str, str], rel: str) -> str | None:
         if target is None:
             continue
         hops += 1
-        if hops > _MAX_SYMLINK_HOPS:
+        if hops >= _MAX_SYMLINK_HOPS:  # with ``rel`` itself, one past what the kernel follows
             return None
         if target.startswith("/"):
             return "/".join(path)

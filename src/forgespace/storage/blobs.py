@@ -473,12 +473,15 @@ class BlobSink(Protocol):
 
 
 def plan_ranges(files: Iterable[FileEntry]) -> list[tuple[str, int, int, list[FileEntry]]]:
-    """(pack, start, end, blobs) ranged reads for the distinct blobs of ``files``."""
+    """(pack, start, end, blobs) ranged reads for the distinct blobs of ``files``: packs in
+    the order ``files`` first uses them (a manifest's order, which its build follows: a
+    blob then mostly arrives as the builder needs it, not after a whole other pack), blobs
+    of a pack by offset."""
     by_pack: dict[str, dict[str, FileEntry]] = {}
     for f in files:
         by_pack.setdefault(f.pack, {}).setdefault(f.sha256, f)
     out: list[tuple[str, int, int, list[FileEntry]]] = []
-    for pack, blobs in sorted(by_pack.items()):
+    for pack, blobs in by_pack.items():
         cur: list[FileEntry] = []
         start = end = 0
         for f in sorted(blobs.values(), key=lambda b: b.offset):
