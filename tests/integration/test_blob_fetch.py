@@ -157,3 +157,19 @@ def test_a_damaged_local_index_is_ignored_and_its_blobs_fetched_again(
     caplog.clear()
     assert tree_digest(Path(cache.get_target(tid, "r-gone", "isolated"))) == tree_digest(src)
     assert "fetched 3 blob(s)" in caplog.text
+
+
+def test_short_writes_of_the_local_pack_resume_where_they_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pwritev may write less than asked (a signal, a nearly full disk): the rest of the
+    buffer it stopped in, then the following ones, are written after it, nothing twice."""
+    real = os.pwritev
+    monkeypatch.setattr(os, "pwritev", lambda fd, bufs, off: real(fd, [bytes(bufs[0])[:7]], off))
+    chunks = [b"first chunk|", b"", b"x" * 20, os.urandom(1000)]
+    fd = os.open(tmp_path / "pack", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        assert blobstore._pwrite_all(fd, chunks, 5) == 5 + sum(map(len, chunks))
+        assert os.pread(fd, 2000, 5) == b"".join(chunks)
+    finally:
+        os.close(fd)

@@ -146,3 +146,20 @@ def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
             yield mnt
     except MountRefused as e:
         pytest.skip(f"tmpfs mount unavailable: {e}")
+
+
+@pytest.fixture(autouse=True)
+def _no_mount_left_in_tmp_path(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After each test that used ``tmp_path``: detach what is still mounted below it (deepest
+    first). The code under test unmounts its overlays itself and tests assert that; this is
+    for a test that failed first (or a mutant under ``make mutation``), whose mounts would
+    otherwise stay for the life of the machine and break pytest's cleanup of old tmp dirs."""
+    yield
+    tmp = request.node.funcargs.get("tmp_path") if hasattr(request.node, "funcargs") else None
+    if tmp is None or os.geteuid() != 0:
+        return
+    prefix = f"{tmp}/"
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        points = [line.split()[4] for line in f]
+    for point in sorted((p for p in points if p.startswith(prefix)), key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True, timeout=_TIMEOUT)

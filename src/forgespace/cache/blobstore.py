@@ -163,6 +163,9 @@ class _Sink:
     def wait_for(self, digest: str) -> tuple[int, int, list[bytes] | None]:
         """(offset, size, its bytes if still in memory) in the temp pack of ``digest`` once
         fetched and verified; the fetch's own error if it failed first."""
+        placed = self._placed.get(digest)  # most blobs: already here, no lock to take
+        if placed is not None:  # (a blob leaves memory only once written to the pack)
+            return placed[0], placed[1], self._memory.get(digest)
         with self._cond:
             while digest not in self._placed:
                 if self.error is not None:
@@ -203,7 +206,7 @@ class _Sink:
 def _pwrite_all(fd: int, chunks: list[bytes], offset: int) -> int:
     """Write ``chunks`` back to back at ``offset`` (pwritev: no joined copy); returns the
     offset after them."""
-    views = [memoryview(c) for c in chunks]
+    views: list[bytes | memoryview] = list(chunks)
     i = 0
     while i < len(views):
         n = os.pwritev(fd, views[i : i + _IOV_MAX], offset)
@@ -211,8 +214,8 @@ def _pwrite_all(fd: int, chunks: list[bytes], offset: int) -> int:
         while i < len(views) and n >= len(views[i]):
             n -= len(views[i])
             i += 1
-        if n:  # a short write: the rest of this buffer next time
-            views[i] = views[i][n:]
+        if n:  # a short write: the rest of this buffer next time (a view: no copy)
+            views[i] = memoryview(views[i])[n:]
     return offset
 
 
