@@ -193,7 +193,9 @@ class _Sink:
         self.fd = -1
         os.rename(self.tmp, self.name + _PACK, src_dir_fd=self.bfd, dst_dir_fd=self.bfd)
         tmp = f".{self.name}{_IDX}{_TMP_SUFFIX}"
-        write_atomic_at(self.bfd, self.name + _IDX, json.dumps(self.rows).encode(), tmp=tmp)
+        idx = self.name + _IDX
+        write_atomic_at(self.bfd, idx, json.dumps(self.rows).encode(), tmp=tmp)
+        _remember_index(self.bfd, idx, self.rows)  # the next get here need not read it back
 
     def discard(self) -> None:
         if self.fd >= 0:
@@ -255,6 +257,14 @@ def _held(bfd: int) -> Held:
     with _index_lock:  # only the indexes there now: a removed pack's rows go
         _index_rows[(dst.st_dev, dst.st_ino)] = fresh
     return out
+
+
+def _remember_index(bfd: int, idx: str, rows: list[tuple[str, int, int]]) -> None:
+    """Keep the rows of the index ``idx`` just written, under the identity it has now."""
+    dst, st = os.fstat(bfd), os.stat(idx, dir_fd=bfd, follow_symlinks=False)
+    with _index_lock:
+        known = _index_rows.setdefault((dst.st_dev, dst.st_ino), {})
+        known[(idx, st.st_ino, st.st_size, st.st_mtime_ns)] = list(rows)
 
 
 def _read_index(bfd: int, idx: str) -> list[tuple[str, int, int]]:

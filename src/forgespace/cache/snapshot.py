@@ -473,7 +473,7 @@ def verify(root_fd: int, seal: SealRecord, *, top_only: bool = False) -> str | N
     stack: list[tuple[str, tuple[int, int]]] = [("", (rst.st_dev, rst.st_ino))]
     if top_only:
         want_top = sum(1 for r in entries if r and "/" not in r)
-        why = _walk_dir(root_fd, "", entries, [])
+        why, _n = _walk_dir(root_fd, "", entries, [])
         return why or (None if want_top == _count_top(root_fd) else "top-level entries differ")
     while stack:
         rel, ident = stack.pop()
@@ -482,12 +482,10 @@ def verify(root_fd: int, seal: SealRecord, *, top_only: bool = False) -> str | N
             dst = os.fstat(fd)
             if (dst.st_dev, dst.st_ino) != ident:
                 return f"{rel!r} was replaced while being checked"
-            found: list[tuple[str, tuple[int, int]]] = []
-            why = _walk_dir(fd, rel, entries, found)
+            why, n = _walk_dir(fd, rel, entries, stack)
             if why is not None:
                 return why
-            seen += len(found)
-            stack.extend(d for d in found if d[1] != (0, 0))
+            seen += n
         finally:
             if fd != root_fd:
                 os.close(fd)
@@ -497,22 +495,34 @@ def verify(root_fd: int, seal: SealRecord, *, top_only: bool = False) -> str | N
 
 
 def _walk_dir(
-    fd: int, rel: str, entries: dict[str, SealEntry], found: list[tuple[str, tuple[int, int]]]
-) -> str | None:
-    """Compare the entries of directory ``fd`` (``rel`` in the tree) with the seal; append
-    each to ``found`` ((dev, ino) for a directory, (0, 0) otherwise)."""
+    fd: int, rel: str, entries: dict[str, SealEntry], dirs: list[tuple[str, tuple[int, int]]]
+) -> tuple[str | None, int]:
+    """Compare the entries of directory ``fd`` (``rel`` in the tree) with the seal: (the
+    first difference or None, how many entries were compared). Its subdirectories are
+    appended to ``dirs`` with their (dev, ino). A sealed file is compared inline (most
+    entries are files: ~20,000 of them on every snapshot build of a large tree)."""
+    prefix = f"{rel}/" if rel else ""
+    n = 0
     with os.scandir(fd) as it:
         for de in it:
-            r = f"{rel}/{de.name}" if rel else de.name
+            r = prefix + de.name
             want = entries.get(r)
             if want is None:
-                return f"{r!r} was added"
+                return f"{r!r} was added", n
             st = de.stat(follow_symlinks=False)
+            n += 1
+            if want[0] == "f":  # as _differs, inline
+                if (st.st_ino, st.st_ctime_ns, st.st_size, st.st_mode & 0o7777) != (
+                    want[1], want[2], want[4], want[5]
+                ) or not stat.S_ISREG(st.st_mode):  # fmt: skip
+                    return f"{r!r} was modified or replaced", n
+                continue
             why = _differs(r, want, st)
             if why is not None:
-                return why
-            found.append((r, (st.st_dev, st.st_ino) if want[0] == "d" else (0, 0)))
-    return None
+                return why, n
+            if want[0] == "d":
+                dirs.append((r, (st.st_dev, st.st_ino)))
+    return None, n
 
 
 def _count_top(fd: int) -> int:
