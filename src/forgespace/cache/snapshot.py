@@ -343,7 +343,21 @@ def _same(old: SealEntry | None, e: Any) -> bool:
 
 def plan(tid: str, parts: tuple[str, ...], seal: SealRecord, want: dict[str, Any]) -> Base:
     """What turns the sealed tree into the tree ``want`` (``_wanted``) describes."""
-    keep = {rel for rel, e in want.items() if _same(seal.entries.get(rel), e)} | {""}
+    sealed = seal.entries
+    keep = {""}
+    for rel, e in want.items():
+        old = sealed.get(rel)
+        if old is None:
+            continue
+        if type(e) is FileEntry:  # most entries: _same's file case, inline
+            if old[0] == "f" and (old[4], old[6], bool(old[7])) == (
+                e.size,
+                e.sha256,
+                bool(e.executable),
+            ):
+                keep.add(rel)
+        elif _same(old, e):
+            keep.add(rel)
     gone = sorted(set(seal.entries) - keep)
     remove: list[str] = []
     for rel in gone:  # sorted: a directory comes before everything below it
