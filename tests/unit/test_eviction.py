@@ -910,3 +910,115 @@ def test_retired_shared_workspaces_go_once_no_lease_pins_the_target(make_cache) 
     collect_garbage(c)
     assert not kept[0].exists()
     assert c.on_disk("t/workspace") and c.on_disk("u/workspace")
+
+
+def test_gc_never_unmounts_an_overlay_outside_a_run_directory(
+    make_cache, mounted, tmp_path
+) -> None:
+    """gc looks only at the overlays in run directories: a get_target staging its overlay in
+    .forgespace/tmp right now, and overlays inside a shared copy or a shared workspace, are
+    neither planned nor unmounted."""
+    from forgespace.cache.overlay import mounts_under
+
+    c = make_cache()
+    c.add("t/shared", 10)
+    c.add("t/workspace", 10)
+    owner = OwnerToken.for_dir(c.layout.meta_dir / "owners")  # this process: alive
+    stage = c.layout.tmp_dir / f"t~run~{owner.token}~abcd1234"
+    lower = tmp_path / "lower"
+    lower.mkdir()
+    overlays = []
+    for i, mp_ in enumerate(
+        [
+            stage / "workspace",  # a staging attempt in flight
+            c.layout.cow_shared_workspace("t") / "mnt",  # inside the copy-on-write copy
+            c.layout.shared_workspace("t") / "mnt",  # inside the shared workspace
+        ]
+    ):
+        mp_.mkdir(parents=True)
+        overlays.append(mounted(mp_, lower=lower, layers=tmp_path / f"layers{i}"))
+    assert collect_garbage(c, dry_run=True).plan == []
+    report = collect_garbage(c)
+    assert report.evicted == [] and report.skipped == []
+    assert sorted(mounts_under(c.layout.root)) == sorted(overlays)
+
+
+def test_an_overlay_in_a_directory_outside_the_id_rules_is_unmounted_as_an_orphan(
+    make_cache, mounted, tmp_path
+) -> None:
+    """An overlay in a directory of a target that no run of forgespace can have made (a name
+    outside the id rules, so no lease can pin it, and gc does not take it for a run): gc
+    plans the mount alone, unmounts it and reports it; the directory is not gc's and stays."""
+    from forgespace.cache.overlay import mounts_under
+
+    c = make_cache()
+    c.add("t/shared", 10)
+    stray = c.layout.target_dir("t") / "_old run" / "workspace"
+    stray.mkdir(parents=True)
+    (tmp_path / "lower").mkdir()
+    mounted(stray, lower=tmp_path / "lower", layers=tmp_path / "layers")
+    key = "t/_old run/workspace"
+    dry = collect_garbage(c, dry_run=True)
+    assert [(p.key, p.target_id, p.kind, p.reason, p.bytes) for p in dry.plan] == [
+        (key, "t", "mount", "orphan", 0)
+    ]
+    report = collect_garbage(c)
+    assert [(p.key, p.kind) for p in report.evicted] == [(key, "mount")]
+    assert report.skipped == [] and report.freed_bytes == 0
+    assert stray not in mounts_under(c.layout.root)
+    assert stray.is_dir() and c.on_disk("t/shared")  # only the mount went
+    assert c.index.counters()["evictions_orphan"] == 1
+
+
+class _AtVictimChecked:
+    """Hooks recording, at each GC_VICTIM_CHECKED, which targets' locks are held and which
+    entries are still on disk."""
+
+    def __init__(self, c: MiniCache, keys: list[str]) -> None:
+        self.c, self.keys, self.seen = c, keys, []
+
+    def reached(self, phase: object) -> None:
+        from forgespace.cache.hooks import Phase
+
+        if phase != Phase.GC_VICTIM_CHECKED:
+            return
+        held = set()
+        for key in self.keys:
+            tid = key.split("/")[0]
+            try:
+                with flock(self.c.layout.lock_path(tid), exclusive=False, blocking=False):
+                    pass
+            except LockTimeoutError:
+                held.add(tid)
+        self.seen.append((held, {k for k in self.keys if self.c.on_disk(k)}))
+
+
+def test_each_victim_is_deleted_under_its_target_lock_after_its_recheck(make_cache) -> None:
+    """The safety rule of the module: a victim's re-check and its deletion happen under its
+    target's lock (a get_target of that target waits), and a victim kept by the re-check is
+    reported with its target."""
+    from forgespace.cache.eviction import SkippedEviction
+
+    c = make_cache(CACHE_TTL="1s", CACHE_LEASE_TTL="1h")
+    c.add("a/workspace", 10, age=5)
+    c.add("b/r1", 10)  # no lease: an orphan
+    c.add("k/workspace", 10, age=5)
+    keys = ["a/workspace", "b/r1", "k/workspace"]
+    hooks = _AtVictimChecked(c, keys)
+    c.hooks = hooks  # type: ignore[attr-defined]
+
+    def leased_meanwhile(tid: str) -> None:
+        if tid == "k":
+            c.index.add_lease(c.index.new_lease("k/workspace#r", "k", "r", ("k/workspace",)))
+
+    c.on_lock = leased_meanwhile
+    report = collect_garbage(c)
+    assert sorted(p.key for p in report.evicted) == ["a/workspace", "b/r1"]
+    assert report.skipped == [SkippedEviction("k/workspace", "k", "leased")]
+    # one stop per victim deleted (orphans first), each with its own target locked and the
+    # victim still there
+    assert [(sorted(held), sorted(there)) for held, there in hooks.seen] == [
+        (["b"], keys),
+        (["a"], ["a/workspace", "k/workspace"]),
+    ]
+    assert not c.on_disk("a/workspace") and not c.on_disk("b/r1") and c.on_disk("k/workspace")
