@@ -1022,3 +1022,199 @@ def test_each_victim_is_deleted_under_its_target_lock_after_its_recheck(make_cac
         (["a"], ["a/workspace", "k/workspace"]),
     ]
     assert not c.on_disk("a/workspace") and not c.on_disk("b/r1") and c.on_disk("k/workspace")
+
+
+def test_gc_and_evict_on_a_full_disk_delete_and_name_the_index_writes_they_skip(
+    make_cache, monkeypatch, caplog
+) -> None:
+    """On a full disk the index cannot record a deletion: gc and `cache evict` delete anyway
+    (that is what frees the disk), say which index write they skipped, and the next gc, with
+    room again, drops the rows left behind and indexes what it could not."""
+    from forgespace.cache.eviction import evict_target
+
+    c = make_cache(CACHE_TTL="1s")
+    c.add("t/workspace", 10, age=5)
+    c.add("u/r1", 5)  # a run without a lease: an orphan
+    c.add("w/workspace", 7)
+    c.index.remove("w/workspace")  # on disk, not in the index: gc adopts it
+    c.add("v/workspace", 3)
+    c.index.add_lease(c.index.new_lease("v/workspace#r", "v", "r", ("v/workspace",)))
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise CacheFullError(errno.ENOSPC, "No space left on device")
+
+    for write in ("remove", "end_lease", "publish", "count"):
+        monkeypatch.setattr(c.index, write, full)
+    with caplog.at_level(logging.DEBUG, logger="forgespace.cache.index"):
+        report = collect_garbage(c)
+        gc_said = [r.getMessage() for r in caplog.records]
+        caplog.clear()
+        evicted = evict_target(c, "v", force=True)
+        evict_said = [r.getMessage() for r in caplog.records]
+    assert sorted(p.key for p in report.evicted) == ["t/workspace", "u/r1"]
+    assert (
+        report.skipped == []
+        and report.adopted == []
+        and [e.key for e in evicted] == ["v/workspace"]
+    )
+    assert not any(c.on_disk(k) for k in ("t/workspace", "u/r1", "v/workspace"))
+
+    def skipped(said: list[str], what: str) -> bool:
+        return any(f"skipped writing the cache index ({what})" in m for m in said)
+
+    assert skipped(gc_said, "forget an evicted entry"), gc_said
+    assert skipped(gc_said, "index an entry found on disk"), gc_said
+    assert skipped(evict_said, "end a lease of an evicted target"), evict_said
+    assert skipped(evict_said, "forget an evicted entry"), evict_said
+    monkeypatch.undo()  # room again
+    assert collect_garbage(c).adopted == ["w/workspace"]
+    assert [e.key for e in c.index.entries()] == ["w/workspace"]  # the rows left were dropped
+
+
+def test_gc_adopts_unindexed_entries_unless_busy_published_meanwhile_or_runs(
+    make_cache, caplog
+) -> None:
+    """Entries on disk the index does not know (a crash between publish's rename and its index
+    write) are indexed by gc, each under its target lock: not while another process holds
+    that lock (it may be publishing it right now: the next gc looks again), not when a publish
+    indexed it between gc's listing and the lock (its row stays as published), and never a
+    run directory. gc says what it indexed."""
+    c = make_cache(CACHE_LEASE_TTL="1h")
+    c.add("a/workspace", 10)  # indexed: listed first, nothing to do
+    for key in ("b/workspace", "c/shared", "d/workspace", "e/workspace", "f/r1"):
+        c.add(key, 10)
+        c.index.remove(key)
+    c.index.add_lease(c.index.new_lease("f/r1", "f", "r1", ("f/r1",)))  # a live run
+    published = EntryRecord("d/workspace", "d", "shared", None, "shared", 99, 3, 1.0, 2.0)
+
+    def publish_meanwhile(tid: str) -> None:
+        if tid == "d" and c.index.get("d/workspace") is None:
+            c.index.publish(published)
+
+    c.on_lock = publish_meanwhile
+
+    def said() -> list[str]:
+        return [m for r in caplog.records if (m := r.getMessage()).startswith("indexed ")]
+
+    with (
+        flock(c.layout.lock_path("b"), what="target b"),  # another process's get_target
+        caplog.at_level(logging.WARNING, logger="forgespace.cache.eviction"),
+    ):
+        report = collect_garbage(c)
+    assert report.adopted == ["c/shared", "e/workspace"]
+    assert said() == [
+        "indexed 2 entries found on disk but missing from the index: c/shared, e/workspace"
+    ]
+    d = c.index.get("d/workspace")
+    assert d is not None and (d.bytes, d.files) == (99, 3)  # as published, not re-measured
+    assert c.index.get("b/workspace") is None and c.index.get("f/r1") is None
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="forgespace.cache.eviction"):
+        assert collect_garbage(c).adopted == ["b/workspace"]  # free now
+    assert said() == ["indexed 1 entry found on disk but missing from the index: b/workspace"]
+    assert c.index.get("f/r1") is None and c.on_disk("f/r1")
+
+
+def test_gc_walks_no_entry_but_the_one_it_adopts(make_cache, monkeypatch) -> None:
+    """gc takes sizes from the index and lists two directory levels: the only entry whose
+    files it walks is one it adopts (measured once)."""
+    c = make_cache()
+    c.add("t/workspace", 10)
+    c.add("u/shared", 10)
+    c.add("v/r1", 10)
+    c.index.add_lease(c.index.new_lease("v/r1", "v", "r1", ("v/r1",)))
+    c.add("w/workspace", 10)
+    c.index.remove("w/workspace")
+    opened: list[str] = []
+    real_scandir = os.scandir
+
+    def scandir(path: object = ".") -> object:
+        if not isinstance(path, int):
+            opened.append(os.fspath(path))  # type: ignore[arg-type]
+        return real_scandir(path)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert collect_garbage(c).adopted == ["w/workspace"]
+    root = str(c.layout.root)
+    inside = [os.path.relpath(p, root) for p in opened if p.startswith(root + os.sep)]
+    walked = {p for p in inside if not p.startswith(".forgespace") and os.sep in p}
+    assert walked and all(p.startswith("w" + os.sep) for p in walked), sorted(walked)
+
+
+def test_reclaim_retired_returns_what_went_and_skips_without_stopping(
+    make_cache, monkeypatch, caplog
+) -> None:
+    """Among many targets: the retired workspaces of idle targets go (returned, and counted in
+    one log line); a busy target's and those of a target directory gc cannot list stay, and
+    neither they nor targets without any stop the others."""
+    from forgespace.cache.eviction import reclaim_retired
+
+    c = make_cache()
+    root = str(c.layout.root)
+    retired: dict[str, Path] = {}
+    for i in range(4):  # interleaved: whatever order the directory lists them in
+        for kind in ("r", "p", "b", "x"):
+            tid = f"{kind}{i}"
+            c.add(f"{tid}/workspace", 1)
+            if kind != "p":
+                retired[tid] = c.layout.target_dir(tid) / ".retired-0123456789ab"
+                (retired[tid] / "src").mkdir(parents=True)
+
+    def busy(tid: str) -> None:
+        if tid.startswith("b"):
+            raise LockTimeoutError("held by another process")
+
+    c.on_lock = busy
+    real_scandir = os.scandir
+
+    def scandir(path: object = ".") -> object:
+        p = path if isinstance(path, int) else os.fspath(path)  # type: ignore[arg-type]
+        if isinstance(p, str) and os.path.dirname(p) == root and os.path.basename(p)[0] == "x":
+            raise PermissionError(errno.EACCES, "Permission denied", p)  # not listable
+        return real_scandir(path)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with caplog.at_level(logging.INFO, logger="forgespace.cache.eviction"):
+        gone = reclaim_retired(c)
+    idle = sorted(p for tid, p in retired.items() if tid[0] == "r")
+    assert sorted(gone) == idle
+    assert [p for p in retired.values() if p.exists()] == [
+        p for tid, p in retired.items() if tid[0] != "r"
+    ]
+    assert [r.getMessage() for r in caplog.records] == [
+        "gc: removed 4 retired shared workspace(s) no run uses any more"
+    ]
+
+
+def test_gc_json_times_are_seconds_to_the_microsecond() -> None:
+    from forgespace.cache.eviction import GcReport
+
+    doc = GcReport([], 0, 0, 0, False, plan_seconds=0.0123456789, seconds=1.23456789).to_dict()
+    assert (doc["plan_seconds"], doc["seconds"]) == (0.012346, 1.234568)
+
+
+def test_cache_evict_never_follows_a_planted_overlay_dir_and_says_so(
+    make_cache, tmp_path, caplog
+) -> None:
+    """`cache evict` removes the target's overlay layers too: where a run planted a symlink
+    instead of .forgespace/overlay, it deletes nothing through it, deletes the rest and logs
+    the refusal."""
+    from forgespace.cache.eviction import evict_target
+
+    c = make_cache()
+    c.add("t/workspace", 10)
+    outside = tmp_path / "outside"
+    (outside / "t" / "r1").mkdir(parents=True)  # what the link would lead the deletion to
+    c.layout.overlay_dir.parent.mkdir(parents=True, exist_ok=True)
+    if c.layout.overlay_dir.exists():
+        c.layout.overlay_dir.rmdir()
+    c.layout.overlay_dir.symlink_to(outside)
+    with caplog.at_level(logging.WARNING, logger="forgespace.cache.eviction"):
+        evict_target(c, "t")
+    refusal = (
+        f"{c.layout.overlay_dir} is a symbolic link (to {str(outside)!r}) where forgespace "
+        "expects a directory; refusing to use it (never followed)"
+    )
+    said = [r.getMessage() for r in caplog.records if r.name == "forgespace.cache.eviction"]
+    assert said and all(m.startswith(refusal) for m in said), said
+    assert (outside / "t" / "r1").is_dir() and not c.on_disk("t/workspace")
