@@ -1218,3 +1218,32 @@ def test_cache_evict_never_follows_a_planted_overlay_dir_and_says_so(
     said = [r.getMessage() for r in caplog.records if r.name == "forgespace.cache.eviction"]
     assert said and all(m.startswith(refusal) for m in said), said
     assert (outside / "t" / "r1").is_dir() and not c.on_disk("t/workspace")
+
+
+def test_gc_says_what_it_evicted_and_what_it_could_not_with_the_error(
+    make_cache, monkeypatch, caplog
+) -> None:
+    """Each eviction is logged (debug: key, kind, reason, bytes freed); a victim that cannot be
+    removed is logged as a warning with the error and reported skipped with its target."""
+    from forgespace.cache import fsops
+    from forgespace.cache.eviction import SkippedEviction
+
+    c = make_cache(CACHE_TTL="1s")
+    c.add("bad/workspace", 10, age=5)
+    c.add("good/r1", 7)  # a run without a lease: an orphan
+    real = fsops.discard
+    refused = PermissionError(errno.EACCES, "Permission denied", "bad/workspace")
+
+    def discard(root: Path, path: Path) -> None:
+        if "bad" in str(path):
+            raise refused
+        real(root, path)
+
+    monkeypatch.setattr(fsops, "discard", discard)
+    with caplog.at_level(logging.DEBUG, logger="forgespace.cache.eviction"):
+        report = collect_garbage(c)
+    assert [p.key for p in report.evicted] == ["good/r1"]
+    assert report.skipped == [SkippedEviction("bad/workspace", "bad", f"error: {refused}")]
+    said = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert ("DEBUG", "evicted good/r1 (run, orphan, 7 bytes)") in said, said
+    assert ("WARNING", f"gc: could not evict bad/workspace: {refused}") in said, said
