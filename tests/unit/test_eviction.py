@@ -1247,3 +1247,24 @@ def test_gc_says_what_it_evicted_and_what_it_could_not_with_the_error(
     said = [(r.levelname, r.getMessage()) for r in caplog.records]
     assert ("DEBUG", "evicted good/r1 (run, orphan, 7 bytes)") in said, said
     assert ("WARNING", f"gc: could not evict bad/workspace: {refused}") in said, said
+
+
+def test_gc_leaves_what_is_not_a_target_directory_alone(make_cache, tmp_path) -> None:
+    """Only real directories with a target id are target directories: an empty directory
+    named outside the id rules (the lost+found of a cache on its own filesystem) is not
+    removed as an empty target directory, and a symlink a run planted with a target's name is
+    never followed to reclaim or remove what it points to."""
+    c = make_cache()
+    c.add("t/workspace", 10)
+    lost = c.layout.root / "lost+found"
+    lost.mkdir()
+    outside = tmp_path / "outside"
+    (outside / ".retired-0123456789ab" / "src").mkdir(parents=True)
+    (c.layout.root / "planted").symlink_to(outside)
+    (tmp_path / "empty").mkdir()
+    (c.layout.root / "planted2").symlink_to(tmp_path / "empty")
+    report = collect_garbage(c)
+    assert report.evicted == [] and report.skipped == []
+    assert lost.is_dir() and (outside / ".retired-0123456789ab" / "src").is_dir()
+    assert (c.layout.root / "planted").is_symlink() and (c.layout.root / "planted2").is_symlink()
+    assert (tmp_path / "empty").is_dir() and c.on_disk("t/workspace")
