@@ -1043,7 +1043,7 @@ def test_gc_and_evict_on_a_full_disk_delete_and_name_the_index_writes_they_skip(
     def full(*args: object, **kwargs: object) -> None:
         raise CacheFullError(errno.ENOSPC, "No space left on device")
 
-    for write in ("remove", "end_lease", "publish", "count"):
+    for write in ("remove", "end_lease", "publish", "count", "purge_expired_leases"):
         monkeypatch.setattr(c.index, write, full)
     with caplog.at_level(logging.DEBUG, logger="forgespace.cache.index"):
         report = collect_garbage(c)
@@ -1064,6 +1064,7 @@ def test_gc_and_evict_on_a_full_disk_delete_and_name_the_index_writes_they_skip(
 
     assert skipped(gc_said, "forget an evicted entry"), gc_said
     assert skipped(gc_said, "index an entry found on disk"), gc_said
+    assert skipped(gc_said, "drop expired leases"), gc_said
     assert skipped(evict_said, "end a lease of an evicted target"), evict_said
     assert skipped(evict_said, "forget an evicted entry"), evict_said
     monkeypatch.undo()  # room again
@@ -1268,3 +1269,68 @@ def test_gc_leaves_what_is_not_a_target_directory_alone(make_cache, tmp_path) ->
     assert lost.is_dir() and (outside / ".retired-0123456789ab" / "src").is_dir()
     assert (c.layout.root / "planted").is_symlink() and (c.layout.root / "planted2").is_symlink()
     assert (tmp_path / "empty").is_dir() and c.on_disk("t/workspace")
+
+
+def test_gc_sums_up_what_it_did_in_one_line_and_times_its_plan(make_cache, caplog) -> None:
+    """What an operator reads after a gc: one line with what was evicted, the bytes freed, the
+    indexed total before and after, the limit and what was skipped, and one for the expired
+    leases it dropped; the report's times are the plan's and the whole run's, within the
+    call's own. A gc with nothing to do says nothing."""
+    c = make_cache(CACHE_TTL="1s", CACHE_LEASE_TTL="1s", CACHE_MAX_SIZE="1000")
+    c.add("a/workspace", 10, age=5)
+    c.add("b/workspace", 7, age=5)
+    c.add("k/workspace", 3)
+    c.add("r/r1", 2)
+    c.index.add_lease(c.index.new_lease("r/r1", "r", "r1", ("r/r1",), now=time.time() - 5))
+
+    def busy(tid: str) -> None:
+        if tid == "b":
+            raise LockTimeoutError("held by another process")
+
+    c.on_lock = busy
+    started = time.perf_counter()
+    with caplog.at_level(logging.INFO, logger="forgespace.cache.eviction"):
+        report = collect_garbage(c)
+    elapsed = time.perf_counter() - started
+    assert sorted(p.key for p in report.evicted) == ["a/workspace", "r/r1"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "gc: dropped 1 expired lease(s)",
+        "gc: evicted 2 item(s), freed 12 bytes (indexed total 22 -> 10, limit 1000); skipped 1",
+    ]
+    assert 0 < report.plan_seconds < report.seconds <= elapsed
+    assert c.index.all_leases() == []
+    caplog.clear()
+    c.on_lock = None
+    with caplog.at_level(logging.INFO, logger="forgespace.cache.eviction"):
+        again = collect_garbage(c, dry_run=True)
+    assert [p.key for p in again.plan] == ["b/workspace"] and caplog.records == []
+    assert 0 < again.plan_seconds <= again.seconds
+    c.settings = c.settings.with_(cache_ttl=3600.0)
+    with caplog.at_level(logging.INFO, logger="forgespace.cache.eviction"):
+        assert collect_garbage(c).plan == []
+    assert caplog.records == []  # nothing to do: nothing said
+
+
+def test_a_dry_run_projects_the_indexed_total_after_the_plan(make_cache) -> None:
+    """`cache gc --dry-run` reports the indexed total the plan would leave: every indexed kind
+    it plans (shared, copy-on-write, run, stale row) counts, leftovers the index never counted
+    do not; and the limit it planned against."""
+    c = make_cache(CACHE_TTL="1h", CACHE_MAX_SIZE="5000")
+    c.add("s/workspace", 1000, age=7200)  # shared, TTL
+    c.add("c/shared", 200, age=7200)  # copy-on-write copy, TTL
+    c.add("r/r1", 30)  # a run without a lease: an orphan
+    c.index.publish(EntryRecord("g/workspace", "g", "shared", None, "shared", 4, 1, 0, 1))
+    c.add("k/workspace", 500)  # kept
+    stage = c.layout.tmp_dir / "k~shared~0123456789abcdef0123456789abcdef~abcd1234"
+    stage.mkdir(parents=True)
+    (stage / "part").write_bytes(b"x" * 60)  # a dead process's staging leftover: 60 bytes
+    report = collect_garbage(c, dry_run=True)
+    assert sorted((p.key, p.kind, p.bytes) for p in report.plan) == [
+        (f".forgespace/tmp/{stage.name}", "staging", 60),
+        ("c/shared", "cow-shared", 200),
+        ("g/workspace", "stale-row", 4),
+        ("r/r1", "run", 30),
+        ("s/workspace", "shared", 1000),
+    ]
+    assert (report.total_before, report.total_after) == (1734, 500)
+    assert report.dry_run is True and report.limit == 5000 and report.freed_bytes == 0
