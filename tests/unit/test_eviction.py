@@ -1334,3 +1334,32 @@ def test_a_dry_run_projects_the_indexed_total_after_the_plan(make_cache) -> None
     ]
     assert (report.total_before, report.total_after) == (1734, 500)
     assert report.dry_run is True and report.limit == 5000 and report.freed_bytes == 0
+
+
+def test_empty_target_dirs_go_whatever_the_others_among_them_are_doing(make_cache) -> None:
+    """Among many target directories (in whatever order the cache directory lists them), every
+    empty idle one goes; one that is busy, not empty, filled between the look and the lock, or
+    already gone is left and stops nothing."""
+    c = make_cache()
+    kinds = ("e", "b", "f", "n", "v")  # empty, busy, full, filled meanwhile, vanishing
+    for i in range(4):
+        for kind in kinds:
+            c.layout.target_dir(f"{kind}{i}").mkdir(parents=True)
+            if kind == "f":
+                (c.layout.target_dir(f"{kind}{i}") / "note").write_bytes(b"not gc's")
+    vanished: list[str] = []
+
+    def meanwhile(tid: str) -> None:
+        if not vanished:  # the first lock: the other vanishing ones go (another gc)
+            vanished.extend(f"v{i}" for i in range(4) if f"v{i}" != tid)
+            for v in vanished:
+                c.layout.target_dir(v).rmdir()
+        if tid.startswith("b"):
+            raise LockTimeoutError("held by another process")
+        if tid.startswith("n"):
+            (c.layout.target_dir(tid) / "r1").mkdir()  # a get_target got there first
+
+    c.on_lock = meanwhile
+    collect_garbage(c)
+    left = sorted(p.name for p in c.layout.root.iterdir() if p.name != ".forgespace")
+    assert left == sorted(f"{kind}{i}" for i in range(4) for kind in ("b", "f", "n"))
