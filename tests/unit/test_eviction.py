@@ -1334,6 +1334,25 @@ def test_a_dry_run_projects_the_indexed_total_after_the_plan(make_cache) -> None
     ]
     assert (report.total_before, report.total_after) == (1734, 500)
     assert report.dry_run is True and report.limit == 5000 and report.freed_bytes == 0
+    # `--json` shows when each planned entry was last used, the stale row's too
+    stale = [i for i in report.to_dict()["plan"] if i["kind"] == "stale-row"]
+    assert [(i["key"], i["last_access"]) for i in stale] == [("g/workspace", 1.0)]
+
+
+def test_plan_eviction_judges_ages_and_leases_at_the_time_it_is_given(make_cache) -> None:
+    """plan_eviction(now=T) plans as gc would at T: an entry last used exactly CACHE_TTL
+    before T is not expired yet, and a lease that has ended by T pins nothing."""
+    from forgespace.cache.eviction import plan_eviction
+
+    c = make_cache(CACHE_TTL="1h", CACHE_LEASE_TTL="1h")
+    a = c.add("a/workspace", 10)
+    b = c.add("b/workspace", 10)  # used after a
+    c.index.add_lease(
+        c.index.new_lease("b/workspace#r", "b", "r", ("b/workspace",), now=b.last_access)
+    )
+    assert plan_eviction(c, now=a.last_access + 3600) == ([], 20)
+    plan, _ = plan_eviction(c, now=b.last_access + 7200)  # the lease ended an hour ago
+    assert [(p.key, p.reason) for p in plan] == [("a/workspace", "ttl"), ("b/workspace", "ttl")]
 
 
 def test_empty_target_dirs_go_whatever_the_others_among_them_are_doing(make_cache) -> None:
