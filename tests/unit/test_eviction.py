@@ -1382,3 +1382,17 @@ def test_empty_target_dirs_go_whatever_the_others_among_them_are_doing(make_cach
     collect_garbage(c)
     left = sorted(p.name for p in c.layout.root.iterdir() if p.name != ".forgespace")
     assert left == sorted(f"{kind}{i}" for i in range(4) for kind in ("b", "f", "n"))
+
+
+def test_gc_names_at_most_five_of_the_entries_it_indexes(make_cache, caplog) -> None:
+    c = make_cache()
+    tids = [f"t{i}" for i in range(6)]
+    for tid in tids:
+        c.add(f"{tid}/workspace", 1)
+        c.index.remove(f"{tid}/workspace")
+    with caplog.at_level(logging.WARNING, logger="forgespace.cache.eviction"):
+        assert collect_garbage(c).adopted == [f"{tid}/workspace" for tid in tids]
+    named = ", ".join(f"{tid}/workspace" for tid in tids[:5])
+    assert [r.getMessage() for r in caplog.records] == [
+        f"indexed 6 entries found on disk but missing from the index: {named}"
+    ]
