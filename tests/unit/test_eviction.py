@@ -1396,3 +1396,49 @@ def test_gc_names_at_most_five_of_the_entries_it_indexes(make_cache, caplog) -> 
     assert [r.getMessage() for r in caplog.records] == [
         f"indexed 6 entries found on disk but missing from the index: {named}"
     ]
+
+
+def test_gc_refreshes_the_cache_gauges(make_cache) -> None:
+    """After a gc the scraped gauges show the cache as it left it: bytes, entries, limit."""
+    c = make_cache(CACHE_TTL="1s", CACHE_MAX_SIZE="1000")
+    c.add("a/workspace", 10, age=5)
+    c.add("k/workspace", 3)
+    for gauge in (metrics.CACHE_BYTES, metrics.CACHE_ENTRIES, metrics.CACHE_LIMIT_BYTES):
+        gauge.set(-1)  # whatever an earlier test left there
+    collect_garbage(c)
+    assert metrics.value("forgespace_cache_bytes") == 3
+    assert metrics.value("forgespace_cache_entries") == 1
+    assert metrics.value("forgespace_cache_limit_bytes") == 1000
+
+
+def test_gc_removes_unowned_overlay_layers_and_refuses_a_planted_overlay_dir(
+    make_cache, tmp_path, caplog
+) -> None:
+    """Overlay upper/work directories no staging attempt or run owns go with gc, which says
+    so; where a run planted a symlink instead of .forgespace/overlay, gc follows nothing,
+    warns and still finishes."""
+    c = make_cache()
+    c.add("t/workspace", 10)
+    layers = c.layout.overlay_dir / "t" / "r1" / "attempt"  # its run directory is gone
+    (layers / "upper").mkdir(parents=True)
+    (layers / "work").mkdir()
+    with caplog.at_level(logging.INFO, logger="forgespace.cache.eviction"):
+        collect_garbage(c)
+    assert not layers.exists()
+    assert f"gc: removed 1 unowned overlay dir(s): {[layers]}" in [
+        r.getMessage() for r in caplog.records
+    ]
+    caplog.clear()
+    outside = tmp_path / "outside"
+    (outside / "t" / "r2" / "attempt" / "upper").mkdir(parents=True)
+    shutil.rmtree(c.layout.overlay_dir)
+    c.layout.overlay_dir.symlink_to(outside)
+    with caplog.at_level(logging.WARNING, logger="forgespace.cache.eviction"):
+        collect_garbage(c)
+    refusal = (
+        f"gc: {c.layout.overlay_dir} is a symbolic link (to {str(outside)!r}) where forgespace "
+        "expects a directory; refusing to use it (never followed)"
+    )
+    said = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith(refusal) for m in said), said
+    assert (outside / "t" / "r2" / "attempt" / "upper").is_dir() and c.on_disk("t/workspace")
