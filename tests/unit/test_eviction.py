@@ -1442,3 +1442,19 @@ def test_gc_removes_unowned_overlay_layers_and_refuses_a_planted_overlay_dir(
     said = [r.getMessage() for r in caplog.records]
     assert any(m.startswith(refusal) for m in said), said
     assert (outside / "t" / "r2" / "attempt" / "upper").is_dir() and c.on_disk("t/workspace")
+
+
+def test_gc_unmounts_no_other_file_system_than_its_own_overlays(make_cache, mounted) -> None:
+    """A tmpfs (any mount but an overlay) is the operator's, even in a directory gc would
+    unmount an overlay from: it is neither planned nor unmounted."""
+    from forgespace.cache.overlay import mounts_under
+
+    c = make_cache()
+    c.add("t/shared", 10)
+    stray = c.layout.target_dir("t") / "_old run" / "workspace"
+    stray.mkdir(parents=True)
+    mounted(stray)
+    assert collect_garbage(c, dry_run=True).plan == []
+    report = collect_garbage(c)
+    assert report.evicted == [] and report.skipped == []
+    assert mounts_under(c.layout.root) == [stray]
