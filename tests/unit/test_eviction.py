@@ -1458,3 +1458,38 @@ def test_gc_unmounts_no_other_file_system_than_its_own_overlays(make_cache, moun
     report = collect_garbage(c)
     assert report.evicted == [] and report.skipped == []
     assert mounts_under(c.layout.root) == [stray]
+
+
+def test_a_dead_staging_directory_is_planned_with_its_own_bytes_and_target(
+    make_cache, mounted
+) -> None:
+    """A staging directory a dead process left, with something still mounted in it (its
+    owner died mid-way): planned as its target's leftover, sized without entering the mount."""
+    c = make_cache()
+    stage = c.layout.tmp_dir / "k~shared~0123456789abcdef0123456789abcdef~abcd1234"
+    (stage / "workspace").mkdir(parents=True)
+    (stage / "part").write_bytes(b"x" * 30)
+    (mounted(stage / "workspace") / "big").write_bytes(b"y" * 1000)
+    plan = collect_garbage(c, dry_run=True).plan
+    assert [(p.key, p.target_id, p.kind, p.bytes) for p in plan] == [
+        (f".forgespace/tmp/{stage.name}", "k", "staging", 30)
+    ]
+
+
+def test_gc_refuses_a_planted_staging_dir_and_says_so(make_cache, tmp_path, caplog) -> None:
+    c = make_cache()
+    c.add("t/workspace", 10)
+    outside = tmp_path / "outside"
+    (outside / "k~shared~0123456789abcdef0123456789abcdef~abcd1234").mkdir(parents=True)
+    if c.layout.tmp_dir.exists():
+        shutil.rmtree(c.layout.tmp_dir)
+    c.layout.tmp_dir.symlink_to(outside)  # a run planted it
+    with caplog.at_level(logging.WARNING, logger="forgespace.cache.eviction"):
+        report = collect_garbage(c)
+    refusal = (
+        f"gc: {c.layout.tmp_dir} is a symbolic link (to {str(outside)!r}) where forgespace "
+        "expects a directory; refusing to use it (never followed)"
+    )
+    said = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith(refusal) for m in said), said
+    assert report.plan == [] and len(list(outside.iterdir())) == 1
