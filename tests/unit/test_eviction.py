@@ -1485,11 +1485,46 @@ def test_gc_refuses_a_planted_staging_dir_and_says_so(make_cache, tmp_path, capl
         shutil.rmtree(c.layout.tmp_dir)
     c.layout.tmp_dir.symlink_to(outside)  # a run planted it
     with caplog.at_level(logging.WARNING, logger="forgespace.cache.eviction"):
-        report = collect_garbage(c)
+        report = collect_garbage(c, dry_run=True)  # the plan alone: its own warning
     refusal = (
         f"gc: {c.layout.tmp_dir} is a symbolic link (to {str(outside)!r}) where forgespace "
         "expects a directory; refusing to use it (never followed)"
     )
     said = [r.getMessage() for r in caplog.records]
     assert any(m.startswith(refusal) for m in said), said
-    assert report.plan == [] and len(list(outside.iterdir())) == 1
+    assert report.plan == []
+    collect_garbage(c)
+    assert len(list(outside.iterdir())) == 1 and c.on_disk("t/workspace")
+
+
+def test_a_trash_leftover_is_planned_with_its_own_bytes(make_cache, mounted) -> None:
+    """Something left in .forgespace/trash (a gc killed mid-deletion) with a mount still in it
+    is sized without entering the mount."""
+    c = make_cache()
+    left = c.layout.trash_dir / "t.r1~1-0123456789ab"
+    (left / "workspace").mkdir(parents=True)
+    (left / "f").write_bytes(b"x" * 20)
+    (mounted(left / "workspace") / "big").write_bytes(b"y" * 1000)
+    plan = collect_garbage(c, dry_run=True).plan
+    assert [(p.key, p.kind, p.bytes) for p in plan] == [
+        (f".forgespace/trash/{left.name}", "trash", 20)
+    ]
+
+
+def test_gc_warns_in_its_own_words_about_a_planted_trash(make_cache, tmp_path, caplog) -> None:
+    c = make_cache()
+    outside = tmp_path / "outside"
+    (outside / "x~1").mkdir(parents=True)
+    if c.layout.trash_dir.exists():
+        c.layout.trash_dir.rmdir()
+    c.layout.trash_dir.parent.mkdir(parents=True, exist_ok=True)
+    c.layout.trash_dir.symlink_to(outside)
+    with caplog.at_level(logging.WARNING, logger="forgespace.cache.eviction"):
+        report = collect_garbage(c, dry_run=True)
+    refusal = (
+        f"gc: {c.layout.trash_dir} is a symbolic link (to {str(outside)!r}) where forgespace "
+        "expects a directory; refusing to use it (never followed)"
+    )
+    said = [r.getMessage() for r in caplog.records if r.name == "forgespace.cache.eviction"]
+    assert any(m.startswith(refusal) for m in said), said
+    assert report.plan == [] and (outside / "x~1").is_dir()
