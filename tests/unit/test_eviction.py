@@ -1530,3 +1530,25 @@ def test_gc_warns_in_its_own_words_about_a_planted_trash(make_cache, tmp_path, c
     said = [r.getMessage() for r in caplog.records if r.name == "forgespace.cache.eviction"]
     assert any(m.startswith(refusal) for m in said), said
     assert report.plan == [] and (outside / "x~1").is_dir()
+
+
+def test_gc_reaches_its_phases_in_order_plan_first(make_cache) -> None:
+    """The seam race tests stop gc at: GC_PLANNED once, when the plan is made and nothing of
+    it executed, then GC_VICTIM_CHECKED once per victim deleted."""
+    c = make_cache(CACHE_TTL="1s")
+    c.add("a/workspace", 10, age=5)
+    c.add("b/r1", 10)  # no lease: an orphan
+    seen: list[tuple[str, list[str]]] = []
+
+    class Record:
+        def reached(self, phase: object) -> None:
+            there = [k for k in ("a/workspace", "b/r1") if c.on_disk(k)]
+            seen.append((str(phase), there))
+
+    c.hooks = Record()  # type: ignore[attr-defined]
+    collect_garbage(c)
+    assert seen == [
+        ("gc-planned", ["a/workspace", "b/r1"]),
+        ("gc-victim-checked", ["a/workspace", "b/r1"]),
+        ("gc-victim-checked", ["a/workspace"]),
+    ]
