@@ -1552,3 +1552,15 @@ def test_gc_reaches_its_phases_in_order_plan_first(make_cache) -> None:
         ("gc-victim-checked", ["a/workspace", "b/r1"]),
         ("gc-victim-checked", ["a/workspace"]),
     ]
+
+
+def test_gc_names_at_most_five_unowned_overlay_dirs_it_removes(make_cache, caplog) -> None:
+    c = make_cache()
+    dirs = [c.layout.overlay_dir / "t" / f"r{i}" / "attempt" for i in range(6)]
+    for d in dirs:  # their run directories are gone
+        (d / "upper").mkdir(parents=True)
+    with caplog.at_level(logging.INFO, logger="forgespace.cache.eviction"):
+        collect_garbage(c)
+    assert not any(d.exists() for d in dirs)
+    said = [r.getMessage() for r in caplog.records if "unowned overlay" in r.getMessage()]
+    assert said == [f"gc: removed 6 unowned overlay dir(s): {dirs[:5]}"]
