@@ -1564,3 +1564,16 @@ def test_gc_names_at_most_five_unowned_overlay_dirs_it_removes(make_cache, caplo
     assert not any(d.exists() for d in dirs)
     said = [r.getMessage() for r in caplog.records if "unowned overlay" in r.getMessage()]
     assert said == [f"gc: removed 6 unowned overlay dir(s): {dirs[:5]}"]
+
+
+def test_gc_completes_when_the_gauges_cannot_be_refreshed(make_cache, monkeypatch) -> None:
+    """The gauges are best effort: a gc whose metrics update fails still evicts and reports."""
+    c = make_cache(CACHE_TTL="1s")
+    c.add("a/workspace", 10, age=5)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("the metrics registry is unavailable")
+
+    monkeypatch.setattr(metrics, "refresh_from_index", broken)
+    assert [p.key for p in collect_garbage(c).evicted] == ["a/workspace"]
+    assert not c.on_disk("a/workspace")
