@@ -1307,6 +1307,12 @@ def test_gc_sums_up_what_it_did_in_one_line_and_times_its_plan(make_cache, caplo
     elapsed = time.perf_counter() - started
     assert [p.key for p in again.plan] == ["b/workspace"] and caplog.records == []
     assert 0 < again.plan_seconds <= again.seconds <= elapsed
+    with caplog.at_level(logging.INFO, logger="forgespace.cache.eviction"):
+        collect_garbage(c)  # evictions alone are summed up too
+    assert [r.getMessage() for r in caplog.records] == [
+        "gc: evicted 1 item(s), freed 7 bytes (indexed total 10 -> 3, limit 1000); skipped 0"
+    ]
+    caplog.clear()
     c.settings = c.settings.with_(cache_ttl=3600.0)
     with caplog.at_level(logging.INFO, logger="forgespace.cache.eviction"):
         assert collect_garbage(c).plan == []
