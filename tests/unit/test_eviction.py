@@ -910,3 +910,676 @@ def test_retired_shared_workspaces_go_once_no_lease_pins_the_target(make_cache) 
     collect_garbage(c)
     assert not kept[0].exists()
     assert c.on_disk("t/workspace") and c.on_disk("u/workspace")
+
+
+def test_gc_never_unmounts_an_overlay_outside_a_run_directory(
+    make_cache, mounted, tmp_path
+) -> None:
+    """gc looks only at the overlays in run directories: a get_target staging its overlay in
+    .forgespace/tmp right now, and overlays inside a shared copy or a shared workspace, are
+    neither planned nor unmounted."""
+    from forgespace.cache.overlay import mounts_under
+
+    c = make_cache()
+    c.add("t/shared", 10)
+    c.add("t/workspace", 10)
+    owner = OwnerToken.for_dir(c.layout.meta_dir / "owners")  # this process: alive
+    stage = c.layout.tmp_dir / f"t~run~{owner.token}~abcd1234"
+    lower = tmp_path / "lower"
+    lower.mkdir()
+    overlays = []
+    for i, mp_ in enumerate(
+        [
+            stage / "workspace",  # a staging attempt in flight
+            c.layout.cow_shared_workspace("t") / "mnt",  # inside the copy-on-write copy
+            c.layout.shared_workspace("t") / "mnt",  # inside the shared workspace
+        ]
+    ):
+        mp_.mkdir(parents=True)
+        overlays.append(mounted(mp_, lower=lower, layers=tmp_path / f"layers{i}"))
+    assert collect_garbage(c, dry_run=True).plan == []
+    report = collect_garbage(c)
+    assert report.evicted == [] and report.skipped == []
+    assert sorted(mounts_under(c.layout.root)) == sorted(overlays)
+
+
+def test_an_overlay_in_a_directory_outside_the_id_rules_is_unmounted_as_an_orphan(
+    make_cache, mounted, tmp_path
+) -> None:
+    """An overlay in a directory of a target that no run of forgespace can have made (a name
+    outside the id rules, so no lease can pin it, and gc does not take it for a run): gc
+    plans the mount alone, unmounts it and reports it; the directory is not gc's and stays."""
+    from forgespace.cache.overlay import mounts_under
+
+    c = make_cache()
+    c.add("t/shared", 10)
+    stray = c.layout.target_dir("t") / "_old run" / "workspace"
+    stray.mkdir(parents=True)
+    (tmp_path / "lower").mkdir()
+    mounted(stray, lower=tmp_path / "lower", layers=tmp_path / "layers")
+    key = "t/_old run/workspace"
+    dry = collect_garbage(c, dry_run=True)
+    assert [(p.key, p.target_id, p.kind, p.reason, p.bytes) for p in dry.plan] == [
+        (key, "t", "mount", "orphan", 0)
+    ]
+    report = collect_garbage(c)
+    assert [(p.key, p.kind) for p in report.evicted] == [(key, "mount")]
+    assert report.skipped == [] and report.freed_bytes == 0
+    assert stray not in mounts_under(c.layout.root)
+    assert stray.is_dir() and c.on_disk("t/shared")  # only the mount went
+    assert c.index.counters()["evictions_orphan"] == 1
+
+
+class _AtVictimChecked:
+    """Hooks recording, at each GC_VICTIM_CHECKED, which targets' locks are held and which
+    entries are still on disk."""
+
+    def __init__(self, c: MiniCache, keys: list[str]) -> None:
+        self.c, self.keys, self.seen = c, keys, []
+
+    def reached(self, phase: object) -> None:
+        from forgespace.cache.hooks import Phase
+
+        if phase != Phase.GC_VICTIM_CHECKED:
+            return
+        held = set()
+        for key in self.keys:
+            tid = key.split("/")[0]
+            try:
+                with flock(self.c.layout.lock_path(tid), exclusive=False, blocking=False):
+                    pass
+            except LockTimeoutError:
+                held.add(tid)
+        self.seen.append((held, {k for k in self.keys if self.c.on_disk(k)}))
+
+
+def test_each_victim_is_deleted_under_its_target_lock_after_its_recheck(make_cache) -> None:
+    """The safety rule of the module: a victim's re-check and its deletion happen under its
+    target's lock (a get_target of that target waits), and a victim kept by the re-check is
+    reported with its target."""
+    from forgespace.cache.eviction import SkippedEviction
+
+    c = make_cache(CACHE_TTL="1s", CACHE_LEASE_TTL="1h")
+    c.add("a/workspace", 10, age=5)
+    c.add("b/r1", 10)  # no lease: an orphan
+    c.add("k/workspace", 10, age=5)
+    keys = ["a/workspace", "b/r1", "k/workspace"]
+    hooks = _AtVictimChecked(c, keys)
+    c.hooks = hooks  # type: ignore[attr-defined]
+
+    def leased_meanwhile(tid: str) -> None:
+        if tid == "k":
+            c.index.add_lease(c.index.new_lease("k/workspace#r", "k", "r", ("k/workspace",)))
+
+    c.on_lock = leased_meanwhile
+    report = collect_garbage(c)
+    assert sorted(p.key for p in report.evicted) == ["a/workspace", "b/r1"]
+    assert report.skipped == [SkippedEviction("k/workspace", "k", "leased")]
+    # one stop per victim deleted (orphans first), each with its own target locked and the
+    # victim still there
+    assert [(sorted(held), sorted(there)) for held, there in hooks.seen] == [
+        (["b"], keys),
+        (["a"], ["a/workspace", "k/workspace"]),
+    ]
+    assert not c.on_disk("a/workspace") and not c.on_disk("b/r1") and c.on_disk("k/workspace")
+
+
+def test_gc_and_evict_on_a_full_disk_delete_and_name_the_index_writes_they_skip(
+    make_cache, monkeypatch, caplog
+) -> None:
+    """On a full disk the index cannot record a deletion: gc and `cache evict` delete anyway
+    (that is what frees the disk), say which index write they skipped, and the next gc, with
+    room again, drops the rows left behind and indexes what it could not."""
+    from forgespace.cache.eviction import evict_target
+
+    c = make_cache(CACHE_TTL="1s")
+    c.add("t/workspace", 10, age=5)
+    c.add("u/r1", 5)  # a run without a lease: an orphan
+    c.add("w/workspace", 7)
+    c.index.remove("w/workspace")  # on disk, not in the index: gc adopts it
+    c.add("v/workspace", 3)
+    c.index.add_lease(c.index.new_lease("v/workspace#r", "v", "r", ("v/workspace",)))
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise CacheFullError(errno.ENOSPC, "No space left on device")
+
+    for write in ("remove", "end_lease", "publish", "count", "purge_expired_leases"):
+        monkeypatch.setattr(c.index, write, full)
+    with caplog.at_level(logging.DEBUG, logger="forgespace.cache.index"):
+        report = collect_garbage(c)
+        gc_said = [r.getMessage() for r in caplog.records]
+        caplog.clear()
+        evicted = evict_target(c, "v", force=True)
+        evict_said = [r.getMessage() for r in caplog.records]
+    assert sorted(p.key for p in report.evicted) == ["t/workspace", "u/r1"]
+    assert (
+        report.skipped == []
+        and report.adopted == []
+        and [e.key for e in evicted] == ["v/workspace"]
+    )
+    assert not any(c.on_disk(k) for k in ("t/workspace", "u/r1", "v/workspace"))
+
+    def skipped(said: list[str], what: str) -> bool:
+        return any(f"skipped writing the cache index ({what})" in m for m in said)
+
+    assert skipped(gc_said, "forget an evicted entry"), gc_said
+    assert skipped(gc_said, "index an entry found on disk"), gc_said
+    assert skipped(gc_said, "drop expired leases"), gc_said
+    assert skipped(evict_said, "end a lease of an evicted target"), evict_said
+    assert skipped(evict_said, "forget an evicted entry"), evict_said
+    monkeypatch.undo()  # room again
+    assert collect_garbage(c).adopted == ["w/workspace"]
+    assert [e.key for e in c.index.entries()] == ["w/workspace"]  # the rows left were dropped
+
+
+def test_gc_adopts_unindexed_entries_unless_busy_published_meanwhile_or_runs(
+    make_cache, caplog
+) -> None:
+    """Entries on disk the index does not know (a crash between publish's rename and its index
+    write) are indexed by gc, each under its target lock: not while another process holds
+    that lock (it may be publishing it right now: the next gc looks again), not when a publish
+    indexed it between gc's listing and the lock (its row stays as published), and never a
+    run directory. gc says what it indexed."""
+    c = make_cache(CACHE_LEASE_TTL="1h")
+    c.add("a/workspace", 10)  # indexed: listed first, nothing to do
+    for key in ("b/workspace", "c/shared", "d/workspace", "e/workspace", "f/r1"):
+        c.add(key, 10)
+        c.index.remove(key)
+    c.index.add_lease(c.index.new_lease("f/r1", "f", "r1", ("f/r1",)))  # a live run
+    published = EntryRecord("d/workspace", "d", "shared", None, "shared", 99, 3, 1.0, 2.0)
+
+    def publish_meanwhile(tid: str) -> None:
+        if tid == "d" and c.index.get("d/workspace") is None:
+            c.index.publish(published)
+
+    c.on_lock = publish_meanwhile
+
+    def said() -> list[str]:
+        return [m for r in caplog.records if (m := r.getMessage()).startswith("indexed ")]
+
+    with (
+        flock(c.layout.lock_path("b"), what="target b"),  # another process's get_target
+        caplog.at_level(logging.WARNING, logger="forgespace.cache.eviction"),
+    ):
+        report = collect_garbage(c)
+    assert report.adopted == ["c/shared", "e/workspace"]
+    assert said() == [
+        "indexed 2 entries found on disk but missing from the index: c/shared, e/workspace"
+    ]
+    d = c.index.get("d/workspace")
+    assert d is not None and (d.bytes, d.files) == (99, 3)  # as published, not re-measured
+    assert c.index.get("b/workspace") is None and c.index.get("f/r1") is None
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="forgespace.cache.eviction"):
+        assert collect_garbage(c).adopted == ["b/workspace"]  # free now
+    assert said() == ["indexed 1 entry found on disk but missing from the index: b/workspace"]
+    assert c.index.get("f/r1") is None and c.on_disk("f/r1")
+
+
+def test_gc_walks_no_entry_but_the_one_it_adopts(make_cache, monkeypatch) -> None:
+    """gc takes sizes from the index and lists two directory levels: the only entry whose
+    files it walks is one it adopts (measured once)."""
+    c = make_cache()
+    c.add("t/workspace", 10)
+    c.add("u/shared", 10)
+    c.add("v/r1", 10)
+    c.index.add_lease(c.index.new_lease("v/r1", "v", "r1", ("v/r1",)))
+    c.add("w/workspace", 10)
+    c.index.remove("w/workspace")
+    opened: list[str] = []
+    real_scandir = os.scandir
+
+    def scandir(path: object = ".") -> object:
+        if not isinstance(path, int):
+            opened.append(os.fspath(path))  # type: ignore[arg-type]
+        return real_scandir(path)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert collect_garbage(c).adopted == ["w/workspace"]
+    root = str(c.layout.root)
+    inside = [os.path.relpath(p, root) for p in opened if p.startswith(root + os.sep)]
+    walked = {p for p in inside if not p.startswith(".forgespace") and os.sep in p}
+    assert walked and all(p.startswith("w" + os.sep) for p in walked), sorted(walked)
+
+
+def test_reclaim_retired_returns_what_went_and_skips_without_stopping(
+    make_cache, monkeypatch, caplog
+) -> None:
+    """Among many targets: the retired workspaces of idle targets go (returned, and counted in
+    one log line); a busy target's and those of a target directory gc cannot list stay, and
+    neither they nor targets without any stop the others."""
+    from forgespace.cache.eviction import reclaim_retired
+
+    c = make_cache()
+    root = str(c.layout.root)
+    retired: dict[str, Path] = {}
+    for i in range(4):  # interleaved: whatever order the directory lists them in
+        for kind in ("r", "p", "b", "x"):
+            tid = f"{kind}{i}"
+            c.add(f"{tid}/workspace", 1)
+            if kind != "p":
+                retired[tid] = c.layout.target_dir(tid) / ".retired-0123456789ab"
+                (retired[tid] / "src").mkdir(parents=True)
+
+    def busy(tid: str) -> None:
+        if tid.startswith("b"):
+            raise LockTimeoutError("held by another process")
+
+    c.on_lock = busy
+    real_scandir = os.scandir
+
+    def scandir(path: object = ".") -> object:
+        p = path if isinstance(path, int) else os.fspath(path)  # type: ignore[arg-type]
+        if isinstance(p, str) and os.path.dirname(p) == root and os.path.basename(p)[0] == "x":
+            raise PermissionError(errno.EACCES, "Permission denied", p)  # not listable
+        return real_scandir(path)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with caplog.at_level(logging.INFO, logger="forgespace.cache.eviction"):
+        gone = reclaim_retired(c)
+    idle = sorted(p for tid, p in retired.items() if tid[0] == "r")
+    assert sorted(gone) == idle
+    assert [p for p in retired.values() if p.exists()] == [
+        p for tid, p in retired.items() if tid[0] != "r"
+    ]
+    assert [r.getMessage() for r in caplog.records] == [
+        "gc: removed 4 retired shared workspace(s) no run uses any more"
+    ]
+
+
+def test_gc_json_times_are_seconds_to_the_microsecond() -> None:
+    from forgespace.cache.eviction import GcReport
+
+    doc = GcReport([], 0, 0, 0, False, plan_seconds=0.0123456789, seconds=1.23456789).to_dict()
+    assert (doc["plan_seconds"], doc["seconds"]) == (0.012346, 1.234568)
+
+
+def test_cache_evict_never_follows_a_planted_overlay_dir_and_says_so(
+    make_cache, tmp_path, caplog
+) -> None:
+    """`cache evict` removes the target's overlay layers too: where a run planted a symlink
+    instead of .forgespace/overlay, it deletes nothing through it, deletes the rest and logs
+    the refusal."""
+    from forgespace.cache.eviction import evict_target
+
+    c = make_cache()
+    c.add("t/workspace", 10)
+    outside = tmp_path / "outside"
+    (outside / "t" / "r1").mkdir(parents=True)  # what the link would lead the deletion to
+    c.layout.overlay_dir.parent.mkdir(parents=True, exist_ok=True)
+    if c.layout.overlay_dir.exists():
+        c.layout.overlay_dir.rmdir()
+    c.layout.overlay_dir.symlink_to(outside)
+    with caplog.at_level(logging.WARNING, logger="forgespace.cache.eviction"):
+        evict_target(c, "t")
+    refusal = (
+        f"{c.layout.overlay_dir} is a symbolic link (to {str(outside)!r}) where forgespace "
+        "expects a directory; refusing to use it (never followed)"
+    )
+    said = [r.getMessage() for r in caplog.records if r.name == "forgespace.cache.eviction"]
+    assert said and all(m.startswith(refusal) for m in said), said
+    assert (outside / "t" / "r1").is_dir() and not c.on_disk("t/workspace")
+
+
+def test_gc_says_what_it_evicted_and_what_it_could_not_with_the_error(
+    make_cache, monkeypatch, caplog
+) -> None:
+    """Each eviction is logged (debug: key, kind, reason, bytes freed); a victim that cannot be
+    removed is logged as a warning with the error and reported skipped with its target."""
+    from forgespace.cache import fsops
+    from forgespace.cache.eviction import SkippedEviction
+
+    c = make_cache(CACHE_TTL="1s")
+    c.add("bad/workspace", 10, age=5)
+    c.add("good/r1", 7)  # a run without a lease: an orphan
+    real = fsops.discard
+    refused = PermissionError(errno.EACCES, "Permission denied", "bad/workspace")
+
+    def discard(root: Path, path: Path) -> None:
+        if "bad" in str(path):
+            raise refused
+        real(root, path)
+
+    monkeypatch.setattr(fsops, "discard", discard)
+    with caplog.at_level(logging.DEBUG, logger="forgespace.cache.eviction"):
+        report = collect_garbage(c)
+    assert [p.key for p in report.evicted] == ["good/r1"]
+    assert report.skipped == [SkippedEviction("bad/workspace", "bad", f"error: {refused}")]
+    said = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert ("DEBUG", "evicted good/r1 (run, orphan, 7 bytes)") in said, said
+    assert ("WARNING", f"gc: could not evict bad/workspace: {refused}") in said, said
+
+
+def test_gc_leaves_what_is_not_a_target_directory_alone(make_cache, tmp_path) -> None:
+    """Only real directories with a target id are target directories: an empty directory
+    named outside the id rules (the lost+found of a cache on its own filesystem) is not
+    removed as an empty target directory, and a symlink a run planted with a target's name is
+    never followed to reclaim or remove what it points to."""
+    c = make_cache()
+    c.add("t/workspace", 10)
+    lost = c.layout.root / "lost+found"
+    lost.mkdir()
+    outside = tmp_path / "outside"
+    (outside / ".retired-0123456789ab" / "src").mkdir(parents=True)
+    (c.layout.root / "planted").symlink_to(outside)
+    (tmp_path / "empty").mkdir()
+    (c.layout.root / "planted2").symlink_to(tmp_path / "empty")
+    report = collect_garbage(c)
+    assert report.evicted == [] and report.skipped == []
+    assert lost.is_dir() and (outside / ".retired-0123456789ab" / "src").is_dir()
+    assert (c.layout.root / "planted").is_symlink() and (c.layout.root / "planted2").is_symlink()
+    assert (tmp_path / "empty").is_dir() and c.on_disk("t/workspace")
+
+
+def test_gc_sums_up_what_it_did_in_one_line_and_times_its_plan(make_cache, caplog) -> None:
+    """What an operator reads after a gc: one line with what was evicted, the bytes freed, the
+    indexed total before and after, the limit and what was skipped, and one for the expired
+    leases it dropped; the report's times are the plan's and the whole run's, within the
+    call's own. A gc with nothing to do says nothing."""
+    c = make_cache(CACHE_TTL="1s", CACHE_LEASE_TTL="1s", CACHE_MAX_SIZE="1000")
+    c.add("a/workspace", 10, age=5)
+    c.add("b/workspace", 7, age=5)
+    c.add("k/workspace", 3)
+    c.add("r/r1", 2)
+    c.index.add_lease(c.index.new_lease("r/r1", "r", "r1", ("r/r1",), now=time.time() - 5))
+
+    def busy(tid: str) -> None:
+        if tid == "b":
+            raise LockTimeoutError("held by another process")
+
+    c.on_lock = busy
+    started = time.perf_counter()
+    with caplog.at_level(logging.INFO, logger="forgespace.cache.eviction"):
+        report = collect_garbage(c)
+    elapsed = time.perf_counter() - started
+    assert sorted(p.key for p in report.evicted) == ["a/workspace", "r/r1"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "gc: dropped 1 expired lease(s)",
+        "gc: evicted 2 item(s), freed 12 bytes (indexed total 22 -> 10, limit 1000); skipped 1",
+    ]
+    assert 0 < report.plan_seconds < report.seconds <= elapsed
+    assert c.index.all_leases() == []
+    caplog.clear()
+    c.on_lock = None
+    started = time.perf_counter()
+    with caplog.at_level(logging.INFO, logger="forgespace.cache.eviction"):
+        again = collect_garbage(c, dry_run=True)
+    elapsed = time.perf_counter() - started
+    assert [p.key for p in again.plan] == ["b/workspace"] and caplog.records == []
+    assert 0 < again.plan_seconds <= again.seconds <= elapsed
+    with caplog.at_level(logging.INFO, logger="forgespace.cache.eviction"):
+        collect_garbage(c)  # evictions alone are summed up too
+    assert [r.getMessage() for r in caplog.records] == [
+        "gc: evicted 1 item(s), freed 7 bytes (indexed total 10 -> 3, limit 1000); skipped 0"
+    ]
+    caplog.clear()
+    c.settings = c.settings.with_(cache_ttl=3600.0)
+    with caplog.at_level(logging.INFO, logger="forgespace.cache.eviction"):
+        assert collect_garbage(c).plan == []
+    assert caplog.records == []  # nothing to do: nothing said
+
+
+def test_a_dry_run_projects_the_indexed_total_after_the_plan(make_cache) -> None:
+    """`cache gc --dry-run` reports the indexed total the plan would leave: every indexed kind
+    it plans (shared, copy-on-write, run, stale row) counts, leftovers the index never counted
+    do not; and the limit it planned against."""
+    c = make_cache(CACHE_TTL="1h", CACHE_MAX_SIZE="5000")
+    c.add("s/workspace", 1000, age=7200)  # shared, TTL
+    c.add("c/shared", 200, age=7200)  # copy-on-write copy, TTL
+    c.add("r/r1", 30)  # a run without a lease: an orphan
+    c.index.publish(EntryRecord("g/workspace", "g", "shared", None, "shared", 4, 1, 0, 1))
+    c.add("k/workspace", 500)  # kept
+    stage = c.layout.tmp_dir / "k~shared~0123456789abcdef0123456789abcdef~abcd1234"
+    stage.mkdir(parents=True)
+    (stage / "part").write_bytes(b"x" * 60)  # a dead process's staging leftover: 60 bytes
+    report = collect_garbage(c, dry_run=True)
+    assert sorted((p.key, p.kind, p.bytes) for p in report.plan) == [
+        (f".forgespace/tmp/{stage.name}", "staging", 60),
+        ("c/shared", "cow-shared", 200),
+        ("g/workspace", "stale-row", 4),
+        ("r/r1", "run", 30),
+        ("s/workspace", "shared", 1000),
+    ]
+    assert (report.total_before, report.total_after) == (1734, 500)
+    assert report.dry_run is True and report.limit == 5000 and report.freed_bytes == 0
+    # `--json` shows when each planned entry was last used, the stale row's too
+    stale = [i for i in report.to_dict()["plan"] if i["kind"] == "stale-row"]
+    assert [(i["key"], i["last_access"]) for i in stale] == [("g/workspace", 1.0)]
+
+
+def test_plan_eviction_judges_ages_and_leases_at_the_time_it_is_given(make_cache) -> None:
+    """plan_eviction(now=T) plans as gc would at T: an entry last used exactly CACHE_TTL
+    before T is not expired yet, and a lease that has ended by T pins nothing."""
+    from forgespace.cache.eviction import plan_eviction
+
+    c = make_cache(CACHE_TTL="1h", CACHE_LEASE_TTL="1h")
+    a = c.add("a/workspace", 10)
+    b = c.add("b/workspace", 10)  # used after a
+    c.index.add_lease(
+        c.index.new_lease("b/workspace#r", "b", "r", ("b/workspace",), now=b.last_access)
+    )
+    assert plan_eviction(c, now=a.last_access + 3600) == ([], 20)
+    plan, _ = plan_eviction(c, now=b.last_access + 7200)  # the lease ended an hour ago
+    assert [(p.key, p.reason) for p in plan] == [("a/workspace", "ttl"), ("b/workspace", "ttl")]
+
+
+def test_empty_target_dirs_go_whatever_the_others_among_them_are_doing(make_cache) -> None:
+    """Among many target directories (in whatever order the cache directory lists them), every
+    empty idle one goes; one that is busy, not empty, filled between the look and the lock, or
+    already gone is left and stops nothing."""
+    c = make_cache()
+    kinds = ("e", "b", "f", "n", "v")  # empty, busy, full, filled meanwhile, vanishing
+    for i in range(4):
+        for kind in kinds:
+            c.layout.target_dir(f"{kind}{i}").mkdir(parents=True)
+            if kind == "f":
+                (c.layout.target_dir(f"{kind}{i}") / "note").write_bytes(b"not gc's")
+    vanished: list[str] = []
+
+    def meanwhile(tid: str) -> None:
+        if not vanished:  # the first lock: the other vanishing ones go (another gc)
+            vanished.extend(f"v{i}" for i in range(4) if f"v{i}" != tid)
+            for v in vanished:
+                c.layout.target_dir(v).rmdir()
+        if tid.startswith("b"):
+            raise LockTimeoutError("held by another process")
+        if tid.startswith("n"):
+            (c.layout.target_dir(tid) / "r1").mkdir()  # a get_target got there first
+
+    c.on_lock = meanwhile
+    collect_garbage(c)
+    left = sorted(p.name for p in c.layout.root.iterdir() if p.name != ".forgespace")
+    assert left == sorted(f"{kind}{i}" for i in range(4) for kind in ("b", "f", "n"))
+
+
+def test_gc_names_at_most_five_of_the_entries_it_indexes(make_cache, caplog) -> None:
+    c = make_cache()
+    tids = [f"t{i}" for i in range(6)]
+    for tid in tids:
+        c.add(f"{tid}/workspace", 1)
+        c.index.remove(f"{tid}/workspace")
+    with caplog.at_level(logging.WARNING, logger="forgespace.cache.eviction"):
+        assert collect_garbage(c).adopted == [f"{tid}/workspace" for tid in tids]
+    named = ", ".join(f"{tid}/workspace" for tid in tids[:5])
+    assert [r.getMessage() for r in caplog.records] == [
+        f"indexed 6 entries found on disk but missing from the index: {named}"
+    ]
+
+
+def test_gc_refreshes_the_cache_gauges(make_cache) -> None:
+    """After a gc the scraped gauges show the cache as it left it: bytes, entries, limit."""
+    c = make_cache(CACHE_TTL="1s", CACHE_MAX_SIZE="1000")
+    c.add("a/workspace", 10, age=5)
+    c.add("k/workspace", 3)
+    for gauge in (metrics.CACHE_BYTES, metrics.CACHE_ENTRIES, metrics.CACHE_LIMIT_BYTES):
+        gauge.set(-1)  # whatever an earlier test left there
+    collect_garbage(c)
+    assert metrics.value("forgespace_cache_bytes") == 3
+    assert metrics.value("forgespace_cache_entries") == 1
+    assert metrics.value("forgespace_cache_limit_bytes") == 1000
+
+
+def test_gc_removes_unowned_overlay_layers_and_refuses_a_planted_overlay_dir(
+    make_cache, tmp_path, caplog
+) -> None:
+    """Overlay upper/work directories no staging attempt or run owns go with gc, which says
+    so; where a run planted a symlink instead of .forgespace/overlay, gc follows nothing,
+    warns and still finishes."""
+    c = make_cache()
+    c.add("t/workspace", 10)
+    layers = c.layout.overlay_dir / "t" / "r1" / "attempt"  # its run directory is gone
+    (layers / "upper").mkdir(parents=True)
+    (layers / "work").mkdir()
+    with caplog.at_level(logging.INFO, logger="forgespace.cache.eviction"):
+        collect_garbage(c)
+    assert not layers.exists()
+    assert f"gc: removed 1 unowned overlay dir(s): {[layers]}" in [
+        r.getMessage() for r in caplog.records
+    ]
+    caplog.clear()
+    outside = tmp_path / "outside"
+    (outside / "t" / "r2" / "attempt" / "upper").mkdir(parents=True)
+    shutil.rmtree(c.layout.overlay_dir)
+    c.layout.overlay_dir.symlink_to(outside)
+    with caplog.at_level(logging.WARNING, logger="forgespace.cache.eviction"):
+        collect_garbage(c)
+    refusal = (
+        f"gc: {c.layout.overlay_dir} is a symbolic link (to {str(outside)!r}) where forgespace "
+        "expects a directory; refusing to use it (never followed)"
+    )
+    said = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith(refusal) for m in said), said
+    assert (outside / "t" / "r2" / "attempt" / "upper").is_dir() and c.on_disk("t/workspace")
+
+
+def test_gc_unmounts_no_other_file_system_than_its_own_overlays(make_cache, mounted) -> None:
+    """A tmpfs (any mount but an overlay) is the operator's, even in a directory gc would
+    unmount an overlay from: it is neither planned nor unmounted."""
+    from forgespace.cache.overlay import mounts_under
+
+    c = make_cache()
+    c.add("t/shared", 10)
+    stray = c.layout.target_dir("t") / "_old run" / "workspace"
+    stray.mkdir(parents=True)
+    mounted(stray)
+    assert collect_garbage(c, dry_run=True).plan == []
+    report = collect_garbage(c)
+    assert report.evicted == [] and report.skipped == []
+    assert mounts_under(c.layout.root) == [stray]
+
+
+def test_a_dead_staging_directory_is_planned_with_its_own_bytes_and_target(
+    make_cache, mounted
+) -> None:
+    """A staging directory a dead process left, with something still mounted in it (its
+    owner died mid-way): planned as its target's leftover, sized without entering the mount."""
+    c = make_cache()
+    stage = c.layout.tmp_dir / "k~shared~0123456789abcdef0123456789abcdef~abcd1234"
+    (stage / "workspace").mkdir(parents=True)
+    (stage / "part").write_bytes(b"x" * 30)
+    (mounted(stage / "workspace") / "big").write_bytes(b"y" * 1000)
+    plan = collect_garbage(c, dry_run=True).plan
+    assert [(p.key, p.target_id, p.kind, p.bytes) for p in plan] == [
+        (f".forgespace/tmp/{stage.name}", "k", "staging", 30)
+    ]
+
+
+def test_gc_refuses_a_planted_staging_dir_and_says_so(make_cache, tmp_path, caplog) -> None:
+    c = make_cache()
+    c.add("t/workspace", 10)
+    outside = tmp_path / "outside"
+    (outside / "k~shared~0123456789abcdef0123456789abcdef~abcd1234").mkdir(parents=True)
+    if c.layout.tmp_dir.exists():
+        shutil.rmtree(c.layout.tmp_dir)
+    c.layout.tmp_dir.symlink_to(outside)  # a run planted it
+    with caplog.at_level(logging.WARNING, logger="forgespace.cache.eviction"):
+        report = collect_garbage(c, dry_run=True)  # the plan alone: its own warning
+    refusal = (
+        f"gc: {c.layout.tmp_dir} is a symbolic link (to {str(outside)!r}) where forgespace "
+        "expects a directory; refusing to use it (never followed)"
+    )
+    said = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith(refusal) for m in said), said
+    assert report.plan == []
+    collect_garbage(c)
+    assert len(list(outside.iterdir())) == 1 and c.on_disk("t/workspace")
+
+
+def test_a_trash_leftover_is_planned_with_its_own_bytes(make_cache, mounted) -> None:
+    """Something left in .forgespace/trash (a gc killed mid-deletion) with a mount still in it
+    is sized without entering the mount."""
+    c = make_cache()
+    left = c.layout.trash_dir / "t.r1~1-0123456789ab"
+    (left / "workspace").mkdir(parents=True)
+    (left / "f").write_bytes(b"x" * 20)
+    (mounted(left / "workspace") / "big").write_bytes(b"y" * 1000)
+    plan = collect_garbage(c, dry_run=True).plan
+    assert [(p.key, p.kind, p.bytes) for p in plan] == [
+        (f".forgespace/trash/{left.name}", "trash", 20)
+    ]
+
+
+def test_gc_warns_in_its_own_words_about_a_planted_trash(make_cache, tmp_path, caplog) -> None:
+    c = make_cache()
+    outside = tmp_path / "outside"
+    (outside / "x~1").mkdir(parents=True)
+    if c.layout.trash_dir.exists():
+        c.layout.trash_dir.rmdir()
+    c.layout.trash_dir.parent.mkdir(parents=True, exist_ok=True)
+    c.layout.trash_dir.symlink_to(outside)
+    with caplog.at_level(logging.WARNING, logger="forgespace.cache.eviction"):
+        report = collect_garbage(c, dry_run=True)
+    refusal = (
+        f"gc: {c.layout.trash_dir} is a symbolic link (to {str(outside)!r}) where forgespace "
+        "expects a directory; refusing to use it (never followed)"
+    )
+    said = [r.getMessage() for r in caplog.records if r.name == "forgespace.cache.eviction"]
+    assert any(m.startswith(refusal) for m in said), said
+    assert report.plan == [] and (outside / "x~1").is_dir()
+
+
+def test_gc_reaches_its_phases_in_order_plan_first(make_cache) -> None:
+    """The seam race tests stop gc at: GC_PLANNED once, when the plan is made and nothing of
+    it executed, then GC_VICTIM_CHECKED once per victim deleted."""
+    c = make_cache(CACHE_TTL="1s")
+    c.add("a/workspace", 10, age=5)
+    c.add("b/r1", 10)  # no lease: an orphan
+    seen: list[tuple[str, list[str]]] = []
+
+    class Record:
+        def reached(self, phase: object) -> None:
+            there = [k for k in ("a/workspace", "b/r1") if c.on_disk(k)]
+            seen.append((str(phase), there))
+
+    c.hooks = Record()  # type: ignore[attr-defined]
+    collect_garbage(c)
+    assert seen == [
+        ("gc-planned", ["a/workspace", "b/r1"]),
+        ("gc-victim-checked", ["a/workspace", "b/r1"]),
+        ("gc-victim-checked", ["a/workspace"]),
+    ]
+
+
+def test_gc_names_at_most_five_unowned_overlay_dirs_it_removes(make_cache, caplog) -> None:
+    c = make_cache()
+    dirs = [c.layout.overlay_dir / "t" / f"r{i}" / "attempt" for i in range(6)]
+    for d in dirs:  # their run directories are gone
+        (d / "upper").mkdir(parents=True)
+    with caplog.at_level(logging.INFO, logger="forgespace.cache.eviction"):
+        collect_garbage(c)
+    assert not any(d.exists() for d in dirs)
+    said = [r.getMessage() for r in caplog.records if "unowned overlay" in r.getMessage()]
+    assert said == [f"gc: removed 6 unowned overlay dir(s): {dirs[:5]}"]
+
+
+def test_gc_completes_when_the_gauges_cannot_be_refreshed(make_cache, monkeypatch) -> None:
+    """The gauges are best effort: a gc whose metrics update fails still evicts and reports."""
+    c = make_cache(CACHE_TTL="1s")
+    c.add("a/workspace", 10, age=5)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("the metrics registry is unavailable")
+
+    monkeypatch.setattr(metrics, "refresh_from_index", broken)
+    assert [p.key for p in collect_garbage(c).evicted] == ["a/workspace"]
+    assert not c.on_disk("a/workspace")
