@@ -140,6 +140,11 @@ def test_a_new_version_from_a_snapshot_is_exactly_the_full_build(
         assert (w2 / "pkg1" / "sub1" / "f1.py").read_text() == "changed in v2"
         (w2 / "pkg1" / "sub1" / "f1.py").write_text("run writes")
     assert (pristine / "pkg1" / "sub1" / "f1.py").read_text() == "changed in v2"
+    # Its seal's sketch (which a later version's choice of base reads) is its own files'.
+    kind = "cow" if mode == "copy-on-write" else "shared"
+    sealed = (cache.layout.meta_dir / "manifests" / f"{t2}.{kind}.seal").read_bytes()
+    files = [e[6] for e in snapshot.SealRecord.decode(sealed).entries.values() if e[0] == "f"]
+    assert json.loads(sealed.partition(b"\n")[0])["sketch"] == snapshot._sketch(files)
 
 
 def _writable(p: Path) -> None:

@@ -297,22 +297,23 @@ def _norm(name: str, what: str) -> str:
     The refusal's ``reason`` is said of the member being extracted: ``what`` is "member" (the
     name is its own) or another name it carries ("hard link target")."""
 
-    def refuse(why: str) -> UnsafeArchiveError:
-        said = why if what == "member" else f"has the {what} {name!r}, which {why}"
-        return UnsafeArchiveError(reason=said)
-
     if not name:
-        raise refuse("has an empty name")
+        raise _refuse_name(name, what, "has an empty name")
     if "\0" in name:
-        raise refuse("contains a NUL byte")
+        raise _refuse_name(name, what, "contains a NUL byte")
     if name[0] == "/":
-        raise refuse("is an absolute path; only relative paths are accepted")
+        raise _refuse_name(name, what, "is an absolute path; only relative paths are accepted")
     parts = name.split("/")
     if ".." in parts:
-        raise refuse("contains a '..' component")
+        raise _refuse_name(name, what, "contains a '..' component")
     if "" in parts or "." in parts:
-        parts = [p for p in parts if p and p != "."]
-    return "/".join(parts)
+        return "/".join([p for p in parts if p and p != "."])
+    return name  # already normal (most names): no copy
+
+
+def _refuse_name(name: str, what: str, why: str) -> UnsafeArchiveError:
+    said = why if what == "member" else f"has the {what} {name!r}, which {why}"
+    return UnsafeArchiveError(reason=said)
 
 
 # The kernel gives up (ELOOP) after following this many symlinks in one lookup.

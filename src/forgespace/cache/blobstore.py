@@ -476,7 +476,7 @@ def _build(job: _Job, blobs: _Blobs) -> ExtractStats:
         try:
             if snapped and job.base is not None:
                 snapshot.apply_removals(x, job.base)
-                sealer = snapshot.Sealer(job.base.seal.entries)
+                sealer = snapshot.Sealer(job.base.seal.entries, job.base.sketch)
                 entries = ((e, _checked_name(_name(e), src)) for e in job.base.create)
                 log.info(
                     "target %s: built from a snapshot of %s (snapshot %.0f ms, checked in %.0f ms)",

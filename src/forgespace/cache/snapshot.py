@@ -184,14 +184,14 @@ class SealRecord:
 
     uuid: str
     entries: dict[str, SealEntry]
+    sketch: list[int] | None = None  # of its files' digests, when already known
 
     def encode(self) -> bytes:
-        head = {
-            "version": SEAL_VERSION,
-            "uuid": self.uuid,
-            "count": len(self.entries),
-            "sketch": _sketch(e[6] for e in self.entries.values() if e[0] == "f"),
-        }
+        sketch = self.sketch
+        if sketch is None:
+            sketch = _sketch(e[6] for e in self.entries.values() if e[0] == "f")
+        head = {"version": SEAL_VERSION, "uuid": self.uuid, "count": len(self.entries),
+                "sketch": sketch}  # fmt: skip
         body = [[r, *e] for r, e in self.entries.items()]
         return (
             json.dumps(head).encode()
@@ -240,8 +240,11 @@ class Sealer:
     """Collects a tree's seal while ``blobstore._build`` writes it (one ``fstat`` per file,
     taken once the file is final) or while it applies a diff to a verified snapshot."""
 
-    def __init__(self, kept: dict[str, SealEntry] | None = None) -> None:
+    def __init__(
+        self, kept: dict[str, SealEntry] | None = None, sketch: list[int] | None = None
+    ) -> None:
         self.kept = kept or {}
+        self.sketch = sketch  # the finished tree's, when the caller knows it (a snapshot's)
         self.new: dict[str, SealEntry] = {}
 
     def file(self, rel: str, fd: int, f: FileEntry) -> None:
@@ -275,7 +278,7 @@ class Sealer:
         for rel in [*x.files, *x.symlinks]:
             entries[rel] = self.new.get(rel) or self.kept[rel]
         _settle(x.dfd, max(e[2] for e in entries.values()))
-        return SealRecord(subvolume_uuids(x.dfd)[0], entries)
+        return SealRecord(subvolume_uuids(x.dfd)[0], entries, self.sketch)
 
 
 def _settle(root_fd: int, newest: int) -> None:
@@ -303,6 +306,7 @@ class Base:
     remove: list[str]  # topmost entries of the sealed tree to remove
     create: list[Any]  # manifest entries to write, in manifest order
     named_root: bool = False  # the manifest lists the root directory itself
+    sketch: list[int] | None = None  # the new version's (its seal's, once built)
     shown: str = ""
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -379,10 +383,12 @@ def find_base(
     want = _wanted(m, names)
     if want is None:
         return None
-    mine = _sketch(f.sha256 for f in m.files)
     root = engine.layout.root
     best: tuple[float, str, str, tuple[str, ...]] | None = None
     entries = [e for e in engine.index.entries() if e.kind in _KINDS and e.target_id != tid]
+    if not entries:
+        return None
+    mine = _sketch(f.sha256 for f in m.files)
     for e in reversed(entries[-MAX_CANDIDATES:]):  # most recently used first
         name = seal_name(e.target_id, _RECORD_KIND[e.kind])
         try:
@@ -403,6 +409,7 @@ def find_base(
         log.warning("snapshot base %s: unreadable seal (%s); building from blobs", btid, exc)
         return None
     base = plan(btid, parts, seal, want)
+    base.sketch = mine  # the new tree's files are the manifest's (_wanted: unique paths)
     base.shown = f"{root}/{'/'.join(parts)}"
     log.info(
         "target %s: snapshot base %s (~%.0f%% shared): %d to remove, %d to write",
