@@ -262,26 +262,37 @@ def test_a_chain_that_escapes_only_through_another_link_is_refused(
     refused(tmp_path, tar_of(*members), UnsafeArchiveError, why, "esc")
 
 
-def test_a_chain_of_forty_links_the_kernel_follows_out_is_refused_at_its_head(
-    tmp_path: Path,
-) -> None:
-    """c1 -> c2 -> ... -> c39 -> sub/up/.. and sub/up -> ..: reaching c1 follows 40 links,
-    exactly the kernel's limit (it refuses the 41st), and leaves the root. The first link of
-    the chain is the one refused: every hop is counted, none twice."""
-    n = 39
+def _chain_out(n: int) -> list[tuple]:
+    """c1 -> c2 -> ... -> c{n} -> sub/up/.. and sub/up -> ..: members of a tar."""
     chain = [member(f"c{i}", SYM, link=f"c{i + 1}") for i in range(1, n)]
     chain.append(member(f"c{n}", SYM, link="sub/up/.."))
-    members = [*chain, member("sub", DIR), member("sub/up", SYM, link="..")]
-    why = "is a symlink that resolves outside the destination through the symlink 'sub/up'"
-    refused(tmp_path, tar_of(*members), UnsafeArchiveError, why + " (target 'c2')", "c1")
-    # The kernel's own verdict on the same links, made by hand under a directory with a marker
-    # next to it: the chain reaches the marker (leaves the root) within its link limit.
+    return [*chain, member("sub", DIR), member("sub/up", SYM, link="..")]
+
+
+def _kernel_jail(tmp_path: Path, members: list[tuple]) -> Path:
+    """The same links made by hand under a directory with a marker next to it: the kernel's
+    own verdict is whether ``jail/<link>/marker`` reaches the marker."""
     jail = tmp_path / "kernel" / "root"
     (jail / "sub").mkdir(parents=True)
     (tmp_path / "kernel" / "marker").write_text("outside")
     for name, _, _, link in members:
         if link:
             os.symlink(link, jail / name)
+    return jail
+
+
+WHY_UP = "is a symlink that resolves outside the destination through the symlink 'sub/up'"
+
+
+def test_a_chain_of_forty_links_the_kernel_follows_out_is_refused_at_its_head(
+    tmp_path: Path,
+) -> None:
+    """c1 -> c2 -> ... -> c39 -> sub/up/.. and sub/up -> ..: reaching c1 follows 40 links,
+    exactly the kernel's limit (it refuses the 41st), and leaves the root. The first link of
+    the chain is the one refused: every hop is counted, none twice."""
+    members = _chain_out(39)
+    refused(tmp_path, tar_of(*members), UnsafeArchiveError, WHY_UP + " (target 'c2')", "c1")
+    jail = _kernel_jail(tmp_path, members)  # the chain leaves the root within the link limit
     assert (jail / "c1" / "marker").read_text() == "outside"
 
 
@@ -290,18 +301,9 @@ def test_in_a_chain_one_link_longer_the_first_link_the_kernel_follows_out_is_nam
 ) -> None:
     """The same chain with one link more (41 to follow from c1): the kernel refuses c1 with
     ELOOP, so c1 leaves nothing; c2 (40 links) does, and the refusal names it."""
-    n = 40
-    chain = [member(f"c{i}", SYM, link=f"c{i + 1}") for i in range(1, n)]
-    chain.append(member(f"c{n}", SYM, link="sub/up/.."))
-    members = [*chain, member("sub", DIR), member("sub/up", SYM, link="..")]
-    why = "is a symlink that resolves outside the destination through the symlink 'sub/up'"
-    refused(tmp_path, tar_of(*members), UnsafeArchiveError, why + " (target 'c3')", "c2")
-    jail = tmp_path / "kernel" / "root"  # the kernel's verdict, as above
-    (jail / "sub").mkdir(parents=True)
-    (tmp_path / "kernel" / "marker").write_text("outside")
-    for name, _, _, link in members:
-        if link:
-            os.symlink(link, jail / name)
+    members = _chain_out(40)
+    refused(tmp_path, tar_of(*members), UnsafeArchiveError, WHY_UP + " (target 'c3')", "c2")
+    jail = _kernel_jail(tmp_path, members)
     assert (jail / "c2" / "marker").read_text() == "outside"
     with pytest.raises(OSError) as info:
         (jail / "c1" / "marker").read_text()
