@@ -149,9 +149,10 @@ class _Sink:
         with self._cond:
             self.rows.append((self.digest, self.start, self.size - self.start))
             if self.digest not in self._placed:
-                self._placed[self.digest] = (self.start, self.size - self.start)
+                # memory first: wait_for reads _placed without the lock, then _memory
                 if self.start >= self._disk:
                     self._memory[self.digest] = self._cur
+                self._placed[self.digest] = (self.start, self.size - self.start)
             self._cond.notify_all()
 
     def end(self, error: BaseException | None) -> None:
@@ -195,7 +196,8 @@ class _Sink:
         tmp = f".{self.name}{_IDX}{_TMP_SUFFIX}"
         idx = self.name + _IDX
         write_atomic_at(self.bfd, idx, json.dumps(self.rows).encode(), tmp=tmp)
-        _remember_index(self.bfd, idx, self.rows)  # the next get here need not read it back
+        with contextlib.suppress(OSError):  # only a cache: the next get reads it back then
+            _remember_index(self.bfd, idx, self.rows)
 
     def discard(self) -> None:
         if self.fd >= 0:
