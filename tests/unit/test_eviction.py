@@ -864,6 +864,15 @@ def test_gc_counts_freed_bytes_and_forgets_copy_on_write_records(make_cache) -> 
     assert c.index.counters()["evictions_ttl"] == 2
 
 
+def _planted_link_refusal(link: Path, outside: Path, prefix: str = "") -> str:
+    """The warning that opens with how forgespace refuses a symlink a run planted at ``link``
+    (to ``outside``) where it expects one of its own directories."""
+    return (
+        f"{prefix}{link} is a symbolic link (to {str(outside)!r}) where forgespace "
+        "expects a directory; refusing to use it (never followed)"
+    )
+
+
 def test_a_planted_trash_is_never_followed_and_gc_says_so(make_cache, tmp_path, caplog) -> None:
     c = make_cache(CACHE_TTL="1s")
     c.add("t/workspace", 10, age=5)
@@ -874,10 +883,7 @@ def test_a_planted_trash_is_never_followed_and_gc_says_so(make_cache, tmp_path, 
     c.layout.trash_dir.symlink_to(outside)  # a run planted it: deletions would land outside
     with caplog.at_level(logging.WARNING, logger="forgespace.cache.eviction"):
         collect_garbage(c)
-    refusal = (
-        f"{c.layout.trash_dir} is a symbolic link (to {str(outside)!r}) where forgespace "
-        "expects a directory; refusing to use it (never followed)"
-    )
+    refusal = _planted_link_refusal(c.layout.trash_dir, outside)
     messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith(refusal) for m in messages), messages  # said where, and why
     assert list(outside.iterdir()) == []  # nothing was moved through the link
@@ -1212,10 +1218,7 @@ def test_cache_evict_never_follows_a_planted_overlay_dir_and_says_so(
     c.layout.overlay_dir.symlink_to(outside)
     with caplog.at_level(logging.WARNING, logger="forgespace.cache.eviction"):
         evict_target(c, "t")
-    refusal = (
-        f"{c.layout.overlay_dir} is a symbolic link (to {str(outside)!r}) where forgespace "
-        "expects a directory; refusing to use it (never followed)"
-    )
+    refusal = _planted_link_refusal(c.layout.overlay_dir, outside)
     said = [r.getMessage() for r in caplog.records if r.name == "forgespace.cache.eviction"]
     assert said and all(m.startswith(refusal) for m in said), said
     assert (outside / "t" / "r1").is_dir() and not c.on_disk("t/workspace")
@@ -1443,10 +1446,7 @@ def test_gc_removes_unowned_overlay_layers_and_refuses_a_planted_overlay_dir(
     c.layout.overlay_dir.symlink_to(outside)
     with caplog.at_level(logging.WARNING, logger="forgespace.cache.eviction"):
         collect_garbage(c)
-    refusal = (
-        f"gc: {c.layout.overlay_dir} is a symbolic link (to {str(outside)!r}) where forgespace "
-        "expects a directory; refusing to use it (never followed)"
-    )
+    refusal = _planted_link_refusal(c.layout.overlay_dir, outside, prefix="gc: ")
     said = [r.getMessage() for r in caplog.records]
     assert any(m.startswith(refusal) for m in said), said
     assert (outside / "t" / "r2" / "attempt" / "upper").is_dir() and c.on_disk("t/workspace")
@@ -1494,10 +1494,7 @@ def test_gc_refuses_a_planted_staging_dir_and_says_so(make_cache, tmp_path, capl
     c.layout.tmp_dir.symlink_to(outside)  # a run planted it
     with caplog.at_level(logging.WARNING, logger="forgespace.cache.eviction"):
         report = collect_garbage(c, dry_run=True)  # the plan alone: its own warning
-    refusal = (
-        f"gc: {c.layout.tmp_dir} is a symbolic link (to {str(outside)!r}) where forgespace "
-        "expects a directory; refusing to use it (never followed)"
-    )
+    refusal = _planted_link_refusal(c.layout.tmp_dir, outside, prefix="gc: ")
     said = [r.getMessage() for r in caplog.records]
     assert any(m.startswith(refusal) for m in said), said
     assert report.plan == []
@@ -1529,10 +1526,7 @@ def test_gc_warns_in_its_own_words_about_a_planted_trash(make_cache, tmp_path, c
     c.layout.trash_dir.symlink_to(outside)
     with caplog.at_level(logging.WARNING, logger="forgespace.cache.eviction"):
         report = collect_garbage(c, dry_run=True)
-    refusal = (
-        f"gc: {c.layout.trash_dir} is a symbolic link (to {str(outside)!r}) where forgespace "
-        "expects a directory; refusing to use it (never followed)"
-    )
+    refusal = _planted_link_refusal(c.layout.trash_dir, outside, prefix="gc: ")
     said = [r.getMessage() for r in caplog.records if r.name == "forgespace.cache.eviction"]
     assert any(m.startswith(refusal) for m in said), said
     assert report.plan == [] and (outside / "x~1").is_dir()
