@@ -55,6 +55,7 @@ import logging
 import os
 import stat
 import struct
+import threading
 import time
 import uuid
 from collections.abc import Iterable
@@ -62,6 +63,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from forgespace.atomicfile import write_atomic_at
 from forgespace.cache import fsops
 from forgespace.cache import manifest as mf
 from forgespace.cache.archive import _norm
@@ -227,7 +229,42 @@ def save_seal(root: Path, tid: str, kind: str, seal: SealRecord | None) -> None:
             os.unlink(name, dir_fd=d)
         return
     tmp = f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    fsops.write_atomic(root, _SEAL_DIR, name, seal.encode(), tmp=tmp, mode=0o644)
+    with fsops.dir_fd(root, _SEAL_DIR, create=True) as d:
+        write_atomic_at(d, name, seal.encode(), tmp=tmp, mode=0o644)
+        _remember_seal(os.stat(name, dir_fd=d, follow_symlinks=False), seal)
+
+
+# Seals this worker process wrote or read, by the identity of their file (device, inode, size,
+# ctime: a seal rewritten in place moves its ctime, which no one can set back), so a worker
+# getting version after version of a target does not decode the 20,000-row seal it wrote a
+# moment ago (~50 ms). A few only: each holds a row per entry of its tree.
+_SealIdent = tuple[int, int, int, int]
+_seals: dict[_SealIdent, SealRecord] = {}
+_seals_lock = threading.Lock()
+_SEALS_KEPT = 4
+
+
+def _seal_ident(st: os.stat_result) -> _SealIdent:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_ctime_ns)
+
+
+def _remember_seal(st: os.stat_result, seal: SealRecord) -> None:
+    with _seals_lock:
+        _seals.pop(_seal_ident(st), None)
+        _seals[_seal_ident(st)] = seal
+        while len(_seals) > _SEALS_KEPT:
+            del _seals[next(iter(_seals))]  # the oldest
+
+
+def _read_seal(f: Any) -> SealRecord:
+    """The seal in the open file ``f``: remembered when this process knows that very file."""
+    st = os.fstat(f.fileno())
+    with _seals_lock:
+        seal = _seals.get(_seal_ident(st))
+    if seal is None:
+        seal = SealRecord.decode(f.read())
+        _remember_seal(st, seal)
+    return seal
 
 
 def _open_seal(root: Path, name: str) -> Any:
@@ -404,7 +441,7 @@ def find_base(
     score, btid, name, parts = best
     try:
         with _open_seal(root, name) as f:
-            seal = SealRecord.decode(f.read())
+            seal = _read_seal(f)
     except (OSError, ValueError, KeyError, TypeError, IndexError, ForgespaceError) as exc:
         log.warning("snapshot base %s: unreadable seal (%s); building from blobs", btid, exc)
         return None
