@@ -5,6 +5,7 @@ and a blob failing its digest after part of it reached the disk leaves nothing b
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -27,6 +28,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
     monkeypatch.setattr(blobstore, "_FLUSH_AT", 1000)  # most blobs go to disk mid-fetch
+    monkeypatch.setattr(blobstore, "_KEEP", 3000)  # and most of those are read back from it
     return Settings.from_env(
         {"CACHE_DIR": str(tmp_path / "cache"), "STORAGE_DIR": str(tmp_path / "store")}
     )
@@ -63,6 +65,77 @@ def test_blobs_queued_or_written_build_the_same_tree(settings: Settings, tmp_pat
     assert len(packs) == len(sizes) * 2 + 1
     again = Path(cache.get_target(tid, "r", workspace_isolation="isolated"))  # from held packs
     assert tree_digest(again) == tree_digest(src)
+
+
+def test_written_blobs_the_builder_has_not_taken_stay_in_memory_within_keep(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fetch running ahead of the build keeps the written blobs the builder has not taken
+    in memory, up to _KEEP bytes, and the builder reads the others back from the pack: the
+    more kept, the fewer read back; never more than _KEEP kept; the tree exact either way."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(24):
+        (src / f"f{i:02}").write_bytes(os.urandom(400))  # _FLUSH_AT is 1000: a flush per 3
+    tid = open_store(settings).upload_target(src)
+    real_build, real_flush, real_pread = (
+        blobstore._build,
+        blobstore._Sink._flush,
+        blobstore._pread_copy,
+    )
+
+    def build_after_fetch(job: Any, blobs: Any) -> Any:  # the fetch ahead by all of it
+        with blobs.pending._cond:
+            blobs.pending._cond.wait_for(lambda: blobs.pending.ended)
+        return real_build(job, blobs)
+
+    kept: list[int] = []
+    read_back: list[int] = []
+
+    def flush(sink: Any, keep: int | None = None) -> None:
+        real_flush(sink, keep)
+        kept.append(sum(sink._placed[d][1] for d in sink._memory))
+
+    def pread(sfd: int, dfd: int, offset: int, size: int, done: int) -> None:
+        read_back.append(size)
+        real_pread(sfd, dfd, offset, size, done)
+
+    monkeypatch.setattr(blobstore, "_build", build_after_fetch)
+    monkeypatch.setattr(blobstore._Sink, "_flush", flush)
+    monkeypatch.setattr(blobstore, "_pread_copy", pread)
+    counts = []
+    for keep in (0, 2000, 1 << 20):
+        monkeypatch.setattr(blobstore, "_KEEP", keep)
+        kept.clear()
+        read_back.clear()
+        cache = WorkspaceCache(dataclasses.replace(settings, cache_dir=tmp_path / f"c{keep}"))
+        ws = Path(cache.get_target(tid, None, workspace_isolation="shared"))
+        assert tree_digest(ws) == tree_digest(src)
+        assert kept and max(kept) <= keep
+        counts.append(len(read_back))
+    assert counts[0] > counts[1] > counts[2], counts
+
+
+def test_a_blob_taken_while_queued_is_not_kept_once_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the builder already took does not use the memory kept for what it has not."""
+    monkeypatch.setattr(blobstore, "_FLUSH_AT", 1000)
+    monkeypatch.setattr(blobstore, "_KEEP", 1 << 20)
+    sink = blobstore._Sink(os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY))
+    blobs = {name: os.urandom(400) for name in ("taken", "waiting", "flushing")}
+    for name, data in blobs.items():
+        sink.begin(name)
+        sink.write(data)
+        sink.commit()
+        if name == "taken":
+            assert sink.wait_for(name)[2] == [data]  # from the queue, before any flush
+    assert sink._disk == 1200 and list(sink._memory) == ["waiting"]  # kept, not yet taken
+    assert sink.wait_for("waiting")[2] == [blobs["waiting"]]
+    assert sink.wait_for("taken")[2] is None  # a second use: from the pack
+    assert not sink._memory
+    sink.discard()
+    os.close(sink.bfd)
 
 
 def test_a_blob_failing_its_digest_after_reaching_the_disk_leaves_nothing(
