@@ -13,6 +13,7 @@ import os
 import random
 import resource
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -202,3 +203,38 @@ def caches_root(stack: contextlib.ExitStack, fs: str, fallback: Path) -> Path:
         return fallback
     print(f"caches on a loop-mounted btrfs at {root}", flush=True)
     return root
+
+
+# the second S3 implementation (Node): `npm install --prefix bench` (bench/package.json)
+S3RVER = Path(__file__).resolve().parent / "node_modules" / ".bin" / "s3rver"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def running_s3rver(exe: Path, data: Path) -> Iterator[str]:
+    """s3rver on 127.0.0.1 (a free port) for the block; yields its endpoint."""
+    port = _free_port()
+    data.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [str(exe), "-d", str(data), "-a", "127.0.0.1", "-p", str(port), "-s"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"s3rver ({exe}) did not start on 127.0.0.1:{port}")
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -1,5 +1,7 @@
 """Benchmark incremental targets (manifest + blob packs) against the classic whole-archive path,
-both measured in the same run, through S3 (moto behind the counting test proxy).
+both measured in the same run, through S3 behind the counting test proxy: moto, or with
+``--server s3rver`` the second implementation (Node, serves ranges from its files; ``npm
+install --prefix bench``), so a ratio is not an artefact of one server's quirks.
 
 A source-like tree (``--files`` / ``--mb``, default 20,000 files / 300 MB) is version 1; three
 version 2s change one file, 1% of the files and 20% of the files (each changed file gets new
@@ -16,7 +18,7 @@ second table gives each step's CPU seconds in this process (all threads, the pro
 Nothing is deleted between timed runs (each one makes a new target or cache entry), and each
 starts with the page cache written back (``os.sync``), both paths alike.
 
-Run: ``.venv/bin/python bench/incremental.py [--files 20000 --mb 300] [--reps 3]``
+Run: ``.venv/bin/python bench/incremental.py [--files 20000 --mb 300] [--reps 3] [--server s3rver]``
 (``--quick``: 2,000 files / 30 MB). Seconds are medians over the repetitions, each with fresh
 buckets and caches; classic and incremental runs alternate.
 """
@@ -32,7 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +42,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _common import bench_root, cached, caches_root, make_tree, print_table, throttled  # noqa: E402
-from support.s3server import S3Server, running_s3_server, s3_env  # noqa: E402
+from _common import (  # noqa: E402
+    S3RVER,
+    bench_root,
+    cached,
+    caches_root,
+    make_tree,
+    print_table,
+    running_s3rver,
+    throttled,
+)
+from support.s3server import S3Server, proxied, running_s3_server, s3_env  # noqa: E402
 
 from forgespace import Settings, WorkspaceCache  # noqa: E402
 from forgespace.storage.s3 import S3Store  # noqa: E402
@@ -132,7 +143,15 @@ def main() -> None:
         "bench/get_target.py: immune to the root ext4's slow creates after deletes) or the "
         "temp dir",
     )
+    ap.add_argument(
+        "--server",
+        choices=("moto", "s3rver"),
+        default="moto",
+        help="the S3 implementation behind the counting proxy (s3rver: npm install --prefix bench)",
+    )
     args = ap.parse_args()
+    if args.server == "s3rver" and not S3RVER.exists():
+        sys.exit(f"s3rver not found at {S3RVER}: run `npm install --prefix bench`")
     files, mb = (2000, 30) if args.quick else (args.files, args.mb)
     base = bench_root() / f"incr-{files}-{mb}MB"
     v1 = cached(base / "v1", lambda p: make_tree(p, files=files, total_bytes=mb << 20))
@@ -145,7 +164,7 @@ def main() -> None:
         fs_root = caches_root(stack, args.fs, Path(tempfile.gettempdir()))
         work = Path(tempfile.mkdtemp(prefix="forgespace-bench-incr-", dir=fs_root))
         stack.callback(shutil.rmtree, work, ignore_errors=True)
-        with running_s3_server(work) as server:
+        with _server(args.server, work) as server:
             endpoint = None
             if args.rate:  # through the counting proxy, so bytes are still counted
                 endpoint = stack.enter_context(throttled(server.endpoint, args.rate))
@@ -156,7 +175,23 @@ def main() -> None:
                 for n in PATHS:  # a repetition's caches are not used again: room for the next
                     shutil.rmtree(work / f"{n}-{rep}", ignore_errors=True)
     _report(_medians(runs), files, mb, args.reps)
-    print(f"caches on: {args.fs}; downloads: {f'{args.rate:g} MB/s' if args.rate else 'loopback'}")
+    print(
+        f"server: {args.server}; caches on: {args.fs}; "
+        f"downloads: {f'{args.rate:g} MB/s' if args.rate else 'loopback'}"
+    )
+
+
+@contextlib.contextmanager
+def _server(name: str, work: Path) -> Iterator[S3Server]:
+    """moto or s3rver on 127.0.0.1, behind the counting proxy, for the block."""
+    if name == "moto":
+        with running_s3_server(work) as server:
+            yield server
+        return
+    with running_s3rver(S3RVER, work / "s3rver-data") as endpoint:
+        port = int(endpoint.rsplit(":", 1)[1])
+        with proxied(port, access_key="S3RVER", secret_key="S3RVER") as server:
+            yield server
 
 
 PATHS = ("classic", "incremental")

@@ -20,8 +20,6 @@ import argparse
 import contextlib
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +32,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import boto3  # noqa: E402
-from _common import median, print_table  # noqa: E402
+from _common import S3RVER, median, print_table, running_s3rver  # noqa: E402
 from boto3.s3.transfer import TransferConfig  # noqa: E402
 from botocore.config import Config  # noqa: E402
 from support.s3server import running_s3_server, s3_env  # noqa: E402
@@ -43,37 +41,6 @@ from forgespace.config import Settings  # noqa: E402
 from forgespace.storage.s3 import S3Store  # noqa: E402
 
 MiB = 1 << 20
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def running_s3rver(exe: Path, data: Path) -> Iterator[str]:
-    """s3rver on 127.0.0.1 (a free port) for the block; yields its endpoint."""
-    port = _free_port()
-    data.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(
-        [str(exe), "-d", str(data), "-a", "127.0.0.1", "-p", str(port), "-s"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-                break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"s3rver ({exe}) did not start on 127.0.0.1:{port}")
-            time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def _settings(endpoint: str, work: Path, access: str, secret: str) -> Settings:
@@ -168,7 +135,7 @@ def main() -> None:
     ap.add_argument(
         "--s3rver",
         type=Path,
-        default=ROOT / "bench" / "node_modules" / ".bin" / "s3rver",
+        default=S3RVER,
         help="the s3rver executable (npm install --prefix bench)",
     )
     args = ap.parse_args()

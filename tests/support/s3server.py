@@ -503,9 +503,22 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 def running_s3_server(log_dir: Path) -> Iterator[S3Server]:
     """moto + proxy for the duration of the block (also usable outside pytest)."""
     proc, port = _start_moto(log_dir / "moto_server.log")
+    try:
+        with proxied(port) as state:
+            yield state
+    finally:
+        _stop(proc)
+
+
+@contextlib.contextmanager
+def proxied(port: int, **credentials: str) -> Iterator[S3Server]:
+    """The counting, fault-injecting proxy in front of the S3 server on 127.0.0.1:``port``
+    (moto, or another implementation with its ``access_key``/``secret_key``)."""
     proxy = _ProxyServer(("127.0.0.1", port))
     host, pport = proxy.server_address[:2]
-    state = S3Server(endpoint=f"http://{host!s}:{pport}", upstream=f"http://127.0.0.1:{port}")
+    state = S3Server(
+        endpoint=f"http://{host!s}:{pport}", upstream=f"http://127.0.0.1:{port}", **credentials
+    )
     proxy.state = state
     thread = threading.Thread(target=proxy.serve_forever, name="s3-proxy", daemon=True)
     thread.start()
@@ -515,7 +528,6 @@ def running_s3_server(log_dir: Path) -> Iterator[S3Server]:
         proxy.shutdown()
         proxy.server_close()
         thread.join(timeout=5)
-        _stop(proc)
 
 
 @pytest.fixture(scope="session")
