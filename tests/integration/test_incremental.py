@@ -398,6 +398,72 @@ def test_sweep_and_upload_exclude_each_other(any_store_settings: Settings, tmp_p
     assert len(store.sweep_blobs(0.0).deleted) == 1
 
 
+def _paused_in_upload(monkeypatch: pytest.MonkeyPatch, go: threading.Event) -> threading.Event:
+    """Make the next upload wait, lease held, until ``go`` is set; returns "it is waiting"."""
+    waiting = threading.Event()
+    real = blobs.known_blobs
+
+    def paused(io: Any) -> Any:
+        waiting.set()
+        go.wait(timeout=60)
+        return real(io)
+
+    monkeypatch.setattr(blobs, "known_blobs", paused)
+    return waiting
+
+
+def test_a_long_upload_keeps_its_lease_live_past_the_lease_ttl(
+    any_store_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upload re-writes its lease while it runs: a sweep longer than LEASE_TTL into it
+    still finds it live and deletes nothing; once it ends, its lease is gone."""
+    store: Any = open_store(any_store_settings)
+    store.delete_target(store.upload_target(_project(tmp_path / "x", files=3, seed="x")))
+    monkeypatch.setattr(blobs, "LEASE_TTL", 2.0)
+    monkeypatch.setattr(blobs, "LEASE_RENEW", 0.05)
+    go = threading.Event()
+    waiting = _paused_in_upload(monkeypatch, go)
+    done: list[str] = []
+    up = threading.Thread(target=lambda: done.append(store.upload_target(_project(tmp_path / "v"))))
+    up.start()
+    try:
+        assert waiting.wait(timeout=60)
+        time.sleep(3.0)  # past LEASE_TTL since the lease was first written
+        res = store.sweep_blobs(0.0)
+        assert res.skipped == "an upload is in progress" and res.deleted == ()
+    finally:
+        go.set()
+        up.join(timeout=120)
+    assert store.blob_list(blobs.LEASES)[0] == []  # ended: no renewal writes it back
+    assert store.sweep_blobs(0.0).skipped == ""
+    ws = WorkspaceCache(any_store_settings).get_target(done[0], None, "shared")
+    assert tree_digest(Path(ws)) == tree_digest(tmp_path / "v")
+
+
+def test_an_upload_that_cannot_renew_its_lease_publishes_nothing(
+    any_store_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store: Any = open_store(any_store_settings)
+    monkeypatch.setattr(blobs, "LEASE_RENEW", 0.05)
+    monkeypatch.setattr(blobs, "LEASE_STALE", 0.5)
+    real_put = store.blob_put
+
+    def put(key: str, data: bytes) -> None:
+        if key.startswith(blobs.LEASES) and store.blob_list(blobs.LEASES)[0]:
+            raise StorageError(f"PUT {key}: the store is unreachable")  # every renewal fails
+        real_put(key, data)
+
+    monkeypatch.setattr(store, "blob_put", put)
+    go = threading.Event()
+    _paused_in_upload(monkeypatch, go)
+    threading.Timer(1.0, go.set).start()  # twice LEASE_STALE without a renewal
+    renewed = r"could not be renewed for \d+ s .*nothing was published"
+    with pytest.raises(StorageError, match=renewed):
+        store.upload_target(_project(tmp_path / "v"))
+    assert store.list_targets() == []
+    assert store.blob_list(blobs.LEASES)[0] == []
+
+
 def test_upload_racing_prune_across_processes_never_loses_a_pack(
     any_store_settings: Settings, settings_env: Env, tmp_path: Path
 ) -> None:

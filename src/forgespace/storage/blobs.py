@@ -37,7 +37,10 @@ lease is live. Whichever wrote second sees the first (S3 and a local directory a
 strongly consistent), so a sweep never runs while an upload it could harm is between reading
 the index and publishing its manifest. A sweep deletes only within ``SWEEP_DEADLINE`` seconds
 of writing its marker, and uploads ignore markers older than ``SWEEP_TTL`` (a crashed
-sweep's); leases older than ``LEASE_TTL`` are a crashed upload's, ignored and removed.
+sweep's). An upload re-writes its lease every ``LEASE_RENEW`` seconds while it runs, so a lease
+not renewed for ``LEASE_TTL`` is a crashed upload's, ignored and removed (a killed upload holds
+sweeps back for minutes, not the hours a long upload may take); an upload that could not renew
+its lease for ``LEASE_STALE`` publishes nothing (a sweep may have taken its lease for dead).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ import logging
 import os
 import stat
 import tempfile
+import threading
 import time
 import uuid
 import zlib
@@ -90,7 +94,9 @@ SWEEPS = BLOBS_PREFIX + "sweeps/"
 PACK_MAX = 48 * 1024 * 1024
 COALESCE_GAP = 1024 * 1024  # unwanted bytes read through rather than opening another range
 RANGE_MAX = 64 * 1024 * 1024  # bytes one ranged GET asks for at most (unless one blob is larger)
-LEASE_TTL = 3600.0
+LEASE_TTL = 600.0  # a lease not renewed for this long is a crashed upload's
+LEASE_RENEW = 30.0  # how often a running upload re-writes its lease
+LEASE_STALE = LEASE_TTL / 2  # unrenewed this long: the upload refuses to publish (margin)
 SWEEP_TTL = 60.0
 SWEEP_DEADLINE = 20.0
 _COMPRESS_MIN = 64  # smaller blobs are stored raw: a zlib header would not pay off
@@ -178,6 +184,41 @@ def end_upload(io: BlobIO, lease: str) -> None:
         log.warning("could not remove the upload lease %s: %s", lease, exc)
 
 
+class _Renewal:
+    """Re-writes an upload lease every LEASE_RENEW seconds on a thread until stopped."""
+
+    def __init__(self, io: BlobIO, lease: str) -> None:
+        self.io, self.lease = io, lease
+        self.renewed = time.monotonic()  # of the last write that succeeded
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"renew {lease}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(LEASE_RENEW):
+            try:
+                self.io.blob_put(self.lease, b"")
+            except StorageError as exc:
+                log.warning("could not renew the upload lease %s: %s", self.lease, exc)
+            else:
+                self.renewed = time.monotonic()
+
+    def check(self) -> None:
+        """StorageError (transient: the upload may be retried) if the lease went unrenewed
+        for LEASE_STALE: a sweep may have deleted a pack this upload references."""
+        unrenewed = time.monotonic() - self.renewed
+        if unrenewed > LEASE_STALE:
+            raise StorageError(
+                f"the upload lease {self.lease} could not be renewed for {unrenewed:.0f} s "
+                "(a blob sweep may have taken the upload for dead); nothing was published",
+                transient=True,
+            )
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 # --- upload ------------------------------------------------------------------------------
 def known_blobs(io: BlobIO) -> dict[str, BlobLoc]:
     """Every blob the store holds, from the indexes of the packs that exist."""
@@ -251,12 +292,15 @@ def tree_upload(
     touches nothing in the store."""
     walk = walk_tree(src)
     lease = begin_upload(io)
+    renewal = _Renewal(io, lease)
     try:
         total = walk.file_bytes
         cb = (lambda done: progress(done, total)) if progress is not None else None
         m, _stats = store_tree(io, walk, progress=cb)
+        renewal.check()
         yield target_id or content_id("tree", m.tree), encode_manifest(m)
     finally:
+        renewal.stop()
         end_upload(io, lease)
 
 
