@@ -756,6 +756,27 @@ def test_a_stream_cut_among_small_members_says_how_far_it_was_read(tmp_path: Pat
     assert 1 << 20 <= int(m[1]) < len(raw.getvalue())
 
 
+class _BreaksAfter(io.RawIOBase):
+    """A decompressed stream that delivers ``data``, then fails as a corrupt one does."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def read(self, n: int = -1) -> bytes:
+        if not self.data:
+            raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+        out, self.data = self.data[:n], self.data[n:]
+        return out
+
+
+def test_a_corrupt_stream_is_named_at_the_byte_it_was_read_to() -> None:
+    reader = archive_mod._Reader(_BreaksAfter(b"x" * 700), "a.tgz", "m")
+    assert reader.read(512) + reader.read(512) == b"x" * 700
+    with pytest.raises(IntegrityError) as info:
+        reader.read(512)
+    assert info.value.reason.startswith("is corrupt or truncated near byte 700: ")  # type: ignore[attr-defined]
+
+
 class _CountingSource:
     """A file read as a download is: counts the bytes delivered before each seek."""
 
