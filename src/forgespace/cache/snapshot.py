@@ -231,7 +231,8 @@ def save_seal(root: Path, tid: str, kind: str, seal: SealRecord | None) -> None:
     tmp = f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     with fsops.dir_fd(root, _SEAL_DIR, create=True) as d:
         write_atomic_at(d, name, seal.encode(), tmp=tmp, mode=0o644)
-        _remember_seal(os.stat(name, dir_fd=d, follow_symlinks=False), seal)
+        with contextlib.suppress(OSError):  # only a cache: the next get reads the file
+            _remember_seal(os.stat(name, dir_fd=d, follow_symlinks=False), seal)
 
 
 # Seals this worker process wrote or read, by the identity of their file (device, inode, size,

@@ -292,15 +292,17 @@ def tree_upload(
     touches nothing in the store."""
     walk = walk_tree(src)
     lease = begin_upload(io)
-    renewal = _Renewal(io, lease)
+    renewal: _Renewal | None = None
     try:
+        renewal = _Renewal(io, lease)
         total = walk.file_bytes
         cb = (lambda done: progress(done, total)) if progress is not None else None
         m, _stats = store_tree(io, walk, progress=cb)
         renewal.check()
         yield target_id or content_id("tree", m.tree), encode_manifest(m)
     finally:
-        renewal.stop()
+        if renewal is not None:
+            renewal.stop()
         end_upload(io, lease)
 
 
