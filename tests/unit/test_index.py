@@ -15,6 +15,7 @@ from forgespace.cache.index import (
     SCHEMA_VERSION,
     CacheIndex,
     EntryRecord,
+    LeaseOwner,
     LeaseRecord,
     scan_entries,
 )
@@ -322,6 +323,49 @@ def test_rebuild_keeps_last_access_and_leases(layout: CacheLayout, index: CacheI
     assert index.get("gone/workspace") is None
     assert index.get("sh/workspace").last_access == seen  # type: ignore[union-attr]
     assert "sh/workspace#r" in {le.lease_id for le in index.live_leases()}
+
+
+def test_rebuilt_leases_name_each_run_and_protect_for_one_lease_ttl(
+    layout: CacheLayout, index: CacheIndex
+) -> None:
+    """A lost index is rebuilt with one lease per run directory (its id the run key, naming
+    the run, the way release and the lease counts find a run's lease) and per shared
+    workspace (no run), each for one lease TTL from the rebuild."""
+    make_cache_on_disk(layout.root)
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(layout.index_path) + suffix).unlink(missing_ok=True)
+    before = time.time()
+    got = {le.lease_id: le for le in index.all_leases()}
+    after = time.time()
+    assert {lid: (le.target_id, le.run_id, le.pins) for lid, le in got.items()} == {
+        "cw/run1": ("cw", "run1", ("cw/run1", "cw/shared")),
+        "iso/run2": ("iso", "run2", ("iso/run2",)),
+        "sh/workspace#index-rebuild": ("sh", None, ("sh/workspace",)),
+        "single/workspace#index-rebuild": ("single", None, ("single/workspace",)),
+    }
+    for le in got.values():
+        assert le.holder == "index-rebuild" and le.owner is None
+        assert before <= le.created <= after and le.expires == le.created + 60
+
+
+def test_a_lease_reads_back_exactly_as_new_lease_made_it(index: CacheIndex) -> None:
+    """Every field round-trips, the absent ones as None (not "None") and no pins as none."""
+    full = index.new_lease(
+        "t/r1", "t", "r1", ("t/r1", "t/shared"), holder="h:1", now=100.0,
+        owner=LeaseOwner("a1", "wf", "wf-run"),
+    )  # fmt: skip
+    bare = index.new_lease("t/workspace#x", "t", None, (), holder="h:2", now=200.0)
+    assert (full.created, full.expires) == (100.0, 160.0)  # the index's lease TTL is 60 s
+    assert (bare.attempt, bare.workflow_id, bare.workflow_run_id) == (None, None, None)
+    index.add_lease(full)
+    index.add_lease(bare)
+    assert index.lease("t/r1") == full
+    assert index.lease("t/workspace#x") == bare
+    assert index.all_leases() == [full, bare]
+    part = index.new_lease("t/r2", "t", "r2", ("t/r2",), holder="h:3", now=300.0,
+                           owner=LeaseOwner("a2", "wf"))  # fmt: skip
+    index.add_lease(part)
+    assert index.lease("t/r2") == part and part.workflow_run_id is None
 
 
 def test_hit_path_is_one_short_transaction(index: CacheIndex) -> None:
