@@ -92,6 +92,7 @@ def test_lease_expiry_is_created_plus_ttl_and_renewal_extends_it(layout: CacheLa
     assert stored.expires == 1010.0  # the index's TTL wins over what the record carries
     assert index.live_leases(now=1009.0) == [stored]
     assert index.live_leases(now=1010.0) == []
+    assert index.is_leased("t/r1", now=1009.0)
     assert not index.is_leased("t/r1", now=1011.0)
     index.add_lease(LeaseRecord("t/r1", "t", "r1", ("t/r1",), "h:1", 2000.0, 0.0))
     assert index.live_leases(now=2005.0)[0].expires == 2010.0
@@ -122,16 +123,19 @@ def test_end_workflow_leases_and_renew(index: CacheIndex) -> None:
         index.add_lease(index.new_lease(f"{key}#{wf}", "t", wf, (key,), owner=owner, now=now - 50))
     assert index.renew(workflow_id="wf-a", now=now) == 1
     by_id = {le.lease_id: le for le in index.all_leases()}
-    assert by_id[f"{key}#wf-a"].expires == pytest.approx(now + index.lease_ttl)
-    assert by_id[f"{key}#wf-b"].expires == pytest.approx(now - 50 + index.lease_ttl)
+    # exactly the clock given (not the current time)
+    assert by_id[f"{key}#wf-a"].expires == now + index.lease_ttl
+    assert by_id[f"{key}#wf-b"].expires == now - 50 + index.lease_ttl
     assert index.end_workflow_leases(key, "wf-b") == 1
     assert index.end_workflow_leases(key, "wf-b") == 0
     assert [le.workflow_id for le in index.all_leases()] == ["wf-a"]
     # One lease by its id; asking for both, or for neither, is a caller's mistake.
     assert index.renew(lease_id=f"{key}#wf-a", now=now + 10) == 1
-    assert index.all_leases()[0].expires == pytest.approx(now + 10 + index.lease_ttl)
+    assert index.all_leases()[0].expires == now + 10 + index.lease_ttl
     for both_or_neither in ({}, {"workflow_id": "wf-a", "lease_id": f"{key}#wf-a"}):
-        with pytest.raises(ValueError, match="give exactly one of workflow_id and lease_id"):
+        with pytest.raises(
+            ValueError, match=r"^renew: give exactly one of workflow_id and lease_id$"
+        ):
             index.renew(**both_or_neither)  # type: ignore[arg-type]
     assert index.all_leases()[0].expires == pytest.approx(now + 10 + index.lease_ttl)
 
@@ -151,6 +155,9 @@ def test_purge_expired_leases(index: CacheIndex) -> None:
     index.add_lease(index.new_lease("t/r2", "t", "r2", ("t/r2",), now=now))
     assert [le.lease_id for le in index.purge_expired_leases()] == ["t/r1"]
     assert [le.lease_id for le in index.all_leases()] == ["t/r2"]
+    assert index.purge_expired_leases(now=now + 59) == []  # the clock given, not the time
+    assert [le.lease_id for le in index.purge_expired_leases(now=now + 60)] == ["t/r2"]
+    assert index.all_leases() == []
 
 
 def test_counters_add(index: CacheIndex) -> None:
