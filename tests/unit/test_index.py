@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -155,6 +157,9 @@ def test_purge_expired_leases(index: CacheIndex) -> None:
     index.add_lease(index.new_lease("t/r2", "t", "r2", ("t/r2",), now=now))
     assert [le.lease_id for le in index.purge_expired_leases()] == ["t/r1"]
     assert [le.lease_id for le in index.all_leases()] == ["t/r2"]
+    # its pins go with it: the index does not grow by a row per expired lease
+    with contextlib.closing(sqlite3.connect(index.path)) as db:
+        assert db.execute("SELECT lease_id, key FROM lease_pins").fetchall() == [("t/r2", "t/r2")]
     assert index.purge_expired_leases(now=now + 59) == []  # the clock given, not the time
     assert [le.lease_id for le in index.purge_expired_leases(now=now + 60)] == ["t/r2"]
     assert index.all_leases() == []
