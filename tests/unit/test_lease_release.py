@@ -7,6 +7,7 @@ the test process, where the mutation run (docs/testing.md) can see them."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import socket
@@ -240,7 +241,7 @@ def test_release_lease_releases_a_run_lease_with_its_run_directory_only_for_its_
     lease = cache.index.lease(f"{tid}/r1")
     assert lease is not None
     run_dir = cache.layout.run_dir(tid, "r1")
-    stale = LeaseRecord(**{**lease.__dict__, "attempt": "a1"})
+    stale = dataclasses.replace(lease, attempt="a1")
     assert cache.release_lease(stale) is False
     assert run_dir.is_dir() and cache.index.lease(lease.lease_id) == lease
     assert cache.release_lease(lease) is True
@@ -254,7 +255,7 @@ def test_release_lease_ends_a_shared_lease_only_for_its_attempt(
     ws = cache.get_target_report(tid, "r1", "shared", owner=LeaseOwner("a2", "wf")).path
     lease = cache.index.lease(f"{tid}/workspace#r1")
     assert lease is not None
-    stale = LeaseRecord(**{**lease.__dict__, "attempt": "a1"})
+    stale = dataclasses.replace(lease, attempt="a1")
     assert cache.release_lease(stale) is False
     assert cache.index.lease(lease.lease_id) == lease
     assert cache.release_lease(lease) is True
@@ -305,13 +306,12 @@ class LeaseAtDownload:
 
     def __init__(self) -> None:
         self.cache: WorkspaceCache | None = None
+        self.tid = ""
         self.leased_at_download: list[bool] = []
 
     def reached(self, phase: Phase) -> None:
         if phase is Phase.DOWNLOAD and self.cache is not None:
             self.leased_at_download.append(self.cache.index.lease(f"{self.tid}/r1") is not None)
-
-    tid = ""
 
 
 @pytest.mark.parametrize("mode", ["isolated", "copy-on-write"])
