@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -15,6 +17,7 @@ from forgespace.cache.index import (
     SCHEMA_VERSION,
     CacheIndex,
     EntryRecord,
+    LeaseOwner,
     LeaseRecord,
     scan_entries,
 )
@@ -91,6 +94,7 @@ def test_lease_expiry_is_created_plus_ttl_and_renewal_extends_it(layout: CacheLa
     assert stored.expires == 1010.0  # the index's TTL wins over what the record carries
     assert index.live_leases(now=1009.0) == [stored]
     assert index.live_leases(now=1010.0) == []
+    assert index.is_leased("t/r1", now=1009.0)
     assert not index.is_leased("t/r1", now=1011.0)
     index.add_lease(LeaseRecord("t/r1", "t", "r1", ("t/r1",), "h:1", 2000.0, 0.0))
     assert index.live_leases(now=2005.0)[0].expires == 2010.0
@@ -121,16 +125,19 @@ def test_end_workflow_leases_and_renew(index: CacheIndex) -> None:
         index.add_lease(index.new_lease(f"{key}#{wf}", "t", wf, (key,), owner=owner, now=now - 50))
     assert index.renew(workflow_id="wf-a", now=now) == 1
     by_id = {le.lease_id: le for le in index.all_leases()}
-    assert by_id[f"{key}#wf-a"].expires == pytest.approx(now + index.lease_ttl)
-    assert by_id[f"{key}#wf-b"].expires == pytest.approx(now - 50 + index.lease_ttl)
+    # exactly the clock given (not the current time)
+    assert by_id[f"{key}#wf-a"].expires == now + index.lease_ttl
+    assert by_id[f"{key}#wf-b"].expires == now - 50 + index.lease_ttl
     assert index.end_workflow_leases(key, "wf-b") == 1
     assert index.end_workflow_leases(key, "wf-b") == 0
     assert [le.workflow_id for le in index.all_leases()] == ["wf-a"]
     # One lease by its id; asking for both, or for neither, is a caller's mistake.
     assert index.renew(lease_id=f"{key}#wf-a", now=now + 10) == 1
-    assert index.all_leases()[0].expires == pytest.approx(now + 10 + index.lease_ttl)
+    assert index.all_leases()[0].expires == now + 10 + index.lease_ttl
     for both_or_neither in ({}, {"workflow_id": "wf-a", "lease_id": f"{key}#wf-a"}):
-        with pytest.raises(ValueError, match="give exactly one of workflow_id and lease_id"):
+        with pytest.raises(
+            ValueError, match=r"^renew: give exactly one of workflow_id and lease_id$"
+        ):
             index.renew(**both_or_neither)  # type: ignore[arg-type]
     assert index.all_leases()[0].expires == pytest.approx(now + 10 + index.lease_ttl)
 
@@ -150,6 +157,12 @@ def test_purge_expired_leases(index: CacheIndex) -> None:
     index.add_lease(index.new_lease("t/r2", "t", "r2", ("t/r2",), now=now))
     assert [le.lease_id for le in index.purge_expired_leases()] == ["t/r1"]
     assert [le.lease_id for le in index.all_leases()] == ["t/r2"]
+    # its pins go with it: the index does not grow by a row per expired lease
+    with contextlib.closing(sqlite3.connect(index.path)) as db:
+        assert db.execute("SELECT lease_id, key FROM lease_pins").fetchall() == [("t/r2", "t/r2")]
+    assert index.purge_expired_leases(now=now + 59) == []  # the clock given, not the time
+    assert [le.lease_id for le in index.purge_expired_leases(now=now + 60)] == ["t/r2"]
+    assert index.all_leases() == []
 
 
 def test_counters_add(index: CacheIndex) -> None:
@@ -322,6 +335,49 @@ def test_rebuild_keeps_last_access_and_leases(layout: CacheLayout, index: CacheI
     assert index.get("gone/workspace") is None
     assert index.get("sh/workspace").last_access == seen  # type: ignore[union-attr]
     assert "sh/workspace#r" in {le.lease_id for le in index.live_leases()}
+
+
+def test_rebuilt_leases_name_each_run_and_protect_for_one_lease_ttl(
+    layout: CacheLayout, index: CacheIndex
+) -> None:
+    """A lost index is rebuilt with one lease per run directory (its id the run key, naming
+    the run, the way release and the lease counts find a run's lease) and per shared
+    workspace (no run), each for one lease TTL from the rebuild."""
+    make_cache_on_disk(layout.root)
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(layout.index_path) + suffix).unlink(missing_ok=True)
+    before = time.time()
+    got = {le.lease_id: le for le in index.all_leases()}
+    after = time.time()
+    assert {lid: (le.target_id, le.run_id, le.pins) for lid, le in got.items()} == {
+        "cw/run1": ("cw", "run1", ("cw/run1", "cw/shared")),
+        "iso/run2": ("iso", "run2", ("iso/run2",)),
+        "sh/workspace#index-rebuild": ("sh", None, ("sh/workspace",)),
+        "single/workspace#index-rebuild": ("single", None, ("single/workspace",)),
+    }
+    for le in got.values():
+        assert le.holder == "index-rebuild" and le.owner is None
+        assert before <= le.created <= after and le.expires == le.created + 60
+
+
+def test_a_lease_reads_back_exactly_as_new_lease_made_it(index: CacheIndex) -> None:
+    """Every field round-trips, the absent ones as None (not "None") and no pins as none."""
+    full = index.new_lease(
+        "t/r1", "t", "r1", ("t/r1", "t/shared"), holder="h:1", now=100.0,
+        owner=LeaseOwner("a1", "wf", "wf-run"),
+    )  # fmt: skip
+    bare = index.new_lease("t/workspace#x", "t", None, (), holder="h:2", now=200.0)
+    assert (full.created, full.expires) == (100.0, 160.0)  # the index's lease TTL is 60 s
+    assert (bare.attempt, bare.workflow_id, bare.workflow_run_id) == (None, None, None)
+    index.add_lease(full)
+    index.add_lease(bare)
+    assert index.lease("t/r1") == full
+    assert index.lease("t/workspace#x") == bare
+    assert index.all_leases() == [full, bare]
+    part = index.new_lease("t/r2", "t", "r2", ("t/r2",), holder="h:3", now=300.0,
+                           owner=LeaseOwner("a2", "wf"))  # fmt: skip
+    index.add_lease(part)
+    assert index.lease("t/r2") == part and part.workflow_run_id is None
 
 
 def test_hit_path_is_one_short_transaction(index: CacheIndex) -> None:
