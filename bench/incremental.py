@@ -174,7 +174,7 @@ def main() -> None:
                 )
                 for n in PATHS:  # a repetition's caches are not used again: room for the next
                     shutil.rmtree(work / f"{n}-{rep}", ignore_errors=True)
-    _report(_medians(runs), files, mb, args.reps)
+    _report(_medians(runs), files, mb, args.reps, args.server)
     print(
         f"server: {args.server}; caches on: {args.fs}; "
         f"downloads: {f'{args.rate:g} MB/s' if args.rate else 'loopback'}"
@@ -188,10 +188,17 @@ def _server(name: str, work: Path) -> Iterator[S3Server]:
         with running_s3_server(work) as server:
             yield server
         return
-    with running_s3rver(S3RVER, work / "s3rver-data") as endpoint:
-        port = int(endpoint.rsplit(":", 1)[1])
-        with proxied(port, access_key="S3RVER", secret_key="S3RVER") as server:
-            yield server
+    # its objects in memory as moto keeps them (tmpfs), not on the caches' filesystem, where
+    # its writes would compete with the gets being measured
+    shm = Path("/dev/shm")
+    data = Path(tempfile.mkdtemp(prefix="forgespace-s3rver-", dir=shm if shm.is_dir() else None))
+    try:
+        with running_s3rver(S3RVER, data) as endpoint:
+            port = int(endpoint.rsplit(":", 1)[1])
+            with proxied(port, access_key="S3RVER", secret_key="S3RVER") as server:
+                yield server
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
 
 
 PATHS = ("classic", "incremental")
@@ -214,7 +221,9 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.2f}"
 
 
-def _report(results: dict[str, dict[str, Any]], files: int, mb: int, reps: int) -> None:
+def _report(
+    results: dict[str, dict[str, Any]], files: int, mb: int, reps: int, server: str
+) -> None:
     c, i = results["classic"], results["incremental"]
     rows = []
     cpu_rows = []
@@ -227,7 +236,7 @@ def _report(results: dict[str, dict[str, Any]], files: int, mb: int, reps: int) 
                      f"{cs:.2f}", f"{is_:.2f}", f"{is_ / cs:.2f}x"])  # fmt: skip
         cpu_rows.append([step, f"{cc:.2f}", f"{ic:.2f}", f"{ic / cc:.2f}x" if cc else "-"])
     print_table(
-        f"Incremental vs classic targets, {files} files / {mb} MB, S3 (moto via the proxy), "
+        f"Incremental vs classic targets, {files} files / {mb} MB, S3 ({server} via the proxy), "
         f"median of {reps}",
         ["step", "MB up classic", "MB up incr.", "up ratio", "MB down classic",
          "MB down incr.", "down ratio", "s classic", "s incr.", "time ratio"],

@@ -44,7 +44,7 @@ MAX_MANIFEST_JSON = 512 * 1024 * 1024
 MAX_OFFSET = 2**63 - 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FileEntry:
     """A regular file: its path, executable bit, size, sha256 and where its blob is stored
     (``pack`` object, byte ``offset`` and ``length`` there, ``codec``)."""
