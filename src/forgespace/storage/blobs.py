@@ -198,7 +198,7 @@ class _Renewal:
         while not self._stop.wait(LEASE_RENEW):
             try:
                 self.io.blob_put(self.lease, b"")
-            except StorageError as exc:
+            except Exception as exc:  # on a thread: said here, and check() decides
                 log.warning("could not renew the upload lease %s: %s", self.lease, exc)
             else:
                 self.renewed = time.monotonic()
