@@ -419,7 +419,7 @@ def test_a_long_upload_keeps_its_lease_live_past_the_lease_ttl(
     still finds it live and deletes nothing; once it ends, its lease is gone."""
     store: Any = open_store(any_store_settings)
     store.delete_target(store.upload_target(_project(tmp_path / "x", files=3, seed="x")))
-    monkeypatch.setattr(blobs, "LEASE_TTL", 2.0)
+    monkeypatch.setattr(blobs, "LEASE_TTL", 3.0)  # S3 times have 1 s resolution
     monkeypatch.setattr(blobs, "LEASE_RENEW", 0.05)
     go = threading.Event()
     waiting = _paused_in_upload(monkeypatch, go)
@@ -428,7 +428,7 @@ def test_a_long_upload_keeps_its_lease_live_past_the_lease_ttl(
     up.start()
     try:
         assert waiting.wait(timeout=60)
-        time.sleep(3.0)  # past LEASE_TTL since the lease was first written
+        time.sleep(4.0)  # past LEASE_TTL since the lease was first written
         res = store.sweep_blobs(0.0)
         assert res.skipped == "an upload is in progress" and res.deleted == ()
     finally:
