@@ -65,6 +65,7 @@ with atheris.instrument_imports(
 from _invariants import InvariantError, Sandbox, remove_tree, scratch_root
 from _manifest_store import FILES, make_store
 
+from forgespace.cache import snapshot
 from forgespace.cache.workspace import WorkspaceCache
 from forgespace.config import Settings
 
@@ -91,6 +92,11 @@ _settings = Settings.from_env(
 _cache = WorkspaceCache(dataclasses.replace(_settings, cache_max_size=MAX_BYTES), store=STORE)
 ENGINE = _cache._modes  # the Engine a get hands to materialise
 BLOB_DIR = Path(_settings.cache_dir, *blobstore.BLOBS)
+# Read-only inputs take the memory-first sink a sealed tree's fetch takes on btrfs (the harness
+# runs anywhere: the tree itself is then a plain directory), with a _KEEP small enough that
+# fetches pause for the builder and spill when a manifest orders its files against the packs.
+snapshot.subvolume_possible = lambda path: True  # type: ignore[assignment]
+blobstore._KEEP = 4096
 SINK_DIR = Path(BOX.add_fixture("sink"))
 SINK_DIR.mkdir()
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.procs import tree_digest
+from support.procs import tree_digest, wait_for
 
 from forgespace import Settings, WorkspaceCache, open_store
 from forgespace.cache import blobstore
@@ -246,3 +246,146 @@ def test_short_writes_of_the_local_pack_resume_where_they_stopped(
         assert os.pread(fd, 2000, 5) == b"".join(chunks)
     finally:
         os.close(fd)
+
+
+# --- memory first: a sealed tree's fetch (the tree holds the blobs afterwards) -------------
+
+
+def _memory_sink(tmp_path: Path, uses: dict[str, int]) -> blobstore._Sink:
+    return blobstore._Sink(os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY), uses)
+
+
+def _blobs(n: int, size: int) -> list[tuple[str, bytes]]:
+    out = []
+    for _ in range(n):
+        data = os.urandom(size)
+        out.append((hashlib.sha256(data).hexdigest(), data))
+    return out
+
+
+def _fetch_in_thread(sink: blobstore._Sink, blobs: list[tuple[str, bytes]]) -> Any:
+    """A fetch thread handing ``blobs`` to ``sink`` in order; returns (thread, the memory
+    held after each blob was handed over, errors)."""
+    import threading
+
+    held: list[int] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            for digest, data in blobs:
+                sink.begin(digest)
+                sink.write(data)
+                sink.commit()
+                held.append(sink._mem)
+        except BaseException as exc:
+            errors.append(exc)
+            sink.end(exc)
+        else:
+            sink.end(None)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, held, errors
+
+
+def _taken(sink: blobstore._Sink, digest: str) -> bytes:
+    offset, size, memory = sink.wait_for(digest)
+    if memory is not None:
+        return b"".join(memory)
+    return os.pread(os.open(sink.tmp, os.O_RDONLY, dir_fd=sink.bfd), size, offset)
+
+
+def test_memory_first_in_build_order_writes_nothing_and_holds_at_most_keep(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fetch waits for the builder once _KEEP bytes wait: no blob reaches the disk and no
+    local pack is left, however far ahead the fetch could run."""
+    monkeypatch.setattr(blobstore, "_KEEP", 2000)
+    blobs = _blobs(40, 400)
+    sink = _memory_sink(tmp_path, {d: 1 for d, _ in blobs})
+    t, held, errors = _fetch_in_thread(sink, blobs)
+    wait_for(lambda: len(held) >= 5 or errors, 10, "the fetch to fill its memory")
+    t.join(0.2)
+    assert t.is_alive() and len(held) == 5  # waits for the builder: 5 x 400 B within _KEEP
+    for digest, data in blobs:
+        assert _taken(sink, digest) == data
+    t.join(10)
+    assert not errors and max(held) <= 2000
+    assert sink.rows == [] and sink._disk == 0
+    sink.finish()
+    assert os.listdir(tmp_path) == []  # no pack: the tree holds the blobs
+    os.close(sink.bfd)
+
+
+def test_memory_first_out_of_order_spills_the_newest_to_the_pack(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The builder needs the last blob first (the fetch and build orders diverge): the fetch
+    goes on and spills what waits beyond _KEEP; every blob still reaches the builder exact,
+    and the pack published holds exactly the spilled blobs."""
+    monkeypatch.setattr(blobstore, "_KEEP", 2000)
+    blobs = _blobs(20, 400)
+    sink = _memory_sink(tmp_path, {d: 1 for d, _ in blobs})
+    t, _held, errors = _fetch_in_thread(sink, blobs)
+    for digest, data in reversed(blobs):
+        assert _taken(sink, digest) == data
+    t.join(10)
+    assert not errors and sink.rows
+    spilled = {d for d, _o, _s in sink.rows}
+    assert spilled <= {d for d, _ in blobs} and len(spilled) < len(blobs)
+    sink.finish()
+    assert set(_local_packs_in(tmp_path)) == spilled
+    assert all(hashlib.sha256(b).hexdigest() == d for d, b in _local_packs_in(tmp_path).items())
+    os.close(sink.bfd)
+
+
+def _local_packs_in(blob_dir: Path) -> dict[str, bytes]:
+    out = {}
+    for idx in blob_dir.glob("*.idx"):
+        pack = idx.with_suffix(".pack").read_bytes()
+        for digest, offset, size in json.loads(idx.read_bytes()):
+            out[digest] = pack[offset : offset + size]
+    return out
+
+
+def test_memory_first_keeps_a_blob_for_each_use_and_streams_a_big_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(blobstore, "_FLUSH_AT", 1000)
+    (small, data), (big, big_data) = _blobs(1, 300)[0], _blobs(1, 2500)[0]
+    sink = _memory_sink(tmp_path, {small: 2, big: 1})
+    sink.begin("refused")  # a blob that fails its digest leaves nothing behind
+    sink.write(b"x" * 100)
+    sink.abort()
+    sink.begin(small)
+    sink.write(data)
+    sink.commit()
+    sink.begin(big)  # past _FLUSH_AT: written to the pack as it comes, not held
+    for i in range(0, 2500, 500):
+        sink.write(big_data[i : i + 500])
+    sink.commit()
+    sink.end(None)
+    assert sink._queued == 0 and sink._mem == 300
+    assert _taken(sink, small) == data and sink._mem == 300  # one use left: still held
+    assert _taken(sink, small) == data and sink._mem == 0
+    assert sink.wait_for(big)[2] is None and _taken(sink, big) == big_data
+    sink.finish()
+    assert _local_packs_in(tmp_path) == {big: big_data}
+    os.close(sink.bfd)
+
+
+def test_a_fetch_waiting_for_the_builder_stops_when_the_build_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(blobstore, "_KEEP", 1000)
+    blobs = _blobs(10, 400)
+    sink = _memory_sink(tmp_path, {d: 1 for d, _ in blobs})
+    t, held, errors = _fetch_in_thread(sink, blobs)
+    wait_for(lambda: len(held) >= 2 or errors, 10, "the fetch to fill its memory")
+    sink.cancel()
+    t.join(10)
+    assert not t.is_alive() and errors and isinstance(errors[0], blobstore._Cancelled)
+    sink.discard()
+    assert os.listdir(tmp_path) == []
+    os.close(sink.bfd)

@@ -16,7 +16,10 @@ pack (copy_file_range, which shares blocks where the filesystem can; a plain cop
 a run can never write through to a blob, and a pack can go without touching any workspace.
 On btrfs a read-only tree (shared, copy-on-write's pristine copy) is built as a subvolume and
 sealed, and a later version is a verified snapshot of such a tree with only the differences
-written (cache/snapshot.py); isolated workspaces are always built in full.
+written (cache/snapshot.py); isolated workspaces are always built in full. A sealed tree is
+the worker's only copy of the blobs it fetched (no local pack: the blobs go from the fetch to
+the tree through memory, ``_Sink``), and later builds copy them from the tree, checked against
+its seal (cache/treesource.py); what the packs and the sealed trees lack is fetched.
 
 Blobs are a cache of the store. Materialisers hold the blob store's lock shared; ``sweep``
 (gc) takes it exclusive and non-blocking (skipping the sweep when busy), so a pack is never
@@ -38,13 +41,14 @@ import stat
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from forgespace.atomicfile import write_atomic_at
-from forgespace.cache import fsops, snapshot
+from forgespace.cache import fsops, snapshot, treesource
 from forgespace.cache.archive import ExtractStats, _Extractor, _norm
 from forgespace.cache.locks import flock
 from forgespace.errors import (
@@ -83,6 +87,10 @@ class _Cancelled(Exception):
     """Stops a fetch whose workspace build already failed."""
 
 
+class _NoBase(Exception):
+    """The snapshot base was refused (``snapshot.clone`` logged why): build in full."""
+
+
 class _FetchFailed(Exception):
     """The builder's signal that the fetch it follows failed (``materialise`` then raises
     the fetch's own error)."""
@@ -97,10 +105,24 @@ class _Sink:
     kept so far and not yet taken are within ``_KEEP`` (the fetch runs ahead of the build:
     without them three in four blobs of a 300 MB cold get were read back from the pack);
     the others are read back from the pack. Memory: at most ``_FLUSH_AT`` plus ``_KEEP``
-    plus one read chunk."""
+    plus one read chunk.
 
-    def __init__(self, bfd: int) -> None:
+    *Memory first* (``uses``: how many files of the build take each blob), for a sealed tree,
+    which holds the blobs afterwards (cache/treesource.py): a verified blob stays in memory
+    until the builder took it for its last use, and the fetch pauses while more than
+    ``_KEEP`` wait (until half is taken). A blob reaches the pack only when it is too big to
+    hold (``_FLUSH_AT``: written as it comes) or spilled: when the builder waits for a blob
+    the fetch has not reached (the orders diverge) while ``_KEEP`` wait, the newest go to
+    the pack. The pack and its index hold only those (no pack when there are none).
+    Memory: at most ``_KEEP`` plus one blob below ``_FLUSH_AT``."""
+
+    def __init__(self, bfd: int, uses: dict[str, int] | None = None) -> None:
         self.bfd = bfd
+        self.memory_first = uses is not None
+        self._uses = dict(uses or {})
+        self._mem = 0  # memory first: bytes of the blobs held for the builder
+        self._sizes: dict[str, int] = {}
+        self._streaming = not self.memory_first  # the current blob goes to the pack
         self.name = uuid.uuid4().hex
         self.tmp = f".{self.name}{_PACK}{_TMP_SUFFIX}"
         self.fd = os.open(self.tmp, _TMP_FLAGS, 0o444, dir_fd=bfd)
@@ -121,11 +143,15 @@ class _Sink:
         self.ended = False
         self.error: BaseException | None = None
         self.cancelled = False
+        self._awaited: str | None = None  # memory first: the blob the builder waits for
+        self._built = False  # memory first: the builder needs nothing more
+        self._paused = False  # memory first: the fetch waits for the builder to take some
 
     def begin(self, digest: str) -> None:
         if self.cancelled:
             raise _Cancelled()
         self.digest, self.start, self._cur = digest, self.size, []
+        self._streaming = not self.memory_first
 
     def write(self, data: bytes) -> None:
         if self.cancelled:
@@ -133,10 +159,16 @@ class _Sink:
         if not data:
             return
         self._cur.append(data)
-        self._queue.append(data)
-        self._queued += len(data)
         self.size += len(data)
-        if self._queued >= _FLUSH_AT:
+        if self._streaming:
+            self._queue.append(data)
+            self._queued += len(data)
+            if self._queued >= _FLUSH_AT:
+                self._flush()
+        elif self.size - self.start >= _FLUSH_AT:  # memory first, but too big to hold
+            self._streaming = True
+            self._queue.extend(self._cur)
+            self._queued += self.size - self.start
             self._flush()
 
     def _flush(self, keep: int | None = None) -> None:
@@ -147,6 +179,8 @@ class _Sink:
         if self._queue:
             self._disk = _pwrite_all(self.fd, self._queue, self._disk)
             self._queue, self._queued = [], 0
+        if self.memory_first:  # its memory holds blobs that are in no pack
+            return
         with self._cond:
             kept = 0
             for digest in list(self._memory):  # the builder pops taken ones meanwhile
@@ -159,6 +193,9 @@ class _Sink:
 
     def commit(self) -> None:
         """The blob just written verified (size and sha256): hand it to the builder."""
+        if not self._streaming:
+            self._hold()
+            return
         if self.start < self._disk:
             self._flush()  # partly written already: the builder reads all of it from there
         with self._cond:
@@ -170,6 +207,69 @@ class _Sink:
                 self._placed[self.digest] = (self.start, self.size - self.start)
             self._cond.notify_all()
 
+    def _hold(self) -> None:
+        """Memory first: hand the verified blob to the builder from memory only (it takes no
+        room in the pack). While more than _KEEP wait, the fetch waits for the builder to
+        take some; if the builder waits too (it needs a blob the fetch has not reached: the
+        orders diverged), the newest blobs are spilled to the pack instead."""
+        size = self.size - self.start
+        self.size = self.start
+        with self._cond:
+            if self.digest not in self._memory and self.digest not in self._placed:
+                self._memory[self.digest] = self._cur
+                self._sizes[self.digest] = size
+                self._mem += size
+                if self._awaited == self.digest:
+                    self._cond.notify_all()
+            if self._mem > _KEEP:  # paused until half is taken (few wake-ups, not one a blob)
+                self._paused = True
+                try:
+                    while self._mem > _KEEP // 2 and not self._built and not self._starved():
+                        if self.cancelled:
+                            raise _Cancelled()
+                        self._cond.wait()
+                finally:
+                    self._paused = False
+            if self._mem <= _KEEP:
+                return
+            spill: list[tuple[str, list[bytes]]] = []
+            left = self._mem
+            for digest in reversed(self._memory):  # the builder takes the oldest first
+                if left <= _KEEP // 2:
+                    break
+                spill.append((digest, self._memory[digest]))
+                left -= self._sizes[digest]
+        spill.reverse()
+        placed = []
+        for digest, _chunks in spill:
+            placed.append((digest, self.size, self._sizes[digest]))
+            self.size += self._sizes[digest]
+        self._disk = _pwrite_all(self.fd, [c for _d, chunks in spill for c in chunks], self._disk)
+        with self._cond:  # in the pack now: read back from there (unless taken meanwhile)
+            for digest, offset, n in placed:
+                self.rows.append((digest, offset, n))
+                self._placed[digest] = (offset, n)
+                if self._memory.pop(digest, None) is not None:
+                    self._mem -= n
+            self._cond.notify_all()
+
+    def _starved(self) -> bool:
+        """The builder waits for a blob that is not here yet (under the lock)."""
+        awaited = self._awaited
+        return awaited is not None and awaited not in self._memory and awaited not in self._placed
+
+    def cancel(self) -> None:
+        """Stop the fetch (the build failed)."""
+        with self._cond:
+            self.cancelled = True
+            self._cond.notify_all()
+
+    def built(self) -> None:
+        """The build took what it needed: a fetch still running holds nothing back for it."""
+        with self._cond:
+            self._built = True
+            self._cond.notify_all()
+
     def end(self, error: BaseException | None) -> None:
         """The fetch returned (``error`` None) or raised ``error``."""
         with self._cond:
@@ -179,6 +279,8 @@ class _Sink:
     def wait_for(self, digest: str) -> tuple[int, int, list[bytes] | None]:
         """(offset, size, its bytes if still in memory) in the temp pack of ``digest`` once
         fetched and verified; the fetch's own error if it failed first."""
+        if self.memory_first:
+            return self._take(digest)
         placed = self._placed.get(digest)  # most blobs: already here, no lock to take
         if placed is None:
             with self._cond:
@@ -198,12 +300,42 @@ class _Sink:
                 self._taken.add(digest)
         return offset, size, memory
 
+    def _take(self, digest: str) -> tuple[int, int, list[bytes] | None]:
+        """``wait_for``, memory first: a blob leaves memory with its last use."""
+        with self._cond:
+            while True:
+                memory = self._memory.get(digest)
+                if memory is not None:
+                    size = self._sizes[digest]
+                    left = self._uses.get(digest, 1) - 1
+                    self._uses[digest] = left
+                    if left <= 0:
+                        del self._memory[digest]
+                        self._mem -= size
+                        if self._paused and self._mem <= _KEEP // 2:
+                            self._cond.notify_all()  # room: the paused fetch goes on
+                    return -1, size, memory
+                placed = self._placed.get(digest)
+                if placed is not None:
+                    return placed[0], placed[1], None
+                if self.error is not None:
+                    raise _FetchFailed()
+                if self.ended:
+                    raise IntegrityError(f"the store sent no blob {digest}")
+                self._awaited = digest
+                if self._paused:  # it cannot wait for a builder that waits for it
+                    self._cond.notify_all()
+                try:
+                    self._cond.wait()
+                finally:
+                    self._awaited = None
+
     def abort(self) -> None:
         """Drop the current blob (it did not verify)."""
         if self.start < self._disk:  # partly written: cut it off the temp pack
             os.ftruncate(self.fd, self.start)
             self._disk, self._queue, self._queued = self.start, [], 0
-        elif self._cur:
+        elif self._cur and self._streaming:
             del self._queue[len(self._queue) - len(self._cur) :]
             self._queued -= self.size - self.start
         self.size, self._cur = self.start, []
@@ -211,6 +343,9 @@ class _Sink:
     def finish(self) -> None:
         """Publish the pack, then its index."""
         self._flush(keep=0)
+        if not self.rows:  # memory first, nothing spilled: the sealed tree holds the blobs
+            self.discard()
+            return
         os.close(self.fd)
         self.fd = -1
         os.rename(self.tmp, self.name + _PACK, src_dir_fd=self.bfd, dst_dir_fd=self.bfd)
@@ -338,16 +473,41 @@ def materialise(
         fsops.dir_fd(root, BLOBS, create=True) as bfd,
     ):  # fmt: skip
         held = _held(bfd)
-        missing = [f for f in m.files if f.size and f.sha256 not in held]
-        fetch = sum({f.sha256: f.size for f in missing}.values())
-        engine._make_room(fetch + blob_usage(engine)[0], tid)
         # A read-only tree on btrfs: from a snapshot of a sealed earlier version when one
         # shares most entries (cache/snapshot.py), else a new subvolume built in full.
         base = snapshot.find_base(engine, tid, m, names, dest.parent) if read_only else None
-        job = _Job(engine, tid, m, tuple(names), manifest_file, dest, read_only, base)
+        refused: list[tuple[str, tuple[str, ...]]] = []
+        while True:  # each round drops a refused base or sealed tree: at most a few
+            job = _Job(engine, tid, m, tuple(names), manifest_file, dest, read_only, base)
+            try:
+                return _materialise(job, bfd, held, refused)
+            except _NoBase:
+                base = None  # the snapshot was refused (logged): built in full
+            except treesource.HolderFailed as exc:
+                log.warning("%s", exc)
+                refused.append((exc.holder.tid, exc.holder.parts))
+
+
+def _materialise(
+    job: _Job, bfd: int, held: Held, refused: list[tuple[str, tuple[str, ...]]]
+) -> ExtractStats:
+    """Build ``job`` with the blobs from the local packs (``held``), the sealed trees that
+    hold others (cache/treesource.py; not those ``refused``), and the store for the rest."""
+    m = job.manifest
+    files = m.files if job.base is None else [e for e in job.base.create if type(e) is FileEntry]
+    need = [f for f in files if f.size and f.sha256 not in held]
+    wanted = {f.sha256 for f in need}
+    with treesource.Sources.find(job.engine, job.tid, job.read_only, wanted, m, refused) as trees:
+        missing = [f for f in need if f.sha256 not in trees.digests]
+        fetch = sum({f.sha256: f.size for f in missing}.values())
+        job.engine._make_room(fetch + blob_usage(job.engine)[0], job.tid)
+        blobs = _Blobs(bfd, held, None, trees)
         if not missing:
-            return _build(job, _Blobs(bfd, held, None))
-        return _fetch_and_build(job, bfd, held, missing)
+            return _build(job, blobs)
+        uses: dict[str, int] | None = None
+        if job.read_only and snapshot.subvolume_possible(job.dest.parent):
+            uses = Counter(f.sha256 for f in need if f.sha256 not in trees.digests)
+        return _fetch_and_build(job, blobs, missing, uses)
 
 
 @dataclass(frozen=True)
@@ -364,16 +524,19 @@ class _Job:
     base: snapshot.Base | None = None  # a sealed tree to start from (cache/snapshot.py)
 
 
-def _fetch_and_build(job: _Job, bfd: int, held: Held, missing: list[FileEntry]) -> ExtractStats:
+def _fetch_and_build(
+    job: _Job, blobs: _Blobs, missing: list[FileEntry], uses: dict[str, int] | None
+) -> ExtractStats:
     """Fetch ``missing`` blobs into one new local pack on a helper thread while the workspace
     is built from the blobs as they arrive (each only once verified): the wire and the file
     creation overlap, as the streamed archive path does. The pack is published only when
-    both succeeded; on any failure it is discarded and the fetch stopped."""
+    both succeeded; on any failure it is discarded and the fetch stopped. ``uses``: the
+    build is a sealed tree, memory first (``_Sink``)."""
     engine, what = job.engine, f"target {job.tid}"
     store = engine.store
     if not hasattr(store, "fetch_blobs"):
         raise StorageError(f"{what} is a manifest but {store!r} cannot fetch blobs")
-    sink = _Sink(bfd)
+    sink = blobs.pending = _Sink(blobs.bfd, uses)
     got: list[int] = []
 
     def fetch() -> None:
@@ -387,13 +550,14 @@ def _fetch_and_build(job: _Job, bfd: int, held: Held, missing: list[FileEntry]) 
     fetcher = threading.Thread(target=fetch, name=f"fetch blobs of {job.tid}", daemon=True)
     fetcher.start()
     try:
-        stats = _build(job, _Blobs(bfd, held, sink))
+        stats = _build(job, blobs)
+        sink.built()
         fetcher.join()
         if sink.error is not None:
             raise _FetchFailed()
         sink.finish()
     except BaseException as exc:
-        sink.cancelled = True
+        sink.cancel()
         fetcher.join()
         sink.discard()
         if os.path.lexists(job.dest):  # built before the fetch failed: refused all the same
@@ -402,7 +566,13 @@ def _fetch_and_build(job: _Job, bfd: int, held: Held, missing: list[FileEntry]) 
             raise
     else:
         engine.index.count("bytes_downloaded", got[0])
-        log.info("%s: fetched %d blob(s), %d bytes", what, len(sink.rows), got[0])
+        log.info(
+            "%s: fetched %d blob(s), %d bytes (%d kept in the local pack)",
+            what,
+            len({f.sha256 for f in missing}),
+            got[0],
+            len(sink.rows),
+        )
         return stats
     # The fetch failed: its own error, raised here (outside the handler: no chained context).
     failed = sink.error
@@ -423,12 +593,15 @@ def _checked_name(name: str, src: str) -> str:
 
 
 class _Blobs:
-    """Where a build reads blob bytes: the local packs (``held``) and, for the blobs being
-    fetched, the new pack as the fetch verifies them (``pending``). Pack fds stay open for
-    the build and are touched at its end (their last use, for TTL/LRU)."""
+    """Where a build reads blob bytes: the local packs (``held``), the sealed trees holding
+    others (``trees``), and, for the blobs being fetched, memory or the new pack as the fetch
+    verifies them (``pending``). Pack fds stay open for the build and are touched at its end
+    (their last use, for TTL/LRU)."""
 
-    def __init__(self, bfd: int, held: Held, pending: _Sink | None) -> None:
-        self.bfd, self.held, self.pending = bfd, held, pending
+    def __init__(
+        self, bfd: int, held: Held, pending: _Sink | None, trees: treesource.Sources
+    ) -> None:
+        self.bfd, self.held, self.pending, self.trees = bfd, held, pending, trees
         self._fds: dict[str, int] = {}
 
     def locate(self, digest: str) -> tuple[int, int, int, list[bytes] | None]:
@@ -453,6 +626,15 @@ class _Blobs:
         pages may still be dirty, and on btrfs copy_file_range from dirty pages costs twice a
         plain copy (it waits for their writeback); a held pack's blob goes through
         copy_file_range (block sharing)."""
+        holder = self.trees.digests.get(digest)
+        if holder is not None:
+            sfd, want = holder.open_file(digest)
+            try:
+                _copy_range(sfd, dfd, 0, size)
+                holder.still(sfd, digest, want)
+            finally:
+                os.close(sfd)
+            return
         sfd, offset, have, memory = self.locate(digest)
         if have != size:
             raise IntegrityError(f"the cached blob {digest} of {rel!r} has {have} bytes")
@@ -491,6 +673,8 @@ def _build(job: _Job, blobs: _Blobs) -> ExtractStats:
             sealer = snapshot.Sealer()
             base = job.base
             snapped = base is not None and snapshot.clone(job.engine, base, pfd, dest.name)
+            if base is not None and not snapped:
+                raise _NoBase()  # its blobs were not fetched: materialise starts over
             if not snapped and not snapshot.new_subvolume(pfd, dest.name):
                 sealer = None  # a plain directory after all (logged)
         else:

@@ -567,30 +567,34 @@ def fetch_blobs(io: BlobIO, files: Iterable[FileEntry], sink: BlobSink) -> int:
 
 
 class _Reader:
-    """Exactly-n reads over an iterator of chunks (an offset into the current chunk: no
-    re-copying of what is left of it on every small read)."""
+    """Exactly-n reads over an iterator of chunks: views into the current chunk (no copy), and
+    a joined copy of only the n bytes of a read that spans chunks."""
 
     def __init__(self, chunks: Iterator[bytes], what: str) -> None:
         self._it = chunks
-        self._buf = b""
+        self._view = memoryview(b"")
         self._pos = 0
         self.what = what
 
-    def read(self, n: int) -> bytes:
-        if self._pos + n <= len(self._buf):
-            self._pos += n
-            return self._buf[self._pos - n : self._pos]
-        parts = [self._buf[self._pos :]]
+    def read(self, n: int) -> bytes | memoryview:
+        """The next ``n`` bytes: a view into the chunk they are in (valid as long as the
+        caller keeps it; copy what is kept beyond the blob), or a copy if they span chunks."""
+        end = self._pos + n
+        if end <= len(self._view):
+            self._pos = end
+            return self._view[end - n : end]
+        parts: list[bytes | memoryview] = [self._view[self._pos :]]
         have = len(parts[0])
-        while have < n:
+        while True:
             nxt = next(self._it, None)
             if nxt is None:
                 raise IntegrityError(f"{self.what} ended before the blobs its index names")
+            if have + len(nxt) >= n:
+                self._view, self._pos = memoryview(nxt), n - have
+                parts.append(self._view[: self._pos])
+                return b"".join(parts)
             parts.append(nxt)
             have += len(nxt)
-        self._buf = b"".join(parts)
-        self._pos = n
-        return self._buf[:n]
 
     def skip(self, n: int) -> None:
         while n > 0:
@@ -610,7 +614,7 @@ def _decode_into(stream: _Reader, f: FileEntry, sink: BlobSink) -> None:
             raw = stream.read(min(left, _CHUNK))
             left -= len(raw)
             while size <= f.size:
-                out = d.decompress(raw, min(f.size - size + 1, 4 * _CHUNK)) if d else raw
+                out = d.decompress(raw, min(f.size - size + 1, 4 * _CHUNK)) if d else bytes(raw)
                 size += len(out)
                 if size <= f.size:
                     h.update(out)

@@ -1,0 +1,260 @@
+"""Sealed trees as the worker's copy of the blobs they hold (btrfs).
+
+A read-only tree built from blobs on btrfs is sealed (cache/snapshot.py) and keeps no second
+copy of its blobs in the local blob store: a verified blob goes from the fetch to the tree
+through memory (``blobstore._Sink``: written to a local pack only when the fetch runs far
+ahead of the build). So when a later build needs a blob the local packs lack, the sealed trees
+the index holds are asked first (``Sources``): a tree whose seal lists a file with that sha256
+is a *holder*, and its file is copied (copy_file_range: block sharing on btrfs) instead of
+fetching the blob again. Typical: a fuzzer's isolated run of a target a scanner holds shared.
+
+A holder is exactly as trusted as a snapshot base: before use, under its target's lock taken
+shared and non-blocking (gc cannot remove it meanwhile; skipped for the tree of the target
+being built read-only, whose lock the build already holds exclusive), it must be the sealed
+subvolume (root inode, uuid) and ``snapshot.verify`` must find every sealed entry with its
+sealed inode and ctime. Each file is then reached one directory at a time without following
+a symlink, each directory checked against the seal, ``fstatat`` before ``open`` (never a
+FIFO or device opened) and ``fstat`` after (device, inode, ctime, size, mode as sealed), and
+checked again after the copy: ctime cannot be set back, so a file whose ctime is unchanged
+after the copy was not written during it. A tree that fails any check is not used again by
+this build (``HolderFailed``: ``blobstore.materialise`` starts over without it and fetches
+what it held). Candidates are the MAX_CANDIDATES most recently used sealed trees whose
+seal's sketch shares at least one digest with the manifest (no seal of an unrelated target
+is decoded).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from forgespace.cache import fsops, snapshot
+from forgespace.errors import ForgespaceError, LockTimeoutError
+from forgespace.storage.manifest import Manifest
+
+if TYPE_CHECKING:
+    from forgespace.cache.engine import Engine
+
+log = logging.getLogger(__name__)
+
+__all__ = ["HolderFailed", "Sources"]
+
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+class HolderFailed(ForgespaceError):
+    """A sealed tree stopped matching its seal while a build copied from it."""
+
+    def __init__(self, holder: Holder, why: str) -> None:
+        super().__init__(f"sealed tree {holder.shown} not used ({why}): fetching its blobs")
+        self.holder = holder
+
+
+@dataclass
+class Holder:
+    """A sealed tree holding blobs a build needs: digest -> the path of a file with it."""
+
+    tid: str
+    parts: tuple[str, ...]
+    seal: snapshot.SealRecord
+    files: dict[str, str]
+    shown: str = ""
+    fd: int = -1
+    dev: int = 0
+    _anchor: tuple[str, int] | None = field(default=None, repr=False)
+
+    def open(self, engine: Engine, locked: bool, stack: contextlib.ExitStack) -> str | None:
+        """Lock (unless ``locked``), open and verify the tree for the build ``stack`` holds;
+        None when usable, else why not."""
+        try:
+            if not locked:
+                stack.enter_context(
+                    engine.target_lock(
+                        self.tid, exclusive=False, blocking=False, purpose="copy blobs from"
+                    )
+                )
+            self.fd = fsops.open_dir(engine.layout.root, self.parts)
+            stack.callback(self.close)
+            if not snapshot._is_subvolume_root(self.fd):
+                return "it is not a btrfs subvolume any more"
+            if snapshot.subvolume_uuids(self.fd)[0] != self.seal.uuid:
+                return "it is another subvolume than the one sealed"
+            self.dev = os.fstat(self.fd).st_dev
+            why = snapshot.verify(self.fd, self.seal)
+            return None if why is None else f"it was modified since it was sealed: {why}"
+        except LockTimeoutError:
+            return "it is busy (gc or a rebuild)"
+        except (OSError, ForgespaceError) as exc:
+            return str(exc)
+
+    def open_file(self, digest: str) -> tuple[int, snapshot.SealEntry]:
+        """An fd of the sealed file holding ``digest``, checked (see the module)."""
+        rel = self.files[digest]
+        want = self.seal.entries[rel]
+        head, _, name = rel.rpartition("/")
+        dfd = self._dir(head)
+        try:
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        except OSError as exc:
+            raise HolderFailed(self, f"{rel!r}: {exc.strerror}") from None
+        if not self._is(st, want):
+            raise HolderFailed(self, f"{rel!r} was modified or replaced")
+        fd = os.open(name, _FILE, dir_fd=dfd)
+        if not self._is(os.fstat(fd), want):
+            os.close(fd)
+            raise HolderFailed(self, f"{rel!r} was replaced")
+        return fd, want
+
+    def still(self, fd: int, digest: str, want: snapshot.SealEntry) -> None:
+        """HolderFailed unless the file ``fd`` is as sealed (after copying from it)."""
+        if not self._is(os.fstat(fd), want):
+            raise HolderFailed(self, f"{self.files[digest]!r} was modified while copied")
+
+    def _is(self, st: os.stat_result, want: snapshot.SealEntry) -> bool:
+        return (
+            stat.S_ISREG(st.st_mode)
+            and st.st_dev == self.dev
+            and (st.st_ino, st.st_ctime_ns, st.st_size, stat.S_IMODE(st.st_mode))
+            == (want[1], want[2], want[4], want[5])
+        )
+
+    def _dir(self, head: str) -> int:
+        """An fd of the tree's directory ``head``, opened one sealed directory at a time."""
+        if not head:
+            return self.fd
+        if self._anchor is not None and self._anchor[0] == head:
+            return self._anchor[1]
+        self._drop_anchor()
+        fd = os.dup(self.fd)
+        try:
+            rel = ""
+            for part in head.split("/"):
+                rel = f"{rel}/{part}" if rel else part
+                try:
+                    nfd = os.open(part, _DIR, dir_fd=fd)
+                except OSError as exc:
+                    raise HolderFailed(self, f"{rel!r}: {exc.strerror}") from None
+                os.close(fd)
+                fd = nfd
+                st, want = os.fstat(fd), self.seal.entries.get(rel)
+                if want is None or want[0] != "d" or st.st_dev != self.dev:
+                    raise HolderFailed(self, f"{rel!r} is not a sealed directory")
+                if (st.st_ino, st.st_ctime_ns) != (want[1], want[2]):
+                    raise HolderFailed(self, f"{rel!r} (a directory) was modified or replaced")
+        except BaseException:
+            os.close(fd)
+            raise
+        self._anchor = (head, fd)
+        return fd
+
+    def _drop_anchor(self) -> None:
+        if self._anchor is not None:
+            os.close(self._anchor[1])
+            self._anchor = None
+
+    def close(self) -> None:
+        self._drop_anchor()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Sources:
+    """The usable holders of a build's missing blobs (``digests``: digest -> Holder), held
+    (locked, open) until ``close``."""
+
+    def __init__(self) -> None:
+        self.digests: dict[str, Holder] = {}
+        self._stack = contextlib.ExitStack()
+
+    @classmethod
+    def find(
+        cls,
+        engine: Engine,
+        tid: str,
+        read_only: bool,
+        wanted: set[str],
+        m: Manifest,
+        refused: Iterable[tuple[str, tuple[str, ...]]] = (),
+    ) -> Sources:
+        """Holders of the blobs ``wanted`` for a build of ``tid`` (``read_only``: under its
+        exclusive lock) from the manifest ``m``; trees in ``refused`` (target id, parts) are
+        not asked."""
+        out = cls()
+        if not wanted:
+            return out
+        entries = [e for e in engine.index.entries() if e.kind in snapshot._KINDS]
+        if not entries:
+            return out
+        sketch = snapshot._sketch(f.sha256 for f in m.files)
+        skip = set(refused)
+        root = engine.layout.root
+        left = set(wanted)
+        for e in reversed(entries[-snapshot.MAX_CANDIDATES :]):  # most recently used first
+            parts = (e.target_id, *snapshot._KINDS[e.kind])
+            if not left:
+                break
+            if (e.target_id, parts) in skip:
+                continue
+            holder = _holder(root, e.target_id, snapshot._RECORD_KIND[e.kind], parts, sketch, left)
+            if holder is None:
+                continue
+            holder.shown = f"{root}/{'/'.join(parts)}"
+            locked = read_only and e.target_id == tid
+            why = holder.open(engine, locked, out._stack)
+            if why is not None:
+                log.warning("sealed tree %s not used (%s): fetching its blobs", holder.shown, why)
+                continue
+            log.info(
+                "target %s: %d blob(s) copied from the sealed tree %s",
+                tid,
+                len(holder.files),
+                holder.shown,
+            )
+            out.digests.update(dict.fromkeys(holder.files, holder))
+            left -= holder.files.keys()
+        return out
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> Sources:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _holder(
+    root: Any,
+    tid: str,
+    kind: str,
+    parts: tuple[str, ...],
+    sketch: list[int],
+    wanted: set[str],
+) -> Holder | None:
+    """The holder of some of ``wanted`` that the seal of ``tid``'s tree of ``kind`` names, if
+    its sketch shares a digest with ``sketch`` (else its seal is not decoded)."""
+    name = snapshot.seal_name(tid, kind)
+    mine = set(sketch)
+    try:
+        with snapshot._open_seal(root, name) as f:
+            head = json.loads(f.readline())
+            if not mine.intersection(int(h) for h in head["sketch"]):
+                return None
+            f.seek(0)
+            seal = snapshot._read_seal(f)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, ForgespaceError):
+        return None
+    files: dict[str, str] = {}
+    for rel, se in seal.entries.items():
+        if se[0] == "f" and se[6] in wanted and se[6] not in files:
+            files[se[6]] = rel
+    return Holder(tid, parts, seal, files) if files else None
