@@ -18,6 +18,9 @@ second table gives each step's CPU seconds in this process (all threads, the pro
 Nothing is deleted between timed runs (each one makes a new target or cache entry), and each
 starts with the page cache written back (``os.sync``), both paths alike.
 
+Each path's caches are removed (and written back) before the other path runs, and the two
+paths take turns going first.
+
 Run: ``.venv/bin/python bench/incremental.py [--files 20000 --mb 300] [--reps 3] [--server s3rver]``
 (``--quick``: 2,000 files / 30 MB). Seconds are medians over the repetitions, each with fresh
 buckets and caches; classic and incremental runs alternate.
@@ -169,11 +172,13 @@ def main() -> None:
             if args.rate:  # through the counting proxy, so bytes are still counted
                 endpoint = stack.enter_context(throttled(server.endpoint, args.rate))
             for rep in range(args.reps):  # interleaved: load drift hits both paths alike
-                runs.append(
-                    {n: _run_path(server, work / f"{n}-{rep}", n, trees, endpoint) for n in PATHS}
-                )
-                for n in PATHS:  # a repetition's caches are not used again: room for the next
+                run: dict[str, dict[str, Any]] = {}
+                for n in PATHS if rep % 2 == 0 else PATHS[::-1]:  # either path first in turn
+                    run[n] = _run_path(server, work / f"{n}-{rep}", n, trees, endpoint)
+                    # each path starts on the same empty filesystem, not on the other's caches
                     shutil.rmtree(work / f"{n}-{rep}", ignore_errors=True)
+                    os.sync()
+                runs.append(run)
     _report(_medians(runs), files, mb, args.reps, args.server)
     print(
         f"server: {args.server}; caches on: {args.fs}; "

@@ -198,3 +198,57 @@ def test_sigkill_during_a_memory_first_get_leaves_nothing(
     blob_dir = cache.layout.meta_dir / "blobs"
     blobstore.sweep(cache._modes)  # the dead get's temp pack goes
     assert [p.name for p in blob_dir.iterdir()] == []
+
+
+def test_a_file_swapped_for_a_symlink_before_its_open_is_not_followed(
+    world: dict[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The race between the check of a name and its open: the file becomes a symlink to a
+    FIFO outside CACHE_DIR, which a writer waits on, right after ``fstatat`` found it sealed.
+    The open does not follow it (the writer is never released), the tree is dropped and the
+    build is exact from the store."""
+    import threading
+
+    cache, tid, src = world["cache"], world["tid"], world["src"]
+    ws = Path(cache.get_target(tid, None, "shared"))
+    secret = tmp_path / "fifo"
+    os.mkfifo(secret)
+    released = threading.Event()
+
+    def writer() -> None:
+        os.close(os.open(secret, os.O_WRONLY))  # returns once someone opens it to read
+        released.set()
+
+    threading.Thread(target=writer, daemon=True).start()
+    real_stat = os.stat
+    swapped: list[Path] = []
+
+    def stat_then_swap(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        st = real_stat(path, *args, **kwargs)
+        dir_fd = kwargs.get("dir_fd")
+        if dir_fd is not None and not swapped and str(path).endswith(".py"):
+            parent = Path(os.readlink(f"/proc/self/fd/{dir_fd}"))
+            if parent.is_relative_to(ws):  # the holder's file, just found sealed
+                os.chmod(parent, 0o755)
+                os.rename(parent / path, parent / "moved-away")
+                os.symlink(secret, parent / path)
+                swapped.append((parent / path).relative_to(ws))
+        return st
+
+    monkeypatch.setattr(os, "stat", stat_then_swap)
+    caplog.set_level(logging.INFO, logger="forgespace.cache")
+    run = Path(cache.get_target(tid, "r1", "isolated"))
+    monkeypatch.undo()
+    assert swapped
+    assert tree_digest(run) == tree_digest(src)
+    assert (run / swapped[0]).read_bytes() == (src / swapped[0]).read_bytes()
+    assert any(
+        str(swapped[0]) in r.getMessage() and NOT_USED in r.getMessage() for r in caplog.records
+    ), caplog.text
+    followed = released.wait(2)  # an open of the FIFO would have released the writer at once
+    if not followed:
+        os.close(os.open(secret, os.O_RDONLY | os.O_NONBLOCK))  # release it: the test is done
+    assert not followed, "the symlink to the FIFO outside CACHE_DIR was followed"

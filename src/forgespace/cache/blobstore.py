@@ -482,7 +482,9 @@ def materialise(
             try:
                 return _materialise(job, bfd, held, refused)
             except _NoBase:
-                base = None  # the snapshot was refused (logged): built in full
+                if base is not None:  # refused (logged): built in full, and not asked again
+                    refused.append((base.tid, base.parts))
+                base = None
             except treesource.HolderFailed as exc:
                 log.warning("%s", exc)
                 refused.append((exc.holder.tid, exc.holder.parts))

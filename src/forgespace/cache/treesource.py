@@ -106,7 +106,10 @@ class Holder:
             raise HolderFailed(self, f"{rel!r}: {exc.strerror}") from None
         if not self._is(st, want):
             raise HolderFailed(self, f"{rel!r} was modified or replaced")
-        fd = os.open(name, _FILE, dir_fd=dfd)
+        try:
+            fd = os.open(name, _FILE, dir_fd=dfd)
+        except OSError as exc:  # replaced since the fstatat (by a symlink: ELOOP)
+            raise HolderFailed(self, f"{rel!r}: {exc.strerror}") from None
         if not self._is(os.fstat(fd), want):
             os.close(fd)
             raise HolderFailed(self, f"{rel!r} was replaced")
