@@ -9,6 +9,7 @@ bytes in front). For each path (classic: ``{id}/target`` is one tar.gz; incremen
 default) it measures:
 
 - the first upload of version 1 and a cold ``get_target`` of it (shared mode, empty cache);
+- an isolated ``get_target`` of version 1 on the host that now holds it shared;
 - for each version 2: the upload, and a ``get_target`` on the host that holds version 1;
 - an unchanged re-upload of version 1.
 
@@ -21,7 +22,8 @@ starts with the page cache written back (``os.sync``), both paths alike.
 Each path's caches are removed (and written back) before the other path runs, and the two
 paths take turns going first.
 
-Run: ``.venv/bin/python bench/incremental.py [--files 20000 --mb 300] [--reps 3] [--server s3rver]``
+Run: ``.venv/bin/python bench/incremental.py [--files 20000 --mb 300] [--reps 3] [--server s3rver]
+[--ballast N]``
 (``--quick``: 2,000 files / 30 MB). Seconds are medians over the repetitions, each with fresh
 buckets and caches; classic and incremental runs alternate.
 """
@@ -116,6 +118,9 @@ def _run_path(
     res["upload v1"] = _measure(server, lambda: store.upload_target(trees["v1"]))
     tid1 = res["upload v1"][3]
     res["get v1"] = _measure(server, lambda: cache.get_target(tid1, None, "shared"))
+    # a fuzzer's run of the target a scanner holds shared on this host: the classic path
+    # downloads it again; the incremental one copies the sealed tree's files (btrfs)
+    res["isolated v1"] = _measure(server, lambda: cache.get_target(tid1, "run", "isolated"))
     for label, _share in VARIANTS:
         up = _measure(server, lambda label=label: store.upload_target(trees[label]))
         res[f"upload {label}"] = up
@@ -152,6 +157,13 @@ def main() -> None:
         default="moto",
         help="the S3 implementation behind the counting proxy (s3rver: npm install --prefix bench)",
     )
+    ap.add_argument(
+        "--ballast",
+        type=int,
+        default=0,
+        help="copies of version 1 written to the caches' filesystem first and kept for the run: "
+        "both paths measured on a filesystem that already holds data (0: an empty one)",
+    )
     args = ap.parse_args()
     if args.server == "s3rver" and not S3RVER.exists():
         sys.exit(f"s3rver not found at {S3RVER}: run `npm install --prefix bench`")
@@ -167,6 +179,9 @@ def main() -> None:
         fs_root = caches_root(stack, args.fs, Path(tempfile.gettempdir()))
         work = Path(tempfile.mkdtemp(prefix="forgespace-bench-incr-", dir=fs_root))
         stack.callback(shutil.rmtree, work, ignore_errors=True)
+        for i in range(args.ballast):
+            shutil.copytree(v1, work / f"ballast-{i}", symlinks=True)
+        os.sync()
         with _server(args.server, work) as server:
             endpoint = None
             if args.rate:  # through the counting proxy, so bytes are still counted
@@ -182,7 +197,8 @@ def main() -> None:
     _report(_medians(runs), files, mb, args.reps, args.server)
     print(
         f"server: {args.server}; caches on: {args.fs}; "
-        f"downloads: {f'{args.rate:g} MB/s' if args.rate else 'loopback'}"
+        f"downloads: {f'{args.rate:g} MB/s' if args.rate else 'loopback'}; "
+        f"ballast: {args.ballast} x {mb} MB"
     )
 
 

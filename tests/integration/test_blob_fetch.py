@@ -35,8 +35,12 @@ def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
 
 
 def _local_packs(settings: Settings) -> dict[str, bytes]:
-    """digest -> bytes, read back from the local packs through their indexes."""
-    blob_dir = settings.cache_dir / ".forgespace" / "blobs"
+    """digest -> bytes, read back from the cache's local packs through their indexes."""
+    return _local_packs_in(settings.cache_dir / ".forgespace" / "blobs")
+
+
+def _local_packs_in(blob_dir: Path) -> dict[str, bytes]:
+    """digest -> bytes of the local packs in ``blob_dir``."""
     out = {}
     for idx in blob_dir.glob("*.idx"):
         pack = idx.with_suffix(".pack").read_bytes()
@@ -338,15 +342,6 @@ def test_memory_first_out_of_order_spills_the_newest_to_the_pack(
     assert set(_local_packs_in(tmp_path)) == spilled
     assert all(hashlib.sha256(b).hexdigest() == d for d, b in _local_packs_in(tmp_path).items())
     os.close(sink.bfd)
-
-
-def _local_packs_in(blob_dir: Path) -> dict[str, bytes]:
-    out = {}
-    for idx in blob_dir.glob("*.idx"):
-        pack = idx.with_suffix(".pack").read_bytes()
-        for digest, offset, size in json.loads(idx.read_bytes()):
-            out[digest] = pack[offset : offset + size]
-    return out
 
 
 def test_memory_first_keeps_a_blob_for_each_use_and_streams_a_big_one(
