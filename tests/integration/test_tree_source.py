@@ -252,3 +252,29 @@ def test_a_file_swapped_for_a_symlink_before_its_open_is_not_followed(
     if not followed:
         os.close(os.open(secret, os.O_RDONLY | os.O_NONBLOCK))  # release it: the test is done
     assert not followed, "the symlink to the FIFO outside CACHE_DIR was followed"
+
+
+def test_a_seal_naming_a_blob_of_another_size_drops_the_tree(
+    world: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A forged seal files one file under the digest of a file of another size: its size
+    does not match the manifest's, the tree is dropped and the build is exact."""
+    from forgespace.cache import snapshot
+    from forgespace.cache.manifest import seal_path
+
+    cache, tid, src = world["cache"], world["tid"], world["src"]
+    cache.get_target(tid, None, "shared")
+    sp = seal_path(cache.layout.meta_dir, tid, "shared")
+    seal = snapshot.SealRecord.decode(sp.read_bytes())
+    files = [(rel, e) for rel, e in seal.entries.items() if e[0] == "f"]
+    (a_rel, a), (_b_rel, b) = next(
+        (x, y) for i, x in enumerate(files) for y in files[i + 1 :] if x[1][4] != y[1][4]
+    )
+    seal.entries[a_rel] = (*a[:6], b[6], a[7])  # a's file, filed under b's digest
+    forged = sp.with_name("forged")  # a new file: the process read the old one
+    forged.write_bytes(snapshot.SealRecord(seal.uuid, seal.entries).encode())
+    forged.rename(sp)
+    caplog.set_level(logging.INFO, logger="forgespace.cache")
+    run = Path(cache.get_target(tid, "r1", "isolated"))
+    assert tree_digest(run) == tree_digest(src)
+    assert any(f"{a_rel!r} has {a[4]} bytes" in r.getMessage() for r in caplog.records), caplog.text

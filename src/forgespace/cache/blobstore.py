@@ -632,6 +632,9 @@ class _Blobs:
         if holder is not None:
             sfd, want = holder.open_file(digest)
             try:
+                if want[4] != size:  # a seal that does not match the manifest
+                    shown = holder.files[digest]
+                    raise treesource.HolderFailed(holder, f"its {shown!r} has {want[4]} bytes")
                 _copy_range(sfd, dfd, 0, size)
                 holder.still(sfd, digest, want)
             finally:

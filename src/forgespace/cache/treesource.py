@@ -71,28 +71,32 @@ class Holder:
     _anchor: tuple[str, int] | None = field(default=None, repr=False)
 
     def open(self, engine: Engine, locked: bool, stack: contextlib.ExitStack) -> str | None:
-        """Lock (unless ``locked``), open and verify the tree for the build ``stack`` holds;
-        None when usable, else why not."""
-        try:
-            if not locked:
-                stack.enter_context(
-                    engine.target_lock(
-                        self.tid, exclusive=False, blocking=False, purpose="copy blobs from"
+        """Lock (unless ``locked``), open and verify the tree; None when usable (then held,
+        lock and fd, until ``stack`` closes), else why not (nothing held)."""
+        with contextlib.ExitStack() as mine:
+            try:
+                if not locked:
+                    mine.enter_context(
+                        engine.target_lock(
+                            self.tid, exclusive=False, blocking=False, purpose="copy blobs from"
+                        )
                     )
-                )
-            self.fd = fsops.open_dir(engine.layout.root, self.parts)
-            stack.callback(self.close)
-            if not snapshot._is_subvolume_root(self.fd):
-                return "it is not a btrfs subvolume any more"
-            if snapshot.subvolume_uuids(self.fd)[0] != self.seal.uuid:
-                return "it is another subvolume than the one sealed"
-            self.dev = os.fstat(self.fd).st_dev
-            why = snapshot.verify(self.fd, self.seal)
-            return None if why is None else f"it was modified since it was sealed: {why}"
-        except LockTimeoutError:
-            return "it is busy (gc or a rebuild)"
-        except (OSError, ForgespaceError) as exc:
-            return str(exc)
+                self.fd = fsops.open_dir(engine.layout.root, self.parts)
+                mine.callback(self.close)
+                if not snapshot._is_subvolume_root(self.fd):
+                    return "it is not a btrfs subvolume any more"
+                if snapshot.subvolume_uuids(self.fd)[0] != self.seal.uuid:
+                    return "it is another subvolume than the one sealed"
+                self.dev = os.fstat(self.fd).st_dev
+                why = snapshot.verify(self.fd, self.seal)
+            except LockTimeoutError:
+                return "it is busy (gc or a rebuild)"
+            except (OSError, ForgespaceError) as exc:
+                return str(exc)
+            if why is not None:
+                return f"it was modified since it was sealed: {why}"
+            stack.enter_context(mine.pop_all())
+        return None
 
     def open_file(self, digest: str) -> tuple[int, snapshot.SealEntry]:
         """An fd of the sealed file holding ``digest``, checked (see the module)."""
