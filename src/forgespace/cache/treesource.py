@@ -16,11 +16,11 @@ sealed inode and ctime. Each file is then reached one directory at a time withou
 a symlink, each directory checked against the seal, ``fstatat`` before ``open`` (never a
 FIFO or device opened) and ``fstat`` after (device, inode, ctime, size, mode as sealed), and
 checked again after the copy: ctime cannot be set back, so a file whose ctime is unchanged
-after the copy was not written during it (and its sealed size must be the manifest's). A tree that fails any check is not used again by
-this build (``HolderFailed``: ``blobstore.materialise`` starts over without it and fetches
-what it held). Candidates are the MAX_CANDIDATES most recently used sealed trees whose
-seal's sketch shares at least one digest with the manifest (no seal of an unrelated target
-is decoded).
+after the copy was not written during it (and its sealed size must be the manifest's). A tree
+that fails any check is not used again by this build (``HolderFailed``:
+``blobstore.materialise`` starts over without it and fetches what it held). Candidates are
+the MAX_CANDIDATES most recently used sealed trees whose seal's sketch shares at least one
+digest with the manifest (no seal of an unrelated target is decoded).
 """
 
 from __future__ import annotations
