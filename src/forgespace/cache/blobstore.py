@@ -499,7 +499,15 @@ def _materialise(
     files = m.files if job.base is None else [e for e in job.base.create if type(e) is FileEntry]
     need = [f for f in files if f.size and f.sha256 not in held]
     wanted = {f.sha256 for f in need}
-    with treesource.Sources.find(job.engine, job.tid, job.read_only, wanted, m, refused) as trees:
+
+    def sketch() -> list[int]:  # the base's when there is one: find_base computed it
+        if job.base is not None and job.base.sketch is not None:
+            return job.base.sketch
+        return snapshot.manifest_sketch(m)
+
+    with treesource.Sources.find(
+        job.engine, job.tid, job.read_only, wanted, sketch, refused
+    ) as trees:
         missing = [f for f in need if f.sha256 not in trees.digests]
         fetch = sum({f.sha256: f.size for f in missing}.values())
         job.engine._make_room(fetch + blob_usage(job.engine)[0], job.tid)
@@ -508,7 +516,7 @@ def _materialise(
             return _build(job, blobs)
         uses: dict[str, int] | None = None
         if job.read_only and snapshot.subvolume_possible(job.dest.parent):
-            uses = Counter(f.sha256 for f in need if f.sha256 not in trees.digests)
+            uses = Counter(f.sha256 for f in missing)
         return _fetch_and_build(job, blobs, missing, uses)
 
 

@@ -61,7 +61,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from forgespace.atomicfile import write_atomic_at
 from forgespace.cache import fsops
@@ -76,7 +76,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Base", "SealRecord", "Sealer", "find_base", "on_btrfs", "save_seal"]
+__all__ = [
+    "Base",
+    "SealRecord",
+    "SealedTree",
+    "Sealer",
+    "find_base",
+    "manifest_sketch",
+    "not_the_sealed_subvolume",
+    "on_btrfs",
+    "read_seal",
+    "save_seal",
+    "seal_sketch",
+    "sealed_trees",
+]
 
 BTRFS_SUPER_MAGIC = 0x9123683E
 SUBVOL_ROOT_INO = 256  # BTRFS_FIRST_FREE_OBJECTID: every subvolume's root directory
@@ -410,6 +423,55 @@ def plan(tid: str, parts: tuple[str, ...], seal: SealRecord, want: dict[str, Any
     return Base(tid, parts, seal, keep, remove, create, named_root="" in want)
 
 
+class SealedTree(NamedTuple):
+    """A sealed read-only tree the index holds."""
+
+    tid: str
+    parts: tuple[str, ...]  # the tree, below CACHE_DIR
+    seal: str  # its seal file's name (``seal_name``)
+
+
+def sealed_trees(engine: Engine, *, exclude: str | None = None) -> list[SealedTree]:
+    """The MAX_CANDIDATES most recently used sealed trees of the index (not ``exclude``'s),
+    the most recent first: the trees a get considers as a base or a blob source."""
+    entries = [e for e in engine.index.entries() if e.kind in _KINDS and e.target_id != exclude]
+    return [
+        SealedTree(
+            e.target_id,
+            (e.target_id, *_KINDS[e.kind]),
+            seal_name(e.target_id, _RECORD_KIND[e.kind]),
+        )
+        for e in reversed(entries[-MAX_CANDIDATES:])
+    ]
+
+
+def manifest_sketch(m: Manifest) -> list[int]:
+    """The sketch of a manifest's file digests (compared with a seal's: ``seal_sketch``)."""
+    return _sketch(f.sha256 for f in m.files)
+
+
+def seal_sketch(root: Path, name: str) -> list[int]:
+    """The sketch in the first line of the seal file ``name`` (the rest is not read)."""
+    with _open_seal(root, name) as f:
+        head = json.loads(f.readline())
+    return [int(h) for h in head["sketch"]]
+
+
+def read_seal(root: Path, name: str) -> SealRecord:
+    """The seal file ``name`` (remembered by this process: ``_read_seal``)."""
+    with _open_seal(root, name) as f:
+        return _read_seal(f)
+
+
+def not_the_sealed_subvolume(fd: int, seal: SealRecord) -> str | None:
+    """Why the directory ``fd`` is not the subvolume ``seal`` was taken of, or None."""
+    if not _is_subvolume_root(fd):
+        return "it is not a btrfs subvolume any more"
+    if subvolume_uuids(fd)[0] != seal.uuid:
+        return "it is another subvolume than the one sealed"
+    return None
+
+
 def find_base(
     engine: Engine, tid: str, m: Manifest, names: list[str], dest_parent: Path
 ) -> Base | None:
@@ -422,27 +484,23 @@ def find_base(
     if want is None:
         return None
     root = engine.layout.root
-    best: tuple[float, str, str, tuple[str, ...]] | None = None
-    entries = [e for e in engine.index.entries() if e.kind in _KINDS and e.target_id != tid]
-    if not entries:
+    best: tuple[float, SealedTree] | None = None
+    trees = sealed_trees(engine, exclude=tid)
+    if not trees:
         return None
-    mine = _sketch(f.sha256 for f in m.files)
-    for e in reversed(entries[-MAX_CANDIDATES:]):  # most recently used first
-        name = seal_name(e.target_id, _RECORD_KIND[e.kind])
+    mine = manifest_sketch(m)
+    for tree in trees:
         try:
-            with _open_seal(root, name) as f:
-                head = json.loads(f.readline())
-            score = _similarity(mine, [int(h) for h in head["sketch"]])
+            score = _similarity(mine, seal_sketch(root, tree.seal))
         except (OSError, ValueError, KeyError, TypeError, ForgespaceError):
             continue
         if score >= MIN_SIMILARITY and (best is None or score > best[0]):
-            best = (score, e.target_id, name, (e.target_id, *_KINDS[e.kind]))
+            best = (score, tree)
     if best is None:
         return None
-    score, btid, name, parts = best
+    score, (btid, parts, name) = best
     try:
-        with _open_seal(root, name) as f:
-            seal = _read_seal(f)
+        seal = read_seal(root, name)
     except (OSError, ValueError, KeyError, TypeError, IndexError, ForgespaceError) as exc:
         log.warning("snapshot base %s: unreadable seal (%s); building from blobs", btid, exc)
         return None
@@ -471,10 +529,9 @@ def clone(engine: Engine, base: Base, parent_fd: int, name: str) -> bool:
             ),
             fsops.dir_fd(engine.layout.root, base.parts) as src,
         ):
-            if not _is_subvolume_root(src):
-                raise SnapshotRefused("it is not a btrfs subvolume any more")
-            if subvolume_uuids(src)[0] != base.seal.uuid:
-                raise SnapshotRefused("it is another subvolume than the one sealed")
+            why = not_the_sealed_subvolume(src, base.seal)
+            if why is not None:
+                raise SnapshotRefused(why)
             snapshot_into(src, parent_fd, name)
             base.seconds["snapshot"] = time.perf_counter() - t0
             t1 = time.perf_counter()

@@ -26,17 +26,16 @@ digest with the manifest (no seal of an unrelated target is decoded).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from forgespace.cache import fsops, snapshot
 from forgespace.errors import ForgespaceError, LockTimeoutError
-from forgespace.storage.manifest import Manifest
 
 if TYPE_CHECKING:
     from forgespace.cache.engine import Engine
@@ -83,10 +82,9 @@ class Holder:
                     )
                 self.fd = fsops.open_dir(engine.layout.root, self.parts)
                 mine.callback(self.close)
-                if not snapshot._is_subvolume_root(self.fd):
-                    return "it is not a btrfs subvolume any more"
-                if snapshot.subvolume_uuids(self.fd)[0] != self.seal.uuid:
-                    return "it is another subvolume than the one sealed"
+                why = snapshot.not_the_sealed_subvolume(self.fd, self.seal)
+                if why is not None:
+                    return why
                 self.dev = os.fstat(self.fd).st_dev
                 why = snapshot.verify(self.fd, self.seal)
             except LockTimeoutError:
@@ -188,33 +186,30 @@ class Sources:
         tid: str,
         read_only: bool,
         wanted: set[str],
-        m: Manifest,
+        sketch: Callable[[], list[int]],
         refused: Iterable[tuple[str, tuple[str, ...]]] = (),
     ) -> Sources:
         """Holders of the blobs ``wanted`` for a build of ``tid`` (``read_only``: under its
-        exclusive lock) from the manifest ``m``; trees in ``refused`` (target id, parts) are
-        not asked."""
+        exclusive lock) whose manifest's sketch ``sketch`` gives (asked only when a sealed
+        tree is there); trees in ``refused`` (target id, parts) are not asked."""
         out = cls()
-        if not wanted:
+        trees = snapshot.sealed_trees(engine) if wanted else []
+        if not trees:
             return out
-        entries = [e for e in engine.index.entries() if e.kind in snapshot._KINDS]
-        if not entries:
-            return out
-        sketch = snapshot._sketch(f.sha256 for f in m.files)
+        mine = set(sketch())
         skip = set(refused)
         root = engine.layout.root
         left = set(wanted)
-        for e in reversed(entries[-snapshot.MAX_CANDIDATES :]):  # most recently used first
-            parts = (e.target_id, *snapshot._KINDS[e.kind])
+        for tree in trees:
             if not left:
                 break
-            if (e.target_id, parts) in skip:
+            if (tree.tid, tree.parts) in skip:
                 continue
-            holder = _holder(root, e.target_id, snapshot._RECORD_KIND[e.kind], parts, sketch, left)
+            holder = _holder(root, tree, mine, left)
             if holder is None:
                 continue
-            holder.shown = f"{root}/{'/'.join(parts)}"
-            locked = read_only and e.target_id == tid
+            holder.shown = f"{root}/{'/'.join(tree.parts)}"
+            locked = read_only and tree.tid == tid
             why = holder.open(engine, locked, out._stack)
             if why is not None:
                 log.warning("sealed tree %s not used (%s): fetching its blobs", holder.shown, why)
@@ -240,28 +235,18 @@ class Sources:
 
 
 def _holder(
-    root: Any,
-    tid: str,
-    kind: str,
-    parts: tuple[str, ...],
-    sketch: list[int],
-    wanted: set[str],
+    root: Path, tree: snapshot.SealedTree, mine: set[int], wanted: set[str]
 ) -> Holder | None:
-    """The holder of some of ``wanted`` that the seal of ``tid``'s tree of ``kind`` names, if
-    its sketch shares a digest with ``sketch`` (else its seal is not decoded)."""
-    name = snapshot.seal_name(tid, kind)
-    mine = set(sketch)
+    """The holder of some of ``wanted`` in ``tree``, if its seal's sketch shares a digest with
+    ``mine`` (else the rest of its seal is not read)."""
     try:
-        with snapshot._open_seal(root, name) as f:
-            head = json.loads(f.readline())
-            if not mine.intersection(int(h) for h in head["sketch"]):
-                return None
-            f.seek(0)
-            seal = snapshot._read_seal(f)
+        if not mine.intersection(snapshot.seal_sketch(root, tree.seal)):
+            return None
+        seal = snapshot.read_seal(root, tree.seal)
     except (OSError, ValueError, KeyError, TypeError, IndexError, ForgespaceError):
         return None
     files: dict[str, str] = {}
     for rel, se in seal.entries.items():
         if se[0] == "f" and se[6] in wanted and se[6] not in files:
             files[se[6]] = rel
-    return Holder(tid, parts, seal, files) if files else None
+    return Holder(tree.tid, tree.parts, seal, files) if files else None
